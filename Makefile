@@ -1,0 +1,30 @@
+# The two entry points of a fresh clone: `make run` (the main job) and `make test` (all checks).
+# Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fracdet-installed
+
+.PHONY: run test lint install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch/torchvision pinned here (the versions this project is tested with); pyproject keeps lower bounds.
+	$(BIN)/python -m pip install --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev,lite12]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fracdet audit samples/fracatlas
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,169 @@
+"""Image files -> pixel arrays, strictly.
+
+Radiographs arrive as JPEG, PNG (8 or 16 bit), GIF, BMP or TIFF in any mode. Decoding is strict on
+purpose: a truncated JPEG decoded leniently gets a grey band at the bottom, and in FracAtlas only
+negatives have one, so a model can learn "grey band = no fracture". Loading such a file must be an
+explicit choice (``allow_truncated=True``), never a silent default.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DecodedImage",
+    "ImageReadError",
+    "ImageTooLargeError",
+    "TruncatedImageError",
+    "UnsupportedImageError",
+    "decode_image",
+    "read_image",
+]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 100_000_000  # a 10k x 10k radiograph; anything larger is refused as a bomb
+
+# Pillow's switch for lenient decoding is process-global; the lock keeps a lenient read in one thread
+# from making a strict read in another one lenient.
+_TRUNCATION_LOCK = threading.Lock()
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be turned into pixels; the message says why."""
+
+
+class TruncatedImageError(ImageReadError):
+    """The file ends before the image data does (a strict decoder raises)."""
+
+
+class UnsupportedImageError(ImageReadError):
+    """The bytes are not an image in a format fracdet reads."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """The header promises more pixels than allowed (a decompression bomb guard)."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels plus what the file said about itself.
+
+    Attributes:
+        pixels: float32 in [0, 1], shape (H, W) for grey or (H, W, 3) for RGB.
+        format: the container format as Pillow names it (``JPEG``, ``PNG``, ...).
+        mode: the file's own pixel mode before conversion (``L``, ``I;16``, ``RGB``, ``P``, ...).
+        truncated: the file is truncated and was decoded leniently on request.
+    """
+
+    pixels: np.ndarray
+    format: str
+    mode: str
+    truncated: bool
+
+
+def _to_float(im: Image.Image, channels: str) -> np.ndarray:
+    """Convert any Pillow mode to float32 [0, 1] without losing 16-bit depth."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
+        grey = np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
+        return grey if channels == "L" else np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        grey = (arr - lo) / max(hi - lo, 1e-12)
+        return grey if channels == "L" else np.repeat(grey[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Radiographs with alpha are rare; composite on black, the background of a radiograph.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, rgba)
+    im = im.convert(channels)
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def decode_image(
+    data: bytes,
+    *,
+    channels: str = "L",
+    allow_truncated: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "<bytes>",
+) -> DecodedImage:
+    """Decode image bytes; see :func:`read_image` for the contract."""
+    if channels not in ("L", "RGB"):
+        raise ValueError(f"channels must be 'L' or 'RGB', not {channels!r}")
+    if not data:
+        raise UnsupportedImageError(f"{name}: empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise UnsupportedImageError(f"{name}: not an image in a supported format") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"{name}: {exc}") from exc
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}")
+    fmt, mode = im.format or "unknown", im.mode
+    truncated = False
+    try:
+        with _TRUNCATION_LOCK:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            im.load()
+    except (OSError, SyntaxError) as exc:
+        if "truncated" not in str(exc) and "broken data stream" not in str(exc):
+            raise UnsupportedImageError(f"{name}: cannot decode {fmt} data ({exc})") from exc
+        if not allow_truncated:
+            raise TruncatedImageError(f"{name}: truncated {fmt} file ({exc})") from exc
+        truncated = True
+        im = Image.open(io.BytesIO(data))
+        with _TRUNCATION_LOCK:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+            try:
+                im.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+    im = ImageOps.exif_transpose(im) or im
+    return DecodedImage(pixels=_to_float(im, channels), format=fmt, mode=mode, truncated=truncated)
+
+
+def read_image(
+    path: str | Path,
+    *,
+    channels: str = "L",
+    allow_truncated: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read an image file as float32 pixels in [0, 1].
+
+    JPEG, PNG (8 and 16 bit), GIF, BMP and TIFF in any mode are read; EXIF orientation is applied;
+    alpha is composited on black.
+
+    Args:
+        path: the file.
+        channels: ``"L"`` for an (H, W) grey array, ``"RGB"`` for (H, W, 3).
+        allow_truncated: decode a truncated file leniently (its missing rows become grey) instead of
+            raising :class:`TruncatedImageError`.
+        max_pixels: refuse images whose header promises more pixels (decompression bombs).
+
+    Raises:
+        ImageReadError: with a subclass naming the reason (truncated, unsupported, too large).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_image(
+        data, channels=channels, allow_truncated=allow_truncated, max_pixels=max_pixels, name=str(path)
+    ).pixels

@@ -1,0 +1,1 @@
+"""Small helpers shared by every stage: content hashing, the feature cache, progress bars."""

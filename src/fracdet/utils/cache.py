@@ -1,0 +1,92 @@
+"""A content-addressed feature cache that lives outside the datasets.
+
+Keys are ``(kind, content hash)``, so a file that changes gets a new key and is recomputed, while a
+renamed or copied file is free. The store is one SQLite file: safe against interrupted runs (each write
+is a transaction) and readable by several processes at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+__all__ = ["FeatureCache", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$FRACDET_CACHE``, else ``$XDG_CACHE_HOME/fracdet``, else ``~/.cache/fracdet``."""
+    if env := os.environ.get("FRACDET_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fracdet"
+
+
+class FeatureCache:
+    """Blobs keyed by kind and content hash.
+
+    Args:
+        directory: where the SQLite file lives; ``None`` means :func:`default_cache_dir`.
+        enabled: ``False`` makes every lookup miss and every write a no-op (for ``--no-cache``).
+    """
+
+    def __init__(self, directory: str | Path | None = None, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.path = self.directory / "features.sqlite"
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, timeout=60)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS blobs (kind TEXT, key TEXT, value BLOB, PRIMARY KEY (kind, key))"
+            )
+        return self._conn
+
+    def get_many(self, kind: str, keys: Iterable[str]) -> dict[str, bytes]:
+        """Return the cached values of ``keys`` that exist (missing keys are absent from the result)."""
+        keys = list(dict.fromkeys(keys))
+        if not self.enabled or not keys:
+            return {}
+        conn = self._connect()
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(f"SELECT key, value FROM blobs WHERE kind = ? AND key IN ({marks})", (kind, *chunk))
+            found.update(rows)
+        return found
+
+    def put_many(self, kind: str, items: Iterable[tuple[str, bytes]]) -> None:
+        """Store ``(key, value)`` pairs in one transaction."""
+        if not self.enabled:
+            return
+        conn = self._connect()
+        with conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO blobs (kind, key, value) VALUES (?, ?, ?)",
+                ((kind, key, sqlite3.Binary(value)) for key, value in items),
+            )
+
+    def keys(self, kind: str) -> Iterator[str]:
+        """Iterate over the keys stored for ``kind`` (used by tests and diagnostics)."""
+        if not self.enabled or not self.path.exists():
+            return iter(())
+        with closing(self._connect().execute("SELECT key FROM blobs WHERE kind = ?", (kind,))) as cur:
+            return iter([row[0] for row in cur])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,41 @@
+"""Confounder check: a property that predicts the label is flagged; a shuffled-label control is not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fracdet.data.confounders import confounder_table, roc_auc_with_ci
+
+
+def _properties(n: int, rng: np.random.Generator, labels: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({
+        "width": np.where(labels == 1, 800, 454) + rng.integers(-20, 20, n),  # a leak: size gives the class away
+        "height": rng.integers(300, 600, n),
+        "aspect": rng.uniform(0.7, 1.3, n),
+        "file_size": rng.integers(20_000, 90_000, n),
+        "mean_intensity": rng.uniform(0.2, 0.6, n),
+        "format": "JPEG",
+        "mode": rng.choice(["L", "RGB"], n),
+        "truncated": False,
+    })  # fmt: skip
+
+
+def test_leaking_property_is_flagged_and_noise_is_not():
+    rng = np.random.default_rng(1)
+    n = 600
+    labels = rng.integers(0, 2, n)
+    table = confounder_table(_properties(n, rng, labels), labels, np.arange(n), n_boot=200).set_index("property")
+    assert table.loc["width", "flagged"] and table.loc["width", "auc"] > 0.95
+    assert table.loc["all properties", "flagged"]
+    assert not table.loc["height", "flagged"] and not table.loc["file_size", "flagged"]
+    assert not table.loc["control: all properties, shuffled labels", "flagged"]
+
+
+def test_auc_interval_contains_the_estimate_and_is_narrower_with_more_data():
+    rng = np.random.default_rng(0)
+    small_y, big_y = rng.integers(0, 2, 100), rng.integers(0, 2, 4000)
+    small = roc_auc_with_ci(small_y + rng.normal(0, 1, 100), small_y, n_boot=200)
+    big = roc_auc_with_ci(big_y + rng.normal(0, 1, 4000), big_y, n_boot=200)
+    assert small[1] <= small[0] <= small[2] and big[1] <= big[0] <= big[2]
+    assert big[2] - big[1] < small[2] - small[1]

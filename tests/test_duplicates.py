@@ -1,0 +1,100 @@
+"""Exact and near-duplicate detection: copies of one radiograph group, different radiographs do not."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image, ImageOps
+
+from fracdet.data import DuplicateConfig, find_duplicates, load_dataset
+from fracdet.utils.cache import FeatureCache
+
+from .images import jpeg_bytes, rotated_crop, save
+
+ORIGINAL = "images/Fractured/IMG0000261.jpg"
+
+
+@pytest.fixture(scope="module")
+def copies_dataset(
+    tmp_path_factory,
+):
+    """An image-folder dataset of one radiograph and its copies, plus other radiographs of the same region."""
+    from .conftest import SAMPLE
+
+    root = tmp_path_factory.mktemp("copies")
+    original = Image.open(SAMPLE / ORIGINAL)
+    table = load_dataset(SAMPLE).set_index("path")
+    region = table.loc[ORIGINAL, "region"]
+    others = [p for p in table.index if table.loc[p, "region"] == region and p != ORIGINAL][:3]
+    raw = (SAMPLE / ORIGINAL).read_bytes()
+    save(root / "fractured" / "original.jpg", raw)
+    save(root / "fractured" / "exact.jpg", raw)
+    save(root / "fractured" / "rotated7.jpg", jpeg_bytes(rotated_crop(original, 7.0), quality=85))
+    save(
+        root / "fractured" / "rotated-13.jpg",
+        jpeg_bytes(rotated_crop(original, -13.0, crop=0.05), quality=80),
+    )
+    save(
+        root / "fractured" / "rescaled.jpg",
+        jpeg_bytes(original.resize((original.width // 2, original.height // 2))),
+    )
+    save(root / "fractured" / "mirrored.jpg", jpeg_bytes(ImageOps.mirror(original)))
+    for k, path in enumerate(others):
+        save(root / "normal" / f"other{k}.jpg", (SAMPLE / path).read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def grouped(copies_dataset, tmp_path_factory):
+    table = load_dataset(copies_dataset)
+    cache = tmp_path_factory.mktemp("dupcache")
+    dups = find_duplicates(table, DuplicateConfig(cache_dir=str(cache)))
+    return table.assign(**dups.files[["exact_group", "near_group"]]).set_index("path"), cache
+
+
+def test_exact_copy_shares_the_content_group(grouped):
+    files, _ = grouped
+    assert files.loc["fractured/exact.jpg", "exact_group"] == files.loc["fractured/original.jpg", "exact_group"]
+    assert files.loc["fractured/rotated7.jpg", "exact_group"] != files.loc["fractured/original.jpg", "exact_group"]
+
+
+@pytest.mark.parametrize("copy", ["rotated7.jpg", "rotated-13.jpg", "rescaled.jpg", "mirrored.jpg"])
+def test_rotated_cropped_rescaled_and_mirrored_copies_are_grouped(grouped, copy):
+    files, _ = grouped
+    assert files.loc[f"fractured/{copy}", "near_group"] == files.loc["fractured/original.jpg", "near_group"]
+
+
+def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):
+    files, _ = grouped
+    original = files.loc["fractured/original.jpg", "near_group"]
+    others = [p for p in files.index if p.startswith("normal/")]
+    assert len(others) == 3
+    assert all(files.loc[p, "near_group"] != original for p in others)
+    assert len({files.loc[p, "near_group"] for p in others}) == 3
+
+
+def test_second_run_reads_the_cache_instead_of_decoding(copies_dataset, grouped, monkeypatch):
+    _, cache = grouped
+    with FeatureCache(cache) as store:
+        assert len(list(store.keys("props-v1"))) == 8  # 9 files, one of them an exact copy
+    import fracdet.data.features as features
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache holds the features")
+
+    monkeypatch.setattr(features, "_analyse", no_decoding)
+    monkeypatch.setattr(features, "decode_image", no_decoding)
+    table = load_dataset(copies_dataset)
+    again = find_duplicates(table, DuplicateConfig(cache_dir=str(cache)))
+    assert again.files["near_group"].nunique() == 4
+
+
+def test_a_changed_file_is_recomputed(tmp_path, sample_root):
+    save(tmp_path / "fracture" / "a.jpg", (sample_root / ORIGINAL).read_bytes())
+    save(tmp_path / "normal" / "b.jpg", (sample_root / "images/Non_fractured/IMG0000003.jpg").read_bytes())
+    config = DuplicateConfig(cache_dir=str(tmp_path / "cache"), near_duplicates=False)
+    find_duplicates(load_dataset(tmp_path), config)
+    save(tmp_path / "fracture" / "a.jpg", (sample_root / "images/Non_fractured/IMG0000005.jpg").read_bytes())
+    dups = find_duplicates(load_dataset(tmp_path), config)
+    assert dups.files["exact_group"].nunique() == 1  # a.jpg now has the bytes of b.jpg's duplicate
+    with FeatureCache(tmp_path / "cache") as store:
+        assert len(list(store.keys("props-v1"))) == 2

@@ -1,0 +1,69 @@
+"""Splits: stratified, grouped, deterministic, and leakage-free by the audit's own measure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fracdet.data import DuplicateConfig, audit_dataset, load_dataset, make_splits
+from fracdet.data.split import assign_splits
+
+
+@pytest.fixture
+def grouped_labels():
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 12, 400)
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    labels = np.repeat(rng.random(len(sizes)) < 0.3, sizes).astype(int)
+    return labels, groups
+
+
+def test_class_fractions_within_two_points(grouped_labels):
+    labels, groups = grouped_labels
+    splits = assign_splits(labels, groups, (0.7, 0.15, 0.15), seed=0)
+    whole = labels.mean()
+    for name, share in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        member = splits == name
+        assert abs(labels[member].mean() - whole) <= 0.02
+        assert abs(member.mean() - share) <= 0.02
+
+
+def test_no_group_crosses_splits(grouped_labels):
+    labels, groups = grouped_labels
+    splits = assign_splits(labels, groups, seed=1)
+    for g in np.unique(groups):
+        assert len(set(splits[groups == g])) == 1
+
+
+def test_same_seed_same_split_other_seed_other_split(grouped_labels):
+    labels, groups = grouped_labels
+    a = assign_splits(labels, groups, seed=5)
+    assert (a == assign_splits(labels, groups, seed=5)).all()
+    assert (a != assign_splits(labels, groups, seed=6)).any()
+
+
+def test_bad_fractions_are_refused(grouped_labels):
+    labels, groups = grouped_labels
+    with pytest.raises(ValueError, match="positive"):
+        assign_splits(labels, groups, (0.8, 0.0, 0.2))
+
+
+def test_sample_split_leaves_out_truncated_files_and_has_no_leakage(sample_root, cache_dir, tmp_path):
+    table = load_dataset(sample_root)
+    config = DuplicateConfig(cache_dir=str(cache_dir))
+    result = make_splits(table, seed=0, config=config)
+    assert result.excluded["path"].tolist() == ["images/Non_fractured/IMG0004028.jpg"]
+    assert result.excluded["reason"].tolist() == ["truncated"]
+    manifest = result.manifest.set_index("path")
+    # exact copies share a group and therefore a split
+    assert (
+        manifest.loc["images/Fractured/IMG0000261.jpg", "split"]
+        == manifest.loc["images/Fractured/IMG0002299.jpg", "split"]
+    )
+    assert manifest.groupby("group")["split"].nunique().max() == 1
+    out = result.write(tmp_path / "splits.csv")
+    assert out.with_suffix(".excluded.csv").exists()
+    reloaded = load_dataset(out, data_root=sample_root)
+    report = audit_dataset(reloaded, config=config)
+    assert report.leaked_files.empty
+    assert (report.leakage[["exact_copies_in_other", "near_copies_in_other"]] == 0).all().all()
