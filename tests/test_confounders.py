@@ -1,11 +1,11 @@
-"""Confounder check: a property that predicts the label is flagged; a shuffled-label control is not."""
+"""Confounder check: a property that predicts the label is flagged; a random-label control is not."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from fracdet.data.confounders import confounder_table, roc_auc_with_ci
+from fracdet.data.confounders import CONTROL, confounder_table, roc_auc_with_ci
 
 
 def _properties(n: int, rng: np.random.Generator, labels: np.ndarray) -> pd.DataFrame:
@@ -29,7 +29,7 @@ def test_leaking_property_is_flagged_and_noise_is_not():
     assert table.loc["width", "flagged"] and table.loc["width", "auc"] > 0.95
     assert table.loc["all properties", "flagged"]
     assert not table.loc["height", "flagged"] and not table.loc["file_size", "flagged"]
-    assert not table.loc["control: all properties, shuffled labels", "flagged"]
+    assert not table.loc[CONTROL, "flagged"]
 
 
 def test_auc_interval_contains_the_estimate_and_is_narrower_with_more_data():
@@ -39,3 +39,15 @@ def test_auc_interval_contains_the_estimate_and_is_narrower_with_more_data():
     big = roc_auc_with_ci(big_y + rng.normal(0, 1, 4000), big_y, n_boot=200)
     assert small[1] <= small[0] <= small[2] and big[1] <= big[0] <= big[2]
     assert big[2] - big[1] < small[2] - small[1]
+
+
+def test_copies_of_one_radiograph_widen_the_interval_instead_of_faking_certainty():
+    """Forty files of each of 30 radiographs carry the information of about 30 files, not 1,200."""
+    rng = np.random.default_rng(2)
+    clusters = np.repeat(np.arange(30), 40)
+    labels = np.repeat(rng.integers(0, 2, 30), 40)
+    scores = np.repeat(rng.normal(0, 1, 30), 40) + rng.normal(0, 0.01, len(labels))  # no signal
+    _, file_lo, file_hi = roc_auc_with_ci(scores, labels, n_boot=300)
+    auc, lo, hi = roc_auc_with_ci(scores, labels, clusters=clusters, n_boot=300)
+    assert hi - lo > 3 * (file_hi - file_lo)
+    assert lo < 0.5 < hi and lo <= auc <= hi

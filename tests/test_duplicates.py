@@ -6,6 +6,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from fracdet.data import DuplicateConfig, find_duplicates, load_dataset
+from fracdet.data.neardup import KeypointCache, NearDuplicateConfig, match_thumbnails
 from fracdet.utils.cache import FeatureCache
 
 from .images import jpeg_bytes, rotated_crop, save
@@ -98,3 +99,31 @@ def test_a_changed_file_is_recomputed(tmp_path, sample_root):
     assert dups.files["exact_group"].nunique() == 1  # a.jpg now has the bytes of b.jpg's duplicate
     with FeatureCache(tmp_path / "cache") as store:
         assert len(list(store.keys("props-v1"))) == 2
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_groups_do_not_depend_on_the_number_of_matching_threads(copies_dataset, grouped, monkeypatch, workers):
+    files, cache = grouped
+    monkeypatch.setenv("FRACDET_WORKERS", workers)
+    again = find_duplicates(load_dataset(copies_dataset), DuplicateConfig(cache_dir=str(cache)))
+    assert again.files["near_group"].tolist() == files["near_group"].tolist()
+
+
+def _thumbnail_bytes(image: Image.Image) -> bytes:
+    image = image.convert("L")
+    image.thumbnail((256, 256))
+    return jpeg_bytes(image, quality=92)
+
+
+def test_a_strip_squashed_into_a_square_is_matched_after_stretching(sample_root):
+    """Augmented sets resize a narrow radiograph to a square; ORB alone does not survive that distortion."""
+    original = Image.open(sample_root / ORIGINAL).convert("L")
+    w, h = original.size
+    strip = original.crop((int(0.3 * w), 0, int(0.62 * w), h))  # aspect about 1:4 at most
+    squashed = strip.resize((224, 224), Image.Resampling.BICUBIC)
+    keypoints = KeypointCache({"strip": _thumbnail_bytes(strip), "square": _thumbnail_bytes(squashed)})
+    config = NearDuplicateConfig()
+    unstretched = keypoints.match(keypoints.get("strip"), keypoints.get("square"), flipped=False)
+    assert not unstretched.confirms(config)
+    assert match_thumbnails(keypoints, "strip", "square", config).confirms(config)
+    assert match_thumbnails(keypoints, "square", "strip", config).confirms(config)

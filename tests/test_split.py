@@ -67,3 +67,28 @@ def test_sample_split_leaves_out_truncated_files_and_has_no_leakage(sample_root,
     report = audit_dataset(reloaded, config=config)
     assert report.leaked_files.empty
     assert (report.leakage[["exact_copies_in_other", "near_copies_in_other"]] == 0).all().all()
+
+
+def test_keep_published_split_reports_what_leaks_in_it(sample_root, cache_dir, tmp_path, capsys):
+    from fracdet.cli import main
+
+    from .images import save
+
+    raw = (sample_root / "images/Fractured/IMG0000261.jpg").read_bytes()
+    save(tmp_path / "data" / "train" / "fractured" / "a.jpg", raw)
+    save(tmp_path / "data" / "test" / "fractured" / "a-copy.jpg", raw)
+    save(
+        tmp_path / "data" / "train" / "normal" / "b.jpg",
+        (sample_root / "images/Non_fractured/IMG0000224.jpg").read_bytes(),
+    )
+    save(
+        tmp_path / "data" / "test" / "normal" / "c.jpg",
+        (sample_root / "images/Non_fractured/IMG0000265.jpg").read_bytes(),
+    )
+    out = tmp_path / "published.csv"
+    args = ["split", str(tmp_path / "data"), "--out", str(out), "--keep-published", "--cache-dir", str(cache_dir)]
+    assert main(args) == 0
+    assert "test -> train: 1/2 files have a byte-identical copy in train" in capsys.readouterr().out
+    manifest = load_dataset(out, data_root=tmp_path / "data").set_index("path")
+    assert manifest.loc["test/fractured/a-copy.jpg", "split"] == "test"  # the published split is kept
+    assert manifest.loc["test/fractured/a-copy.jpg", "group"] == manifest.loc["train/fractured/a.jpg", "group"]

@@ -162,7 +162,7 @@ def _closest_cross_split(files: pd.DataFrame, dups: Duplicates, limit: int) -> p
                 "path_a": path_of[pair.i], "split_a": "/".join(sorted(splits_of[pair.i])),
                 "path_b": path_of[pair.j], "split_b": "/".join(sorted(splits_of[pair.j])),
                 "similarity": pair.similarity, "inliers": getattr(pair, "inliers", np.nan),
-                "correlation": getattr(pair, "correlation", np.nan), "i": pair.i, "j": pair.j,
+                "mismatch": getattr(pair, "mismatch", np.nan), "i": pair.i, "j": pair.j,
             })  # fmt: skip
         if len(rows) >= limit:  # pairs arrive sorted by similarity
             break

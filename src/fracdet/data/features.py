@@ -23,13 +23,13 @@ from fracdet.data.decode import ImageReadError, decode_image
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.hashing import sha256_file
 from fracdet.utils.progress import progress
+from fracdet.utils.workers import worker_count
 
 __all__ = ["THUMB_SIZE", "ContentFeatures", "compute_content_features", "hash_files", "load_thumbnail"]
 
 THUMB_SIZE = 256  # longest side of the cached grey thumbnail
 _PROPS_KIND = "props-v1"
 _THUMB_KIND = "thumb-v1"
-_WORKERS = 2
 
 
 @dataclass
@@ -61,7 +61,7 @@ def hash_files(paths: Sequence[Path], *, desc: str = "hashing") -> pd.DataFrame:
         except OSError:
             return None, None
 
-    with ThreadPoolExecutor(_WORKERS) as pool:
+    with ThreadPoolExecutor(worker_count()) as pool:
         rows = list(progress(pool.map(one, paths), desc=desc, total=len(paths), unit="file"))
     return pd.DataFrame(rows, columns=["sha256", "file_size"])
 
@@ -117,7 +117,7 @@ def compute_content_features(
     thumbs = cache.get_many(_THUMB_KIND, shas)
     todo = [s for s in shas if s not in props_blobs]
     if todo:
-        with ThreadPoolExecutor(_WORKERS) as pool:
+        with ThreadPoolExecutor(worker_count()) as pool:
             results = pool.map(_analyse, (sha_to_path[s] for s in todo))
             new_props, new_thumbs = [], []
             for sha, (props, thumb) in zip(todo, progress(results, desc="decoding", total=len(todo)), strict=True):

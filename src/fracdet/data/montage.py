@@ -11,21 +11,24 @@ from fracdet.data.features import load_thumbnail
 
 __all__ = ["pair_montage", "save_pair_montage"]
 
-_TILE = 160
 _CAPTION = 28
 
 
-def _tile(thumb: bytes | None) -> Image.Image:
-    tile = Image.new("L", (_TILE, _TILE), 40)
+def _tile(thumb: bytes | None, size: int) -> Image.Image:
+    tile = Image.new("L", (size, size), 40)
     if thumb is not None:
         im = Image.fromarray(load_thumbnail(thumb))
-        im.thumbnail((_TILE, _TILE))
-        tile.paste(im, ((_TILE - im.width) // 2, (_TILE - im.height) // 2))
+        im.thumbnail((size, size))
+        tile.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
     return tile
 
 
 def pair_montage(
-    pairs: Sequence[tuple[bytes | None, bytes | None, str]], *, columns: int = 5, title: str | None = None
+    pairs: Sequence[tuple[bytes | None, bytes | None, str]],
+    *,
+    columns: int = 5,
+    title: str | None = None,
+    tile: int = 160,
 ) -> Image.Image:
     """Lay out pairs side by side with a caption under each pair.
 
@@ -33,8 +36,9 @@ def pair_montage(
         pairs: ``(thumbnail_a, thumbnail_b, caption)``; thumbnails are the cached JPEG bytes.
         columns: pairs per row.
         title: optional line at the top.
+        tile: side of each image's square in pixels.
     """
-    cell_w, cell_h = 2 * _TILE + 12, _TILE + _CAPTION + 8
+    cell_w, cell_h = 2 * tile + 12, tile + _CAPTION + 8
     rows = max(1, -(-len(pairs) // columns))
     top = 24 if title else 0
     canvas = Image.new("RGB", (columns * cell_w, rows * cell_h + top), "white")
@@ -43,10 +47,10 @@ def pair_montage(
         draw.text((6, 5), title, fill="black")
     for k, (a, b, caption) in enumerate(pairs):
         x, y = (k % columns) * cell_w, (k // columns) * cell_h + top
-        canvas.paste(_tile(a).convert("RGB"), (x + 2, y))
-        canvas.paste(_tile(b).convert("RGB"), (x + _TILE + 6, y))
+        canvas.paste(_tile(a, tile).convert("RGB"), (x + 2, y))
+        canvas.paste(_tile(b, tile).convert("RGB"), (x + tile + 6, y))
         for n, line in enumerate(caption.split("\n")[:2]):
-            draw.text((x + 4, y + _TILE + 2 + 12 * n), line[:52], fill="black")
+            draw.text((x + 4, y + tile + 2 + 12 * n), line[:52], fill="black")
     return canvas
 
 

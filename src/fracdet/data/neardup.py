@@ -5,26 +5,30 @@ copy of the other. Perceptual hashes miss rotated-and-cropped copies, and embedd
 together *different* radiographs of the same body part. So the detection has two stages:
 
 1. candidates: each content's nearest neighbours by cosine similarity of its embedding;
-2. confirmation: ORB keypoints matched between the two thumbnails must agree on one similarity
-   transform (rotation + uniform scale + translation, optionally after a mirror flip), checked with
-   RANSAC. Different radiographs of the same anatomy do not share dozens of geometrically
-   consistent keypoints; copies of one radiograph do.
+2. confirmation: ORB keypoints matched between the two thumbnails must agree on one affine
+   transform (optionally after a mirror flip), checked with RANSAC, and the thumbnails aligned by it
+   must agree pixel for pixel at the scale of anatomy. Different radiographs of the same anatomy
+   rarely share dozens of geometrically consistent keypoints; two exposures of one patient that do
+   (same detector, same position) still differ where the anatomy moved.
 
 Confirmed pairs are joined with union-find into groups.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from fracdet.data.features import load_thumbnail
-from fracdet.utils.progress import progress
+from fracdet.utils.progress import progress_bar
+from fracdet.utils.workers import worker_count
 
 __all__ = [
     "GeometricMatch",
+    "KeypointCache",
     "NearDuplicateConfig",
     "UnionFind",
     "candidate_pairs",
@@ -35,24 +39,30 @@ __all__ = [
 
 @dataclass(frozen=True)
 class NearDuplicateConfig:
-    """Thresholds of the two stages, calibrated by eye on multiregion pairs (see ``docs/DATA.md``).
+    """Thresholds of the two stages, set on reviewed pairs (see ``docs/DATA.md``).
 
-    A pair is a copy when a similarity transform with enough RANSAC inliers maps one thumbnail onto
-    the other and the aligned pixels agree tile by tile. Two tiers trade keypoints against pixel
-    agreement: the usual copy has both; a copy damaged in part (a truncated file decoded with a grey
-    band) keeps almost all its keypoints but agrees on fewer tiles. Mirrored matches need more
-    keypoints, because the left and right wrist of one patient mirror each other closely without
-    being one radiograph. Two exposures of one patient on one detector share the detector's texture
-    at the identity transform; tile agreement, not keypoints, tells them apart.
+    A pair is a copy when an affine transform with enough RANSAC inliers maps one thumbnail onto the
+    other and, once aligned, the pixels agree: the *mismatch* (median over textured tiles of the mean
+    absolute difference after one global brightness/contrast fit, on thumbnails blurred to the scale
+    of anatomy) is a few grey levels for copies. The blur removes what copying adds (resampling of
+    rotated copies, JPEG noise) and keeps what a second exposure changes (the anatomy moved by more
+    than a few pixels); the median weighs every textured tile alike, so a shared detector texture
+    or collimator edge does not make two exposures of one patient agree.
+
+    Two tiers: the usual copy passes the first. A copy damaged in part (a truncated file decoded with a
+    grey band, a copy with burnt-in annotations) keeps almost all keypoints, far more than any pair of
+    different exposures reaches (``strong_inliers``), and passes with a looser mismatch. Mirrored
+    matches need more inliers, because the left and right wrist of one patient mirror each other
+    closely without being one radiograph.
 
     Attributes:
         neighbours: candidates per content (nearest by embedding).
         min_similarity: cosine similarity below which a neighbour is not a candidate.
         min_inliers: RANSAC inliers of the first tier.
-        min_correlation: tile agreement (see :func:`_tile_agreement`) in the first tier.
+        max_mismatch: mismatch (grey levels, 0-255 scale) allowed in the first tier.
         strong_inliers: inliers of the second tier.
-        strong_correlation: tile agreement of the second tier.
-        flipped_inliers: inliers needed for a mirrored copy (with ``min_correlation``).
+        strong_max_mismatch: mismatch allowed in the second tier.
+        flipped_inliers: inliers needed for a mirrored copy (with ``max_mismatch``).
         min_inlier_ratio: inliers over ratio-test matches, both tiers.
         min_overlap: fraction of the smaller thumbnail the aligned pair must share.
         max_scale: largest zoom between copies (and its inverse the smallest).
@@ -61,12 +71,12 @@ class NearDuplicateConfig:
     neighbours: int = 8
     min_similarity: float = 0.70
     min_inliers: int = 15
-    min_correlation: float = 0.85
+    max_mismatch: float = 4.0
     strong_inliers: int = 150
-    strong_correlation: float = 0.60
+    strong_max_mismatch: float = 20.0
     flipped_inliers: int = 30
     min_inlier_ratio: float = 0.20
-    min_overlap: float = 0.30
+    min_overlap: float = 0.20
     max_scale: float = 3.0
 
 
@@ -79,7 +89,7 @@ class GeometricMatch:
     scale: float
     angle: float
     flipped: bool
-    correlation: float = 0.0
+    mismatch: float = float("inf")
     overlap: float = 0.0
 
     def confirms(self, config: NearDuplicateConfig) -> bool:
@@ -90,9 +100,9 @@ class GeometricMatch:
         if not 1 / config.max_scale <= self.scale <= config.max_scale:
             return False
         if self.flipped:
-            return self.inliers >= config.flipped_inliers and self.correlation >= config.min_correlation
-        return (self.inliers >= config.min_inliers and self.correlation >= config.min_correlation) or (
-            self.inliers >= config.strong_inliers and self.correlation >= config.strong_correlation
+            return self.inliers >= config.flipped_inliers and self.mismatch <= config.max_mismatch
+        return (self.inliers >= config.min_inliers and self.mismatch <= config.max_mismatch) or (
+            self.inliers >= config.strong_inliers and self.mismatch <= config.strong_max_mismatch
         )
 
 
@@ -162,8 +172,8 @@ def candidate_pairs(
     return frame.sort_values("similarity", ascending=False, kind="stable").reset_index(drop=True)
 
 
-class _Keypoints:
-    """ORB keypoints of thumbnails, computed once per thumbnail and orientation."""
+class KeypointCache:
+    """ORB keypoints of thumbnails, computed once per thumbnail, orientation and shape."""
 
     def __init__(self, thumbnails: dict[str, bytes]) -> None:
         import cv2
@@ -172,13 +182,17 @@ class _Keypoints:
         self._orb = cv2.ORB_create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._thumbs = thumbnails
-        self._memo: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
-    def get(self, sha: str, flipped: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Return (image, keypoint coordinates, descriptors)."""
-        key = (sha, flipped)
+    def get(
+        self, sha: str, flipped: bool = False, shape: tuple[int, ...] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Return (image, keypoint coordinates, descriptors), the image mirrored or resized to ``shape``."""
+        key = (sha, flipped, shape)
         if key not in self._memo:
             image = load_thumbnail(self._thumbs[sha])
+            if shape is not None and image.shape != shape:
+                image = self.cv2.resize(image, (shape[1], shape[0]), interpolation=self.cv2.INTER_AREA)
             if flipped:
                 image = np.ascontiguousarray(image[:, ::-1])
             # Keypoints on the equalised image: copies may differ in contrast and brightness.
@@ -188,7 +202,7 @@ class _Keypoints:
         return self._memo[key]
 
     def match(self, a: tuple, b: tuple, flipped: bool) -> GeometricMatch:
-        """Ratio-test ORB matches, a RANSAC similarity transform, then the aligned pixels' correlation."""
+        """Ratio-test ORB matches, a RANSAC affine transform, then the aligned pixels' mismatch."""
         cv2 = self.cv2
         image_a, pts_a, des_a = a
         image_b, pts_b, des_b = b
@@ -200,76 +214,108 @@ class _Keypoints:
             return GeometricMatch(0, len(good), 0.0, 0.0, flipped)
         src = pts_a[[m.queryIdx for m in good]]
         dst = pts_b[[m.trainIdx for m in good]]
-        transform, mask = cv2.estimateAffinePartial2D(
+        # A full affine transform: copies are rotated, cropped and often resized to a square, which
+        # scales the two axes differently; a similarity transform would misalign them off-centre.
+        transform, mask = cv2.estimateAffine2D(
             src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0, maxIters=2000, confidence=0.995
         )
         if transform is None:
             return GeometricMatch(0, len(good), 0.0, 0.0, flipped)
-        scale = float(np.hypot(transform[0, 0], transform[1, 0]))
-        angle = float(np.degrees(np.arctan2(transform[1, 0], transform[0, 0])))
-        correlation, overlap = _aligned_correlation(cv2, image_a, image_b, transform)
-        return GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped, correlation, overlap)
+        singular = np.linalg.svd(transform[:, :2], compute_uv=False)
+        scale = float(np.sqrt(singular[0] * singular[1]))
+        angle = float(np.degrees(np.arctan2(transform[1, 0] - transform[0, 1], transform[0, 0] + transform[1, 1])))
+        if singular[1] <= 0 or singular[0] / singular[1] > _MAX_ANISOTROPY:
+            return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
+        mismatch, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
+        return GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped, mismatch, overlap)
 
 
 _FILL_LEVEL = 4  # grey level at or below which a pixel counts as padding
+_MAX_ANISOTROPY = 2.0  # a copy squashed to a square changes aspect by far less than this
+_BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
 
 
-def _aligned_correlation(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> tuple[float, float]:
-    """Tile agreement of ``image_a`` warped onto ``image_b`` (:func:`_tile_agreement`) and their shared area."""
+def _grey_fill(cv2, image: np.ndarray) -> np.ndarray:
+    """Pixels of the flat mid-grey that a lenient decoder writes where a truncated file ends."""
+    x = image.astype(np.float32)
+    local_var = cv2.blur(x * x, (5, 5)) - cv2.blur(x, (5, 5)) ** 2
+    return (np.abs(x - 128) <= 3) & (local_var < 1.0)
+
+
+def _aligned_mismatch(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> tuple[float, float]:
+    """Mismatch of ``image_a`` warped onto ``image_b`` (:func:`_tile_mismatch`) and their shared area."""
     h, w = image_b.shape
-    a = cv2.GaussianBlur(image_a, (5, 5), 0).astype(np.float32)
-    b = cv2.GaussianBlur(image_b, (5, 5), 0).astype(np.float32)
+    a = cv2.GaussianBlur(image_a, _BLUR, 0).astype(np.float32)
+    b = cv2.GaussianBlur(image_b, _BLUR, 0).astype(np.float32)
     # Rotated copies are padded with black corners; compare only pixels that are content in both.
     content_a = (image_a > _FILL_LEVEL).astype(np.uint8)
-    content_b = image_b > _FILL_LEVEL
     warped = cv2.warpAffine(a, transform, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
     valid = cv2.warpAffine(content_a, transform, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
-    valid = cv2.erode((valid & content_b).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    valid &= (image_b > _FILL_LEVEL) & ~_grey_fill(cv2, image_b)
+    not_fill_a = (~_grey_fill(cv2, image_a)).astype(np.uint8)
+    valid &= cv2.warpAffine(not_fill_a, transform, (w, h), flags=cv2.INTER_NEAREST) > 0
+    valid = cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
     smaller = min(a.size * float(abs(np.linalg.det(transform[:, :2]))), b.size)
     overlap = float(valid.sum()) / max(smaller, 1.0)
     if valid.sum() < 100:
-        return 0.0, overlap
-    return _tile_agreement(warped, b, valid), overlap
+        return float("inf"), overlap
+    return _tile_mismatch(warped, b, valid), overlap
 
 
-def _tile_agreement(x: np.ndarray, y: np.ndarray, valid: np.ndarray, tile: int = 24) -> float:
-    """Fraction of textured tiles whose aligned pixels correlate (NCC >= 0.8).
+def _tile_mismatch(x: np.ndarray, y: np.ndarray, valid: np.ndarray, tile: int = 24) -> float:
+    """Median over textured tiles of the mean absolute difference, after a global linear fit.
 
-    A global correlation is dominated by what the images share most: two exposures of one patient on
-    one detector share its background texture at the identity transform even when the hand moved.
-    Counting agreeing tiles weighs every textured region equally, and flat tiles (a lenient decoder's
-    grey band, uniform background) abstain.
+    The fit absorbs brightness and contrast changes between copies; flat tiles (a lenient decoder's
+    grey band, empty background) abstain, so they neither confirm nor refute.
     """
-    votes = agree = 0
-    h, w = y.shape
-    for r in range(0, h - tile + 1, tile):
-        for c in range(0, w - tile + 1, tile):
-            m = valid[r : r + tile, c : c + tile]
-            if m.mean() < 0.8:
-                continue
-            a = x[r : r + tile, c : c + tile][m]
-            b = y[r : r + tile, c : c + tile][m]
-            a, b = a - a.mean(), b - b.mean()
-            sa, sb = float((a * a).sum()), float((b * b).sum())
-            if min(sa, sb) / a.size < _MIN_TILE_VARIANCE:
-                continue
-            votes += 1
-            agree += float((a * b).sum()) / np.sqrt(sa * sb) >= 0.8
-    return agree / votes if votes >= 4 else 0.0
+    xv, yv = x[valid], y[valid]
+    var = float(xv.var())
+    gain = float(((xv - xv.mean()) * (yv - yv.mean())).mean()) / var if var > 0 else 0.0
+    offset = float(yv.mean()) - gain * float(xv.mean())
+    h, w = (y.shape[0] // tile) * tile, (y.shape[1] // tile) * tile
+
+    def per_tile(a: np.ndarray) -> np.ndarray:  # (h, w) -> sums over each tile, (h / tile, w / tile)
+        return a[:h, :w].reshape(h // tile, tile, w // tile, tile).sum(axis=(1, 3))
+
+    m = valid.astype(np.float64)
+    n = per_tile(m)
+    full = n >= 0.8 * tile * tile
+    n = np.maximum(n, 1.0)
+
+    def tile_std(a: np.ndarray) -> np.ndarray:
+        mean = per_tile(a * m) / n
+        return np.sqrt(np.maximum(per_tile(a * a * m) / n - mean * mean, 0.0))
+
+    textured = full & (np.minimum(tile_std(x), tile_std(y)) >= _MIN_TILE_STD)
+    scores = (per_tile(np.abs(y - (gain * x + offset)) * m) / n)[textured]
+    return float(np.median(scores)) if len(scores) >= 4 else float("inf")
 
 
-_MIN_TILE_VARIANCE = 4.0  # grey levels squared; below this a tile is flat and carries no evidence
+_MIN_TILE_STD = 2.0  # grey levels; a flatter tile carries no evidence
 
 
-def match_thumbnails(keypoints: _Keypoints, sha_a: str, sha_b: str, config: NearDuplicateConfig) -> GeometricMatch:
-    """Match two contents; the mirror image of ``sha_b`` is tried when the plain match does not confirm."""
-    a = keypoints.get(sha_a)
-    best = keypoints.match(a, keypoints.get(sha_b), flipped=False)
-    if not best.confirms(config):
-        mirrored = keypoints.match(a, keypoints.get(sha_b, flipped=True), flipped=True)
-        if mirrored.confirms(config) or mirrored.inliers > best.inliers:
-            best = mirrored
+def match_thumbnails(keypoints: KeypointCache, sha_a: str, sha_b: str, config: NearDuplicateConfig) -> GeometricMatch:
+    """Match two contents, trying the mirror image of ``sha_b`` when the plain match does not confirm.
+
+    When the two differ in aspect ratio, ``sha_a`` is also stretched to the shape of ``sha_b``: a copy
+    squashed into a square (a common augmentation) distorts keypoints beyond what ORB matches.
+    """
+    shape_a, shape_b = keypoints.get(sha_a)[0].shape, keypoints.get(sha_b)[0].shape
+    aspect_change = abs(np.log((shape_a[1] / shape_a[0]) / (shape_b[1] / shape_b[0])))
+    shapes = [None, shape_b] if aspect_change > _STRETCH_ASPECT else [None]
+    best = NO_MATCH
+    for shape in shapes:
+        a = keypoints.get(sha_a, shape=shape)
+        for flipped in (False, True):
+            m = keypoints.match(a, keypoints.get(sha_b, flipped=flipped), flipped=flipped)
+            if m.confirms(config):
+                return m
+            if m.inliers > best.inliers:
+                best = m
     return best
+
+
+_STRETCH_ASPECT = np.log(1.15)  # aspect ratios further apart than this are also matched stretched
 
 
 def confirm_pairs(
@@ -280,30 +326,43 @@ def confirm_pairs(
     config: NearDuplicateConfig,
     *,
     union: UnionFind | None = None,
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """Check candidate pairs; adds the :class:`GeometricMatch` fields and ``confirmed``.
 
     With ``union`` (a within-set search), pairs whose contents are already joined through other
     confirmed pairs are not matched again: it changes no group and saves most of the work in big groups.
-    Their ``confirmed`` is NA ("implied").
+    Their ``confirmed`` is NA ("implied"). Pairs are matched in batches on ``workers`` threads (OpenCV
+    releases the GIL); a pair is skipped only if it was joined before its batch began, so the groups are
+    the same whatever the number of workers.
     """
-    keypoints = _Keypoints(thumbnails)
-    rows = []
-    for i, j in progress(
-        zip(candidates["i"], candidates["j"], strict=True), desc="confirming", total=len(candidates), unit="pair"
-    ):
-        sha_a, sha_b = shas_a[i], shas_b[j]
-        if sha_a not in thumbnails or sha_b not in thumbnails:
-            rows.append((0, 0, 0.0, 0.0, False, 0.0, 0.0, False))
-            continue
-        if union is not None and union.find(i) == union.find(j):
-            rows.append((-1, -1, np.nan, np.nan, False, np.nan, np.nan, pd.NA))
-            continue
-        m = match_thumbnails(keypoints, sha_a, sha_b, config)
-        ok = m.confirms(config)
-        if ok and union is not None:
-            union.union(i, j)
-        rows.append((m.inliers, m.matches, m.scale, m.angle, m.flipped, m.correlation, m.overlap, ok))
-    columns = ["inliers", "matches", "scale", "angle", "flipped", "correlation", "overlap", "confirmed"]
+    keypoints = KeypointCache(thumbnails)
+    workers = workers or worker_count()
+    pairs = list(zip(candidates["i"], candidates["j"], strict=True))
+    rows: list[tuple] = [()] * len(pairs)
+
+    def check(k: int) -> tuple:
+        i, j = pairs[k]
+        m = match_thumbnails(keypoints, shas_a[i], shas_b[j], config)
+        return (m.inliers, m.matches, m.scale, m.angle, m.flipped, m.mismatch, m.overlap, m.confirms(config))
+
+    batch = 16 * workers
+    with ThreadPoolExecutor(workers) as pool, progress_bar(total=len(pairs), desc="confirming", unit="pair") as bar:
+        for start in range(0, len(pairs), batch):
+            todo = []
+            for k in range(start, min(start + batch, len(pairs))):
+                i, j = pairs[k]
+                if shas_a[i] not in thumbnails or shas_b[j] not in thumbnails:
+                    rows[k] = (0, 0, 0.0, 0.0, False, np.inf, 0.0, False)
+                elif union is not None and union.find(i) == union.find(j):
+                    rows[k] = (-1, -1, np.nan, np.nan, False, np.nan, np.nan, pd.NA)
+                else:
+                    todo.append(k)
+            for k, row in zip(todo, pool.map(check, todo), strict=True):
+                rows[k] = row
+                if row[-1] and union is not None:
+                    union.union(*pairs[k])
+            bar.update(min(batch, len(pairs) - start))
+    columns = ["inliers", "matches", "scale", "angle", "flipped", "mismatch", "overlap", "confirmed"]
     extra = pd.DataFrame(rows, columns=columns, index=candidates.index)
     return pd.concat([candidates, extra], axis=1)

@@ -131,7 +131,9 @@ def _histogram_png(report: AuditReport) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(report.near_groups["group_size"].astype(str), report.near_groups["groups"])
+    sizes = report.near_groups["group_size"].to_numpy()
+    ax.bar(range(len(sizes)), report.near_groups["groups"])  # one bar per size seen, sizes as tick labels
+    ax.set_xticks(range(len(sizes)), [str(s) for s in sizes], rotation=90, fontsize=6)
     ax.set_xlabel("files per distinct radiograph")
     ax.set_ylabel("groups")
     ax.set_yscale("log")
@@ -152,7 +154,7 @@ def closest_pairs_montage(report: AuditReport, *, limit: int = 50):
             feats.thumbnails.get(shas[r.i]),
             feats.thumbnails.get(shas[r.j]),
             f"{r.split_a}:{Path(r.path_a).name} | {r.split_b}:{Path(r.path_b).name}\n"
-            f"cos {r.similarity:.3f}, inliers {r.inliers}, agree {r.correlation:.2f}",
+            f"cos {r.similarity:.3f}, inliers {r.inliers}, mismatch {r.mismatch:.1f}",
         )
         for r in report.closest_cross_split.head(limit).itertuples()
     ]
