@@ -1,0 +1,13 @@
+"""Models: a small registry (as in timm) of the paper's CNN and ImageNet backbones.
+
+from fracdet.models import create_model, get_spec, list_models
+model = create_model("efficientnet_lite0", pretrained=True)   # offline ImageNet weights
+get_spec("efficientnet_lite0").preprocess                      # input size and normalisation
+"""
+
+from __future__ import annotations
+
+from fracdet.models import backbones, paper_cnn  # noqa: F401 (registers the models)
+from fracdet.models._registry import ModelSpec, PreprocessCfg, create_model, get_spec, list_models, register_model
+
+__all__ = ["ModelSpec", "PreprocessCfg", "create_model", "get_spec", "list_models", "register_model"]

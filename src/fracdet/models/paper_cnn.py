@@ -1,0 +1,62 @@
+"""The network of Mamun et al. (2025), the paper fracdet implements.
+
+The paper describes, without giving every size, a CNN that takes 150x150 images scaled to [-1, 1],
+stacks convolutions each followed by ReLU and by max pooling, flattens the feature maps into fully
+connected layers and ends in a softmax over fracture / no fracture, with batch norm and dropout named as
+its regularisers. The sizes here are ours: four 3x3 blocks (32, 64, 128, 128 channels) with batch norm,
+ReLU and 2x2 max pooling (150 -> 75 -> 37 -> 18 -> 9), then 512 hidden units with dropout 0.5 and two
+logits. The softmax lives in the loss (cross-entropy) and in inference, not in the module.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+from torch import nn
+
+from fracdet.models._registry import PreprocessCfg, register_model
+
+__all__ = ["PaperCNN"]
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class PaperCNN(nn.Module):
+    """Stacked conv + ReLU + max-pool blocks, flattened into dense layers (see the module docstring)."""
+
+    def __init__(self, num_classes: int = 2, input_size: int = 150, dropout: float = 0.5) -> None:
+        super().__init__()
+        widths = (3, 32, 64, 128, 128)
+        self.features = nn.Sequential(*(_block(a, b) for a, b in pairwise(widths)))
+        side = input_size
+        for _ in range(len(widths) - 1):
+            side //= 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(widths[-1] * side * side, 512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register_model(
+    "paper_cnn",
+    preprocess=PreprocessCfg(input_size=150),  # [0, 1] -> [-1, 1], as in the paper
+    cam_layer="features.3.2",  # ReLU of the last block, 18x18, before its pooling
+    description="the paper's CNN from scratch: 4 conv blocks, 2 dense layers, 150 px",
+)
+def paper_cnn(pretrained: bool, num_classes: int) -> nn.Module:
+    if pretrained:
+        raise ValueError("paper_cnn has no pretrained weights: it is trained from scratch")
+    return PaperCNN(num_classes)
