@@ -115,8 +115,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     if not review["eye"].isin(["copy", "different"]).all():
         raise SystemExit("every row needs eye = copy or different")
     names = set(review["dataset_a"]) | set(review["dataset_b"])
-    features_only = DuplicateConfig(near_duplicates=False)  # only the reviewed pairs are matched
-    loaded = {name: _load(args.shared, name, features_only) for name in names}
+    # Without --groups only the reviewed pairs are matched; with it, the full search runs once per dataset.
+    search = DuplicateConfig(near_duplicates=args.groups)
+    loaded = {name: _load(args.shared, name, search) for name in names}
     sha = {name: dict(zip(t["path"], d.files["sha256"], strict=True)) for name, (t, d) in loaded.items()}
     thumbs = {k: v for _, d in loaded.values() for k, v in d.features.thumbnails.items()}
     keypoints = KeypointCache(thumbs)
@@ -132,14 +133,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(f"precision {tp / max(tp + fp, 1):.3f}, recall {tp / max(tp + fn, 1):.3f}")
     print(pd.crosstab([review["stratum"], review["eye"]], review["detector"]).to_string())
     if args.groups:
-        _score_groups(args.shared, review)
+        _score_groups(loaded, review)
     disagreements = review[truth != said]
     if len(disagreements):
         columns = ["pair", "stratum", "path_a", "path_b", "eye", "detector"]
         print("disagreements:\n" + disagreements[columns].to_string())
 
 
-def _score_groups(shared: Path, review: pd.DataFrame) -> None:
+def _score_groups(loaded: dict[str, tuple[pd.DataFrame, Duplicates]], review: pd.DataFrame) -> None:
     """What the splitter sees: are both files of a pair in one near-duplicate group of their dataset?
 
     A copy missed pair by pair is still kept on one side of a split when other copies join the two.
@@ -147,7 +148,7 @@ def _score_groups(shared: Path, review: pd.DataFrame) -> None:
     within = review[review["dataset_a"] == review["dataset_b"]]
     same = pd.Series(False, index=within.index)
     for name in set(within["dataset_a"]):
-        table, dups = _load(shared, name, DuplicateConfig())
+        table, dups = loaded[name]
         group = dict(zip(table["path"], dups.files["near_group"], strict=True))
         rows = within["dataset_a"] == name
         pairs = zip(within.loc[rows, "path_a"], within.loc[rows, "path_b"], strict=True)

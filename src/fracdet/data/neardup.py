@@ -231,7 +231,7 @@ class KeypointCache:
 
 
 _FILL_LEVEL = 4  # grey level at or below which a pixel counts as padding
-_MAX_ANISOTROPY = 2.0  # a copy squashed to a square changes aspect by far less than this
+_MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed copies are matched stretched
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
 
 
