@@ -92,6 +92,117 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_split_table(data: str, splits: str | None):
+    """The dataset at ``data`` with the split column of ``splits`` (or the dataset's own split)."""
+    from fracdet.data import load_dataset
+
+    table = load_dataset(data)
+    if splits:
+        return _with_manifest_splits(table, Path(splits))
+    if table["split"].isna().all():
+        raise SystemExit(f"error: {data} has no split of its own: make one with `fracdet split` and pass --splits")
+    return table
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from fracdet.training import load_config, train
+
+    out = Path(args.out) if args.out else None
+    if args.resume:
+        if out is None:
+            raise SystemExit("error: --resume needs --out RUN_FOLDER")
+        run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        data = args.data or run.get("data_root")
+        if not data:
+            raise SystemExit("error: pass --data (the run folder does not record its data root)")
+        table = _load_split_table(data, args.splits or str(out / "splits.csv"))
+        config = None
+    else:
+        if not args.config or not args.data:
+            raise SystemExit("error: --config and --data are required (or --resume with --out)")
+        config = load_config(args.config, args.set)
+        out = out or Path("runs") / Path(args.config).stem
+        table = _load_split_table(args.data, args.splits)
+    result = train(config, table, out, resume=args.resume)
+    best = result.history.iloc[result.best_epoch - 1]
+    print(f"run folder: {result.out_dir}")
+    print(f"best epoch {result.best_epoch}: val AUC {best['val_auc']:.4f}, val accuracy {best['val_accuracy']:.4f}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fracdet.training import load_config
+    from fracdet.training.sweep import run_sweep
+
+    config = load_config(args.config, args.set)
+    table = _load_split_table(args.data, args.splits)
+    out = Path(args.out or Path("runs") / f"sweep-{Path(args.config).stem}")
+    result = run_sweep(config, table, out, lrs=args.lr, batch_sizes=args.batch_size, epochs=args.epochs)
+    print(result.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"table: {out / 'sweep.md'} (validation metrics; the test split is not used)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from fracdet.evaluation import evaluate, metrics_table, write_report
+    from fracdet.evaluation.evaluate import TEST_SELECTION_WARNING
+    from fracdet.models import load
+
+    model = load(args.run)
+    run_json = model.folder / "run.json" if model.folder else None
+    data = args.data or (json.loads(run_json.read_text()).get("data_root") if run_json and run_json.exists() else None)
+    if not data:
+        raise SystemExit("error: pass --data (the dataset the model is evaluated on)")
+    splits = args.splits or (str(model.splits_path) if model.splits_path else None)
+    table = _load_split_table(data, splits)
+    if args.exclude_shared_with:
+        from fracdet.data import load_dataset
+        from fracdet.data.duplicates import shared_with
+
+        shared = shared_with(table, load_dataset(args.exclude_shared_with))
+        print(f"left out {int(shared.sum())} files that show a radiograph of {args.exclude_shared_with}")
+        attrs = dict(table.attrs)
+        table = table[~shared].reset_index(drop=True)
+        table.attrs.update(attrs)
+    result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta)
+    out = Path(args.out or Path("runs") / "eval" / f"{model.name}-{args.split}")
+    report = write_report(result, out, curves=model.folder / "curves.png" if model.folder else None)
+    if not result.honest:
+        print(f"WARNING: {TEST_SELECTION_WARNING}")
+    print(f"{model.name} on {args.split}: {len(result.predictions)} images, splits from {splits or 'the dataset'}")
+    print(metrics_table(result).to_string(index=False))
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fracdet.models import get_spec, list_models, list_releases, load
+
+    print("architectures (fracdet.models.create_model):")
+    for name in list_models():
+        spec = get_spec(name)
+        print(f"  {name:20s} {spec.preprocess.input_size:4d} px  {spec.description}")
+    print("trained models (fracdet.models.load):")
+    for name in list_releases():
+        model = load(name)
+        print(f"  {name:20s} {model.arch} at {model.preprocess.input_size} px, version {model.version}, "
+              f"threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from fracdet.models import package_release
+
+    target = package_release(args.run, args.name, version=args.version, dest=args.dest)
+    size = (target / "model.safetensors").stat().st_size / 2**20
+    print(f"released {args.name} {args.version} to {target} ({size:.1f} MiB of weights)")
+    return 0
+
+
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir", default=None, help="feature cache folder (default: $FRACDET_CACHE or ~/.cache/fracdet)"
@@ -131,6 +242,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-published", action="store_true", help="keep the dataset's own split and report its leakage")
     _add_cache_options(p)
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train a model from a YAML config into a run folder (resumable)")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--data", help="dataset folder or CSV manifest")
+    p.add_argument("--splits", help="split manifest from `fracdet split` (default: the dataset's own split)")
+    p.add_argument("--out", help="run folder (default: runs/CONFIG_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="hyper-parameter study: learning rate x batch size x epochs (validation)")
+    p.add_argument("--config", required=True, help="base YAML config")
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
+    p.add_argument("--splits", help="split manifest (default: the dataset's own split)")
+    p.add_argument("--out", help="sweep folder (default: runs/sweep-CONFIG_NAME); rerun to continue")
+    p.add_argument("--lr", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    p.add_argument("--batch-size", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--epochs", type=int, nargs="+", default=[10, 25, 49])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("models", help="list architectures and trained (released) models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("release", help="copy a finished run's model into models/NAME with a version")
+    p.add_argument("run", help="run folder of a finished `fracdet train`")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--dest", help="releases folder (default: the repository's models/ or $FRACDET_MODELS)")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("evaluate", help="metrics with intervals, operating points, calibration, report")
+    p.add_argument("run", help="run folder, checkpoint (.pt) or released model name (e.g. fracatlas-default)")
+    p.add_argument("--data", help="dataset folder or CSV manifest (default: the run's data root)")
+    p.add_argument("--splits", help="split manifest (default: the one saved with the run or model)")
+    p.add_argument("--split", default="test", help="split to measure: train, val, test or all (default: test)")
+    p.add_argument("--out", help="report folder (default: runs/eval/MODEL-SPLIT)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image")
+    p.add_argument(
+        "--exclude-shared-with",
+        metavar="DATASET",
+        help="leave out files showing a radiograph that DATASET also holds (cross-dataset tests)",
+    )
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -138,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from fracdet.data import DatasetLayoutError
+    from fracdet.training import ConfigError, RunExistsError
 
     try:
         return args.func(args)
-    except (FileNotFoundError, DatasetLayoutError) as exc:
+    except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,7 @@ from fracdet.data.neardup import NearDuplicateConfig, UnionFind, candidate_pairs
 from fracdet.data.table import absolute_paths
 from fracdet.utils.cache import FeatureCache
 
-__all__ = ["DuplicateConfig", "Duplicates", "cross_dataset_matches", "find_duplicates"]
+__all__ = ["DuplicateConfig", "Duplicates", "cross_dataset_matches", "find_duplicates", "shared_with"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,20 @@ def cross_dataset_matches(ours: Duplicates, theirs: Duplicates, config: Duplicat
     near = checked[checked["confirmed"] == True].copy()  # noqa: E712 (nullable booleans)
     near["kind"] = "near"
     return pd.concat([exact, near], ignore_index=True)
+
+
+def shared_with(table: pd.DataFrame, other: pd.DataFrame, config: DuplicateConfig | None = None) -> pd.Series:
+    """Which files of ``table`` show a radiograph that ``other`` also holds (exactly or as a near copy).
+
+    A file counts as shared when any file of its near-duplicate group matches a content of ``other``,
+    so an edited copy of a shared image is caught with it. Use it to test a model on another dataset
+    without the images it was trained on.
+    """
+    config = config or DuplicateConfig()
+    ours = find_duplicates(table, config)
+    theirs = find_duplicates(other, DuplicateConfig(**{**config.__dict__, "near_duplicates": False}))
+    matched = set(cross_dataset_matches(ours, theirs, config)["i"])
+    content_row = ours.features.row_of()
+    hit = ours.files["sha256"].map(lambda sha: content_row.get(sha) in matched)
+    groups = set(ours.files.loc[hit, "near_group"])
+    return pd.Series(ours.files["near_group"].isin(groups).to_numpy(), index=table.index, name="shared")

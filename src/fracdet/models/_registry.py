@@ -42,14 +42,15 @@ class ModelSpec:
 
     Attributes:
         name: registry name.
-        build: ``build(pretrained, num_classes) -> nn.Module``.
+        build: ``build(pretrained, num_classes, **options) -> nn.Module``; options are ``input_size`` and
+            ``dropout`` (each builder uses what applies to its architecture).
         preprocess: the input the model expects.
         cam_layer: dotted name of the module whose activations Grad-CAM uses (``model.get_submodule``).
         description: one line for ``fracdet models``.
     """
 
     name: str
-    build: Callable[[bool, int], nn.Module]
+    build: Callable[..., nn.Module]
     preprocess: PreprocessCfg
     cam_layer: str
     description: str
@@ -60,10 +61,10 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 def register_model(
     name: str, *, preprocess: PreprocessCfg, cam_layer: str, description: str
-) -> Callable[[Callable[[bool, int], nn.Module]], Callable[[bool, int], nn.Module]]:
-    """Register ``build(pretrained, num_classes)`` under ``name``."""
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``build(pretrained, num_classes, *, input_size, dropout)`` under ``name``."""
 
-    def decorator(build: Callable[[bool, int], nn.Module]) -> Callable[[bool, int], nn.Module]:
+    def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelSpec(name, build, preprocess, cam_layer, description)
@@ -86,7 +87,13 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def create_model(
-    name: str, *, pretrained: bool = False, num_classes: int = 2, weights: str | Path | None = None
+    name: str,
+    *,
+    pretrained: bool = False,
+    num_classes: int = 2,
+    weights: str | Path | None = None,
+    input_size: int | None = None,
+    dropout: float | None = None,
 ) -> nn.Module:
     """Build a registered model.
 
@@ -97,8 +104,12 @@ def create_model(
         num_classes: outputs of the classification head (2: no fracture, fracture).
         weights: a local ``state_dict`` file (``.safetensors`` or a torch pickle of tensors) loaded
             after building, for machines without a network.
+        input_size: side of the square input when not the registered one (only ``paper_cnn``, whose
+            dense layer depends on it, needs to know; the others pool globally).
+        dropout: dropout before the classifier; ``None`` keeps the architecture's default.
     """
-    model = get_spec(name).build(pretrained, num_classes)
+    spec = get_spec(name)
+    model = spec.build(pretrained, num_classes, input_size=input_size or spec.preprocess.input_size, dropout=dropout)
     if weights is not None:
         model.load_state_dict(_read_state_dict(Path(weights)))
     return model

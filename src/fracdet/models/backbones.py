@@ -14,10 +14,11 @@ from fracdet.models._registry import IMAGENET, PreprocessCfg, register_model
 __all__: list[str] = []
 
 
-def _efficientnet_lite(variant: int, pretrained: bool, num_classes: int) -> nn.Module:
+def _efficientnet_lite(variant: int, pretrained: bool, num_classes: int, dropout: float | None) -> nn.Module:
     import timm
 
-    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    extra = {} if dropout is None else {"drop_rate": dropout}
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, **extra)
     if pretrained:
         from fracdet.utils.pretrained import efficientnet_lite_state_dict
 
@@ -26,10 +27,11 @@ def _efficientnet_lite(variant: int, pretrained: bool, num_classes: int) -> nn.M
     return model
 
 
-def _timm(name: str, pretrained: bool, num_classes: int) -> nn.Module:
+def _timm(name: str, pretrained: bool, num_classes: int, dropout: float | None) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    extra = {} if dropout is None else {"drop_rate": dropout}
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **extra)
 
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1]; sizes are timm's defaults per variant.
@@ -39,7 +41,7 @@ for _variant, _size in ((0, 224), (1, 240), (2, 260)):
         preprocess=PreprocessCfg(input_size=_size),
         cam_layer="bn2",  # the last 1x1 convolution's batch norm + ReLU, before global pooling
         description=f"EfficientNet-Lite{_variant}, ImageNet weights offline, {_size} px",
-    )(lambda pretrained, num_classes, v=_variant: _efficientnet_lite(v, pretrained, num_classes))
+    )(lambda pretrained, num_classes, v=_variant, **o: _efficientnet_lite(v, pretrained, num_classes, o.get("dropout")))
 
 for _name, _layer in (
     ("resnet18", "layer4"),
@@ -52,4 +54,4 @@ for _name, _layer in (
         preprocess=PreprocessCfg(input_size=224, **IMAGENET),
         cam_layer=_layer,
         description=f"timm {_name}; pretrained weights download (or weights=PATH)",
-    )(lambda pretrained, num_classes, n=_name: _timm(n, pretrained, num_classes))
+    )(lambda pretrained, num_classes, n=_name, **o: _timm(n, pretrained, num_classes, o.get("dropout")))

@@ -1,0 +1,269 @@
+"""Evaluate a trained model on one split: metrics with intervals at validation-chosen operating points,
+calibration, subgroups, pictures, and a self-contained HTML report.
+
+The validation split chooses every threshold and the temperature; the evaluated split only measures.
+A model whose checkpoint was selected on the test split (paper reproduction) is flagged in every output.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import classification_report
+
+from fracdet.data.pixels import load_pixels
+from fracdet.evaluation import plots
+from fracdet.evaluation.metrics import (
+    METRICS,
+    binary_metrics,
+    bootstrap_intervals,
+    expected_calibration_error,
+    reliability_bins,
+)
+from fracdet.models.release import TrainedModel
+from fracdet.training.calibrate import OPERATING_POINTS, choose_thresholds, fit_temperature, probabilities
+from fracdet.training.checkpoint import write_json
+from fracdet.utils.cache import FeatureCache
+
+__all__ = ["Evaluation", "evaluate", "write_report"]
+
+log = logging.getLogger(__name__)
+
+TEST_SELECTION_WARNING = (
+    "This model's checkpoint was selected on the TEST split (paper reproduction). Its test numbers are "
+    "optimistic by construction and are not an estimate of performance on new patients."
+)
+
+
+@dataclass
+class Evaluation:
+    """Everything measured on one split (``to_dict`` is ``metrics.json``)."""
+
+    model: str
+    arch: str
+    split: str
+    selected_on: str
+    temperature: float
+    thresholds: dict[str, float]
+    thresholds_from: str
+    default_point: str
+    points: dict[str, dict[str, Any]]
+    calibration: dict[str, Any]
+    subgroups: pd.DataFrame
+    predictions: pd.DataFrame
+    classification_report: str
+    tta: bool = False
+    figures: dict[str, Path] = field(default_factory=dict)
+    images: np.ndarray | None = field(default=None, repr=False)  # the pixels scored, for the gallery
+
+    @property
+    def honest(self) -> bool:
+        return self.selected_on != "test"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "arch": self.arch,
+            "split": self.split,
+            "images": len(self.predictions),
+            "fractures": int(self.predictions["label"].sum()),
+            "checkpoint_selected_on": self.selected_on,
+            "warning": None if self.honest else TEST_SELECTION_WARNING,
+            "tta": self.tta,
+            "temperature": self.temperature,
+            "thresholds_from": self.thresholds_from,
+            "thresholds": self.thresholds,
+            "default_operating_point": self.default_point,
+            "operating_points": self.points,
+            "calibration": self.calibration,
+            "subgroups": self.subgroups.to_dict(orient="records"),
+            "classification_report": self.classification_report,
+        }
+
+
+def evaluate(
+    model: TrainedModel,
+    table: pd.DataFrame,
+    *,
+    split: str = "test",
+    cache: FeatureCache | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    tta: bool = False,
+) -> Evaluation:
+    """Measure ``model`` on the ``split`` rows of ``table``.
+
+    Args:
+        model: from :func:`fracdet.models.load`.
+        table: sample table with a ``split`` column (``all`` evaluates every row); ``val`` rows, when
+            present, re-fit the temperature and thresholds, otherwise the model's stored ones are used.
+        n_boot: bootstrap resamples (of whole groups) for the 95% intervals.
+        tta: average each image with its mirror image.
+    """
+    size = model.preprocess.input_size
+    target = table.assign(split="all") if split == "all" else table[table["split"] == split]
+    if target.empty:
+        raise ValueError(f"no rows in split {split!r}; splits present: {sorted(table['split'].dropna().unique())}")
+    target.attrs.update(table.attrs)
+    pixels = load_pixels(target, size, cache=cache, desc=f"decoding {split}")
+    margins = model.margins(pixels.images, tta=tta, progress_desc=f"scoring {split}")
+    labels = pixels.table["label"].to_numpy(int)
+
+    val = table[table["split"] == "val"] if split not in ("val", "all") else table.iloc[:0]
+    if len(val):
+        val.attrs.update(table.attrs)
+        val_pixels = load_pixels(val, size, cache=cache, desc="decoding val")
+        val_margins = model.margins(val_pixels.images, tta=tta, progress_desc="scoring val")
+        val_labels = val_pixels.table["label"].to_numpy(int)
+        temperature = fit_temperature(val_margins, val_labels)
+        thresholds = choose_thresholds(val_labels, probabilities(val_margins, temperature))
+        source = "val split of this evaluation"
+    elif model.thresholds:
+        temperature, thresholds, source = model.temperature, dict(model.thresholds), "stored with the model"
+    else:
+        raise ValueError("no validation rows to choose thresholds on, and the model stores none")
+    if split == "val":
+        log.warning("evaluating on the validation split, which also chose the thresholds: optimistic")
+
+    probs = probabilities(margins, temperature)
+    groups = pixels.table["group"].astype(str).to_numpy() if "group" in pixels.table else None
+    points = {}
+    for name in OPERATING_POINTS:
+        values = binary_metrics(labels, probs, thresholds[name])
+        values["ci95"] = bootstrap_intervals(labels, probs, thresholds[name], groups=groups, n_boot=n_boot, seed=seed)
+        points[name] = values
+    default = model.operating_point if model.operating_point in points else "sens90"
+    raw = probabilities(margins, 1.0)
+    calibration = {
+        "ece_before": expected_calibration_error(labels, raw),
+        "ece_after": expected_calibration_error(labels, probs),
+        "reliability_before": reliability_bins(labels, raw),
+        "reliability_after": reliability_bins(labels, probs),
+    }
+    predictions = pixels.table[[c for c in ("path", "label", "group", "region", "view") if c in pixels.table]].copy()
+    predictions["probability"] = probs
+    predictions["margin"] = margins
+    predictions["predicted"] = (probs >= thresholds[default]).astype(int)
+    report = classification_report(
+        labels, predictions["predicted"], labels=[0, 1], target_names=["no fracture", "fracture"], zero_division=0
+    )
+    result = Evaluation(
+        model=model.name,
+        arch=model.arch,
+        split=split,
+        selected_on=str(model.meta.get("selected_on", "val")),
+        temperature=temperature,
+        thresholds=thresholds,
+        thresholds_from=source,
+        default_point=default,
+        points=points,
+        calibration=calibration,
+        subgroups=subgroup_metrics(predictions, thresholds[default]),
+        predictions=predictions,
+        classification_report=report,
+        tta=tta,
+        images=pixels.images,
+    )
+    return result
+
+
+def subgroup_metrics(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Counts, sensitivity, specificity and AUC per body region and per view (FracAtlas metadata)."""
+    rows = []
+    for column in ("region", "view"):
+        if column not in predictions or predictions[column].isna().all():
+            continue
+        for value, part in predictions.groupby(predictions[column].fillna("unknown")):
+            m = binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), threshold)
+            rows.append(
+                {"by": column, "value": value, "images": len(part), "fractures": int(part["label"].sum()),
+                 "sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"]}
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=["by", "value", "images", "fractures", "sensitivity", "specificity", "auc"])
+
+
+def write_report(result: Evaluation, out_dir: str | Path, *, curves: Path | None = None) -> Path:
+    """Write ``metrics.json``, ``predictions.csv``, the figures and ``report.html`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = result.images
+    labels = result.predictions["label"].to_numpy()
+    probs = result.predictions["probability"].to_numpy()
+    default = result.points[result.default_point]
+    name = f"{result.model} on {result.split}"
+    figs = result.figures
+    if len(np.unique(labels)) == 2:
+        figs["roc"] = plots.plot_roc(labels, probs, result.points, out / "roc.png", title=f"ROC: {name}")
+        figs["pr"] = plots.plot_pr(labels, probs, out / "pr.png", title=f"precision-recall: {name}")
+    figs["confusion"] = plots.plot_confusion(
+        default, out / "confusion.png", title=f"{result.default_point} (t={default['threshold']:.2f})"
+    )
+    figs["calibration"] = plots.plot_reliability(
+        {"before scaling": result.calibration["reliability_before"],
+         f"T={result.temperature:.2f}": result.calibration["reliability_after"]},
+        out / "calibration.png", title="reliability",
+    )  # fmt: skip
+    if images is not None:
+        figs["gallery"] = plots.plot_gallery(images, labels, probs, default["threshold"], out / "gallery.png")
+    if curves is not None and curves.is_file():
+        figs["curves"] = curves
+    write_json(out / "metrics.json", result.to_dict())
+    result.predictions.to_csv(out / "predictions.csv", index=False)
+    (out / "report.html").write_text(_html(result))
+    return out / "report.html"
+
+
+def metrics_table(result: Evaluation) -> pd.DataFrame:
+    """One row per operating point: each metric as ``value [low, high]``."""
+    rows = []
+    for name, m in result.points.items():
+        row = {"operating point": name, "threshold": f"{m['threshold']:.3f}"}
+        for metric in METRICS:
+            lo, hi = m["ci95"][metric]
+            row[metric] = f"{m[metric]:.3f} [{lo:.3f}, {hi:.3f}]"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+_CSS = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}
+table{border-collapse:collapse;font-size:90%} td,th{border:1px solid #ccc;padding:3px 6px}
+.warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}
+figure{display:inline-block;max-width:48%;margin:.5em;vertical-align:top} pre{background:#f6f6f6;padding:.5em}"""
+
+
+def _html(result: Evaluation) -> str:
+    warn = "" if result.honest else f'<p class="warn">{html.escape(TEST_SELECTION_WARNING)}</p>'
+    cal = result.calibration
+    figures = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(k)}</figcaption></figure>"
+                      for k, p in result.figures.items())  # fmt: skip
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>fracdet evaluation: {html.escape(result.model)} on {html.escape(result.split)}</title>
+<style>{_CSS}</style>
+</head><body>
+<h1>{html.escape(result.model)} ({html.escape(result.arch)}) on the {html.escape(result.split)} split</h1>
+{warn}
+<p>{len(result.predictions)} images, {int(result.predictions["label"].sum())} with fractures.
+Thresholds and temperature (T = {result.temperature:.3f}) from: {html.escape(result.thresholds_from)}.
+Test-time augmentation: {"on" if result.tta else "off"}. Intervals: 95% bootstrap over groups of copies.</p>
+<h2>Metrics at each operating point</h2>{metrics_table(result).to_html(index=False)}
+<h2>Classification report ({html.escape(result.default_point)})</h2>
+<pre>{html.escape(result.classification_report)}</pre>
+<h2>Calibration</h2><p>Expected calibration error {cal["ece_before"]:.3f} before and {cal["ece_after"]:.3f}
+after temperature scaling.</p>
+<h2>Subgroups ({html.escape(result.default_point)})</h2>
+{result.subgroups.to_html(index=False, float_format="%.3f")}
+<h2>Figures</h2>{figures}
+</body></html>"""

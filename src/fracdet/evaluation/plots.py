@@ -1,0 +1,107 @@
+"""Pictures of an evaluation: ROC, precision-recall, confusion matrix, reliability, galleries.
+
+Each function draws one figure into a PNG file and returns its path; the HTML report embeds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+__all__ = ["plot_confusion", "plot_gallery", "plot_pr", "plot_reliability", "plot_roc"]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, points: dict[str, dict], path: Path, *, title: str) -> Path:
+    """ROC curve with the operating points (chosen on validation) marked where they land on this split."""
+    fpr, tpr, _ = roc_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot(fpr, tpr, lw=2, label="model")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
+    for name, m in points.items():
+        ax.scatter(1 - m["specificity"], m["sensitivity"], zorder=3, label=f"{name} (t={m['threshold']:.2f})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_pr(labels: np.ndarray, probs: np.ndarray, path: Path, *, title: str) -> Path:
+    """Precision-recall curve, with the prevalence as the chance line."""
+    precision, recall, _ = precision_recall_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot(recall, precision, lw=2)
+    ax.axhline(np.mean(labels), color="grey", ls=":", lw=1, label=f"prevalence {np.mean(labels):.2f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion(m: dict, path: Path, *, title: str) -> Path:
+    """The 2x2 confusion matrix at one threshold, counts and row percentages."""
+    table = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.imshow(table, cmap="Blues")
+    for (i, j), v in np.ndenumerate(table):
+        share = v / max(1, table[i].sum())
+        ax.text(j, i, f"{v}\n{share:.0%}", ha="center", va="center", color="black" if share < 0.6 else "white")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(["no fracture", "fracture"])
+    ax.set_yticklabels(["no fracture", "fracture"])
+    return _save(fig, path)
+
+
+def plot_reliability(curves: dict[str, list[dict]], path: Path, *, title: str) -> Path:
+    """Reliability diagram: observed fracture rate against predicted probability, per variant."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect")
+    for name, rows in curves.items():
+        ax.plot([r["confidence"] for r in rows], [r["observed"] for r in rows], marker="o", label=name)
+    ax.set(xlabel="predicted probability", ylabel="observed fracture rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_gallery(
+    images: np.ndarray, labels: np.ndarray, probs: np.ndarray, threshold: float, path: Path, *, per_kind: int = 6
+) -> Path:
+    """The most confident true/false positives/negatives at ``threshold``: what the model gets right and wrong."""
+    pred = probs >= threshold
+    kinds = {
+        "true positive": (labels == 1) & pred,
+        "false negative": (labels == 1) & ~pred,
+        "false positive": (labels == 0) & pred,
+        "true negative": (labels == 0) & ~pred,
+    }
+    fig, axes = plt.subplots(4, per_kind, figsize=(1.8 * per_kind, 8.2), squeeze=False)
+    for row, (kind, mask) in enumerate(kinds.items()):
+        idx = np.flatnonzero(mask)
+        # most confident first: high probability for predicted positives, low for predicted negatives
+        order = idx[np.argsort(-probs[idx])] if "positive" in kind else idx[np.argsort(probs[idx])]
+        for col in range(per_kind):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(order):
+                k = order[col]
+                ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"p={probs[k]:.2f}", fontsize=8)
+        axes[row, 0].text(-0.1, 0.5, f"{kind}\n({mask.sum()})", transform=axes[row, 0].transAxes, ha="right",
+                          va="center", fontsize=9)  # fmt: skip
+    fig.suptitle(f"most confident cases at threshold {threshold:.2f}", fontsize=10)
+    fig.subplots_adjust(left=0.12)
+    return _save(fig, path)

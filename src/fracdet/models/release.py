@@ -1,0 +1,192 @@
+"""Trained models ready to use: the released ones shipped in ``models/``, run folders, checkpoints.
+
+A trained model is a folder with ``model.safetensors`` (weights) and ``model.json`` (architecture,
+input size, normalisation, the temperature and operating thresholds fitted on validation), and usually
+``splits.csv`` (the manifest it was trained on). ``fracdet train`` writes one into every run folder; a
+release is such a folder copied to ``models/NAME/``::
+
+    from fracdet.models import load
+    model = load("fracatlas-default")          # on the CPU
+    model.predict_proba(images)                # (N, H, W) uint8 at model.preprocess.input_size
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fracdet.models._registry import PreprocessCfg, create_model
+from fracdet.models.predict import predict_margins
+
+__all__ = ["TrainedModel", "list_releases", "load", "package_release", "releases_dir"]
+
+#: Files of a run folder that travel with a release (weights, calibration, and how it was made).
+RELEASE_FILES = (
+    "model.safetensors",
+    "model.json",
+    "splits.csv",
+    "config.yaml",
+    "metrics.csv",
+    "curves.png",
+    "run.json",
+)
+
+
+def releases_dir() -> Path:
+    """``$FRACDET_MODELS``, else the repository's ``models/`` folder."""
+    if env := os.environ.get("FRACDET_MODELS"):
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "models"
+
+
+def list_releases() -> list[str]:
+    """Names of the released models (folders of :func:`releases_dir` holding a ``model.json``)."""
+    root = releases_dir()
+    return sorted(p.parent.name for p in root.glob("*/model.json")) if root.is_dir() else []
+
+
+@dataclass
+class TrainedModel:
+    """A network with everything needed to turn pixels into a calibrated verdict.
+
+    Attributes:
+        module: the network, in eval mode.
+        name: release name or folder name.
+        arch: registry name of the architecture.
+        preprocess: input size and normalisation.
+        temperature: divides the logit margin before the sigmoid (fitted on validation).
+        threshold: probability at or above which the verdict is "fracture" (chosen on validation).
+        operating_point: which rule chose ``threshold`` (``sens90``: sensitivity 0.90 on validation).
+        thresholds: every named operating point.
+        meta: the whole ``model.json``.
+        folder: where it was loaded from.
+    """
+
+    module: nn.Module
+    name: str
+    arch: str
+    preprocess: PreprocessCfg
+    temperature: float = 1.0
+    threshold: float = 0.5
+    operating_point: str = "0.5"
+    thresholds: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "unversioned"))
+
+    @property
+    def splits_path(self) -> Path | None:
+        """The split manifest the model was trained on, when it travels with the model."""
+        path = self.folder / "splits.csv" if self.folder else None
+        return path if path and path.is_file() else None
+
+    def margins(self, images: np.ndarray, *, tta: bool = False, **kwargs: Any) -> np.ndarray:
+        return predict_margins(self.module, images, self.preprocess, tta=tta, **kwargs)
+
+    def predict_proba(self, images: np.ndarray, *, tta: bool = False, **kwargs: Any) -> np.ndarray:
+        """Calibrated fracture probabilities of ``(N, H, W)`` uint8 images at the model's input size."""
+        from scipy.special import expit
+
+        return expit(self.margins(images, tta=tta, **kwargs).astype(np.float64) / self.temperature)
+
+
+def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> TrainedModel:
+    """Load a released model by name, or a trained model folder or checkpoint by path.
+
+    Args:
+        name_or_path: a release name (:func:`list_releases`), a folder holding ``model.json`` (a run
+            folder or a release), or a checkpoint ``.pt`` inside a run folder's ``checkpoints/``.
+        device: where the weights go.
+    """
+    path = Path(name_or_path)
+    state: dict[str, torch.Tensor] | None = None
+    if path.suffix == ".pt" and path.is_file():
+        # A checkpoint of `fracdet train` (our own file, hence weights_only=False).
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        folder = path.parent.parent
+    elif path.is_dir():
+        folder = path
+    elif (releases_dir() / str(name_or_path)).is_dir():
+        folder = releases_dir() / str(name_or_path)
+    else:
+        known = ", ".join(list_releases()) or "none found"
+        raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a folder, checkpoint or release ({known})")
+    meta = _read_meta(folder)
+    preprocess = PreprocessCfg(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+    module = create_model(meta["model"], input_size=preprocess.input_size, dropout=meta.get("dropout"))
+    if state is None:
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: training may not have finished (try its checkpoints/)")
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    from_checkpoint = path.suffix == ".pt"
+    module.load_state_dict(state)
+    module.to(device).eval()
+    if from_checkpoint:  # model.json calibrates the best weights, not necessarily these: nothing fitted yet
+        meta = {k: v for k, v in meta.items() if k not in ("temperature", "thresholds", "threshold", "operating_point")}
+    thresholds = {k: float(v) for k, v in meta.get("thresholds", {}).items()}
+    return TrainedModel(
+        module=module,
+        name=str(meta.get("name", folder.name)),
+        arch=meta["model"],
+        preprocess=preprocess,
+        temperature=float(meta.get("temperature", 1.0)),
+        threshold=float(meta.get("threshold", 0.5)),
+        operating_point=str(meta.get("operating_point", "0.5")),
+        thresholds=thresholds,
+        meta=meta,
+        folder=folder,
+    )
+
+
+def package_release(run_dir: str | Path, name: str, *, version: str, dest: str | Path | None = None) -> Path:
+    """Copy a finished run's model into ``dest/name`` (default: :func:`releases_dir`) under a name and version.
+
+    The release keeps the split manifest, config and training history beside the weights, so the
+    released model can be re-evaluated on its own held-out test images and traced to its run.
+    """
+    import shutil
+
+    run = Path(run_dir)
+    if not (run / "model.json").is_file():
+        raise FileNotFoundError(f"{run} has no model.json: train to the end (or resume) before releasing")
+    target = Path(dest or releases_dir()) / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in RELEASE_FILES:
+        if (run / file).is_file():
+            shutil.copy2(run / file, target / file)
+    meta = json.loads((run / "model.json").read_text())
+    meta.update(name=name, version=version, run=run.name)
+    (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return target
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    meta_path = folder / "model.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    config_path = folder / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} holds neither model.json nor config.yaml: not a fracdet model folder")
+    # A run stopped before its end: describe the model from its config (no calibration yet).
+    import yaml
+
+    from fracdet.models._registry import get_spec
+
+    config = yaml.safe_load(config_path.read_text())
+    spec = get_spec(config["model"]).preprocess
+    size = config.get("image_size") or spec.input_size
+    return {"model": config["model"], "input_size": size, "mean": spec.mean, "std": spec.std,
+            "dropout": config.get("dropout"), "selected_on": config.get("select_on", "val")}  # fmt: skip

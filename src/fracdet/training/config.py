@@ -1,0 +1,250 @@
+"""Typed training configuration, loadable from YAML.
+
+A config names every choice that changes a result, so a run folder's ``config.yaml`` is enough to
+repeat the run. Unknown keys are errors (a typo must not silently fall back to a default), and values
+are checked when the config is built, before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+__all__ = [
+    "AugmentConfig",
+    "ConfigError",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed; the message names the key."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimiser and its hyper-parameters (the paper: Adam, learning rate 0.001)."""
+
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+
+    def check(self) -> None:
+        _one_of("optimizer.name", self.name, ("adam", "adamw", "sgd"))
+        _positive("optimizer.lr", self.lr)
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per epoch (one-cycle: once per batch)."""
+
+    name: str = "none"  # none | step | cosine | onecycle | plateau
+    warmup_epochs: int = 0  # linear warm-up before cosine / step
+    step_size: int = 10  # step: epochs between decays
+    gamma: float = 0.1  # step and plateau: decay factor
+    patience: int = 3  # plateau: epochs without improvement of the monitored metric
+    min_lr: float = 0.0
+
+    def check(self) -> None:
+        _one_of("schedule.name", self.name, ("none", "step", "cosine", "onecycle", "plateau"))
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (the paper: flip, rotate, scale). Zero switches a transform off."""
+
+    hflip: float = 0.0  # probability of a horizontal flip
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    scale: float = 0.0  # relative, uniform in [1 - scale, 1 + scale]
+    translate: float = 0.0  # fraction of the side
+    contrast: float = 0.0  # relative jitter of contrast and brightness
+
+    def enabled(self) -> bool:
+        return any(v > 0 for v in asdict(self).values())
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on besides the data.
+
+    Attributes:
+        model: registry name (``fracdet.models.list_models()``).
+        pretrained: start from ImageNet weights.
+        image_size: input side in pixels; ``None`` uses the model's registered size.
+        dropout: dropout before the classifier; ``None`` keeps the architecture's default.
+        epochs: upper bound; early stopping may end sooner.
+        batch_size: images per optimiser step.
+        monitor: validation metric that picks the best checkpoint and drives early stopping and the
+            plateau schedule: ``auc`` (default), ``accuracy`` or ``loss``.
+        early_stopping: stop after this many epochs without improvement (0: never).
+        balance: class imbalance: ``none``, ``class_weights`` (weighted loss), ``sampler`` (weighted
+            sampling) or ``undersample`` (a fresh balanced subset of the majority class each epoch).
+        drop_label_conflicts: leave out training files whose group (copies of one radiograph, see
+            ``fracdet split``) carries both labels: one picture cannot teach both answers.
+        amp: mixed precision (bfloat16) on a GPU; ignored on the CPU.
+        seed: seeds weights, sampling and augmentation; resumed runs continue the same streams.
+        deterministic: ask PyTorch for deterministic kernels (slower on a GPU).
+        select_on: split whose metric picks the best checkpoint. ``val`` always, except to reproduce the
+            paper's selection on the test split (``test``), which every report marks as not honest.
+        workers: data-loading processes (0: in the training process).
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
+    """
+
+    model: str = "paper_cnn"
+    pretrained: bool = False
+    image_size: int | None = None
+    dropout: float | None = None
+    epochs: int = 49
+    batch_size: int = 32
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    monitor: str = "auc"
+    early_stopping: int = 0
+    balance: str = "none"
+    drop_label_conflicts: bool = True
+    amp: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    select_on: str = "val"
+    workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        from fracdet.models import get_spec
+
+        try:
+            get_spec(self.model)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        if self.pretrained and self.model == "paper_cnn":
+            raise ConfigError("paper_cnn is trained from scratch: set pretrained: false")
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        if self.image_size is not None:
+            _positive("image_size", self.image_size)
+        _one_of("monitor", self.monitor, ("auc", "accuracy", "loss"))
+        _one_of("balance", self.balance, ("none", "class_weights", "sampler", "undersample"))
+        _one_of("select_on", self.select_on, ("val", "test"))
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        self.optimizer.check()
+        self.schedule.check()
+
+    @property
+    def input_size(self) -> int:
+        from fracdet.models import get_spec
+
+        return self.image_size or get_spec(self.model).preprocess.input_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, "")
+
+    def with_overrides(self, overrides: list[str]) -> TrainConfig:
+        """Apply ``key=value`` strings (dotted keys, YAML values), e.g. ``optimizer.lr=3e-4``."""
+        data = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not key=value")
+            node = data
+            *parents, leaf = key.strip().split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key {key!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"unknown config key {key!r}")
+            node[leaf] = yaml.safe_load(raw)
+        return TrainConfig.from_dict(data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (missing keys take their defaults) and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    try:
+        config = TrainConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config.with_overrides(overrides or [])
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; known: {', '.join(sorted(known))}")
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(kind, value, prefix + name)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    """Check a scalar against its annotation; ints and numeric strings are accepted where floats are expected."""
+    allowed = getattr(kind, "__args__", (kind,))
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    for t in allowed:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{key} must be {names}, not {value!r}")
+
+
+def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}, not {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be positive, not {value!r}")

@@ -1,0 +1,391 @@
+"""The training loop: one run folder per run, validation every epoch, atomic checkpoints, exact resume.
+
+A run folder holds everything needed to trace a result::
+
+    config.yaml        the TrainConfig (what `--resume` and `fracdet evaluate` read back)
+    splits.csv         the manifest the run trained on (path, label, group, split, ...)
+    run.json           data root, device, fracdet/torch versions, files left out as unreadable
+    metrics.csv        one row per epoch: train loss/accuracy, validation loss/accuracy/AUC, lr, seconds
+    curves.png         the same as pictures
+    checkpoints/last.pt   full state after the last finished epoch (model, optimiser, schedule, history)
+    checkpoints/best.pt   weights of the best epoch by the monitored validation metric
+    model.safetensors + model.json   the best weights, with preprocessing, the temperature and the
+                       operating thresholds fitted on validation: what evaluation and serving load
+
+Randomness is re-seeded from ``(seed, epoch)`` at the start of every epoch, so a run interrupted at any
+point and resumed with ``--resume`` reaches the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from fracdet.data.pixels import PixelSet, load_pixels
+from fracdet.models import create_model, get_spec
+from fracdet.models._registry import PreprocessCfg
+from fracdet.models.predict import normalise, predict_margins, select_device
+from fracdet.training.augment import AugmentedImages, build_augmentation, epoch_indices
+from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
+from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
+from fracdet.training.config import TrainConfig
+from fracdet.utils.cache import FeatureCache
+from fracdet.utils.progress import progress_bar
+
+__all__ = ["RunExistsError", "TrainResult", "train"]
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, dict], None]
+
+
+class RunExistsError(RuntimeError):
+    """The run folder already holds a run; resume it or choose another folder."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` leaves behind (everything is also in ``out_dir``)."""
+
+    out_dir: Path
+    history: pd.DataFrame
+    best_epoch: int
+    stopped_early: bool
+
+
+def _preprocess(config: TrainConfig) -> PreprocessCfg:
+    spec = get_spec(config.model).preprocess
+    return PreprocessCfg(config.input_size, spec.mean, spec.std)
+
+
+def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = config.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    s, epochs = config.schedule, config.epochs
+    if s.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.optimizer.lr, epochs=epochs, steps_per_epoch=steps_per_epoch
+        )
+    if s.name == "plateau":
+        mode = "min" if config.monitor == "loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=s.gamma, patience=s.patience, min_lr=s.min_lr
+        )
+    floor = s.min_lr / config.optimizer.lr
+
+    def factor(epoch: int) -> float:
+        if epoch < s.warmup_epochs:
+            return (epoch + 1) / (s.warmup_epochs + 1)
+        if s.name == "cosine":
+            progress = (epoch - s.warmup_epochs) / max(1, epochs - s.warmup_epochs)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if s.name == "step":
+            return s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _score(margins: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    loss = float(np.mean(np.logaddexp(0.0, margins) - labels * margins))  # cross-entropy of the softmax
+    accuracy = float(np.mean((margins >= 0) == (labels == 1)))
+    auc = float(roc_auc_score(labels, margins)) if len(np.unique(labels)) == 2 else float("nan")
+    return {"loss": loss, "accuracy": accuracy, "auc": auc}
+
+
+def _improved(value: float, best: float | None, monitor: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value < best if monitor == "loss" else value > best
+
+
+def _prepare_run_folder(config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, resume: bool) -> None:
+    last = out_dir / "checkpoints" / "last.pt"
+    if resume:
+        return
+    if last.exists() or (out_dir / "model.json").exists():
+        raise RunExistsError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    config.save(out_dir / "config.yaml")
+    keep = [c for c in ("path", "label", "group", "split", "region", "view") if c in manifest.columns]
+    manifest[keep].to_csv(out_dir / "splits.csv", index=False)
+
+
+def plot_curves(history: pd.DataFrame, path: Path, *, selected_on: str = "val") -> Path:
+    """Loss, accuracy and AUC per epoch (train and validation), the best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs = history["epoch"]
+    for ax, metric in zip(axes, ("loss", "accuracy", "auc"), strict=True):
+        for split in ("train", "val", "test"):
+            column = f"{split}_{metric}"
+            if column in history and history[column].notna().any():
+                ax.plot(epochs, history[column], marker="o", ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if history["best"].any():
+            ax.axvline(history.loc[history["best"], "epoch"].iloc[-1], color="grey", ls="--", lw=1)
+        ax.legend()
+    if selected_on == "test":
+        fig.suptitle("checkpoint selected on TEST (paper reproduction only; not an honest estimate)", color="red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def train(
+    config: TrainConfig | None,
+    manifest: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    cache: FeatureCache | None = None,
+    on_epoch_end: EpochHook | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on the ``train`` rows of ``manifest``, selecting on ``val``.
+
+    Args:
+        config: the run's config; with ``resume=True`` it may be ``None`` (read from the run folder),
+            and when given it must equal the saved one.
+        manifest: a sample table with a ``split`` column (``train``, ``val``, optionally ``test``) and
+            ``attrs["root"]``; rows of other splits are ignored.
+        out_dir: the run folder (see the module docstring).
+        resume: continue from ``checkpoints/last.pt``.
+        cache: pixel cache (default: the feature cache).
+        on_epoch_end: ``hook(epoch, row)`` after each epoch's checkpoint is written (tests use it to
+            interrupt a run).
+    """
+    out_dir = Path(out_dir)
+    if resume:
+        saved = TrainConfig.from_dict(_read_yaml(out_dir / "config.yaml"))
+        if config is not None and config.to_dict() != saved.to_dict():
+            raise ValueError(f"--resume: the config differs from the one saved in {out_dir / 'config.yaml'}")
+        config = saved
+    assert config is not None
+    _prepare_run_folder(config, manifest, out_dir, resume)
+    if "split" not in manifest or not {"train", "val"} <= set(manifest["split"].dropna()):
+        raise ValueError("the manifest needs rows in the 'train' and 'val' splits (make one with `fracdet split`)")
+
+    torch.manual_seed(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = select_device(config.device)
+    preprocess = _preprocess(config)
+    wanted = ("train", "val", "test") if config.select_on == "test" else ("train", "val")
+    rows = manifest[manifest["split"].isin(wanted)]
+    conflicts = _label_conflicts(rows) if config.drop_label_conflicts else rows.iloc[:0]
+    rows = rows.drop(index=conflicts.index).reset_index(drop=True)
+    rows.attrs.update(manifest.attrs)
+    pixels = load_pixels(rows, preprocess.input_size, cache=cache, desc=f"decoding at {preprocess.input_size} px")
+    parts = {s: _subset(pixels, s) for s in wanted}
+    for split, (images, _) in parts.items():
+        if len(images) == 0:
+            raise ValueError(f"no readable images in the {split!r} split")
+    write_json(
+        out_dir / "run.json",
+        {
+            "data_root": manifest.attrs.get("root"),
+            "device": str(device),
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "input_size": preprocess.input_size,
+            "images": {s: len(parts[s][0]) for s in wanted},
+            "skipped": pixels.skipped.to_dict(orient="records"),
+            "dropped_label_conflicts": conflicts["path"].tolist(),
+        },
+    )
+
+    model = create_model(
+        config.model, pretrained=config.pretrained, input_size=preprocess.input_size, dropout=config.dropout
+    )
+    model = model.to(device).to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(config, model)
+    train_images, train_labels = parts["train"]
+    steps = math.ceil(len(epoch_indices(train_labels, config.balance, config.seed, 0)) / config.batch_size)
+    schedule = _make_schedule(config, optimizer, steps)
+    loss_weight = None
+    if config.balance == "class_weights":
+        counts = np.bincount(train_labels, minlength=2).astype(np.float32)
+        loss_weight = torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), device=device)
+    dataset = AugmentedImages(train_images, train_labels, build_augmentation(config.augment))
+
+    start_epoch, history, best, bad_epochs = 0, [], None, 0
+    last_path = out_dir / "checkpoints" / "last.pt"
+    if resume:
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, history, best, bad_epochs = state["epoch"] + 1, state["history"], state["best"], state["bad"]
+        log.info("resuming %s after epoch %d", out_dir, state["epoch"])
+
+    use_amp = config.amp and device.type == "cuda"
+    stopped_early = False
+    for epoch in range(start_epoch, config.epochs):
+        if config.early_stopping and bad_epochs >= config.early_stopping:
+            stopped_early = True
+            break
+        started = time.perf_counter()
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout and augmentation of this epoch
+        order = epoch_indices(train_labels, config.balance, config.seed, epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=[order[i : i + config.batch_size].tolist() for i in range(0, len(order), config.batch_size)],
+            num_workers=config.workers,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        )
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=len(order)) as bar:
+            for x, y in loader:
+                x, y = normalise(x.to(device, non_blocking=True), preprocess), y.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(x)
+                loss = nn.functional.cross_entropy(logits.float(), y, weight=loss_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if config.schedule.name == "onecycle":
+                    schedule.step()
+                total_loss += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.update(len(y))
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / seen,
+            "train_accuracy": correct / seen,
+        }
+        for split in wanted[1:]:
+            images, labels = parts[split]
+            margins = predict_margins(model, images, preprocess, batch_size=2 * config.batch_size, device=device)
+            row.update({f"{split}_{k}": v for k, v in _score(margins, labels).items()})
+        value = row[f"{config.select_on}_{config.monitor}"]
+        improved = _improved(value, best, config.monitor)
+        row["best"] = improved
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        history.append(row)
+        if improved:
+            best, bad_epochs = value, 0
+            save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": model.state_dict(), **row})
+        else:
+            bad_epochs += 1
+        if config.schedule.name == "plateau":
+            schedule.step(value)
+        elif config.schedule.name != "onecycle":
+            schedule.step()
+        save_checkpoint(
+            last_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "bad": bad_epochs,
+            },
+        )
+        frame = pd.DataFrame(history)
+        frame.to_csv(out_dir / "metrics.csv", index=False)
+        plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f acc %.3f auc %.3f%s",
+            epoch + 1, row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_auc"],
+            " (best)" if improved else "",
+        )  # fmt: skip
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+
+    history_frame = pd.DataFrame(history)
+    best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
+    model.load_state_dict(best_state["model"])
+    _export(model.cpu(), config, preprocess, parts["val"], out_dir, best_state)
+    return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
+
+
+def _label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Training rows whose group holds both labels."""
+    train = rows[rows["split"] == "train"]
+    mixed = train.groupby("group")["label"].transform("nunique") > 1
+    if mixed.any():
+        log.warning("leaving out %d training files in %d groups that carry both labels", mixed.sum(),
+                    train.loc[mixed, "group"].nunique())  # fmt: skip
+    return train[mixed]
+
+
+def _subset(pixels: PixelSet, split: str) -> tuple[np.ndarray, np.ndarray]:
+    mask = (pixels.table["split"] == split).to_numpy()
+    return pixels.images[mask], pixels.table.loc[mask, "label"].to_numpy(np.int64)
+
+
+def _export(
+    model: nn.Module,
+    config: TrainConfig,
+    preprocess: PreprocessCfg,
+    val: tuple[np.ndarray, np.ndarray],
+    out_dir: Path,
+    best_state: dict,
+) -> None:
+    """Write the best weights with what was fitted on validation: temperature and operating thresholds."""
+    from safetensors.torch import save_file
+
+    images, labels = val
+    margins = predict_margins(model, images, preprocess, batch_size=2 * config.batch_size)
+    temperature = fit_temperature(margins, labels)
+    thresholds = choose_thresholds(labels, probabilities(margins, temperature))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    write_json(
+        out_dir / "model.json",
+        {
+            "model": config.model,
+            "input_size": preprocess.input_size,
+            "mean": list(preprocess.mean),
+            "std": list(preprocess.std),
+            "dropout": config.dropout,
+            "epoch": int(best_state["epoch"]),
+            "selected_on": config.select_on,
+            "monitor": config.monitor,
+            "temperature": temperature,
+            "thresholds": thresholds,
+            "operating_point": "sens90",
+            "threshold": thresholds["sens90"],
+        },
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is this a run folder made by `fracdet train`?")
+    return yaml.safe_load(path.read_text()) or {}

@@ -1,0 +1,132 @@
+"""Evaluation: metric definitions, intervals, operating points, calibration, and the report of a run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fracdet.evaluation import binary_metrics, bootstrap_intervals, evaluate, expected_calibration_error, write_report
+from fracdet.models import load
+from fracdet.training import choose_thresholds, fit_temperature, probabilities, train
+from fracdet.utils.cache import FeatureCache
+from tests.test_training import sample_manifest, tiny_config
+
+
+def test_metrics_follow_their_definitions():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.8, 0.6, 0.2, 0.7, 0.3, 0.2, 0.1, 0.1, 0.05])
+    m = binary_metrics(labels, probs, 0.5)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 5)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(5 / 6)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["accuracy"] == pytest.approx(8 / 10)
+    assert m["f1"] == pytest.approx(0.75)
+    # AUC: of 24 positive-negative pairs, 3 are ordered wrongly (0.6<0.7, 0.2<0.7, 0.2<0.3), one is tied
+    assert m["auc"] == pytest.approx((24 - 3 - 0.5) / 24)
+    assert np.isnan(binary_metrics(np.zeros(3), np.ones(3) * 0.2, 0.5)["sensitivity"])
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_widen_for_copies():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(labels * 0.3 + rng.random(200) * 0.7, 0, 1)
+    point = binary_metrics(labels, probs, 0.5)
+    ci = bootstrap_intervals(labels, probs, 0.5, n_boot=300)
+    for name in ("accuracy", "sensitivity", "auc"):
+        assert ci[name][0] <= point[name] <= ci[name][1]
+    # the same 200 images, each present 5 times: 5x the images, but no more information
+    copies = np.repeat(np.arange(200), 5)
+    naive = bootstrap_intervals(labels[copies], probs[copies], 0.5, n_boot=300)
+    grouped = bootstrap_intervals(labels[copies], probs[copies], 0.5, groups=copies, n_boot=300)
+    width = lambda c: c["auc"][1] - c["auc"][0]  # noqa: E731
+    assert width(grouped) > 1.7 * width(naive)
+    assert width(grouped) == pytest.approx(width(ci), rel=0.3)
+
+
+def test_thresholds_are_chosen_for_their_targets():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 500)
+    scores = np.clip(labels * 0.25 + rng.random(500) * 0.75, 0, 1)
+    t = choose_thresholds(labels, scores)
+    for name, target in (("sens90", 0.90), ("sens95", 0.95)):
+        sens = binary_metrics(labels, scores, t[name])["sensitivity"]
+        assert sens >= target
+        # the highest such threshold: a hair higher loses the target
+        assert binary_metrics(labels, scores, t[name] + 1e-9)["sensitivity"] < target
+    assert t["sens95"] <= t["sens90"]
+
+
+def test_temperature_scaling_recovers_an_overconfident_model():
+    rng = np.random.default_rng(2)
+    true_margin = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < probabilities(true_margin)).astype(int)
+    overconfident = 3.0 * true_margin
+    temperature = fit_temperature(overconfident, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    before = expected_calibration_error(labels, probabilities(overconfident))
+    after = expected_calibration_error(labels, probabilities(overconfident, temperature))
+    assert after < before / 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run(sample_root_module, tmp_path_factory, cache_dir):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config(epochs=2), sample_manifest(sample_root_module), run, cache=FeatureCache(cache_dir))
+    return run
+
+
+@pytest.fixture(scope="module")
+def sample_root_module():
+    from tests.conftest import SAMPLE
+
+    return SAMPLE
+
+
+def test_evaluate_writes_metrics_pictures_and_report(tiny_run, sample_root_module, cache_dir, tmp_path):
+    model = load(tiny_run)
+    manifest = sample_manifest(sample_root_module)
+    manifest["split"] = np.where(np.arange(len(manifest)) % 3 == 1, "test", manifest["split"])
+    result = evaluate(model, manifest, split="test", n_boot=50, cache=FeatureCache(cache_dir))
+    assert set(result.points) == {"0.5", "youden", "sens90", "sens95"}
+    assert result.thresholds_from.startswith("val")
+    report = write_report(result, tmp_path / "eval")
+    for name in ("metrics.json", "predictions.csv", "roc.png", "pr.png", "confusion.png", "calibration.png",
+                 "gallery.png"):  # fmt: skip
+        assert (tmp_path / "eval" / name).is_file(), name
+    data = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert data["checkpoint_selected_on"] == "val" and data["warning"] is None
+    assert data["images"] == len(result.predictions) > 0
+    assert {"auc", "sensitivity"} <= set(data["operating_points"]["sens90"]["ci95"])
+    assert set(result.subgroups["by"]) == {"region", "view"}
+    html = report.read_text()
+    assert "data:image/png;base64" in html and 'class="warn"' not in html
+
+
+def test_a_test_selected_model_is_flagged_in_every_output(tiny_run, sample_root_module, cache_dir, tmp_path):
+    meta_path = tiny_run / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["selected_on"] = "test"
+    flagged = tmp_path / "flagged"
+    flagged.mkdir()
+    (flagged / "model.json").write_text(json.dumps(meta))
+    (flagged / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes())
+    manifest = sample_manifest(sample_root_module)
+    result = evaluate(load(flagged), manifest, split="val", n_boot=20, cache=FeatureCache(cache_dir))
+    write_report(result, tmp_path / "eval")
+    assert "TEST split" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["warning"]
+    assert "TEST split" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_load_reads_run_folders_and_checkpoints_and_names_unknown_models(tiny_run):
+    from_folder = load(tiny_run)
+    from_checkpoint = load(tiny_run / "checkpoints" / "last.pt")
+    assert from_folder.arch == from_checkpoint.arch == "paper_cnn"
+    assert from_folder.thresholds and not from_checkpoint.thresholds  # a checkpoint is not calibrated yet
+    images = np.zeros((3, 32, 32), np.uint8)
+    p = from_folder.predict_proba(images)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    with pytest.raises(FileNotFoundError, match="no model"):
+        load("no-such-model")

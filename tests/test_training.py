@@ -1,0 +1,264 @@
+"""Training: typed configs, the run folder, checkpoints, and exact resume after an interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fracdet.data import load_dataset
+from fracdet.training import ConfigError, RunExistsError, TrainConfig, load_config, train
+from fracdet.training.augment import epoch_indices
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["image_size=32", "batch_size=8", "optimizer.lr=0.01"]
+
+
+def sample_manifest(sample_root: Path) -> pd.DataFrame:
+    """The bundled sample with every third file in validation and the rest in training."""
+    table = load_dataset(sample_root)
+    split = np.where(np.arange(len(table)) % 3 == 0, "val", "train")
+    out = table.assign(split=split)
+    out.attrs.update(table.attrs)
+    return out
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    config = load_config(REPO / "configs" / "paper.yaml", [*TINY, "epochs=3"])
+    return config.with_overrides([f"{k}={v}" for k, v in overrides.items()])
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["paper", "default", "default-gpu"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert config.input_size > 0
+
+
+def test_paper_config_states_the_papers_settings():
+    config = load_config(REPO / "configs" / "paper.yaml")
+    assert (config.model, config.input_size, config.optimizer.name) == ("paper_cnn", 150, "adam")
+    assert (config.optimizer.lr, config.batch_size, config.epochs) == (0.001, 32, 49)
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: paper_cnn\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(bad)
+    bad.write_text("optimizer: {name: rmsprop}\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.name"):
+        load_config(bad)
+    bad.write_text("epochs: ten\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown model"):
+        TrainConfig(model="no_such_net")
+    with pytest.raises(ConfigError, match="key=value"):
+        TrainConfig().with_overrides(["epochs"])
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer: {lr: 1e-4}\n")  # YAML 1.1 reads this as a string
+    assert load_config(path).optimizer.lr == 0.0001
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = tiny_config(**{"schedule.name": "cosine", "augment.hflip": 0.5})
+    again = load_config(config.save(tmp_path / "c.yaml"))
+    assert again == config
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def test_epoch_sampling_balances_classes_and_is_reproducible():
+    labels = np.array([0] * 90 + [1] * 10)
+    under = epoch_indices(labels, "undersample", seed=0, epoch=3)
+    assert np.bincount(labels[under]).tolist() == [10, 10]
+    drawn = epoch_indices(labels, "sampler", seed=0, epoch=3)
+    assert 0.35 < labels[drawn].mean() < 0.65
+    assert np.array_equal(drawn, epoch_indices(labels, "sampler", seed=0, epoch=3))
+    assert not np.array_equal(drawn, epoch_indices(labels, "sampler", seed=0, epoch=4))
+    assert sorted(epoch_indices(labels, "none", seed=0, epoch=0)) == list(range(100))
+
+
+# --- the run folder -----------------------------------------------------------------------------
+
+
+def test_training_writes_a_traceable_run_folder(sample_root, cache_dir, tmp_path):
+    from fracdet.utils.cache import FeatureCache
+
+    manifest = sample_manifest(sample_root)
+    result = train(tiny_config(), manifest, tmp_path / "run", cache=FeatureCache(cache_dir))
+    run = result.out_dir
+    for name in ("config.yaml", "splits.csv", "run.json", "metrics.csv", "curves.png", "model.safetensors",
+                 "model.json", "checkpoints/last.pt", "checkpoints/best.pt"):  # fmt: skip
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_auc", "lr", "seconds"} <= set(metrics.columns)
+    assert result.best_epoch == int(metrics.loc[metrics["best"], "epoch"].iloc[-1])
+    # the truncated sample file is left out and listed, not fatal
+    import json
+
+    info = json.loads((run / "run.json").read_text())
+    assert any("IMG0004028" in s["path"] for s in info["skipped"])
+    model = json.loads((run / "model.json").read_text())
+    assert set(model["thresholds"]) == {"0.5", "youden", "sens90", "sens95"}
+    assert model["temperature"] > 0
+    with pytest.raises(RunExistsError):
+        train(tiny_config(), manifest, run, cache=FeatureCache(cache_dir))
+
+
+def test_training_needs_train_and_val_rows(sample_root, tmp_path):
+    manifest = sample_manifest(sample_root).assign(split="train")
+    with pytest.raises(ValueError, match="'train' and 'val'"):
+        train(tiny_config(), manifest, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "balance"), [("step", "class_weights"), ("onecycle", "sampler"), ("plateau", "undersample")]
+)
+def test_schedules_and_balancing_train(sample_root, cache_dir, tmp_path, schedule, balance):
+    from fracdet.utils.cache import FeatureCache
+
+    config = tiny_config(**{"schedule.name": schedule, "balance": balance, "epochs": 2, "augment.rotation": 10,
+                            "augment.hflip": 0.5, "augment.contrast": 0.2, "optimizer.name": "sgd"})  # fmt: skip
+    result = train(config, sample_manifest(sample_root), tmp_path / "run", cache=FeatureCache(cache_dir))
+    assert len(result.history) == 2
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
+def test_early_stopping_ends_the_run(sample_root, cache_dir, tmp_path):
+    from fracdet.utils.cache import FeatureCache
+
+    config = tiny_config(epochs=30, early_stopping=2, **{"optimizer.lr": 1e-9})  # nothing can improve
+    result = train(config, sample_manifest(sample_root), tmp_path / "run", cache=FeatureCache(cache_dir))
+    assert result.stopped_early
+    assert len(result.history) < 30
+
+
+# --- interruption and resume --------------------------------------------------------------------
+
+
+class SimulatedCrashError(Exception):
+    pass
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_dir, tmp_path):
+    from fracdet.utils.cache import FeatureCache
+
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    config = tiny_config(epochs=4, **{"augment.hflip": 0.5, "augment.rotation": 10, "balance": "sampler"})
+    train(config, manifest, tmp_path / "straight", cache=cache)
+
+    def stop_after_second(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            raise SimulatedCrashError
+
+    with pytest.raises(SimulatedCrashError):
+        train(config, manifest, tmp_path / "broken", cache=cache, on_epoch_end=stop_after_second)
+    assert not (tmp_path / "broken" / "model.json").exists()
+    result = train(None, manifest, tmp_path / "broken", resume=True, cache=cache)
+    assert list(result.history["epoch"]) == [1, 2, 3, 4]
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(ValueError, match="config differs"):
+        train(config.with_overrides(["epochs=5"]), manifest, tmp_path / "broken", resume=True, cache=cache)
+
+
+KILLABLE = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_training import sample_manifest, tiny_config
+from fracdet.training import train
+from fracdet.utils.cache import FeatureCache
+
+def slow_down(epoch, row):
+    if epoch == 1:
+        Path({marker!r}).write_text("epoch 2 written")
+        time.sleep(60)  # killed here, midway through the run
+
+train(tiny_config(epochs=4), sample_manifest(Path({sample!r})), Path({run!r}), cache=FeatureCache({cache!r}),
+      on_epoch_end=slow_down)
+"""
+
+
+def test_a_killed_training_process_resumes_from_its_last_checkpoint(sample_root, cache_dir, tmp_path):
+    from fracdet.utils.cache import FeatureCache
+
+    marker, run = tmp_path / "marker", tmp_path / "killed"
+    script = KILLABLE.format(tests=str(REPO / "tests"), marker=str(marker), sample=str(sample_root), run=str(run),
+                             cache=str(cache_dir))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "FRACDET_PROGRESS": "0"})
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the training process did not reach its second epoch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((run / "checkpoints").glob("*.tmp")), "a checkpoint was left half-written"
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    result = train(None, manifest, run, resume=True, cache=cache)
+    assert list(result.history["epoch"]) == [1, 2, 3, 4]
+    train(tiny_config(epochs=4), manifest, tmp_path / "straight", cache=cache)
+    straight, resumed = _weights(tmp_path / "straight"), _weights(run)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# --- the hyper-parameter study -------------------------------------------------------------------
+
+
+def test_sweep_trains_each_combination_once_and_tabulates_validation_metrics(sample_root, cache_dir, tmp_path):
+    from fracdet.training.sweep import run_sweep
+
+    manifest = sample_manifest(sample_root)
+    grid = {"lrs": [0.01, 0.001], "batch_sizes": [8], "epochs": [1, 2]}
+    table = run_sweep(tiny_config(), manifest, tmp_path / "sweep", **grid)
+    assert len(table) == 4
+    assert {"lr", "batch_size", "epochs", "best_epoch", "val_auc", "val_accuracy"} <= set(table.columns)
+    assert not any("test" in c for c in table.columns)
+    assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4 + 2
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "sweep").glob("*/model.safetensors")}
+    again = run_sweep(tiny_config(), manifest, tmp_path / "sweep", **grid)  # finished runs are read back
+    assert again.drop(columns="seconds").equals(table.drop(columns="seconds"))
+    assert all(p.stat().st_mtime == t for p, t in mtimes.items())
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_train_and_evaluate_from_the_command_line(sample_root, cache_dir, tmp_path, monkeypatch, capsys):
+    from fracdet.cli import main
+
+    monkeypatch.setenv("FRACDET_CACHE", str(cache_dir))
+    manifest = sample_manifest(sample_root)
+    manifest[["path", "label", "group", "split"]].to_csv(tmp_path / "splits.csv", index=False)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs" / "paper.yaml"), "--data", str(sample_root)]
+    args += ["--splits", str(tmp_path / "splits.csv"), "--out", str(run)]
+    args += [f"--set={o}" for o in [*TINY, "epochs=2"]]
+    assert main(args) == 0
+    assert main(args) == 2  # the run folder exists: a clear error, nothing overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run)]) == 0  # finished: resuming only re-exports
+    assert main(["evaluate", str(run), "--split", "val", "--bootstrap", "20", "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "report.html").is_file()
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--data", str(sample_root)]) == 2
