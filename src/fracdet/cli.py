@@ -170,6 +170,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table.attrs.update(attrs)
     result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta)
     out = Path(args.out or Path("runs") / "eval" / f"{model.name}-{args.split}")
+    if not args.no_heatmaps:
+        from fracdet.explain.localisation import localise_split
+
+        result.localisation = localise_split(model, table, args.split, out)
+        if result.localisation:
+            result.figures["localisation"] = out / "localisation.png"
+            loc = result.localisation
+            print(
+                f"heatmaps: pointing game {loc['pointing_game']:.3f} (centre {loc['centre_pointing_game']:.3f}), "
+                f"box IoU {loc['iou']:.3f} (centre {loc['centre_iou']:.3f}) on {loc['images']} boxed images"
+            )
     report = write_report(result, out, curves=model.folder / "curves.png" if model.folder else None)
     if not result.honest:
         print(f"WARNING: {TEST_SELECTION_WARNING}")
@@ -200,6 +211,43 @@ def cmd_release(args: argparse.Namespace) -> int:
     target = package_release(args.run, args.name, version=args.version, dest=args.dest)
     size = (target / "model.safetensors").stat().st_size / 2**20
     print(f"released {args.name} {args.version} to {target} ({size:.1f} MiB of weights)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fracdet.inference import Predictor, collect_inputs
+    from fracdet.models import load
+
+    model = load(args.model)
+    paths = collect_inputs(args.inputs)
+    predictor = Predictor(model, heatmaps=args.heatmaps is not None, method=args.cam)
+    table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".json":
+            out.write_text(table.to_json(orient="records", indent=2))
+        else:
+            table.to_csv(out, index=False)
+        print(f"wrote {out}")
+    else:
+        print(table.drop(columns="heatmap").to_string(index=False))
+    failed = int(table["error"].notna().sum())
+    flagged = int((table["label"] == "fracture").sum())
+    print(f"{len(table)} images: {flagged} flagged as fracture at threshold {model.threshold:.3f}, {failed} unreadable")
+    return 4 if failed == len(table) else 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fracdet.models import load
+    from fracdet.serve import ServeConfig, create_app
+
+    model = load(args.model)
+    config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout)
+    print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}")
+    uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -263,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("predict", help="predict images (files, folders, globs) -> CSV/JSON with heatmaps")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--model", default="fracatlas-default", help="release name, run folder or checkpoint")
+    p.add_argument("--out", help="results .csv or .json (default: print a table)")
+    p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays here")
+    p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="the web application and JSON API")
+    p.add_argument("--model", default="fracatlas-default", help="release name, run folder or checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=50.0)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a prediction may take")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("models", help="list architectures and trained (released) models")
     p.set_defaults(func=cmd_models)
 
@@ -281,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: runs/eval/MODEL-SPLIT)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM localisation check")
     p.add_argument(
         "--exclude-shared-with",
         metavar="DATASET",

@@ -62,6 +62,7 @@ class Evaluation:
     tta: bool = False
     figures: dict[str, Path] = field(default_factory=dict)
     images: np.ndarray | None = field(default=None, repr=False)  # the pixels scored, for the gallery
+    localisation: dict[str, Any] | None = None  # heatmaps against expert boxes (fracdet.explain)
 
     @property
     def honest(self) -> bool:
@@ -85,6 +86,7 @@ class Evaluation:
             "calibration": self.calibration,
             "subgroups": self.subgroups.to_dict(orient="records"),
             "classification_report": self.classification_report,
+            "localisation": self.localisation,
         }
 
 
@@ -243,6 +245,17 @@ table{border-collapse:collapse;font-size:90%} td,th{border:1px solid #ccc;paddin
 figure{display:inline-block;max-width:48%;margin:.5em;vertical-align:top} pre{background:#f6f6f6;padding:.5em}"""
 
 
+def _localisation_html(loc: dict[str, Any] | None) -> str:
+    if not loc:
+        return ""
+    return f"""<h2>Where the model looked ({html.escape(str(loc["method"]))}, {loc["images"]} fractured images with
+expert boxes)</h2><table><tr><th></th><th>heatmap</th><th>centre baseline</th></tr>
+<tr><td>pointing game (maximum inside an expert box)</td><td>{loc["pointing_game"]:.3f}</td>
+<td>{loc["centre_pointing_game"]:.3f}</td></tr>
+<tr><td>mean IoU of the derived box with the best expert box</td><td>{loc["iou"]:.3f}</td>
+<td>{loc["centre_iou"]:.3f}</td></tr></table>"""
+
+
 def _html(result: Evaluation) -> str:
     warn = "" if result.honest else f'<p class="warn">{html.escape(TEST_SELECTION_WARNING)}</p>'
     cal = result.calibration
@@ -265,5 +278,6 @@ Test-time augmentation: {"on" if result.tta else "off"}. Intervals: 95% bootstra
 after temperature scaling.</p>
 <h2>Subgroups ({html.escape(result.default_point)})</h2>
 {result.subgroups.to_html(index=False, float_format="%.3f")}
+{_localisation_html(result.localisation)}
 <h2>Figures</h2>{figures}
 </body></html>"""

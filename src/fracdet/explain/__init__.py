@@ -1,0 +1,22 @@
+"""Explain: Grad-CAM heatmaps, overlays, boxes, and how well heatmaps find the expert-marked fractures.
+
+from fracdet.explain import Explainer, overlay
+explanation = Explainer(fracdet.models.load("fracatlas-default"))(images)   # margins + heatmaps
+"""
+
+from __future__ import annotations
+
+from fracdet.explain.cam import CAM_METHODS, Explainer, Explanation, heatmap_box, overlay
+from fracdet.explain.localisation import box_iou, evaluate_localisation, localisation_scores, localisation_summary
+
+__all__ = [
+    "CAM_METHODS",
+    "Explainer",
+    "Explanation",
+    "box_iou",
+    "evaluate_localisation",
+    "heatmap_box",
+    "localisation_scores",
+    "localisation_summary",
+    "overlay",
+]

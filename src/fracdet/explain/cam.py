@@ -1,0 +1,89 @@
+"""Grad-CAM heatmaps of where a model looked, overlays, and a box around the hottest region.
+
+Heatmaps come from the ``grad-cam`` library (pytorch-grad-cam) at the layer the model registry names
+for each architecture. The target is the logit margin (fracture minus no fracture), the quantity the
+decision thresholds, so one forward and one backward pass give both the verdict and its heatmap.
+
+Heatmaps are normalised per image to [0, 1]: they show *where* the model looked, not *how sure* it is;
+read them together with the probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+
+from fracdet.models import get_spec
+from fracdet.models.predict import normalise
+from fracdet.models.release import TrainedModel
+
+__all__ = ["CAM_METHODS", "Explainer", "Explanation", "heatmap_box", "overlay"]
+
+CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+
+
+class _MarginTarget:
+    """Explain the fracture-minus-no-fracture logit margin."""
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output[..., 1] - output[..., 0]
+
+
+@dataclass
+class Explanation:
+    """Margins and heatmaps of a batch, at the model's input resolution."""
+
+    margins: np.ndarray  # (N,)
+    heatmaps: np.ndarray  # (N, H, W) float32 in [0, 1]
+
+
+class Explainer:
+    """Grad-CAM (or Grad-CAM++) for a trained model.
+
+    Args:
+        model: from :func:`fracdet.models.load`.
+        method: ``gradcam`` or ``gradcam++``.
+    """
+
+    def __init__(self, model: TrainedModel, method: str = "gradcam") -> None:
+        if method not in CAM_METHODS:
+            raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
+        self.model = model
+        self.method = method
+        layer = model.module.get_submodule(get_spec(model.arch).cam_layer)
+        self._cam = CAM_METHODS[method](model=model.module, target_layers=[layer])
+
+    def __call__(self, images: np.ndarray) -> Explanation:
+        """Explain ``(N, H, W)`` uint8 images at the model's input size."""
+        device = next(self.model.module.parameters()).device
+        x = normalise(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(device), self.model.preprocess)
+        heatmaps = self._cam(input_tensor=x, targets=[_MarginTarget()] * len(images))
+        logits = self._cam.outputs.detach().float()
+        margins = (logits[:, 1] - logits[:, 0]).cpu().numpy()
+        return Explanation(margins=margins, heatmaps=np.nan_to_num(heatmaps).astype(np.float32))
+
+
+def overlay(
+    image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.4, colormap: int = cv2.COLORMAP_JET
+) -> np.ndarray:
+    """Blend a heatmap (resized to the image) over a grey or RGB image; returns RGB uint8."""
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    heat = cv2.resize(heatmap.astype(np.float32), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    coloured = cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), colormap)[..., ::-1]
+    return np.uint8(np.clip((1 - opacity) * rgb.astype(np.float32) + opacity * coloured, 0, 255))
+
+
+def heatmap_box(heatmap: np.ndarray, level: float = 0.5) -> tuple[float, float, float, float] | None:
+    """Box ``(x0, y0, x1, y1)`` in [0, 1] around the connected region above ``level`` that holds the maximum."""
+    if not np.isfinite(heatmap).all() or heatmap.max() <= 0:
+        return None
+    mask = (heatmap >= level * heatmap.max()).astype(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    peak = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    x, y, w, h, _ = stats[labels[peak]]
+    rows, cols = heatmap.shape
+    return (float(x / cols), float(y / rows), float((x + w) / cols), float((y + h) / rows))

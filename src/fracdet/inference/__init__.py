@@ -1,0 +1,13 @@
+"""Inference: files or uploads -> calibrated probability, verdict, heatmap; shared by CLI and web app.
+
+from fracdet.inference import Predictor, collect_inputs
+predictor = Predictor(fracdet.models.load("fracatlas-default"))
+table = predictor.predict_files(collect_inputs(["xrays/"]), heatmap_dir=Path("heatmaps"))
+"""
+
+from __future__ import annotations
+
+from fracdet.inference.predictor import Prediction, Predictor
+from fracdet.inference.readers import collect_inputs, read_input, register_reader
+
+__all__ = ["Prediction", "Predictor", "collect_inputs", "read_input", "register_reader"]

@@ -1,0 +1,142 @@
+"""One radiograph -> calibrated probability, verdict at the operating threshold, heatmap and box.
+
+The same :class:`Predictor` serves the batch command (``fracdet predict``) and the web application, so
+both give the same answer for the same file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.special import expit
+
+from fracdet.data.decode import DEFAULT_MAX_PIXELS, ImageReadError
+from fracdet.data.pixels import resize_square
+from fracdet.explain import Explainer, heatmap_box, overlay
+from fracdet.inference.readers import read_input
+from fracdet.models.release import TrainedModel
+from fracdet.utils.progress import progress
+
+__all__ = ["Prediction", "Predictor"]
+
+LABELS = {0: "no fracture", 1: "fracture"}
+
+
+@dataclass
+class Prediction:
+    """The verdict on one image.
+
+    Attributes:
+        probability: calibrated probability of a fracture.
+        label: ``fracture`` when ``probability >= threshold``, else ``no fracture``.
+        threshold: the model's operating threshold (chosen on validation).
+        heatmap: Grad-CAM at the model's input size, [0, 1] (``None`` when not asked for).
+        box: ``(x0, y0, x1, y1)`` in [0, 1] around the hottest region.
+        pixels: the grey image, resized for display (uint8).
+        timings: milliseconds per stage.
+    """
+
+    probability: float
+    label: str
+    threshold: float
+    heatmap: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def overlay_png(self, *, opacity: float = 0.4, size: int | None = None) -> bytes:
+        """The image with the heatmap blended over it, as PNG bytes."""
+        import io
+
+        if self.pixels is None or self.heatmap is None:
+            raise ValueError("this prediction has no heatmap")
+        image = self.pixels if size is None else np.asarray(Image.fromarray(self.pixels).resize((size, size)))
+        buffer = io.BytesIO()
+        Image.fromarray(overlay(image, self.heatmap, opacity=opacity)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+class Predictor:
+    """Predict with a trained model, optionally with Grad-CAM heatmaps.
+
+    Args:
+        model: from :func:`fracdet.models.load`.
+        heatmaps: compute a heatmap with every prediction (one extra backward pass).
+        method: ``gradcam`` or ``gradcam++``.
+        max_pixels: refuse images larger than this (decompression bombs).
+        display_size: side of the stored grey image used for overlays.
+    """
+
+    def __init__(
+        self,
+        model: TrainedModel,
+        *,
+        heatmaps: bool = True,
+        method: str = "gradcam",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        display_size: int = 512,
+    ) -> None:
+        self.model = model
+        self.explainer = Explainer(model, method) if heatmaps else None
+        self.max_pixels = max_pixels
+        self.display_size = display_size
+
+    def predict_pixels(self, pixels: np.ndarray) -> Prediction:
+        """Predict from grey float pixels in [0, 1] of any size."""
+        started = time.perf_counter()
+        image = resize_square(pixels, self.model.preprocess.input_size)
+        prepared = time.perf_counter()
+        if self.explainer is not None:
+            explanation = self.explainer(image[None])
+            margin, heatmap = float(explanation.margins[0]), explanation.heatmaps[0]
+        else:
+            margin, heatmap = float(self.model.margins(image[None])[0]), None
+        done = time.perf_counter()
+        probability = float(expit(margin / self.model.temperature))
+        box = heatmap_box(heatmap) if heatmap is not None else None
+        return Prediction(
+            probability=probability,
+            label=LABELS[int(probability >= self.model.threshold)],
+            threshold=self.model.threshold,
+            heatmap=heatmap,
+            box=tuple(float(v) for v in box) if box else None,
+            pixels=resize_square(pixels, self.display_size) if heatmap is not None else None,
+            timings={"preprocess_ms": 1000 * (prepared - started), "model_ms": 1000 * (done - prepared)},
+        )
+
+    def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
+        """Predict from file bytes; raises :class:`~fracdet.data.ImageReadError` for unreadable input."""
+        started = time.perf_counter()
+        pixels = read_input(data, name, max_pixels=self.max_pixels)
+        decoded = time.perf_counter()
+        prediction = self.predict_pixels(pixels)
+        prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
+        return prediction
+
+    def predict_files(self, paths: list[Path], *, heatmap_dir: Path | None = None) -> pd.DataFrame:
+        """One row per file: ``path, probability, label, threshold, heatmap, error`` (errors never raise)."""
+        rows: list[dict[str, Any]] = []
+        if heatmap_dir is not None:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+        for k, path in enumerate(progress(paths, desc="predicting", total=len(paths))):
+            row: dict[str, Any] = {"path": str(path), "probability": None, "label": None,
+                                   "threshold": self.model.threshold, "heatmap": None, "error": None}  # fmt: skip
+            try:
+                prediction = self.predict_bytes(Path(path).read_bytes(), str(path))
+            except (ImageReadError, OSError) as exc:
+                row["error"] = str(exc)
+                rows.append(row)
+                continue
+            row.update(probability=round(prediction.probability, 6), label=prediction.label)
+            if heatmap_dir is not None and prediction.heatmap is not None:
+                target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
+                target.write_bytes(prediction.overlay_png())
+                row["heatmap"] = str(target)
+            rows.append(row)
+        return pd.DataFrame(rows, columns=["path", "probability", "label", "threshold", "heatmap", "error"])
