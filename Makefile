@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev,lite12]"
 	touch $(STAMP)
 
+# The web application with the bundled default model on http://127.0.0.1:8000 (Ctrl-C stops it).
 run: $(STAMP)
-	$(BIN)/fracdet audit samples/fracatlas
+	$(BIN)/fracdet serve --model fracatlas-default --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 test: lint
 	$(BIN)/python -m pytest

@@ -47,6 +47,9 @@ class ModelSpec:
         preprocess: the input the model expects.
         cam_layer: dotted name of the module whose activations Grad-CAM uses (``model.get_submodule``).
         description: one line for ``fracdet models``.
+        cam_from_head: the CAM layer's output is the ``forward_features`` output, followed only by
+            global average pooling and a linear classifier. Grad-CAM then equals the classic CAM, which
+            one forward pass gives (no backward pass): ``fracdet.explain`` uses that shortcut.
     """
 
     name: str
@@ -54,20 +57,21 @@ class ModelSpec:
     preprocess: PreprocessCfg
     cam_layer: str
     description: str
+    cam_from_head: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, *, preprocess: PreprocessCfg, cam_layer: str, description: str
+    name: str, *, preprocess: PreprocessCfg, cam_layer: str, description: str, cam_from_head: bool = False
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register ``build(pretrained, num_classes, *, input_size, dropout)`` under ``name``."""
 
     def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, build, preprocess, cam_layer, description)
+        _REGISTRY[name] = ModelSpec(name, build, preprocess, cam_layer, description, cam_from_head)
         return build
 
     return decorator

@@ -41,17 +41,20 @@ for _variant, _size in ((0, 224), (1, 240), (2, 260)):
         preprocess=PreprocessCfg(input_size=_size),
         cam_layer="bn2",  # the last 1x1 convolution's batch norm + ReLU, before global pooling
         description=f"EfficientNet-Lite{_variant}, ImageNet weights offline, {_size} px",
+        cam_from_head=True,
     )(lambda pretrained, num_classes, v=_variant, **o: _efficientnet_lite(v, pretrained, num_classes, o.get("dropout")))
 
-for _name, _layer in (
-    ("resnet18", "layer4"),
-    ("resnet50", "layer4"),
-    ("densenet121", "features.norm5"),
-    ("convnext_tiny", "stages.3"),
+# (ConvNeXt normalises after pooling, so its heatmaps need the backward pass.)
+for _name, _layer, _from_head in (
+    ("resnet18", "layer4", True),
+    ("resnet50", "layer4", True),
+    ("densenet121", "features.norm5", True),
+    ("convnext_tiny", "stages.3", False),
 ):
     register_model(
         _name,
         preprocess=PreprocessCfg(input_size=224, **IMAGENET),
         cam_layer=_layer,
         description=f"timm {_name}; pretrained weights download (or weights=PATH)",
+        cam_from_head=_from_head,
     )(lambda pretrained, num_classes, n=_name, **o: _timm(n, pretrained, num_classes, o.get("dropout")))
