@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fracdet.data import DuplicateConfig, audit_dataset, load_dataset, make_splits
@@ -92,3 +93,17 @@ def test_keep_published_split_reports_what_leaks_in_it(sample_root, cache_dir, t
     manifest = load_dataset(out, data_root=tmp_path / "data").set_index("path")
     assert manifest.loc["test/fractured/a-copy.jpg", "split"] == "test"  # the published split is kept
     assert manifest.loc["test/fractured/a-copy.jpg", "group"] == manifest.loc["train/fractured/a.jpg", "group"]
+
+
+def test_apply_manifest_takes_split_and_copy_groups_and_keeps_metadata(sample_root, tmp_path):
+    from fracdet.data.split import apply_manifest
+
+    table = load_dataset(sample_root)
+    manifest = table[["path", "label"]].iloc[:10].assign(split="train", group="g0")
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    out = apply_manifest(table, tmp_path / "m.csv")
+    assert len(out) == 10 and set(out["split"]) == {"train"} and set(out["group"]) == {"g0"}
+    assert "region" in out and out.attrs["root"] == table.attrs["root"]
+    stranger = pd.DataFrame({"path": ["elsewhere/x.jpg"], "label": [0], "split": ["train"]})
+    with pytest.raises(ValueError, match="not in the dataset"):
+        apply_manifest(table, stranger)

@@ -122,6 +122,23 @@ def test_training_writes_a_traceable_run_folder(sample_root, cache_dir, tmp_path
         train(tiny_config(), manifest, run, cache=FeatureCache(cache_dir))
 
 
+def test_training_leaves_out_copy_groups_that_carry_both_labels(sample_root, cache_dir, tmp_path):
+    import json
+
+    from fracdet.utils.cache import FeatureCache
+
+    manifest = sample_manifest(sample_root)
+    train_rows = manifest.index[manifest["split"] == "train"]
+    fractured = train_rows[manifest.loc[train_rows, "label"] == 1][0]
+    intact = train_rows[manifest.loc[train_rows, "label"] == 0][0]
+    manifest.loc[[fractured, intact], "group"] = "one picture, two labels"
+    run = train(tiny_config(epochs=1), manifest, tmp_path / "run", cache=FeatureCache(cache_dir)).out_dir
+    info = json.loads((run / "run.json").read_text())
+    assert sorted(info["dropped_label_conflicts"]) == sorted(manifest.loc[[fractured, intact], "path"])
+    unreadable = {s["path"] for s in info["skipped"]} & set(manifest.loc[train_rows, "path"])
+    assert info["images"]["train"] == len(train_rows) - 2 - len(unreadable)
+
+
 def test_training_needs_train_and_val_rows(sample_root, tmp_path):
     manifest = sample_manifest(sample_root).assign(split="train")
     with pytest.raises(ValueError, match="'train' and 'val'"):

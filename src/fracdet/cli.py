@@ -20,19 +20,12 @@ def _duplicate_config(args: argparse.Namespace):
 
 def _with_manifest_splits(table, manifest_path: Path):
     """Restrict ``table`` to a manifest's files and take the manifest's split column."""
-    import pandas as pd
+    from fracdet.data.split import apply_manifest
 
-    manifest = pd.read_csv(manifest_path, dtype={"path": str, "split": str})
-    unknown = set(manifest["path"]) - set(table["path"])
-    if unknown:
-        raise SystemExit(
-            f"error: {manifest_path}: {len(unknown)} paths are not in the dataset, e.g. {sorted(unknown)[0]}"
-        )
-    attrs = dict(table.attrs)
-    table = table[table["path"].isin(manifest["path"])].drop(columns="split").reset_index(drop=True)
-    table = table.merge(manifest[["path", "split"]], on="path", how="left")
-    table.attrs.update(attrs)
-    return table
+    try:
+        return apply_manifest(table, manifest_path)
+    except ValueError as exc:
+        raise SystemExit(f"error: {manifest_path}: {exc}") from None
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import pandas as pd
 from fracdet.data.duplicates import DuplicateConfig, Duplicates, find_duplicates
 from fracdet.data.neardup import UnionFind
 
-__all__ = ["SPLIT_ORDER", "SplitResult", "assign_splits", "make_splits", "split_groups"]
+__all__ = ["SPLIT_ORDER", "SplitResult", "apply_manifest", "assign_splits", "make_splits", "split_groups"]
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -153,3 +153,23 @@ def make_splits(
         "reason": reason[~keep],
     })  # fmt: skip
     return SplitResult(manifest=manifest, excluded=excluded)
+
+
+def apply_manifest(table: pd.DataFrame, manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Restrict ``table`` to a split manifest's files and take the manifest's ``split`` (and ``group``).
+
+    Metadata columns of the table (region, view, boxes, ...) are kept. Raises ``ValueError`` when the
+    manifest names files the dataset does not have (a manifest of another dataset, or a moved folder).
+    """
+    if not isinstance(manifest, pd.DataFrame):
+        manifest = pd.read_csv(manifest, dtype={"path": str, "split": str, "group": str})
+    unknown = set(manifest["path"]) - set(table["path"])
+    if unknown:
+        raise ValueError(f"the manifest names {len(unknown)} files not in the dataset, e.g. {sorted(unknown)[0]}")
+    take = [c for c in ("path", "split", "group") if c in manifest.columns]
+    drop = [c for c in take if c != "path" and c in table.columns]
+    out = table[table["path"].isin(manifest["path"])].drop(columns=drop).merge(manifest[take], on="path", how="left")
+    if "group" not in out:
+        out["group"] = out["path"]
+    out.attrs.update(table.attrs)
+    return out

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every number in docs/RESULTS.md, in order. Each step is an ordinary fracdet command: rerunning the
+# script continues interrupted runs (--resume) and skips finished ones. Runs go to runs/, reports to
+# runs/eval/. Set SHARED to the folder holding data/fracatlas and data/multiregion.
+#
+# The epoch counts are those of the CPU runs reported in RESULTS.md (2 cores; the paper trains up to 49
+# epochs): raise them on a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED="${SHARED:-../shared}"
+FA="$SHARED/data/fracatlas"
+MR="$SHARED/data/multiregion"
+F="${FRACDET:-.venv/bin/fracdet}"
+
+train() {  # train RUN ARGS...: start, resume, or skip when finished
+    local run="$1"; shift
+    if [ -f "runs/$run/model.json" ]; then return; fi
+    if [ -f "runs/$run/checkpoints/last.pt" ]; then "$F" train --resume --out "runs/$run"; return; fi
+    "$F" train --out "runs/$run" "$@"
+}
+
+# 1. The paper's CNN on the published multiregion split, best epoch chosen on TEST as the paper did.
+train paper-multiregion-published-testselected --config configs/paper.yaml --data "$MR" --set epochs=3 --set select_on=test
+"$F" evaluate runs/paper-multiregion-published-testselected --data "$MR" --split test --out runs/eval/study1-published-test
+
+# 2. The same on a leakage-free split of multiregion, best epoch chosen on validation.
+train paper-multiregion-leakfree-seed0 --config configs/paper.yaml --data "$MR" --splits splits/multiregion_seed0.csv --set epochs=3
+"$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$MR" --split test --out runs/eval/study2-leakfree-test
+
+# 3. The paper's CNN on the leakage-free 70/15/15 FracAtlas split.
+train paper-fracatlas-seed0 --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set epochs=10
+"$F" evaluate runs/paper-fracatlas-seed0 --data "$FA" --split test --out runs/eval/study3-paper-fracatlas-test
+
+# 4. The default model on the same FracAtlas split, three training seeds.
+for seed in 0 1 2; do
+    train "fracatlas-default-seed$seed" --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set seed=$seed
+    "$F" evaluate "runs/fracatlas-default-seed$seed" --data "$FA" --split test --out "runs/eval/study4-default-seed$seed-test"
+done
+"$F" evaluate runs/fracatlas-default-seed0 --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-default-seed0-test-tta
+
+# 5. Across datasets, without the images the two sets share.
+"$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --out runs/eval/study5-fracatlas-model-on-multiregion
+"$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$FA" --splits splits/fracatlas_seed0.csv --split all --exclude-shared-with "$MR" --no-heatmaps --out runs/eval/study5-multiregion-model-on-fracatlas
