@@ -130,3 +130,21 @@ def test_load_reads_run_folders_and_checkpoints_and_names_unknown_models(tiny_ru
     assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
     with pytest.raises(FileNotFoundError, match="no model"):
         load("no-such-model")
+
+
+def test_a_released_run_loads_by_name_and_carries_its_reported_numbers(tiny_run, sample_root_module, cache_dir,
+                                                                       tmp_path, monkeypatch):  # fmt: skip
+    from fracdet.models import list_releases, package_release
+
+    manifest = sample_manifest(sample_root_module)
+    result = evaluate(load(tiny_run), manifest, split="val", n_boot=20, cache=FeatureCache(cache_dir))
+    write_report(result, tmp_path / "eval")
+    monkeypatch.setenv("FRACDET_MODELS", str(tmp_path / "models"))
+    package_release(tiny_run, "tiny-release", version="9.9", report=tmp_path / "eval" / "metrics.json",
+                    command="fracdet evaluate tiny-release --split val")  # fmt: skip
+    assert list_releases() == ["tiny-release"]
+    released = load("tiny-release")
+    assert released.version == "9.9" and released.splits_path is not None
+    reported = released.meta["reported"]
+    assert reported["val"]["auc"] == pytest.approx(result.points["sens90"]["auc"])
+    assert reported["command"] == "fracdet evaluate tiny-release --split val"

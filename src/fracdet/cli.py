@@ -201,7 +201,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     from fracdet.models import package_release
 
-    target = package_release(args.run, args.name, version=args.version, dest=args.dest)
+    target = package_release(
+        args.run, args.name, version=args.version, dest=args.dest, report=args.report, command=args.command
+    )
     size = (target / "model.safetensors").stat().st_size / 2**20
     print(f"released {args.name} {args.version} to {target} ({size:.1f} MiB of weights)")
     return 0
@@ -328,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--dest", help="releases folder (default: the repository's models/ or $FRACDET_MODELS)")
+    p.add_argument("--report", help="metrics.json of `fracdet evaluate` on the test split, quoted by the card")
+    p.add_argument("--command", help="the command that reproduces --report")
     p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("evaluate", help="metrics with intervals, operating points, calibration, report")

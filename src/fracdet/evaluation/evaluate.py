@@ -104,8 +104,9 @@ def evaluate(
 
     Args:
         model: from :func:`fracdet.models.load`.
-        table: sample table with a ``split`` column (``all`` evaluates every row); ``val`` rows, when
-            present, re-fit the temperature and thresholds, otherwise the model's stored ones are used.
+        table: sample table with a ``split`` column. Its ``val`` rows re-fit the temperature and
+            thresholds (the same fit training stored, unless the split differs). With ``split="all"``
+            (every row, e.g. another dataset) or ``"val"``, the model's stored ones are used.
         n_boot: bootstrap resamples (of whole groups) for the 95% intervals.
         tta: average each image with its mirror image.
     """

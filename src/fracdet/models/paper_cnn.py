@@ -1,11 +1,20 @@
 """The network of Mamun et al. (2025), the paper fracdet implements.
 
-The paper describes, without giving every size, a CNN that takes 150x150 images scaled to [-1, 1],
-stacks convolutions each followed by ReLU and by max pooling, flattens the feature maps into fully
-connected layers and ends in a softmax over fracture / no fracture, with batch norm and dropout named as
-its regularisers. The sizes here are ours: four 3x3 blocks (32, 64, 128, 128 channels) with batch norm,
-ReLU and 2x2 max pooling (150 -> 75 -> 37 -> 18 -> 9), then 512 hidden units with dropout 0.5 and two
-logits. The softmax lives in the loss (cross-entropy) and in inference, not in the module.
+The paper gives the kind of each layer but not every size. What we take from it, by section:
+
+* *Experiment*: images resized to 150 x 150, turned into tensors in [0, 1] and normalised to [-1, 1]
+  (``PreprocessCfg(150)`` with mean and std 0.5).
+* *Model Architecture*: several stacked convolutional layers extract features; a ReLU follows each
+  convolution; pooling layers then shrink the feature maps; the maps are flattened into a vector and
+  passed through fully connected layers; a softmax over fracture / no fracture gives the output, trained
+  with cross-entropy.
+* *Experiment* again: batch normalisation or dropout are added for regularisation when the data call
+  for them.
+
+The sizes are ours: four blocks of 3x3 convolution (32, 64, 128, 128 channels), batch norm, ReLU and 2x2
+max pooling (150 -> 75 -> 37 -> 18 -> 9), then a dense layer of 512 units with ReLU and dropout 0.5, and
+two logits. The softmax lives in the loss (cross-entropy) and in inference, not in the module. With
+another ``input_size`` the first dense layer is sized to match.
 """
 
 from __future__ import annotations

@@ -151,11 +151,24 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     )
 
 
-def package_release(run_dir: str | Path, name: str, *, version: str, dest: str | Path | None = None) -> Path:
+def package_release(
+    run_dir: str | Path,
+    name: str,
+    *,
+    version: str,
+    dest: str | Path | None = None,
+    report: str | Path | None = None,
+    command: str | None = None,
+) -> Path:
     """Copy a finished run's model into ``dest/name`` (default: :func:`releases_dir`) under a name and version.
 
     The release keeps the split manifest, config and training history beside the weights, so the
     released model can be re-evaluated on its own held-out test images and traced to its run.
+
+    Args:
+        report: ``metrics.json`` of ``fracdet evaluate`` on the test split: its numbers at the model's
+            operating point are stored as ``reported`` (the model card quotes them; a test re-measures).
+        command: the command that re-measures them, stored beside them.
     """
     import shutil
 
@@ -169,6 +182,18 @@ def package_release(run_dir: str | Path, name: str, *, version: str, dest: str |
             shutil.copy2(run / file, target / file)
     meta = json.loads((run / "model.json").read_text())
     meta.update(name=name, version=version, run=run.name)
+    if report is not None:
+        metrics = json.loads(Path(report).read_text())
+        point = metrics["operating_points"][meta.get("operating_point", "sens90")]
+        keep = ("threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "kappa", "auc",
+                "average_precision", "tp", "fp", "tn", "fn", "ci95")  # fmt: skip
+        meta["reported"] = {
+            "command": command or f"fracdet evaluate {name} --data DATASET --split {metrics['split']}",
+            "split": metrics["split"],
+            metrics["split"]: {"images": metrics["images"], "fractures": metrics["fractures"],
+                               **{k: point[k] for k in keep}},
+            "ece_after_temperature": metrics["calibration"]["ece_after"],
+        }  # fmt: skip
     (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return target
 
