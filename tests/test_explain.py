@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fracdet.explain import Explainer, box_iou, heatmap_box, localisation_scores, localisation_summary, overlay
-from fracdet.models import create_model, get_spec
+from fracdet.models import create_model, get_spec, list_models
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
 
@@ -28,6 +28,13 @@ def test_heatmaps_come_with_the_same_margins_as_a_plain_forward_pass(arch, size,
     assert explanation.heatmaps.shape == (2, size, size)
     assert explanation.heatmaps.min() >= 0 and explanation.heatmaps.max() <= 1
     np.testing.assert_allclose(explanation.margins, model.margins(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_registered_model_gets_a_heatmap_at_its_registered_layer(arch):
+    model = trained(arch, 64)
+    explanation = Explainer(model, exact=True)(np.full((1, 64, 64), 128, np.uint8))
+    assert explanation.heatmaps.shape == (1, 64, 64) and np.isfinite(explanation.heatmaps).all()
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18", "densenet121"])

@@ -187,9 +187,9 @@ def train(
             raise ValueError(f"--resume: the config differs from the one saved in {out_dir / 'config.yaml'}")
         config = saved
     assert config is not None
-    _prepare_run_folder(config, manifest, out_dir, resume)
     if "split" not in manifest or not {"train", "val"} <= set(manifest["split"].dropna()):
         raise ValueError("the manifest needs rows in the 'train' and 'val' splits (make one with `fracdet split`)")
+    _prepare_run_folder(config, manifest, out_dir, resume)
 
     torch.manual_seed(config.seed)
     if config.deterministic:
