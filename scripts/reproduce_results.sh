@@ -20,12 +20,14 @@ train() {  # train RUN ARGS...: start, resume, or skip when finished
 }
 
 # 1. The paper's CNN on the published multiregion split, best epoch chosen on TEST as the paper did.
-train paper-multiregion-published-testselected --config configs/paper.yaml --data "$MR" --set epochs=3 --set select_on=test
-"$F" evaluate runs/paper-multiregion-published-testselected --data "$MR" --split test --out runs/eval/study1-published-test
+train paper-multiregion-published-testselected --config configs/paper.yaml --data "$MR" --set epochs=2 --set select_on=test
+"$F" evaluate runs/paper-multiregion-published-testselected --data "$MR" --split test --no-heatmaps --out runs/eval/study1-published-test
+.venv/bin/python scripts/memorisation_baseline.py "$MR"
+.venv/bin/python scripts/memorisation_baseline.py "$MR" --splits splits/multiregion_seed0.csv
 
 # 2. The same on a leakage-free split of multiregion, best epoch chosen on validation.
-train paper-multiregion-leakfree-seed0 --config configs/paper.yaml --data "$MR" --splits splits/multiregion_seed0.csv --set epochs=3
-"$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$MR" --split test --out runs/eval/study2-leakfree-test
+train paper-multiregion-leakfree-seed0 --config configs/paper.yaml --data "$MR" --splits splits/multiregion_seed0.csv --set epochs=2
+"$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$MR" --split test --no-heatmaps --out runs/eval/study2-leakfree-test
 
 # 3. The paper's CNN on the leakage-free 70/15/15 FracAtlas split.
 train paper-fracatlas-seed0 --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set epochs=10
@@ -39,5 +41,5 @@ done
 "$F" evaluate runs/fracatlas-default-seed0 --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-default-seed0-test-tta
 
 # 5. Across datasets, without the images the two sets share.
-"$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --out runs/eval/study5-fracatlas-model-on-multiregion
-"$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$FA" --splits splits/fracatlas_seed0.csv --split all --exclude-shared-with "$MR" --no-heatmaps --out runs/eval/study5-multiregion-model-on-fracatlas
+"$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-fracatlas-model-on-multiregion
+"$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$FA" --splits splits/fracatlas_seed0.csv --split all --exclude-shared-with "$MR" --no-heatmaps --bootstrap 300 --out runs/eval/study5-multiregion-model-on-fracatlas

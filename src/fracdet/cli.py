@@ -150,7 +150,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = args.data or (json.loads(run_json.read_text()).get("data_root") if run_json and run_json.exists() else None)
     if not data:
         raise SystemExit("error: pass --data (the dataset the model is evaluated on)")
-    splits = args.splits or (str(model.splits_path) if model.splits_path else None)
+    splits = args.splits
+    if splits is None and model.splits_path is not None:
+        # The model's own manifest, when it describes this dataset (not when testing on another one).
+        from fracdet.data import load_dataset
+        from fracdet.data.split import apply_manifest
+
+        try:
+            apply_manifest(load_dataset(data), model.splits_path)
+            splits = str(model.splits_path)
+        except ValueError:
+            print(f"{model.splits_path} does not describe {data}: using the dataset's own split")
     table = _load_split_table(data, splits)
     if args.exclude_shared_with:
         from fracdet.data import load_dataset
