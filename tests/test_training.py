@@ -278,4 +278,16 @@ def test_train_and_evaluate_from_the_command_line(sample_root, cache_dir, tmp_pa
     assert main(["train", "--resume", "--out", str(run)]) == 0  # finished: resuming only re-exports
     assert main(["evaluate", str(run), "--split", "val", "--bootstrap", "20", "--out", str(tmp_path / "ev")]) == 0
     assert (tmp_path / "ev" / "report.html").is_file()
+    # another dataset: the run's own manifest does not describe it, so the dataset's own split is used
+    import shutil
+
+    for label, src in (("fractured", "Fractured"), ("not fractured", "Non_fractured")):
+        folder = tmp_path / "other" / "test" / label
+        folder.mkdir(parents=True)
+        for image in sorted((sample_root / "images" / src).glob("IMG00002*.jpg"))[:2]:
+            shutil.copy(image, folder / image.name)
+    capsys.readouterr()
+    other = ["evaluate", str(run), "--data", str(tmp_path / "other"), "--split", "all", "--bootstrap", "10"]
+    assert main([*other, "--no-heatmaps", "--out", str(tmp_path / "ev2")]) == 0
+    assert "does not describe" in capsys.readouterr().out
     assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--data", str(sample_root)]) == 2
