@@ -85,15 +85,28 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_split_table(data: str, splits: str | None):
-    """The dataset at ``data`` with the split column of ``splits`` (or the dataset's own split)."""
+def _load_split_table(data: str, splits: str | None, *, fallback: bool = False):
+    """The dataset at ``data`` with the split column of ``splits`` (or the dataset's own split).
+
+    With ``fallback``, a manifest that does not describe this dataset (a model's own manifest, when the
+    model is tested on another dataset) gives way to the dataset's own split instead of an error.
+    """
     from fracdet.data import load_dataset
+    from fracdet.data.split import apply_manifest
 
     table = load_dataset(data)
     if splits:
-        return _with_manifest_splits(table, Path(splits))
+        try:
+            table = apply_manifest(table, splits)
+            table.attrs["split_source"] = splits
+            return table
+        except ValueError as exc:
+            if not fallback:
+                raise SystemExit(f"error: {splits}: {exc}") from None
+            print(f"{splits} does not describe {data}: using the dataset's own split")
     if table["split"].isna().all():
         raise SystemExit(f"error: {data} has no split of its own: make one with `fracdet split` and pass --splits")
+    table.attrs["split_source"] = "the dataset's own split"
     return table
 
 
@@ -150,18 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = args.data or (json.loads(run_json.read_text()).get("data_root") if run_json and run_json.exists() else None)
     if not data:
         raise SystemExit("error: pass --data (the dataset the model is evaluated on)")
-    splits = args.splits
-    if splits is None and model.splits_path is not None:
-        # The model's own manifest, when it describes this dataset (not when testing on another one).
-        from fracdet.data import load_dataset
-        from fracdet.data.split import apply_manifest
-
-        try:
-            apply_manifest(load_dataset(data), model.splits_path)
-            splits = str(model.splits_path)
-        except ValueError:
-            print(f"{model.splits_path} does not describe {data}: using the dataset's own split")
-    table = _load_split_table(data, splits)
+    splits = args.splits or (str(model.splits_path) if model.splits_path else None)
+    table = _load_split_table(data, splits, fallback=args.splits is None)
     if args.exclude_shared_with:
         from fracdet.data import load_dataset
         from fracdet.data.duplicates import shared_with
@@ -187,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = write_report(result, out, curves=model.folder / "curves.png" if model.folder else None)
     if not result.honest:
         print(f"WARNING: {TEST_SELECTION_WARNING}")
-    print(f"{model.name} on {args.split}: {len(result.predictions)} images, splits from {splits or 'the dataset'}")
+    print(f"{model.name} on {args.split}: {len(result.predictions)} images, splits from {table.attrs['split_source']}")
     print(metrics_table(result).to_string(index=False))
     print(f"report: {report}")
     return 0
