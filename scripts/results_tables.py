@@ -56,6 +56,29 @@ def evaluation_table(evals: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def seed_table(evals: Path) -> pd.DataFrame:
+    """Mean ± sd over training seeds: reports named ``...-seedN-...`` that differ only in N."""
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for report in sorted(evals.glob("*/metrics.json")):
+        if match := re.search(r"-seed\d+", report.parent.name):
+            key = report.parent.name.replace(match.group(0), "-seed*")
+            groups.setdefault(key, []).append(json.loads(report.read_text()))
+    rows = []
+    for key, reports in groups.items():
+        if len(reports) < 2:
+            continue
+        points = [m["operating_points"][m["default_operating_point"]] for m in reports]
+        row = {"reports": key, "seeds": len(reports)}
+        for metric in ("auc", "sensitivity", "specificity", "average_precision"):
+            values = pd.Series([p[metric] for p in points])
+            row[f"{metric} (mean ± sd)"] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        row["per seed AUC"] = ", ".join(f"{p['auc']:.3f}" for p in points)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs")
@@ -65,6 +88,10 @@ def main() -> None:
     print(training_table(runs).to_markdown(index=False))
     print("\n## Evaluations\n")
     print(evaluation_table(runs / "eval").to_markdown(index=False))
+    seeds = seed_table(runs / "eval")
+    if not seeds.empty:
+        print("\n## Across training seeds (operating point sens90, chosen on val)\n")
+        print(seeds.to_markdown(index=False))
 
 
 if __name__ == "__main__":

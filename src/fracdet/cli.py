@@ -196,6 +196,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import json
+
+    from fracdet.models import load
+    from fracdet.training.ensemble import build_ensemble
+
+    first = load(args.runs[0])
+    run_json = first.folder / "run.json" if first.folder else None
+    data = args.data or (json.loads(run_json.read_text()).get("data_root") if run_json and run_json.exists() else None)
+    if not data or not first.splits_path:
+        raise SystemExit(f"error: {args.runs[0]} records no data root or split manifest: pass --data")
+    table = _load_split_table(data, str(first.splits_path))
+    try:
+        ensemble = build_ensemble(args.runs, table, args.out, half=args.half)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    size = (Path(args.out) / "model.safetensors").stat().st_size / 2**20
+    print(f"ensemble of {len(args.runs)} {ensemble.arch} models in {args.out} ({size:.1f} MiB of weights): "
+          f"temperature {ensemble.temperature:.3f}, sens90 threshold {ensemble.threshold:.3f} (on val)")  # fmt: skip
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fracdet.models import get_spec, list_models, list_releases, load
 
@@ -334,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=50.0)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a prediction may take")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ensemble", help="average finished runs into one model, calibrated on their val split")
+    p.add_argument("runs", nargs="+", help="run folders (or releases) trained on one split manifest")
+    p.add_argument("--out", required=True, help="folder for the ensemble (a trained-model folder)")
+    p.add_argument("--data", help="dataset folder (default: the first run's data root)")
+    p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("models", help="list architectures and trained (released) models")
     p.set_defaults(func=cmd_models)

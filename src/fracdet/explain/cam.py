@@ -10,6 +10,9 @@ margin with respect to each channel is that channel's classifier weight differen
 number of positions. The explainer then takes the heatmap from the forward pass alone (about half the
 time on a CPU); a test checks it against the library's Grad-CAM. ``exact=True`` always uses the library.
 
+An ensemble (:mod:`fracdet.models.ensemble`) is explained at the named layer of every member, combined
+as the library combines several target layers: each rescaled to [0, 1], then averaged.
+
 Heatmaps are normalised per image to [0, 1]: they show *where* the model looked, not *how sure* it is;
 read them together with the probability.
 """
@@ -24,7 +27,7 @@ import torch
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import scale_cam_image
 
-from fracdet.models import get_spec
+from fracdet.models import get_spec, members_of
 from fracdet.models.predict import normalise
 from fracdet.models.release import TrainedModel
 
@@ -64,8 +67,9 @@ class Explainer:
         self.method = method
         spec = get_spec(model.arch)
         self.forward_only = method == "gradcam" and spec.cam_from_head and not exact
-        layer = model.module.get_submodule(spec.cam_layer)
-        self._cam = CAM_METHODS[method](model=model.module, target_layers=[layer])
+        self._members = members_of(model.module)
+        layers = [member.get_submodule(spec.cam_layer) for member in self._members]
+        self._cam = CAM_METHODS[method](model=model.module, target_layers=layers)
 
     def __call__(self, images: np.ndarray) -> Explanation:
         """Explain ``(N, H, W)`` uint8 images at the model's input size."""
@@ -80,14 +84,17 @@ class Explainer:
 
     @torch.no_grad()
     def _class_activation_map(self, x: torch.Tensor) -> Explanation:
-        module = self.model.module
-        features = module.forward_features(x)
-        logits = module.forward_head(features).float()
-        weights = module.get_classifier().weight.float()
-        cam = torch.einsum("bchw,c->bhw", features.float(), weights[1] - weights[0]).clamp_min(0).cpu().numpy()
-        # the same rescaling as the library's Grad-CAM: per image to [0, 1] at the input size, twice
-        heatmaps = scale_cam_image(np.maximum(scale_cam_image(cam, (x.shape[3], x.shape[2])), 0))
-        margins = (logits[:, 1] - logits[:, 0]).cpu().numpy()
+        per_member, logits = [], []
+        for member in self._members:
+            features = member.forward_features(x)
+            logits.append(member.forward_head(features).float())
+            weights = member.get_classifier().weight.float()
+            cam = torch.einsum("bchw,c->bhw", features.float(), weights[1] - weights[0]).clamp_min(0).cpu().numpy()
+            per_member.append(scale_cam_image(cam, (x.shape[3], x.shape[2])))
+        # the library's rescaling: each layer (here, member) to [0, 1] at the input size, their mean, again
+        heatmaps = scale_cam_image(np.maximum(np.mean(per_member, axis=0), 0))
+        mean_logits = torch.stack(logits).mean(dim=0)
+        margins = (mean_logits[:, 1] - mean_logits[:, 0]).cpu().numpy()
         return Explanation(margins=margins, heatmaps=np.nan_to_num(heatmaps).astype(np.float32))
 
 

@@ -4,23 +4,29 @@ from fracdet.models import create_model, get_spec, list_models
 model = create_model("efficientnet_lite0", pretrained=True)   # offline ImageNet weights
 get_spec("efficientnet_lite0").preprocess                      # input size and normalisation
 trained = load("fracatlas-default")                            # the released model, on the CPU
+ensemble = combine([load("runs/a"), load("runs/b")])           # averaged logits (fracdet.models.ensemble)
 """
 
 from __future__ import annotations
 
 from fracdet.models import backbones, paper_cnn  # noqa: F401 (registers the models)
 from fracdet.models._registry import ModelSpec, PreprocessCfg, create_model, get_spec, list_models, register_model
-from fracdet.models.release import TrainedModel, list_releases, load, package_release
+from fracdet.models.ensemble import Ensemble, combine, members_of
+from fracdet.models.release import TrainedModel, list_releases, load, package_release, save_model
 
 __all__ = [
+    "Ensemble",
     "ModelSpec",
     "PreprocessCfg",
     "TrainedModel",
+    "combine",
     "create_model",
     "get_spec",
     "list_models",
     "list_releases",
     "load",
+    "members_of",
     "package_release",
     "register_model",
+    "save_model",
 ]

@@ -25,7 +25,7 @@ from torch import nn
 from fracdet.models._registry import PreprocessCfg, create_model
 from fracdet.models.predict import predict_margins
 
-__all__ = ["TrainedModel", "list_releases", "load", "package_release", "releases_dir"]
+__all__ = ["TrainedModel", "list_releases", "load", "package_release", "releases_dir", "save_model"]
 
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
@@ -123,7 +123,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a folder, checkpoint or release ({known})")
     meta = _read_meta(folder)
     preprocess = PreprocessCfg(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
-    module = create_model(meta["model"], input_size=preprocess.input_size, dropout=meta.get("dropout"))
+    module = _build(meta, preprocess)
     if state is None:
         weights = folder / "model.safetensors"
         if not weights.is_file():
@@ -132,7 +132,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
 
         state = load_file(str(weights))
     from_checkpoint = path.suffix == ".pt"
-    module.load_state_dict(state)
+    module.load_state_dict(state)  # casts half-precision stored weights back to float32
     module.to(device).eval()
     if from_checkpoint:  # model.json calibrates the best weights, not necessarily these: nothing fitted yet
         meta = {k: v for k, v in meta.items() if k not in ("temperature", "thresholds", "threshold", "operating_point")}
@@ -196,6 +196,50 @@ def package_release(
         }  # fmt: skip
     (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return target
+
+
+def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -> Path:
+    """Write ``model`` as a trained-model folder (``model.safetensors`` + ``model.json``) that :func:`load` reads.
+
+    Args:
+        half: store the weights as float16 (half the bytes; :func:`load` casts them back to float32, and
+            the margins move by about one part in a thousand).
+    """
+    from safetensors.torch import save_file
+
+    from fracdet.training.checkpoint import write_json  # here: fracdet.training imports this module
+
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu()
+             for k, v in model.module.state_dict().items()}  # fmt: skip
+    save_file(state, str(target / "model.safetensors"))
+    meta = {
+        **model.meta,
+        "input_size": model.preprocess.input_size,
+        "mean": list(model.preprocess.mean),
+        "std": list(model.preprocess.std),
+        "temperature": model.temperature,
+        "thresholds": model.thresholds,
+        "operating_point": model.operating_point,
+        "threshold": model.threshold,
+        "weights_dtype": "float16" if half else "float32",
+    }
+    write_json(target / "model.json", meta)
+    return target
+
+
+def _build(meta: dict[str, Any], preprocess: PreprocessCfg) -> nn.Module:
+    """The empty network ``model.json`` describes: one registry model, or an ensemble of them."""
+
+    def one() -> nn.Module:
+        return create_model(meta["model"], input_size=preprocess.input_size, dropout=meta.get("dropout"))
+
+    if members := meta.get("members"):
+        from fracdet.models.ensemble import Ensemble
+
+        return Ensemble([one() for _ in members])
+    return one()
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:

@@ -10,7 +10,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
-__all__ = ["OPERATING_POINTS", "choose_thresholds", "fit_temperature", "probabilities"]
+from fracdet.models.release import TrainedModel
+
+__all__ = ["OPERATING_POINTS", "calibrate", "choose_thresholds", "fit_temperature", "probabilities"]
 
 #: Named operating points; ``sens90`` is the default: a fracture missed costs more than a second look.
 OPERATING_POINTS = ("0.5", "youden", "sens90", "sens95")
@@ -58,3 +60,19 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
     for name, target in (("sens90", 0.90), ("sens95", 0.95)):
         out[name] = float(thr[np.argmax(tpr >= target)])
     return out
+
+
+def calibrate(
+    model: TrainedModel, images: np.ndarray, labels: np.ndarray, *, point: str = "sens90", batch_size: int = 64
+) -> TrainedModel:
+    """Fit ``model``'s temperature and thresholds on validation images and make ``point`` its operating point.
+
+    Args:
+        images: ``(N, H, W)`` uint8 validation images at the model's input size.
+        labels: their labels (1 = fracture).
+    """
+    margins = model.margins(images, batch_size=batch_size)
+    model.temperature = fit_temperature(margins, labels)
+    model.thresholds = choose_thresholds(labels, probabilities(margins, model.temperature))
+    model.operating_point, model.threshold = point, model.thresholds[point]
+    return model

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from fracdet.data.pixels import PixelSet, load_pixels
-from fracdet.models import create_model, get_spec
+from fracdet.models import TrainedModel, create_model, get_spec, save_model
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.predict import normalise, predict_margins, select_device
 from fracdet.training.augment import AugmentedImages, build_augmentation, epoch_indices
-from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
+from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
 from fracdet.training.config import TrainConfig
 from fracdet.utils.cache import FeatureCache
@@ -357,30 +357,11 @@ def _export(
     best_state: dict,
 ) -> None:
     """Write the best weights with what was fitted on validation: temperature and operating thresholds."""
-    from safetensors.torch import save_file
-
-    images, labels = val
-    margins = predict_margins(model, images, preprocess, batch_size=2 * config.batch_size)
-    temperature = fit_temperature(margins, labels)
-    thresholds = choose_thresholds(labels, probabilities(margins, temperature))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    write_json(
-        out_dir / "model.json",
-        {
-            "model": config.model,
-            "input_size": preprocess.input_size,
-            "mean": list(preprocess.mean),
-            "std": list(preprocess.std),
-            "dropout": config.dropout,
-            "epoch": int(best_state["epoch"]),
-            "selected_on": config.select_on,
-            "monitor": config.monitor,
-            "temperature": temperature,
-            "thresholds": thresholds,
-            "operating_point": "sens90",
-            "threshold": thresholds["sens90"],
-        },
-    )
+    meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
+            "selected_on": config.select_on, "monitor": config.monitor}  # fmt: skip
+    trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
+    calibrate(trained, *val, batch_size=2 * config.batch_size)
+    save_model(trained, out_dir)
 
 
 def _read_yaml(path: Path) -> dict:
