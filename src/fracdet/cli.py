@@ -110,6 +110,22 @@ def _load_split_table(data: str, splits: str | None, *, fallback: bool = False):
     return table
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from fracdet.data import load_dataset
+    from fracdet.data.pack import pack_dataset
+
+    table = _load_split_table(args.path, args.splits) if args.splits or args.only else load_dataset(args.path)
+    try:
+        result = pack_dataset(table, args.out, size=args.size, fmt=args.format, quality=args.quality, splits=args.only)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"packed {result.images} images into {result.root} ({result.bytes / 2**20:.1f} MiB, {args.format} "
+          f"quality {args.quality}, mean error {result.mean_abs_error:.2f} grey levels)")  # fmt: skip
+    if len(result.skipped):
+        print(f"left out {len(result.skipped)} unreadable files (listed in {result.root / 'PACK.json'})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
@@ -228,7 +244,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("trained models (fracdet.models.load):")
     for name in list_releases():
         model = load(name)
-        print(f"  {name:20s} {model.arch} at {model.preprocess.input_size} px, version {model.version}, "
+        members = model.meta.get("members")
+        arch = f"ensemble of {len(members)} {model.arch}" if members else model.arch
+        print(f"  {name:20s} {arch} at {model.preprocess.input_size} px, version {model.version}, "
               f"threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
     return 0
 
@@ -320,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-published", action="store_true", help="keep the dataset's own split and report its leakage")
     _add_cache_options(p)
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("pack", help="a compact copy (shrunk WebP + manifest) to move a dataset to a training machine")
+    p.add_argument("path", help="dataset folder or CSV manifest")
+    p.add_argument("--out", required=True, help="folder for the copy (manifest.csv, PACK.json, images)")
+    p.add_argument("--splits", help="split manifest whose split column travels with the copy")
+    p.add_argument("--only", nargs="+", metavar="SPLIT", help="pack only these splits (e.g. train val)")
+    p.add_argument("--size", type=int, default=384, help="shrink until the shorter side is at most this")
+    p.add_argument("--format", default="webp", choices=["webp", "jpeg"])
+    p.add_argument("--quality", type=int, default=90)
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("train", help="train a model from a YAML config into a run folder (resumable)")
     p.add_argument("--config", help="YAML config (see configs/)")

@@ -147,7 +147,8 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
 
     @app.get("/api/v1/model")
     def model_info() -> dict[str, Any]:
-        keep = ("name", "version", "model", "input_size", "epoch", "selected_on", "temperature", "thresholds")
+        keep = ("name", "version", "model", "members", "input_size", "epoch", "selected_on", "temperature",
+                "thresholds")  # fmt: skip
         return {
             **{k: model.meta[k] for k in keep if k in model.meta},
             "arch": model.arch,
