@@ -39,6 +39,12 @@ for seed in 0 1 2; do
     "$F" evaluate "runs/fracatlas-default-seed$seed" --data "$FA" --split test --out "runs/eval/study4-default-seed$seed-test"
 done
 "$F" evaluate runs/fracatlas-default-seed0 --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-default-seed0-test-tta
+# ... and the three seeds as one ensemble (mean logit margin, calibrated on val), without and with flip TTA.
+if [ ! -f runs/fracatlas-ensemble-3seeds/model.json ]; then
+    "$F" ensemble runs/fracatlas-default-seed0 runs/fracatlas-default-seed1 runs/fracatlas-default-seed2 --half --out runs/fracatlas-ensemble-3seeds
+fi
+"$F" evaluate runs/fracatlas-ensemble-3seeds --data "$FA" --split test --out runs/eval/study4-ensemble-3seeds-test
+"$F" evaluate runs/fracatlas-ensemble-3seeds --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-ensemble-3seeds-test-tta
 
 # 5. Across datasets, without the images the two sets share.
 "$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-fracatlas-model-on-multiregion
