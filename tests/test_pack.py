@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from fracdet.cli import main
 from fracdet.data import load_dataset
 from fracdet.data.pack import pack_dataset
 from fracdet.data.pixels import load_pixels
@@ -83,6 +84,9 @@ def test_a_run_trained_on_the_pack_is_evaluated_on_the_original_files(packed, tm
     originals = apply_manifest(load_dataset(table.attrs["root"]), run / "splits.csv")
     measured = evaluate(load(run), originals, split="val", n_boot=10, cache=FeatureCache(cache_dir))
     assert len(measured.predictions) == (load_dataset(result.manifest)["split"] == "val").sum()
+    # the run's own manifest has no test rows (none were packed): the command says how to bring them back
+    with pytest.raises(SystemExit, match="pass --splits with the full manifest"):
+        main(["evaluate", str(run), "--data", str(table.attrs["root"]), "--split", "test", "--no-heatmaps"])
 
 
 def test_bad_pack_arguments_are_refused(packed, tmp_path):

@@ -190,7 +190,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attrs = dict(table.attrs)
         table = table[~shared].reset_index(drop=True)
         table.attrs.update(attrs)
-    result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta)
+    try:
+        result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta)
+    except ValueError as exc:
+        hint = ""
+        if args.splits is None and args.split not in set(table["split"].dropna()):
+            hint = (f" (the split manifest came with the model and has no {args.split!r} rows, as when it was trained"
+                    " on a pack of train and val: pass --splits with the full manifest)")  # fmt: skip
+        raise SystemExit(f"error: {exc}{hint}") from None
     out = Path(args.out or Path("runs") / "eval" / f"{model.name}-{args.split}")
     if not args.no_heatmaps:
         from fracdet.explain.localisation import localise_split
