@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -58,8 +59,6 @@ def evaluation_table(evals: Path) -> pd.DataFrame:
 
 def seed_table(evals: Path) -> pd.DataFrame:
     """Mean ± sd over training seeds: reports named ``...-seedN-...`` that differ only in N."""
-    import re
-
     groups: dict[str, list[dict]] = {}
     for report in sorted(evals.glob("*/metrics.json")):
         if match := re.search(r"-seed\d+", report.parent.name):
