@@ -66,7 +66,7 @@ def test_members_must_share_architecture_preprocessing_and_split_manifest(two_ru
 
 def test_a_built_ensemble_is_calibrated_on_val_and_reloads_as_it_was_saved(two_runs, tmp_path, cache_dir):
     table = sample_manifest(SAMPLE)
-    ensemble = build_ensemble(two_runs, table, tmp_path / "ens", cache=FeatureCache(cache_dir))
+    ensemble = build_ensemble([load(r) for r in two_runs], table, tmp_path / "ens", cache=FeatureCache(cache_dir))
     written = {p.name for p in (tmp_path / "ens").iterdir()}
     assert {"model.safetensors", "model.json", "splits.csv", "run.json"} <= written
     reloaded = load(tmp_path / "ens")
@@ -83,8 +83,8 @@ def test_a_built_ensemble_is_calibrated_on_val_and_reloads_as_it_was_saved(two_r
 
 def test_half_precision_storage_halves_the_file_and_keeps_the_margins(two_runs, tmp_path, cache_dir):
     table = sample_manifest(SAMPLE)
-    full = build_ensemble(two_runs, table, tmp_path / "full", cache=FeatureCache(cache_dir))
-    build_ensemble(two_runs, table, tmp_path / "half", half=True, cache=FeatureCache(cache_dir))
+    full = build_ensemble([load(r) for r in two_runs], table, tmp_path / "full", cache=FeatureCache(cache_dir))
+    build_ensemble([load(r) for r in two_runs], table, tmp_path / "half", half=True, cache=FeatureCache(cache_dir))
     sizes = [(tmp_path / name / "model.safetensors").stat().st_size for name in ("full", "half")]
     assert sizes[1] < 0.55 * sizes[0]
     half = load(tmp_path / "half")

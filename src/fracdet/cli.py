@@ -28,6 +28,16 @@ def _with_manifest_splits(table, manifest_path: Path):
         raise SystemExit(f"error: {manifest_path}: {exc}") from None
 
 
+def _data_root(given: str | None, folder: Path | None) -> str | None:
+    """``--data`` when given, else the data root a run folder's ``run.json`` records."""
+    import json
+
+    run_json = folder / "run.json" if folder else None
+    if given or run_json is None or not run_json.is_file():
+        return given
+    return json.loads(run_json.read_text()).get("data_root")
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from fracdet.data import audit_dataset, load_dataset, report_text, write_html, write_json
     from fracdet.data.report import closest_pairs_montage
@@ -127,7 +137,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import json
 
     from fracdet.training import load_config, train
 
@@ -135,8 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if out is None:
             raise SystemExit("error: --resume needs --out RUN_FOLDER")
-        run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-        data = args.data or run.get("data_root")
+        data = _data_root(args.data, out)
         if not data:
             raise SystemExit("error: pass --data (the run folder does not record its data root)")
         table = _load_split_table(data, args.splits or str(out / "splits.csv"))
@@ -168,15 +176,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
 
     from fracdet.evaluation import evaluate, metrics_table, write_report
     from fracdet.evaluation.evaluate import TEST_SELECTION_WARNING
     from fracdet.models import load
 
     model = load(args.run)
-    run_json = model.folder / "run.json" if model.folder else None
-    data = args.data or (json.loads(run_json.read_text()).get("data_root") if run_json and run_json.exists() else None)
+    data = _data_root(args.data, model.folder)
     if not data:
         raise SystemExit("error: pass --data (the dataset the model is evaluated on)")
     splits = args.splits or (str(model.splits_path) if model.splits_path else None)
@@ -220,19 +226,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    import json
-
     from fracdet.models import load
     from fracdet.training.ensemble import build_ensemble
 
-    first = load(args.runs[0])
-    run_json = first.folder / "run.json" if first.folder else None
-    data = args.data or (json.loads(run_json.read_text()).get("data_root") if run_json and run_json.exists() else None)
-    if not data or not first.splits_path:
+    models = [load(run) for run in args.runs]
+    data = _data_root(args.data, models[0].folder)
+    if not data or not models[0].splits_path:
         raise SystemExit(f"error: {args.runs[0]} records no data root or split manifest: pass --data")
-    table = _load_split_table(data, str(first.splits_path))
+    table = _load_split_table(data, str(models[0].splits_path))
     try:
-        ensemble = build_ensemble(args.runs, table, args.out, half=args.half)
+        ensemble = build_ensemble(models, table, args.out, half=args.half)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     size = (Path(args.out) / "model.safetensors").stat().st_size / 2**20

@@ -2,10 +2,11 @@
 
 Every readable image is shrunk (never enlarged, aspect ratio kept) until its shorter side is at most
 ``size``, stored as grey lossy WebP (or JPEG), and listed in ``manifest.csv`` with its label, group, split
-and metadata. Measured on the 3,421 train + val files of FracAtlas at 384 px (``scripts/gpu_prepare.sh``):
+and metadata. Measured on the 3,421 train + val files of FracAtlas at 384 px (``fracdet pack
+../shared/data/fracatlas --splits splits/fracatlas_seed0.csv --only train val --out DIR [--quality 80]``):
 28.3 MiB at WebP quality 90, with a mean re-encoding error of 0.71 grey levels (of 255), and 16.4 MiB at
-quality 80 with 1.00; the original JPEGs of all 4,083 files take 91 MiB. ``PACK.json`` records each pack's
-own figures.
+quality 80 with 1.00 (what ``scripts/gpu_prepare.sh`` uses); the original JPEGs of all 4,083 files take
+91 MiB. ``PACK.json`` records each pack's own figures.
 
 Each packed file keeps the *original relative path and name*, even though its bytes are now WebP (every
 fracdet reader recognises images by content, not by extension). That is what makes the copy useful: a

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from fracdet.data.pixels import load_pixels
-from fracdet.models import TrainedModel, combine, load, save_model
+from fracdet.models import TrainedModel, combine, save_model
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import write_json
 from fracdet.utils.cache import FeatureCache
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def build_ensemble(
-    runs: Sequence[str | Path],
+    models: Sequence[TrainedModel],
     table: pd.DataFrame,
     out_dir: str | Path,
     *,
@@ -36,14 +36,13 @@ def build_ensemble(
     """Combine trained models, fit the ensemble's temperature and thresholds on ``val``, write ``out_dir``.
 
     Args:
-        runs: run folders (or release names) of models trained on one split manifest.
+        models: trained on one split manifest (:func:`fracdet.models.load` of run folders or releases).
         table: the dataset with that manifest's ``split`` column; only its ``val`` rows are read.
         half: store the weights as float16 (see :func:`fracdet.models.save_model`).
 
     Raises:
         ValueError: see :func:`fracdet.models.combine`; or ``table`` has no validation rows.
     """
-    models = [load(run) for run in runs]
     ensemble = combine(models, name=Path(out_dir).name)
     val = table[table["split"] == "val"]
     if val.empty:
