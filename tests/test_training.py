@@ -17,6 +17,7 @@ import torch
 from fracdet.data import load_dataset
 from fracdet.training import ConfigError, RunExistsError, TrainConfig, load_config, train
 from fracdet.training.augment import epoch_indices
+from fracdet.utils.cache import FeatureCache
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["image_size=32", "batch_size=8", "optimizer.lr=0.01"]
@@ -98,8 +99,6 @@ def test_epoch_sampling_balances_classes_and_is_reproducible():
 
 
 def test_training_writes_a_traceable_run_folder(sample_root, cache_dir, tmp_path):
-    from fracdet.utils.cache import FeatureCache
-
     manifest = sample_manifest(sample_root)
     result = train(tiny_config(), manifest, tmp_path / "run", cache=FeatureCache(cache_dir))
     run = result.out_dir
@@ -125,8 +124,6 @@ def test_training_writes_a_traceable_run_folder(sample_root, cache_dir, tmp_path
 def test_training_leaves_out_copy_groups_that_carry_both_labels(sample_root, cache_dir, tmp_path):
     import json
 
-    from fracdet.utils.cache import FeatureCache
-
     manifest = sample_manifest(sample_root)
     train_rows = manifest.index[manifest["split"] == "train"]
     fractured = train_rows[manifest.loc[train_rows, "label"] == 1][0]
@@ -149,8 +146,6 @@ def test_training_needs_train_and_val_rows(sample_root, tmp_path):
     ("schedule", "balance"), [("step", "class_weights"), ("onecycle", "sampler"), ("plateau", "undersample")]
 )
 def test_schedules_and_balancing_train(sample_root, cache_dir, tmp_path, schedule, balance):
-    from fracdet.utils.cache import FeatureCache
-
     config = tiny_config(**{"schedule.name": schedule, "balance": balance, "epochs": 2, "augment.rotation": 10,
                             "augment.hflip": 0.5, "augment.contrast": 0.2, "optimizer.name": "sgd"})  # fmt: skip
     result = train(config, sample_manifest(sample_root), tmp_path / "run", cache=FeatureCache(cache_dir))
@@ -159,8 +154,6 @@ def test_schedules_and_balancing_train(sample_root, cache_dir, tmp_path, schedul
 
 
 def test_early_stopping_ends_the_run(sample_root, cache_dir, tmp_path):
-    from fracdet.utils.cache import FeatureCache
-
     config = tiny_config(epochs=30, early_stopping=2, **{"optimizer.lr": 1e-9})  # nothing can improve
     result = train(config, sample_manifest(sample_root), tmp_path / "run", cache=FeatureCache(cache_dir))
     assert result.stopped_early
@@ -179,8 +172,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_dir, tmp_path):
-    from fracdet.utils.cache import FeatureCache
-
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     config = tiny_config(epochs=4, **{"augment.hflip": 0.5, "augment.rotation": 10, "balance": "sampler"})
     train(config, manifest, tmp_path / "straight", cache=cache)
@@ -219,8 +210,6 @@ train(tiny_config(epochs=4), sample_manifest(Path({sample!r})), Path({run!r}), c
 
 
 def test_a_killed_training_process_resumes_from_its_last_checkpoint(sample_root, cache_dir, tmp_path):
-    from fracdet.utils.cache import FeatureCache
-
     marker, run = tmp_path / "marker", tmp_path / "killed"
     script = KILLABLE.format(tests=str(REPO / "tests"), marker=str(marker), sample=str(sample_root), run=str(run),
                              cache=str(cache_dir))  # fmt: skip
@@ -247,7 +236,7 @@ def test_sweep_trains_each_combination_once_and_tabulates_validation_metrics(sam
     from fracdet.training.sweep import run_sweep
 
     manifest = sample_manifest(sample_root)
-    grid = {"lrs": [0.01, 0.001], "batch_sizes": [8], "epochs": [1, 2]}
+    grid = {"lrs": [0.01, 0.001], "batch_sizes": [8], "epochs": [1, 2], "cache": FeatureCache(cache_dir)}
     table = run_sweep(tiny_config(), manifest, tmp_path / "sweep", **grid)
     assert len(table) == 4
     assert {"lr", "batch_size", "epochs", "best_epoch", "val_auc", "val_accuracy"} <= set(table.columns)
@@ -257,6 +246,36 @@ def test_sweep_trains_each_combination_once_and_tabulates_validation_metrics(sam
     again = run_sweep(tiny_config(), manifest, tmp_path / "sweep", **grid)  # finished runs are read back
     assert again.drop(columns="seconds").equals(table.drop(columns="seconds"))
     assert all(p.stat().st_mtime == t for p, t in mtimes.items())
+
+
+def test_sweep_reads_shorter_epoch_counts_off_one_run_when_the_schedule_ignores_the_total(
+    sample_root, cache_dir, tmp_path
+):
+    from fracdet.training.sweep import epochs_share_a_run, run_sweep
+
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    config = tiny_config(**{"augment.hflip": 0.5, "balance": "sampler"})  # constant rate, as in the paper
+    assert epochs_share_a_run(config)
+    grid = {"lrs": [0.01], "batch_sizes": [8], "epochs": [1, 3], "cache": cache}
+    table = run_sweep(config, manifest, tmp_path / "sweep", **grid)
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["lr0.01_bs8_ep3"]
+    assert list(table["run"]) == ["lr0.01_bs8_ep3"] * 2
+    assert table.loc[0, "best_epoch"] == 1
+    # what the 1-epoch row claims is what a 1-epoch run of its own measures
+    alone = train(config.with_overrides(["epochs=1"]), manifest, tmp_path / "alone", cache=cache).history.iloc[0]
+    assert table.loc[0, ["val_loss", "val_auc", "val_accuracy"]].tolist() == pytest.approx(
+        [alone["val_loss"], alone["val_auc"], alone["val_accuracy"]], abs=1e-6
+    )
+
+
+def test_sweep_trains_each_epoch_count_when_the_schedule_depends_on_it(sample_root, cache_dir, tmp_path):
+    from fracdet.training.sweep import epochs_share_a_run, run_sweep
+
+    config = tiny_config(**{"schedule.name": "cosine"})
+    assert not epochs_share_a_run(config)
+    grid = {"lrs": [0.01], "batch_sizes": [8], "epochs": [1, 2], "cache": FeatureCache(cache_dir)}
+    table = run_sweep(config, sample_manifest(sample_root), tmp_path / "sweep", **grid)
+    assert list(table["run"]) == ["lr0.01_bs8_ep1", "lr0.01_bs8_ep2"]
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -375,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default: runs/sweep-CONFIG_NAME); rerun to continue")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
     p.add_argument("--batch-size", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--epochs", type=int, nargs="+", default=[10, 25, 49])
+    p.add_argument(
+        "--epochs", type=int, nargs="+", default=[10, 25, 49],
+        help="epoch counts; when the schedule ignores the total (none, step, plateau) one run per learning rate"
+        " x batch size trains to the largest and the shorter counts are read off its history",
+    )  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_sweep)
 
