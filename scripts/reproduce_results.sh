@@ -37,14 +37,27 @@ train paper-fracatlas-seed0 --config configs/paper.yaml --data "$FA" --splits sp
 for seed in 0 1 2; do
     train "fracatlas-default-seed$seed" --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set seed=$seed
     "$F" evaluate "runs/fracatlas-default-seed$seed" --data "$FA" --split test --out "runs/eval/study4-default-seed$seed-test"
+    "$F" evaluate "runs/fracatlas-default-seed$seed" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/study4-default-seed$seed-test-tta"
 done
-"$F" evaluate runs/fracatlas-default-seed0 --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-default-seed0-test-tta
 # ... and the three seeds as one ensemble (mean logit margin, calibrated on val), without and with flip TTA.
 if [ ! -f runs/fracatlas-ensemble-3seeds/model.json ]; then
     "$F" ensemble runs/fracatlas-default-seed0 runs/fracatlas-default-seed1 runs/fracatlas-default-seed2 --half --out runs/fracatlas-ensemble-3seeds
 fi
 "$F" evaluate runs/fracatlas-ensemble-3seeds --data "$FA" --split test --out runs/eval/study4-ensemble-3seeds-test
 "$F" evaluate runs/fracatlas-ensemble-3seeds --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-ensemble-3seeds-test-tta
+
+# ... and one lever at a time against seed 0 (same split, same 6 CPU epochs).
+train fracatlas-lever-no-balance-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set balance=none
+train fracatlas-lever-no-augment-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv \
+    --set augment.hflip=0 --set augment.rotation=0 --set augment.scale=0 --set augment.translate=0 --set augment.contrast=0
+train fracatlas-lever-scratch-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set pretrained=false
+for lever in no-balance no-augment scratch; do
+    "$F" evaluate "runs/fracatlas-lever-$lever-seed0" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$lever-seed0-test"
+done
+
+# The hyper-parameter study (validation only), the paper's network at 64 px on the same split.
+"$F" sweep --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --out runs/sweep-paper-fracatlas-64px \
+    --set image_size=64 --lr 0.001 0.0001 --batch-size 16 32 --epochs 5 10
 
 # 5. Across datasets, without the images the two sets share.
 "$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-fracatlas-model-on-multiregion
