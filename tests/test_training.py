@@ -242,6 +242,7 @@ def test_sweep_trains_each_combination_once_and_tabulates_validation_metrics(sam
     assert {"lr", "batch_size", "epochs", "best_epoch", "val_auc", "val_accuracy"} <= set(table.columns)
     assert not any("test" in c for c in table.columns)
     assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4 + 2
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "sweep").glob("*/model.safetensors")}
     again = run_sweep(tiny_config(), manifest, tmp_path / "sweep", **grid)  # finished runs are read back
     assert again.drop(columns="seconds").equals(table.drop(columns="seconds"))

@@ -25,7 +25,7 @@ from fracdet.training.config import TrainConfig
 from fracdet.training.trainer import train
 from fracdet.utils.cache import FeatureCache
 
-__all__ = ["epochs_share_a_run", "run_sweep", "sweep_name"]
+__all__ = ["epochs_share_a_run", "plot_sweep", "run_sweep", "sweep_name"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,27 @@ def _train_or_read(config: TrainConfig, manifest: pd.DataFrame, run: Path, cache
     return train(None if resume else config, manifest, run, resume=resume, cache=cache).history
 
 
+def plot_sweep(histories: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Validation loss, accuracy and AUC per epoch, one line per run: the paper's curves per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, metric in zip(axes, ("loss", "accuracy", "auc"), strict=True):
+        for name, history in histories.items():
+            ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"validation {metric}")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_sweep(
     base: TrainConfig,
     manifest: pd.DataFrame,
@@ -63,12 +84,12 @@ def run_sweep(
     The row holds the best epoch by the config's monitored validation metric among the first ``epochs``
     epochs, the validation loss, accuracy and AUC at that epoch, the training time of those epochs and the
     run folder they come from. ``cache`` is the pixel cache (default: the feature cache). Written to
-    ``out_dir/sweep.csv`` and ``sweep.md`` as it goes.
+    ``out_dir/sweep.csv`` and ``sweep.md`` as it goes, with the runs' validation curves in ``sweep.png``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shared = epochs_share_a_run(base)
-    rows = []
+    rows, curves = [], {}
     for lr, bs in itertools.product(lrs, batch_sizes):
         lengths = [max(epochs)] if shared else list(epochs)
         histories = {}
@@ -76,6 +97,7 @@ def run_sweep(
             config = base.with_overrides([f"optimizer.lr={lr}", f"batch_size={bs}", f"epochs={length}"])
             run = out / sweep_name(lr, bs, length)
             histories[length] = (run, _train_or_read(config, manifest, run, cache))
+            curves[run.name] = histories[length][1]
         for ep in epochs:
             run, history = histories[max(epochs) if shared else ep]
             prefix = history[history["epoch"] <= ep]
@@ -88,4 +110,5 @@ def run_sweep(
         table = pd.DataFrame(rows)
         table.to_csv(out / "sweep.csv", index=False)
         (out / "sweep.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+        plot_sweep(curves, out / "sweep.png")
     return pd.DataFrame(rows)
