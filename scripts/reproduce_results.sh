@@ -51,8 +51,10 @@ train fracatlas-lever-no-balance-seed0 --config configs/default.yaml --data "$FA
 train fracatlas-lever-no-augment-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv \
     --set augment.hflip=0 --set augment.rotation=0 --set augment.scale=0 --set augment.translate=0 --set augment.contrast=0
 train fracatlas-lever-scratch-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set pretrained=false
-for lever in no-balance no-augment scratch; do
-    "$F" evaluate "runs/fracatlas-lever-$lever-seed0" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$lever-seed0-test"
+# no balancing once more with seed 1, to tell its effect from seed noise
+train fracatlas-lever-no-balance-seed1 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set balance=none --set seed=1
+for run in no-balance-seed0 no-augment-seed0 scratch-seed0 no-balance-seed1; do
+    "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
 done
 
 # The hyper-parameter study (validation only), the paper's network at 64 px on the same split.
