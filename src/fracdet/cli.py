@@ -137,7 +137,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     from fracdet.training import load_config, train
 
     out = Path(args.out) if args.out else None
@@ -176,7 +175,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-
     from fracdet.evaluation import evaluate, metrics_table, write_report
     from fracdet.evaluation.evaluate import TEST_SELECTION_WARNING
     from fracdet.models import load
