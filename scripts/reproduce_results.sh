@@ -53,7 +53,11 @@ train fracatlas-lever-no-augment-seed0 --config configs/default.yaml --data "$FA
 train fracatlas-lever-scratch-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set pretrained=false
 # no balancing once more with seed 1, to tell its effect from seed noise
 train fracatlas-lever-no-balance-seed1 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set balance=none --set seed=1
-for run in no-balance-seed0 no-augment-seed0 scratch-seed0 no-balance-seed1; do
+# longer training, higher resolution, and under-sampling instead of class weights
+train fracatlas-lever-epochs12-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set epochs=12
+train fracatlas-lever-size320-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set image_size=320
+train fracatlas-lever-undersample-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set balance=undersample
+for run in no-balance-seed0 no-augment-seed0 scratch-seed0 no-balance-seed1 epochs12-seed0 size320-seed0 undersample-seed0; do
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
 done
 
