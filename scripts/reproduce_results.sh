@@ -60,6 +60,7 @@ train fracatlas-lever-undersample-seed0 --config configs/default.yaml --data "$F
 for run in no-balance-seed0 no-augment-seed0 scratch-seed0 no-balance-seed1 epochs12-seed0 size320-seed0 undersample-seed0; do
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
 done
+"$F" evaluate runs/fracatlas-lever-size320-seed0 --data "$FA" --split test --tta --no-heatmaps --out runs/eval/lever-size320-seed0-test-tta
 
 # The hyper-parameter study (validation only), the paper's network at 64 px on the same split.
 "$F" sweep --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --out runs/sweep-paper-fracatlas-64px \
