@@ -6,11 +6,10 @@ running it again: finished runs are read back, an unfinished one resumes from it
 When the learning-rate schedule does not depend on the total number of epochs (``none``, ``step``,
 ``plateau``, as in the paper's constant rate), a run of E epochs is exactly the first E epochs of a longer
 run: the initial weights come from the seed and every epoch is seeded by ``(seed, epoch)`` (bit for bit on
-the CPU; up to the nondeterminism of GPU kernels otherwise). The sweep then
-trains one run per learning rate x batch size, to the largest epoch count, and reads each shorter count off
-its per-epoch history; the paper's grid of 10, 25 and 49 epochs costs 49 epochs instead of 84. With
-``cosine`` or ``onecycle`` each count is a run of its own. The table reports validation metrics only; the
-test split stays untouched.
+the CPU; up to the nondeterminism of GPU kernels otherwise). The sweep then trains one run per learning
+rate x batch size, to the largest epoch count, and reads each shorter count off its per-epoch history; the
+paper's grid of 10, 25 and 49 epochs costs 49 epochs instead of 84. With ``cosine`` or ``onecycle`` each
+count is a run of its own. The table reports validation metrics only; the test split stays untouched.
 """
 
 from __future__ import annotations
