@@ -148,3 +148,49 @@ def test_a_released_run_loads_by_name_and_carries_its_reported_numbers(tiny_run,
     reported = released.meta["reported"]
     assert reported["val"]["auc"] == pytest.approx(result.points["sens90"]["auc"])
     assert reported["command"] == "fracdet evaluate tiny-release --split val"
+
+
+def test_a_release_from_a_tta_report_scores_with_the_mirror_everywhere(tiny_run, sample_root_module, cache_dir,
+                                                                       tmp_path, monkeypatch):  # fmt: skip
+    from scipy.special import logit
+
+    from fracdet.inference import Predictor
+    from fracdet.models import package_release
+
+    manifest = sample_manifest(sample_root_module)
+    manifest["split"] = np.where(np.arange(len(manifest)) % 3 == 1, "test", manifest["split"])
+    result = evaluate(load(tiny_run), manifest, split="test", n_boot=20, tta=True, cache=FeatureCache(cache_dir))
+    write_report(result, tmp_path / "eval")
+    monkeypatch.setenv("FRACDET_MODELS", str(tmp_path / "models"))
+    package_release(tiny_run, "tiny-tta", version="1.0", report=tmp_path / "eval" / "metrics.json")
+    released = load("tiny-tta")
+
+    # The release carries the calibration that was fitted on validation margins scored with the mirror.
+    assert released.tta and not load(tiny_run).tta
+    assert released.temperature == pytest.approx(result.temperature)
+    assert released.threshold == pytest.approx(result.thresholds["sens90"])
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    plain, flipped = released.margins(images, tta=False), released.margins(images[:, :, ::-1].copy(), tta=False)
+    assert np.abs(plain - flipped).min() > 0.1  # the mirror changes the score, so the checks below can fail
+    np.testing.assert_allclose(released.margins(images), (plain + flipped) / 2, rtol=1e-5)
+    # The predictor (CLI and web page) gives the same verdict, heatmap or not.
+    for heatmaps in (True, False):
+        prediction = Predictor(released, heatmaps=heatmaps).predict_pixels(images[0].astype(np.float32) / 255)
+        margin = released.temperature * logit(prediction.probability)
+        assert margin == pytest.approx((plain[0] + flipped[0]) / 2, rel=1e-4)
+    # Re-evaluating the release applies its own setting and reproduces the report.
+    again = evaluate(released, manifest, split="test", n_boot=20, cache=FeatureCache(cache_dir))
+    assert again.tta and again.points["sens90"]["auc"] == pytest.approx(result.points["sens90"]["auc"])
+
+
+def test_a_release_refuses_a_tta_report_whose_thresholds_were_not_refitted(tiny_run, sample_root_module, cache_dir,
+                                                                          tmp_path):  # fmt: skip
+    from fracdet.models import package_release
+
+    manifest = sample_manifest(sample_root_module)
+    result = evaluate(load(tiny_run), manifest, split="val", n_boot=20, tta=True, cache=FeatureCache(cache_dir))
+    write_report(result, tmp_path / "eval")
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        package_release(tiny_run, "tiny-tta", version="1.0", report=tmp_path / "eval" / "metrics.json",
+                        dest=tmp_path / "models")  # fmt: skip
+    assert not (tmp_path / "models").exists()

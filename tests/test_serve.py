@@ -113,6 +113,7 @@ def test_server_stays_up_after_bad_input(client, sample_root):
 def test_model_health_openapi_and_page(client):
     info = client.get("/api/v1/model").json()
     assert info["threshold"] == 0.3 and info["limits"]["max_upload_mb"] == 50
+    assert info["tta"] is False  # said, because it changes what a probability means
     assert client.get("/docs").status_code == 200
     assert "/api/v1/predict" in client.get("/openapi.json").json()["paths"]
     page = client.get("/").text

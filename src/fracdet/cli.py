@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--dest", help="releases folder (default: the repository's models/ or $FRACDET_MODELS)")
-    p.add_argument("--report", help="metrics.json of `fracdet evaluate` on the test split, quoted by the card")
+    p.add_argument("--report", help="metrics.json of `fracdet evaluate` on the test split, quoted by the card; "
+                   "the release takes its calibration and test-time augmentation setting")  # fmt: skip
     p.add_argument("--command", help="the command that reproduces --report")
     p.set_defaults(func=cmd_release)
 
@@ -423,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to measure: train, val, test or all (default: test)")
     p.add_argument("--out", help="report folder (default: runs/eval/MODEL-SPLIT)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation: average with the mirror image (default: as the model does)",
+    )
     p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM localisation check")
     p.add_argument(
         "--exclude-shared-with",

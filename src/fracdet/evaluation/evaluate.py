@@ -98,7 +98,7 @@ def evaluate(
     cache: FeatureCache | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    tta: bool = False,
+    tta: bool | None = None,
 ) -> Evaluation:
     """Measure ``model`` on the ``split`` rows of ``table``.
 
@@ -108,8 +108,9 @@ def evaluate(
             thresholds (the same fit training stored, unless the split differs). With ``split="all"``
             (every row, e.g. another dataset) or ``"val"``, the model's stored ones are used.
         n_boot: bootstrap resamples (of whole groups) for the 95% intervals.
-        tta: average each image with its mirror image.
+        tta: average each image with its mirror image (``None``: as the model does, ``model.tta``).
     """
+    tta = model.tta if tta is None else tta
     size = model.preprocess.input_size
     target = table.assign(split="all") if split == "all" else table[table["split"] == split]
     if target.empty:

@@ -95,6 +95,9 @@ class Predictor:
         if self.explainer is not None:
             explanation = self.explainer(image[None])
             margin, heatmap = float(explanation.margins[0]), explanation.heatmaps[0]
+            if self.model.tta:  # the heatmap is of the image as given; the verdict is the model's, mirror included
+                mirrored = float(self.model.margins(image[None, :, ::-1].copy(), tta=False)[0])
+                margin = (margin + mirrored) / 2
         else:
             margin, heatmap = float(self.model.margins(image[None])[0]), None
         done = time.perf_counter()

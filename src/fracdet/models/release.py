@@ -65,6 +65,8 @@ class TrainedModel:
         threshold: probability at or above which the verdict is "fracture" (chosen on validation).
         operating_point: which rule chose ``threshold`` (``sens90``: sensitivity 0.90 on validation).
         thresholds: every named operating point.
+        tta: score every image as the mean of it and its mirror image. Part of the model, not a
+            serving option: the temperature and thresholds were fitted on margins scored this way.
         meta: the whole ``model.json``.
         folder: where it was loaded from.
     """
@@ -77,6 +79,7 @@ class TrainedModel:
     threshold: float = 0.5
     operating_point: str = "0.5"
     thresholds: dict[str, float] = field(default_factory=dict)
+    tta: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
 
@@ -90,10 +93,11 @@ class TrainedModel:
         path = self.folder / "splits.csv" if self.folder else None
         return path if path and path.is_file() else None
 
-    def margins(self, images: np.ndarray, *, tta: bool = False, **kwargs: Any) -> np.ndarray:
-        return predict_margins(self.module, images, self.preprocess, tta=tta, **kwargs)
+    def margins(self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any) -> np.ndarray:
+        """Logit margins of ``(N, H, W)`` uint8 images (``tta=None``: as the model was calibrated)."""
+        return predict_margins(self.module, images, self.preprocess, tta=self.tta if tta is None else tta, **kwargs)
 
-    def predict_proba(self, images: np.ndarray, *, tta: bool = False, **kwargs: Any) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any) -> np.ndarray:
         """Calibrated fracture probabilities of ``(N, H, W)`` uint8 images at the model's input size."""
         from scipy.special import expit
 
@@ -135,7 +139,8 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     module.load_state_dict(state)  # casts half-precision stored weights back to float32
     module.to(device).eval()
     if from_checkpoint:  # model.json calibrates the best weights, not necessarily these: nothing fitted yet
-        meta = {k: v for k, v in meta.items() if k not in ("temperature", "thresholds", "threshold", "operating_point")}
+        fitted = ("temperature", "thresholds", "threshold", "operating_point", "tta")
+        meta = {k: v for k, v in meta.items() if k not in fitted}
     thresholds = {k: float(v) for k, v in meta.get("thresholds", {}).items()}
     return TrainedModel(
         module=module,
@@ -146,6 +151,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         threshold=float(meta.get("threshold", 0.5)),
         operating_point=str(meta.get("operating_point", "0.5")),
         thresholds=thresholds,
+        tta=bool(meta.get("tta", False)),
         meta=meta,
         folder=folder,
     )
@@ -168,6 +174,8 @@ def package_release(
     Args:
         report: ``metrics.json`` of ``fracdet evaluate`` on the test split: its numbers at the model's
             operating point are stored as ``reported`` (the model card quotes them; a test re-measures).
+            The release becomes the model as evaluated: it takes the report's test-time augmentation
+            setting with the temperature and thresholds that evaluation fitted on validation.
         command: the command that re-measures them, stored beside them.
     """
     import shutil
@@ -175,16 +183,18 @@ def package_release(
     run = Path(run_dir)
     if not (run / "model.json").is_file():
         raise FileNotFoundError(f"{run} has no model.json: train to the end (or resume) before releasing")
-    target = Path(dest or releases_dir()) / name
-    target.mkdir(parents=True, exist_ok=True)
-    for file in RELEASE_FILES:
-        if (run / file).is_file():
-            shutil.copy2(run / file, target / file)
     meta = json.loads((run / "model.json").read_text())
     meta.update(name=name, version=version, run=run.name)
-    if report is not None:
-        metrics = json.loads(Path(report).read_text())
-        point = metrics["operating_points"][meta.get("operating_point", "sens90")]
+    metrics = json.loads(Path(report).read_text()) if report is not None else None
+    if metrics is not None:
+        tta = bool(metrics.get("tta", False))
+        if tta != bool(meta.get("tta", False)) and not str(metrics.get("thresholds_from", "")).startswith("val"):
+            raise ValueError(f"{report}: test-time augmentation changed, but no validation split re-fitted thresholds")
+        point_name = meta.setdefault("operating_point", "sens90")
+        thresholds = metrics["thresholds"]
+        meta.update(tta=tta, temperature=metrics["temperature"], thresholds=thresholds)
+        meta["threshold"] = thresholds[point_name]
+        point = metrics["operating_points"][point_name]
         keep = ("threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "kappa", "auc",
                 "average_precision", "tp", "fp", "tn", "fn", "ci95")  # fmt: skip
         meta["reported"] = {
@@ -194,6 +204,11 @@ def package_release(
                                **{k: point[k] for k in keep}},
             "ece_after_temperature": metrics["calibration"]["ece_after"],
         }  # fmt: skip
+    target = Path(dest or releases_dir()) / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in RELEASE_FILES:
+        if (run / file).is_file():
+            shutil.copy2(run / file, target / file)
     (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return target
 
@@ -223,6 +238,7 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
         "thresholds": model.thresholds,
         "operating_point": model.operating_point,
         "threshold": model.threshold,
+        "tta": model.tta,
         "weights_dtype": "float16" if half else "float32",
     }
     write_json(target / "model.json", meta)

@@ -154,6 +154,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             "arch": model.arch,
             "threshold": model.threshold,
             "operating_point": model.operating_point,
+            "tta": model.tta,
             "limits": {
                 "max_upload_mb": config.max_upload_mb,
                 "max_pixels": config.max_pixels,
