@@ -61,6 +61,12 @@ for run in no-balance-seed0 no-augment-seed0 scratch-seed0 no-balance-seed1 epoc
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
 done
 "$F" evaluate runs/fracatlas-lever-size320-seed0 --data "$FA" --split test --tta --no-heatmaps --out runs/eval/lever-size320-seed0-test-tta
+# 320 px with two more seeds: does the gain of seed 0 hold for the mean the target is about?
+for seed in 1 2; do
+    train "fracatlas-lever-size320-seed$seed" --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set image_size=320 --set seed=$seed
+    "$F" evaluate "runs/fracatlas-lever-size320-seed$seed" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-size320-seed$seed-test"
+    "$F" evaluate "runs/fracatlas-lever-size320-seed$seed" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/lever-size320-seed$seed-test-tta"
+done
 
 # The hyper-parameter study (validation only), the paper's network at 64 px on the same split.
 "$F" sweep --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --out runs/sweep-paper-fracatlas-64px \

@@ -74,6 +74,7 @@ def seed_table(evals: Path) -> pd.DataFrame:
             values = pd.Series([p[metric] for p in points])
             row[f"{metric} (mean ± sd)"] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
         row["per seed AUC"] = ", ".join(f"{p['auc']:.3f}" for p in points)
+        row["per seed specificity"] = ", ".join(f"{p['specificity']:.3f}" for p in points)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from fracdet.evaluation import binary_metrics, bootstrap_intervals, evaluate, expected_calibration_error, write_report
+from fracdet.evaluation import (
+    binary_metrics,
+    bootstrap_intervals,
+    evaluate,
+    expected_calibration_error,
+    threshold_choice_intervals,
+    write_report,
+)
 from fracdet.models import load
 from fracdet.training import choose_thresholds, fit_temperature, probabilities, train
 from fracdet.utils.cache import FeatureCache
@@ -59,6 +66,30 @@ def test_thresholds_are_chosen_for_their_targets():
     assert t["sens95"] <= t["sens90"]
 
 
+def test_threshold_choice_intervals_show_how_far_a_validation_chosen_operating_point_moves():
+    rng = np.random.default_rng(2)
+
+    def scores(n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+        return labels, 1 / (1 + np.exp(-(rng.normal(size=len(labels)) + 2 * labels)))
+
+    test_labels, test_probs = scores(2000, 8000)
+    widths = {}
+    for n_pos in (30, 3000):  # validation fractures
+        val_labels, val_probs = scores(n_pos, 4 * n_pos)
+        moves = threshold_choice_intervals(val_labels, val_probs, test_labels, test_probs, choose_thresholds,
+                                           n_boot=200)  # fmt: skip
+        chosen = choose_thresholds(val_labels, val_probs)["sens90"]
+        sens90 = moves["sens90"]
+        assert sens90["threshold"][0] <= chosen <= sens90["threshold"][1]
+        spec = binary_metrics(test_labels, test_probs, chosen)["specificity"]
+        assert sens90["specificity"][0] <= spec <= sens90["specificity"][1]
+        assert moves["0.5"]["threshold"] == (0.5, 0.5)  # a fixed rule does not move
+        widths[n_pos] = sens90["specificity"][1] - sens90["specificity"][0]
+    # about a hundred times fewer fractures: about ten times wider
+    assert widths[30] > 5 * widths[3000]
+
+
 def test_temperature_scaling_recovers_an_overconfident_model():
     rng = np.random.default_rng(2)
     true_margin = rng.normal(0, 2, 20000)
@@ -100,6 +131,8 @@ def test_evaluate_writes_metrics_pictures_and_report(tiny_run, sample_root_modul
     assert data["checkpoint_selected_on"] == "val" and data["warning"] is None
     assert data["images"] == len(result.predictions) > 0
     assert {"auc", "sensitivity"} <= set(data["operating_points"]["sens90"]["ci95"])
+    moves = data["operating_points"]["sens90"]["threshold_choice_ci95"]
+    assert moves["threshold"][0] <= result.thresholds["sens90"] <= moves["threshold"][1]
     assert set(result.subgroups["by"]) == {"region", "view"}
     html = report.read_text()
     assert "data:image/png;base64" in html and 'class="warn"' not in html

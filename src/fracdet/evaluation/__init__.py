@@ -9,7 +9,12 @@ write_report(result, "eval/")
 from __future__ import annotations
 
 from fracdet.evaluation.evaluate import Evaluation, evaluate, metrics_table, subgroup_metrics, write_report
-from fracdet.evaluation.metrics import binary_metrics, bootstrap_intervals, expected_calibration_error
+from fracdet.evaluation.metrics import (
+    binary_metrics,
+    bootstrap_intervals,
+    expected_calibration_error,
+    threshold_choice_intervals,
+)
 
 __all__ = [
     "Evaluation",
@@ -19,5 +24,6 @@ __all__ = [
     "expected_calibration_error",
     "metrics_table",
     "subgroup_metrics",
+    "threshold_choice_intervals",
     "write_report",
 ]

@@ -26,6 +26,7 @@ from fracdet.evaluation.metrics import (
     bootstrap_intervals,
     expected_calibration_error,
     reliability_bins,
+    threshold_choice_intervals,
 )
 from fracdet.models.release import TrainedModel
 from fracdet.training.calibrate import OPERATING_POINTS, choose_thresholds, fit_temperature, probabilities
@@ -127,7 +128,8 @@ def evaluate(
         val_margins = model.margins(val_pixels.images, tta=tta, progress_desc="scoring val")
         val_labels = val_pixels.table["label"].to_numpy(int)
         temperature = fit_temperature(val_margins, val_labels)
-        thresholds = choose_thresholds(val_labels, probabilities(val_margins, temperature))
+        val_probs = probabilities(val_margins, temperature)
+        thresholds = choose_thresholds(val_labels, val_probs)
         source = "val split of this evaluation"
     elif model.thresholds:
         temperature, thresholds, source = model.temperature, dict(model.thresholds), "stored with the model"
@@ -138,10 +140,17 @@ def evaluate(
 
     probs = probabilities(margins, temperature)
     groups = pixels.table["group"].astype(str).to_numpy() if "group" in pixels.table else None
+    moves = {}
+    if len(val):  # the thresholds are estimates too: how test sensitivity/specificity move with them
+        val_groups = val_pixels.table["group"].astype(str).to_numpy() if "group" in val_pixels.table else None
+        moves = threshold_choice_intervals(val_labels, val_probs, labels, probs, choose_thresholds,
+                                           groups=val_groups, n_boot=n_boot, seed=seed)  # fmt: skip
     points = {}
     for name in OPERATING_POINTS:
         values = binary_metrics(labels, probs, thresholds[name])
         values["ci95"] = bootstrap_intervals(labels, probs, thresholds[name], groups=groups, n_boot=n_boot, seed=seed)
+        if name in moves:
+            values["threshold_choice_ci95"] = moves[name]
         points[name] = values
     default = model.operating_point if model.operating_point in points else "sens90"
     raw = probabilities(margins, 1.0)
@@ -258,6 +267,22 @@ expert boxes)</h2><table><tr><th></th><th>heatmap</th><th>centre baseline</th></
 <td>{loc["centre_iou"]:.3f}</td></tr></table>"""
 
 
+def _threshold_choice_html(result: Evaluation) -> str:
+    rows = {name: m["threshold_choice_ci95"] for name, m in result.points.items() if "threshold_choice_ci95" in m}
+    if not rows:
+        return ""
+    cells = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{ci[k][0]:.3f} – {ci[k][1]:.3f}</td>" for k in ("threshold", "sensitivity", "specificity"))
+        + "</tr>"
+        for name, ci in rows.items()
+    )
+    return f"""<p>The intervals above hold each threshold fixed. Each threshold is itself an estimate from the
+validation split; had validation held other patients (95% bootstrap over its groups, temperature fixed), the
+thresholds and what they give on this split would range over:</p>
+<table><tr><th>operating point</th><th>threshold</th><th>sensitivity</th><th>specificity</th></tr>{cells}</table>"""
+
+
 def _html(result: Evaluation) -> str:
     warn = "" if result.honest else f'<p class="warn">{html.escape(TEST_SELECTION_WARNING)}</p>'
     cal = result.calibration
@@ -274,6 +299,7 @@ def _html(result: Evaluation) -> str:
 Thresholds and temperature (T = {result.temperature:.3f}) from: {html.escape(result.thresholds_from)}.
 Test-time augmentation: {"on" if result.tta else "off"}. Intervals: 95% bootstrap over groups of copies.</p>
 <h2>Metrics at each operating point</h2>{metrics_table(result).to_html(index=False)}
+{_threshold_choice_html(result)}
 <h2>Classification report ({html.escape(result.default_point)})</h2>
 <pre>{html.escape(result.classification_report)}</pre>
 <h2>Calibration</h2><p>Expected calibration error {cal["ece_before"]:.3f} before and {cal["ece_after"]:.3f}
