@@ -219,6 +219,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"WARNING: {TEST_SELECTION_WARNING}")
     print(f"{model.name} on {args.split}: {len(result.predictions)} images, splits from {table.attrs['split_source']}")
     print(metrics_table(result).to_string(index=False))
+    if moves := result.points[result.default_point].get("threshold_choice_ci95"):
+        (t0, t1), (s0, s1) = moves["threshold"], moves["specificity"]
+        print(f"{result.default_point} threshold had validation held other patients: {t0:.3f}-{t1:.3f}, "
+              f"giving specificity {s0:.3f}-{s1:.3f} on {args.split}")  # fmt: skip
     print(f"report: {report}")
     return 0
 
