@@ -46,6 +46,9 @@ fi
 "$F" evaluate runs/fracatlas-ensemble-3seeds --data "$FA" --split test --out runs/eval/study4-ensemble-3seeds-test
 "$F" evaluate runs/fracatlas-ensemble-3seeds --data "$FA" --split test --tta --no-heatmaps --out runs/eval/study4-ensemble-3seeds-test-tta
 
+# ... and the shipped release re-measured: how far its validation-chosen thresholds would move.
+"$F" evaluate fracatlas-default --data "$FA" --split test --no-heatmaps --out runs/eval/thresholds-fracatlas-default-test
+
 # ... and one lever at a time against seed 0 (same split, same 6 CPU epochs).
 train fracatlas-lever-no-balance-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set balance=none
 train fracatlas-lever-no-augment-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv \
