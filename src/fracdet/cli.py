@@ -258,8 +258,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         model = load(name)
         members = model.meta.get("members")
         arch = f"ensemble of {len(members)} {model.arch}" if members else model.arch
-        print(f"  {name:20s} {arch} at {model.preprocess.input_size} px, version {model.version}, "
-              f"threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
+        print(f"  {name:20s} {arch} at {model.preprocess.input_size} px{' with flip TTA' if model.tta else ''}, "
+              f"version {model.version}, threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
     return 0
 
 
