@@ -9,9 +9,12 @@ import pytest
 
 from fracdet.evaluation import (
     binary_metrics,
+    bootstrap_interval,
     bootstrap_intervals,
     evaluate,
     expected_calibration_error,
+    specificity_at_sensitivity,
+    subgroup_metrics,
     threshold_choice_intervals,
     write_report,
 )
@@ -34,6 +37,17 @@ def test_metrics_follow_their_definitions():
     # AUC: of 24 positive-negative pairs, 3 are ordered wrongly (0.6<0.7, 0.2<0.7, 0.2<0.3), one is tied
     assert m["auc"] == pytest.approx((24 - 3 - 0.5) / 24)
     assert np.isnan(binary_metrics(np.zeros(3), np.ones(3) * 0.2, 0.5)["sensitivity"])
+
+
+def test_specificity_at_sensitivity_reads_the_roc_curve_without_choosing_a_threshold_elsewhere():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.8, 0.6, 0.2, 0.7, 0.3, 0.2, 0.1, 0.1, 0.05])
+    assert specificity_at_sensitivity(labels, probs, 0.75) == pytest.approx(5 / 6)  # cut at 0.6: only 0.7 above
+    assert specificity_at_sensitivity(labels, probs, 0.90) == pytest.approx(3 / 6)  # cut at 0.2 keeps the tie
+    assert specificity_at_sensitivity(labels, probs, 0.50) == pytest.approx(1.0)
+    assert np.isnan(specificity_at_sensitivity(np.ones(4), probs[:4], 0.9))
+    lo, hi = bootstrap_interval(lambda y, p: specificity_at_sensitivity(y, p, 0.75), labels, probs, n_boot=200)
+    assert lo <= 5 / 6 <= hi and lo < hi
 
 
 def test_bootstrap_intervals_cover_the_estimate_and_widen_for_copies():
@@ -102,6 +116,27 @@ def test_temperature_scaling_recovers_an_overconfident_model():
     assert after < before / 3
 
 
+def test_subgroups_by_fracture_size_rank_those_fractures_against_every_normal_image():
+    import pandas as pd
+
+    predictions = pd.DataFrame({
+        "label":         [1, 1, 1, 1, 0, 0, 0, 0],
+        "probability":   [0.9, 0.8, 0.2, 0.6, 0.1, 0.3, 0.4, 0.7],
+        "region":        ["hand", "hand", "leg", "leg", "hand", "hand", "leg", "leg"],
+        "hardware":      [True, False, False, False, False, False, False, False],
+        "fracture_size": ["large", "large", "small", "small", None, None, None, None],
+    })  # fmt: skip
+    table = subgroup_metrics(predictions, threshold=0.5).set_index(["by", "value"])
+    small, large = table.loc[("fracture_size", "small")], table.loc[("fracture_size", "large")]
+    assert (small["images"], small["fractures"]) == (6, 2) and (large["images"], large["fractures"]) == (6, 2)
+    assert small["sensitivity"] == 0.5 and large["sensitivity"] == 1.0
+    assert small["specificity"] == large["specificity"] == 0.75  # every normal image, in both rows
+    assert large["auc"] == 1.0 and small["auc"] == pytest.approx((1 + 3) / 8)  # 0.2 and 0.6 beat one and three normals
+    assert table.loc[("hardware", "yes"), "images"] == 1 and table.loc[("hardware", "no"), "images"] == 7
+    leg = table.loc[("region", "leg")]
+    assert (leg["images"], leg["fractures"], leg["specificity"]) == (4, 2, 0.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(sample_root_module, tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("runs") / "tiny"
@@ -133,7 +168,9 @@ def test_evaluate_writes_metrics_pictures_and_report(tiny_run, sample_root_modul
     assert {"auc", "sensitivity"} <= set(data["operating_points"]["sens90"]["ci95"])
     moves = data["operating_points"]["sens90"]["threshold_choice_ci95"]
     assert moves["threshold"][0] <= result.thresholds["sens90"] <= moves["threshold"][1]
-    assert set(result.subgroups["by"]) == {"region", "view"}
+    assert set(result.subgroups["by"]) >= {"region", "view", "fracture_size"}
+    roc = data["roc_specificity_at_sensitivity"]
+    assert set(roc) == {"0.90", "0.95"} and roc["0.95"]["specificity"] <= roc["0.90"]["specificity"]
     html = report.read_text()
     assert "data:image/png;base64" in html and 'class="warn"' not in html
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from fracdet.data import DatasetLayoutError, load_dataset, summary
+from fracdet.data.sources import fracture_size
 
 
 def _copy(sample_root, names, dst):
@@ -27,6 +28,15 @@ def test_fracatlas_layout_with_metadata_and_boxes(sample_root):
     assert len(boxed) > 0 and (boxed["label"] == 1).all()
     assert all(0 <= v <= 1 for boxes in boxed["boxes"] for box in boxes for v in box)
     assert table["region"].notna().all() and table["view"].notna().any()
+    assert boxed["fracture_size"].notna().all() and table.loc[table["label"] == 0, "fracture_size"].isna().all()
+
+
+def test_fracture_size_is_the_largest_box_side_as_a_share_of_the_image():
+    assert fracture_size([]) is None
+    assert fracture_size([[0.1, 0.1, 0.14, 0.14]]).startswith("small")  # 4% of the side
+    assert fracture_size([[0.1, 0.1, 0.14, 0.14], [0.5, 0.5, 0.56, 0.56]]).startswith("medium")  # largest wins
+    assert fracture_size([[0.0, 0.0, 0.05, 0.05]]).startswith("medium")  # 5% is the first medium side
+    assert fracture_size([[0.2, 0.2, 0.3, 0.4]]).startswith("large")  # sqrt(0.1 * 0.2) = 14%
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         (t0, t1), (s0, s1) = moves["threshold"], moves["specificity"]
         print(f"{result.default_point} threshold had validation held other patients: {t0:.3f}-{t1:.3f}, "
               f"giving specificity {s0:.3f}-{s1:.3f} on {args.split}")  # fmt: skip
+    roc = ", ".join(f"{r['specificity']:.3f} at {sens}" for sens, r in result.roc_specificity.items())
+    print(f"specificity on the {args.split} split's own ROC curve (threshold-free): {roc}")
     print(f"report: {report}")
     return 0
 

@@ -11,6 +11,7 @@ import base64
 import html
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from fracdet.evaluation import plots
 from fracdet.evaluation.metrics import (
     METRICS,
     binary_metrics,
+    bootstrap_interval,
     bootstrap_intervals,
     expected_calibration_error,
     reliability_bins,
+    specificity_at_sensitivity,
     threshold_choice_intervals,
 )
 from fracdet.models.release import TrainedModel
@@ -36,6 +39,14 @@ from fracdet.utils.cache import FeatureCache
 __all__ = ["Evaluation", "evaluate", "write_report"]
 
 log = logging.getLogger(__name__)
+
+#: Table columns that split the evaluated images into subgroups (FracAtlas metadata; absent columns are skipped).
+SUBGROUP_COLUMNS = ("region", "view", "hardware", "fracture_size")
+#: Columns that describe fractures only: their rows compare one group's fractures with every image without one.
+_FRACTURE_ONLY = ("fracture_size",)
+#: Sensitivities at which the evaluated split's own ROC is read (threshold-free, like the AUC).
+ROC_SENSITIVITIES = (0.90, 0.95)
+
 
 TEST_SELECTION_WARNING = (
     "This model's checkpoint was selected on the TEST split (paper reproduction). Its test numbers are "
@@ -58,6 +69,7 @@ class Evaluation:
     points: dict[str, dict[str, Any]]
     calibration: dict[str, Any]
     subgroups: pd.DataFrame
+    roc_specificity: dict[str, dict[str, Any]]
     predictions: pd.DataFrame
     classification_report: str
     tta: bool = False
@@ -84,6 +96,7 @@ class Evaluation:
             "thresholds": self.thresholds,
             "default_operating_point": self.default_point,
             "operating_points": self.points,
+            "roc_specificity_at_sensitivity": self.roc_specificity,
             "calibration": self.calibration,
             "subgroups": self.subgroups.to_dict(orient="records"),
             "classification_report": self.classification_report,
@@ -153,6 +166,11 @@ def evaluate(
             values["threshold_choice_ci95"] = moves[name]
         points[name] = values
     default = model.operating_point if model.operating_point in points else "sens90"
+    roc_specificity = {}
+    for target_sens in ROC_SENSITIVITIES:
+        statistic = partial(specificity_at_sensitivity, sensitivity=target_sens)
+        ci = bootstrap_interval(statistic, labels, probs, groups=groups, n_boot=n_boot, seed=seed)
+        roc_specificity[f"{target_sens:.2f}"] = {"specificity": statistic(labels, probs), "ci95": ci}
     raw = probabilities(margins, 1.0)
     calibration = {
         "ece_before": expected_calibration_error(labels, raw),
@@ -160,7 +178,7 @@ def evaluate(
         "reliability_before": reliability_bins(labels, raw),
         "reliability_after": reliability_bins(labels, probs),
     }
-    predictions = pixels.table[[c for c in ("path", "label", "group", "region", "view") if c in pixels.table]].copy()
+    predictions = pixels.table[[c for c in ("path", "label", "group", *SUBGROUP_COLUMNS) if c in pixels.table]].copy()
     predictions["probability"] = probs
     predictions["margin"] = margins
     predictions["predicted"] = (probs >= thresholds[default]).astype(int)
@@ -179,6 +197,7 @@ def evaluate(
         points=points,
         calibration=calibration,
         subgroups=subgroup_metrics(predictions, thresholds[default]),
+        roc_specificity=roc_specificity,
         predictions=predictions,
         classification_report=report,
         tta=tta,
@@ -188,15 +207,25 @@ def evaluate(
 
 
 def subgroup_metrics(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Counts, sensitivity, specificity and AUC per body region and per view (FracAtlas metadata)."""
+    """Counts, sensitivity, specificity and AUC per body region, view, surgical hardware and fracture size.
+
+    A fracture-size row holds the fractures of that size against all images without fracture, so its AUC says
+    how well those fractures are ranked above normal images and its specificity is the overall one.
+    """
     rows = []
-    for column in ("region", "view"):
+    negatives = predictions[predictions["label"] == 0]
+    for column in SUBGROUP_COLUMNS:
         if column not in predictions or predictions[column].isna().all():
             continue
-        for value, part in predictions.groupby(predictions[column].fillna("unknown")):
+        fracture_only = column in _FRACTURE_ONLY
+        groups = predictions[predictions["label"] == 1] if fracture_only else predictions
+        for value, part in groups.groupby(groups[column].astype(object).fillna("unknown")):
+            if fracture_only:
+                part = pd.concat([part, negatives])
             m = binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), threshold)
+            name = ("yes" if value else "no") if isinstance(value, (bool, np.bool_)) else str(value)
             rows.append(
-                {"by": column, "value": value, "images": len(part), "fractures": int(part["label"].sum()),
+                {"by": column, "value": name, "images": len(part), "fractures": int(part["label"].sum()),
                  "sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"]}
             )  # fmt: skip
     return pd.DataFrame(rows, columns=["by", "value", "images", "fractures", "sensitivity", "specificity", "auc"])
@@ -283,6 +312,17 @@ thresholds and what they give on this split would range over:</p>
 <table><tr><th>operating point</th><th>threshold</th><th>sensitivity</th><th>specificity</th></tr>{cells}</table>"""
 
 
+def _roc_html(result: Evaluation) -> str:
+    cells = "".join(
+        f"<tr><td>{html.escape(sens)}</td><td>{r['specificity']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]</td></tr>"
+        for sens, r in result.roc_specificity.items()
+    )
+    return f"""<p>Read off this split's own ROC curve (threshold-free like the AUC; nothing is chosen with it):
+the best specificity any threshold reaches at each sensitivity. Set beside the specificity at the
+validation-chosen threshold, it separates what the ranking costs from what carrying the threshold over costs.</p>
+<table><tr><th>sensitivity</th><th>specificity on the ROC</th></tr>{cells}</table>"""
+
+
 def _html(result: Evaluation) -> str:
     warn = "" if result.honest else f'<p class="warn">{html.escape(TEST_SELECTION_WARNING)}</p>'
     cal = result.calibration
@@ -300,6 +340,7 @@ Thresholds and temperature (T = {result.temperature:.3f}) from: {html.escape(res
 Test-time augmentation: {"on" if result.tta else "off"}. Intervals: 95% bootstrap over groups of copies.</p>
 <h2>Metrics at each operating point</h2>{metrics_table(result).to_html(index=False)}
 {_threshold_choice_html(result)}
+{_roc_html(result)}
 <h2>Classification report ({html.escape(result.default_point)})</h2>
 <pre>{html.escape(result.classification_report)}</pre>
 <h2>Calibration</h2><p>Expected calibration error {cal["ece_before"]:.3f} before and {cal["ece_after"]:.3f}

@@ -11,14 +11,16 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
+from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score, roc_curve
 
 __all__ = [
     "METRICS",
     "binary_metrics",
+    "bootstrap_interval",
     "bootstrap_intervals",
     "expected_calibration_error",
     "reliability_bins",
+    "specificity_at_sensitivity",
     "threshold_choice_intervals",
 ]
 
@@ -62,6 +64,42 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
         "fn": fn,
         "threshold": float(threshold),
     }
+
+
+def specificity_at_sensitivity(labels: np.ndarray, probs: np.ndarray, sensitivity: float) -> float:
+    """The best specificity of any threshold that reaches ``sensitivity`` on these images: a point of their ROC.
+
+    Threshold-free like the AUC, it reads the evaluated split's own curve and chooses nothing. Beside the
+    specificity at a validation-chosen threshold it separates what the ranking costs from what carrying
+    the threshold over from validation costs. ``nan`` unless both classes are present.
+    """
+    y = np.asarray(labels).astype(int)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, np.asarray(probs, np.float64), drop_intermediate=False)
+    return float(1.0 - fpr[np.argmax(tpr >= sensitivity - 1e-12)])
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic(labels, probs)`` over ``n_boot`` resamples of whole groups."""
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, np.float64)
+    members = _group_members(groups, len(y))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        values.append(statistic(y[idx], p[idx]))
+    return _percentiles(values, level)
 
 
 def bootstrap_intervals(
