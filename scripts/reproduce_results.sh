@@ -70,6 +70,13 @@ for seed in 1 2; do
     "$F" evaluate "runs/fracatlas-lever-size320-seed$seed" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-size320-seed$seed-test"
     "$F" evaluate "runs/fracatlas-lever-size320-seed$seed" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/lever-size320-seed$seed-test-tta"
 done
+# Larger backbones of the same family at their native resolutions (ImageNet weights from the -lite1/-lite2 packages).
+train fracatlas-lever-lite2-260-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=efficientnet_lite2 --set image_size=260
+train fracatlas-lever-lite1-240-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=efficientnet_lite1 --set image_size=240
+for run in lite2-260-seed0 lite1-240-seed0; do
+    "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
+    "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/lever-$run-test-tta"
+done
 
 # The hyper-parameter study (validation only), the paper's network at 64 px on the same split.
 "$F" sweep --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --out runs/sweep-paper-fracatlas-64px \
@@ -78,3 +85,6 @@ done
 # 5. Across datasets, without the images the two sets share.
 "$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-fracatlas-model-on-multiregion
 "$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$FA" --splits splits/fracatlas_seed0.csv --split all --exclude-shared-with "$MR" --no-heatmaps --bootstrap 300 --out runs/eval/study5-multiregion-model-on-fracatlas
+
+# The tables of RESULTS.md, with sensitivity by fracture size and surgical hardware.
+.venv/bin/python scripts/results_tables.py --data "$FA"
