@@ -119,15 +119,19 @@ def test_temperature_scaling_recovers_an_overconfident_model():
 def test_subgroups_by_fracture_size_rank_those_fractures_against_every_normal_image():
     import pandas as pd
 
+    from fracdet.data.sources import FRACTURE_SIZES
+
+    (_, small_name), _, (_, large_name) = FRACTURE_SIZES
     predictions = pd.DataFrame({
         "label":         [1, 1, 1, 1, 0, 0, 0, 0],
         "probability":   [0.9, 0.8, 0.2, 0.6, 0.1, 0.3, 0.4, 0.7],
         "region":        ["hand", "hand", "leg", "leg", "hand", "hand", "leg", "leg"],
         "hardware":      [True, False, False, False, False, False, False, False],
-        "fracture_size": ["large", "large", "small", "small", None, None, None, None],
+        "fracture_size": [large_name, large_name, small_name, small_name, None, None, None, None],
     })  # fmt: skip
     table = subgroup_metrics(predictions, threshold=0.5).set_index(["by", "value"])
-    small, large = table.loc[("fracture_size", "small")], table.loc[("fracture_size", "large")]
+    assert list(table.loc["fracture_size"].index) == [small_name, large_name]  # by size, not alphabetically
+    small, large = table.loc[("fracture_size", small_name)], table.loc[("fracture_size", large_name)]
     assert (small["images"], small["fractures"]) == (6, 2) and (large["images"], large["fractures"]) == (6, 2)
     assert small["sensitivity"] == 0.5 and large["sensitivity"] == 1.0
     assert small["specificity"] == large["specificity"] == 0.75  # every normal image, in both rows

@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.metrics import classification_report
 
 from fracdet.data.pixels import load_pixels
+from fracdet.data.sources import FRACTURE_SIZES
 from fracdet.evaluation import plots
 from fracdet.evaluation.metrics import (
     METRICS,
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 SUBGROUP_COLUMNS = ("region", "view", "hardware", "fracture_size")
 #: Columns that describe fractures only: their rows compare one group's fractures with every image without one.
 _FRACTURE_ONLY = ("fracture_size",)
+_SIZE_ORDER = {name: i for i, (_, name) in enumerate(FRACTURE_SIZES)}  # small to large, not alphabetical
 #: Sensitivities at which the evaluated split's own ROC is read (threshold-free, like the AUC).
 ROC_SENSITIVITIES = (0.90, 0.95)
 
@@ -219,7 +221,8 @@ def subgroup_metrics(predictions: pd.DataFrame, threshold: float) -> pd.DataFram
             continue
         fracture_only = column in _FRACTURE_ONLY
         groups = predictions[predictions["label"] == 1] if fracture_only else predictions
-        for value, part in groups.groupby(groups[column].astype(object).fillna("unknown")):
+        parts = groups.groupby(groups[column].astype(object).fillna("unknown"))
+        for value, part in sorted(parts, key=lambda kv: (_SIZE_ORDER.get(kv[0], len(_SIZE_ORDER)), str(kv[0]))):
             if fracture_only:
                 part = pd.concat([part, negatives])
             m = binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), threshold)
