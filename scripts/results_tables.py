@@ -33,7 +33,7 @@ def training_table(runs: Path) -> pd.DataFrame:
         best = history[history["best"].astype(bool)].iloc[-1]
         rows.append(
             {"run": run.name, "model": config["model"], "px": info["input_size"], "seed": config["seed"],
-             "epochs run": len(history), "best epoch": int(best["epoch"]),
+             "epochs planned": config["epochs"], "epochs run": len(history), "best epoch": int(best["epoch"]),
              "selected on": f"{config['select_on']} {config['monitor']}", "device": info["device"],
              "threads": info["threads"], "train minutes": round(history["seconds"].sum() / 60, 1),
              "train images": info["images"]["train"]}
