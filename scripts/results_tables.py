@@ -68,6 +68,7 @@ def seed_groups(evals: Path) -> dict[str, list[Path]]:
 
 
 def roc_specificity(report: Path, sensitivity: float = 0.90) -> float:
+    """Specificity on the report's own ROC at ``sensitivity``, from its scores (older reports lack the field)."""
     from fracdet.evaluation import specificity_at_sensitivity
 
     predictions = pd.read_csv(report / "predictions.csv")
@@ -84,7 +85,6 @@ def seed_table(evals: Path) -> pd.DataFrame:
         for metric in ("auc", "sensitivity", "specificity", "average_precision"):
             values = pd.Series([p[metric] for p in points])
             row[f"{metric} (mean ± sd)"] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
-        # the split's own ROC at sensitivity 0.90 (threshold-free), from the scores, so older reports have it too
         roc = pd.Series([roc_specificity(folder) for folder in folders])
         row["ROC specificity at sens 0.90 (mean ± sd)"] = f"{roc.mean():.3f} ± {roc.std(ddof=1):.3f}"
         row["per seed AUC"] = ", ".join(f"{p['auc']:.3f}" for p in points)
