@@ -71,9 +71,11 @@ for seed in 1 2; do
     "$F" evaluate "runs/fracatlas-lever-size320-seed$seed" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/lever-size320-seed$seed-test-tta"
 done
 # Larger backbones of the same family at their native resolutions (ImageNet weights from the -lite1/-lite2 packages).
-train fracatlas-lever-lite2-260-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=efficientnet_lite2 --set image_size=260
+for seed in 0 1 2; do
+    train "fracatlas-lever-lite2-260-seed$seed" --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=efficientnet_lite2 --set image_size=260 --set seed=$seed
+done
 train fracatlas-lever-lite1-240-seed0 --config configs/default.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=efficientnet_lite1 --set image_size=240
-for run in lite2-260-seed0 lite1-240-seed0; do
+for run in lite2-260-seed0 lite2-260-seed1 lite2-260-seed2 lite1-240-seed0; do
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/lever-$run-test-tta"
 done
