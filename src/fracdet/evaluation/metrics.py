@@ -8,7 +8,7 @@ this is the ordinary bootstrap.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score, roc_curve
@@ -93,12 +93,7 @@ def bootstrap_interval(
     """Percentile interval of ``statistic(labels, probs)`` over ``n_boot`` resamples of whole groups."""
     y = np.asarray(labels).astype(int)
     p = np.asarray(probs, np.float64)
-    members = _group_members(groups, len(y))
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        values.append(statistic(y[idx], p[idx]))
+    values = [statistic(y[idx], p[idx]) for idx in _group_resamples(groups, len(y), n_boot, seed)]
     return _percentiles(values, level)
 
 
@@ -115,12 +110,8 @@ def bootstrap_intervals(
     """Percentile intervals of :data:`METRICS` over ``n_boot`` resamples of whole groups."""
     y = np.asarray(labels).astype(int)
     p = np.asarray(probs, np.float64)
-    members = _group_members(groups, len(y))
-    rng = np.random.default_rng(seed)
     samples = {m: [] for m in METRICS}
-    for _ in range(n_boot):
-        chosen = rng.integers(0, len(members), len(members))
-        idx = np.concatenate([members[g] for g in chosen])
+    for idx in _group_resamples(groups, len(y), n_boot, seed):
         values = binary_metrics(y[idx], p[idx], threshold)
         for m in METRICS:
             samples[m].append(values[m])
@@ -152,11 +143,8 @@ def threshold_choice_intervals(
     """
     vy, vp = np.asarray(val_labels).astype(int), np.asarray(val_probs, np.float64)
     ty, tp = np.asarray(test_labels).astype(int), np.asarray(test_probs, np.float64)
-    members = _group_members(groups, len(vy))
-    rng = np.random.default_rng(seed)
     samples: dict[str, dict[str, list[float]]] = {}
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+    for idx in _group_resamples(groups, len(vy), n_boot, seed):
         for name, threshold in choose(vy[idx], vp[idx]).items():
             predicted = tp >= threshold
             point = samples.setdefault(name, {"threshold": [], "sensitivity": [], "specificity": []})
@@ -164,6 +152,14 @@ def threshold_choice_intervals(
             point["sensitivity"].append(predicted[ty == 1].mean() if (ty == 1).any() else np.nan)
             point["specificity"].append((~predicted[ty == 0]).mean() if (ty == 0).any() else np.nan)
     return {name: {k: _percentiles(v, level) for k, v in point.items()} for name, point in samples.items()}
+
+
+def _group_resamples(groups: np.ndarray | None, n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of ``n_boot`` bootstrap samples, each drawing whole groups with replacement."""
+    members = _group_members(groups, n)
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
 def _group_members(groups: np.ndarray | None, n: int) -> list[np.ndarray]:
