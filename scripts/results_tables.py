@@ -1,6 +1,6 @@
 """Print the tables of docs/RESULTS.md from the run folders and evaluation reports that made them.
 
-    python scripts/results_tables.py [--runs runs] [--data ../shared/data/fracatlas]
+    python scripts/results_tables.py [--runs runs] [--evals runs/eval] [--data ../shared/data/fracatlas]
 
 Reads ``runs/*/metrics.csv``, ``runs/*/run.json``, ``runs/*/config.yaml`` (how each model was trained)
 and ``runs/eval/*/metrics.json`` (what ``fracdet evaluate`` measured), as written by
@@ -124,20 +124,22 @@ def fracture_size_table(evals: Path, data: Path) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs")
+    parser.add_argument("--evals", help="folder of evaluation reports (default: RUNS/eval)")
     parser.add_argument("--data", help="the FracAtlas folder: adds sensitivity by fracture size")
     args = parser.parse_args()
     runs = Path(args.runs)
+    evals = Path(args.evals) if args.evals else runs / "eval"
     print("## Training runs\n")
     print(training_table(runs).to_markdown(index=False))
     print("\n## Evaluations\n")
-    print(evaluation_table(runs / "eval").to_markdown(index=False))
-    seeds = seed_table(runs / "eval")
+    print(evaluation_table(evals).to_markdown(index=False))
+    seeds = seed_table(evals)
     if not seeds.empty:
         print("\n## Across training seeds (operating point sens90, chosen on val)\n")
         print(seeds.to_markdown(index=False))
     if args.data:
         print("\n## By fracture size and surgical hardware (mean over seeds; each size against all normals)\n")
-        print(fracture_size_table(runs / "eval", Path(args.data)).to_markdown(index=False))
+        print(fracture_size_table(evals, Path(args.data)).to_markdown(index=False))
 
 
 if __name__ == "__main__":

@@ -115,14 +115,14 @@ def test_gpu_runs_script_trains_from_a_pack_and_bundles_half_precision_runs(pack
     done = subprocess.run(
         [sys.executable, str(repo / "scripts" / "gpu_runs.py"), "--data", str(result.manifest), "--out", str(out),
          "--runs-dir", str(tmp_path / "runs"), "--config", str(repo / "configs" / "paper.yaml"),
-         "--only", "default384-seed1", "--set", "image_size=32", "--set", "epochs=1"],
+         "--only", "gpu-seed1", "--set", "image_size=32", "--set", "epochs=1"],
         capture_output=True, text=True, timeout=600, cwd=repo,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    with tarfile.open(out / "default384-seed1.tar") as tar:
+    with tarfile.open(out / "gpu-seed1.tar.gz") as tar:
         tar.extractall(tmp_path / "back", filter="data")
-    back = load(tmp_path / "back" / "default384-seed1")
-    trained = load(tmp_path / "runs" / "default384-seed1")
+    back = load(tmp_path / "back" / "gpu-seed1")
+    trained = load(tmp_path / "runs" / "gpu-seed1")
     assert back.meta["weights_dtype"] == "float16" and back.arch == "paper_cnn"
     assert back.threshold == trained.threshold
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)

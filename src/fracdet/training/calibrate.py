@@ -7,6 +7,7 @@ weights, and then applied unchanged to test images and to patients. The test spl
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
@@ -63,15 +64,22 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
 
 
 def calibrate(
-    model: TrainedModel, images: np.ndarray, labels: np.ndarray, *, point: str = "sens90", batch_size: int = 64
+    model: TrainedModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    point: str = "sens90",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
 ) -> TrainedModel:
     """Fit ``model``'s temperature and thresholds on validation images and make ``point`` its operating point.
 
     Args:
         images: ``(N, H, W)`` uint8 validation images at the model's input size.
         labels: their labels (1 = fracture).
+        device: where the model's weights are (training calibrates on its GPU, not the CPU).
     """
-    margins = model.margins(images, batch_size=batch_size)
+    margins = model.margins(images, batch_size=batch_size, device=device)
     model.temperature = fit_temperature(margins, labels)
     model.thresholds = choose_thresholds(labels, probabilities(margins, model.temperature))
     model.operating_point, model.threshold = point, model.thresholds[point]

@@ -329,7 +329,7 @@ def train(
     history_frame = pd.DataFrame(history)
     best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
     model.load_state_dict(best_state["model"])
-    _export(model.cpu(), config, preprocess, parts["val"], out_dir, best_state)
+    _export(model, config, preprocess, parts["val"], out_dir, best_state, device)
     return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
 
 
@@ -355,12 +355,13 @@ def _export(
     val: tuple[np.ndarray, np.ndarray],
     out_dir: Path,
     best_state: dict,
+    device: torch.device,
 ) -> None:
     """Write the best weights with what was fitted on validation: temperature and operating thresholds."""
     meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
             "selected_on": config.select_on, "monitor": config.monitor}  # fmt: skip
     trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
-    calibrate(trained, *val, batch_size=2 * config.batch_size)
+    calibrate(trained, *val, batch_size=2 * config.batch_size, device=device)
     save_model(trained, out_dir)
 
 
