@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
 # Prepare .device/ (git-ignored) for training on a lent GPU machine, which has PyTorch and timm but no
 # datasets, no network and no fracdet install, and takes at most 64 MiB of working tree (the repository's
-# tracked files, about 23 MiB, included):
+# tracked files, about 19 MiB, included):
 #   .device/fracatlas-384/  train + val of the leakage-free FracAtlas split, shrunk to 384 px, WebP q80
 #                           (about 16 MiB; `fracdet pack` measures the re-encoding error: ~1 grey level)
 #   .device/site/           the offline ImageNet weights package of the GPU recipe's EfficientNet-Lite2 (24 MiB)
-# The released model's weights (19 MiB, tracked) would push that over 64 MiB; they are not needed there, so
-# for the call take them out of the index and ignore them, and put them back afterwards:
-#   git rm -q --cached models/fracatlas-default/model.safetensors && echo /models/fracatlas-default/model.safetensors >> .git/info/exclude
-#   ... the call ...; git reset -q models/fracatlas-default/model.safetensors && sed -i '\#model.safetensors#d' .git/info/exclude
+# With the release's float16 weights (9.3 MiB) everything travels: about 59 MiB of 64.
 # Then run on the machine, carrying .device (docs/RESULTS.md, "GPU runs"):
 #   PYTHONPATH=src:.device/site python3 scripts/gpu_runs.py --data .device/fracatlas-384/manifest.csv \
-#       --out $OUT --deadline 450 --parallel 7 --fit-epochs
+#       --out $OUT --deadline 530 --parallel 7 --fit-epochs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${SHARED:-../shared}"

@@ -79,12 +79,32 @@ for run in lite2-260-seed0 lite2-260-seed1 lite2-260-seed2 lite1-240-seed0; do
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --no-heatmaps --out "runs/eval/lever-$run-test"
     "$F" evaluate "runs/fracatlas-lever-$run" --data "$FA" --split test --tta --no-heatmaps --out "runs/eval/lever-$run-test-tta"
 done
-# The release 0.2.0, chosen on validation: Lite2 at 260 px (3-seed mean validation AUC 0.918, Lite0 at 224 px 0.909)
-# and its seed with the best validation AUC (seed 2). It was packaged with
+# The release 0.2.0 was chosen on validation: Lite2 at 260 px (3-seed mean validation AUC 0.918, Lite0 at
+# 224 px 0.909) and its seed with the best validation AUC (seed 2), packaged with
 #   fracdet release runs/fracatlas-lever-lite2-260-seed2 --name fracatlas-default --version 0.2.0 \
 #       --report runs/eval/lever-lite2-260-seed2-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
-# and the committed weights are re-measured here, with heatmaps and the threshold resampling of the model card.
+# The release 0.3.0 (after the GPU runs below, by the rule in docs/RESULTS.md): Lite2 at 320 px, 18 GPU epochs,
+# seed 1, packaged with
+#   fracdet release runs/gpu320/gpu-seed1 --name fracatlas-default --version 0.3.0 \
+#       --report runs/eval/gpu320-gpu-seed1-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
+# and the split manifest of 0.2.0. The committed weights are re-measured here, with heatmaps and the
+# threshold resampling of the model card.
 "$F" evaluate fracatlas-default --data "$FA" --split test --out runs/eval/release-fracatlas-default-test
+
+# On a GPU (docs/RESULTS.md, "GPU runs"): configs/default-gpu.yaml (Lite2, 384 px, 18 epochs) with seeds 0-2
+# and one lever each, and the same 3 seeds at 320 px, trained on a lent GPU by scripts/gpu_runs.py and
+# unpacked into runs/gpu and runs/gpu320. Only their evaluation on the original files runs here (skipped
+# while those folders are absent).
+for group in gpu gpu320; do
+    for run in runs/$group/*/; do
+        [ -f "$run/model.json" ] || continue
+        name="$group-$(basename "$run")"
+        "$F" evaluate "$run" --data "$FA" --splits splits/fracatlas_seed0.csv --split test --no-heatmaps --out "runs/eval/$name-test"
+        case "$name" in *-gpu-seed*)
+            "$F" evaluate "$run" --data "$FA" --splits splits/fracatlas_seed0.csv --split test --tta --no-heatmaps --out "runs/eval/$name-test-tta";;
+        esac
+    done
+done
 
 # The hyper-parameter study (validation only), the paper's network at 64 px on the same split.
 "$F" sweep --config configs/paper.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --out runs/sweep-paper-fracatlas-64px \

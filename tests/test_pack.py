@@ -104,7 +104,7 @@ def _with_attrs(frame, source):
     return frame
 
 
-def test_gpu_runs_script_trains_from_a_pack_and_bundles_half_precision_runs(packed, tmp_path):
+def test_gpu_runs_script_trains_runs_side_by_side_from_a_pack_and_bundles_them_in_half_precision(packed, tmp_path):
     import subprocess
     import sys
     import tarfile
@@ -115,10 +115,14 @@ def test_gpu_runs_script_trains_from_a_pack_and_bundles_half_precision_runs(pack
     done = subprocess.run(
         [sys.executable, str(repo / "scripts" / "gpu_runs.py"), "--data", str(result.manifest), "--out", str(out),
          "--runs-dir", str(tmp_path / "runs"), "--config", str(repo / "configs" / "paper.yaml"),
-         "--only", "gpu-seed1", "--set", "image_size=32", "--set", "epochs=1"],
+         "--only", "gpu-seed1", "lever-no-balance-seed0", "--parallel", "2", "--fit-epochs",
+         "--set", "image_size=32", "--set", "epochs=1"],
         capture_output=True, text=True, timeout=600, cwd=repo,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "fit-epochs: training images/s with all 2 sharing the device" in done.stdout
+    assert (out / "lever-no-balance-seed0.tar.gz").is_file()
+    assert "balance: none" in (tmp_path / "runs" / "lever-no-balance-seed0" / "config.yaml").read_text()
     with tarfile.open(out / "gpu-seed1.tar.gz") as tar:
         tar.extractall(tmp_path / "back", filter="data")
     back = load(tmp_path / "back" / "gpu-seed1")

@@ -28,7 +28,7 @@ def model():
 def test_the_default_model_is_released_small_and_calibrated(model):
     assert NAME in list_releases()
     assert (releases_dir() / NAME / "model.safetensors").stat().st_size <= 25 * 2**20
-    assert model.arch == "efficientnet_lite2" and model.preprocess.input_size == 260 and model.version != "unversioned"
+    assert model.arch == "efficientnet_lite2" and model.preprocess.input_size == 320 and model.version != "unversioned"
     assert model.operating_point == "sens90" and 0 < model.threshold < 1 and model.temperature > 0
     assert model.meta["selected_on"] == "val"
     shipped = pd.read_csv(model.splits_path)
