@@ -22,6 +22,9 @@ train() {  # train RUN ARGS...: start, resume, or skip when finished
 # 1. The paper's CNN on the published multiregion split, best epoch chosen on TEST as the paper did.
 train paper-multiregion-published-testselected --config configs/paper.yaml --data "$MR" --set epochs=2 --set select_on=test
 "$F" evaluate runs/paper-multiregion-published-testselected --data "$MR" --split test --no-heatmaps --out runs/eval/study1-published-test
+# ... and trained long enough to memorise, at 64 px so that 30 epochs fit the CPU (about 30 s per epoch alone).
+train paper-multiregion-published-testselected-64px --config configs/paper.yaml --data "$MR" --set select_on=test --set epochs=30 --set image_size=64
+"$F" evaluate runs/paper-multiregion-published-testselected-64px --data "$MR" --split test --no-heatmaps --out runs/eval/study1-published-64px-test
 .venv/bin/python scripts/memorisation_baseline.py "$MR"
 .venv/bin/python scripts/memorisation_baseline.py "$MR" --splits splits/multiregion_seed0.csv
 
