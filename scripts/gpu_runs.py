@@ -18,7 +18,7 @@ run's ``config.yaml``.
 On the GPU machine, from the repository root (see docs/RESULTS.md, "GPU runs", for the whole recipe)::
 
     PYTHONPATH=src:.device/site python3 scripts/gpu_runs.py --data .device/fracatlas-384/manifest.csv \\
-        --out $OUT --deadline 450 --parallel 7 --fit-epochs
+        --out $OUT --deadline 530 --parallel 7 --fit-epochs
 
 Back here: ``tar -xzf NAME.tar.gz -C runs/gpu`` and ``fracdet evaluate runs/gpu/NAME --data ORIGINAL``.
 """
