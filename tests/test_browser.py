@@ -35,15 +35,50 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server_url():
-    import uvicorn
-
     from fracdet.models import create_model
     from fracdet.models._registry import PreprocessCfg
     from fracdet.models.release import TrainedModel
-    from fracdet.serve import create_app
 
     model = TrainedModel(module=create_model("paper_cnn", input_size=64).eval(), name="browser-test",
                          arch="paper_cnn", preprocess=PreprocessCfg(64), threshold=0.4)  # fmt: skip
+    yield from _serve(model)
+
+
+@pytest.fixture(scope="module")
+def localiser_url(sample_root_module):
+    """A localiser (random weights) whose levels put its strongest box at *definite* and the next at *suspicious*."""
+    import torch
+
+    from fracdet.data import read_image
+    from fracdet.data.pixels import resize_square
+    from fracdet.models import create_model
+    from fracdet.models._registry import PreprocessCfg
+    from fracdet.models.release import TrainedModel
+
+    torch.manual_seed(0)
+    module = create_model("localiser_lite0").eval()
+    torch.nn.init.normal_(module.map_head[-1].weight, std=0.5)  # a map with several peaks
+    module.fusion.copy_(torch.tensor([1.0, 4.0, 0.0]))  # boxes then score by their own peak
+    model = TrainedModel(module=module, name="browser-localiser", arch="localiser_lite0", preprocess=PreprocessCfg(64))
+    image = resize_square(read_image(sample_root_module / "images" / "Fractured" / "IMG0000261.jpg"), 64)
+    strongest, second = (b.score for b in model.score(image[None]).boxes[0][:2])
+    model.thresholds = {"sens90": second - 1e-4, "spec95": (strongest + second) / 2}
+    model.threshold = model.thresholds["sens90"]
+    yield from _serve(model)
+
+
+@pytest.fixture(scope="module")
+def sample_root_module():
+    from tests.conftest import SAMPLE
+
+    return SAMPLE
+
+
+def _serve(model):
+    import uvicorn
+
+    from fracdet.serve import create_app
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,4 +132,29 @@ def test_a_bad_file_shows_a_clear_message(browser, server_url, tmp_path):
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error", state="visible", timeout=30_000)
     assert "not an image" in page.inner_text("#error")
+    page.close()
+
+
+def test_a_localisers_boxes_are_drawn_by_level_with_a_legend_and_the_map_toggles(browser, localiser_url, sample_root,
+                                                                                 tmp_path):  # fmt: skip
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(localiser_url)
+    page.set_input_files("#file", str(sample_root / "images" / "Fractured" / "IMG0000261.jpg"))
+    page.wait_for_selector("#result", state="visible", timeout=30_000)
+    assert page.locator("#boxes rect.definite").count() == 1
+    assert page.locator("#boxes rect.suspicious").count() >= 1
+    assert page.get_attribute("#boxes rect.suspicious >> nth=0", "stroke-dasharray")
+    assert not page.get_attribute("#boxes rect.definite", "stroke-dasharray")
+    assert page.is_visible("#legend") and "definite (≥" in page.inner_text("#legend")
+    assert "Fracture likely (definite level)" in page.inner_text("#verdict")
+    assert page.inner_text("#heatmap-name") == "fracture map"
+    page.uncheck("#show-heatmap")
+    assert page.evaluate("getComputedStyle(document.getElementById('heatmap')).display") == "none"
+    assert page.is_visible("#boxes rect.definite")  # the boxes stay while the map is off
+    page.screenshot(path=str(_shots(tmp_path) / "web-localiser-boxes-no-map.png"))
+    page.uncheck("#show-boxes")
+    assert page.evaluate("getComputedStyle(document.getElementById('boxes')).display") == "none"
+    page.check("#show-boxes")
+    page.check("#show-heatmap")
+    page.screenshot(path=str(_shots(tmp_path) / "web-localiser.png"), full_page=True)
     page.close()

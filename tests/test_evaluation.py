@@ -160,7 +160,7 @@ def test_evaluate_writes_metrics_pictures_and_report(tiny_run, sample_root_modul
     manifest = sample_manifest(sample_root_module)
     manifest["split"] = np.where(np.arange(len(manifest)) % 3 == 1, "test", manifest["split"])
     result = evaluate(model, manifest, split="test", n_boot=50, cache=FeatureCache(cache_dir))
-    assert set(result.points) == {"0.5", "youden", "sens90", "sens95"}
+    assert set(result.points) == {"0.5", "youden", "sens90", "sens95", "spec95"}
     assert result.thresholds_from.startswith("val")
     report = write_report(result, tmp_path / "eval")
     for name in ("metrics.json", "predictions.csv", "roc.png", "pr.png", "confusion.png", "calibration.png",

@@ -30,11 +30,16 @@ def test_heatmaps_come_with_the_same_margins_as_a_plain_forward_pass(arch, size,
     np.testing.assert_allclose(explanation.margins, model.margins(images), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", list_models())
-def test_every_registered_model_gets_a_heatmap_at_its_registered_layer(arch):
+@pytest.mark.parametrize("arch", [a for a in list_models() if get_spec(a).task == "classify"])
+def test_every_registered_classifier_gets_a_heatmap_at_its_registered_layer(arch):
     model = trained(arch, 64)
     explanation = Explainer(model, exact=True)(np.full((1, 64, 64), 128, np.uint8))
     assert explanation.heatmaps.shape == (1, 64, 64) and np.isfinite(explanation.heatmaps).all()
+
+
+def test_a_localiser_is_not_explained_by_grad_cam_it_has_its_own_map():
+    with pytest.raises(ValueError, match="its own"):
+        Explainer(trained("localiser_lite0", 64))
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18", "densenet121"])

@@ -14,9 +14,14 @@ def test_every_registered_model_runs_and_every_parameter_learns(name):
     spec = get_spec(name)
     model = create_model(name)
     size = spec.preprocess.input_size
-    logits = model(torch.randn(2, 3, size, size))
-    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
-    logits.sum().backward()
+    outputs = model(torch.randn(2, 3, size, size))
+    if spec.task == "localise":  # image logit and a stride-8 fracture map
+        assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, size // 8, size // 8)
+    else:
+        assert outputs.shape == (2, 2)
+        outputs = (outputs,)
+    assert all(torch.isfinite(o).all() for o in outputs)
+    sum(o.sum() for o in outputs).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert isinstance(model.get_submodule(spec.cam_layer), torch.nn.Module)
 

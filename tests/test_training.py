@@ -40,7 +40,7 @@ def tiny_config(**overrides) -> TrainConfig:
 # --- configs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "default", "default-gpu"])
+@pytest.mark.parametrize("name", ["paper", "default", "default-gpu", "localiser"])
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert config.input_size > 0
@@ -115,7 +115,7 @@ def test_training_writes_a_traceable_run_folder(sample_root, cache_dir, tmp_path
     info = json.loads((run / "run.json").read_text())
     assert any("IMG0004028" in s["path"] for s in info["skipped"])
     model = json.loads((run / "model.json").read_text())
-    assert set(model["thresholds"]) == {"0.5", "youden", "sens90", "sens95"}
+    assert set(model["thresholds"]) == {"0.5", "youden", "sens90", "sens95", "spec95"}
     assert model["temperature"] > 0
     with pytest.raises(RunExistsError):
         train(tiny_config(), manifest, run, cache=FeatureCache(cache_dir))

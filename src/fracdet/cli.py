@@ -206,14 +206,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.no_heatmaps:
         from fracdet.explain.localisation import localise_split
 
-        result.localisation = localise_split(model, table, args.split, out)
+        compare = load(args.compare) if args.compare else None
+        result.localisation = localise_split(model, table, args.split, out, compare=compare)
         if result.localisation:
             result.figures["localisation"] = out / "localisation.png"
-            loc = result.localisation
-            print(
-                f"heatmaps: pointing game {loc['pointing_game']:.3f} (centre {loc['centre_pointing_game']:.3f}), "
-                f"box IoU {loc['iou']:.3f} (centre {loc['centre_iou']:.3f}) on {loc['images']} boxed images"
-            )
+            _print_localisation(result.localisation)
     report = write_report(result, out, curves=model.folder / "curves.png" if model.folder else None)
     if not result.honest:
         print(f"WARNING: {TEST_SELECTION_WARNING}")
@@ -225,8 +222,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"giving specificity {s0:.3f}-{s1:.3f} on {args.split}")  # fmt: skip
     roc = ", ".join(f"{r['specificity']:.3f} at {sens}" for sens, r in result.roc_specificity.items())
     print(f"specificity on the {args.split} split's own ROC curve (threshold-free): {roc}")
+    if result.lesions:
+        from fracdet.evaluation.evaluate import lesion_summary
+
+        print(f"boxes against expert boxes (levels {result.lesions['levels']}):")
+        print(lesion_summary(result.lesions).to_string(index=False))
     print(f"report: {report}")
     return 0
+
+
+def _print_localisation(loc: dict) -> None:
+    other = loc.get("compare")
+    for name, part in (("heatmaps", loc), (f"compared: {other['model']}" if other else "", other)):
+        if part:
+            print(f"{name} ({part['method']}): pointing game {part['pointing_game']:.3f} "
+                  f"(centre {part['centre_pointing_game']:.3f}), box IoU {part['iou']:.3f} "
+                  f"(centre {part['centre_iou']:.3f}) on {part['images']} boxed images")  # fmt: skip
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -254,14 +265,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("architectures (fracdet.models.create_model):")
     for name in list_models():
         spec = get_spec(name)
-        print(f"  {name:20s} {spec.preprocess.input_size:4d} px  {spec.description}")
+        print(f"  {name:20s} {spec.task:8s} {spec.preprocess.input_size:4d} px  {spec.description}")
     print("trained models (fracdet.models.load):")
     for name in list_releases():
         model = load(name)
         members = model.meta.get("members")
         arch = f"ensemble of {len(members)} {model.arch}" if members else model.arch
-        print(f"  {name:20s} {arch} at {model.preprocess.input_size} px{' with flip TTA' if model.tta else ''}, "
-              f"version {model.version}, threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
+        print(f"  {name:20s} {model.task}: {arch} at {model.preprocess.input_size} px"
+              f"{' with flip TTA' if model.tta else ''}, version {model.version}, "
+              f"threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fracdet.inference.onnx import export_onnx
+    from fracdet.models import load
+
+    model = load(args.model)
+    path = export_onnx(model, args.out)
+    print(f"exported {model.name} ({model.task}, {model.preprocess.input_size} px) to {path} "
+          f"({path.stat().st_size / 2**20:.1f} MiB; dynamic batch; model.json in its metadata)")  # fmt: skip
     return 0
 
 
@@ -423,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", help="the command that reproduces --report")
     p.set_defaults(func=cmd_release)
 
+    p = sub.add_parser("export", help="a trained model's network as ONNX (dynamic batch), for ONNX Runtime")
+    p.add_argument("model", help="run folder or released model name")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("evaluate", help="metrics with intervals, operating points, calibration, report")
     p.add_argument("run", help="run folder, checkpoint (.pt) or released model name (e.g. fracatlas-default)")
     p.add_argument("--data", help="dataset folder or CSV manifest (default: the run's data root)")
@@ -436,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test-time augmentation: average with the mirror image (default: as the model does)",
     )
-    p.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM localisation check")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap localisation check")
+    p.add_argument("--compare", metavar="MODEL", help="also score MODEL's Grad-CAM on the same boxed images "
+                   "(e.g. fracatlas-default beside a localiser's own map)")  # fmt: skip
     p.add_argument(
         "--exclude-shared-with",
         metavar="DATASET",
@@ -449,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs a COCO table per mAP at INFO
     from fracdet.data import DatasetLayoutError
     from fracdet.training import ConfigError, RunExistsError
 

@@ -165,9 +165,14 @@ def _load_mura(root: Path, files: list[Path]) -> pd.DataFrame:
     return new_table(rows, root=root, layout="mura")
 
 
-def _fracatlas_boxes(root: Path) -> dict[str, list[list[float]]]:
-    """Fracture boxes per file name, normalised to [0, 1] as (x0, y0, x1, y1); COCO first, YOLO otherwise."""
+def _fracatlas_boxes(root: Path) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+    """Fracture boxes and polygons per file name, normalised to [0, 1]; COCO first, YOLO (boxes only) otherwise.
+
+    Boxes are ``(x0, y0, x1, y1)``; a polygon is a flat ``[x, y, x, y, ...]`` list (COCO's segmentation),
+    one per instance that has one.
+    """
     boxes: dict[str, list[list[float]]] = {}
+    polygons: dict[str, list[list[float]]] = {}
     coco = root / "annotations" / "coco_fracture_masks.json"
     if coco.is_file():
         data = json.loads(coco.read_text())
@@ -177,14 +182,18 @@ def _fracatlas_boxes(root: Path) -> dict[str, list[list[float]]]:
             x, y, w, h = ann["bbox"]
             W, H = im["width"], im["height"]  # noqa: N806
             boxes.setdefault(im["file_name"], []).append([x / W, y / H, (x + w) / W, (y + h) / H])
-        return boxes
+            for poly in ann.get("segmentation") or []:
+                if isinstance(poly, list) and len(poly) >= 6:
+                    norm = [round(v / (W if i % 2 == 0 else H), 6) for i, v in enumerate(poly)]
+                    polygons.setdefault(im["file_name"], []).append(norm)
+        return boxes, polygons
     for txt in sorted((root / "annotations" / "yolo").glob("*.txt")):
         for line in txt.read_text().split("\n"):
             fields = line.split()
             if len(fields) == 5:
                 cx, cy, w, h = map(float, fields[1:])
                 boxes.setdefault(txt.stem + ".jpg", []).append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-    return boxes
+    return boxes, polygons
 
 
 def fracture_size(boxes: list[list[float]]) -> str | None:
@@ -201,7 +210,7 @@ def fracture_size(boxes: list[list[float]]) -> str | None:
 
 def _load_fracatlas(root: Path) -> pd.DataFrame:
     meta = pd.read_csv(root / "dataset.csv").set_index("image_id")
-    boxes = _fracatlas_boxes(root)
+    boxes, polygons = _fracatlas_boxes(root)
     folders = {"Fractured": 1, "Non_fractured": 0}
     rows = []
     for folder, label in folders.items():
@@ -217,6 +226,7 @@ def _load_fracatlas(root: Path) -> pd.DataFrame:
                 # The folder is the label; where the CSV disagrees the record is flagged for the audit.
                 row["metadata_label"] = int(m["fractured"])
             row["boxes"] = boxes.get(f.name, [])
+            row["polygons"] = polygons.get(f.name, [])
             row["fracture_size"] = fracture_size(row["boxes"]) if label == 1 else None
             rows.append(row)
     if not rows:

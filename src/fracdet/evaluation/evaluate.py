@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ from sklearn.metrics import classification_report
 from fracdet.data.pixels import load_pixels
 from fracdet.data.sources import FRACTURE_SIZES
 from fracdet.evaluation import plots
+from fracdet.evaluation.lesions import LesionData, lesion_metrics, lesion_table, localised_sensitivity
 from fracdet.evaluation.metrics import (
     METRICS,
     binary_metrics,
@@ -33,11 +35,12 @@ from fracdet.evaluation.metrics import (
     threshold_choice_intervals,
 )
 from fracdet.models.release import TrainedModel
+from fracdet.models.scoring import ScoredBox, level_thresholds, scores_from_outputs, shown_boxes
 from fracdet.training.calibrate import OPERATING_POINTS, choose_thresholds, fit_temperature, probabilities
 from fracdet.training.checkpoint import write_json
 from fracdet.utils.cache import FeatureCache
 
-__all__ = ["Evaluation", "evaluate", "write_report"]
+__all__ = ["Evaluation", "evaluate", "lesion_summary", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ class Evaluation:
     figures: dict[str, Path] = field(default_factory=dict)
     images: np.ndarray | None = field(default=None, repr=False)  # the pixels scored, for the gallery
     localisation: dict[str, Any] | None = None  # heatmaps against expert boxes (fracdet.explain)
+    lesions: dict[str, Any] | None = None  # a localiser's boxes against expert boxes (evaluation.lesions)
+    boxes: list[list[ScoredBox]] | None = field(default=None, repr=False)  # a localiser's boxes per image
+    lesion_data: LesionData | None = field(default=None, repr=False)  # the same, matched to the expert boxes
 
     @property
     def honest(self) -> bool:
@@ -103,6 +109,7 @@ class Evaluation:
             "subgroups": self.subgroups.to_dict(orient="records"),
             "classification_report": self.classification_report,
             "localisation": self.localisation,
+            "lesions": self.lesions,
         }
 
 
@@ -133,7 +140,7 @@ def evaluate(
         raise ValueError(f"no rows in split {split!r}; splits present: {sorted(table['split'].dropna().unique())}")
     target.attrs.update(table.attrs)
     pixels = load_pixels(target, size, cache=cache, desc=f"decoding {split}")
-    margins = model.margins(pixels.images, tta=tta, progress_desc=f"scoring {split}")
+    margins, maps = model.outputs(pixels.images, tta=tta, progress_desc=f"scoring {split}")
     labels = pixels.table["label"].to_numpy(int)
 
     val = table[table["split"] == "val"] if split not in ("val", "all") else table.iloc[:0]
@@ -180,7 +187,8 @@ def evaluate(
         "reliability_before": reliability_bins(labels, raw),
         "reliability_after": reliability_bins(labels, probs),
     }
-    predictions = pixels.table[[c for c in ("path", "label", "group", *SUBGROUP_COLUMNS) if c in pixels.table]].copy()
+    predictions = pixels.table[[c for c in ("path", "label", "group", *SUBGROUP_COLUMNS, "boxes")
+                                if c in pixels.table]].copy()  # fmt: skip
     predictions["probability"] = probs
     predictions["margin"] = margins
     predictions["predicted"] = (probs >= thresholds[default]).astype(int)
@@ -205,7 +213,60 @@ def evaluate(
         tta=tta,
         images=pixels.images,
     )
+    if maps is not None:  # a localiser: its boxes, scored with this evaluation's calibration
+        boxes = scores_from_outputs(margins, maps, temperature=temperature, thresholds=thresholds,
+                                    peak_weight=model.peak_weight).boxes  # fmt: skip
+        result.boxes = boxes
+        if "boxes" in pixels.table:
+            result.lesions, result.lesion_data = _lesion_report(predictions, boxes, level_thresholds(thresholds),
+                                                                n_boot, seed)  # fmt: skip
     return result
+
+
+def _lesion_report(
+    predictions: pd.DataFrame, boxes: list[list[ScoredBox]], levels: dict[str, float], n_boot: int, seed: int
+) -> tuple[dict[str, Any], LesionData]:
+    """Lesion-level figures on all images and on images without surgical hardware, and by subgroup."""
+    experts = [[tuple(b) for b in (bs if isinstance(bs, list) else [])] for bs in predictions["boxes"]]
+
+    def measure(rows: np.ndarray) -> tuple[dict[str, Any], LesionData]:
+        part = predictions.iloc[rows]
+        data = LesionData.build(part["label"].to_numpy(), part["probability"].to_numpy(), [boxes[i] for i in rows],
+                                [experts[i] for i in rows], part["group"].astype(str).to_numpy())  # fmt: skip
+        figures = lesion_metrics(data, levels, n_boot=n_boot, n_boot_map=min(n_boot, 200), seed=seed)
+        labels = part["label"].to_numpy()
+        auc = binary_metrics(labels, part["probability"].to_numpy(), 0.5)["auc"]
+        ci = bootstrap_interval(lambda y, p: binary_metrics(y, p, 0.5)["auc"], labels, part["probability"].to_numpy(),
+                                groups=part["group"].astype(str).to_numpy(), n_boot=n_boot, seed=seed)  # fmt: skip
+        return {"images": len(part), "fractures": int(labels.sum()), "image_auc": {"value": auc, "ci95": list(ci)},
+                **figures}, data  # fmt: skip
+
+    everything, data = measure(np.arange(len(predictions)))
+    report: dict[str, Any] = {"levels": levels, "all": everything}
+    if "hardware" in predictions and predictions["hardware"].notna().any():
+        report["without_hardware"], _ = measure(np.flatnonzero(~predictions["hardware"].fillna(False).astype(bool)))
+    per_image = lesion_table(data, levels, predictions)
+    report["subgroups"] = _lesion_subgroups(per_image, levels)
+    return report, data
+
+
+def _lesion_subgroups(per_image: pd.DataFrame, levels: dict[str, float]) -> list[dict[str, Any]]:
+    """Localised sensitivity (both hit rules) at the suspicious level per fracture size, region, hardware."""
+    level = "suspicious" if "suspicious" in levels else next(iter(levels), None)
+    rows: list[dict[str, Any]] = []
+    if level is None:
+        return rows
+    for column in ("fracture_size", "region", "hardware"):
+        if column not in per_image or per_image[column].isna().all():
+            continue
+        parts = per_image.groupby(per_image[column].astype(object).fillna("unknown"))
+        for value, part in sorted(parts, key=lambda kv: (_SIZE_ORDER.get(kv[0], len(_SIZE_ORDER)), str(kv[0]))):
+            name = ("yes" if value else "no") if isinstance(value, (bool, np.bool_)) else str(value)
+            rows.append({"by": column, "value": name, "fractures": len(part), "level": level,
+                         "flagged": float(part[f"flagged@{level}"].mean()),
+                         "localised_iou": float(part[f"localised_iou@{level}"].mean()),
+                         "localised_centre": float(part[f"localised_centre@{level}"].mean())})  # fmt: skip
+    return rows
 
 
 def subgroup_metrics(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -257,12 +318,44 @@ def write_report(result: Evaluation, out_dir: str | Path, *, curves: Path | None
     )  # fmt: skip
     if images is not None:
         figs["gallery"] = plots.plot_gallery(images, labels, probs, default["threshold"], out / "gallery.png")
+    if result.lesion_data is not None and images is not None:
+        figs.update(_lesion_figures(result, out))
     if curves is not None and curves.is_file():
         figs["curves"] = curves
     write_json(out / "metrics.json", result.to_dict())
-    result.predictions.to_csv(out / "predictions.csv", index=False)
+    table = result.predictions.drop(columns=["boxes"], errors="ignore")
+    if result.boxes is not None:  # the boxes a reader is shown at the suspicious level, as JSON per image
+        table["shown_boxes"] = [json.dumps([b.to_dict() for b in shown_boxes(bs)]) for bs in result.boxes]
+    table.to_csv(out / "predictions.csv", index=False)
     (out / "report.html").write_text(_html(result))
     return out / "report.html"
+
+
+def _lesion_figures(result: Evaluation, out: Path) -> dict[str, Path]:
+    """FROC curves and a gallery of hits, misses and the normal images the model ranks highest."""
+    from fracdet.evaluation.lesions import froc_curve
+
+    data, levels = result.lesion_data, result.lesions["levels"]
+    figures = {"froc": plots.plot_froc({rule: froc_curve(data, rule) for rule in ("iou", "centre")}, out / "froc.png",
+                                       title=f"FROC: {result.model} on {result.split}")}  # fmt: skip
+    level = "suspicious" if "suspicious" in levels else None
+    if level is None:
+        return figures
+    fractured = np.flatnonzero(data.labels == 1)
+    found = {i: localised_sensitivity(data, np.array([i]), levels[level], "iou") == 1.0 for i in fractured}
+    hit_rows = [i for i in fractured if found[i]][:4]
+    miss_rows = [i for i in fractured if not found[i]][:4]
+    normal_rows = list(np.flatnonzero(data.labels == 0)[np.argsort(-data.probabilities[data.labels == 0])][:4])
+    rows = hit_rows + miss_rows + normal_rows
+    captions = ([f"hit, p={data.probabilities[i]:.2f}" for i in hit_rows]
+                + [f"missed, p={data.probabilities[i]:.2f}" for i in miss_rows]
+                + [f"no fracture, p={data.probabilities[i]:.2f}" for i in normal_rows])  # fmt: skip
+    figures["boxes"] = plots.plot_box_gallery(
+        result.images[rows], [data.experts[i] for i in rows], [shown_boxes(data.boxes[i]) for i in rows], captions,
+        out / "boxes.png", title=f"fractured images found (hit: IoU >= 0.25 at {level}) and missed; the highest-"
+        "ranked normal images",
+    )  # fmt: skip
+    return figures
 
 
 def metrics_table(result: Evaluation) -> pd.DataFrame:
@@ -291,12 +384,50 @@ figure{display:inline-block;max-width:48%;margin:.5em;vertical-align:top} pre{ba
 def _localisation_html(loc: dict[str, Any] | None) -> str:
     if not loc:
         return ""
+    other = loc.get("compare")
+    head = f"<th>{html.escape(other['model'])} Grad-CAM</th>" if other else ""
+
+    def cell(key: str) -> str:
+        return f"<td>{other[key]:.3f}</td>" if other else ""
+
     return f"""<h2>Where the model looked ({html.escape(str(loc["method"]))}, {loc["images"]} fractured images with
-expert boxes)</h2><table><tr><th></th><th>heatmap</th><th>centre baseline</th></tr>
+expert boxes)</h2><table><tr><th></th><th>heatmap</th><th>centre baseline</th>{head}</tr>
 <tr><td>pointing game (maximum inside an expert box)</td><td>{loc["pointing_game"]:.3f}</td>
-<td>{loc["centre_pointing_game"]:.3f}</td></tr>
+<td>{loc["centre_pointing_game"]:.3f}</td>{cell("pointing_game")}</tr>
 <tr><td>mean IoU of the derived box with the best expert box</td><td>{loc["iou"]:.3f}</td>
-<td>{loc["centre_iou"]:.3f}</td></tr></table>"""
+<td>{loc["centre_iou"]:.3f}</td>{cell("iou")}</tr></table>"""
+
+
+def lesion_summary(lesions: dict[str, Any], part: str = "all") -> pd.DataFrame:
+    """The lesion-level figures of one part (``all`` or ``without_hardware``) as ``value [low, high]`` rows."""
+    rows = []
+    for key, entry in lesions.get(part, {}).items():
+        if isinstance(entry, dict) and "value" in entry:
+            lo, hi = entry["ci95"]
+            rows.append({"figure": key, "value": f"{entry['value']:.3f} [{lo:.3f}, {hi:.3f}]"})
+    return pd.DataFrame(rows, columns=["figure", "value"])
+
+
+def _lesions_html(lesions: dict[str, Any] | None) -> str:
+    if not lesions:
+        return ""
+    levels = ", ".join(f"{name} {value:.3f}" for name, value in lesions["levels"].items())
+    parts = "".join(
+        f"<h3>{html.escape(title)} ({lesions[part]['images']} images, {lesions[part]['fractures']} fractured)</h3>"
+        + lesion_summary(lesions, part).to_html(index=False)
+        for part, title in (("all", "All images"), ("without_hardware", "Images without surgical hardware"))
+        if part in lesions
+    )
+    subgroups = pd.DataFrame(lesions.get("subgroups", [])).to_html(index=False, float_format="%.3f")
+    return f"""<h2>Where: the localiser's boxes against the expert boxes</h2>
+<p>Levels (probability thresholds chosen on validation): {html.escape(levels)}. A box hits an expert box when
+their IoU is at least 0.25 (<code>iou</code>) or when its centre lies inside it (<code>centre</code>).
+<code>froc_RULE@R</code>: share of expert fractures hit at R false-positive boxes per image;
+<code>localised_sensitivity_RULE@LEVEL</code>: fractured images flagged at the level with a shown box (at most 3)
+hitting an expert box; <code>false_boxes_per_normal@LEVEL</code>: boxes shown per image without fracture;
+<code>map50</code>/<code>map</code>: COCO box mAP at IoU 0.5 and 0.5:0.95 (torchmetrics), on all images and on
+fractured ones only. Intervals: 95% bootstrap over groups.</p>{parts}
+<h3>Fractured images found, by subgroup</h3>{subgroups}"""
 
 
 def _threshold_choice_html(result: Evaluation) -> str:
@@ -350,6 +481,7 @@ Test-time augmentation: {"on" if result.tta else "off"}. Intervals: 95% bootstra
 after temperature scaling.</p>
 <h2>Subgroups ({html.escape(result.default_point)})</h2>
 {result.subgroups.to_html(index=False, float_format="%.3f")}
+{_lesions_html(result.lesions)}
 {_localisation_html(result.localisation)}
 <h2>Figures</h2>{figures}
 </body></html>"""

@@ -19,6 +19,7 @@ __all__ = [
     "bootstrap_interval",
     "bootstrap_intervals",
     "expected_calibration_error",
+    "group_bootstrap",
     "reliability_bins",
     "specificity_at_sensitivity",
     "threshold_choice_intervals",
@@ -152,6 +153,27 @@ def threshold_choice_intervals(
             point["sensitivity"].append(predicted[ty == 1].mean() if (ty == 1).any() else np.nan)
             point["specificity"].append((~predicted[ty == 0]).mean() if (ty == 0).any() else np.nan)
     return {name: {k: _percentiles(v, level) for k, v in point.items()} for name, point in samples.items()}
+
+
+def group_bootstrap(
+    statistic: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    *,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every value of ``statistic(row indices)`` over resamples of whole groups.
+
+    For statistics that are not a function of labels and scores alone (lesion-level figures): the rows
+    are drawn exactly as for :func:`bootstrap_intervals` (same generator, same seed, same draws).
+    """
+    samples: dict[str, list[float]] = {}
+    for idx in _group_resamples(groups, n, n_boot, seed):
+        for key, value in statistic(idx).items():
+            samples.setdefault(key, []).append(value)
+    return {key: _percentiles(values, level) for key, values in samples.items()}
 
 
 def _group_resamples(groups: np.ndarray | None, n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:

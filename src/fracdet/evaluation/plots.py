@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-__all__ = ["plot_confusion", "plot_gallery", "plot_pr", "plot_reliability", "plot_roc"]
+__all__ = ["plot_box_gallery", "plot_confusion", "plot_froc", "plot_gallery", "plot_pr", "plot_reliability", "plot_roc"]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -105,3 +105,67 @@ def plot_gallery(
     fig.suptitle(f"most confident cases at threshold {threshold:.2f}", fontsize=10)
     fig.subplots_adjust(left=0.12)
     return _save(fig, path)
+
+
+def plot_froc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *, title: str) -> Path:
+    """FROC curves (lesion sensitivity against false-positive boxes per image), one per hit rule."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    for name, (fp, sens) in curves.items():
+        ax.step(fp, sens, where="post", label=name)
+    for rate in (0.5, 1.0, 2.0):
+        ax.axvline(rate, color="grey", lw=0.6, ls=":")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set(xlabel="false-positive boxes per image", ylabel="fractures hit", ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_box_gallery(
+    images: np.ndarray,
+    experts: list[list[tuple[float, float, float, float]]],
+    boxes: list[list],
+    captions: list[str],
+    path: Path,
+    *,
+    title: str,
+    columns: int = 4,
+) -> Path:
+    """Radiographs with the expert boxes (green) and the shown predicted boxes, drawn by level.
+
+    ``boxes[i]`` are :class:`~fracdet.models.scoring.ScoredBox` es with a level: *definite* solid,
+    *suspicious* dashed (:data:`~fracdet.models.scoring.LEVEL_STYLE`), each with its probability.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    from fracdet.models.scoring import LEVEL_STYLE
+
+    n = max(len(images), 1)
+    rows = int(np.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, ax in enumerate(axes.flat[: len(images)]):
+        size = images[k].shape[0]
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        for b in experts[k]:
+            ax.add_patch(Rectangle((b[0] * size, b[1] * size), (b[2] - b[0]) * size, (b[3] - b[1]) * size,
+                                   fill=False, color="lime", lw=1.2))  # fmt: skip
+        for box in boxes[k]:
+            style, colour = LEVEL_STYLE[box.level]
+            ax.add_patch(Rectangle((box.x0 * size, box.y0 * size), (box.x1 - box.x0) * size, (box.y1 - box.y0) * size,
+                                   fill=False, color=np.array(colour) / 255, ls=style, lw=1.5))  # fmt: skip
+            ax.text(box.x0 * size, box.y0 * size - 2, f"{box.score:.2f}", color=np.array(colour) / 255, fontsize=6)
+        ax.set_title(captions[k], fontsize=7)
+    handles = [Line2D([], [], color="lime", label="expert box")] + [
+        Line2D([], [], color=np.array(colour) / 255, ls=style, label=level)
+        for level, (style, colour) in LEVEL_STYLE.items()
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

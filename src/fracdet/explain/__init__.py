@@ -1,4 +1,4 @@
-"""Explain: Grad-CAM heatmaps, overlays, boxes, and how well heatmaps find the expert-marked fractures.
+"""Explain: Grad-CAM heatmaps, overlays, boxes drawn by level, and how well heatmaps find the expert-marked fractures.
 
 from fracdet.explain import Explainer, overlay
 explanation = Explainer(fracdet.models.load("fracatlas-default"))(images)   # margins + heatmaps
@@ -7,6 +7,7 @@ explanation = Explainer(fracdet.models.load("fracatlas-default"))(images)   # ma
 from __future__ import annotations
 
 from fracdet.explain.cam import CAM_METHODS, Explainer, Explanation, heatmap_box, overlay
+from fracdet.explain.draw import draw_boxes
 from fracdet.explain.localisation import box_iou, evaluate_localisation, localisation_scores, localisation_summary
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "Explainer",
     "Explanation",
     "box_iou",
+    "draw_boxes",
     "evaluate_localisation",
     "heatmap_box",
     "localisation_scores",

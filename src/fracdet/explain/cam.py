@@ -63,9 +63,12 @@ class Explainer:
     def __init__(self, model: TrainedModel, method: str = "gradcam", *, exact: bool = False) -> None:
         if method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
+        spec = get_spec(model.arch)
+        if spec.task != "classify":
+            raise ValueError(f"{model.name} is a localiser: it has a fracture map of its own (model.score(...).maps), "
+                             "which Grad-CAM of a classifier's margin does not apply to")  # fmt: skip
         self.model = model
         self.method = method
-        spec = get_spec(model.arch)
         self.forward_only = method == "gradcam" and spec.cam_from_head and not exact
         self._members = members_of(model.module)
         layers = [member.get_submodule(spec.cam_layer) for member in self._members]

@@ -84,7 +84,14 @@ def evaluate_localisation(explainer: Explainer, images: np.ndarray, boxes: list[
 
 
 def plot_localisation(
-    images: np.ndarray, heatmaps: np.ndarray, boxes: list[list[Box]], scores: pd.DataFrame, path: Path, *, n: int = 8
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    boxes: list[list[Box]],
+    scores: pd.DataFrame,
+    path: Path,
+    *,
+    n: int = 8,
+    title: str = "Grad-CAM on fractured images: expert boxes green, heatmap box white",
 ) -> Path:
     """Overlays with expert boxes (green) and the derived box (white) for the first ``n`` images."""
     import matplotlib
@@ -108,7 +115,7 @@ def plot_localisation(
             ax.add_patch(Rectangle((d[0], d[1]), d[2] - d[0], d[3] - d[1], fill=False, color="white", ls="--", lw=1))
         ax.set_title(f"{'hit' if scores['hit'].iloc[k] else 'miss'}, IoU {scores['iou'].iloc[k]:.2f}", fontsize=8)
         ax.axis("off")
-    fig.suptitle("Grad-CAM on fractured images: expert boxes green, heatmap box white", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -116,15 +123,32 @@ def plot_localisation(
     return path
 
 
+def _heatmaps(model, rows: pd.DataFrame, method: str, cache) -> tuple[np.ndarray, np.ndarray, list[list[Box]]]:
+    """Pixels, heatmaps and expert boxes of ``rows`` for ``model``: its own map (``map``) or a CAM method."""
+    from fracdet.data.pixels import load_pixels
+
+    pixels = load_pixels(rows, model.preprocess.input_size, cache=cache, desc="decoding boxed images")
+    boxes = [[tuple(b) for b in bs] for bs in pixels.table["boxes"]]
+    if method == "map":
+        heatmaps = model.score(pixels.images, max_boxes=0).maps
+    else:
+        heatmaps, _ = evaluate_localisation(Explainer(model, method), pixels.images, boxes)
+    return pixels.images, heatmaps, boxes
+
+
 def localise_split(
-    model, table: pd.DataFrame, split: str, out_dir: Path, *, method: str = "gradcam", cache=None
+    model, table: pd.DataFrame, split: str, out_dir: Path, *, method: str | None = None, cache=None, compare=None
 ) -> dict[str, float] | None:
     """Localisation scores on the fractured images of ``split`` that carry expert boxes, with a figure.
 
+    Args:
+        method: ``map`` (a localiser's own fracture map), ``gradcam`` or ``gradcam++``; ``None``: ``map`` for a
+            localiser, ``gradcam`` for a classifier.
+        compare: another trained model (e.g. the shipped classifier) scored on the same images with Grad-CAM,
+            so a report shows the localiser's gain beside it (``compare`` key of the result).
+
     Returns ``None`` when the table has no boxes (datasets without localisation annotations).
     """
-    from fracdet.data.pixels import load_pixels
-
     if "boxes" not in table:
         return None
     rows = table[(table["split"] == split) if split != "all" else slice(None)]
@@ -132,9 +156,14 @@ def localise_split(
     if rows.empty:
         return None
     rows.attrs.update(table.attrs)
-    pixels = load_pixels(rows, model.preprocess.input_size, cache=cache, desc="decoding boxed images")
-    boxes = [[tuple(b) for b in bs] for bs in pixels.table["boxes"]]
-    heatmaps, scores = evaluate_localisation(Explainer(model, method), pixels.images, boxes)
-    summary = {"method": method, **localisation_summary(scores)}
-    plot_localisation(pixels.images, heatmaps, boxes, scores, Path(out_dir) / "localisation.png")
+    method = method or ("map" if model.task == "localise" else "gradcam")
+    images, heatmaps, boxes = _heatmaps(model, rows, method, cache)
+    scores = localisation_scores(heatmaps, boxes)
+    summary: dict = {"method": method, **localisation_summary(scores)}
+    if compare is not None:
+        _, other_maps, _ = _heatmaps(compare, rows, "gradcam", cache)
+        summary["compare"] = {"model": f"{compare.name} {compare.version}", "method": "gradcam",
+                              **localisation_summary(localisation_scores(other_maps, boxes))}  # fmt: skip
+    plot_localisation(images, heatmaps, boxes, scores, Path(out_dir) / "localisation.png",
+                      title=f"{method} on fractured images: expert boxes green, heatmap box white")  # fmt: skip
     return summary

@@ -1,11 +1,14 @@
-"""One radiograph -> calibrated probability, verdict at the operating threshold, heatmap and box.
+"""One radiograph -> calibrated probability, verdict at the operating threshold, level, heatmap and boxes.
 
 The same :class:`Predictor` serves the batch command (``fracdet predict``) and the web application, so
-both give the same answer for the same file.
+both give the same answer for the same file. The model decides what it can say (:meth:`TrainedModel.score`):
+a localiser brings its own fracture map and scored boxes from its one forward pass; a classifier is
+explained by Grad-CAM, whose hottest region gives the single ``box`` it always gave, and has no ``boxes``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +21,10 @@ from scipy.special import expit
 
 from fracdet.data.decode import DEFAULT_MAX_PIXELS, ImageReadError
 from fracdet.data.pixels import resize_square
-from fracdet.explain import Explainer, heatmap_box, overlay
+from fracdet.explain import Explainer, draw_boxes, heatmap_box, overlay
 from fracdet.inference.readers import read_input
 from fracdet.models.release import TrainedModel
+from fracdet.models.scoring import ScoredBox, level_of, shown_boxes
 from fracdet.utils.progress import progress
 
 __all__ = ["Prediction", "Predictor"]
@@ -36,8 +40,13 @@ class Prediction:
         probability: calibrated probability of a fracture.
         label: ``fracture`` when ``probability >= threshold``, else ``no fracture``.
         threshold: the model's operating threshold (chosen on validation).
-        heatmap: Grad-CAM at the model's input size, [0, 1] (``None`` when not asked for).
-        box: ``(x0, y0, x1, y1)`` in [0, 1] around the hottest region.
+        heatmap: [0, 1]: a localiser's own fracture map (probability per cell), or a classifier's Grad-CAM
+            (normalised per image) at its input size; ``None`` when not asked for.
+        heatmap_kind: ``map`` or ``gradcam``.
+        box: ``(x0, y0, x1, y1)`` in [0, 1] around the hottest region (the strongest box of a localiser).
+        level: the highest confidence level the probability reaches (``definite``, ``suspicious``) or ``None``.
+        levels: the probability threshold of each level (chosen on validation).
+        boxes: a localiser's suspected fractures that reach a level, strongest first, at most 3.
         pixels: the grey image, resized for display (uint8).
         timings: milliseconds per stage.
     """
@@ -47,18 +56,22 @@ class Prediction:
     threshold: float
     heatmap: np.ndarray | None = None
     box: tuple[float, float, float, float] | None = None
+    level: str | None = None
+    levels: dict[str, float] = field(default_factory=dict)
+    boxes: list[ScoredBox] = field(default_factory=list)
+    heatmap_kind: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
 
     def overlay_png(self, *, opacity: float = 0.4, size: int | None = None) -> bytes:
-        """The image with the heatmap blended over it, as PNG bytes."""
+        """The image with the heatmap blended over it and the boxes drawn by level, as PNG bytes."""
         import io
 
         if self.pixels is None or self.heatmap is None:
             raise ValueError("this prediction has no heatmap")
         image = self.pixels if size is None else np.asarray(Image.fromarray(self.pixels).resize((size, size)))
         buffer = io.BytesIO()
-        Image.fromarray(overlay(image, self.heatmap, opacity=opacity)).save(buffer, format="PNG")
+        Image.fromarray(draw_boxes(overlay(image, self.heatmap, opacity=opacity), self.boxes)).save(buffer, "PNG")
         return buffer.getvalue()
 
 
@@ -83,7 +96,8 @@ class Predictor:
         display_size: int = 512,
     ) -> None:
         self.model = model
-        self.explainer = Explainer(model, method) if heatmaps else None
+        self.heatmaps = heatmaps
+        self.explainer = Explainer(model, method) if heatmaps and model.task == "classify" else None
         self.max_pixels = max_pixels
         self.display_size = display_size
 
@@ -92,6 +106,8 @@ class Predictor:
         started = time.perf_counter()
         image = resize_square(pixels, self.model.preprocess.input_size)
         prepared = time.perf_counter()
+        if self.model.task == "localise":
+            return self._localise(image, pixels, started, prepared)
         if self.explainer is not None:
             explanation = self.explainer(image[None])
             margin, heatmap = float(explanation.margins[0]), explanation.heatmaps[0]
@@ -109,7 +125,31 @@ class Predictor:
             threshold=self.model.threshold,
             heatmap=heatmap,
             box=tuple(float(v) for v in box) if box else None,
+            level=level_of(probability, self.model.levels),
+            levels=self.model.levels,
+            heatmap_kind="gradcam" if heatmap is not None else None,
             pixels=resize_square(pixels, self.display_size) if heatmap is not None else None,
+            timings={"preprocess_ms": 1000 * (prepared - started), "model_ms": 1000 * (done - prepared)},
+        )
+
+    def _localise(self, image: np.ndarray, pixels: np.ndarray, started: float, prepared: float) -> Prediction:
+        """A localiser's verdict, map and boxes, all from its one forward pass (two with mirror TTA)."""
+        scores = self.model.score(image[None])
+        done = time.perf_counter()
+        probability = float(scores.probabilities[0])
+        boxes = shown_boxes(scores.boxes[0])
+        strongest = scores.boxes[0][0].xyxy if scores.boxes[0] else None
+        return Prediction(
+            probability=probability,
+            label=LABELS[int(probability >= self.model.threshold)],
+            threshold=self.model.threshold,
+            heatmap=scores.maps[0] if self.heatmaps else None,
+            box=strongest,
+            level=level_of(probability, self.model.levels),
+            levels=self.model.levels,
+            boxes=boxes,
+            heatmap_kind="map" if self.heatmaps else None,
+            pixels=resize_square(pixels, self.display_size) if self.heatmaps else None,
             timings={"preprocess_ms": 1000 * (prepared - started), "model_ms": 1000 * (done - prepared)},
         )
 
@@ -123,23 +163,30 @@ class Predictor:
         return prediction
 
     def predict_files(self, paths: list[Path], *, heatmap_dir: Path | None = None) -> pd.DataFrame:
-        """One row per file: ``path, probability, label, threshold, heatmap, error`` (errors never raise)."""
+        """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes`` (errors never raise).
+
+        ``boxes`` is the JSON list of a localiser's shown boxes (``x0, y0, x1, y1, score, level``), ``[]``
+        for a classifier.
+        """
         rows: list[dict[str, Any]] = []
         if heatmap_dir is not None:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
         for k, path in enumerate(progress(paths, desc="predicting", total=len(paths))):
-            row: dict[str, Any] = {"path": str(path), "probability": None, "label": None,
-                                   "threshold": self.model.threshold, "heatmap": None, "error": None}  # fmt: skip
+            row: dict[str, Any] = {"path": str(path), "probability": None, "label": None, "level": None,
+                                   "threshold": self.model.threshold, "boxes": None, "heatmap": None,
+                                   "error": None}  # fmt: skip
             try:
                 prediction = self.predict_bytes(Path(path).read_bytes(), str(path))
             except (ImageReadError, OSError) as exc:
                 row["error"] = str(exc)
                 rows.append(row)
                 continue
-            row.update(probability=round(prediction.probability, 6), label=prediction.label)
+            row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
+                       boxes=json.dumps([b.to_dict() for b in prediction.boxes]))  # fmt: skip
             if heatmap_dir is not None and prediction.heatmap is not None:
                 target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
                 target.write_bytes(prediction.overlay_png())
                 row["heatmap"] = str(target)
             rows.append(row)
-        return pd.DataFrame(rows, columns=["path", "probability", "label", "threshold", "heatmap", "error"])
+        columns = ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes"]  # new ones last
+        return pd.DataFrame(rows, columns=columns)

@@ -9,7 +9,7 @@ ensemble = combine([load("runs/a"), load("runs/b")])           # averaged logits
 
 from __future__ import annotations
 
-from fracdet.models import backbones, paper_cnn  # noqa: F401 (registers the models)
+from fracdet.models import backbones, localiser, paper_cnn  # noqa: F401 (registers the models)
 from fracdet.models._registry import ModelSpec, PreprocessCfg, create_model, get_spec, list_models, register_model
 from fracdet.models.ensemble import Ensemble, combine, members_of
 from fracdet.models.release import TrainedModel, list_releases, load, package_release, save_model

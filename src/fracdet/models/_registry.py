@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "PreprocessCfg", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = ["TASKS", "ModelSpec", "PreprocessCfg", "create_model", "get_spec", "list_models", "register_model"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class ModelSpec:
         cam_from_head: the CAM layer's output is the ``forward_features`` output, followed only by
             global average pooling and a linear classifier. Grad-CAM then equals the classic CAM, which
             one forward pass gives (no backward pass): ``fracdet.explain`` uses that shortcut.
+        task: what the network's forward returns. ``classify``: logits ``(B, 2)`` (no fracture,
+            fracture). ``localise``: ``(image_logit (B,), map_logits (B, 1, h, w))``, a fracture map of its
+            own from which boxes are read (:mod:`fracdet.models.scoring` turns either into scores).
     """
 
     name: str
@@ -58,20 +61,32 @@ class ModelSpec:
     cam_layer: str
     description: str
     cam_from_head: bool = False
+    task: str = "classify"
 
+
+#: The kinds of model the registry knows (see :attr:`ModelSpec.task`).
+TASKS = ("classify", "localise")
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, *, preprocess: PreprocessCfg, cam_layer: str, description: str, cam_from_head: bool = False
+    name: str,
+    *,
+    preprocess: PreprocessCfg,
+    cam_layer: str,
+    description: str,
+    cam_from_head: bool = False,
+    task: str = "classify",
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register ``build(pretrained, num_classes, *, input_size, dropout)`` under ``name``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
 
     def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, build, preprocess, cam_layer, description, cam_from_head)
+        _REGISTRY[name] = ModelSpec(name, build, preprocess, cam_layer, description, cam_from_head, task)
         return build
 
     return decorator

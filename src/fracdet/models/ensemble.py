@@ -57,6 +57,8 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
     """
     if len(models) < 2:
         raise ValueError("an ensemble needs at least two models")
+    if any(m.task != "classify" for m in models):
+        raise ValueError("ensembles average classifiers' logits; localisers (boxes and maps) cannot be combined yet")
     first = models[0]
     for other in models[1:]:
         if (other.arch, other.preprocess) != (first.arch, first.preprocess):

@@ -3,6 +3,9 @@
 A two-class softmax is a logistic on the logit difference, so a model's output is summarised as one
 *margin* per image (fracture logit minus no-fracture logit). Probabilities are ``sigmoid(margin / T)``;
 temperature scaling (``T`` fitted on validation) is then a single division.
+
+A localiser (:mod:`fracdet.models.localiser`) returns its image logit, which is a margin already, and a
+fracture map: :func:`forward_scores` is the one place that reads either kind of output.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import nn
 
 from fracdet.models._registry import PreprocessCfg
 
-__all__ = ["normalise", "predict_margins", "select_device"]
+__all__ = ["forward_scores", "normalise", "predict_margins", "predict_scores", "select_device"]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -33,7 +36,64 @@ def normalise(batch: torch.Tensor, preprocess: PreprocessCfg) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(margins (B,), map logits (B, h, w) or None)`` of a normalised batch, for any registered task."""
+    outputs = model(x)
+    if isinstance(outputs, tuple):  # localise: (image logit, map logits)
+        return outputs[0].float(), outputs[1][:, 0].float()
+    logits = outputs.float()
+    return logits[:, 1] - logits[:, 0], None
+
+
 @torch.no_grad()
+def predict_scores(
+    model: nn.Module,
+    images: np.ndarray,
+    preprocess: PreprocessCfg,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    progress_desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logit margins of ``(N, H, W)`` uint8 images and, for a localiser, its map logits ``(N, h, w)``.
+
+    Args:
+        tta: test-time augmentation: average the outputs of the image and its horizontal mirror (the
+            mirror's map is flipped back first).
+        progress_desc: show a progress bar with this label (``None``: silent).
+    """
+    from fracdet.utils.progress import progress_bar
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    margins = np.zeros(len(images), np.float32)
+    maps: np.ndarray | None = None
+    bar = progress_bar(desc=progress_desc or "", total=len(images)) if progress_desc else None
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
+            x = normalise(chunk.to(device), preprocess)
+            margin, heat = forward_scores(model, x)
+            if tta:
+                mirror_margin, mirror_heat = forward_scores(model, torch.flip(x, dims=[3]))
+                margin = (margin + mirror_margin) / 2
+                heat = None if heat is None else (heat + torch.flip(mirror_heat, dims=[2])) / 2
+            margins[start : start + len(chunk)] = margin.cpu().numpy()
+            if heat is not None:
+                if maps is None:
+                    maps = np.zeros((len(images), *heat.shape[1:]), np.float32)
+                maps[start : start + len(chunk)] = heat.cpu().numpy()
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return margins, maps
+
+
 def predict_margins(
     model: nn.Module,
     images: np.ndarray,
@@ -44,33 +104,7 @@ def predict_margins(
     tta: bool = False,
     progress_desc: str | None = None,
 ) -> np.ndarray:
-    """Logit margins (fracture minus no fracture) of ``(N, H, W)`` uint8 images, in order.
-
-    Args:
-        tta: test-time augmentation: average the margins of the image and its horizontal mirror.
-        progress_desc: show a progress bar with this label (``None``: silent).
-    """
-    from fracdet.utils.progress import progress_bar
-
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    out = np.zeros(len(images), np.float32)
-    bar = progress_bar(desc=progress_desc or "", total=len(images)) if progress_desc else None
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
-            x = normalise(chunk.to(device), preprocess)
-            logits = model(x).float()
-            margin = logits[:, 1] - logits[:, 0]
-            if tta:
-                flipped = model(torch.flip(x, dims=[3])).float()
-                margin = (margin + flipped[:, 1] - flipped[:, 0]) / 2
-            out[start : start + len(chunk)] = margin.cpu().numpy()
-            if bar is not None:
-                bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    return out
+    """Logit margins (fracture minus no fracture) of ``(N, H, W)`` uint8 images, in order (:func:`predict_scores`)."""
+    margins, _ = predict_scores(model, images, preprocess, batch_size=batch_size, device=device, tta=tta,
+                                progress_desc=progress_desc)  # fmt: skip
+    return margins

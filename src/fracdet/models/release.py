@@ -1,13 +1,14 @@
 """Trained models ready to use: the released ones shipped in ``models/``, run folders, checkpoints.
 
-A trained model is a folder with ``model.safetensors`` (weights) and ``model.json`` (architecture,
-input size, normalisation, the temperature and operating thresholds fitted on validation), and usually
-``splits.csv`` (the manifest it was trained on). ``fracdet train`` writes one into every run folder; a
-release is such a folder copied to ``models/NAME/``::
+A trained model is a folder with ``model.safetensors`` (weights) and ``model.json`` (architecture, its
+task, input size, normalisation, the temperature and operating thresholds fitted on validation, and a
+schema version), and usually ``splits.csv`` (the manifest it was trained on). ``fracdet train`` writes one
+into every run folder; a release is such a folder copied to ``models/NAME/``::
 
     from fracdet.models import load
     model = load("fracatlas-default")          # on the CPU
     model.predict_proba(images)                # (N, H, W) uint8 at model.preprocess.input_size
+    model.score(images)                        # probabilities, and a localiser's map and boxes
 """
 
 from __future__ import annotations
@@ -22,10 +23,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from fracdet.models._registry import PreprocessCfg, create_model
-from fracdet.models.predict import predict_margins
+from fracdet.models._registry import PreprocessCfg, create_model, get_spec
+from fracdet.models.predict import predict_scores
+from fracdet.models.scoring import Scores, level_thresholds, scores_from_outputs
 
-__all__ = ["TrainedModel", "list_releases", "load", "package_release", "releases_dir", "save_model"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "TrainedModel",
+    "list_releases",
+    "load",
+    "package_release",
+    "releases_dir",
+    "save_model",
+]
+
+#: Version of the ``model.json`` layout. 1: fracdet <= 0.3.0 releases (no ``schema_version`` key, classify
+#: only); 2: adds ``task``, ``schema_version`` and, for localisers, ``fusion``. Every version still loads.
+SCHEMA_VERSION = 2
 
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
@@ -88,6 +102,41 @@ class TrainedModel:
         return str(self.meta.get("version", "unversioned"))
 
     @property
+    def task(self) -> str:
+        """``classify`` or ``localise`` (:attr:`fracdet.models.ModelSpec.task`)."""
+        return get_spec(self.arch).task
+
+    @property
+    def levels(self) -> dict[str, float]:
+        """Probability threshold of each confidence level (``suspicious``, ``definite``) the model has."""
+        return level_thresholds(self.thresholds)
+
+    @property
+    def peak_weight(self) -> float:
+        """A localiser's fusion weight of the map's peak in its image logit (0 for a classifier)."""
+        fusion = getattr(self.module, "fusion", None)
+        return float(fusion[1]) if fusion is not None else 0.0
+
+    def outputs(
+        self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw ``(margins, map logits or None)`` of ``(N, H, W)`` uint8 images (``tta=None``: as calibrated)."""
+        return predict_scores(self.module, images, self.preprocess, tta=self.tta if tta is None else tta, **kwargs)
+
+    def score(self, images: np.ndarray, *, tta: bool | None = None, max_boxes: int = 10, **kwargs: Any) -> Scores:
+        """Calibrated probabilities of ``(N, H, W)`` uint8 images, with a localiser's map and scored boxes.
+
+        Args:
+            tta: ``None``: as the model was calibrated.
+            max_boxes: boxes per image at most (levelled or not; :func:`fracdet.models.scoring.shown_boxes`
+                keeps those a reader sees).
+            kwargs: ``batch_size``, ``device``, ``progress_desc``.
+        """
+        margins, maps = self.outputs(images, tta=tta, **kwargs)
+        return scores_from_outputs(margins, maps, temperature=self.temperature, thresholds=self.thresholds,
+                                   peak_weight=self.peak_weight, max_boxes=max_boxes)  # fmt: skip
+
+    @property
     def splits_path(self) -> Path | None:
         """The split manifest the model was trained on, when it travels with the model."""
         path = self.folder / "splits.csv" if self.folder else None
@@ -95,7 +144,7 @@ class TrainedModel:
 
     def margins(self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any) -> np.ndarray:
         """Logit margins of ``(N, H, W)`` uint8 images (``tta=None``: as the model was calibrated)."""
-        return predict_margins(self.module, images, self.preprocess, tta=self.tta if tta is None else tta, **kwargs)
+        return self.outputs(images, tta=tta, **kwargs)[0]
 
     def predict_proba(self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any) -> np.ndarray:
         """Calibrated fracture probabilities of ``(N, H, W)`` uint8 images at the model's input size."""
@@ -126,6 +175,9 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         known = ", ".join(list_releases()) or "none found"
         raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a folder, checkpoint or release ({known})")
     meta = _read_meta(folder)
+    if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
+        raise ValueError(f"{folder}: model.json schema {meta['schema_version']} is newer than this fracdet "
+                         f"reads ({SCHEMA_VERSION}): upgrade fracdet")  # fmt: skip
     preprocess = PreprocessCfg(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
     module = _build(meta, preprocess)
     if state is None:
@@ -231,6 +283,8 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
     save_file(state, str(target / "model.safetensors"))
     meta = {
         **model.meta,
+        "schema_version": SCHEMA_VERSION,
+        "task": model.task,
         "input_size": model.preprocess.input_size,
         "mean": list(model.preprocess.mean),
         "std": list(model.preprocess.std),
@@ -241,6 +295,10 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
         "tta": model.tta,
         "weights_dtype": "float16" if half else "float32",
     }
+    if (fusion := getattr(model.module, "fusion", None)) is not None:  # also in the weights; here for readers
+        meta["fusion"] = dict(
+            zip(("classifier", "map_peak", "bias"), (round(float(v), 6) for v in fusion), strict=True)
+        )
     write_json(target / "model.json", meta)
     return target
 

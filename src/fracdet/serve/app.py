@@ -4,8 +4,10 @@
 
 * ``GET /``: a single self-contained page (no CDN: hospital networks are often offline) that works on a
   375-px phone screen: file picker or drag-and-drop, overlay toggle and opacity.
-* ``POST /api/v1/predict``: multipart upload ``file`` -> probability, label, threshold, heatmap (PNG),
-  box, model name and version, latency.
+* ``POST /api/v1/predict``: multipart upload ``file`` -> probability, label, threshold, confidence
+  ``level`` and the ``levels`` thresholds, heatmap (PNG), box, a localiser's scored ``boxes``
+  (``x0, y0, x1, y1`` normalised to the original image, ``score``, ``level``), model name and version,
+  latency. Fields are only ever added under ``/api/v1``.
 * ``GET /api/v1/health``, ``GET /api/v1/model``; OpenAPI at ``/docs``.
 
 Hardening: an upload limit checked before and while reading, the decoder's decompression-bomb guard, a
@@ -75,9 +77,12 @@ def heatmap_rgba(heatmap: np.ndarray, size: int) -> np.ndarray:
     return np.dstack([rgb, alpha])
 
 
-def plain_words(probability: float, threshold: float) -> str:
+def plain_words(probability: float, threshold: float, level: str | None = None, levels: dict | None = None) -> str:
     """The verdict as a sentence a clinician reads at a glance."""
     pct = f"{100 * probability:.0f}%"
+    if level == "definite" and levels and "definite" in levels:
+        flag = f"{100 * levels['definite']:.0f}%"
+        return f"Fracture likely (definite level): estimated probability {pct} (the definite level starts at {flag})."
     if probability >= threshold:
         flag = f"{100 * threshold:.0f}%"
         return f"Fracture suspected: estimated probability {pct} (the model flags images at {flag} or more)."
@@ -90,8 +95,12 @@ def _response(prediction: Prediction, model: TrainedModel, latency_ms: float) ->
         "label": prediction.label,
         "threshold": prediction.threshold,
         "operating_point": model.operating_point,
-        "summary": plain_words(prediction.probability, prediction.threshold),
+        "summary": plain_words(prediction.probability, prediction.threshold, prediction.level, prediction.levels),
+        "level": prediction.level,
+        "levels": prediction.levels,
         "box": prediction.box,
+        "boxes": [b.to_dict() for b in prediction.boxes],
+        "heatmap_kind": prediction.heatmap_kind,
         "model": {"name": model.name, "version": model.version, "arch": model.arch},
         "latency_ms": round(latency_ms, 1),
         "timings_ms": {k.removesuffix("_ms"): round(v, 1) for k, v in prediction.timings.items()},
@@ -127,7 +136,8 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
     app = FastAPI(
         title="fracdet",
         version=model.version,
-        description="Bone-fracture detection on radiographs: calibrated probability, verdict and Grad-CAM heatmap.",
+        description="Bone-fracture detection on radiographs: calibrated probability, verdict, confidence level, "
+        "heatmap and (a localiser's) fracture boxes.",
     )
 
     @app.middleware("http")
@@ -148,10 +158,12 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
     @app.get("/api/v1/model")
     def model_info() -> dict[str, Any]:
         keep = ("name", "version", "model", "members", "input_size", "epoch", "selected_on", "temperature",
-                "thresholds")  # fmt: skip
+                "thresholds", "schema_version")  # fmt: skip
         return {
             **{k: model.meta[k] for k in keep if k in model.meta},
             "arch": model.arch,
+            "task": model.task,
+            "levels": model.levels,
             "threshold": model.threshold,
             "operating_point": model.operating_point,
             "tta": model.tta,

@@ -11,6 +11,7 @@ from fracdet.training.calibrate import choose_thresholds, fit_temperature, proba
 from fracdet.training.config import (
     AugmentConfig,
     ConfigError,
+    LocaliseConfig,
     OptimizerConfig,
     ScheduleConfig,
     TrainConfig,
@@ -21,6 +22,7 @@ from fracdet.training.trainer import RunExistsError, TrainResult, train
 __all__ = [
     "AugmentConfig",
     "ConfigError",
+    "LocaliseConfig",
     "OptimizerConfig",
     "RunExistsError",
     "ScheduleConfig",

@@ -1,6 +1,6 @@
-"""What is fitted on the validation split after training: a temperature and the operating thresholds.
+"""What is fitted on the validation split after training: a localiser's fusion, a temperature and the thresholds.
 
-Both are part of the model, not of its evaluation: they are chosen on validation once, stored with the
+All are part of the model, not of its evaluation: they are chosen on validation once, stored with the
 weights, and then applied unchanged to test images and to patients. The test split never chooses anything.
 """
 
@@ -11,12 +11,14 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
+from fracdet.models.predict import predict_scores
 from fracdet.models.release import TrainedModel
 
-__all__ = ["OPERATING_POINTS", "calibrate", "choose_thresholds", "fit_temperature", "probabilities"]
+__all__ = ["OPERATING_POINTS", "calibrate", "choose_thresholds", "fit_fusion", "fit_temperature", "probabilities"]
 
 #: Named operating points; ``sens90`` is the default: a fracture missed costs more than a second look.
-OPERATING_POINTS = ("0.5", "youden", "sens90", "sens95")
+#: ``sens90`` and ``spec95`` also set the *suspicious* and *definite* levels (:mod:`fracdet.models.scoring`).
+OPERATING_POINTS = ("0.5", "youden", "sens90", "sens95", "spec95")
 
 
 def probabilities(margins: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -46,7 +48,9 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
     """Probability thresholds for each named operating point, from validation labels and scores.
 
     ``youden`` maximises sensitivity + specificity - 1; ``sensNN`` is the highest threshold whose
-    sensitivity is at least NN% (the most specific rule that still finds that share of fractures).
+    sensitivity is at least NN% (the most specific rule that still finds that share of fractures);
+    ``spec95`` is the lowest threshold whose specificity is at least 95% (the most sensitive rule that
+    raises few false alarms).
     """
     from sklearn.metrics import roc_curve
 
@@ -54,13 +58,58 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
     p = np.asarray(scores, np.float64)
     out = {"0.5": 0.5}
     if len(np.unique(y)) < 2:
-        return {**out, "youden": 0.5, "sens90": 0.5, "sens95": 0.5}
+        return {**out, "youden": 0.5, "sens90": 0.5, "sens95": 0.5, "spec95": 0.5}
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     thr = np.minimum(thr, 1.0)  # sklearn puts +inf first
     out["youden"] = float(thr[np.argmax(tpr - fpr)])
     for name, target in (("sens90", 0.90), ("sens95", 0.95)):
         out[name] = float(thr[np.argmax(tpr >= target)])
+    specific = np.flatnonzero(1 - fpr >= 0.95)  # thresholds fall along the curve: the last is the lowest
+    out["spec95"] = float(thr[specific[-1]])
     return out
+
+
+def fit_fusion(
+    model: TrainedModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Fit how a localiser's image logit combines its classifier logit and its map's peak, on validation.
+
+    A logistic regression of the labels on ``(classifier logit, peak map logit)``; a negative weight (the
+    map or classifier arguing against itself) is dropped and the other refitted alone. Sets the network's
+    ``fusion`` buffer and returns the validation ROC AUC of each part and of the fusion (the fusion lever,
+    measured where it is chosen).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    fusion = model.module.fusion
+    fusion.copy_(torch.tensor([1.0, 0.0, 0.0]))  # the image logit is then the classifier's
+    classifier, maps = predict_scores(model.module, images, model.preprocess, batch_size=batch_size, device=device,
+                                      tta=model.tta)  # fmt: skip
+    peak = maps.reshape(len(maps), -1).max(axis=1)
+    y = np.asarray(labels)
+    if len(np.unique(y)) < 2:
+        return {}
+    features = np.stack([classifier, peak], axis=1).astype(np.float64)
+    weights = np.zeros(2)
+    keep = [0, 1]
+    while keep:
+        fit = LogisticRegression(C=100.0).fit(features[:, keep], y)
+        if (fit.coef_[0] >= 0).all():
+            weights[keep], bias = fit.coef_[0], float(fit.intercept_[0])
+            break
+        keep = [k for k, w in zip(keep, fit.coef_[0], strict=True) if w > 0]
+    else:
+        weights, bias = np.array([1.0, 0.0]), 0.0
+    fusion.copy_(torch.tensor([weights[0], weights[1], bias], dtype=fusion.dtype))
+    fused = features @ weights + bias
+    return {"classifier": float(roc_auc_score(y, classifier)), "map_peak": float(roc_auc_score(y, peak)),
+            "fused": float(roc_auc_score(y, fused))}  # fmt: skip
 
 
 def calibrate(
@@ -72,13 +121,15 @@ def calibrate(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> TrainedModel:
-    """Fit ``model``'s temperature and thresholds on validation images and make ``point`` its operating point.
+    """Fit ``model``'s fusion (a localiser), temperature and thresholds on validation; ``point`` operates.
 
     Args:
         images: ``(N, H, W)`` uint8 validation images at the model's input size.
         labels: their labels (1 = fracture).
         device: where the model's weights are (training calibrates on its GPU, not the CPU).
     """
+    if getattr(model.module, "fusion", None) is not None:
+        model.meta["fusion_val_auc"] = fit_fusion(model, images, labels, batch_size=batch_size, device=device)
     margins = model.margins(images, batch_size=batch_size, device=device)
     model.temperature = fit_temperature(margins, labels)
     model.thresholds = choose_thresholds(labels, probabilities(margins, model.temperature))

@@ -17,6 +17,7 @@ import yaml
 __all__ = [
     "AugmentConfig",
     "ConfigError",
+    "LocaliseConfig",
     "OptimizerConfig",
     "ScheduleConfig",
     "TrainConfig",
@@ -66,9 +67,31 @@ class AugmentConfig:
     scale: float = 0.0  # relative, uniform in [1 - scale, 1 + scale]
     translate: float = 0.0  # fraction of the side
     contrast: float = 0.0  # relative jitter of contrast and brightness
+    reencode: float = 0.0  # probability of a JPEG or WebP round trip at a random quality (30-95)
+    rescale: float = 0.0  # relative: shrink the side by up to this and enlarge back (lost resolution)
 
     def enabled(self) -> bool:
         return any(v > 0 for v in asdict(self).values())
+
+
+@dataclass
+class LocaliseConfig:
+    """How a localiser (``task: localise`` in the registry) learns where: ignored by classifiers.
+
+    Attributes:
+        target: masks are drawn from the expert ``box``es or their ``polygon``s.
+        map_weight: weight of the dense map loss (focal loss per cell) beside the image-level loss.
+    """
+
+    target: str = "box"
+    map_weight: float = 1.0
+
+    def check(self) -> None:
+        from fracdet.data.masks import MASK_TARGETS
+
+        _one_of("localise.target", self.target, MASK_TARGETS)
+        if self.map_weight < 0:
+            raise ConfigError(f"localise.map_weight must not be negative, not {self.map_weight!r}")
 
 
 @dataclass
@@ -95,6 +118,7 @@ class TrainConfig:
         select_on: split whose metric picks the best checkpoint. ``val`` always, except to reproduce the
             paper's selection on the test split (``test``), which every report marks as not honest.
         workers: data-loading processes (0: in the training process).
+        localise: masks and loss weight of a localiser.
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
     """
 
@@ -117,6 +141,7 @@ class TrainConfig:
     select_on: str = "val"
     workers: int = 0
     device: str = "auto"
+    localise: LocaliseConfig = field(default_factory=LocaliseConfig)
 
     def __post_init__(self) -> None:
         self.check()
@@ -140,6 +165,9 @@ class TrainConfig:
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         self.optimizer.check()
         self.schedule.check()
+        self.localise.check()
+        if get_spec(self.model).task == "localise" and self.input_size % 32:
+            raise ConfigError(f"a localiser's image_size must be a multiple of 32, not {self.input_size}")
 
     @property
     def input_size(self) -> int:

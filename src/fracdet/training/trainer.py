@@ -39,6 +39,7 @@ from fracdet.training.augment import AugmentedImages, build_augmentation, epoch_
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
 from fracdet.training.config import TrainConfig
+from fracdet.training.losses import task_loss
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.progress import progress_bar
 
@@ -233,7 +234,10 @@ def train(
     if config.balance == "class_weights":
         counts = np.bincount(train_labels, minlength=2).astype(np.float32)
         loss_weight = torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), device=device)
-    dataset = AugmentedImages(train_images, train_labels, build_augmentation(config.augment))
+    localise = get_spec(config.model).task == "localise"
+    annotations = _annotations(pixels.table, "train") if localise else None
+    dataset = AugmentedImages(train_images, train_labels, build_augmentation(config.augment),
+                              annotations=annotations, mask_target=config.localise.target)  # fmt: skip
 
     start_epoch, history, best, bad_epochs = 0, [], None, 0
     last_path = out_dir / "checkpoints" / "last.pt"
@@ -263,18 +267,20 @@ def train(
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=len(order)) as bar:
-            for x, y in loader:
+            for x, y, *masks in loader:
                 x, y = normalise(x.to(device, non_blocking=True), preprocess), y.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model(x)
-                loss = nn.functional.cross_entropy(logits.float(), y, weight=loss_weight)
+                    outputs = model(x)
+                mask = masks[0].to(device) if masks else None
+                loss = task_loss(outputs, y, mask, class_weight=loss_weight, map_weight=config.localise.map_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if config.schedule.name == "onecycle":
                     schedule.step()
                 total_loss += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+                margin = outputs[0] if isinstance(outputs, tuple) else outputs[:, 1] - outputs[:, 0]
+                correct += int(((margin >= 0).long() == y).sum())
                 seen += len(y)
                 bar.update(len(y))
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}")
@@ -341,6 +347,16 @@ def _label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
         log.warning("leaving out %d training files in %d groups that carry both labels", mixed.sum(),
                     train.loc[mixed, "group"].nunique())  # fmt: skip
     return train[mixed]
+
+
+def _annotations(table: pd.DataFrame, split: str) -> list[tuple[list, list]]:
+    """Per image of ``split``, its expert ``(boxes, polygons)``: a localiser's training targets."""
+    if "boxes" not in table:
+        raise ValueError("a localiser learns from expert boxes: this dataset has none (FracAtlas has them)")
+    rows = table[table["split"] == split]
+    polygons = rows["polygons"] if "polygons" in rows else [[]] * len(rows)
+    return [(b if isinstance(b, list) else [], p if isinstance(p, list) else [])
+            for b, p in zip(rows["boxes"], polygons, strict=True)]  # fmt: skip
 
 
 def _subset(pixels: PixelSet, split: str) -> tuple[np.ndarray, np.ndarray]:

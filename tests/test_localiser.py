@@ -1,0 +1,278 @@
+"""The fracture localiser: network contract, masks that move with pixels, boxes from the map, fusion,
+lesion-level metrics, and the same answer through training, evaluation, prediction, ONNX and the server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from scipy.special import expit
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from fracdet.data.masks import fracture_mask
+from fracdet.evaluation.evaluate import evaluate, write_report
+from fracdet.evaluation.lesions import LesionData, average_precision, froc, hits, localised_sensitivity
+from fracdet.models import create_model, load, save_model
+from fracdet.models.scoring import ScoredBox, boxes_from_map, level_of, level_thresholds, shown_boxes
+from fracdet.training import load_config, train
+from fracdet.training.augment import AugmentedImages, Reencode
+from fracdet.training.calibrate import choose_thresholds
+from fracdet.training.losses import task_loss
+from fracdet.utils.cache import FeatureCache
+from tests.conftest import REPO, SAMPLE
+from tests.test_training import sample_manifest
+
+TINY = ["image_size=64", "epochs=1", "batch_size=8", "pretrained=false"]
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    table = sample_manifest(SAMPLE)
+    table["split"] = np.where(np.arange(len(table)) % 3 == 1, "test", table["split"])
+    return table
+
+
+@pytest.fixture(scope="module")
+def localiser_run(manifest, tmp_path_factory, cache_dir):
+    run = tmp_path_factory.mktemp("runs") / "localiser"
+    train(load_config(REPO / "configs" / "localiser.yaml", TINY), manifest, run, cache=FeatureCache(cache_dir))
+    return run
+
+
+# --- the network ---------------------------------------------------------------------------------
+
+
+def test_forward_gives_an_image_logit_and_a_stride_8_map_and_every_parameter_learns():
+    model = create_model("localiser_lite0").train()
+    x = torch.randn(2, 3, 64, 64)
+    image_logit, map_logits = model(x)
+    assert image_logit.shape == (2,) and map_logits.shape == (2, 1, 8, 8)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 10:20, 30:40] = 1
+    loss = task_loss((image_logit, map_logits), torch.tensor([1, 0]), masks, class_weight=torch.tensor([0.6, 2.8]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_localiser_needs_its_masks_and_a_side_divisible_by_32():
+    model = create_model("localiser_lite0")
+    with pytest.raises(ValueError, match="masks"):
+        task_loss(model(torch.randn(1, 3, 64, 64)), torch.tensor([1]))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        load_config(REPO / "configs" / "localiser.yaml", ["image_size=250"])
+
+
+# --- masks and augmentation ---------------------------------------------------------------------
+
+
+def test_masks_from_boxes_and_polygons_cover_the_annotation_and_never_vanish():
+    box = fracture_mask(100, [[0.1, 0.2, 0.3, 0.5]])
+    assert box[20:50, 10:30].all() and box.sum() == 30 * 20
+    tiny = fracture_mask(64, [[0.5, 0.5, 0.501, 0.501]])
+    assert tiny.sum() >= 1
+    triangle = fracture_mask(100, [[0.0, 0.0, 0.0]], [[0.1, 0.1, 0.9, 0.1, 0.1, 0.9]], target="polygon")
+    assert triangle[20, 20] == 1 and triangle[80, 80] == 0
+    fallback = fracture_mask(100, [[0.1, 0.1, 0.2, 0.2]], [], target="polygon")
+    assert fallback.sum() == 100
+
+
+def test_augmentation_moves_the_mask_with_the_pixels_and_reencoding_leaves_it_alone():
+    image = np.zeros((1, 64, 64), np.uint8)
+    image[0, 10:20, 5:15] = 255
+    dataset = AugmentedImages(image, np.array([1]), v2.RandomHorizontalFlip(1.0),
+                              annotations=[([[5 / 64, 10 / 64, 15 / 64, 20 / 64]], [])])  # fmt: skip
+    x, label, mask = dataset[0]
+    assert label == 1 and isinstance(x, torch.Tensor) and not isinstance(x, tv_tensors.Image)
+    assert torch.equal((x[0] > 127).to(torch.uint8), mask)
+    assert mask[10:20, 49:59].all() and mask.sum() == 100
+
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 64, 64), dtype=np.uint8))
+    reencoded, kept = Reencode(p=1.0, quality=(30, 30), rescale=0.5)(tv_tensors.Image(noise), tv_tensors.Mask(mask))
+    assert reencoded.shape == noise.shape and not torch.equal(reencoded, noise)
+    assert torch.equal(kept, mask)
+
+
+# --- boxes, levels and thresholds ---------------------------------------------------------------
+
+
+def test_boxes_come_from_the_maps_peaks_strongest_first_with_the_top_box_scored_as_the_image():
+    logits = np.full((16, 16), -8.0, np.float32)
+    logits[2:5, 3:6] = 3.0  # strong
+    logits[10:13, 10:14] = 0.0  # weaker
+    levels = {"suspicious": 0.3, "definite": 0.8}
+    boxes = boxes_from_map(logits, image_logit=2.0, peak_weight=0.5, temperature=1.0, levels=levels, upsample=1)
+    assert len(boxes) == 2
+    strong, weak = boxes
+    assert strong.xyxy == pytest.approx((3 / 16, 2 / 16, 6 / 16, 5 / 16))
+    assert weak.xyxy == pytest.approx((10 / 16, 10 / 16, 14 / 16, 13 / 16))
+    assert strong.score == pytest.approx(expit(2.0)) and weak.score == pytest.approx(expit(2.0 - 0.5 * 3.0))
+    assert (strong.level, weak.level) == ("definite", "suspicious")
+    assert shown_boxes([*boxes, ScoredBox(0, 0, 1, 1, 0.1, None)] * 2) == [strong, weak, strong]
+
+
+def test_levels_follow_the_validation_thresholds_and_definite_is_never_below_suspicious():
+    assert level_thresholds({"sens90": 0.3, "spec95": 0.2}) == {"suspicious": 0.3, "definite": 0.3}
+    assert level_thresholds({"sens90": 0.3}) == {"suspicious": 0.3}  # releases before schema 2
+    levels = {"suspicious": 0.3, "definite": 0.7}
+    assert [level_of(p, levels) for p in (0.1, 0.3, 0.9)] == [None, "suspicious", "definite"]
+
+
+def test_spec95_is_the_lowest_threshold_keeping_95_percent_specificity():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(400, int), np.ones(100, int)]
+    scores = np.r_[rng.uniform(0, 0.8, 400), rng.uniform(0.3, 1, 100)]
+    t = choose_thresholds(labels, scores)["spec95"]
+    assert np.mean(scores[labels == 0] < t) >= 0.95
+    assert np.mean(scores[labels == 0] < np.max(scores[scores < t])) < 0.95
+
+
+# --- lesion-level metrics -----------------------------------------------------------------------
+
+
+def _box(x0, y0, x1, y1, score):
+    return ScoredBox(x0, y0, x1, y1, score, "suspicious")
+
+
+def test_hit_rules_froc_localised_sensitivity_and_map_on_a_hand_made_split():
+    expert = [(0.1, 0.1, 0.3, 0.3)]
+    boxes = [
+        [_box(0.1, 0.1, 0.3, 0.3, 0.9)],  # fractured: exact hit
+        [_box(0.6, 0.6, 0.8, 0.8, 0.8), _box(0.12, 0.05, 0.44, 0.5, 0.4)],  # fractured: a miss, then a centre-only hit
+        [_box(0.4, 0.4, 0.5, 0.5, 0.7)],  # normal: a false positive
+        [],  # normal: nothing
+    ]
+    data = LesionData.build([1, 1, 0, 0], [0.9, 0.8, 0.7, 0.1], boxes, [expert, expert, [], []])
+    assert (
+        hits((0.12, 0.05, 0.44, 0.5), expert, "centre").all() and not hits((0.12, 0.05, 0.44, 0.5), expert, "iou").any()
+    )
+    idx = np.arange(4)
+    # false-positive scores (iou rule): 0.8, 0.7, 0.4; at 0.5 FP/image two are allowed: boxes above 0.4 count
+    assert froc(data, idx, "iou", (0.25, 0.5, 1.0)) == {"0.25": 0.5, "0.5": 0.5, "1": 0.5}
+    assert froc(data, idx, "centre", (0.25, 1.0)) == {"0.25": 0.5, "1": 1.0}
+    assert localised_sensitivity(data, idx, 0.5, "iou") == 0.5
+    assert localised_sensitivity(data, idx, 0.3, "centre") == 1.0
+    assert average_precision(data, idx, fractured_only=True)["map50"] == pytest.approx(0.5, abs=0.01)
+    perfect = LesionData.build([1], [0.9], [[_box(*expert[0], 0.9)]], [expert])
+    assert average_precision(perfect, np.arange(1))["map50"] == pytest.approx(1.0)
+
+
+# --- end to end: train, evaluate, predict, export, serve ----------------------------------------
+
+
+def test_training_writes_a_self_describing_localiser_with_fusion_and_levels(localiser_run):
+    meta = json.loads((localiser_run / "model.json").read_text())
+    assert (meta["task"], meta["schema_version"], meta["model"]) == ("localise", 2, "localiser_lite0")
+    assert set(meta["fusion"]) == {"classifier", "map_peak", "bias"}
+    assert meta["fusion"]["classifier"] >= 0 and meta["fusion"]["map_peak"] >= 0
+    assert set(meta["fusion_val_auc"]) == {"classifier", "map_peak", "fused"}
+    model = load(localiser_run)
+    assert model.task == "localise" and set(model.levels) == {"suspicious", "definite"}
+    assert model.peak_weight == pytest.approx(meta["fusion"]["map_peak"], abs=1e-6)
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    scores = model.score(images)
+    assert scores.maps.shape == (3, 8, 8) and ((scores.maps >= 0) & (scores.maps <= 1)).all()
+    assert np.allclose(scores.probabilities, model.predict_proba(images))
+    for probability, boxes in zip(scores.probabilities, scores.boxes, strict=True):
+        assert boxes and boxes[0].score == pytest.approx(probability, abs=1e-5)  # the top box is the image
+
+
+def test_a_newer_schema_is_refused_and_a_classifier_release_still_loads(localiser_run, tmp_path):
+    meta = json.loads((localiser_run / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "schema_version": 99}))
+    with pytest.raises(ValueError, match="newer"):
+        load(tmp_path)
+    classifier = load("fracatlas-default")
+    assert classifier.task == "classify" and "schema_version" not in classifier.meta
+    assert set(classifier.levels) == {"suspicious"}
+
+
+def test_evaluation_reports_lesion_level_figures_with_intervals_and_pictures(localiser_run, manifest, cache_dir,
+                                                                             tmp_path):  # fmt: skip
+    model = load(localiser_run)
+    result = evaluate(model, manifest, split="test", n_boot=20, cache=FeatureCache(cache_dir))
+    lesions = result.lesions
+    assert set(lesions) >= {"levels", "all", "without_hardware", "subgroups"}
+    every = lesions["all"]
+    for key in ("froc_iou@1", "froc_centre@0.5", "localised_sensitivity_iou@suspicious",
+                "localised_sensitivity_centre@definite", "false_boxes_per_normal@suspicious", "map50_all",
+                "map_fractured", "image_auc"):  # fmt: skip
+        lo, hi = every[key]["ci95"]
+        assert lo <= every[key]["value"] <= hi or np.isnan(every[key]["value"]), key
+    assert every["images"] == len(result.predictions)
+    write_report(result, tmp_path)
+    assert (tmp_path / "froc.png").is_file() and (tmp_path / "boxes.png").is_file()
+    assert "Where: the localiser" in (tmp_path / "report.html").read_text()
+    shown = json.loads(pd_read(tmp_path)["shown_boxes"].iloc[0])
+    assert all(set(b) == {"x0", "y0", "x1", "y1", "score", "level"} for b in shown)
+
+
+def pd_read(folder):
+    import pandas as pd
+
+    return pd.read_csv(folder / "predictions.csv")
+
+
+def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch(localiser_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fracdet.inference.onnx import OnnxNetwork, export_onnx
+    from fracdet.models.predict import normalise
+
+    model = load(localiser_run)
+    network = OnnxNetwork(export_onnx(model, tmp_path / "localiser.onnx"), threads=1)
+    assert network.meta["task"] == "localise" and network.meta["peak_weight"] == pytest.approx(model.peak_weight)
+    for n in (1, 3):
+        images = np.random.default_rng(n).integers(0, 255, (n, 64, 64), dtype=np.uint8)
+        x = normalise(torch.from_numpy(images).unsqueeze(1), model.preprocess).contiguous().numpy()
+        margins, maps = network(x)
+        expected_margins, expected_maps = model.outputs(images)
+        assert np.allclose(margins, expected_margins, atol=1e-3) and np.allclose(maps, expected_maps, atol=1e-3)
+
+
+def test_predictor_and_api_give_boxes_levels_and_the_map_and_keep_every_old_field(localiser_run, tmp_path):
+    from fracdet.serve import create_app
+
+    model = load(localiser_run)
+    client = TestClient(create_app(model))
+    data = (SAMPLE / "images" / "Fractured" / "IMG0000261.jpg").read_bytes()
+    body = client.post("/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}).json()
+    old = {"probability", "label", "threshold", "operating_point", "summary", "box", "model", "latency_ms",
+           "timings_ms", "image_png", "heatmap_png"}  # fmt: skip
+    assert old <= set(body) and {"boxes", "level", "levels", "heatmap_kind"} <= set(body)
+    assert body["heatmap_kind"] == "map" and body["heatmap_png"]
+    assert set(body["levels"]) == {"suspicious", "definite"}
+    assert all(b["level"] in ("suspicious", "definite") and 0 <= b["x0"] < b["x1"] <= 1 for b in body["boxes"])
+    assert len(body["boxes"]) <= 3
+    assert client.get("/api/v1/model").json()["task"] == "localise"
+
+    from fracdet.inference import Predictor
+
+    rows = Predictor(model).predict_files([SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"], heatmap_dir=tmp_path)
+    assert json.loads(rows["boxes"].iloc[0]) == body["boxes"]
+    assert rows["level"].iloc[0] == body["level"]
+
+
+def test_overlays_draw_definite_boxes_solid_and_suspicious_boxes_dashed():
+    from fracdet.explain import draw_boxes
+
+    canvas = np.zeros((100, 100, 3), np.uint8)
+    definite, suspicious = (
+        ScoredBox(0.1, 0.5, 0.4, 0.9, 0.9, "definite"),
+        ScoredBox(0.6, 0.5, 0.9, 0.9, 0.5, "suspicious"),
+    )
+    drawn = draw_boxes(canvas, [definite, suspicious])
+    bottom_solid = drawn[89, 12:38].any(axis=1)  # the definite box's bottom edge
+    bottom_dashed = drawn[89, 62:88].any(axis=1)
+    assert bottom_solid.all() and 0.2 < bottom_dashed.mean() < 0.9
+    assert not draw_boxes(canvas, [ScoredBox(0, 0, 1, 1, 0.1, None)]).any()
+
+
+def test_save_and_load_round_trip_keeps_the_fusion(localiser_run, tmp_path):
+    model = load(localiser_run)
+    save_model(model, tmp_path / "copy", half=True)
+    again = load(tmp_path / "copy")
+    assert torch.allclose(again.module.fusion, model.module.fusion, atol=1e-3)
