@@ -26,6 +26,7 @@ from torch import nn
 from fracdet.models._registry import PreprocessCfg, create_model, get_spec
 from fracdet.models.predict import predict_scores
 from fracdet.models.scoring import Scores, level_thresholds, scores_from_outputs
+from fracdet.utils.atomic import write_json
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -273,8 +274,6 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
             the margins move by about one part in a thousand).
     """
     from safetensors.torch import save_file
-
-    from fracdet.training.checkpoint import write_json  # here: fracdet.training imports this module
 
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
