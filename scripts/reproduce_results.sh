@@ -117,5 +117,14 @@ done
 "$F" evaluate runs/fracatlas-default-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-fracatlas-model-on-multiregion
 "$F" evaluate runs/paper-multiregion-leakfree-seed0 --data "$FA" --splits splits/fracatlas_seed0.csv --split all --exclude-shared-with "$MR" --no-heatmaps --bootstrap 300 --out runs/eval/study5-multiregion-model-on-fracatlas
 
+# 6. Where: the localiser (configs/localiser.yaml: EfficientNet-Lite0 + map head, 256 px, 8 CPU epochs), seed 0.
+# The release rule of RESULTS.md section 6 reads validation first; the test split is read after it.
+train localiser-lite0-256-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv
+"$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split val --compare fracatlas-default --out runs/eval/localiser-lite0-256-seed0-val
+"$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split test --compare fracatlas-default --out runs/eval/localiser-lite0-256-seed0-test
+"$F" evaluate runs/localiser-lite0-256-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-localiser-on-multiregion
+.venv/bin/python scripts/reencode_flips.py runs/localiser-lite0-256-seed0 --data "$FA" --split test --quality 75
+.venv/bin/python scripts/reencode_flips.py fracatlas-default --data "$FA" --split test --quality 75
+
 # The tables of RESULTS.md, with sensitivity by fracture size and surgical hardware.
 .venv/bin/python scripts/results_tables.py --data "$FA"

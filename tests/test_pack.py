@@ -43,6 +43,15 @@ def test_a_pack_lists_every_readable_file_with_its_label_group_split_and_metadat
     assert result.images == len(copy) and json.loads((result.root / "PACK.json").read_text())["images"] == len(copy)
 
 
+def test_a_pack_keeps_the_expert_boxes_and_polygons_a_localiser_trains_on(packed):
+    table, result = packed
+    copy = load_dataset(result.manifest).set_index("path")
+    original = table.set_index("path").loc[copy.index]
+    assert (original["boxes"].map(len) > 0).any()
+    for column in ("boxes", "polygons"):
+        assert list(copy[column]) == list(original[column])  # JSON keeps every float exactly
+
+
 def test_packed_images_are_shrunk_never_enlarged_and_smaller_on_disk(packed):
     table, result = packed
     copy = load_dataset(result.manifest)

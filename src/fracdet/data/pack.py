@@ -28,6 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from fracdet.data.decode import ImageReadError, read_image
+from fracdet.data.sources import ANNOTATION_COLUMNS
 from fracdet.data.table import absolute_paths
 from fracdet.utils.progress import progress_bar
 from fracdet.utils.workers import worker_count
@@ -130,7 +131,10 @@ def pack_dataset(
             except (ImageReadError, OSError) as exc:
                 skipped.append((rows["path"].iloc[k], str(exc).split(": ", 1)[-1]))
             bar.update(1)
-    kept = rows.iloc[written]
+    kept = rows.iloc[written].copy()
+    for column in ANNOTATION_COLUMNS:  # expert boxes and polygons travel as JSON (a localiser trains on them)
+        if column in kept:
+            kept[column] = [json.dumps(v if isinstance(v, list) else []) for v in kept[column]]
     scalar = [c for c in kept.columns if not kept[c].map(lambda v: isinstance(v, list | dict | tuple)).any()]
     manifest = root / "manifest.csv"
     kept[scalar].to_csv(manifest, index=False)

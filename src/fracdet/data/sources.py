@@ -49,6 +49,8 @@ _MURA_STUDY = re.compile(r"^(study\d+)_(positive|negative)$", re.IGNORECASE)
 _MURA_PATIENT = re.compile(r"^patient\d+$", re.IGNORECASE)
 _FRACATLAS_REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
 _FRACATLAS_VIEWS = ("frontal", "lateral", "oblique")
+#: Per-image annotation columns holding lists (normalised boxes and polygons); a CSV manifest stores them as JSON.
+ANNOTATION_COLUMNS = ("boxes", "polygons")
 #: Size classes of a fracture: the side of a square as large as its biggest expert box, as a share of the
 #: image side (FracAtlas: about a fifth of the annotated fractures are small, three fifths medium).
 FRACTURE_SIZES = ((0.05, "small (<5% of side)"), (0.10, "medium (5-10%)"), (float("inf"), "large (>=10%)"))
@@ -108,6 +110,9 @@ def load_manifest(manifest: str | Path, *, data_root: str | Path | None = None) 
     if labels.isna().any() or not labels.isin([0, 1]).all():
         raise DatasetLayoutError(f"{manifest}: label must be 0 or 1 in every row")
     frame["label"] = labels.astype(int)
+    for column in ANNOTATION_COLUMNS:  # JSON lists (what `fracdet pack` writes) back to lists
+        if column in frame:
+            frame[column] = [json.loads(v) if isinstance(v, str) and v.startswith("[") else [] for v in frame[column]]
     absent = [p for p in frame["path"] if not (root / p).is_file()]
     if absent:
         raise DatasetLayoutError(
