@@ -115,6 +115,31 @@ def test_boxes_come_from_the_maps_peaks_strongest_first_with_the_top_box_scored_
     assert shown_boxes([*boxes, ScoredBox(0, 0, 1, 1, 0.1, None)] * 2) == [strong, weak, strong]
 
 
+def test_a_shoulder_of_a_stronger_peak_is_not_a_box_of_its_own():
+    y, x = np.mgrid[0:32, 0:32]
+    blob = 6.0 * np.exp(-((y - 10) ** 2 + (x - 10) ** 2) / 20.0)
+    shoulder = 0.3 * np.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 4.0)  # a small bump on the big blob's flank
+    logits = (blob + shoulder - 4.0).astype(np.float32)
+    boxes = boxes_from_map(logits, image_logit=1.0, peak_weight=1.0, temperature=1.0, levels={}, upsample=1,
+                           relative=0.3)  # fmt: skip
+    assert len(boxes) == 1 and boxes[0].x0 < 10 / 32 < boxes[0].x1
+    tight = boxes_from_map(logits, image_logit=1.0, peak_weight=1.0, temperature=1.0, levels={}, upsample=1,
+                           relative=0.8)  # fmt: skip
+    assert (tight[0].x1 - tight[0].x0) < (boxes[0].x1 - boxes[0].x0)  # a higher edge draws a tighter box
+
+
+def test_the_box_edge_is_chosen_on_validation_to_fit_the_expert_boxes(localiser_run):
+    from fracdet.training.calibrate import BOX_RELATIVES, fit_box_relative
+
+    model = load(localiser_run)
+    images = np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8)
+    boxes = [[[0.1, 0.1, 0.4, 0.4]], [], [[0.5, 0.5, 0.9, 0.7]], [[0.2, 0.6, 0.3, 0.9]]]
+    fit = fit_box_relative(model, images, np.array([1, 0, 1, 1]), boxes)
+    assert set(fit) == {f"{r:g}" for r in BOX_RELATIVES} and all(0 <= v <= 1 for v in fit.values())
+    assert model.box_relative == float(max(fit, key=fit.get))
+    assert "box_relative" in json.loads((localiser_run / "model.json").read_text())  # training fitted one
+
+
 def test_levels_follow_the_validation_thresholds_and_definite_is_never_below_suspicious():
     assert level_thresholds({"sens90": 0.3, "spec95": 0.2}) == {"suspicious": 0.3, "definite": 0.3}
     assert level_thresholds({"sens90": 0.3}) == {"suspicious": 0.3}  # releases before schema 2

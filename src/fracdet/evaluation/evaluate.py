@@ -215,7 +215,7 @@ def evaluate(
     )
     if maps is not None:  # a localiser: its boxes, scored with this evaluation's calibration
         boxes = scores_from_outputs(margins, maps, temperature=temperature, thresholds=thresholds,
-                                    peak_weight=model.peak_weight).boxes  # fmt: skip
+                                    peak_weight=model.peak_weight, relative=model.box_relative).boxes  # fmt: skip
         result.boxes = boxes
         if "boxes" in pixels.table:
             result.lesions, result.lesion_data = _lesion_report(predictions, boxes, level_thresholds(thresholds),

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fracdet.evaluation.metrics import group_bootstrap
-from fracdet.models.scoring import MAX_SHOWN_BOXES, ScoredBox
+from fracdet.models.scoring import MAX_SHOWN_BOXES, ScoredBox, box_iou
 
 __all__ = ["FP_RATES", "HIT_RULES", "IOU_HIT", "LesionData", "hits", "lesion_metrics", "lesion_table"]
 
@@ -38,18 +38,10 @@ IOU_HIT = 0.25
 FP_RATES = (0.5, 1.0, 2.0)
 
 
-def _iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def hits(box: Box, experts: list[Box], rule: str) -> np.ndarray:
     """Which ``experts`` the predicted ``box`` hits under ``rule`` (``iou`` or ``centre``)."""
     if rule == "iou":
-        return np.array([_iou(box, e) >= IOU_HIT for e in experts], bool)
+        return np.array([box_iou(box, e) >= IOU_HIT for e in experts], bool)
     if rule == "centre":
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         return np.array([e[0] <= cx <= e[2] and e[1] <= cy <= e[3] for e in experts], bool)

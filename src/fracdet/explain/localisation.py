@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fracdet.explain.cam import Explainer, heatmap_box, overlay
+from fracdet.models.scoring import box_iou
 
 __all__ = [
     "box_iou",
@@ -28,15 +29,6 @@ __all__ = [
 ]
 
 Box = tuple[float, float, float, float]
-
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _inside(x: float, y: float, boxes: list[Box]) -> bool:

@@ -124,6 +124,11 @@ class TrainedModel:
         """Raw ``(margins, map logits or None)`` of ``(N, H, W)`` uint8 images (``tta=None``: as calibrated)."""
         return predict_scores(self.module, images, self.preprocess, tta=self.tta if tta is None else tta, **kwargs)
 
+    @property
+    def box_relative(self) -> float:
+        """A localiser's box edge, as a fraction of each peak's map probability (fitted on validation)."""
+        return float(self.meta.get("box_relative", 0.5))
+
     def score(self, images: np.ndarray, *, tta: bool | None = None, max_boxes: int = 10, **kwargs: Any) -> Scores:
         """Calibrated probabilities of ``(N, H, W)`` uint8 images, with a localiser's map and scored boxes.
 
@@ -135,7 +140,8 @@ class TrainedModel:
         """
         margins, maps = self.outputs(images, tta=tta, **kwargs)
         return scores_from_outputs(margins, maps, temperature=self.temperature, thresholds=self.thresholds,
-                                   peak_weight=self.peak_weight, max_boxes=max_boxes)  # fmt: skip
+                                   peak_weight=self.peak_weight, max_boxes=max_boxes,
+                                   relative=self.box_relative)  # fmt: skip
 
     @property
     def splits_path(self) -> Path | None:
@@ -192,7 +198,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     module.load_state_dict(state)  # casts half-precision stored weights back to float32
     module.to(device).eval()
     if from_checkpoint:  # model.json calibrates the best weights, not necessarily these: nothing fitted yet
-        fitted = ("temperature", "thresholds", "threshold", "operating_point", "tta")
+        fitted = ("temperature", "thresholds", "threshold", "operating_point", "tta", "box_relative")
         meta = {k: v for k, v in meta.items() if k not in fitted}
     thresholds = {k: float(v) for k, v in meta.get("thresholds", {}).items()}
     return TrainedModel(

@@ -11,8 +11,10 @@ with the map's peak replaced by the box's own peak (:mod:`fracdet.models.localis
 carries the image's level and weaker regions carry lower ones.
 
 Boxes are read off the fracture map outside the network: every local maximum of the map (strongest
-first) grows into the connected region above half its height, not already claimed by a stronger box,
-and that region's bounding box is the box. Coordinates are normalised to the whole image (0 to 1), which
+first) grows into the connected region above a fraction of its height (``relative``, fitted on validation
+so that the boxes fit the expert boxes: :func:`fracdet.training.calibrate.fit_box_relative`), and that
+region's bounding box is the box. A peak whose region holds a stronger box's peak is a shoulder of that
+box, not a box of its own. Coordinates are normalised to the whole image (0 to 1), which
 holds on the original radiograph too, since images are squashed to the square input, not cropped.
 """
 
@@ -31,6 +33,7 @@ __all__ = [
     "MAX_SHOWN_BOXES",
     "ScoredBox",
     "Scores",
+    "box_iou",
     "boxes_from_map",
     "level_of",
     "level_thresholds",
@@ -81,6 +84,15 @@ class Scores:
     probabilities: np.ndarray
     maps: np.ndarray | None = None
     boxes: list[list[ScoredBox]] | None = None
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def level_thresholds(thresholds: dict[str, float]) -> dict[str, float]:
@@ -140,13 +152,17 @@ def boxes_from_map(
     order = np.argsort(-prob[ys, xs], kind="stable")
     global_peak = float(logits.max())
     taken = np.zeros(prob.shape, bool)
+    emitted = np.zeros(prob.shape, bool)  # the peaks of the boxes so far
     boxes: list[ScoredBox] = []
     for y, x in zip(ys[order], xs[order], strict=True):
         if taken[y, x]:
             continue
         regions, _ = ndimage.label(prob >= relative * prob[y, x])
-        region = (regions == regions[y, x]) & ~taken
+        region = regions == regions[y, x]
         taken |= region
+        if (region & emitted).any():  # a shoulder of a stronger box
+            continue
+        emitted[y, x] = True
         rows, cols = np.nonzero(region)
         logit = image_logit - peak_weight * (global_peak - float(logits[y, x]))
         score = float(expit(logit / temperature))
@@ -170,6 +186,7 @@ def scores_from_outputs(
     thresholds: dict[str, float],
     peak_weight: float,
     max_boxes: int = 10,
+    relative: float = 0.5,
 ) -> Scores:
     """:class:`Scores` from margins and map logits (what :func:`fracdet.models.predict.predict_scores` returns)."""
     probabilities = expit(np.asarray(margins, np.float64) / temperature)
@@ -178,7 +195,7 @@ def scores_from_outputs(
     levels = level_thresholds(thresholds)
     boxes = [
         boxes_from_map(m, image_logit=float(z), peak_weight=peak_weight, temperature=temperature, levels=levels,
-                       max_boxes=max_boxes)
+                       max_boxes=max_boxes, relative=relative)
         for m, z in zip(maps, margins, strict=True)
     ]  # fmt: skip
     return Scores(margins, probabilities, expit(maps).astype(np.float32), boxes)

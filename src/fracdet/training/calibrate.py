@@ -14,7 +14,19 @@ from scipy.special import expit
 from fracdet.models.predict import predict_scores
 from fracdet.models.release import TrainedModel
 
-__all__ = ["OPERATING_POINTS", "calibrate", "choose_thresholds", "fit_fusion", "fit_temperature", "probabilities"]
+__all__ = [
+    "BOX_RELATIVES",
+    "OPERATING_POINTS",
+    "calibrate",
+    "choose_thresholds",
+    "fit_box_relative",
+    "fit_fusion",
+    "fit_temperature",
+    "probabilities",
+]
+
+#: Candidate box edges of a localiser (fraction of a peak's map probability), one chosen on validation.
+BOX_RELATIVES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 #: Named operating points; ``sens90`` is the default: a fracture missed costs more than a second look.
 #: ``sens90`` and ``spec95`` also set the *suspicious* and *definite* levels (:mod:`fracdet.models.scoring`).
@@ -112,6 +124,39 @@ def fit_fusion(
             "fused": float(roc_auc_score(y, fused))}  # fmt: skip
 
 
+def fit_box_relative(
+    model: TrainedModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    boxes: list[list[list[float]]],
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Choose where a localiser's boxes end: the edge that makes its strongest box fit the expert boxes best.
+
+    Over the validation images with expert boxes, the mean IoU of the strongest box with its best-matching
+    expert box, for each edge in :data:`BOX_RELATIVES`; the best is stored as ``model.meta["box_relative"]``.
+    Returns the mean IoU of every candidate (what the choice saw).
+    """
+    from fracdet.models.scoring import box_iou, boxes_from_map
+
+    keep = [i for i, (y, b) in enumerate(zip(labels, boxes, strict=True)) if y == 1 and b]
+    if not keep:
+        return {}
+    margins, maps = model.outputs(images[keep], batch_size=batch_size, device=device)
+    fit = {}
+    for relative in BOX_RELATIVES:
+        ious = []
+        for k, i in enumerate(keep):
+            found = boxes_from_map(maps[k], image_logit=float(margins[k]), peak_weight=0.0, temperature=1.0,
+                                   levels={}, max_boxes=1, relative=relative)  # fmt: skip
+            ious.append(max((box_iou(found[0].xyxy, tuple(e)) for e in boxes[i]), default=0.0) if found else 0.0)
+        fit[f"{relative:g}"] = float(np.mean(ious))
+    model.meta["box_relative"] = float(max(fit, key=fit.get))
+    return fit
+
+
 def calibrate(
     model: TrainedModel,
     images: np.ndarray,
@@ -120,16 +165,23 @@ def calibrate(
     point: str = "sens90",
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    boxes: list[list[list[float]]] | None = None,
 ) -> TrainedModel:
-    """Fit ``model``'s fusion (a localiser), temperature and thresholds on validation; ``point`` operates.
+    """Fit ``model``'s fusion and box edge (a localiser), temperature and thresholds on validation.
 
     Args:
         images: ``(N, H, W)`` uint8 validation images at the model's input size.
         labels: their labels (1 = fracture).
         device: where the model's weights are (training calibrates on its GPU, not the CPU).
+        boxes: the expert boxes of each image (normalised ``x0, y0, x1, y1``), for a localiser's box edge.
+
+    ``point`` becomes the operating point.
     """
     if getattr(model.module, "fusion", None) is not None:
         model.meta["fusion_val_auc"] = fit_fusion(model, images, labels, batch_size=batch_size, device=device)
+        if boxes is not None:
+            model.meta["box_relative_val_iou"] = fit_box_relative(model, images, labels, boxes, batch_size=batch_size,
+                                                                  device=device)  # fmt: skip
     margins = model.margins(images, batch_size=batch_size, device=device)
     model.temperature = fit_temperature(margins, labels)
     model.thresholds = choose_thresholds(labels, probabilities(margins, model.temperature))

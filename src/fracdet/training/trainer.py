@@ -335,7 +335,8 @@ def train(
     history_frame = pd.DataFrame(history)
     best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
     model.load_state_dict(best_state["model"])
-    _export(model, config, preprocess, parts["val"], out_dir, best_state, device)
+    val_boxes = [b for b, _ in _annotations(pixels.table, "val")] if "boxes" in pixels.table else None
+    _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes)
     return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
 
 
@@ -372,12 +373,13 @@ def _export(
     out_dir: Path,
     best_state: dict,
     device: torch.device,
+    val_boxes: list | None = None,
 ) -> None:
     """Write the best weights with what was fitted on validation: temperature and operating thresholds."""
     meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
             "selected_on": config.select_on, "monitor": config.monitor}  # fmt: skip
     trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
-    calibrate(trained, *val, batch_size=2 * config.batch_size, device=device)
+    calibrate(trained, *val, batch_size=2 * config.batch_size, device=device, boxes=val_boxes)
     save_model(trained, out_dir)
 
 
