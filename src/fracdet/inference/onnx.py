@@ -85,6 +85,9 @@ class OnnxNetwork:
         except ImportError as exc:
             raise ImportError(_HINT) from exc
         options = ort.SessionOptions()
+        # Idle threads sleep instead of spinning: a server shares its cores with decoding, PNG encoding and
+        # other requests, and spinning workers would take their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
