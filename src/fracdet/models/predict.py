@@ -10,6 +10,8 @@ fracture map: :func:`forward_scores` is the one place that reads either kind of 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -94,17 +96,9 @@ def predict_scores(
     return margins, maps
 
 
-def predict_margins(
-    model: nn.Module,
-    images: np.ndarray,
-    preprocess: PreprocessCfg,
-    *,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    tta: bool = False,
-    progress_desc: str | None = None,
-) -> np.ndarray:
-    """Logit margins (fracture minus no fracture) of ``(N, H, W)`` uint8 images, in order (:func:`predict_scores`)."""
-    margins, _ = predict_scores(model, images, preprocess, batch_size=batch_size, device=device, tta=tta,
-                                progress_desc=progress_desc)  # fmt: skip
-    return margins
+def predict_margins(model: nn.Module, images: np.ndarray, preprocess: PreprocessCfg, **kwargs: Any) -> np.ndarray:
+    """Logit margins (fracture minus no fracture) of ``(N, H, W)`` uint8 images, in order.
+
+    Keyword arguments (``batch_size``, ``device``, ``tta``, ``progress_desc``) are those of :func:`predict_scores`.
+    """
+    return predict_scores(model, images, preprocess, **kwargs)[0]
