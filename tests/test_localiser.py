@@ -17,11 +17,19 @@ from fracdet.data.masks import fracture_mask
 from fracdet.evaluation.evaluate import evaluate, write_report
 from fracdet.evaluation.lesions import LesionData, average_precision, froc, hits, localised_sensitivity
 from fracdet.models import create_model, load, save_model
-from fracdet.models.scoring import ScoredBox, boxes_from_map, level_of, level_thresholds, shown_boxes
+from fracdet.models.predict import mirror_dense
+from fracdet.models.scoring import (
+    ScoredBox,
+    boxes_from_map,
+    decode_cell_boxes,
+    level_of,
+    level_thresholds,
+    shown_boxes,
+)
 from fracdet.training import load_config, train
 from fracdet.training.augment import AugmentedImages, Reencode
 from fracdet.training.calibrate import choose_thresholds
-from fracdet.training.losses import task_loss
+from fracdet.training.losses import box_targets, task_loss
 from fracdet.utils.cache import FeatureCache
 from tests.conftest import REPO, SAMPLE
 from tests.test_training import sample_manifest
@@ -57,6 +65,20 @@ def test_forward_gives_an_image_logit_and_a_stride_8_map_and_every_parameter_lea
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_detector_adds_four_box_channels_per_cell_and_its_box_loss_reaches_every_head():
+    model = create_model("detector_lite0").train()
+    image_logit, dense = model(torch.randn(2, 3, 64, 64))
+    assert image_logit.shape == (2,) and dense.shape == (2, 5, 8, 8)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 10:20, 30:40] = 1
+    without_boxes = task_loss((image_logit, dense), torch.tensor([1, 0]), masks, box_weight=0.0)
+    loss = task_loss((image_logit, dense), torch.tensor([1, 0]), masks)
+    assert loss > without_boxes  # an untrained box head is wrong, and says so
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert model.box_head[-1].weight.grad.abs().sum() > 0
 
 
 def test_a_localiser_needs_its_masks_and_a_side_divisible_by_32():
@@ -97,7 +119,45 @@ def test_augmentation_moves_the_mask_with_the_pixels_and_reencoding_leaves_it_al
     assert torch.equal(kept, mask)
 
 
+def test_box_targets_are_each_fractures_extent_after_augmentation_and_the_smallest_owns_shared_cells():
+    image = np.zeros((1, 64, 64), np.uint8)
+    big, small = [0 / 64, 0 / 64, 32 / 64, 32 / 64], [8 / 64, 8 / 64, 16 / 64, 16 / 64]
+    dataset = AugmentedImages(image, np.array([1]), v2.RandomHorizontalFlip(1.0), annotations=[([small, big], [])])
+    _, _, mask = dataset[0]
+    assert set(torch.unique(mask).tolist()) == {0, 1, 2}  # one number per fracture
+    cells, boxes = box_targets(mask[None], (8, 8))
+    assert cells[0, :4, 4:].all() and cells.sum() == 16
+    assert boxes[0, :, 0, 7].tolist() == [4.0, 0.0, 8.0, 4.0]  # the big one, mirrored, in cells
+    assert boxes[0, :, 1, 6].tolist() == [6.0, 1.0, 7.0, 2.0]  # the small one inside it owns its cell
+
+
 # --- boxes, levels and thresholds ---------------------------------------------------------------
+
+
+def test_a_detectors_boxes_are_regressed_at_the_maps_peaks_and_one_fracture_gives_one_box():
+    dense = np.full((5, 16, 16), -8.0, np.float32)
+    dense[1:] = 0.0
+    for (row, col), logit in (((4, 4), 3.0), ((4, 7), 2.0), ((12, 12), 0.0)):
+        dense[0, row, col] = logit
+    dense[1:, 4, 4] = [0.5, 0.0, np.log(6.0), np.log(2.0)]  # centre (5, 4.5), 6 x 2 cells
+    dense[1:, 4, 7] = [-2.5, 0.0, np.log(6.0), np.log(2.0)]  # the same fracture, seen from a cell beside it
+    levels = {"suspicious": 0.3, "definite": 0.8}
+    boxes = boxes_from_map(dense, image_logit=2.0, peak_weight=0.5, temperature=1.0, levels=levels)
+    assert len(boxes) == 2  # the second peak's box was suppressed as the same finding
+    first, far = boxes
+    assert first.xyxy == pytest.approx((2 / 16, 3.5 / 16, 8 / 16, 5.5 / 16))
+    assert first.score == pytest.approx(expit(2.0)) and first.level == "definite"  # the top box is the image
+    assert far.xyxy == pytest.approx((12 / 16, 12 / 16, 13 / 16, 13 / 16)) and far.level == "suspicious"
+
+
+def test_a_mirrored_images_boxes_mirror_back():
+    raw = torch.randn(1, 4, 6, 9)
+    mirrored = decode_cell_boxes(mirror_dense(torch.cat([torch.zeros(1, 1, 6, 9), raw], 1))[:, 1:])
+    expected = decode_cell_boxes(raw).flip(3)
+    assert torch.allclose(mirrored[:, 0], 9 - expected[:, 2], atol=1e-5)
+    assert torch.allclose(mirrored[:, 2], 9 - expected[:, 0], atol=1e-5)
+    assert torch.allclose(mirrored[:, 1::2], expected[:, 1::2], atol=1e-5)
+
 
 
 def test_boxes_come_from_the_maps_peaks_strongest_first_with_the_top_box_scored_as_the_image():
@@ -204,6 +264,28 @@ def test_training_writes_a_self_describing_localiser_with_fusion_and_levels(loca
     assert np.allclose(scores.probabilities, model.predict_proba(images))
     for probability, boxes in zip(scores.probabilities, scores.boxes, strict=True):
         assert boxes and boxes[0].score == pytest.approx(probability, abs=1e-5)  # the top box is the image
+
+
+def test_a_detector_trains_scores_and_exports_through_the_same_commands(manifest, tmp_path, cache_dir):
+    run = tmp_path / "detector"
+    train(load_config(REPO / "configs" / "localiser.yaml", [*TINY, "model=detector_lite0"]), manifest, run,
+          cache=FeatureCache(cache_dir))  # fmt: skip
+    model = load(run)
+    assert (model.task, model.arch) == ("localise", "detector_lite0") and "box_relative" not in model.meta
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    scores = model.score(images, tta=True)
+    assert scores.maps.shape == (3, 8, 8)
+    for probability, boxes in zip(scores.probabilities, scores.boxes, strict=True):
+        assert boxes and boxes[0].score == pytest.approx(probability, abs=1e-5)
+        assert all(0 <= b.x0 <= b.x1 <= 1 and 0 <= b.y0 <= b.y1 <= 1 for b in boxes)
+    pytest.importorskip("onnxruntime")
+    from fracdet.inference.onnx import OnnxNetwork, export_onnx
+    from fracdet.models.predict import normalise
+
+    network = OnnxNetwork(export_onnx(model, tmp_path / "detector.onnx"), threads=1)
+    x = normalise(torch.from_numpy(images).unsqueeze(1), model.preprocess).contiguous().numpy()
+    _, dense = network(x)
+    assert dense.shape == (3, 5, 8, 8) and np.allclose(dense, model.outputs(images, tta=False)[1], atol=1e-3)
 
 
 def test_a_newer_schema_is_refused_and_a_classifier_release_still_loads(localiser_run, tmp_path):

@@ -23,10 +23,16 @@ def fracture_mask(
     polygons: Sequence[Sequence[float]] | None = None,
     *,
     target: str = "box",
+    instances: bool = False,
 ) -> np.ndarray:
-    """``(size, size)`` uint8 mask (1 = fracture) from normalised ``(x0, y0, x1, y1)`` boxes or flat polygons.
+    """``(size, size)`` uint8 mask (> 0 = fracture) from normalised ``(x0, y0, x1, y1)`` boxes or flat polygons.
 
     Every annotation covers at least one pixel, so a tiny fracture is never lost to rounding.
+
+    Args:
+        instances: number the fractures ``1, 2, ...`` instead of marking them all 1, so each one's extent can
+            be read back after augmentation (a detector's box targets). They are drawn largest first, so a
+            small fracture inside a larger one stays visible.
     """
     if target not in MASK_TARGETS:
         raise ValueError(f"mask target must be one of {', '.join(MASK_TARGETS)}, not {target!r}")
@@ -34,12 +40,14 @@ def fracture_mask(
     boxes = list(boxes) if isinstance(boxes, Sequence) else []
     polygons = list(polygons) if isinstance(polygons, Sequence) else []
     if target == "polygon" and polygons:
-        for poly in polygons:
-            points = np.round(np.asarray(poly, np.float64).reshape(-1, 2) * size).astype(np.int32)
-            cv2.fillPoly(mask, [points], 1)
+        shapes = [np.round(np.asarray(p, np.float64).reshape(-1, 2) * size).astype(np.int32) for p in polygons]
+        shapes.sort(key=lambda points: -abs(cv2.contourArea(points)))
+        for number, points in enumerate(shapes, start=1):
+            cv2.fillPoly(mask, [points], number if instances else 1)
         return mask
-    for x0, y0, x1, y1 in boxes:
+    boxes = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    for number, (x0, y0, x1, y1) in enumerate(boxes, start=1):
         c0, r0 = int(np.clip(np.floor(x0 * size), 0, size - 1)), int(np.clip(np.floor(y0 * size), 0, size - 1))
         c1, r1 = int(np.clip(np.ceil(x1 * size), c0 + 1, size)), int(np.clip(np.ceil(y1 * size), r0 + 1, size))
-        mask[r0:r1, c0:c1] = 1
+        mask[r0:r1, c0:c1] = number if instances else 1
     return mask

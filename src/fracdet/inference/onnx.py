@@ -2,8 +2,9 @@
 
 The exported graph takes the normalised ``(N, 3, S, S)`` float batch (any ``N``) and returns the model's
 scores exactly as :func:`fracdet.models.predict.forward_scores` reads them: ``margin (N,)`` and, for a
-localiser, ``map_logits (N, h, w)``. Everything after the network (temperature, levels, boxes from the map)
-stays in Python and is shared with the PyTorch path, so the two cannot disagree on anything but arithmetic.
+localiser, ``map_logits (N, C, h, w)`` (the map, then any box channels). Everything after the network
+(temperature, levels, boxes) stays in Python and is shared with the PyTorch path, so the two cannot disagree
+on anything but arithmetic.
 ``model.json`` travels inside the file (metadata ``fracdet_model_json``): an ONNX file describes itself.
 
 ONNX export needs the ``onnx`` extra (``pip install "fracdet[onnx]"``: onnx, onnxscript, onnxruntime).

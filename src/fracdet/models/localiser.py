@@ -1,8 +1,9 @@
 """A fracture localiser: EfficientNet-Lite features with a dense fracture-map head and an image-level head.
 
 One forward pass gives everything a reader needs: an image logit (is there a fracture?) and a map of
-fracture logits at stride 8 (where?); boxes are read off the map outside the network
-(:mod:`fracdet.models.boxes`), so the graph exports to ONNX with a dynamic batch.
+fracture logits at stride 8 (where?), with, for a detector, a regressed box per map cell; boxes are read off
+that dense output outside the network (:mod:`fracdet.models.scoring`), so the graph exports to ONNX with a
+dynamic batch.
 
 Design:
 
@@ -14,6 +15,11 @@ Design:
   It is trained on masks rasterised from the expert boxes or polygons (:mod:`fracdet.training.losses`).
 * **Image head**: the backbone's own 1x1 head convolution, global pooling and a linear layer: the
   classifier that fracdet's classification models are, trained jointly.
+* **Box head** (``detector_lite{0,1,2}``): beside the map head, the same two conv-BN-ReLU and a 1x1 conv
+  to :data:`fracdet.models.scoring.BOX_CHANNELS` numbers per cell, the box of the fracture that cell lies in
+  (an anchor-free, single-level detector in the manner of FCOS, Tian et al. 2019), trained with a
+  generalised-IoU loss. Its boxes are regressed rather than grown from the map: the detection-head lever
+  of issue 15, at the cost of one more small head in the same forward pass.
 * **Fusion**: ``image_logit = a * classifier_logit + b * peak_map_logit + c``. ``(a, b, c)`` is a buffer,
   ``(1, 0, 0)`` during training and fitted on validation afterwards (logistic regression, ``b >= 0``), so
   it travels with the weights and the ONNX graph. A box's logit is the image logit with the map's peak
@@ -29,6 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from fracdet.models._registry import PreprocessCfg, register_model
+from fracdet.models.scoring import BOX_CHANNELS
 
 __all__ = ["FractureLocaliser"]
 
@@ -52,14 +59,23 @@ class FractureLocaliser(nn.Module):
         pretrained: start the backbone from ImageNet weights (offline packages).
         dropout: dropout before the image-level linear layer (``None``: timm's default for the variant).
         width: channels of the feature pyramid and map head.
+        box_head: add the box head (a detector).
 
-    ``forward(x)`` returns ``(image_logit (B,), map_logits (B, 1, H/8, W/8))``; the input side must be a
-    multiple of 32.
+    ``forward(x)`` returns ``(image_logit (B,), dense (B, C, H/8, W/8))``: ``C`` is 1 (the map logits) or,
+    with a box head, ``1 + BOX_CHANNELS``. The input side must be a multiple of 32.
     """
 
     map_stride = _STRIDES[0]
 
-    def __init__(self, variant: int = 0, *, pretrained: bool = False, dropout: float | None = None, width: int = 64):
+    def __init__(
+        self,
+        variant: int = 0,
+        *,
+        pretrained: bool = False,
+        dropout: float | None = None,
+        width: int = 64,
+        box_head: bool = False,
+    ):
         super().__init__()
         import timm
 
@@ -80,6 +96,12 @@ class FractureLocaliser(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv2d(channels[s], width, 1) for s in _STRIDES)
         self.map_head = nn.Sequential(_conv_bn_relu(width, width), _conv_bn_relu(width, width), nn.Conv2d(width, 1, 1))
         nn.init.constant_(self.map_head[-1].bias, -math.log((1 - 0.01) / 0.01))
+        self.box_head = None
+        if box_head:
+            self.box_head = nn.Sequential(_conv_bn_relu(width, width), _conv_bn_relu(width, width),
+                                          nn.Conv2d(width, BOX_CHANNELS, 1))  # fmt: skip
+            nn.init.normal_(self.box_head[-1].weight, std=0.01)
+            nn.init.zeros_(self.box_head[-1].bias)  # a cell-sized box on the cell: a neutral start
         self.register_buffer("fusion", torch.tensor([1.0, 0.0, 0.0]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +119,8 @@ class FractureLocaliser(nn.Module):
         map_logits = self.map_head(pyramid)
         peak = map_logits.flatten(1).amax(dim=1)
         image_logit = self.fusion[0] * classifier_logit + self.fusion[1] * peak + self.fusion[2]
+        if self.box_head is not None:
+            return image_logit, torch.cat([map_logits, self.box_head(pyramid)], dim=1)
         return image_logit, map_logits
 
 
@@ -110,5 +134,16 @@ for _variant in (0, 1, 2):
     )(
         lambda pretrained, num_classes, v=_variant, **o: FractureLocaliser(
             v, pretrained=pretrained, dropout=o.get("dropout")
+        )
+    )
+    register_model(
+        f"detector_lite{_variant}",
+        preprocess=PreprocessCfg(input_size=256),
+        cam_layer="head",
+        description=f"fracture detector: EfficientNet-Lite{_variant} + FPN map and box heads, 256 px",
+        task="localise",
+    )(
+        lambda pretrained, num_classes, v=_variant, **o: FractureLocaliser(
+            v, pretrained=pretrained, dropout=o.get("dropout"), box_head=True
         )
     )

@@ -5,7 +5,8 @@ A two-class softmax is a logistic on the logit difference, so a model's output i
 temperature scaling (``T`` fitted on validation) is then a single division.
 
 A localiser (:mod:`fracdet.models.localiser`) returns its image logit, which is a margin already, and a
-fracture map: :func:`forward_scores` is the one place that reads either kind of output.
+dense output ``(B, C, h, w)``: the fracture map, then any box-head channels (:mod:`fracdet.models.scoring`).
+:func:`forward_scores` is the one place that reads either kind of output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from fracdet.models._registry import PreprocessCfg
 
-__all__ = ["forward_scores", "normalise", "predict_margins", "predict_scores", "select_device"]
+__all__ = ["forward_scores", "mirror_dense", "normalise", "predict_margins", "predict_scores", "select_device"]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -30,6 +31,14 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def mirror_dense(dense: torch.Tensor) -> torch.Tensor:
+    """The dense output ``(B, C, h, w)`` of a mirrored image, mirrored back (a box's x offset changes sign)."""
+    dense = torch.flip(dense, dims=[3])
+    if dense.shape[1] > 1:
+        dense[:, 1] = -dense[:, 1]
+    return dense
+
+
 def normalise(batch: torch.Tensor, preprocess: PreprocessCfg) -> torch.Tensor:
     """``(B, 1, H, W)`` uint8 grey -> ``(B, 3, H, W)`` float, normalised as the model expects."""
     x = batch.float().div_(255.0).expand(-1, 3, -1, -1)
@@ -39,10 +48,10 @@ def normalise(batch: torch.Tensor, preprocess: PreprocessCfg) -> torch.Tensor:
 
 
 def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(margins (B,), map logits (B, h, w) or None)`` of a normalised batch, for any registered task."""
+    """``(margins (B,), dense outputs (B, C, h, w) or None)`` of a normalised batch, for any registered task."""
     outputs = model(x)
-    if isinstance(outputs, tuple):  # localise: (image logit, map logits)
-        return outputs[0].float(), outputs[1][:, 0].float()
+    if isinstance(outputs, tuple):  # localise: (image logit, map logits and any box channels)
+        return outputs[0].float(), outputs[1].float()
     logits = outputs.float()
     return logits[:, 1] - logits[:, 0], None
 
@@ -58,11 +67,11 @@ def predict_scores(
     tta: bool = False,
     progress_desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logit margins of ``(N, H, W)`` uint8 images and, for a localiser, its map logits ``(N, h, w)``.
+    """Logit margins of ``(N, H, W)`` uint8 images and, for a localiser, its dense outputs ``(N, C, h, w)``.
 
     Args:
         tta: test-time augmentation: average the outputs of the image and its horizontal mirror (the
-            mirror's map is flipped back first).
+            mirror's map and boxes are flipped back first).
         progress_desc: show a progress bar with this label (``None``: silent).
     """
     from fracdet.utils.progress import progress_bar
@@ -81,7 +90,7 @@ def predict_scores(
             if tta:
                 mirror_margin, mirror_heat = forward_scores(model, torch.flip(x, dims=[3]))
                 margin = (margin + mirror_margin) / 2
-                heat = None if heat is None else (heat + torch.flip(mirror_heat, dims=[2])) / 2
+                heat = None if heat is None else (heat + mirror_dense(mirror_heat)) / 2
             margins[start : start + len(chunk)] = margin.cpu().numpy()
             if heat is not None:
                 if maps is None:

@@ -10,12 +10,20 @@ calibrated probability reaches under the same two thresholds. A localiser's box 
 with the map's peak replaced by the box's own peak (:mod:`fracdet.models.localiser`), so the top box always
 carries the image's level and weaker regions carry lower ones.
 
-Boxes are read off the fracture map outside the network: every local maximum of the map (strongest
-first) grows into the connected region above a fraction of its height (``relative``, fitted on validation
-so that the boxes fit the expert boxes: :func:`fracdet.training.calibrate.fit_box_relative`), and that
-region's bounding box is the box. A peak whose region holds a stronger box's peak is a shoulder of that
-box, not a box of its own. Coordinates are normalised to the whole image (0 to 1), which
-holds on the original radiograph too, since images are squashed to the square input, not cropped.
+A localiser's dense output has one channel (the fracture map) or, with a box head, :data:`BOX_CHANNELS`
+more: per cell, the box of the fracture the cell lies in (:func:`decode_cell_boxes`). Boxes come out of it
+outside the network, so the graph exports with a dynamic batch:
+
+* **map boxes** (one channel): every local maximum of the map (strongest first) grows into the connected
+  region above a fraction of its height (``relative``, fitted on validation so that the boxes fit the expert
+  boxes: :func:`fracdet.training.calibrate.fit_box_relative`), and that region's bounding box is the box. A
+  peak whose region holds a stronger box's peak is a shoulder of that box, not a box of its own.
+* **regressed boxes** (a box head): every local maximum of the map is a candidate whose box is the one its
+  cell regressed; overlapping candidates are merged by non-maximum suppression (torchvision's ``nms``), as
+  in FCOS.
+
+Coordinates are normalised to the whole image (0 to 1), which holds on the original radiograph too, since
+images are squashed to the square input, not cropped.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
+import torch
 from scipy import ndimage
 from scipy.special import expit
+from torchvision.ops import nms
 
 __all__ = [
+    "BOX_CHANNELS",
     "LEVELS",
     "LEVEL_STYLE",
     "MAX_SHOWN_BOXES",
@@ -35,6 +46,7 @@ __all__ = [
     "Scores",
     "box_iou",
     "boxes_from_map",
+    "decode_cell_boxes",
     "level_of",
     "level_thresholds",
     "scores_from_outputs",
@@ -45,6 +57,10 @@ __all__ = [
 LEVELS = (("definite", "spec95"), ("suspicious", "sens90"))
 #: Boxes a reader is shown at most per image (those that reach a level).
 MAX_SHOWN_BOXES = 3
+#: Channels of a box head per map cell: centre offset ``(dx, dy)`` and log size ``(log w, log h)``, in cells.
+BOX_CHANNELS = 4
+#: Regressed boxes overlapping a stronger one by more than this IoU are the same finding.
+NMS_IOU = 0.3
 #: How every output draws a box of each level (line style, RGB colour): the picture, the page, the report.
 LEVEL_STYLE = {"definite": ("solid", (255, 64, 64)), "suspicious": ("dashed", (255, 191, 0))}
 
@@ -117,6 +133,22 @@ def level_of(probability: float, levels: dict[str, float]) -> str | None:
     return None
 
 
+def decode_cell_boxes(raw: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, h, w)`` box-head outputs -> ``(B, 4, h, w)`` boxes ``(x0, y0, x1, y1)`` in cell units.
+
+    Each cell predicts its fracture's centre as an offset from the cell's own centre and its size on a log
+    scale (CenterNet/FCOS-like), so a fracture smaller than a cell, or whose centre lies in another cell,
+    is still expressible. Sizes are capped at 64 times the map, so an untrained head cannot overflow.
+    """
+    h, w = raw.shape[-2:]
+    ys = torch.arange(h, device=raw.device, dtype=raw.dtype).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=raw.device, dtype=raw.dtype).view(1, 1, w) + 0.5
+    cx, cy = xs + raw[:, 0], ys + raw[:, 1]
+    limit = float(np.log(64.0 * max(h, w)))
+    half_w, half_h = raw[:, 2].clamp(max=limit).exp() / 2, raw[:, 3].clamp(max=limit).exp() / 2
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+
+
 def boxes_from_map(
     map_logits: np.ndarray,
     *,
@@ -129,7 +161,10 @@ def boxes_from_map(
     floor: float = 1e-3,
     upsample: int = 4,
 ) -> list[ScoredBox]:
-    """Scored boxes from one image's map logits ``(h, w)``, strongest first.
+    """Scored boxes from one image's map logits ``(h, w)`` or dense output ``(1 + BOX_CHANNELS, h, w)``.
+
+    Strongest first. With a box head, each candidate's box is the one its cell regressed (``relative`` and
+    ``upsample`` do not apply); otherwise the box is grown from the map.
 
     Args:
         image_logit: the fused image logit the map came with (a margin, before the temperature).
@@ -141,7 +176,11 @@ def boxes_from_map(
         floor: peaks below this map probability are not boxes.
         upsample: the map is interpolated this many times finer before regions are drawn (smoother boxes).
     """
-    logits = np.asarray(map_logits, np.float32)
+    dense = np.asarray(map_logits, np.float32)
+    if dense.ndim == 3 and dense.shape[0] > 1:
+        return _regressed_boxes(dense, image_logit=image_logit, peak_weight=peak_weight, temperature=temperature,
+                                levels=levels, max_boxes=max_boxes, floor=floor)  # fmt: skip
+    logits = dense.reshape(dense.shape[-2:])
     if upsample > 1:
         h, w = logits.shape
         logits = cv2.resize(logits, (w * upsample, h * upsample), interpolation=cv2.INTER_LINEAR)
@@ -173,6 +212,37 @@ def boxes_from_map(
     return boxes
 
 
+def _regressed_boxes(
+    dense: np.ndarray,
+    *,
+    image_logit: float,
+    peak_weight: float,
+    temperature: float,
+    levels: dict[str, float],
+    max_boxes: int,
+    floor: float,
+) -> list[ScoredBox]:
+    """Boxes of a box head: the regressed box of each local maximum of the map, after NMS."""
+    logits = dense[0]
+    h, w = logits.shape
+    prob = expit(logits)
+    peaks = (ndimage.maximum_filter(prob, size=3, mode="constant") == prob) & (prob >= floor)
+    ys, xs = np.nonzero(peaks)
+    if not len(ys):
+        return []
+    cells = decode_cell_boxes(torch.from_numpy(dense[None, 1:]))[0].numpy()
+    found = cells[:, ys, xs].T / np.array([w, h, w, h], np.float32)
+    found = np.clip(found, 0.0, 1.0)
+    keep = nms(torch.from_numpy(found), torch.from_numpy(prob[ys, xs]), NMS_IOU).numpy()[:max_boxes]
+    global_peak = float(logits.max())
+    boxes = []
+    for k in keep:
+        logit = image_logit - peak_weight * (global_peak - float(logits[ys[k], xs[k]]))
+        score = float(expit(logit / temperature))
+        boxes.append(ScoredBox(*(float(v) for v in found[k]), score, level_of(score, levels)))
+    return boxes
+
+
 def shown_boxes(boxes: list[ScoredBox]) -> list[ScoredBox]:
     """The boxes a reader is shown: those that reach a level, strongest first, at most :data:`MAX_SHOWN_BOXES`."""
     return [b for b in boxes if b.level is not None][:MAX_SHOWN_BOXES]
@@ -188,14 +258,18 @@ def scores_from_outputs(
     max_boxes: int = 10,
     relative: float = 0.5,
 ) -> Scores:
-    """:class:`Scores` from margins and map logits (what :func:`fracdet.models.predict.predict_scores` returns)."""
+    """:class:`Scores` from margins and dense outputs ``(N, C, h, w)``, the map first.
+
+    These are what :func:`fracdet.models.predict.predict_scores` returns.
+    """
     probabilities = expit(np.asarray(margins, np.float64) / temperature)
     if maps is None:
         return Scores(margins, probabilities)
+    maps = np.asarray(maps)
     levels = level_thresholds(thresholds)
     boxes = [
         boxes_from_map(m, image_logit=float(z), peak_weight=peak_weight, temperature=temperature, levels=levels,
                        max_boxes=max_boxes, relative=relative)
         for m, z in zip(maps, margins, strict=True)
     ]  # fmt: skip
-    return Scores(margins, probabilities, expit(maps).astype(np.float32), boxes)
+    return Scores(margins, probabilities, expit(maps[:, 0]).astype(np.float32), boxes)

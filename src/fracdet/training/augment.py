@@ -94,7 +94,8 @@ class AugmentedImages(Dataset):
     """``(1, H, W)`` uint8 images and labels, augmented when a transform is given.
 
     With ``annotations`` (per image, ``(boxes, polygons)`` normalised to [0, 1]), each item also carries the
-    fracture mask ``(H, W)`` drawn from them (``mask_target``: ``box`` or ``polygon``), moved with the pixels.
+    fracture mask ``(H, W)`` drawn from them (``mask_target``: ``box`` or ``polygon``), moved with the pixels;
+    each fracture has its own number (0 = none), so its extent after augmentation is its box.
     """
 
     def __init__(
@@ -121,7 +122,9 @@ class AugmentedImages(Dataset):
         if self.annotations is None:
             return (self.transform(x) if self.transform is not None else x).as_subclass(torch.Tensor), label
         boxes, polygons = self.annotations[index]
-        mask = tv_tensors.Mask(torch.from_numpy(fracture_mask(x.shape[-1], boxes, polygons, target=self.mask_target)))
+        mask = tv_tensors.Mask(
+            torch.from_numpy(fracture_mask(x.shape[-1], boxes, polygons, target=self.mask_target, instances=True))
+        )
         if self.transform is not None:
             x, mask = self.transform(x, mask)
         return x.as_subclass(torch.Tensor), label, mask.as_subclass(torch.Tensor)

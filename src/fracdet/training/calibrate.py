@@ -103,7 +103,7 @@ def fit_fusion(
     fusion.copy_(torch.tensor([1.0, 0.0, 0.0]))  # the image logit is then the classifier's
     classifier, maps = predict_scores(model.module, images, model.preprocess, batch_size=batch_size, device=device,
                                       tta=model.tta)  # fmt: skip
-    peak = maps.reshape(len(maps), -1).max(axis=1)
+    peak = maps[:, 0].reshape(len(maps), -1).max(axis=1)
     y = np.asarray(labels)
     if len(np.unique(y)) < 2:
         return {}
@@ -145,6 +145,8 @@ def fit_box_relative(
     if not keep:
         return {}
     margins, maps = model.outputs(images[keep], batch_size=batch_size, device=device)
+    if maps.shape[1] > 1:  # a box head regresses its boxes: there is no edge to choose
+        return {}
     fit = {}
     for relative in BOX_RELATIVES:
         ious = []

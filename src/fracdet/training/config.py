@@ -81,17 +81,20 @@ class LocaliseConfig:
     Attributes:
         target: masks are drawn from the expert ``box``es or their ``polygon``s.
         map_weight: weight of the dense map loss (focal loss per cell) beside the image-level loss.
+        box_weight: weight of a box head's loss (generalised IoU per fracture cell; detectors only).
     """
 
     target: str = "box"
     map_weight: float = 1.0
+    box_weight: float = 1.0
 
     def check(self) -> None:
         from fracdet.data.masks import MASK_TARGETS
 
         _one_of("localise.target", self.target, MASK_TARGETS)
-        if self.map_weight < 0:
-            raise ConfigError(f"localise.map_weight must not be negative, not {self.map_weight!r}")
+        for name in ("map_weight", "box_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"localise.{name} must not be negative, not {getattr(self, name)!r}")
 
 
 @dataclass

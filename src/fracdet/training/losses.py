@@ -5,20 +5,53 @@
   loss (Lin et al. 2017, torchvision's ``sigmoid_focal_loss``) of the map against the fracture mask,
   normalised by the number of fracture cells as in RetinaNet. A map cell is a fracture cell when any pixel
   it covers is (max pooling of the mask), so a fracture smaller than a cell still has one.
+* A localiser with a box head (:data:`fracdet.models.scoring.BOX_CHANNELS` more map channels) also learns,
+  in every fracture cell, the box of the fracture that covers it: the generalised IoU loss (Rezatofighi et
+  al. 2019, torchvision's ``generalized_box_iou_loss``) of the decoded box against that fracture's box, read
+  off the augmented instance mask, averaged over fracture cells (as FCOS does for its box branch).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-__all__ = ["map_targets", "task_loss"]
+from fracdet.models.scoring import decode_cell_boxes
+
+__all__ = ["box_targets", "map_targets", "task_loss"]
 
 
 def map_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(B, H, W)`` pixel masks -> ``(B, 1, h, w)`` float cell targets (1 where any pixel of the cell is)."""
-    return F.adaptive_max_pool2d(masks[:, None].float(), size)
+    return F.adaptive_max_pool2d((masks[:, None] > 0).float(), size)
+
+
+def box_targets(masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box each map cell should predict, from ``(B, H, W)`` instance masks (0 = none, k = fracture k).
+
+    Returns ``(cells (B, h, w) bool, boxes (B, 4, h, w))``: the cells any fracture covers, and there the
+    ``(x0, y0, x1, y1)`` extent of that fracture in cell units (the smallest one where several cover a cell,
+    as FCOS assigns ambiguous locations).
+    """
+    b, height, width = masks.shape
+    h, w = size
+    scale = torch.tensor([w / width, h / height, w / width, h / height], device=masks.device)
+    cells = torch.zeros((b, h, w), dtype=torch.bool, device=masks.device)
+    boxes = torch.zeros((b, 4, h, w), device=masks.device)
+    for i in range(b):
+        found = []
+        for number in torch.unique(masks[i]).tolist():
+            if number == 0:
+                continue
+            ys, xs = torch.nonzero(masks[i] == number, as_tuple=True)
+            extent = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * scale
+            found.append((float((extent[2] - extent[0]) * (extent[3] - extent[1])), number, extent))
+        for _, number, extent in sorted(found, key=lambda f: -f[0]):  # largest first: the smallest wins
+            covered = F.adaptive_max_pool2d((masks[i] == number)[None, None].float(), size)[0, 0] > 0
+            cells[i] |= covered
+            boxes[i][:, covered] = extent[:, None]
+    return cells, boxes
 
 
 def task_loss(
@@ -28,23 +61,34 @@ def task_loss(
     *,
     class_weight: torch.Tensor | None = None,
     map_weight: float = 1.0,
+    box_weight: float = 1.0,
 ) -> torch.Tensor:
     """The loss of a batch for either task (see the module docstring).
 
     Args:
-        outputs: logits ``(B, 2)`` of a classifier, or ``(image_logit, map_logits)`` of a localiser.
+        outputs: logits ``(B, 2)`` of a classifier, or ``(image_logit, map_logits (B, C, h, w))`` of a localiser.
         labels: ``(B,)`` 0/1.
-        masks: ``(B, H, W)`` fracture masks (a localiser only).
+        masks: ``(B, H, W)`` fracture instance masks (a localiser only).
         class_weight: ``(2,)`` weights of the classes (no fracture, fracture), or ``None``.
         map_weight: weight of a localiser's map loss.
+        box_weight: weight of a box head's loss.
     """
     if not isinstance(outputs, tuple):
         return F.cross_entropy(outputs.float(), labels, weight=class_weight)
     if masks is None:
         raise ValueError("a localiser's loss needs the fracture masks of the batch")
-    image_logit, map_logits = outputs[0].float(), outputs[1].float()
+    image_logit, dense = outputs[0].float(), outputs[1].float()
     weight = class_weight[labels] if class_weight is not None else None
     image = F.binary_cross_entropy_with_logits(image_logit, labels.float(), weight=weight)
+    map_logits = dense[:, :1]
     targets = map_targets(masks, map_logits.shape[-2:])
-    dense = sigmoid_focal_loss(map_logits, targets, reduction="sum") / targets.sum().clamp_min(1.0)
-    return image + map_weight * dense
+    loss = image + map_weight * sigmoid_focal_loss(map_logits, targets, reduction="sum") / targets.sum().clamp_min(1.0)
+    if dense.shape[1] > 1:
+        cells, wanted = box_targets(masks, dense.shape[-2:])
+        if cells.any():
+            predicted = decode_cell_boxes(dense[:, 1:]).permute(0, 2, 3, 1)[cells]
+            loss = loss + box_weight * generalized_box_iou_loss(predicted, wanted.permute(0, 2, 3, 1)[cells],
+                                                                reduction="mean")  # fmt: skip
+        else:
+            loss = loss + 0.0 * dense[:, 1:].sum()  # keeps the box head in the graph (no unused parameters)
+    return loss

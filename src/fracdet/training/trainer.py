@@ -265,6 +265,7 @@ def train(
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
         )
         model.train()
+        loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight}
         total_loss, correct, seen = 0.0, 0, 0
         with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=len(order)) as bar:
             for x, y, *masks in loader:
@@ -272,7 +273,7 @@ def train(
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     outputs = model(x)
                 mask = masks[0].to(device) if masks else None
-                loss = task_loss(outputs, y, mask, class_weight=loss_weight, map_weight=config.localise.map_weight)
+                loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
