@@ -330,7 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fracdet.serve import ServeConfig, create_app
 
     model = load(args.model)
-    config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout)
+    config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size)
     print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}")
     uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level="info")
     return 0
@@ -423,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=50.0)
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a prediction may take")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a prediction may take, waiting included")
+    p.add_argument("--queue-size", type=int, default=64, help="requests that may wait (503 + Retry-After beyond)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ensemble", help="average finished runs into one model, calibrated on their val split")

@@ -71,8 +71,7 @@ class Explainer:
         self.method = method
         self.forward_only = method == "gradcam" and spec.cam_from_head and not exact
         self._members = members_of(model.module)
-        layers = [member.get_submodule(spec.cam_layer) for member in self._members]
-        self._cam = CAM_METHODS[method](model=model.module, target_layers=layers)
+        self._layers = [member.get_submodule(spec.cam_layer) for member in self._members]
 
     def __call__(self, images: np.ndarray) -> Explanation:
         """Explain ``(N, H, W)`` uint8 images at the model's input size."""
@@ -80,8 +79,14 @@ class Explainer:
         x = normalise(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(device), self.model.preprocess)
         if self.forward_only:
             return self._class_activation_map(x)
-        heatmaps = self._cam(input_tensor=x, targets=[_MarginTarget()] * len(images))
-        logits = self._cam.outputs.detach().float()
+        # The library's hooks live only for this call: left registered, every later forward of the model
+        # (by anyone) would append its activations to a list nobody clears (0.5 MiB per prediction).
+        cam = CAM_METHODS[self.method](model=self.model.module, target_layers=self._layers)
+        try:
+            heatmaps = cam(input_tensor=x, targets=[_MarginTarget()] * len(images))
+            logits = cam.outputs.detach().float()
+        finally:
+            cam.activations_and_grads.release()
         margins = (logits[:, 1] - logits[:, 0]).cpu().numpy()
         return Explanation(margins=margins, heatmaps=np.nan_to_num(heatmaps).astype(np.float32))
 

@@ -9,6 +9,7 @@ explained by Grad-CAM, whose hottest region gives the single ``box`` it always g
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,18 @@ from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import ScoredBox, level_of, shown_boxes
 from fracdet.utils.progress import progress
 
-__all__ = ["Prediction", "Predictor"]
+__all__ = ["Cancelled", "Prediction", "Predictor"]
 
 LABELS = {0: "no fracture", 1: "fracture"}
+
+
+class Cancelled(Exception):  # noqa: N818 - it is what happened, not an error
+    """The caller gave up on this prediction (e.g. its request timed out); it stopped between two stages."""
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("prediction cancelled by its caller")
 
 
 @dataclass
@@ -101,11 +111,16 @@ class Predictor:
         self.max_pixels = max_pixels
         self.display_size = display_size
 
-    def predict_pixels(self, pixels: np.ndarray) -> Prediction:
-        """Predict from grey float pixels in [0, 1] of any size."""
+    def predict_pixels(self, pixels: np.ndarray, *, cancel: threading.Event | None = None) -> Prediction:
+        """Predict from grey float pixels in [0, 1] of any size.
+
+        Args:
+            cancel: when set (by another thread), stop at the next stage with :class:`Cancelled`.
+        """
         started = time.perf_counter()
         image = resize_square(pixels, self.model.preprocess.input_size)
         prepared = time.perf_counter()
+        _check(cancel)
         if self.model.task == "localise":
             return self._localise(image, pixels, started, prepared)
         if self.explainer is not None:
@@ -153,12 +168,20 @@ class Predictor:
             timings={"preprocess_ms": 1000 * (prepared - started), "model_ms": 1000 * (done - prepared)},
         )
 
-    def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
-        """Predict from file bytes; raises :class:`~fracdet.data.ImageReadError` for unreadable input."""
+    def predict_bytes(
+        self, data: bytes, name: str = "<upload>", *, cancel: threading.Event | None = None
+    ) -> Prediction:
+        """Predict from file bytes; raises :class:`~fracdet.data.ImageReadError` for unreadable input.
+
+        Args:
+            cancel: when set (by another thread), stop at the next stage with :class:`Cancelled`.
+        """
+        _check(cancel)
         started = time.perf_counter()
         pixels = read_input(data, name, max_pixels=self.max_pixels)
         decoded = time.perf_counter()
-        prediction = self.predict_pixels(pixels)
+        _check(cancel)
+        prediction = self.predict_pixels(pixels, cancel=cancel)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
         return prediction
 

@@ -8,33 +8,42 @@
   ``level`` and the ``levels`` thresholds, heatmap (PNG), box, a localiser's scored ``boxes``
   (``x0, y0, x1, y1`` normalised to the original image, ``score``, ``level``), model name and version,
   latency. Fields are only ever added under ``/api/v1``.
-* ``GET /api/v1/health``, ``GET /api/v1/model``; OpenAPI at ``/docs``.
+* ``GET /api/v1/health`` (answered on the event loop: it never waits for inference), ``GET /api/v1/model``;
+  OpenAPI at ``/docs`` (Swagger UI served from the ``swagger-ui-bundle`` package, not a CDN).
 
-Hardening: an upload limit checked before and while reading, the decoder's decompression-bomb guard, a
-timeout per request, and one inference at a time (the model and its Grad-CAM hooks are not thread-safe,
-and it keeps memory bounded under load). Every bad input gets a 4xx JSON ``detail`` naming the problem.
+Hardening (:mod:`fracdet.serve.guard`, :mod:`fracdet.serve.executor`): the upload limit holds while the
+body streams in (chunked uploads included) and stalled uploads are closed; the decoder's pixel limit
+refuses decompression bombs; inference runs on a bounded executor (one worker: the model and its
+Grad-CAM are not thread-safe, and memory stays bounded by the pixel limit) behind a queue of
+``queue_size`` waiting requests, 503 with ``Retry-After`` beyond it; a request that times out (504) or whose
+client leaves cancels its work, which stops at the next stage and holds nothing. Every bad input gets a
+4xx JSON ``detail`` naming the problem; every response carries security headers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from fracdet.data.decode import ImageReadError, ImageTooLargeError, TruncatedImageError, UnsupportedImageError
-from fracdet.inference import Prediction, Predictor
+from fracdet.inference import Cancelled, Prediction, Predictor
 from fracdet.models.release import TrainedModel
+from fracdet.serve.executor import InferenceExecutor, ServerBusyError
+from fracdet.serve.guard import SecurityHeaders, UploadGuard
 
 __all__ = ["ServeConfig", "create_app"]
 
@@ -46,14 +55,18 @@ class ServeConfig:
     Attributes:
         max_upload_mb: largest accepted upload (HTTP 413 above it).
         max_pixels: largest accepted image (decompression-bomb guard, HTTP 413).
-        timeout_s: longest a prediction may take (HTTP 504 after it).
+        timeout_s: longest a prediction may take, waiting included (HTTP 504 after it).
         heatmaps: compute Grad-CAM heatmaps.
+        queue_size: requests that may wait for inference (HTTP 503 with ``Retry-After`` beyond them).
+        upload_idle_s: longest an upload may pause between two chunks (HTTP 408 after it).
     """
 
     max_upload_mb: float = 50.0
     max_pixels: int = 100_000_000
     timeout_s: float = 30.0
     heatmaps: bool = True
+    queue_size: int = 64
+    upload_idle_s: float = 10.0
 
     @property
     def max_upload_bytes(self) -> int:
@@ -128,35 +141,45 @@ UPLOAD = File(..., description="a radiograph: PNG, JPEG, BMP, TIFF or GIF")
 
 
 def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application serving ``model``."""
+    """The FastAPI application serving ``model``; its inference threads end with the app's lifespan."""
     config = config or ServeConfig()
     predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels)
-    lock = threading.Lock()
+    executor = InferenceExecutor(workers=1, queue_size=config.queue_size)
     page = resources.files("fracdet.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            executor.close()
+
     app = FastAPI(
         title="fracdet",
         version=model.version,
         description="Bone-fracture detection on radiographs: calibrated probability, verdict, confidence level, "
         "heatmap and (a localiser's) fracture boxes.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
     )
-
-    @app.middleware("http")
-    async def limit_upload_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"upload too large: limit is {config.max_upload_mb:g} MB"}, status_code=413)
-        return await call_next(request)
+    app.state.executor = executor
+    # the multipart envelope around the file takes a few hundred bytes; 64 KiB of slack is generous
+    app.add_middleware(UploadGuard, max_bytes=config.max_upload_bytes + 64 * 1024,
+                       idle_timeout_s=config.upload_idle_s, limit_text=f"{config.max_upload_mb:g} MB")  # fmt: skip
+    app.add_middleware(SecurityHeaders)
+    _mount_docs(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
+    async def index() -> str:
         return page
 
     @app.get("/api/v1/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "model": model.name, "version": model.version}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model.name, "version": model.version, "inference": executor.stats()}
 
     @app.get("/api/v1/model")
-    def model_info() -> dict[str, Any]:
+    async def model_info() -> dict[str, Any]:
         keep = ("name", "version", "model", "members", "input_size", "epoch", "selected_on", "temperature",
                 "thresholds", "schema_version")  # fmt: skip
         return {
@@ -171,29 +194,56 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
                 "max_upload_mb": config.max_upload_mb,
                 "max_pixels": config.max_pixels,
                 "timeout_s": config.timeout_s,
+                "queue_size": config.queue_size,
             },
         }
 
     @app.post("/api/v1/predict")
-    async def predict(file: UploadFile = UPLOAD):
+    async def predict(request: Request, file: UploadFile = UPLOAD):
         started = time.perf_counter()
-        data = await file.read(config.max_upload_bytes + 1)
-        if len(data) > config.max_upload_bytes:
-            raise HTTPException(413, f"upload too large: limit is {config.max_upload_mb:g} MB")
-        if not data:
-            raise HTTPException(400, "empty upload: no bytes received")
+        parts = len((await request.form()).getlist("file"))  # parsed once already: this reads no more
+        if parts > 1:
+            raise HTTPException(422, f"one radiograph per request: the upload has {parts} 'file' parts")
         name = file.filename or "upload"
 
-        def run() -> Prediction:
-            with lock:
-                return predictor.predict_bytes(data, name)
+        def run(cancel: threading.Event) -> dict[str, Any]:
+            # Read in the worker, not while waiting: a queued request holds only its spooled upload.
+            file.file.seek(0)
+            data = file.file.read(config.max_upload_bytes + 1)
+            if len(data) > config.max_upload_bytes:
+                raise HTTPException(413, f"upload too large: limit is {config.max_upload_mb:g} MB")
+            if not data:
+                raise HTTPException(400, "empty upload: no bytes received")
+            prediction = predictor.predict_bytes(data, name, cancel=cancel)
+            del data
+            if cancel.is_set():
+                raise Cancelled("prediction cancelled by its caller")
+            return _response(prediction, model, 1000 * (time.perf_counter() - started))
 
         try:
-            prediction = await asyncio.wait_for(run_in_threadpool(run), timeout=config.timeout_s)
+            return await executor.run(run, timeout=config.timeout_s)
         except ImageReadError as exc:
             raise HTTPException(_status_for(exc), str(exc)) from None
+        except ServerBusyError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503,
+                                headers={"Retry-After": str(exc.retry_after_s)})  # fmt: skip
         except TimeoutError:
             raise HTTPException(504, f"prediction took longer than {config.timeout_s:g} s") from None
-        return _response(prediction, model, 1000 * (time.perf_counter() - started))
 
     return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI from the ``swagger-ui-bundle`` package: ``/docs`` works on an offline hospital network."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # docs are a convenience; the API works without them
+        return
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="fracdet API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")  # fmt: skip

@@ -1,0 +1,247 @@
+"""The server under load and faults: bounded queue, cancelled work, streaming limits, no leaks.
+
+These are specifications of the execution model (:mod:`fracdet.serve.executor`, :mod:`fracdet.serve.guard`):
+states are asserted, not times. Streaming limits are checked against a real uvicorn server on a socket,
+since an in-process client reads the whole body before the app sees it.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from fracdet.inference import Cancelled, Predictor
+from fracdet.models import create_model, load
+from fracdet.models._registry import PreprocessCfg
+from fracdet.models.release import TrainedModel
+from fracdet.serve import ServeConfig, create_app
+from fracdet.serve.executor import InferenceExecutor, ServerBusyError
+from fracdet.serve.guard import SECURITY_HEADERS
+
+FRACTURED = "images/Fractured/IMG0000261.jpg"
+
+
+@pytest.fixture(scope="module")
+def model() -> TrainedModel:
+    module = create_model("paper_cnn", input_size=32).eval()
+    return TrainedModel(module=module, name="test-model", arch="paper_cnn", preprocess=PreprocessCfg(32),
+                        threshold=0.3, operating_point="sens90", meta={"version": "0.0-test"})  # fmt: skip
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    """Poll ``condition`` (a state, not a duration, is what the tests assert); fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+def idle(executor: InferenceExecutor) -> bool:
+    stats = executor.stats()
+    return stats["waiting"] == 0 and stats["running"] == 0
+
+
+# --- the executor --------------------------------------------------------------------------------
+
+
+def test_the_executor_runs_a_bounded_number_and_refuses_beyond_its_queue():
+    release = threading.Event()
+    with InferenceExecutor(workers=1, queue_size=2) as executor:
+        running, _ = executor.submit(lambda cancel: release.wait())
+        wait_until(lambda: executor.stats()["running"] == 1)
+        waiting = [executor.submit(lambda cancel, k=k: k)[0] for k in range(2)]
+        with pytest.raises(ServerBusyError, match="busy") as refused:
+            executor.submit(lambda cancel: None)
+        assert refused.value.retry_after_s > 0
+        assert (executor.stats()["running"], executor.stats()["waiting"], executor.stats()["refused"]) == (1, 2, 1)
+        release.set()
+        assert running.result(10) is True and [f.result(10) for f in waiting] == [0, 1]
+        assert executor.stats()["completed"] == 3
+
+
+def test_work_given_up_while_waiting_never_runs_and_running_work_stops_at_its_next_check():
+    import asyncio
+
+    release, started, ran = threading.Event(), threading.Event(), []
+
+    def blocker(cancel: threading.Event) -> None:
+        started.set()
+        release.wait()
+
+    def cooperative(cancel: threading.Event) -> None:
+        started.set()
+        while not cancel.is_set():
+            time.sleep(0.001)
+        raise Cancelled("stopped")
+
+    with InferenceExecutor(workers=1, queue_size=4) as executor:
+        executor.submit(blocker)
+        started.wait(10)
+        with pytest.raises(TimeoutError):
+            asyncio.run(executor.run(lambda cancel: ran.append(1), timeout=0.05))
+        release.set()
+        wait_until(lambda: idle(executor))
+        assert ran == [] and executor.stats()["cancelled"] == 1  # dropped when its turn came
+
+        started.clear()
+        with pytest.raises(TimeoutError):
+            asyncio.run(executor.run(cooperative, timeout=0.05))
+        wait_until(lambda: idle(executor))
+        assert executor.stats()["cancelled"] == 2 and executor.stats()["running"] == 0
+
+
+def test_a_failing_job_reaches_its_caller_and_the_worker_lives_on():
+    with InferenceExecutor() as executor:
+        future, _ = executor.submit(lambda cancel: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            future.result(10)
+        assert executor.submit(lambda cancel: "still here")[0].result(10) == "still here"
+        assert executor.stats()["failed"] == 1
+
+
+# --- the application ------------------------------------------------------------------------------
+
+
+def test_after_a_504_the_abandoned_prediction_never_runs_and_holds_nothing(model, sample_root):
+    data = (sample_root / FRACTURED).read_bytes()
+    with TestClient(create_app(model, ServeConfig(timeout_s=0.2))) as client:
+        executor = client.app.state.executor
+        release = threading.Event()
+        executor.submit(lambda cancel: release.wait())  # the only worker is busy
+        response = client.post("/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+        assert response.status_code == 504 and "longer than" in response.json()["detail"]
+        release.set()
+        wait_until(lambda: idle(executor))
+        stats = executor.stats()
+        assert (stats["cancelled"], stats["completed"], stats["running"], stats["waiting"]) == (1, 1, 0, 0)
+        assert executor.submit(lambda cancel: "free")[0].result(10) == "free"  # nothing holds the worker
+
+
+def test_a_full_queue_gets_503_with_retry_after_and_health_never_waits(model, sample_root):
+    data = (sample_root / FRACTURED).read_bytes()
+    with TestClient(create_app(model, ServeConfig(queue_size=1))) as client:
+        executor = client.app.state.executor
+        release = threading.Event()
+        executor.submit(lambda cancel: release.wait())
+        wait_until(lambda: executor.stats()["running"] == 1)
+        executor.submit(lambda cancel: None)  # the one queue slot
+        response = client.post("/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+        assert response.status_code == 503 and "busy" in response.json()["detail"]
+        assert int(response.headers["Retry-After"]) > 0
+        health = client.get("/api/v1/health").json()  # answered while every inference slot is taken
+        assert health["status"] == "ok" and health["inference"]["running"] == 1
+        assert health["inference"]["refused"] == 1
+        release.set()
+
+
+def test_two_file_parts_are_refused_rather_than_one_silently_winning(model, sample_root):
+    data = (sample_root / FRACTURED).read_bytes()
+    client = TestClient(create_app(model))
+    response = client.post("/api/v1/predict", files=[("file", ("a.jpg", data, "image/jpeg")),
+                                                     ("file", ("b.jpg", data, "image/jpeg"))])  # fmt: skip
+    assert response.status_code == 422 and "2 'file' parts" in response.json()["detail"]
+
+
+def test_every_response_carries_security_headers_and_docs_need_no_cdn(model):
+    client = TestClient(create_app(model))
+    for path in ("/", "/api/v1/health", "/docs"):
+        response = client.get(path)
+        assert response.status_code == 200
+        assert all(response.headers.get(k) == v for k, v in SECURITY_HEADERS.items()), path
+    docs = client.get("/docs").text
+    assert "cdn" not in docs.lower() and client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+# --- a real server on a socket: limits while streaming ------------------------------------------------
+
+
+@contextmanager
+def live_server(model: TrainedModel, config: ServeConfig) -> Iterator[int]:
+    server = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started and server.servers)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def multipart_head(boundary: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+
+
+def read_reply(s: socket.socket) -> bytes:
+    """A whole HTTP response (headers and the body its ``content-length`` announces) from a socket."""
+    s.settimeout(30)
+    reply = b""
+    while piece := s.recv(65536):
+        reply += piece
+        head, blank, body = reply.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+        if blank and length and len(body) >= int(length.group(1)):
+            break
+    return reply
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(model):
+    total, chunk = 64 * 2**20, b"\0" * 2**16
+    with live_server(model, ServeConfig(max_upload_mb=1)) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b0\r\n\r\n")  # fmt: skip
+        head = multipart_head("b0")
+        s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+        sent = 0
+        try:
+            while sent < total and not select.select([s], [], [], 0)[0]:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = read_reply(s)
+    assert reply.startswith(b"HTTP/1.1 413") and b"upload too large: limit is 1 MB" in reply
+    assert sent < total / 2  # refused while streaming, not after spooling it all
+
+
+def test_a_stalled_upload_is_closed_with_408(model):
+    with live_server(model, ServeConfig(upload_idle_s=0.3)) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        head = multipart_head("b0")
+        s.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b0\r\n\r\n" + head)  # fmt: skip
+        reply = read_reply(s)  # the client sends nothing more
+    assert reply.startswith(b"HTTP/1.1 408") and b"upload stalled" in reply
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+
+def rss_mib() -> float:
+    with Path("/proc/self/status").open() as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
+def test_memory_stays_flat_over_1000_predictions_with_heatmaps():
+    predictor = Predictor(load("fracatlas-default"))  # the shipped model, Grad-CAM heatmaps on
+    image = np.random.default_rng(0).random((120, 100)).astype(np.float32)
+    for _ in range(30):
+        predictor.predict_pixels(image)
+    before = rss_mib()
+    for _ in range(1000):
+        predictor.predict_pixels(image)
+    assert rss_mib() - before < 20.0
+    assert not any(m._forward_hooks for m in predictor.model.module.modules())  # no hook outlives its call
