@@ -7,6 +7,7 @@ since an in-process client reads the whole body before the app sees it.
 
 from __future__ import annotations
 
+import io
 import re
 import select
 import socket
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from fracdet.inference import Cancelled, Predictor
 from fracdet.models import create_model, load
@@ -245,3 +247,54 @@ def test_memory_stays_flat_over_1000_predictions_with_heatmaps():
         predictor.predict_pixels(image)
     assert rss_mib() - before < 20.0
     assert not any(m._forward_hooks for m in predictor.model.module.modules())  # no hook outlives its call
+
+
+# --- inputs the decoder and the commands must not trust -------------------------------------------------
+
+
+def test_only_radiograph_containers_are_opened_and_eps_never_reaches_ghostscript():
+    from fracdet.data.decode import UnsupportedImageError, decode_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(UnsupportedImageError, match=r"supported format .*JPEG, PNG"):
+        decode_image(eps, name="x.eps")
+    webp = io.BytesIO()
+    Image.new("L", (50, 40), 128).save(webp, "WEBP")
+    assert decode_image(webp.getvalue()).format == "WEBP"
+
+
+def test_the_advertised_pixel_limit_is_the_one_that_holds():
+    from fracdet.data.decode import ImageTooLargeError, decode_image
+
+    side = 9_500  # 90.25 M pixels: above Pillow's own 89.5 M guard, below fracdet's 100 M
+    png = io.BytesIO()
+    Image.new("1", (side, side)).save(png, "PNG")  # a few KiB on disk
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 90,000,000"):
+        decode_image(png.getvalue(), name="big.png", max_pixels=90_000_000)
+    assert decode_image(png.getvalue(), name="big.png").pixels.shape == (side, side)
+
+
+def test_predict_picks_up_webp_and_dicom_files_in_folders_and_names_what_it_cannot_read(model, tmp_path):
+    from fracdet.inference import collect_inputs
+
+    Image.new("L", (64, 64), 90).save(tmp_path / "a.webp")
+    (tmp_path / "b.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    paths = collect_inputs([tmp_path])
+    assert [p.name for p in paths] == ["a.webp", "b.dcm"]
+    table = Predictor(model, heatmaps=False).predict_files(paths)
+    assert table["error"].isna().tolist() == [True, False] and "DICOM" in table["error"].iloc[1]
+
+
+def test_audit_and_split_fail_on_a_dataset_with_no_readable_file(tmp_path, cache_dir, capsys):
+    from fracdet.cli import main
+
+    for label in ("Fractured", "Non_fractured"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for k in range(3):
+            (tmp_path / "data" / label / f"{k}.jpg").write_bytes(b"not a jpeg at all")
+    data, cache = str(tmp_path / "data"), ["--cache-dir", str(cache_dir)]
+    assert main(["audit", data, *cache]) == 4
+    assert "none of the 6 files could be decoded" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no file .* can go into a split .*unreadable.*nothing written"):
+        main(["split", data, "--out", str(tmp_path / "s.csv"), *cache])
+    assert not (tmp_path / "s.csv").exists()

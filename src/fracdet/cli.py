@@ -59,7 +59,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             Path(args.montage).parent.mkdir(parents=True, exist_ok=True)
             closest_pairs_montage(report).save(args.montage)
             print(f"closest cross-split pairs: {args.montage}")
-    if args.strict and (report.has_leakage or report.has_conflicts):
+    if len(report.unreadable) == len(report.files):
+        print(f"error: none of the {len(report.files)} files could be decoded: nothing was audited")
+        return 4
+    if args.strict and (report.has_leakage or report.has_conflicts or len(report.unreadable)):
         return 3
     return 0
 
@@ -86,6 +89,9 @@ def cmd_split(args: argparse.Namespace) -> int:
             keep_truncated=args.keep_truncated,
             duplicates=dups,
         )
+    if result.manifest.empty:
+        reasons = result.excluded["reason"].value_counts().to_dict()
+        raise SystemExit(f"error: no file of {args.path} can go into a split ({reasons}); nothing written")
     out = result.write(args.out)
     print(f"wrote {out} ({len(result.manifest)} files, {result.manifest['group'].nunique()} groups)")
     if len(result.excluded):

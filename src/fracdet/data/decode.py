@@ -1,6 +1,8 @@
 """Image files -> pixel arrays, strictly.
 
-Radiographs arrive as JPEG, PNG (8 or 16 bit), GIF, BMP or TIFF in any mode. Decoding is strict on
+Radiographs arrive as JPEG, PNG (8 or 16 bit), GIF, BMP, TIFF or WebP in any mode; no other container is
+opened (:data:`IMAGE_FORMATS`). The pixel limit is fracdet's own (``max_pixels``), checked on the header
+before any pixel is decoded; Pillow's smaller built-in guard does not override it. Decoding is strict on
 purpose: a truncated JPEG decoded leniently gets a grey band at the bottom, and in FracAtlas only
 negatives have one, so a model can learn "grey band = no fracture". Loading such a file must be an
 explicit choice (``allow_truncated=True``), never a silent default.
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
     "DecodedImage",
     "ImageReadError",
@@ -28,7 +31,10 @@ __all__ = [
     "read_image",
 ]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+#: The only containers Pillow may open: its other plugins (EPS hands data to Ghostscript, where installed;
+#: PSD, ICO, ...) are attack surface a radiograph never needs.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 DEFAULT_MAX_PIXELS = 100_000_000  # a 10k x 10k radiograph; anything larger is refused as a bomb
 
 # Pillow's switch for lenient decoding is process-global; the lock keeps a lenient read in one thread
@@ -104,13 +110,14 @@ def decode_image(
     if not data:
         raise UnsupportedImageError(f"{name}: empty file")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except UnidentifiedImageError as exc:
-            raise UnsupportedImageError(f"{name}: not an image in a supported format") from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"{name}: {exc}") from exc
+            kinds = ", ".join(IMAGE_FORMATS)
+            raise UnsupportedImageError(f"{name}: not an image in a supported format ({kinds})") from exc
+        except Image.DecompressionBombError as exc:  # twice Pillow's guard: far beyond any radiograph
+            raise ImageTooLargeError(f"{name}: too many pixels ({exc})") from exc
     width, height = im.size
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}")

@@ -37,7 +37,7 @@ def _dicom_not_yet(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     raise UnsupportedImageError(f"{name}: DICOM files are not read yet; export the image as PNG or JPEG")
 
 
-register_reader(_is_dicom, _dicom_not_yet)
+register_reader(_is_dicom, _dicom_not_yet, suffixes=(".dcm",))  # picked up, then refused by name
 
 
 def read_input(data: bytes, name: str = "<upload>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
