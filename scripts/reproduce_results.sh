@@ -126,5 +126,8 @@ train localiser-lite0-256-seed0 --config configs/localiser.yaml --data "$FA" --s
 .venv/bin/python scripts/reencode_flips.py runs/localiser-lite0-256-seed0 --data "$FA" --split test --quality 75
 .venv/bin/python scripts/reencode_flips.py fracatlas-default --data "$FA" --split test --quality 75
 
+# docs/RELIABILITY.md: does the shipped model's verdict survive re-saving (PNG, JPEG 95/75, WebP 80, half size)?
+"$F" evaluate fracatlas-default --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-test
+
 # The tables of RESULTS.md, with sensitivity by fracture size and surgical hardware.
 .venv/bin/python scripts/results_tables.py --data "$FA"

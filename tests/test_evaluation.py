@@ -268,3 +268,32 @@ def test_a_release_refuses_a_tta_report_whose_thresholds_were_not_refitted(tiny_
         package_release(tiny_run, "tiny-tta", version="1.0", report=tmp_path / "eval" / "metrics.json",
                         dest=tmp_path / "models")  # fmt: skip
     assert not (tmp_path / "models").exists()
+
+
+def test_stability_reports_flips_and_probability_changes_per_re_encoding(tiny_run, sample_root_module, cache_dir,
+                                                                         tmp_path):  # fmt: skip
+    from fracdet.data.table import absolute_paths
+    from fracdet.evaluation.stability import VARIANTS, verdict_stability
+
+    model = load(tiny_run)
+    manifest = sample_manifest(sample_root_module)
+    manifest["split"] = np.where(np.arange(len(manifest)) % 3 == 1, "test", manifest["split"])
+    result = evaluate(model, manifest, split="test", n_boot=50, cache=FeatureCache(cache_dir), stability=True)
+    stability = result.stability
+    assert set(stability["variants"]) == set(VARIANTS) and stability["images"] == len(result.predictions)
+    for variant in stability["variants"].values():
+        lo, hi = variant["flip_rate_ci95"]
+        assert 0 <= lo <= variant["flip_rate"] <= hi <= 1
+        assert 0 <= variant["median_abs_change"] <= variant["p90_abs_change"] <= variant["max_abs_change"]
+    report = write_report(result, tmp_path)
+    assert (tmp_path / "stability.png").is_file() and "Verdict stability" in report.read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["stability"]["variants"]["jpeg75"]
+
+    rows = manifest[manifest["split"] == "test"]
+    rows.attrs.update(manifest.attrs)
+    paths = absolute_paths(rows)
+    same = verdict_stability(model, paths, None, threshold=0.5, variants={"as read": lambda p: p}, n_boot=20)
+    assert same["variants"]["as read"]["max_abs_change"] == 0 and same["variants"]["as read"]["flips"] == 0
+    blank = verdict_stability(model, paths, None, threshold=float(np.median(result.predictions["probability"])),
+                              variants={"blank": np.zeros_like}, n_boot=20)  # fmt: skip
+    assert blank["variants"]["blank"]["flips"] > 0  # a test that can fail: destroying the image changes verdicts

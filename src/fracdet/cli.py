@@ -201,7 +201,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table = table[~shared].reset_index(drop=True)
         table.attrs.update(attrs)
     try:
-        result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta)
+        result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta,
+                          stability=args.stability)  # fmt: skip
     except ValueError as exc:
         hint = ""
         if args.splits is None and args.split not in set(table["split"].dropna()):
@@ -228,6 +229,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"giving specificity {s0:.3f}-{s1:.3f} on {args.split}")  # fmt: skip
     roc = ", ".join(f"{r['specificity']:.3f} at {sens}" for sens, r in result.roc_specificity.items())
     print(f"specificity on the {args.split} split's own ROC curve (threshold-free): {roc}")
+    if result.stability:
+        from fracdet.evaluation.evaluate import stability_table
+
+        print(f"verdict stability at threshold {result.stability['threshold']:.3f}:")
+        print(stability_table(result.stability).to_string(index=False))
     if result.lesions:
         from fracdet.evaluation.evaluate import lesion_summary
 
@@ -472,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time augmentation: average with the mirror image (default: as the model does)",
     )
     p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap localisation check")
+    p.add_argument("--stability", action="store_true",
+                   help="re-save every image (PNG, JPEG 95/75, WebP 80, half size): verdict flips, |dp|")  # fmt: skip
     p.add_argument("--compare", metavar="MODEL", help="also score MODEL's Grad-CAM on the same boxed images "
                    "(e.g. fracatlas-default beside a localiser's own map)")  # fmt: skip
     p.add_argument(

@@ -22,6 +22,7 @@ from sklearn.metrics import classification_report
 
 from fracdet.data.pixels import load_pixels
 from fracdet.data.sources import FRACTURE_SIZES
+from fracdet.data.table import absolute_paths
 from fracdet.evaluation import plots
 from fracdet.evaluation.lesions import LesionData, lesion_metrics, lesion_table, localised_sensitivity
 from fracdet.evaluation.metrics import (
@@ -34,6 +35,7 @@ from fracdet.evaluation.metrics import (
     specificity_at_sensitivity,
     threshold_choice_intervals,
 )
+from fracdet.evaluation.stability import verdict_stability
 from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import ScoredBox, level_thresholds, scores_from_outputs, shown_boxes
 from fracdet.training.calibrate import OPERATING_POINTS, choose_thresholds, fit_temperature, probabilities
@@ -84,6 +86,7 @@ class Evaluation:
     lesions: dict[str, Any] | None = None  # a localiser's boxes against expert boxes (evaluation.lesions)
     boxes: list[list[ScoredBox]] | None = field(default=None, repr=False)  # a localiser's boxes per image
     lesion_data: LesionData | None = field(default=None, repr=False)  # the same, matched to the expert boxes
+    stability: dict[str, Any] | None = None  # verdict changes under re-encoding (evaluation.stability)
 
     @property
     def honest(self) -> bool:
@@ -110,6 +113,7 @@ class Evaluation:
             "classification_report": self.classification_report,
             "localisation": self.localisation,
             "lesions": self.lesions,
+            "stability": self.stability,
         }
 
 
@@ -122,6 +126,7 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     tta: bool | None = None,
+    stability: bool = False,
 ) -> Evaluation:
     """Measure ``model`` on the ``split`` rows of ``table``.
 
@@ -132,6 +137,8 @@ def evaluate(
             (every row, e.g. another dataset) or ``"val"``, the model's stored ones are used.
         n_boot: bootstrap resamples (of whole groups) for the 95% intervals.
         tta: average each image with its mirror image (``None``: as the model does, ``model.tta``).
+        stability: also re-save every file in each :data:`fracdet.evaluation.stability.VARIANTS` and report how
+            often the verdict at the default operating point flips (reads the files again at full size).
     """
     tta = model.tta if tta is None else tta
     size = model.preprocess.input_size
@@ -213,6 +220,10 @@ def evaluate(
         tta=tta,
         images=pixels.images,
     )
+    if stability:
+        groups_all = target["group"].astype(str).tolist() if "group" in target else None
+        result.stability = verdict_stability(model, absolute_paths(target), groups_all, threshold=thresholds[default],
+                                             n_boot=n_boot, seed=seed)  # fmt: skip
     if maps is not None:  # a localiser: its boxes, scored with this evaluation's calibration
         boxes = scores_from_outputs(margins, maps, temperature=temperature, thresholds=thresholds,
                                     peak_weight=model.peak_weight, relative=model.box_relative).boxes  # fmt: skip
@@ -320,6 +331,9 @@ def write_report(result: Evaluation, out_dir: str | Path, *, curves: Path | None
         figs["gallery"] = plots.plot_gallery(images, labels, probs, default["threshold"], out / "gallery.png")
     if result.lesion_data is not None and images is not None:
         figs.update(_lesion_figures(result, out))
+    if result.stability:
+        figs["stability"] = plots.plot_stability(result.stability, out / "stability.png",
+                                                 title=f"verdict stability: {name}")  # fmt: skip
     if curves is not None and curves.is_file():
         figs["curves"] = curves
     write_json(out / "metrics.json", result.to_dict())
@@ -457,6 +471,24 @@ validation-chosen threshold, it separates what the ranking costs from what carry
 <table><tr><th>sensitivity</th><th>specificity on the ROC</th></tr>{cells}</table>"""
 
 
+def stability_table(stability: dict[str, Any]) -> pd.DataFrame:
+    """One row per re-encoding variant: flip rate with its interval and the probability changes."""
+    rows = []
+    for name, v in stability["variants"].items():
+        lo, hi = v["flip_rate_ci95"]
+        rows.append({"variant": name, "verdict flips": f"{v['flip_rate']:.3f} [{lo:.3f}, {hi:.3f}] ({v['flips']})",
+                     "median |dp|": f"{v['median_abs_change']:.4f}", "p90 |dp|": f"{v['p90_abs_change']:.4f}",
+                     "max |dp|": f"{v['max_abs_change']:.3f}"})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _stability_html(stability: dict[str, Any] | None) -> str:
+    if not stability:
+        return ""
+    return (f"<h2>Verdict stability ({stability['images']} images re-saved; flips at threshold "
+            f"{stability['threshold']:.3f})</h2>" + stability_table(stability).to_html(index=False))  # fmt: skip
+
+
 def _html(result: Evaluation) -> str:
     warn = "" if result.honest else f'<p class="warn">{html.escape(TEST_SELECTION_WARNING)}</p>'
     cal = result.calibration
@@ -483,5 +515,6 @@ after temperature scaling.</p>
 {result.subgroups.to_html(index=False, float_format="%.3f")}
 {_lesions_html(result.lesions)}
 {_localisation_html(result.localisation)}
+{_stability_html(result.stability)}
 <h2>Figures</h2>{figures}
 </body></html>"""

@@ -121,6 +121,27 @@ def plot_froc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *, t
     return _save(fig, path)
 
 
+def plot_stability(result: dict, path: Path, *, title: str, target: float = 0.02) -> Path:
+    """Verdict flip rate per re-encoding variant (95% intervals) beside the probability change it causes."""
+    names = list(result["variants"])
+    rows = [result["variants"][n] for n in names]
+    y = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 0.5 * len(names) + 1.6), sharey=True)
+    rates = np.array([r["flip_rate"] for r in rows])
+    lo, hi = np.array([r["flip_rate_ci95"] for r in rows]).T
+    left.barh(y, rates, xerr=[rates - lo, hi - rates], color="#c0504d", capsize=3)
+    left.axvline(target, color="black", lw=0.8, ls="--", label=f"target {target:.0%}")
+    left.set(yticks=y, yticklabels=names, xlabel=f"verdicts flipped at t={result['threshold']:.3f}")
+    left.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    left.legend(fontsize=8)
+    for key, offset, label in (("median_abs_change", -0.2, "median"), ("p90_abs_change", 0.2, "90th percentile")):
+        right.barh(y + offset, [r[key] for r in rows], height=0.4, label=label)
+    right.set(xlabel="|change of the probability|")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{title} ({result['images']} images)", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_box_gallery(
     images: np.ndarray,
     experts: list[list[tuple[float, float, float, float]]],
