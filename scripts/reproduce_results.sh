@@ -123,6 +123,16 @@ train localiser-lite0-256-seed0 --config configs/localiser.yaml --data "$FA" --s
 "$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split val --compare fracatlas-default --out runs/eval/localiser-lite0-256-seed0-val
 "$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split test --compare fracatlas-default --out runs/eval/localiser-lite0-256-seed0-test
 "$F" evaluate runs/localiser-lite0-256-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-localiser-on-multiregion
+# The levers of issue 15, one seed each, compared on validation only (scripts/results_tables.py prints the table):
+# augmentation (no re-encoding), the detection head, resolution, backbone.
+train localiser-lite0-256-noreencode-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set augment.reencode=0 --set augment.rescale=0
+train detector-lite0-256-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=detector_lite0
+train localiser-lite0-320-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set image_size=320
+train localiser-lite1-256-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=localiser_lite1
+for run in localiser-lite0-256-seed0 localiser-lite0-256-noreencode-seed0 detector-lite0-256-seed0 localiser-lite0-320-seed0 localiser-lite1-256-seed0; do
+    [ "$run" = localiser-lite0-256-seed0 ] || "$F" evaluate "runs/$run" --data "$FA" --split val --out "runs/eval/$run-val"
+    "$F" evaluate "runs/$run" --data "$FA" --split val --stability --no-heatmaps --bootstrap 300 --out "runs/eval/$run-val-stability"
+done
 .venv/bin/python scripts/reencode_flips.py runs/localiser-lite0-256-seed0 --data "$FA" --split test --quality 75
 .venv/bin/python scripts/reencode_flips.py fracatlas-default --data "$FA" --split test --quality 75
 

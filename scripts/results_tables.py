@@ -121,6 +121,52 @@ def fracture_size_table(evals: Path, data: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def lever_table(runs: Path, evals: Path) -> pd.DataFrame:
+    """The localiser levers side by side, on validation only (where a recipe is chosen; issue 15).
+
+    One row per localiser run with a validation report ``runs/eval/RUN-val``: how it was trained (what
+    differs from ``configs/localiser.yaml``), the validation AUC of each part of its image logit (fitted on
+    validation, so optimistic for the fused one), the validation localisation figures, and, with a
+    ``runs/eval/RUN-val-stability`` report (``--stability``), how often re-saving flips a validation verdict.
+    """
+    base = yaml.safe_load((Path(__file__).parents[1] / "configs" / "localiser.yaml").read_text())
+    rows = []
+    for report in sorted(evals.glob("*-val/metrics.json")):
+        m = json.loads(report.read_text())
+        run = runs / report.parent.name.removesuffix("-val")
+        if "lesions" not in m or not (run / "model.json").is_file():
+            continue
+        meta = json.loads((run / "model.json").read_text())
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        changed = [f"{k}={config[k]}" for k in ("model", "image_size") if config.get(k) != base.get(k)]
+        changed += [f"augment.{k}={v}" for k, v in config["augment"].items() if base["augment"].get(k) != v]
+        changed += [f"localise.{k}={v}" for k, v in config["localise"].items() if base["localise"].get(k) != v]
+        parts = meta.get("fusion_val_auc", {})
+        lesions = m["lesions"]["all"]
+        rows.append(
+            {"run": run.name, "differs from configs/localiser.yaml": ", ".join(changed) or "-",
+             "AUC classifier / map peak / fused": " / ".join(f"{parts.get(k, float('nan')):.3f}"
+                                                             for k in ("classifier", "map_peak", "fused")),
+             "pointing game": f"{m['localisation']['pointing_game']:.3f}",
+             "loc. sens. @suspicious (IoU / centre)":
+                 f"{lesions['localised_sensitivity_iou@suspicious']['value']:.3f} / "
+                 f"{lesions['localised_sensitivity_centre@suspicious']['value']:.3f}",
+             "FROC @1 FP (IoU)": f"{lesions['froc_iou@1']['value']:.3f}",
+             "mAP50 fractured": f"{lesions['map50_fractured']['value']:.3f}",
+             "false boxes / normal @suspicious": f"{lesions['false_boxes_per_normal@suspicious']['value']:.3f}",
+             "verdict flips JPEG75 / WebP80 / half": _flips(evals / f"{run.name}-val-stability" / "metrics.json")}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _flips(report: Path) -> str:
+    """Verdict flip rates of a ``--stability`` report, or ``-`` when there is none."""
+    if not report.is_file():
+        return "-"
+    variants = json.loads(report.read_text())["stability"]["variants"]
+    return " / ".join(f"{variants[k]['flip_rate']:.3f}" for k in ("jpeg75", "webp80", "half"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs")
@@ -137,6 +183,10 @@ def main() -> None:
     if not seeds.empty:
         print("\n## Across training seeds (operating point sens90, chosen on val)\n")
         print(seeds.to_markdown(index=False))
+    levers = lever_table(runs, evals)
+    if not levers.empty:
+        print("\n## Localiser levers, on validation (seed 0 each)\n")
+        print(levers.to_markdown(index=False))
     if args.data:
         print("\n## By fracture size and surgical hardware (mean over seeds; each size against all normals)\n")
         print(fracture_size_table(evals, Path(args.data)).to_markdown(index=False))

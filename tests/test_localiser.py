@@ -159,7 +159,6 @@ def test_a_mirrored_images_boxes_mirror_back():
     assert torch.allclose(mirrored[:, 1::2], expected[:, 1::2], atol=1e-5)
 
 
-
 def test_boxes_come_from_the_maps_peaks_strongest_first_with_the_top_box_scored_as_the_image():
     logits = np.full((16, 16), -8.0, np.float32)
     logits[2:5, 3:6] = 3.0  # strong
