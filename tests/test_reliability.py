@@ -274,10 +274,11 @@ def test_the_advertised_pixel_limit_is_the_one_that_holds():
     assert decode_image(png.getvalue(), name="big.png").pixels.shape == (side, side)
 
 
-def test_predict_picks_up_webp_and_dicom_files_in_folders_and_names_what_it_cannot_read(model, tmp_path):
+def test_predict_picks_up_webp_and_dicom_files_in_folders_and_names_what_it_cannot_read(model, tmp_path,
+                                                                                        sample_root):  # fmt: skip
     from fracdet.inference import collect_inputs
 
-    Image.new("L", (64, 64), 90).save(tmp_path / "a.webp")
+    Image.open(sample_root / FRACTURED).save(tmp_path / "a.webp")
     (tmp_path / "b.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
     paths = collect_inputs([tmp_path])
     assert [p.name for p in paths] == ["a.webp", "b.dcm"]
@@ -298,3 +299,105 @@ def test_audit_and_split_fail_on_a_dataset_with_no_readable_file(tmp_path, cache
     with pytest.raises(SystemExit, match=r"no file .* can go into a split .*unreadable.*nothing written"):
         main(["split", data, "--out", str(tmp_path / "s.csv"), *cache])
     assert not (tmp_path / "s.csv").exists()
+
+
+# --- the input gate -------------------------------------------------------------------------------------
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, "PNG" if mode != "F" else "TIFF")
+    return buffer.getvalue()
+
+
+NOT_RADIOGRAPHS = {
+    "tiny": (png(np.full((20, 30), 128, np.uint8)), "too small"),
+    "blank": (png(np.zeros((300, 200), np.uint8)), "blank"),
+    "nearly uniform": (png((np.random.default_rng(0).random((300, 200)) * 3 + 120).astype(np.uint8)), "blank"),
+    "non-finite": (png(np.where(np.eye(200, dtype=bool), np.nan, 0.5).astype(np.float32), "F"), "non-finite"),
+    "colour": (png(np.random.default_rng(1).integers(0, 255, (200, 240, 3), dtype=np.uint8)), "colour image"),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_RADIOGRAPHS))
+def test_what_cannot_be_a_radiograph_gets_no_verdict_and_a_reason(model, kind):
+    data, words = NOT_RADIOGRAPHS[kind]
+    client = TestClient(create_app(model))
+    response = client.post("/api/v1/predict", files={"file": (f"{kind}.png", data, "image/png")})
+    assert response.status_code == 422 and words in response.json()["detail"]
+    assert "probability" not in response.json()
+    assert client.get("/api/v1/health").json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def gated_model(tmp_path_factory, cache_dir):
+    from fracdet.inference.gate import fit_gate_on_splits, save_gate
+    from fracdet.models import save_model
+    from fracdet.utils.cache import FeatureCache
+    from tests.conftest import SAMPLE
+    from tests.test_training import sample_manifest
+
+    folder = save_model(
+        TrainedModel(module=create_model("paper_cnn", input_size=64).eval(), name="gated", arch="paper_cnn",
+                     preprocess=PreprocessCfg(64), threshold=0.5, meta={"version": "0.0-test", "model": "paper_cnn"}),
+        tmp_path_factory.mktemp("gated") / "model",
+    )  # fmt: skip
+    table = sample_manifest(SAMPLE)
+    model = load(folder)
+    distance, limits, summary = fit_gate_on_splits(model, table, cache=FeatureCache(cache_dir))
+    save_gate(model, distance, limits, folder)
+    return folder, summary
+
+
+def test_a_fitted_gate_travels_with_the_model_answers_radiographs_and_refuses_noise(gated_model, sample_root):
+    folder, summary = gated_model
+    model = load(folder)
+    limits = model.meta["gate"]
+    assert limits["warn"] <= summary["val_distance_quantiles"]["1"] < limits["refuse"]
+    assert "val splits" in limits["chosen_on"] and "train split" in limits["fitted_on"]
+    client = TestClient(create_app(model))
+    body = client.post("/api/v1/predict", files={"file": ("x.jpg", (sample_root / FRACTURED).read_bytes(),
+                                                           "image/jpeg")}).json()  # fmt: skip
+    assert body["input_check"] in ("radiograph", "unusual") and 0 <= body["probability"] <= 1
+    noise = png(np.random.default_rng(2).integers(0, 255, (400, 300), dtype=np.uint8))
+    response = client.post("/api/v1/predict", files={"file": ("noise.png", noise, "image/png")})
+    assert response.status_code == 422 and "does not look like a radiograph" in response.json()["detail"]
+
+
+def test_the_gates_features_come_from_the_forward_that_scored_the_image(gated_model, sample_root):
+    from fracdet.data.pixels import resize_square
+    from fracdet.inference.gate import InputGate, captured_features, image_features
+
+    model = load(gated_model[0])
+    pixels = np.asarray(Image.open(sample_root / FRACTURED).convert("L"), np.float32) / 255
+    image = resize_square(pixels, 64)
+    with captured_features(model) as features:
+        model.margins(image[None])
+    assert np.allclose(features[0].numpy(), image_features(model, image[None]), atol=1e-5)
+    assert not any(m._forward_hooks for m in model.module.modules())
+    assert InputGate.of(model).fitted
+
+
+# --- faults ---------------------------------------------------------------------------------------------
+
+
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(sample_root, tmp_path, caplog):
+    import sqlite3
+
+    from fracdet.data.pixels import load_pixels
+    from fracdet.utils.cache import FeatureCache
+    from tests.test_training import sample_manifest
+
+    table = sample_manifest(sample_root).head(6)
+    with FeatureCache(tmp_path) as cache:
+        clean = load_pixels(table, 32, cache=cache).images
+        kind = next(k for (k,) in sqlite3.connect(cache.path).execute("SELECT DISTINCT kind FROM blobs"))
+    with sqlite3.connect(tmp_path / "features.sqlite") as db:  # flip bytes of one stored array
+        key, value = db.execute("SELECT key, value FROM blobs WHERE kind = ? LIMIT 1", (kind,)).fetchone()
+        db.execute("UPDATE blobs SET value = ? WHERE kind = ? AND key = ?", (bytes(255 - b for b in value), kind, key))
+    with FeatureCache(tmp_path) as cache:
+        assert key not in cache.get_many(kind, [key])  # not trusted
+        assert "failed their checksum" in caplog.text
+        again = load_pixels(table, 32, cache=cache).images
+        assert key in cache.get_many(kind, [key])  # recomputed and stored again
+    assert np.array_equal(clean, again)

@@ -55,8 +55,9 @@ def test_a_radiograph_gets_probability_label_threshold_heatmap_and_box(client, s
     assert body["latency_ms"] > 0
 
 
-def test_png_and_16_bit_uploads_are_read(client):
-    grey16 = Image.fromarray((np.random.default_rng(0).random((60, 80)) * 65535).astype(np.uint16))
+def test_png_and_16_bit_uploads_are_read(client, sample_root):
+    grey = np.asarray(Image.open(sample_root / FRACTURED).convert("L"), dtype=np.uint16)
+    grey16 = Image.fromarray(grey * 257)
     buffer = io.BytesIO()
     grey16.save(buffer, format="PNG")
     assert post(client, buffer.getvalue(), "x.png", "image/png").status_code == 200
@@ -133,7 +134,8 @@ def test_predict_files_gives_one_row_per_file_and_error_rows(model, sample_root,
     paths = collect_inputs([tmp_path / "in"])
     assert {p.name for p in paths} == {"good.jpg", "broken.png"}
     table = Predictor(model).predict_files(paths, heatmap_dir=tmp_path / "heat")
-    assert list(table.columns) == ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes"]
+    assert list(table.columns) == ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
+                                   "warning"]  # fmt: skip
     row = table.set_index(table["path"].map(lambda p: p.rsplit("/", 1)[-1]))
     assert row.loc["broken.png", "error"] and pd.isna(row.loc["broken.png", "probability"])
     assert pd.isna(row.loc["good.jpg", "error"]) and Image.open(row.loc["good.jpg", "heatmap"]).mode == "RGB"

@@ -300,6 +300,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    from fracdet.inference.gate import fit_gate_on_splits, save_gate
+    from fracdet.models import load
+
+    model = load(args.model)
+    if model.folder is None:
+        raise SystemExit("error: the gate is written beside the model: pass a model folder or release name")
+    splits = args.splits or (str(model.splits_path) if model.splits_path else None)
+    table = _load_split_table(args.data, splits)
+    extra = [_load_split_table(path, None) for path in args.extra_val]
+    distance, limits, summary = fit_gate_on_splits(model, table, extra_val=extra)
+    path = save_gate(model, distance, limits, model.folder)
+    print(f"input gate of {model.name} {model.version}: warn beyond distance {limits.warn:.2f}, refuse beyond "
+          f"{limits.refuse:.2f} or colourfulness {limits.colourfulness:.1f}; fitted on {limits.fitted_on}, chosen on "
+          f"{limits.chosen_on}")  # fmt: skip
+    quantiles = " / ".join(f"{v:.2f}" for v in summary["val_distance_quantiles"].values())
+    print(f"validation distances (quantiles 0.5 / 0.9 / 0.99 / max): {quantiles}; written to {path}")
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     from fracdet.models import package_release
 
@@ -429,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays here")
     p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++"])
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("gate", help="fit a model's input gate (what is not a radiograph gets no verdict)")
+    p.add_argument("model", help="release name or model folder (the gate is written into it)")
+    p.add_argument("--data", required=True, help="the dataset the model was trained on")
+    p.add_argument("--splits", help="split manifest (default: the model's own)")
+    p.add_argument("--extra-val", action="append", default=[], metavar="DATASET",
+                   help="another radiograph dataset whose val split joins the validation radiographs")  # fmt: skip
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("serve", help="the web application and JSON API")
     p.add_argument("--model", default="fracatlas-default", help="release name, run folder or checkpoint")

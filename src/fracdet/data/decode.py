@@ -27,6 +27,7 @@ __all__ = [
     "ImageTooLargeError",
     "TruncatedImageError",
     "UnsupportedImageError",
+    "colourfulness",
     "decode_image",
     "read_image",
 ]
@@ -67,12 +68,27 @@ class DecodedImage:
         format: the container format as Pillow names it (``JPEG``, ``PNG``, ...).
         mode: the file's own pixel mode before conversion (``L``, ``I;16``, ``RGB``, ``P``, ...).
         truncated: the file is truncated and was decoded leniently on request.
+        colourfulness: how colourful the image is before it is made grey (Hasler and Suesstrunk 2003, on
+            0-255 values: about 0 for a grey radiograph, above 15 for most photographs); 0 for grey modes.
     """
 
     pixels: np.ndarray
     format: str
     mode: str
     truncated: bool
+    colourfulness: float = 0.0
+
+
+def colourfulness(im: Image.Image) -> float:
+    """Hasler-Suesstrunk colourfulness of a Pillow image (0 for grey modes), on a thumbnail: cheap."""
+    if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return 0.0
+    thumb = im.copy()
+    thumb.thumbnail((256, 256))
+    rgb = np.asarray(thumb.convert("RGB"), dtype=np.float64)
+    rg = rgb[..., 0] - rgb[..., 1]
+    yb = (rgb[..., 0] + rgb[..., 1]) / 2 - rgb[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def _to_float(im: Image.Image, channels: str) -> np.ndarray:
@@ -141,7 +157,8 @@ def decode_image(
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = False
     im = ImageOps.exif_transpose(im) or im
-    return DecodedImage(pixels=_to_float(im, channels), format=fmt, mode=mode, truncated=truncated)
+    return DecodedImage(pixels=_to_float(im, channels), format=fmt, mode=mode, truncated=truncated,
+                        colourfulness=colourfulness(im))  # fmt: skip
 
 
 def read_image(

@@ -7,7 +7,17 @@ table = predictor.predict_files(collect_inputs(["xrays/"]), heatmap_dir=Path("he
 
 from __future__ import annotations
 
+from fracdet.inference.gate import InputGate, NotARadiographError
 from fracdet.inference.predictor import Cancelled, Prediction, Predictor
 from fracdet.inference.readers import collect_inputs, read_input, register_reader
 
-__all__ = ["Cancelled", "Prediction", "Predictor", "collect_inputs", "read_input", "register_reader"]
+__all__ = [
+    "Cancelled",
+    "InputGate",
+    "NotARadiographError",
+    "Prediction",
+    "Predictor",
+    "collect_inputs",
+    "read_input",
+    "register_reader",
+]

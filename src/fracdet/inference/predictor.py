@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from scipy.special import expit
 from fracdet.data.decode import DEFAULT_MAX_PIXELS, ImageReadError
 from fracdet.data.pixels import resize_square
 from fracdet.explain import Explainer, draw_boxes, heatmap_box, overlay
-from fracdet.inference.readers import read_input
+from fracdet.inference.gate import InputGate, NotARadiographError, captured_features
+from fracdet.inference.readers import read_input_image
 from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import ScoredBox, level_of, shown_boxes
 from fracdet.utils.progress import progress
@@ -59,6 +61,8 @@ class Prediction:
         boxes: a localiser's suspected fractures that reach a level, strongest first, at most 3.
         pixels: the grey image, resized for display (uint8).
         timings: milliseconds per stage.
+        input_check: the input gate's outcome: ``radiograph`` or ``unusual`` (``None``: no gate).
+        warning: why the input is unusual (a radiograph unlike the training data), for the reader.
     """
 
     probability: float
@@ -72,6 +76,8 @@ class Prediction:
     heatmap_kind: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    input_check: str | None = None
+    warning: str | None = None
 
     def overlay_png(self, *, opacity: float = 0.4, size: int | None = None) -> bytes:
         """The image with the heatmap blended over it and the boxes drawn by level, as PNG bytes."""
@@ -94,6 +100,7 @@ class Predictor:
         method: ``gradcam`` or ``gradcam++``.
         max_pixels: refuse images larger than this (decompression bombs).
         display_size: side of the stored grey image used for overlays.
+        gate: refuse what is not a radiograph and flag unusual radiographs (:mod:`fracdet.inference.gate`).
     """
 
     def __init__(
@@ -104,25 +111,50 @@ class Predictor:
         method: str = "gradcam",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         display_size: int = 512,
+        gate: bool = True,
     ) -> None:
         self.model = model
         self.heatmaps = heatmaps
+        self.gate = InputGate.of(model) if gate else None
         self.explainer = Explainer(model, method) if heatmaps and model.task == "classify" else None
         self.max_pixels = max_pixels
         self.display_size = display_size
 
-    def predict_pixels(self, pixels: np.ndarray, *, cancel: threading.Event | None = None) -> Prediction:
+    def predict_pixels(
+        self, pixels: np.ndarray, *, cancel: threading.Event | None = None, colourfulness: float = 0.0
+    ) -> Prediction:
         """Predict from grey float pixels in [0, 1] of any size.
 
         Args:
             cancel: when set (by another thread), stop at the next stage with :class:`Cancelled`.
+            colourfulness: of the file before it was made grey (:func:`fracdet.data.decode.colourfulness`).
+
+        Raises:
+            NotARadiographError: the input gate refused the image (no verdict is given).
         """
         started = time.perf_counter()
+        if self.gate is not None and (reason := self.gate.simple_checks(pixels, colourfulness)):
+            raise NotARadiographError(reason)
         image = resize_square(pixels, self.model.preprocess.input_size)
         prepared = time.perf_counter()
         _check(cancel)
-        if self.model.task == "localise":
-            return self._localise(image, pixels, started, prepared)
+        fitted = self.gate is not None and self.gate.fitted
+        with captured_features(self.model) if fitted else nullcontext([]) as features:
+            if self.model.task == "localise":
+                prediction = self._localise(image, pixels, started, prepared)
+            else:
+                prediction = self._classify(image, pixels, started, prepared)
+        if self.gate is not None:  # the features of the forward that gave the verdict, the image as given
+            verdict = self.gate.check(
+                pixels, features[0][:1].numpy() if features else None, colourfulness=colourfulness
+            )
+            if verdict.refused:
+                raise NotARadiographError(verdict.reason)
+            prediction.input_check, prediction.warning = verdict.outcome, verdict.reason
+        return prediction
+
+    def _classify(self, image: np.ndarray, pixels: np.ndarray, started: float, prepared: float) -> Prediction:
+        """A classifier's verdict, with its Grad-CAM heatmap and the box around its hottest region."""
         if self.explainer is not None:
             explanation = self.explainer(image[None])
             margin, heatmap = float(explanation.margins[0]), explanation.heatmaps[0]
@@ -178,10 +210,10 @@ class Predictor:
         """
         _check(cancel)
         started = time.perf_counter()
-        pixels = read_input(data, name, max_pixels=self.max_pixels)
+        image = read_input_image(data, name, max_pixels=self.max_pixels)
         decoded = time.perf_counter()
         _check(cancel)
-        prediction = self.predict_pixels(pixels, cancel=cancel)
+        prediction = self.predict_pixels(image.pixels, cancel=cancel, colourfulness=image.colourfulness)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
         return prediction
 
@@ -197,7 +229,7 @@ class Predictor:
         for k, path in enumerate(progress(paths, desc="predicting", total=len(paths))):
             row: dict[str, Any] = {"path": str(path), "probability": None, "label": None, "level": None,
                                    "threshold": self.model.threshold, "boxes": None, "heatmap": None,
-                                   "error": None}  # fmt: skip
+                                   "error": None, "warning": None}  # fmt: skip
             try:
                 prediction = self.predict_bytes(Path(path).read_bytes(), str(path))
             except (ImageReadError, OSError) as exc:
@@ -205,11 +237,13 @@ class Predictor:
                 rows.append(row)
                 continue
             row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
-                       boxes=json.dumps([b.to_dict() for b in prediction.boxes]))  # fmt: skip
+                       boxes=json.dumps([b.to_dict() for b in prediction.boxes]),
+                       warning=prediction.warning)  # fmt: skip
             if heatmap_dir is not None and prediction.heatmap is not None:
                 target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
                 target.write_bytes(prediction.overlay_png())
                 row["heatmap"] = str(target)
             rows.append(row)
-        columns = ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes"]  # new ones last
+        columns = ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
+                   "warning"]  # new ones last  # fmt: skip
         return pd.DataFrame(rows, columns=columns)

@@ -12,9 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fracdet.data.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, UnsupportedImageError, decode_image
+from fracdet.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    DecodedImage,
+    UnsupportedImageError,
+    decode_image,
+)
 
-__all__ = ["INPUT_SUFFIXES", "collect_inputs", "read_input", "register_reader"]
+__all__ = ["INPUT_SUFFIXES", "collect_inputs", "read_input", "read_input_image", "register_reader"]
 
 Reader = Callable[[bytes, str, int], np.ndarray]
 _READERS: list[tuple[Callable[[bytes], bool], Reader]] = []
@@ -42,10 +48,15 @@ register_reader(_is_dicom, _dicom_not_yet, suffixes=(".dcm",))  # picked up, the
 
 def read_input(data: bytes, name: str = "<upload>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Grey float32 pixels in [0, 1] from the bytes of any supported file (strict: truncation is an error)."""
+    return read_input_image(data, name, max_pixels=max_pixels).pixels
+
+
+def read_input_image(data: bytes, name: str = "<upload>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Like :func:`read_input`, with what the file said about itself (format, mode, colourfulness)."""
     for sniff, reader in _READERS:
         if sniff(data):
-            return reader(data, name, max_pixels)
-    return decode_image(data, channels="L", max_pixels=max_pixels, name=name).pixels
+            return DecodedImage(pixels=reader(data, name, max_pixels), format="DICOM", mode="L", truncated=False)
+    return decode_image(data, channels="L", max_pixels=max_pixels, name=name)
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:

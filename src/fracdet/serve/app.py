@@ -40,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from fracdet.data.decode import ImageReadError, ImageTooLargeError, TruncatedImageError, UnsupportedImageError
-from fracdet.inference import Cancelled, Prediction, Predictor
+from fracdet.inference import Cancelled, NotARadiographError, Prediction, Predictor
 from fracdet.models.release import TrainedModel
 from fracdet.serve.executor import InferenceExecutor, ServerBusyError
 from fracdet.serve.guard import SecurityHeaders, UploadGuard
@@ -114,6 +114,8 @@ def _response(prediction: Prediction, model: TrainedModel, latency_ms: float) ->
         "box": prediction.box,
         "boxes": [b.to_dict() for b in prediction.boxes],
         "heatmap_kind": prediction.heatmap_kind,
+        "input_check": prediction.input_check,
+        "warning": prediction.warning,
         "model": {"name": model.name, "version": model.version, "arch": model.arch},
         "latency_ms": round(latency_ms, 1),
         "timings_ms": {k.removesuffix("_ms"): round(v, 1) for k, v in prediction.timings.items()},
@@ -128,6 +130,8 @@ def _response(prediction: Prediction, model: TrainedModel, latency_ms: float) ->
 
 
 def _status_for(exc: ImageReadError) -> int:
+    if isinstance(exc, NotARadiographError):
+        return 422
     if isinstance(exc, ImageTooLargeError):
         return 413
     if isinstance(exc, UnsupportedImageError):

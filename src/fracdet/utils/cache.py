@@ -2,11 +2,15 @@
 
 Keys are ``(kind, content hash)``, so a file that changes gets a new key and is recomputed, while a
 renamed or copied file is free. The store is one SQLite file: safe against interrupted runs (each write
-is a transaction) and readable by several processes at once.
+is a transaction) and readable by several processes at once. Every value carries a BLAKE2 checksum of
+itself; a value that no longer matches it (a damaged disk, a tampered file, an entry from before checksums)
+is not trusted: it is dropped and reported missing, so the caller recomputes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -14,6 +18,12 @@ from contextlib import closing
 from pathlib import Path
 
 __all__ = ["FeatureCache", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def _checksum(value: bytes) -> str:
+    return hashlib.blake2b(value, digest_size=16).hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -46,6 +56,10 @@ class FeatureCache:
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS blobs (kind TEXT, key TEXT, value BLOB, PRIMARY KEY (kind, key))"
             )
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(blobs)")}
+            if "checksum" not in columns:  # a cache from before checksums: its values will be recomputed
+                with self._conn:
+                    self._conn.execute("ALTER TABLE blobs ADD COLUMN checksum TEXT")
         return self._conn
 
     def get_many(self, kind: str, keys: Iterable[str]) -> dict[str, bytes]:
@@ -55,11 +69,21 @@ class FeatureCache:
             return {}
         conn = self._connect()
         found: dict[str, bytes] = {}
+        damaged: list[str] = []
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = conn.execute(f"SELECT key, value FROM blobs WHERE kind = ? AND key IN ({marks})", (kind, *chunk))
-            found.update(rows)
+            query = f"SELECT key, value, checksum FROM blobs WHERE kind = ? AND key IN ({marks})"
+            for key, value, checksum in conn.execute(query, (kind, *chunk)):
+                if checksum is not None and _checksum(bytes(value)) == checksum:
+                    found[key] = bytes(value)
+                else:
+                    damaged.append(key)
+        if damaged:
+            log.warning("cache %s: %d %s entries failed their checksum; recomputing them", self.path, len(damaged),
+                        kind)  # fmt: skip
+            with conn:
+                conn.executemany("DELETE FROM blobs WHERE kind = ? AND key = ?", ((kind, k) for k in damaged))
         return found
 
     def put_many(self, kind: str, items: Iterable[tuple[str, bytes]]) -> None:
@@ -69,8 +93,8 @@ class FeatureCache:
         conn = self._connect()
         with conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO blobs (kind, key, value) VALUES (?, ?, ?)",
-                ((kind, key, sqlite3.Binary(value)) for key, value in items),
+                "INSERT OR REPLACE INTO blobs (kind, key, value, checksum) VALUES (?, ?, ?, ?)",
+                ((kind, key, sqlite3.Binary(value), _checksum(value)) for key, value in items),
             )
 
     def keys(self, kind: str) -> Iterator[str]:

@@ -1,0 +1,302 @@
+"""How well the input gate refuses what is not a radiograph, and how rarely it refuses real radiographs.
+
+    python benchmarks/input_gate.py [MODEL] --fracatlas ../shared/data/fracatlas \
+        --multiregion ../shared/data/multiregion [--out benchmarks/results-input-gate.json]
+
+Builds a held-out set of non-radiographs at radiograph sizes from what is available offline (nothing of it
+was used to fit or choose the gate, which saw only radiographs), seed 0:
+
+* ``photo``: the sample photographs scikit-image and scikit-learn ship, in random crops, scales and
+  rotations, half of them made grey (a grey photograph is the hard case: the colour check cannot help);
+* ``document``: text pages rendered with DejaVu fonts, and scikit-image's scanned page and text;
+* ``screenshot``: screenshots of fracdet's own web page in chromium at phone and desktop widths;
+* ``ct_mr``: CT and MR slices from pydicom's test files, windowed, cropped, scaled and rotated;
+* ``noise``: uniform, Gaussian, salt-and-pepper and smoothed noise of many sizes;
+* ``blank``: constant and nearly constant images of many sizes.
+
+Every item goes through the same :class:`fracdet.inference.Predictor` the server uses, as PNG or JPEG bytes.
+Reports, per kind, the share refused with a 95% Clopper-Pearson interval, and the share of FracAtlas test
+and multiregion test radiographs refused (must stay <= 1%) or warned about. Needs ``scikit-image``,
+``pydicom`` and, for screenshots, ``playwright`` with chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy.stats import binomtest
+
+from fracdet.data import ImageReadError, load_dataset
+from fracdet.data.table import absolute_paths
+from fracdet.inference import NotARadiographError, Predictor
+from fracdet.models import load
+from fracdet.utils.progress import progress
+
+SIZES = (128, 224, 384, 512, 800, 1024)
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+#: Words of the rendered pages (clinical-looking text, as a scanned report would hold).
+WORDS = "the patient was seen in the emergency department with pain and swelling after a fall report imaging findings no acute fracture is identified soft tissue alignment normal joint space follow up recommended clinical correlation radiology department hospital discharge summary"  # noqa: E501
+
+
+def encode(array: np.ndarray, rng: np.random.Generator) -> bytes:
+    buffer = io.BytesIO()
+    if rng.random() < 0.5:
+        Image.fromarray(array).save(buffer, "PNG")
+    else:
+        Image.fromarray(array).convert("RGB" if array.ndim == 3 else "L").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def vary(image: np.ndarray, rng: np.random.Generator, *, grey: bool) -> np.ndarray:
+    """A random crop (40-100% of each side), rotation and scale to a radiograph-like size."""
+    h, w = image.shape[:2]
+    ch, cw = int(h * rng.uniform(0.4, 1.0)), int(w * rng.uniform(0.4, 1.0))
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    picture = Image.fromarray(image[y : y + ch, x : x + cw])
+    picture = picture.rotate(float(rng.choice([0, 90, 180, 270, rng.uniform(0, 360)])), expand=True)
+    side = int(rng.choice(SIZES[1:]))
+    scale = side / max(picture.size)
+    picture = picture.resize((max(64, int(picture.width * scale)), max(64, int(picture.height * scale))))
+    if grey:
+        picture = picture.convert("L")
+    return np.asarray(picture.convert("L" if picture.mode in ("L", "1", "I", "F") else "RGB"))
+
+
+def photos(rng: np.random.Generator, n: int) -> Iterator[np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    sources = [np.asarray(Image.fromarray(a).convert("RGB")) for a in load_sample_images().images]
+    for name in (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "camera",
+        "coins",
+        "moon",
+        "brick",
+        "grass",
+        "gravel",
+        "clock",
+        "colorwheel",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "logo",
+        "horse",
+    ):
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception:  # a sample that needs a download is left out offline
+            continue
+        image = image.astype(np.uint8) if image.dtype == bool else image
+        if image.dtype != np.uint8:
+            image = (255 * (image - image.min()) / max(np.ptp(image), 1)).astype(np.uint8)
+        sources.append(image[..., :3] if image.ndim == 3 else image)
+    for k in range(n):
+        yield vary(sources[k % len(sources)], rng, grey=rng.random() < 0.5)
+
+
+def documents(rng: np.random.Generator, n: int) -> Iterator[np.ndarray]:
+    import skimage.data
+
+    scans = [skimage.data.page(), skimage.data.text()]
+    fonts = sorted(FONT_DIR.glob("*.ttf"))
+    for k in range(n):
+        if k % 5 == 0:
+            yield vary(scans[(k // 5) % 2], rng, grey=True)
+            continue
+        w, h = int(rng.choice([400, 595, 800, 1024])), int(rng.choice([300, 560, 842, 1024]))
+        page = Image.new("L", (w, h), int(rng.integers(200, 256)))
+        draw = ImageDraw.Draw(page)
+        font = ImageFont.truetype(str(fonts[k % len(fonts)]), int(rng.integers(10, 28)))
+        y = int(rng.integers(5, 40))
+        while y < h - 20:
+            line = " ".join(rng.choice(WORDS.split(), size=int(rng.integers(4, 12))))
+            draw.text((int(rng.integers(5, 40)), y), line, fill=int(rng.integers(0, 80)), font=font)
+            y += int(font.size * rng.uniform(1.2, 2.0))
+        yield np.asarray(page)
+
+
+def screenshots(rng: np.random.Generator, n: int, model_name: str) -> Iterator[np.ndarray]:
+    import threading
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from fracdet.serve import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(load(model_name)), port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not (server.started and server.servers):
+        pass
+    port = server.servers[0].sockets[0].getsockname()[1]
+    shots = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            for width, height in ((375, 812), (768, 1024), (1280, 800), (1920, 1080)):
+                page = browser.new_page(viewport={"width": width, "height": height})
+                for path in ("/", "/docs"):
+                    page.goto(f"http://127.0.0.1:{port}{path}")
+                    page.wait_for_timeout(300)
+                    shots.append(np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")))
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    for k in range(n):
+        yield vary(shots[k % len(shots)], rng, grey=rng.random() < 0.5)
+
+
+def ct_mr(rng: np.random.Generator, n: int) -> Iterator[np.ndarray]:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    slices = []
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "liver_1frame.dcm", "MR2_UNCI.dcm"):
+        try:
+            path = get_testdata_file(name, download=False)
+            array = pydicom.dcmread(path).pixel_array.astype(np.float64)
+        except Exception:  # a test file pydicom does not ship offline is left out
+            continue
+        lo, hi = np.percentile(array, [1, 99])
+        slices.append((255 * np.clip((array - lo) / max(hi - lo, 1), 0, 1)).astype(np.uint8))
+    for k in range(n):
+        image = vary(slices[k % len(slices)], rng, grey=True)
+        side = int(rng.choice(SIZES[2:]))  # the slices are small: scale up to a radiograph's size
+        yield np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC))
+
+
+def noise(rng: np.random.Generator, n: int) -> Iterator[np.ndarray]:
+    import cv2
+
+    for k in range(n):
+        h, w = int(rng.choice(SIZES)), int(rng.choice(SIZES))
+        kind = k % 4
+        if kind == 0:
+            image = rng.integers(0, 256, (h, w))
+        elif kind == 1:
+            image = np.clip(rng.normal(128, rng.uniform(10, 80), (h, w)), 0, 255)
+        elif kind == 2:
+            image = np.where(rng.random((h, w)) < rng.uniform(0.05, 0.5), 255, 0)
+        else:
+            sigma = float(rng.uniform(1, 20))
+            image = cv2.GaussianBlur(rng.normal(0, 1, (h, w)), (0, 0), sigma)
+            image = 255 * (image - image.min()) / max(np.ptp(image), 1e-9)
+        yield np.asarray(image, np.uint8)
+
+
+def blanks(rng: np.random.Generator, n: int) -> Iterator[np.ndarray]:
+    for k in range(n):
+        h, w = int(rng.choice(SIZES)), int(rng.choice(SIZES))
+        image = np.full((h, w), float(rng.integers(0, 256)))
+        if k % 2:  # nearly uniform: a faint gradient and a little noise
+            image += np.linspace(0, rng.uniform(0, 4), w)[None, :] + rng.normal(0, 0.5, (h, w))
+        yield np.clip(image, 0, 255).astype(np.uint8)
+
+
+def held_out_set(model_name: str, *, seed: int = 0) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(seed)
+    kinds = {"photo": photos(rng, 180), "document": documents(rng, 100), "screenshot": screenshots(rng, 40, model_name),
+             "ct_mr": ct_mr(rng, 80), "noise": noise(rng, 100), "blank": blanks(rng, 60)}  # fmt: skip
+    return [(kind, encode(image, rng)) for kind, images in kinds.items() for image in images]
+
+
+def refusal_rate(predictor: Predictor, items: list[tuple[str, bytes]], desc: str) -> dict[str, dict]:
+    refused, warned, total = Counter(), Counter(), Counter()
+    reasons: dict[str, Counter] = {}
+    for kind, data in progress(items, desc=desc):
+        total[kind] += 1
+        try:
+            prediction = predictor.predict_bytes(data, kind)
+        except NotARadiographError as exc:
+            refused[kind] += 1
+            reasons.setdefault(kind, Counter())[str(exc).split(":")[0].split("(")[0].strip()] += 1
+            continue
+        except ImageReadError:
+            continue
+        warned[kind] += prediction.input_check == "unusual"
+    out = {}
+    for kind in total:
+        ci = binomtest(refused[kind], total[kind]).proportion_ci(0.95)
+        out[kind] = {"items": total[kind], "refused": refused[kind], "refused_rate": refused[kind] / total[kind],
+                     "refused_ci95": [ci.low, ci.high], "warned": warned[kind],
+                     "reasons": dict(reasons.get(kind, {}))}  # fmt: skip
+    return out
+
+
+def radiographs(root: str, split: str) -> list[tuple[str, bytes]]:
+    table = load_dataset(root)
+    rows = table[table["split"] == split]
+    rows.attrs.update(table.attrs)
+    return [(f"{Path(root).name} {split}", path.read_bytes()) for path in absolute_paths(rows)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="fracatlas-default")
+    parser.add_argument("--fracatlas", required=True)
+    parser.add_argument("--fracatlas-splits", default="splits/fracatlas_seed0.csv")
+    parser.add_argument("--multiregion", required=True)
+    parser.add_argument("--out", default="benchmarks/results-input-gate.json")
+    args = parser.parse_args()
+    model = load(args.model)
+    predictor = Predictor(model, heatmaps=False)
+    if not predictor.gate.fitted:
+        raise SystemExit(f"error: {args.model} has no fitted input gate (run: fracdet gate {args.model} ...)")
+    from fracdet.data.split import apply_manifest
+
+    fracatlas = apply_manifest(load_dataset(args.fracatlas), args.fracatlas_splits)
+    test = fracatlas[fracatlas["split"] == "test"]
+    test.attrs.update(fracatlas.attrs)
+    real = [("fracatlas test", p.read_bytes()) for p in absolute_paths(test)] + radiographs(args.multiregion, "test")
+    result = {
+        "model": f"{model.name} {model.version}",
+        "gate": model.meta["gate"],
+        "non_radiographs": refusal_rate(predictor, held_out_set(args.model), "non-radiographs"),
+        "radiographs": refusal_rate(predictor, real, "radiographs"),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    plot(result, Path(args.out).with_suffix(".png"))
+    for part in ("non_radiographs", "radiographs"):
+        for kind, r in result[part].items():
+            lo, hi = r["refused_ci95"]
+            print(f"{kind:16s} {r['refused']:4d}/{r['items']:<4d} refused ({r['refused_rate']:.1%}, 95% CI "
+                  f"{lo:.1%}-{hi:.1%}); warned {r['warned']}; {r['reasons']}")  # fmt: skip
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, r) for part in ("non_radiographs", "radiographs") for k, r in result[part].items()]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    y = np.arange(len(rows))
+    rate = np.array([r["refused_rate"] for _, r in rows])
+    lo, hi = np.array([r["refused_ci95"] for _, r in rows]).T
+    colours = ["#4f81bd" if k in result["non_radiographs"] else "#c0504d" for k, _ in rows]
+    ax.barh(y, rate, xerr=[rate - lo, hi - rate], color=colours, capsize=3)
+    ax.set(yticks=y, yticklabels=[f"{k} ({r['items']})" for k, r in rows], xlim=(0, 1),
+           xlabel="share refused (blue: should be ~100%; red: real radiographs, should be ~0%)",
+           title=f"input gate of {result['model']}")  # fmt: skip
+    ax.axvline(0.99, color="black", lw=0.6, ls="--")
+    ax.axvline(0.01, color="black", lw=0.6, ls="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

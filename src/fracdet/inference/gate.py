@@ -1,0 +1,335 @@
+"""The input gate: no verdict for what is not a radiograph, and a warning for radiographs unlike the training data.
+
+A fracture model answers every input it is given: an all-black image, noise, a photograph of a cat. The
+gate stands before the verdict and gives one of three outcomes:
+
+* ``refused`` (HTTP 422, an error row): not a plausible radiograph. Simple checks first, each with its own
+  message: too small, non-finite values, blank or nearly uniform, a colour image (radiographs are grey:
+  :func:`fracdet.data.decode.colourfulness` above the limit); then the image's distance from the training
+  radiographs in the model's own feature space, beyond the *refuse* limit.
+* ``unusual``: a radiograph, but further from the training data than almost every validation radiograph
+  (beyond the *warn* limit): answered, with a warning a reader sees.
+* ``radiograph``: answered.
+
+The distance (:class:`FeatureDistance`): the model's features at its registry's CAM layer, averaged over
+positions (and over members of an ensemble), projected on their first principal components fitted on the
+training radiographs; the Mahalanobis distance there (Ledoit-Wolf shrunk covariance, as in Lee et al. 2018)
+plus the normalised energy left outside those components (so an input unlike anything seen, which the
+components cannot express, is far too). Both limits are chosen on *validation* radiographs only
+(quantiles of their distances); nothing about non-radiographs is fitted, so the catch rate measured on
+them (``benchmarks/input_gate.py``) is an honest held-out figure.
+
+The gate travels with the model: ``gate.safetensors`` (the projection) and ``model.json`` ``gate`` (the
+limits and how they were chosen), written by :func:`fit_gate` / ``fracdet gate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fracdet.data.decode import ImageReadError
+from fracdet.models import get_spec, members_of
+from fracdet.models.predict import normalise
+from fracdet.models.release import TrainedModel
+from fracdet.utils.cache import FeatureCache
+
+__all__ = [
+    "FeatureDistance",
+    "GateLimits",
+    "GateVerdict",
+    "InputGate",
+    "NotARadiographError",
+    "captured_features",
+    "fit_gate",
+    "fit_gate_on_splits",
+    "image_features",
+    "save_gate",
+]
+
+#: Smallest side of a plausible radiograph, in pixels.
+MIN_SIDE = 64
+#: Below this standard deviation of the grey values (0-1), an image is blank or nearly uniform.
+MIN_STD = 0.02
+#: Principal components the distance keeps.
+COMPONENTS = 64
+GATE_FILE = "gate.safetensors"
+
+
+class NotARadiographError(ImageReadError):
+    """The input gate refused the image: it is not a plausible radiograph (the message says why)."""
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What the gate says about one image: ``outcome`` (radiograph, unusual, refused) and why."""
+
+    outcome: str
+    reason: str | None = None
+    distance: float | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.outcome == "refused"
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """The limits of a fitted gate and where they came from (``model.json`` ``gate``)."""
+
+    warn: float  # distance beyond which a radiograph is unusual
+    refuse: float  # distance beyond which an image is not a plausible radiograph
+    colourfulness: float  # colourfulness beyond which an image is a colour picture, not a radiograph
+    fitted_on: str = ""
+    chosen_on: str = ""
+    warn_quantile: float = 0.99
+    refuse_margin: float = 1.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def captured_features(model: TrainedModel) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward of ``model`` appends its ``(B, C)`` features to the yielded list.
+
+    Features: the output of the registry's CAM layer averaged over positions (over members, for an
+    ensemble). The hooks live only for the block: one left behind would keep every later forward's output.
+    """
+    layer = get_spec(model.arch).cam_layer
+    members = members_of(model.module)
+    per_member: list[list[torch.Tensor]] = [[] for _ in members]
+    handles = [member.get_submodule(layer).register_forward_hook(
+                   lambda m, i, o, k=k: per_member[k].append(o.detach().float().mean((2, 3)).cpu()))
+               for k, member in enumerate(members)]  # fmt: skip
+    features: list[torch.Tensor] = []
+    try:
+        yield features
+    finally:
+        for handle in handles:
+            handle.remove()
+        features.extend(torch.stack(calls).mean(0) for calls in zip(*per_member, strict=True))
+
+
+@torch.no_grad()
+def image_features(
+    model: TrainedModel, images: np.ndarray, *, batch_size: int = 32, progress_desc: str | None = None
+) -> np.ndarray:
+    """``(N, C)`` features (see :func:`captured_features`) of ``(N, H, W)`` uint8 images at the model's size.
+
+    Args:
+        progress_desc: show a progress bar with this label (``None``: silent).
+    """
+    from fracdet.utils.progress import progress_bar
+
+    device = next(model.module.parameters()).device
+    was_training = model.module.training
+    model.module.eval()
+    bar = progress_bar(desc=progress_desc, total=len(images)) if progress_desc else None
+    try:
+        with captured_features(model) as features:
+            for start in range(0, len(images), batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
+                model.module(normalise(chunk.to(device), model.preprocess))
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.module.train(was_training)
+    return torch.cat(features).numpy().astype(np.float64)
+
+
+class FeatureDistance:
+    """Distance of feature vectors from the training radiographs (see the module docstring)."""
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, precision: np.ndarray, residual_var: float):
+        self.mean, self.components, self.precision, self.residual_var = mean, components, precision, residual_var
+
+    @classmethod
+    def fit(cls, features: np.ndarray, components: int = COMPONENTS) -> FeatureDistance:
+        from sklearn.covariance import LedoitWolf
+        from sklearn.decomposition import PCA
+
+        k = min(components, features.shape[0] - 1, features.shape[1])
+        pca = PCA(n_components=k, random_state=0).fit(features)
+        projected = pca.transform(features)
+        precision = LedoitWolf().fit(projected).precision_
+        residual = features - pca.inverse_transform(projected)
+        residual_var = float((residual**2).sum(axis=1).mean()) or 1.0
+        return cls(pca.mean_, pca.components_, precision, residual_var)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        centred = np.atleast_2d(features) - self.mean
+        projected = centred @ self.components.T
+        mahalanobis = np.einsum("nk,kl,nl->n", projected, self.precision, projected)
+        residual = ((centred - projected @ self.components) ** 2).sum(axis=1) / self.residual_var
+        return np.sqrt(mahalanobis + len(self.precision) * residual)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        arrays = {"mean": self.mean, "components": self.components, "precision": self.precision}
+        return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+                "residual_var": torch.tensor([self.residual_var], dtype=torch.float64)}  # fmt: skip
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> FeatureDistance:
+        return cls(t["mean"].numpy(), t["components"].numpy(), t["precision"].numpy(), float(t["residual_var"][0]))
+
+
+class InputGate:
+    """The gate of one model: simple checks, then (when fitted) the feature distance against its limits."""
+
+    def __init__(self, model: TrainedModel, distance: FeatureDistance | None, limits: GateLimits | None) -> None:
+        self.model, self.distance, self.limits = model, distance, limits
+
+    @classmethod
+    def of(cls, model: TrainedModel) -> InputGate:
+        """The gate stored with ``model`` (only the simple checks when it has none)."""
+        meta = model.meta.get("gate")
+        path = model.folder / GATE_FILE if model.folder else None
+        if not meta or path is None or not path.is_file():
+            return cls(model, None, None)
+        from safetensors.torch import load_file
+
+        return cls(model, FeatureDistance.from_tensors(load_file(path)), GateLimits(**meta))
+
+    @property
+    def fitted(self) -> bool:
+        return self.distance is not None and self.limits is not None
+
+    def simple_checks(self, pixels: np.ndarray, colourfulness: float = 0.0) -> str | None:
+        """Why ``pixels`` (grey, [0, 1], any size) cannot be a radiograph, or ``None``."""
+        h, w = pixels.shape[:2]
+        if min(h, w) < MIN_SIDE:
+            return f"image too small to be a radiograph: {w}x{h} pixels (at least {MIN_SIDE} a side)"
+        if not np.isfinite(pixels).all():
+            return "image holds non-finite values (NaN or infinity): not a radiograph"
+        if float(pixels.std()) < MIN_STD:
+            return "image is blank or nearly uniform: nothing to read"
+        limit = self.limits.colourfulness if self.limits else 20.0
+        if colourfulness > limit:
+            return f"a colour image (colourfulness {colourfulness:.0f} > {limit:.0f}): radiographs are grey"
+        return None
+
+    def check(self, pixels: np.ndarray, features: np.ndarray | None, *, colourfulness: float = 0.0) -> GateVerdict:
+        """The verdict for one image: ``pixels`` as decoded, ``features`` its model features
+        (:func:`captured_features` of the forward that scored it; ``None``: simple checks only)."""
+        reason = self.simple_checks(pixels, colourfulness)
+        if reason:
+            return GateVerdict("refused", reason)
+        if not self.fitted or features is None:
+            return GateVerdict("radiograph")
+        distance = float(self.distance(np.asarray(features, np.float64))[0])
+        if distance > self.limits.refuse:
+            return GateVerdict("refused", f"does not look like a radiograph (distance {distance:.1f} from the "
+                                          f"training radiographs > {self.limits.refuse:.1f})", distance)  # fmt: skip
+        if distance > self.limits.warn:
+            return GateVerdict("unusual", "a radiograph unlike those the model was trained on (distance "
+                                          f"{distance:.1f} > {self.limits.warn:.1f}): read the result with care",
+                               distance)  # fmt: skip
+        return GateVerdict("radiograph", None, distance)
+
+
+def fit_gate(
+    model: TrainedModel,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    val_colourfulness: np.ndarray,
+    *,
+    warn_quantile: float = 0.99,
+    refuse_margin: float = 1.5,
+    fitted_on: str = "",
+    chosen_on: str = "",
+) -> tuple[FeatureDistance, GateLimits, np.ndarray]:
+    """Fit the distance on training radiographs and choose the limits on validation radiographs.
+
+    *warn* is the ``warn_quantile`` of the validation distances; *refuse* is ``refuse_margin`` times the
+    largest validation distance; the colourfulness limit is ``refuse_margin`` times the most colourful
+    validation radiograph (at least 15, the "not colourful" end of Hasler and Suesstrunk's scale).
+    Returns the distance, the limits and the validation distances (to report what the choice saw).
+    """
+    distance = FeatureDistance.fit(image_features(model, train_images, progress_desc="features of train"))
+    val = distance(image_features(model, val_images, progress_desc="features of val"))
+    limits = GateLimits(
+        warn=float(np.quantile(val, warn_quantile)),
+        refuse=float(refuse_margin * val.max()),
+        colourfulness=float(max(15.0, refuse_margin * float(np.max(val_colourfulness, initial=0.0)))),
+        fitted_on=fitted_on,
+        chosen_on=chosen_on,
+        warn_quantile=warn_quantile,
+        refuse_margin=refuse_margin,
+    )
+    return distance, limits, val
+
+
+def save_gate(model: TrainedModel, distance: FeatureDistance, limits: GateLimits, folder: str | Path) -> Path:
+    """Write ``gate.safetensors`` beside the model and its limits into ``model.json``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fracdet.utils.atomic import write_json
+
+    folder = Path(folder)
+    save_file(distance.tensors(), str(folder / GATE_FILE))
+    meta = json.loads((folder / "model.json").read_text())
+    meta["gate"] = limits.to_dict()
+    write_json(folder / "model.json", meta)
+    model.meta["gate"] = limits.to_dict()
+    return folder / GATE_FILE
+
+
+def fit_gate_on_splits(
+    model: TrainedModel,
+    table: pd.DataFrame,
+    *,
+    extra_val: Sequence[pd.DataFrame] = (),
+    cache: FeatureCache | None = None,
+) -> tuple[FeatureDistance, GateLimits, dict[str, Any]]:
+    """Fit ``model``'s gate on the ``train`` rows of ``table`` and choose its limits on validation radiographs.
+
+    Args:
+        table: a sample table with a ``split`` column (the model's own split manifest applied).
+        extra_val: the ``val`` rows of other radiograph datasets, added to the validation radiographs the
+            limits are chosen on, so radiographs from other sources (multiregion) are not refused.
+
+    Returns the distance, the limits, and a summary of what the choice saw (validation distance quantiles).
+    """
+    from fracdet.data.decode import decode_image
+    from fracdet.data.pixels import load_pixels
+    from fracdet.data.table import absolute_paths
+
+    size = model.preprocess.input_size
+    train = _rows(table, "train")
+    vals = [_rows(table, "val"), *(_rows(t, "val") for t in extra_val)]
+    train_pixels = load_pixels(train, size, cache=cache, desc="decoding train").images
+    val_sets = [load_pixels(v, size, cache=cache, desc="decoding val") for v in vals]
+    val_pixels = np.concatenate([v.images for v in val_sets])
+    colour = []
+    for v in val_sets:
+        for path in absolute_paths(v.table):
+            colour.append(decode_image(Path(path).read_bytes(), name=str(path)).colourfulness)
+    names = [str(t.attrs.get("root", "dataset")) for t in (table, *extra_val)]
+    fitted_on = f"train split of {names[0]} ({len(train_pixels)} radiographs)"
+    chosen_on = f"val splits of {', '.join(names)} ({len(val_pixels)} radiographs)"
+    distance, limits, val = fit_gate(model, train_pixels, val_pixels, np.asarray(colour), fitted_on=fitted_on,
+                                     chosen_on=chosen_on)  # fmt: skip
+    summary = {"val_distance_quantiles": {f"{q:g}": float(np.quantile(val, q)) for q in (0.5, 0.9, 0.99, 1.0)},
+               "val_colourfulness_max": float(max(colour, default=0.0)), "train_images": len(train_pixels),
+               "val_images": len(val_pixels)}  # fmt: skip
+    return distance, limits, summary
+
+
+def _rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = table[table["split"] == split].reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    if rows.empty:
+        raise ValueError(f"no {split!r} rows to fit the input gate on")
+    return rows
