@@ -339,13 +339,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = collect_inputs(args.inputs)
     predictor = Predictor(model, heatmaps=args.heatmaps is not None, method=args.cam)
     table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None)
-    if args.out:
+    if args.out:  # whole or not at all: a run killed midway leaves no half-written table to trust
+        from fracdet.utils.atomic import atomic_write_bytes
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".json":
-            out.write_text(table.to_json(orient="records", indent=2))
-        else:
-            table.to_csv(out, index=False)
+        text = table.to_json(orient="records", indent=2) if out.suffix == ".json" else table.to_csv(index=False)
+        atomic_write_bytes(out, text.encode())
         print(f"wrote {out}")
     else:
         print(table.drop(columns="heatmap").to_string(index=False))
