@@ -32,6 +32,7 @@ from fracdet.serve.executor import InferenceExecutor, ServerBusyError
 from fracdet.serve.guard import SECURITY_HEADERS
 
 FRACTURED = "images/Fractured/IMG0000261.jpg"
+SAMPLE_RADIOGRAPH = Path(__file__).resolve().parents[1] / "samples" / "fracatlas" / FRACTURED
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +239,8 @@ def rss_mib() -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
 def test_memory_stays_flat_over_1000_predictions_with_heatmaps():
-    predictor = Predictor(load("fracatlas-default"))  # the shipped model, Grad-CAM heatmaps on
-    image = np.random.default_rng(0).random((120, 100)).astype(np.float32)
+    predictor = Predictor(load("fracatlas-default"))  # the shipped model, Grad-CAM heatmaps and its gate on
+    image = np.asarray(Image.open(SAMPLE_RADIOGRAPH).convert("L"), np.float32) / 255
     for _ in range(30):
         predictor.predict_pixels(image)
     before = rss_mib()

@@ -313,7 +313,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     distance, limits, summary = fit_gate_on_splits(model, table, extra_val=extra)
     path = save_gate(model, distance, limits, model.folder)
     print(f"input gate of {model.name} {model.version}: warn beyond distance {limits.warn:.2f}, refuse beyond "
-          f"{limits.refuse:.2f} or colourfulness {limits.colourfulness:.1f}; fitted on {limits.fitted_on}, chosen on "
+          f"{limits.refuse:.2f} or {limits.colour_fraction:.0%} coloured; fitted on {limits.fitted_on}, chosen on "
           f"{limits.chosen_on}")  # fmt: skip
     quantiles = " / ".join(f"{v:.2f}" for v in summary["val_distance_quantiles"].values())
     print(f"validation distances (quantiles 0.5 / 0.9 / 0.99 / max): {quantiles}; written to {path}")

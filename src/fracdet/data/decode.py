@@ -10,7 +10,9 @@ explicit choice (``allow_truncated=True``), never a silent default.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ __all__ = [
     "ImageTooLargeError",
     "TruncatedImageError",
     "UnsupportedImageError",
-    "colourfulness",
+    "colour_fraction",
     "decode_image",
     "read_image",
 ]
@@ -37,6 +39,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".t
 #: PSD, ICO, ...) are attack surface a radiograph never needs.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 DEFAULT_MAX_PIXELS = 100_000_000  # a 10k x 10k radiograph; anything larger is refused as a bomb
+#: A pixel whose channels differ by more than this (0-255) is coloured (JPEG chroma noise stays well below).
+CHROMA = 32
 
 # Pillow's switch for lenient decoding is process-global; the lock keeps a lenient read in one thread
 # from making a strict read in another one lenient.
@@ -68,27 +72,29 @@ class DecodedImage:
         format: the container format as Pillow names it (``JPEG``, ``PNG``, ...).
         mode: the file's own pixel mode before conversion (``L``, ``I;16``, ``RGB``, ``P``, ...).
         truncated: the file is truncated and was decoded leniently on request.
-        colourfulness: how colourful the image is before it is made grey (Hasler and Suesstrunk 2003, on
-            0-255 values: about 0 for a grey radiograph, above 15 for most photographs); 0 for grey modes.
+        colour_fraction: the share of its pixels that were coloured before it was made grey
+            (:func:`colour_fraction`): 0 for a grey radiograph, most of the image for a photograph.
     """
 
     pixels: np.ndarray
     format: str
     mode: str
     truncated: bool
-    colourfulness: float = 0.0
+    colour_fraction: float = 0.0
 
 
-def colourfulness(im: Image.Image) -> float:
-    """Hasler-Suesstrunk colourfulness of a Pillow image (0 for grey modes), on a thumbnail: cheap."""
+def colour_fraction(im: Image.Image) -> float:
+    """Share of an image's pixels that are coloured (chroma, max - min of R, G, B, above :data:`CHROMA`).
+
+    0 for grey modes. A grey radiograph with a red arrow drawn on it scores a few per cent; a photograph most
+    of its area. Measured on a thumbnail: cheap.
+    """
     if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
     thumb = im.copy()
     thumb.thumbnail((256, 256))
-    rgb = np.asarray(thumb.convert("RGB"), dtype=np.float64)
-    rg = rgb[..., 0] - rgb[..., 1]
-    yb = (rgb[..., 0] + rgb[..., 1]) / 2 - rgb[..., 2]
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    rgb = np.asarray(thumb.convert("RGB"), dtype=np.int16)
+    return float((rgb.max(axis=2) - rgb.min(axis=2) > CHROMA).mean())
 
 
 def _to_float(im: Image.Image, channels: str) -> np.ndarray:
@@ -110,6 +116,16 @@ def _to_float(im: Image.Image, channels: str) -> np.ndarray:
         im = Image.alpha_composite(background, rgba)
     im = im.convert(channels)
     return np.asarray(im, dtype=np.float32) / 255.0
+
+
+#: What Pillow's plugins raise on damaged data (beyond OSError, each format has its own ways to fail).
+_DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
+                   struct.error)  # fmt: skip
+
+
+def _truncation(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "truncated" in text or "broken data stream" in text
 
 
 def decode_image(
@@ -134,6 +150,10 @@ def decode_image(
             raise UnsupportedImageError(f"{name}: not an image in a supported format ({kinds})") from exc
         except Image.DecompressionBombError as exc:  # twice Pillow's guard: far beyond any radiograph
             raise ImageTooLargeError(f"{name}: too many pixels ({exc})") from exc
+        except _DECODER_ERRORS as exc:  # a damaged header: each plugin fails its own way
+            if _truncation(exc):
+                raise TruncatedImageError(f"{name}: truncated image file ({exc})") from exc
+            raise UnsupportedImageError(f"{name}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
     width, height = im.size
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}")
@@ -143,22 +163,28 @@ def decode_image(
         with _TRUNCATION_LOCK:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             im.load()
-    except (OSError, SyntaxError) as exc:
-        if "truncated" not in str(exc) and "broken data stream" not in str(exc):
-            raise UnsupportedImageError(f"{name}: cannot decode {fmt} data ({exc})") from exc
+    except _DECODER_ERRORS as exc:
+        if not _truncation(exc):
+            raise UnsupportedImageError(f"{name}: cannot decode {fmt} data ({type(exc).__name__}: {exc})") from exc
         if not allow_truncated:
             raise TruncatedImageError(f"{name}: truncated {fmt} file ({exc})") from exc
         truncated = True
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         with _TRUNCATION_LOCK:
             ImageFile.LOAD_TRUNCATED_IMAGES = True
             try:
                 im.load()
+            except _DECODER_ERRORS as again:
+                raise UnsupportedImageError(f"{name}: cannot decode {fmt} data even leniently ({again})") from again
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = False
-    im = ImageOps.exif_transpose(im) or im
-    return DecodedImage(pixels=_to_float(im, channels), format=fmt, mode=mode, truncated=truncated,
-                        colourfulness=colourfulness(im))  # fmt: skip
+    with contextlib.suppress(*_DECODER_ERRORS):  # a damaged EXIF block must not take the image down with it
+        im = ImageOps.exif_transpose(im) or im
+    try:
+        pixels, colour = _to_float(im, channels), colour_fraction(im)
+    except _DECODER_ERRORS as exc:
+        raise UnsupportedImageError(f"{name}: cannot convert {fmt} {mode} pixels ({type(exc).__name__})") from exc
+    return DecodedImage(pixels=pixels, format=fmt, mode=mode, truncated=truncated, colour_fraction=colour)
 
 
 def read_image(

@@ -4,8 +4,9 @@ A fracture model answers every input it is given: an all-black image, noise, a p
 gate stands before the verdict and gives one of three outcomes:
 
 * ``refused`` (HTTP 422, an error row): not a plausible radiograph. Simple checks first, each with its own
-  message: too small, non-finite values, blank or nearly uniform, a colour image (radiographs are grey:
-  :func:`fracdet.data.decode.colourfulness` above the limit); then the image's distance from the training
+  message: too small, non-finite values, blank or nearly uniform, a colour picture (radiographs are grey: more
+  of it coloured than :func:`fracdet.data.decode.colour_fraction` allows; an arrow drawn on a radiograph
+  is not enough); then the image's distance from the training
   radiographs in the model's own feature space, beyond the *refuse* limit.
 * ``unusual``: a radiograph, but further from the training data than almost every validation radiograph
   (beyond the *warn* limit): answered, with a warning a reader sees.
@@ -58,6 +59,8 @@ __all__ = [
 MIN_SIDE = 64
 #: Below this standard deviation of the grey values (0-1), an image is blank or nearly uniform.
 MIN_STD = 0.02
+#: The coloured share of an image beyond which it is a colour picture, for a gate fitted without one.
+COLOUR_FRACTION = 0.15
 #: Principal components the distance keeps.
 COMPONENTS = 64
 GATE_FILE = "gate.safetensors"
@@ -86,7 +89,7 @@ class GateLimits:
 
     warn: float  # distance beyond which a radiograph is unusual
     refuse: float  # distance beyond which an image is not a plausible radiograph
-    colourfulness: float  # colourfulness beyond which an image is a colour picture, not a radiograph
+    colour_fraction: float  # coloured share beyond which an image is a colour picture, not a radiograph
     fitted_on: str = ""
     chosen_on: str = ""
     warn_quantile: float = 0.99
@@ -204,7 +207,7 @@ class InputGate:
     def fitted(self) -> bool:
         return self.distance is not None and self.limits is not None
 
-    def simple_checks(self, pixels: np.ndarray, colourfulness: float = 0.0) -> str | None:
+    def simple_checks(self, pixels: np.ndarray, colour_fraction: float = 0.0) -> str | None:
         """Why ``pixels`` (grey, [0, 1], any size) cannot be a radiograph, or ``None``."""
         h, w = pixels.shape[:2]
         if min(h, w) < MIN_SIDE:
@@ -213,15 +216,15 @@ class InputGate:
             return "image holds non-finite values (NaN or infinity): not a radiograph"
         if float(pixels.std()) < MIN_STD:
             return "image is blank or nearly uniform: nothing to read"
-        limit = self.limits.colourfulness if self.limits else 20.0
-        if colourfulness > limit:
-            return f"a colour image (colourfulness {colourfulness:.0f} > {limit:.0f}): radiographs are grey"
+        limit = self.limits.colour_fraction if self.limits else COLOUR_FRACTION
+        if colour_fraction > limit:
+            return f"a colour image ({colour_fraction:.0%} of it coloured > {limit:.0%}): radiographs are grey"
         return None
 
-    def check(self, pixels: np.ndarray, features: np.ndarray | None, *, colourfulness: float = 0.0) -> GateVerdict:
+    def check(self, pixels: np.ndarray, features: np.ndarray | None, *, colour_fraction: float = 0.0) -> GateVerdict:
         """The verdict for one image: ``pixels`` as decoded, ``features`` its model features
         (:func:`captured_features` of the forward that scored it; ``None``: simple checks only)."""
-        reason = self.simple_checks(pixels, colourfulness)
+        reason = self.simple_checks(pixels, colour_fraction)
         if reason:
             return GateVerdict("refused", reason)
         if not self.fitted or features is None:
@@ -237,11 +240,17 @@ class InputGate:
         return GateVerdict("radiograph", None, distance)
 
 
+def colour_limit(val_colour_fractions: np.ndarray, margin: float = 1.5) -> float:
+    """The coloured share beyond which an image is refused: ``margin`` times the most coloured validation
+    radiograph (annotated ones carry coloured arrows), and never below :data:`COLOUR_FRACTION`."""
+    return float(max(COLOUR_FRACTION, margin * float(np.max(val_colour_fractions, initial=0.0))))
+
+
 def fit_gate(
     model: TrainedModel,
     train_images: np.ndarray,
     val_images: np.ndarray,
-    val_colourfulness: np.ndarray,
+    val_colour_fractions: np.ndarray,
     *,
     warn_quantile: float = 0.99,
     refuse_margin: float = 1.5,
@@ -251,8 +260,7 @@ def fit_gate(
     """Fit the distance on training radiographs and choose the limits on validation radiographs.
 
     *warn* is the ``warn_quantile`` of the validation distances; *refuse* is ``refuse_margin`` times the
-    largest validation distance; the colourfulness limit is ``refuse_margin`` times the most colourful
-    validation radiograph (at least 15, the "not colourful" end of Hasler and Suesstrunk's scale).
+    largest validation distance; the colour limit is :func:`colour_limit` of the validation radiographs.
     Returns the distance, the limits and the validation distances (to report what the choice saw).
     """
     distance = FeatureDistance.fit(image_features(model, train_images, progress_desc="features of train"))
@@ -260,7 +268,7 @@ def fit_gate(
     limits = GateLimits(
         warn=float(np.quantile(val, warn_quantile)),
         refuse=float(refuse_margin * val.max()),
-        colourfulness=float(max(15.0, refuse_margin * float(np.max(val_colourfulness, initial=0.0)))),
+        colour_fraction=colour_limit(val_colour_fractions, refuse_margin),
         fitted_on=fitted_on,
         chosen_on=chosen_on,
         warn_quantile=warn_quantile,
@@ -315,14 +323,14 @@ def fit_gate_on_splits(
     colour = []
     for v in val_sets:
         for path in absolute_paths(v.table):
-            colour.append(decode_image(Path(path).read_bytes(), name=str(path)).colourfulness)
-    names = [str(t.attrs.get("root", "dataset")) for t in (table, *extra_val)]
+            colour.append(decode_image(Path(path).read_bytes(), name=str(path)).colour_fraction)
+    names = [Path(str(t.attrs.get("root", "dataset"))).name for t in (table, *extra_val)]
     fitted_on = f"train split of {names[0]} ({len(train_pixels)} radiographs)"
     chosen_on = f"val splits of {', '.join(names)} ({len(val_pixels)} radiographs)"
     distance, limits, val = fit_gate(model, train_pixels, val_pixels, np.asarray(colour), fitted_on=fitted_on,
                                      chosen_on=chosen_on)  # fmt: skip
     summary = {"val_distance_quantiles": {f"{q:g}": float(np.quantile(val, q)) for q in (0.5, 0.9, 0.99, 1.0)},
-               "val_colourfulness_max": float(max(colour, default=0.0)), "train_images": len(train_pixels),
+               "val_colour_fraction_max": float(max(colour, default=0.0)), "train_images": len(train_pixels),
                "val_images": len(val_pixels)}  # fmt: skip
     return distance, limits, summary
 

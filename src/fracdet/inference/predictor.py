@@ -121,19 +121,19 @@ class Predictor:
         self.display_size = display_size
 
     def predict_pixels(
-        self, pixels: np.ndarray, *, cancel: threading.Event | None = None, colourfulness: float = 0.0
+        self, pixels: np.ndarray, *, cancel: threading.Event | None = None, colour_fraction: float = 0.0
     ) -> Prediction:
         """Predict from grey float pixels in [0, 1] of any size.
 
         Args:
             cancel: when set (by another thread), stop at the next stage with :class:`Cancelled`.
-            colourfulness: of the file before it was made grey (:func:`fracdet.data.decode.colourfulness`).
+            colour_fraction: of the file before it was made grey (:func:`fracdet.data.decode.colour_fraction`).
 
         Raises:
             NotARadiographError: the input gate refused the image (no verdict is given).
         """
         started = time.perf_counter()
-        if self.gate is not None and (reason := self.gate.simple_checks(pixels, colourfulness)):
+        if self.gate is not None and (reason := self.gate.simple_checks(pixels, colour_fraction)):
             raise NotARadiographError(reason)
         image = resize_square(pixels, self.model.preprocess.input_size)
         prepared = time.perf_counter()
@@ -146,7 +146,7 @@ class Predictor:
                 prediction = self._classify(image, pixels, started, prepared)
         if self.gate is not None:  # the features of the forward that gave the verdict, the image as given
             verdict = self.gate.check(
-                pixels, features[0][:1].numpy() if features else None, colourfulness=colourfulness
+                pixels, features[0][:1].numpy() if features else None, colour_fraction=colour_fraction
             )
             if verdict.refused:
                 raise NotARadiographError(verdict.reason)
@@ -213,7 +213,7 @@ class Predictor:
         image = read_input_image(data, name, max_pixels=self.max_pixels)
         decoded = time.perf_counter()
         _check(cancel)
-        prediction = self.predict_pixels(image.pixels, cancel=cancel, colourfulness=image.colourfulness)
+        prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
         return prediction
 

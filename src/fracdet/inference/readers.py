@@ -52,7 +52,7 @@ def read_input(data: bytes, name: str = "<upload>", *, max_pixels: int = DEFAULT
 
 
 def read_input_image(data: bytes, name: str = "<upload>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Like :func:`read_input`, with what the file said about itself (format, mode, colourfulness)."""
+    """Like :func:`read_input`, with what the file said about itself (format, mode, colour fraction)."""
     for sniff, reader in _READERS:
         if sniff(data):
             return DecodedImage(pixels=reader(data, name, max_pixels), format="DICOM", mode="L", truncated=False)

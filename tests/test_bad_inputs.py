@@ -1,0 +1,218 @@
+"""Every kind of bad upload the server has met or should expect: a 4xx naming the problem, never a 5xx, and
+the server healthy afterwards. Then property-based fuzzing of the decoder and of the upload endpoint.
+
+Each row of :data:`CASES` is ``(kind, bytes or a maker, status, words)``: ``status`` is the code the API must
+answer, ``words`` must appear in its ``detail``. A row with status 200 is an input that *is* a radiograph,
+however unusual its container, and must be read.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fracdet.data.decode import ImageReadError, decode_image
+from fracdet.models import create_model
+from fracdet.models._registry import PreprocessCfg
+from fracdet.models.release import TrainedModel
+from fracdet.serve import ServeConfig, create_app
+from tests.conftest import SAMPLE
+
+RADIOGRAPH = (SAMPLE / "images" / "Fractured" / "IMG0000261.jpg").read_bytes()
+GREY = np.asarray(Image.open(io.BytesIO(RADIOGRAPH)).convert("L"))
+
+
+def saved(array: np.ndarray | Image.Image, fmt: str, **options) -> bytes:
+    image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunks(*chunks: tuple[bytes, bytes]) -> bytes:
+    """A PNG from raw chunks (type, data), with correct CRCs unless the data says otherwise."""
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, data in chunks:
+        out += struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return out
+
+
+def ihdr(width: int, height: int, depth: int = 8, colour: int = 0) -> tuple[bytes, bytes]:
+    return b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+
+
+rng = np.random.default_rng(0)
+CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
+    # nothing, or not an image at all
+    ("empty", b"", 400, "empty"),
+    ("one byte", b"\x00", 415, "not an image"),
+    ("text", b"hello, this is text", 415, "not an image"),
+    ("html", b"<!doctype html><html><body>hi</body></html>", 415, "not an image"),
+    ("json", b'{"image": "IMG0000261.jpg"}', 415, "not an image"),
+    ("pdf", b"%PDF-1.7\n" + b"0" * 500, 415, "not an image"),
+    ("zip", b"PK\x03\x04" + b"\x00" * 200, 415, "not an image"),
+    ("gzip", b"\x1f\x8b\x08\x00" + b"\x00" * 200, 415, "not an image"),
+    ("elf binary", b"\x7fELF" + b"\x00" * 200, 415, "not an image"),
+    ("shell script", b"#!/bin/sh\nrm -rf /\n", 415, "not an image"),
+    ("random bytes", lambda: rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), 415, "not an image"),
+    ("zeros", b"\x00" * 4096, 415, "not an image"),
+    ("svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"></svg>', 415, "not an image"),
+    ("eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", 415, "not an image"),
+    ("psd", lambda: saved(GREY, "PNG").replace(b"\x89PNG", b"8BPS", 1), 415, "not an image"),
+    ("ico", lambda: saved(Image.fromarray(GREY).resize((64, 64)), "ICO"), 415, "not an image"),
+    ("pcx", lambda: saved(GREY, "PCX"), 415, "not an image"),
+    ("tga", lambda: saved(GREY, "TGA"), 415, "not an image"),
+    ("ppm", lambda: saved(GREY, "PPM"), 415, "not an image"),
+    ("dicom", b"\0" * 128 + b"DICM" + b"\0" * 200, 415, "DICOM"),
+    # damaged images
+    ("jpeg truncated to 60%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.6)], 422, "truncated"),
+    ("jpeg truncated to 10%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.1)], 422, "truncated"),
+    ("jpeg header only", RADIOGRAPH[:200], 422, "truncated"),
+    ("jpeg magic only", b"\xff\xd8\xff", 415, "not an image"),
+    ("png truncated", lambda: saved(GREY, "PNG")[:2000], 422, "truncated"),
+    ("png magic only", b"\x89PNG\r\n\x1a\n", 415, "not an image"),
+    ("png without IDAT", lambda: png_chunks(ihdr(100, 100), (b"IEND", b"")), 415, "cannot decode"),
+    (
+        "png with garbage IDAT",
+        lambda: png_chunks(ihdr(100, 100), (b"IDAT", b"garbage"), (b"IEND", b"")),
+        422,
+        "truncated",
+    ),
+    ("png of zero width", lambda: png_chunks(ihdr(0, 100), (b"IEND", b"")), 415, "not an image"),
+    ("png bomb (100k x 100k header)", lambda: png_chunks(ihdr(100_000, 100_000), (b"IEND", b"")), 413, "pixels"),
+    ("png claiming 30k x 30k", lambda: png_chunks(ihdr(30_000, 30_000), (b"IEND", b"")), 413, "pixels"),
+    ("gif truncated", lambda: saved(GREY, "GIF")[:500], 415, "not an image"),
+    ("bmp truncated", lambda: saved(GREY, "BMP")[:3000], 422, "truncated"),
+    ("tiff truncated", lambda: saved(GREY, "TIFF")[:3000], 422, "truncated"),
+    ("webp truncated", lambda: saved(GREY, "WEBP")[:300], 415, "cannot read the image header"),
+    ("jpeg with a bad marker in the middle", lambda: RADIOGRAPH[:3000] + b"\xff\xd9" + RADIOGRAPH[3002:], 200, ""),
+    # images that cannot be radiographs
+    ("1x1 pixel", lambda: saved(np.zeros((1, 1), np.uint8), "PNG"), 422, "too small"),
+    ("16x16 pixels", lambda: saved(GREY[:16, :16], "PNG"), 422, "too small"),
+    ("a thin strip 2000x10", lambda: saved(np.tile(GREY[:10, :200], (1, 10)), "PNG"), 422, "too small"),
+    ("all black", lambda: saved(np.zeros((300, 240), np.uint8), "PNG"), 422, "blank"),
+    ("all white", lambda: saved(np.full((300, 240), 255, np.uint8), "PNG"), 422, "blank"),
+    ("all mid grey jpeg", lambda: saved(np.full((300, 240), 128, np.uint8), "JPEG"), 422, "blank"),
+    ("nearly uniform", lambda: saved((rng.random((300, 240)) * 3 + 100).astype(np.uint8), "PNG"), 422, "blank"),
+    ("16-bit all zero", lambda: saved(np.zeros((300, 240), np.uint16), "PNG"), 422, "blank"),
+    (
+        "float tiff with NaN",
+        lambda: saved(np.where(np.eye(200, dtype=bool), np.nan, 0.5).astype(np.float32), "TIFF"),
+        422,
+        "non-finite",
+    ),
+    (
+        "float tiff with infinity",
+        lambda: saved(np.where(np.eye(200, dtype=bool), np.inf, 0.5).astype(np.float32), "TIFF"),
+        422,
+        "non-finite",
+    ),
+    ("colour noise", lambda: saved(rng.integers(0, 256, (240, 300, 3), dtype=np.uint8), "PNG"), 422, "colour"),
+    (
+        "saturated red",
+        lambda: saved(
+            np.dstack([np.full((200, 200), 255), rng.integers(0, 60, (200, 200)), np.zeros((200, 200))]).astype(
+                np.uint8
+            ),
+            "PNG",
+        ),
+        422,
+        "colour",
+    ),
+    # radiographs in unusual but valid containers: read
+    ("the radiograph as JPEG", RADIOGRAPH, 200, ""),
+    ("as PNG", lambda: saved(GREY, "PNG"), 200, ""),
+    ("as 16-bit PNG", lambda: saved(Image.fromarray(GREY.astype(np.uint16) * 257), "PNG"), 200, ""),
+    ("as BMP", lambda: saved(GREY, "BMP"), 200, ""),
+    ("as GIF", lambda: saved(GREY, "GIF"), 200, ""),
+    ("as TIFF", lambda: saved(GREY, "TIFF"), 200, ""),
+    ("as compressed TIFF", lambda: saved(GREY, "TIFF", compression="tiff_deflate"), 200, ""),
+    ("as WebP", lambda: saved(GREY, "WEBP"), 200, ""),
+    ("as RGB JPEG", lambda: saved(Image.fromarray(GREY).convert("RGB"), "JPEG"), 200, ""),
+    ("as RGBA PNG", lambda: saved(Image.fromarray(GREY).convert("RGBA"), "PNG"), 200, ""),
+    ("as palette PNG", lambda: saved(Image.fromarray(GREY).convert("P"), "PNG"), 200, ""),
+    ("as 1-bit PNG (thresholded)", lambda: saved(Image.fromarray(GREY).convert("1"), "PNG"), 200, ""),
+    ("as CMYK JPEG", lambda: saved(Image.fromarray(GREY).convert("CMYK"), "JPEG"), 200, ""),
+    ("as progressive JPEG", lambda: saved(GREY, "JPEG", progressive=True), 200, ""),
+    ("as JPEG quality 5", lambda: saved(GREY, "JPEG", quality=5), 200, ""),
+    ("with trailing garbage", RADIOGRAPH + b"\x00garbage" * 100, 200, ""),
+    ("rotated by EXIF", lambda: saved(Image.fromarray(GREY), "JPEG", exif=_exif_rotated()), 200, ""),
+    (
+        "huge but allowed (4000x3000)",
+        lambda: saved(np.asarray(Image.fromarray(GREY).resize((4000, 3000))), "PNG"),
+        200,
+        "",
+    ),
+]
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    return exif.tobytes()
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    module = create_model("paper_cnn", input_size=32).eval()
+    model = TrainedModel(module=module, name="test-model", arch="paper_cnn", preprocess=PreprocessCfg(32),
+                         threshold=0.3, operating_point="sens90", meta={"version": "0.0-test"})  # fmt: skip
+    return TestClient(create_app(model, ServeConfig(max_pixels=100_000_000)), raise_server_exceptions=False)
+
+
+def test_there_are_at_least_60_kinds():
+    assert len({kind for kind, *_ in CASES}) == len(CASES) >= 60
+
+
+@pytest.mark.parametrize(("kind", "payload", "status", "words"), CASES, ids=[c[0] for c in CASES])
+def test_a_bad_upload_gets_a_4xx_naming_the_problem_and_the_server_stays_healthy(client, kind, payload, status,
+                                                                                words):  # fmt: skip
+    data = payload() if callable(payload) else payload
+    response = client.post("/api/v1/predict", files={"file": ("upload.bin", data, "application/octet-stream")})
+    assert response.status_code == status, response.text[:300]
+    if status != 200:
+        assert words in response.json()["detail"]
+    assert client.get("/api/v1/health").status_code == 200
+
+
+def test_no_file_two_files_and_wrong_field_names_are_4xx(client):
+    assert client.post("/api/v1/predict").status_code == 422
+    assert client.post("/api/v1/predict", files={"image": ("x.jpg", RADIOGRAPH, "image/jpeg")}).status_code == 422
+    assert client.post("/api/v1/predict", data={"file": "not a file"}).status_code == 422
+    two = [("file", ("a.jpg", RADIOGRAPH, "image/jpeg")), ("file", ("b.jpg", RADIOGRAPH, "image/jpeg"))]
+    assert client.post("/api/v1/predict", files=two).status_code == 422
+    assert (
+        client.post("/api/v1/predict", content=b"raw body", headers={"content-type": "image/jpeg"}).status_code == 422
+    )
+
+
+# --- property-based fuzzing ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_the_decoder_either_reads_or_raises_its_own_error_on_any_bytes(data):
+    try:
+        decoded = decode_image(data, max_pixels=4_000_000)
+    except ImageReadError:
+        return
+    assert decoded.pixels.dtype == np.float32 and decoded.pixels.ndim == 2  # non-finite values: the gate's job
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix=st.integers(0, len(RADIOGRAPH)), noise=st.binary(max_size=256), at=st.integers(0, 4000))
+def test_a_damaged_radiograph_never_takes_the_server_down(client, prefix, noise, at):
+    data = RADIOGRAPH[:prefix]
+    data = data[:at] + noise + data[at + len(noise) :]
+    response = client.post("/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+    assert response.status_code < 500, response.text[:300]
+    assert response.status_code == 200 or response.json()["detail"]
