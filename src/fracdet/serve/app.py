@@ -148,15 +148,23 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
     """The FastAPI application serving ``model``; its inference threads end with the app's lifespan."""
     config = config or ServeConfig()
     predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels)
-    executor = InferenceExecutor(workers=1, queue_size=config.queue_size)
     page = resources.files("fracdet.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    def executor() -> InferenceExecutor:
+        """The app's inference executor: started with its lifespan (or at first use without one)."""
+        if app.state.executor is None:
+            app.state.executor = InferenceExecutor(workers=1, queue_size=config.queue_size)
+        return app.state.executor
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        executor()
         try:
             yield
-        finally:
-            executor.close()
+        finally:  # the threads end with the app; a restarted app (tests do that) starts new ones
+            if app.state.executor is not None:
+                app.state.executor.close()
+                app.state.executor = None
 
     app = FastAPI(
         title="fracdet",
@@ -167,7 +175,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.executor = executor
+    app.state.executor = None
     # the multipart envelope around the file takes a few hundred bytes; 64 KiB of slack is generous
     app.add_middleware(UploadGuard, max_bytes=config.max_upload_bytes + 64 * 1024,
                        idle_timeout_s=config.upload_idle_s, limit_text=f"{config.max_upload_mb:g} MB")  # fmt: skip
@@ -180,7 +188,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
 
     @app.get("/api/v1/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model.name, "version": model.version, "inference": executor.stats()}
+        return {"status": "ok", "model": model.name, "version": model.version, "inference": executor().stats()}
 
     @app.get("/api/v1/model")
     async def model_info() -> dict[str, Any]:
@@ -225,7 +233,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             return _response(prediction, model, 1000 * (time.perf_counter() - started))
 
         try:
-            return await executor.run(run, timeout=config.timeout_s)
+            return await executor().run(run, timeout=config.timeout_s)
         except ImageReadError as exc:
             raise HTTPException(_status_for(exc), str(exc)) from None
         except ServerBusyError as exc:
