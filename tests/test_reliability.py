@@ -7,6 +7,7 @@ since an in-process client reads the whole body before the app sees it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import select
@@ -427,3 +428,54 @@ def test_predict_killed_midway_leaves_no_half_table_and_a_rerun_gives_each_file_
     assert subprocess.run(command, env=env, capture_output=True).returncode in (0, 1)
     table = pd.read_csv(out)
     assert len(table) == 12 and table["path"].is_unique
+
+
+def test_a_server_killed_during_requests_comes_back_on_the_same_port_and_answers(gated_model, sample_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "fracdet.cli", "serve", "--model", str(gated_model[0]), "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    base, data = f"http://127.0.0.1:{port}", (sample_root / FRACTURED).read_bytes()
+
+    def start() -> subprocess.Popen:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: _healthy(base), seconds=60)
+        return server
+
+    server = start()
+    in_flight = threading.Thread(target=lambda: _post_quietly(base, data), daemon=True)
+    in_flight.start()
+    server.send_signal(signal.SIGKILL)  # mid-request: no shutdown handler runs
+    server.wait(30)
+    in_flight.join(30)
+    server = start()
+    try:
+        response = httpx.post(f"{base}/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=60)
+        assert response.status_code == 200 and 0 <= response.json()["probability"] <= 1
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _healthy(base: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base}/api/v1/health", timeout=1).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def _post_quietly(base: str, data: bytes) -> None:
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{base}/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=30)
