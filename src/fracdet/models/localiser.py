@@ -124,26 +124,19 @@ class FractureLocaliser(nn.Module):
         return image_logit, map_logits
 
 
+#: The registered kinds: (name, box head, what the description says of the heads).
+_KINDS = (("localiser", False, "map head (boxes, map, score)"), ("detector", True, "map and box heads"))
+
 for _variant in (0, 1, 2):
-    register_model(
-        f"localiser_lite{_variant}",
-        preprocess=PreprocessCfg(input_size=256),
-        cam_layer="head",
-        description=f"fracture localiser: EfficientNet-Lite{_variant} + FPN map head (boxes, map, score), 256 px",
-        task="localise",
-    )(
-        lambda pretrained, num_classes, v=_variant, **o: FractureLocaliser(
-            v, pretrained=pretrained, dropout=o.get("dropout")
+    for _kind, _box_head, _heads in _KINDS:
+        register_model(
+            f"{_kind}_lite{_variant}",
+            preprocess=PreprocessCfg(input_size=256),
+            cam_layer="head",
+            description=f"fracture {_kind}: EfficientNet-Lite{_variant} + FPN {_heads}, 256 px",
+            task="localise",
+        )(
+            lambda pretrained, num_classes, v=_variant, b=_box_head, **o: FractureLocaliser(
+                v, pretrained=pretrained, dropout=o.get("dropout"), box_head=b
+            )
         )
-    )
-    register_model(
-        f"detector_lite{_variant}",
-        preprocess=PreprocessCfg(input_size=256),
-        cam_layer="head",
-        description=f"fracture detector: EfficientNet-Lite{_variant} + FPN map and box heads, 256 px",
-        task="localise",
-    )(
-        lambda pretrained, num_classes, v=_variant, **o: FractureLocaliser(
-            v, pretrained=pretrained, dropout=o.get("dropout"), box_head=True
-        )
-    )
