@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fracdet.models import create_model, get_spec, list_models
+from fracdet.models.scoring import BOX_CHANNELS
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -15,8 +16,9 @@ def test_every_registered_model_runs_and_every_parameter_learns(name):
     model = create_model(name)
     size = spec.preprocess.input_size
     outputs = model(torch.randn(2, 3, size, size))
-    if spec.task == "localise":  # image logit and a stride-8 fracture map
-        assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, size // 8, size // 8)
+    if spec.task == "localise":  # image logit and a stride-8 fracture map (then a detector's box channels)
+        channels = 1 + BOX_CHANNELS if name.startswith("detector") else 1
+        assert outputs[0].shape == (2,) and outputs[1].shape == (2, channels, size // 8, size // 8)
     else:
         assert outputs.shape == (2, 2)
         outputs = (outputs,)
