@@ -140,7 +140,7 @@ def lever_table(runs: Path, evals: Path) -> pd.DataFrame:
         config = yaml.safe_load((run / "config.yaml").read_text())
         changed = [f"{k}={config[k]}" for k in ("model", "image_size") if config.get(k) != base.get(k)]
         changed += [f"augment.{k}={v}" for k, v in config["augment"].items() if base["augment"].get(k) != v]
-        changed += [f"localise.{k}={v}" for k, v in config["localise"].items() if base["localise"].get(k) != v]
+        changed += [f"localise.{k}={v}" for k, v in config["localise"].items() if base["localise"].get(k, v) != v]
         parts = meta.get("fusion_val_auc", {})
         lesions = m["lesions"]["all"]
         rows.append(
