@@ -186,10 +186,9 @@ def boxes_from_map(
         logits = cv2.resize(logits, (w * upsample, h * upsample), interpolation=cv2.INTER_LINEAR)
     prob = expit(logits)
     h, w = prob.shape
-    peaks = (ndimage.maximum_filter(prob, size=3, mode="constant") == prob) & (prob >= floor)
-    ys, xs = np.nonzero(peaks)
+    ys, xs = _local_maxima(prob, floor)
     order = np.argsort(-prob[ys, xs], kind="stable")
-    global_peak = float(logits.max())
+    score = _peak_scorer(logits, image_logit, peak_weight, temperature, levels)
     taken = np.zeros(prob.shape, bool)
     emitted = np.zeros(prob.shape, bool)  # the peaks of the boxes so far
     boxes: list[ScoredBox] = []
@@ -203,10 +202,7 @@ def boxes_from_map(
             continue
         emitted[y, x] = True
         rows, cols = np.nonzero(region)
-        logit = image_logit - peak_weight * (global_peak - float(logits[y, x]))
-        score = float(expit(logit / temperature))
-        boxes.append(ScoredBox(float(cols.min() / w), float(rows.min() / h), float((cols.max() + 1) / w),
-                               float((rows.max() + 1) / h), score, level_of(score, levels)))  # fmt: skip
+        boxes.append(score((cols.min() / w, rows.min() / h, (cols.max() + 1) / w, (rows.max() + 1) / h), y, x))
         if len(boxes) >= max_boxes:
             break
     return boxes
@@ -226,21 +222,34 @@ def _regressed_boxes(
     logits = dense[0]
     h, w = logits.shape
     prob = expit(logits)
-    peaks = (ndimage.maximum_filter(prob, size=3, mode="constant") == prob) & (prob >= floor)
-    ys, xs = np.nonzero(peaks)
+    ys, xs = _local_maxima(prob, floor)
     if not len(ys):
         return []
     cells = decode_cell_boxes(torch.from_numpy(dense[None, 1:]))[0].numpy()
     found = cells[:, ys, xs].T / np.array([w, h, w, h], np.float32)
     found = np.clip(found, 0.0, 1.0)
     keep = nms(torch.from_numpy(found), torch.from_numpy(prob[ys, xs]), NMS_IOU).numpy()[:max_boxes]
+    score = _peak_scorer(logits, image_logit, peak_weight, temperature, levels)
+    return [score(found[k], ys[k], xs[k]) for k in keep]
+
+
+def _local_maxima(prob: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the map's local maxima (3 x 3) at or above ``floor``: the candidate findings."""
+    return np.nonzero((ndimage.maximum_filter(prob, size=3, mode="constant") == prob) & (prob >= floor))
+
+
+def _peak_scorer(
+    logits: np.ndarray, image_logit: float, peak_weight: float, temperature: float, levels: dict[str, float]
+):
+    """``score(xyxy, y, x) -> ScoredBox``: the box's logit is the image logit with the map's peak replaced by
+    the logit at its own peak ``(y, x)``, calibrated by the temperature and levelled."""
     global_peak = float(logits.max())
-    boxes = []
-    for k in keep:
-        logit = image_logit - peak_weight * (global_peak - float(logits[ys[k], xs[k]]))
-        score = float(expit(logit / temperature))
-        boxes.append(ScoredBox(*(float(v) for v in found[k]), score, level_of(score, levels)))
-    return boxes
+
+    def score(xyxy, y: int, x: int) -> ScoredBox:
+        probability = float(expit((image_logit - peak_weight * (global_peak - float(logits[y, x]))) / temperature))
+        return ScoredBox(*(float(v) for v in xyxy), probability, level_of(probability, levels))
+
+    return score
 
 
 def shown_boxes(boxes: list[ScoredBox]) -> list[ScoredBox]:
