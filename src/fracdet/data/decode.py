@@ -73,14 +73,15 @@ class DecodedImage:
         mode: the file's own pixel mode before conversion (``L``, ``I;16``, ``RGB``, ``P``, ...).
         truncated: the file is truncated and was decoded leniently on request.
         colour_fraction: the share of its pixels that were coloured before it was made grey
-            (:func:`colour_fraction`): 0 for a grey radiograph, most of the image for a photograph.
+            (:func:`colour_fraction`): 0 for a grey radiograph, most of the image for a photograph; ``None``
+            unless asked for (``measure_colour``), since only the input gate needs it.
     """
 
     pixels: np.ndarray
     format: str
     mode: str
     truncated: bool
-    colour_fraction: float = 0.0
+    colour_fraction: float | None = None
 
 
 def colour_fraction(im: Image.Image) -> float:
@@ -135,8 +136,10 @@ def decode_image(
     allow_truncated: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str = "<bytes>",
+    measure_colour: bool = False,
 ) -> DecodedImage:
-    """Decode image bytes; see :func:`read_image` for the contract."""
+    """Decode image bytes; see :func:`read_image` for the contract (``measure_colour``: fill
+    :attr:`DecodedImage.colour_fraction`)."""
     if channels not in ("L", "RGB"):
         raise ValueError(f"channels must be 'L' or 'RGB', not {channels!r}")
     if not data:
@@ -181,7 +184,8 @@ def decode_image(
     with contextlib.suppress(*_DECODER_ERRORS):  # a damaged EXIF block must not take the image down with it
         im = ImageOps.exif_transpose(im) or im
     try:
-        pixels, colour = _to_float(im, channels), colour_fraction(im)
+        pixels = _to_float(im, channels)
+        colour = colour_fraction(im) if measure_colour else None
     except _DECODER_ERRORS as exc:
         raise UnsupportedImageError(f"{name}: cannot convert {fmt} {mode} pixels ({type(exc).__name__})") from exc
     return DecodedImage(pixels=pixels, format=fmt, mode=mode, truncated=truncated, colour_fraction=colour)

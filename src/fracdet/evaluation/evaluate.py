@@ -220,10 +220,10 @@ def evaluate(
         tta=tta,
         images=pixels.images,
     )
-    if stability:
-        groups_all = target["group"].astype(str).tolist() if "group" in target else None
-        result.stability = verdict_stability(model, absolute_paths(target), groups_all, threshold=thresholds[default],
-                                             n_boot=n_boot, seed=seed)  # fmt: skip
+    if stability:  # the files scored above (unreadable ones are not in pixels.table), against their probabilities
+        result.stability = verdict_stability(model, absolute_paths(pixels.table), groups, threshold=thresholds[default],
+                                             temperature=temperature, tta=tta, reference=probs, n_boot=n_boot,
+                                             seed=seed)  # fmt: skip
     if maps is not None:  # a localiser: its boxes, scored with this evaluation's calibration
         boxes = scores_from_outputs(margins, maps, temperature=temperature, thresholds=thresholds,
                                     peak_weight=model.peak_weight, relative=model.box_relative).boxes  # fmt: skip

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
+from scipy.special import expit
 
 from fracdet.data.decode import ImageReadError, read_image
 from fracdet.data.pixels import resize_square
@@ -63,6 +64,9 @@ def verdict_stability(
     groups: Sequence[str] | None,
     *,
     threshold: float,
+    temperature: float | None = None,
+    tta: bool | None = None,
+    reference: np.ndarray | None = None,
     variants: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -72,27 +76,35 @@ def verdict_stability(
     Args:
         groups: the copy group of each file (resampled together for the intervals), or ``None``.
         threshold: the operating threshold whose verdict must not flip (chosen on validation).
+        temperature, tta: the calibration the probabilities are read with (``None``: the model's own), so
+            they are those the threshold was chosen for.
+        reference: the probabilities of the files as read, when the caller scored them already (an
+            evaluation has); every file must then be readable. ``None``: they are scored here.
         variants: name -> transform of grey float pixels (default :data:`VARIANTS`).
 
     Unreadable files are left out, as everywhere.
     """
     variants = VARIANTS if variants is None else variants
     size = model.preprocess.input_size
-    images: dict[str, list[np.ndarray]] = {name: [] for name in ("original", *variants)}
+    temperature = model.temperature if temperature is None else temperature
+    names = (*variants, "original") if reference is None else tuple(variants)
+    images: dict[str, list[np.ndarray]] = {name: [] for name in names}
     kept: list[int] = []
     for k, path in enumerate(progress(list(paths), desc="re-encoding")):
         try:
             pixels = read_image(path)
         except ImageReadError:
+            if reference is not None:
+                raise
             continue
         kept.append(k)
-        images["original"].append(resize_square(pixels, size))
-        for name, transform in variants.items():
-            images[name].append(resize_square(transform(pixels), size))
+        for name in names:
+            images[name].append(resize_square(variants[name](pixels) if name in variants else pixels, size))
     if not kept:
         raise ValueError("no readable file to measure stability on")
-    probability = {name: model.predict_proba(np.stack(stack)) for name, stack in images.items()}
-    reference = probability.pop("original")
+    probability = {name: expit(model.margins(np.stack(stack), tta=tta).astype(np.float64) / temperature)
+                   for name, stack in images.items()}  # fmt: skip
+    reference = probability.pop("original") if reference is None else np.asarray(reference, np.float64)
     group_of = np.asarray(groups, dtype=object)[kept].astype(str) if groups is not None else None
     out: dict[str, Any] = {"threshold": float(threshold), "images": len(kept), "variants": {}}
     for name, p in probability.items():

@@ -221,12 +221,9 @@ class InputGate:
             return f"a colour image ({colour_fraction:.0%} of it coloured > {limit:.0%}): radiographs are grey"
         return None
 
-    def check(self, pixels: np.ndarray, features: np.ndarray | None, *, colour_fraction: float = 0.0) -> GateVerdict:
-        """The verdict for one image: ``pixels`` as decoded, ``features`` its model features
-        (:func:`captured_features` of the forward that scored it; ``None``: simple checks only)."""
-        reason = self.simple_checks(pixels, colour_fraction)
-        if reason:
-            return GateVerdict("refused", reason)
+    def judge(self, features: np.ndarray | None) -> GateVerdict:
+        """The distance verdict on one image that passed :meth:`simple_checks`: ``features`` are its model
+        features (:func:`captured_features` of the forward that scored it; ``None``: nothing to judge)."""
         if not self.fitted or features is None:
             return GateVerdict("radiograph")
         distance = float(self.distance(np.asarray(features, np.float64))[0])
@@ -323,7 +320,7 @@ def fit_gate_on_splits(
     colour = []
     for v in val_sets:
         for path in absolute_paths(v.table):
-            colour.append(decode_image(Path(path).read_bytes(), name=str(path)).colour_fraction)
+            colour.append(decode_image(Path(path).read_bytes(), name=str(path), measure_colour=True).colour_fraction)
     names = [Path(str(t.attrs.get("root", "dataset"))).name for t in (table, *extra_val)]
     fitted_on = f"train split of {names[0]} ({len(train_pixels)} radiographs)"
     chosen_on = f"val splits of {', '.join(names)} ({len(val_pixels)} radiographs)"

@@ -145,9 +145,7 @@ class Predictor:
             else:
                 prediction = self._classify(image, pixels, started, prepared)
         if self.gate is not None:  # the features of the forward that gave the verdict, the image as given
-            verdict = self.gate.check(
-                pixels, features[0][:1].numpy() if features else None, colour_fraction=colour_fraction
-            )
+            verdict = self.gate.judge(features[0][:1].numpy() if features else None)
             if verdict.refused:
                 raise NotARadiographError(verdict.reason)
             prediction.input_check, prediction.warning = verdict.outcome, verdict.reason
@@ -213,7 +211,7 @@ class Predictor:
         image = read_input_image(data, name, max_pixels=self.max_pixels)
         decoded = time.perf_counter()
         _check(cancel)
-        prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction)
+        prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
         return prediction
 

@@ -55,8 +55,8 @@ def read_input_image(data: bytes, name: str = "<upload>", *, max_pixels: int = D
     """Like :func:`read_input`, with what the file said about itself (format, mode, colour fraction)."""
     for sniff, reader in _READERS:
         if sniff(data):
-            return DecodedImage(pixels=reader(data, name, max_pixels), format="DICOM", mode="L", truncated=False)
-    return decode_image(data, channels="L", max_pixels=max_pixels, name=name)
+            return DecodedImage(reader(data, name, max_pixels), "DICOM", "L", truncated=False, colour_fraction=0.0)
+    return decode_image(data, channels="L", max_pixels=max_pixels, name=name, measure_colour=True)
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:

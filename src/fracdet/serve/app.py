@@ -141,7 +141,7 @@ def _status_for(exc: ImageReadError) -> int:
     return 400
 
 
-UPLOAD = File(..., description="a radiograph: PNG, JPEG, BMP, TIFF or GIF")
+UPLOAD = File(..., description="a radiograph: PNG, JPEG, BMP, TIFF, GIF or WebP")
 
 
 def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAPI:
