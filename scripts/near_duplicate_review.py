@@ -24,7 +24,7 @@ import pandas as pd
 from fracdet.data import DuplicateConfig, find_duplicates, load_dataset, read_image
 from fracdet.data.duplicates import Duplicates
 from fracdet.data.montage import save_pair_montage
-from fracdet.data.neardup import KeypointCache, candidate_pairs, confirm_pairs, match_thumbnails
+from fracdet.data.neardup import KeypointCache, confirm_pairs, match_thumbnails, view_candidate_pairs
 
 STRATA = {  # name: (dataset a, dataset b or None, confirmed pairs, rejected pairs)
     "multiregion": ("multiregion", None, 40, 40),
@@ -73,11 +73,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         table_b, dups_b = loaded[name_b or name_a]
         feats_a, feats_b = dups_a.features, dups_b.features
         if name_b is None:
-            cands = candidate_pairs(feats_a.embeddings, neighbours=8, min_similarity=config.near.min_similarity)
+            cands = view_candidate_pairs(feats_a.views, None, config.near)
         else:
-            cands = candidate_pairs(
-                feats_a.embeddings, feats_b.embeddings, neighbours=8, min_similarity=config.near.min_similarity
-            )
+            cands = view_candidate_pairs(feats_a.views, feats_b.views, config.near)
         cands = cands[cands["similarity"] < 0.9999].reset_index(drop=True)  # exact copies need no eye
         thumbs = {**feats_a.thumbnails, **feats_b.thumbnails}
         checked = confirm_pairs(cands, list(feats_a.props.index), list(feats_b.props.index), thumbs, config.near)
@@ -120,7 +118,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     loaded = {name: _load(args.shared, name, search) for name in names}
     sha = {name: dict(zip(t["path"], d.files["sha256"], strict=True)) for name, (t, d) in loaded.items()}
     thumbs = {k: v for _, d in loaded.values() for k, v in d.features.thumbnails.items()}
-    keypoints = KeypointCache(thumbs)
+    keypoints = KeypointCache(thumbs, config.near.keypoints)
     verdicts = []
     for r in review.itertuples():
         match = match_thumbnails(keypoints, sha[r.dataset_a][r.path_a], sha[r.dataset_b][r.path_b], config.near)

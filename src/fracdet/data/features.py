@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from fracdet.data.decode import ImageReadError, decode_image
+from fracdet.data.embed import upright
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.hashing import sha256_file
 from fracdet.utils.progress import progress
@@ -30,6 +31,8 @@ __all__ = ["THUMB_SIZE", "ContentFeatures", "compute_content_features", "hash_fi
 THUMB_SIZE = 256  # longest side of the cached grey thumbnail
 _PROPS_KIND = "props-v1"
 _THUMB_KIND = "thumb-v1"
+_EMBED_KIND = "embed-v1"
+_UPRIGHT_KIND = "upright-v1"
 
 
 @dataclass
@@ -41,11 +44,19 @@ class ContentFeatures:
             width, height, file_size, mean_intensity.
         embeddings: (n_contents, d) float32, L2-normalised; rows of unreadable contents are zero.
         thumbnails: content hash -> JPEG bytes of the grey thumbnail (absent when unreadable).
+        upright_embeddings: like ``embeddings``, of the thumbnail turned upright
+            (:func:`fracdet.data.embed.upright`): copies rotated by any angle meet there.
     """
 
     props: pd.DataFrame
     embeddings: np.ndarray
     thumbnails: dict[str, bytes]
+    upright_embeddings: np.ndarray | None = None
+
+    @property
+    def views(self) -> list[np.ndarray]:
+        """The embeddings to search for candidates: as stored, and upright when computed."""
+        return [self.embeddings] + ([self.upright_embeddings] if self.upright_embeddings is not None else [])
 
     def row_of(self) -> dict[str, int]:
         """Map content hash -> row index in :attr:`embeddings`."""
@@ -130,25 +141,56 @@ def compute_content_features(
         cache.put_many(_THUMB_KIND, new_thumbs)
     props = pd.DataFrame([json.loads(props_blobs[s]) for s in shas], index=pd.Index(shas, name="sha256"))
 
-    emb_kind = f"embed-v1-{embedder_name}"
-    emb_blobs = cache.get_many(emb_kind, [s for s in shas if s in thumbs])
-    missing = [s for s in shas if s in thumbs and s not in emb_blobs]
+    embed = _LazyEmbedder(embedder_factory)
+    views = [
+        _embeddings(shas, thumbs, cache, f"{kind}-{embedder_name}", embed, turn)
+        for kind, turn in ((_EMBED_KIND, None), (_UPRIGHT_KIND, upright))
+    ]
+    return ContentFeatures(props=props, embeddings=views[0], thumbnails=thumbs, upright_embeddings=views[1])
+
+
+class _LazyEmbedder:
+    """Builds the embedder on first use only, so a warm run never loads the network."""
+
+    def __init__(self, factory: Callable[[], Callable[[Sequence[np.ndarray]], np.ndarray]]) -> None:
+        self._factory, self._embed = factory, None
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if self._embed is None:
+            self._embed = self._factory()
+        return self._embed(images)
+
+
+def _embeddings(
+    shas: list[str],
+    thumbs: dict[str, bytes],
+    cache: FeatureCache,
+    kind: str,
+    embed: Callable[[Sequence[np.ndarray]], np.ndarray],
+    turn: Callable[[np.ndarray], np.ndarray] | None,
+) -> np.ndarray:
+    """One embedding per content (zero rows where unreadable), read from or written to ``cache``."""
+    blobs = cache.get_many(kind, [s for s in shas if s in thumbs])
+    missing = [s for s in shas if s in thumbs and s not in blobs]
     if missing:
-        embed = embedder_factory()
         new = []
         step = 256
         for start in progress(
-            range(0, len(missing), step), desc="embedding", total=-(-len(missing) // step), unit="batch"
+            range(0, len(missing), step),
+            desc=f"embedding ({kind.split('-')[0]})",
+            total=-(-len(missing) // step),
+            unit="batch",
         ):
             chunk = missing[start : start + step]
-            vectors = embed([load_thumbnail(thumbs[s]) for s in chunk])
+            images = [load_thumbnail(thumbs[s]) for s in chunk]
+            vectors = embed([turn(im) for im in images] if turn else images)
             for sha, vec in zip(chunk, vectors, strict=True):
-                emb_blobs[sha] = vec.astype(np.float16).tobytes()
-                new.append((sha, emb_blobs[sha]))
-        cache.put_many(emb_kind, new)
-    dim = len(next(iter(emb_blobs.values()))) // 2 if emb_blobs else 1
+                blobs[sha] = vec.astype(np.float16).tobytes()
+                new.append((sha, blobs[sha]))
+        cache.put_many(kind, new)
+    dim = len(next(iter(blobs.values()))) // 2 if blobs else 1
     embeddings = np.zeros((len(shas), dim), np.float32)
     for i, sha in enumerate(shas):
-        if sha in emb_blobs:
-            embeddings[i] = np.frombuffer(emb_blobs[sha], np.float16)
-    return ContentFeatures(props=props, embeddings=embeddings, thumbnails=thumbs)
+        if sha in blobs:
+            embeddings[i] = np.frombuffer(blobs[sha], np.float16)
+    return embeddings

@@ -4,10 +4,12 @@ Two files are near-duplicates when one is a re-encoded, rescaled, slightly rotat
 copy of the other. Perceptual hashes miss rotated-and-cropped copies, and embeddings alone also pull
 together *different* radiographs of the same body part. So the detection has two stages:
 
-1. candidates: each content's nearest neighbours by cosine similarity of its embedding;
+1. candidates: each content's nearest neighbours by cosine similarity of its embeddings, as it is and
+   turned upright (so copies rotated by any angle are candidates too);
 2. confirmation: ORB keypoints matched between the two thumbnails must agree on one affine
    transform (optionally after a mirror flip), checked with RANSAC, and the thumbnails aligned by it
-   must agree pixel for pixel at the scale of anatomy. Different radiographs of the same anatomy
+   (the alignment refined on the pixels where keypoints alone leave it a pixel or two off) must agree
+   pixel for pixel at the scale of anatomy. Different radiographs of the same anatomy
    rarely share dozens of geometrically consistent keypoints; two exposures of one patient that do
    (same detector, same position) still differ where the anatomy moved.
 
@@ -34,6 +36,7 @@ __all__ = [
     "candidate_pairs",
     "confirm_pairs",
     "match_thumbnails",
+    "view_candidate_pairs",
 ]
 
 
@@ -56,8 +59,13 @@ class NearDuplicateConfig:
     closely without being one radiograph.
 
     Attributes:
-        neighbours: candidates per content (nearest by embedding).
+        neighbours: candidates per content (nearest by embedding as it is).
         min_similarity: cosine similarity below which a neighbour is not a candidate.
+        upright_neighbours: candidates per content nearest by the upright embedding. Copies at any
+            angle meet there, but so do different radiographs of one body part in one position: fewer
+            neighbours and a higher similarity keep the extra candidates (and their cost) few.
+        upright_min_similarity: the similarity floor of upright candidates.
+        keypoints: ORB keypoints per thumbnail.
         min_inliers: RANSAC inliers of the first tier.
         max_mismatch: mismatch (grey levels, 0-255 scale) allowed in the first tier.
         strong_inliers: inliers of the second tier.
@@ -70,6 +78,9 @@ class NearDuplicateConfig:
 
     neighbours: int = 8
     min_similarity: float = 0.70
+    upright_neighbours: int = 4
+    upright_min_similarity: float = 0.70
+    keypoints: int = 500
     min_inliers: int = 15
     max_mismatch: float = 4.0
     strong_inliers: int = 150
@@ -172,14 +183,30 @@ def candidate_pairs(
     return frame.sort_values("similarity", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def view_candidate_pairs(
+    views_a: list[np.ndarray], views_b: list[np.ndarray] | None, config: NearDuplicateConfig
+) -> pd.DataFrame:
+    """:func:`candidate_pairs` in the embedding as it is and, where given, upright; joined.
+
+    A pair found in both views keeps its highest similarity; pairs are sorted most similar first.
+    """
+    settings = [(config.neighbours, config.min_similarity), (config.upright_neighbours, config.upright_min_similarity)]
+    frames = [
+        candidate_pairs(a, None if views_b is None else views_b[k], neighbours=n, min_similarity=floor)
+        for k, (a, (n, floor)) in enumerate(zip(views_a, settings, strict=False))
+    ]
+    joined = pd.concat(frames, ignore_index=True).groupby(["i", "j"], as_index=False)["similarity"].max()
+    return joined.sort_values("similarity", ascending=False, kind="stable").reset_index(drop=True)
+
+
 class KeypointCache:
     """ORB keypoints of thumbnails, computed once per thumbnail, orientation and shape."""
 
-    def __init__(self, thumbnails: dict[str, bytes]) -> None:
+    def __init__(self, thumbnails: dict[str, bytes], keypoints: int = 500) -> None:
         import cv2
 
         self.cv2 = cv2
-        self._orb = cv2.ORB_create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
+        self._orb = cv2.ORB_create(nfeatures=keypoints, fastThreshold=10, edgeThreshold=15, patchSize=15)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._thumbs = thumbnails
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
@@ -201,8 +228,17 @@ class KeypointCache:
             self._memo[key] = (image, pts, des)
         return self._memo[key]
 
-    def match(self, a: tuple, b: tuple, flipped: bool) -> GeometricMatch:
-        """Ratio-test ORB matches, a RANSAC affine transform, then the aligned pixels' mismatch."""
+    def match(self, a: tuple, b: tuple, flipped: bool, config: NearDuplicateConfig | None = None) -> GeometricMatch:
+        """Ratio-test ORB matches, a RANSAC affine transform, then the aligned pixels' mismatch.
+
+        With ``config``, a match *turned* by more than a few degrees that has the keypoints of a copy
+        but too high a mismatch gets its transform refined on the pixels (:func:`_refine`) and keeps the
+        lower of the two mismatches: RANSAC on a few dozen keypoints of a copy resampled by a rotation
+        can leave the alignment a pixel or two off, which on textured tiles reads as a difference. Only
+        turned, unmirrored matches are refined: a second exposure of one limb in one position (FracAtlas)
+        lies at about 0 degrees, and refined, the left and right wrist of one patient (mirrored, an "R"
+        and an "L" marker, multiregion) came within a copy's mismatch.
+        """
         cv2 = self.cv2
         image_a, pts_a, des_a = a
         image_b, pts_b, des_b = b
@@ -227,10 +263,24 @@ class KeypointCache:
         if singular[1] <= 0 or singular[0] / singular[1] > _MAX_ANISOTROPY:
             return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
         mismatch, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
-        return GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped, mismatch, overlap)
+        inliers = int(mask.sum())
+        if (
+            config is not None
+            and not flipped
+            and abs(angle) > _REFINE_MIN_ANGLE
+            and mismatch > config.max_mismatch
+            and inliers >= config.min_inliers
+            and inliers >= config.min_inlier_ratio * len(good)
+            and (refined := _refine(cv2, image_a, image_b, transform)) is not None
+        ):
+            mismatch_r, overlap_r = _aligned_mismatch(cv2, image_a, image_b, refined)
+            if mismatch_r < mismatch:
+                mismatch, overlap = mismatch_r, overlap_r
+        return GeometricMatch(inliers, len(good), scale, angle, flipped, mismatch, overlap)
 
 
 _FILL_LEVEL = 4  # grey level at or below which a pixel counts as padding
+_REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
 _MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed copies are matched stretched
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
 
@@ -260,6 +310,25 @@ def _aligned_mismatch(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: 
     if valid.sum() < 100:
         return float("inf"), overlap
     return _tile_mismatch(warped, b, valid), overlap
+
+
+def _refine(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> np.ndarray | None:
+    """The affine transform ``image_a -> image_b`` refined by ECC on the pixels, or ``None`` if it fails.
+
+    OpenCV's ``findTransformECC`` maximises the correlation of the two images (so brightness and contrast
+    changes between copies do not matter) from the keypoints' transform, over the content of ``image_b``.
+    """
+    h, w = max(image_a.shape[0], image_b.shape[0]), max(image_a.shape[1], image_b.shape[1])
+    pad = [np.pad(x, ((0, h - x.shape[0]), (0, w - x.shape[1]))) for x in (image_a, image_b)]
+    a, b = (cv2.GaussianBlur(x, (5, 5), 0).astype(np.float32) for x in pad)
+    warp = cv2.invertAffineTransform(transform).astype(np.float32)  # ECC maps template (b) onto input (a)
+    mask = (pad[1] > _FILL_LEVEL).astype(np.uint8)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+    try:
+        _, warp = cv2.findTransformECC(b, a, warp, cv2.MOTION_AFFINE, criteria, mask, 5)
+    except cv2.error:  # did not converge: keep the keypoints' transform
+        return None
+    return cv2.invertAffineTransform(warp)
 
 
 def _tile_mismatch(x: np.ndarray, y: np.ndarray, valid: np.ndarray, tile: int = 24) -> float:
@@ -307,7 +376,8 @@ def match_thumbnails(keypoints: KeypointCache, sha_a: str, sha_b: str, config: N
     for shape in shapes:
         a = keypoints.get(sha_a, shape=shape)
         for flipped in (False, True):
-            m = keypoints.match(a, keypoints.get(sha_b, flipped=flipped), flipped=flipped)
+            b = keypoints.get(sha_b, flipped=flipped)
+            m = keypoints.match(a, b, flipped, config)
             if m.confirms(config):
                 return m
             if m.inliers > best.inliers:
@@ -336,7 +406,7 @@ def confirm_pairs(
     releases the GIL); a pair is skipped only if it was joined before its batch began, so the groups are
     the same whatever the number of workers.
     """
-    keypoints = KeypointCache(thumbnails)
+    keypoints = KeypointCache(thumbnails, config.keypoints)
     workers = workers or worker_count()
     pairs = list(zip(candidates["i"], candidates["j"], strict=True))
     rows: list[tuple] = [()] * len(pairs)
