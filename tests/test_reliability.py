@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +34,8 @@ from fracdet.models.release import TrainedModel
 from fracdet.serve import ServeConfig, create_app
 from fracdet.serve.executor import InferenceExecutor, ServerBusyError
 from fracdet.serve.guard import SECURITY_HEADERS
+
+REPO = Path(__file__).resolve().parents[1]
 
 FRACTURED = "images/Fractured/IMG0000261.jpg"
 SAMPLE_RADIOGRAPH = Path(__file__).resolve().parents[1] / "samples" / "fracatlas" / FRACTURED
@@ -479,3 +484,63 @@ def _post_quietly(base: str, data: bytes) -> None:
 
     with contextlib.suppress(httpx.HTTPError):
         httpx.post(f"{base}/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=30)
+
+
+# --- a full disk ------------------------------------------------------------------------------------
+
+
+def _files_cannot_grow_past(limit: int):
+    """For ``preexec_fn``: no file of the child may grow past ``limit`` bytes, so its writes fail as on a
+    full disk (``EFBIG`` where a full disk gives ``ENOSPC``; Python ignores the SIGXFSZ signal)."""
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _cli(*args: str, limit: int | None = None, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FRACDET_CACHE": str(cache), "FRACDET_PROGRESS": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "fracdet.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_files_cannot_grow_past(limit) if limit else None,
+    )
+
+
+def test_a_full_disk_stops_training_with_a_clear_error_and_nothing_half_written(sample_root, tmp_path):
+    from fracdet.training.checkpoint import load_checkpoint
+
+    from .test_training import sample_manifest
+
+    run, cache, splits = tmp_path / "run", tmp_path / "cache", tmp_path / "splits.csv"
+    sample_manifest(sample_root)[["path", "label", "group", "split"]].to_csv(splits, index=False)
+    train = ["train", "--config", str(REPO / "configs" / "paper.yaml"), "--data", str(sample_root), "--out", str(run)]
+    train += ["--splits", str(splits)]
+    train += ["--set=image_size=32", "--set=batch_size=8", "--set=epochs=1"]
+    full = _cli(*train, limit=16 * 1024, cache=cache)  # room for the run's records, not for a checkpoint
+    assert full.returncode == 74, full.stderr[-2000:]
+    assert "no space left to write" in full.stderr and "Traceback" not in full.stderr
+    assert str(run / "checkpoints") in full.stderr  # names what it could not write
+    assert not list(run.rglob("*.tmp"))  # the checkpoint being written is not there at all
+    assert not (run / "checkpoints" / "last.pt").exists()
+    again = _cli(*train, cache=cache)  # space freed: the same command trains the run
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0
+
+
+def test_a_full_disk_under_the_cache_slows_an_audit_down_but_neither_stops_nor_corrupts_it(sample_root, tmp_path):
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    full = _cli("audit", str(sample_root), limit=96 * 1024, cache=cache)
+    warm = _cli("audit", str(sample_root), cache=cache)
+    assert "going on without" in full.stderr and "Traceback" not in full.stderr
+    assert full.returncode == warm.returncode and full.stdout == warm.stdout  # the same findings
+    with sqlite3.connect(cache / "features.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

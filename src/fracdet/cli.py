@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -530,6 +531,23 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        # Every file fracdet keeps (checkpoints, run records, tables, models) is written atomically, so
+        # what was written before is whole and what was being written is not there at all.
+        print(
+            f"error: no space left to write {exc.filename or 'a file'} ({exc.strerror}). Files written before "
+            "are intact and nothing was left half-written; free space and run the command again "
+            "(a training continues with --resume).",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SPACE
+
+
+#: errno values of a write that found no room: a full disk, a full quota, a file-size limit.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+EXIT_NO_SPACE = 74  # EX_IOERR of sysexits.h
 
 
 if __name__ == "__main__":

@@ -126,7 +126,9 @@ def compute_content_features(
     shas = list(sha_to_path)
     props_blobs = cache.get_many(_PROPS_KIND, shas)
     thumbs = cache.get_many(_THUMB_KIND, shas)
-    todo = [s for s in shas if s not in props_blobs]
+    # A readable content whose thumbnail is missing (a write that failed after its props were stored) is
+    # decoded again: without its thumbnail it would silently drop out of the duplicate search.
+    todo = [s for s in shas if s not in props_blobs or (s not in thumbs and json.loads(props_blobs[s])["readable"])]
     if todo:
         with ThreadPoolExecutor(worker_count()) as pool:
             results = pool.map(_analyse, (sha_to_path[s] for s in todo))

@@ -4,7 +4,9 @@ Keys are ``(kind, content hash)``, so a file that changes gets a new key and is 
 renamed or copied file is free. The store is one SQLite file: safe against interrupted runs (each write
 is a transaction) and readable by several processes at once. Every value carries a BLAKE2 checksum of
 itself; a value that no longer matches it (a damaged disk, a tampered file, an entry from before checksums)
-is not trusted: it is dropped and reported missing, so the caller recomputes it.
+is not trusted: it is dropped and reported missing, so the caller recomputes it. A write that fails (a full
+disk) is rolled back, logged once, and the cache stops writing for the rest of the run: the work it was
+saving goes on uncached, and what the cache held stays whole.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 __all__ = ["FeatureCache", "default_cache_dir"]
@@ -47,6 +49,7 @@ class FeatureCache:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.path = self.directory / "features.sqlite"
         self._conn: sqlite3.Connection | None = None
+        self._writable = True
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -67,7 +70,13 @@ class FeatureCache:
         keys = list(dict.fromkeys(keys))
         if not self.enabled or not keys:
             return {}
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except (sqlite3.DatabaseError, OSError) as exc:  # cannot even create the file: a full disk
+            log.warning("cache %s: cannot open (%s); going on without it", self.path, exc)
+            self.close()
+            self.enabled = False
+            return {}
         found: dict[str, bytes] = {}
         damaged: list[str] = []
         for start in range(0, len(keys), 500):
@@ -82,20 +91,25 @@ class FeatureCache:
         if damaged:
             log.warning("cache %s: %d %s entries failed their checksum; recomputing them", self.path, len(damaged),
                         kind)  # fmt: skip
-            with conn:
+            with suppress(sqlite3.DatabaseError), conn:  # dropping them is tidiness; they are not returned
                 conn.executemany("DELETE FROM blobs WHERE kind = ? AND key = ?", ((kind, k) for k in damaged))
         return found
 
     def put_many(self, kind: str, items: Iterable[tuple[str, bytes]]) -> None:
         """Store ``(key, value)`` pairs in one transaction."""
-        if not self.enabled:
+        if not self.enabled or not self._writable:
             return
-        conn = self._connect()
-        with conn:
-            conn.executemany(
-                "INSERT OR REPLACE INTO blobs (kind, key, value, checksum) VALUES (?, ?, ?, ?)",
-                ((kind, key, sqlite3.Binary(value), _checksum(value)) for key, value in items),
-            )
+        try:
+            conn = self._connect()
+            with conn:  # one transaction: all of it is stored or none
+                conn.executemany(
+                    "INSERT OR REPLACE INTO blobs (kind, key, value, checksum) VALUES (?, ?, ?, ?)",
+                    ((kind, key, sqlite3.Binary(value), _checksum(value)) for key, value in items),
+                )
+        except (sqlite3.DatabaseError, OSError) as exc:
+            # SQLITE_FULL ("database or disk is full"), a quota, a file-size limit, a read-only folder.
+            log.warning("cache %s: cannot write (%s); going on without storing more", self.path, exc)
+            self._writable = False
 
     def keys(self, kind: str) -> Iterator[str]:
         """Iterate over the keys stored for ``kind`` (used by tests and diagnostics)."""
