@@ -15,6 +15,11 @@ was used to fit or choose the gate, which saw only radiographs), seed 0:
 * ``blank``: constant and nearly constant images of many sizes.
 
 Every item goes through the same :class:`fracdet.inference.Predictor` the server uses, as PNG or JPEG bytes.
+
+``--dev`` builds a *development* set instead (seed 1: other crops, pages, noise and slices from the same
+generators) and measures the radiograph side on the *validation* splits, recording each item's distance:
+the place to design the gate's rules. The held-out set (seed 0, test radiographs) is measured once a
+design is chosen, and never used to choose it.
 Reports, per kind, the share refused with a 95% Clopper-Pearson interval, and the share of FracAtlas test
 and multiregion test radiographs refused (must stay <= 1%) or warned about. Needs ``scikit-image``,
 ``pydicom`` and, for screenshots, ``playwright`` with chromium.
@@ -212,11 +217,27 @@ def held_out_set(model_name: str, *, seed: int = 0) -> list[tuple[str, bytes]]:
     return [(kind, encode(image, rng)) for kind, images in kinds.items() for image in images]
 
 
-def refusal_rate(predictor: Predictor, items: list[tuple[str, bytes]], desc: str) -> dict[str, dict]:
+def refusal_rate(
+    predictor: Predictor, items: list[tuple[str, bytes]], desc: str, distances: dict[str, list] | None = None
+) -> dict[str, dict]:
+    """Share refused per kind; with ``distances``, also each item's gate distance (None: refused before it)."""
     refused, warned, total = Counter(), Counter(), Counter()
     reasons: dict[str, Counter] = {}
+    current = [""]
+    judge = predictor.gate.judge
+
+    def recording(features):  # the verdict's distance, kept for the development report
+        verdict = judge(features)
+        if distances is not None:
+            distances[current[0]][-1] = verdict.distance
+        return verdict
+
+    predictor.gate.judge = recording
     for kind, data in progress(items, desc=desc):
         total[kind] += 1
+        current[0] = kind
+        if distances is not None:
+            distances.setdefault(kind, []).append(None)
         try:
             prediction = predictor.predict_bytes(data, kind)
         except NotARadiographError as exc:
@@ -226,6 +247,7 @@ def refusal_rate(predictor: Predictor, items: list[tuple[str, bytes]], desc: str
         except ImageReadError:
             continue
         warned[kind] += prediction.input_check == "unusual"
+    predictor.gate.judge = judge
     out = {}
     for kind in total:
         ci = binomtest(refused[kind], total[kind]).proportion_ci(0.95)
@@ -248,8 +270,11 @@ def main() -> None:
     parser.add_argument("--fracatlas", required=True)
     parser.add_argument("--fracatlas-splits", default="splits/fracatlas_seed0.csv")
     parser.add_argument("--multiregion", required=True)
-    parser.add_argument("--out", default="benchmarks/results-input-gate.json")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results-input-gate[-dev].json")
+    parser.add_argument("--dev", action="store_true", help="the development set (seed 1, validation radiographs)")
     args = parser.parse_args()
+    args.out = args.out or f"benchmarks/results-input-gate{'-dev' if args.dev else ''}.json"
+    seed, split = (1, "val") if args.dev else (0, "test")
     model = load(args.model)
     predictor = Predictor(model, heatmaps=False)
     if not predictor.gate.fitted:
@@ -257,15 +282,19 @@ def main() -> None:
     from fracdet.data.split import apply_manifest
 
     fracatlas = apply_manifest(load_dataset(args.fracatlas), args.fracatlas_splits)
-    test = fracatlas[fracatlas["split"] == "test"]
-    test.attrs.update(fracatlas.attrs)
-    real = [("fracatlas test", p.read_bytes()) for p in absolute_paths(test)] + radiographs(args.multiregion, "test")
+    rows = fracatlas[fracatlas["split"] == split]
+    rows.attrs.update(fracatlas.attrs)
+    real = [(f"fracatlas {split}", p.read_bytes()) for p in absolute_paths(rows)] + radiographs(args.multiregion, split)
+    distances: dict[str, list] | None = {} if args.dev else None
     result = {
         "model": f"{model.name} {model.version}",
         "gate": model.meta["gate"],
-        "non_radiographs": refusal_rate(predictor, held_out_set(args.model), "non-radiographs"),
-        "radiographs": refusal_rate(predictor, real, "radiographs"),
+        "set": "development (seed 1, validation radiographs)" if args.dev else "held out (seed 0, test radiographs)",
+        "non_radiographs": refusal_rate(predictor, held_out_set(args.model, seed=seed), "non-radiographs", distances),
+        "radiographs": refusal_rate(predictor, real, "radiographs", distances),
     }
+    if distances is not None:
+        result["distances"] = distances
     Path(args.out).write_text(json.dumps(result, indent=2))
     plot(result, Path(args.out).with_suffix(".png"))
     for part in ("non_radiographs", "radiographs"):

@@ -351,8 +351,8 @@ def gated_model(tmp_path_factory, cache_dir):
     )  # fmt: skip
     table = sample_manifest(SAMPLE)
     model = load(folder)
-    distance, limits, summary = fit_gate_on_splits(model, table, cache=FeatureCache(cache_dir))
-    save_gate(model, distance, limits, folder)
+    distance, limits, summary, appearance = fit_gate_on_splits(model, table, cache=FeatureCache(cache_dir))
+    save_gate(model, distance, limits, folder, appearance)
     return folder, summary
 
 

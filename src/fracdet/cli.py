@@ -311,10 +311,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
     splits = args.splits or (str(model.splits_path) if model.splits_path else None)
     table = _load_split_table(args.data, splits)
     extra = [_load_split_table(path, None) for path in args.extra_val]
-    distance, limits, summary = fit_gate_on_splits(model, table, extra_val=extra)
-    path = save_gate(model, distance, limits, model.folder)
+    distance, limits, summary, appearance = fit_gate_on_splits(model, table, extra_val=extra)
+    path = save_gate(model, distance, limits, model.folder, appearance)
     print(f"input gate of {model.name} {model.version}: warn beyond distance {limits.warn:.2f}, refuse beyond "
-          f"{limits.refuse:.2f} or {limits.colour_fraction:.0%} coloured; fitted on {limits.fitted_on}, chosen on "
+          f"{limits.refuse:.2f}, appearance distance {limits.appearance_refuse:.2f} or {limits.colour_fraction:.0%} "
+          f"coloured; fitted on {limits.fitted_on}, chosen on "
           f"{limits.chosen_on}")  # fmt: skip
     quantiles = " / ".join(f"{v:.2f}" for v in summary["val_distance_quantiles"].values())
     print(f"validation distances (quantiles 0.5 / 0.9 / 0.99 / max): {quantiles}; written to {path}")

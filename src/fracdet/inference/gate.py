@@ -6,7 +6,9 @@ gate stands before the verdict and gives one of three outcomes:
 * ``refused`` (HTTP 422, an error row): not a plausible radiograph. Simple checks first, each with its own
   message: too small, non-finite values, blank or nearly uniform, a colour picture (radiographs are grey: more
   of it coloured than :func:`fracdet.data.decode.colour_fraction` allows; an arrow drawn on a radiograph
-  is not enough); then the image's distance from the training
+  is not enough); then how far the image *looks* from the training radiographs in a general-purpose
+  feature space (ImageNet EfficientNet-Lite0, where photographs, pages, screenshots and noise are at home
+  and far from radiographs), beyond the *appearance* limit; then the image's distance from the training
   radiographs in the model's own feature space, beyond the *refuse* limit.
 * ``unusual``: a radiograph, but further from the training data than almost every validation radiograph
   (beyond the *warn* limit): answered, with a warning a reader sees.
@@ -18,7 +20,10 @@ training radiographs; the Mahalanobis distance there (Ledoit-Wolf shrunk covaria
 plus the normalised energy left outside those components (so an input unlike anything seen, which the
 components cannot express, is far too). Both limits are chosen on *validation* radiographs only
 (quantiles of their distances); nothing about non-radiographs is fitted, so the catch rate measured on
-them (``benchmarks/input_gate.py``) is an honest held-out figure.
+them (``benchmarks/input_gate.py``) is an honest held-out figure. The appearance distance is the same
+construction over the ImageNet features; the model's own features alone tell a grey photograph or a noise
+field from a radiograph poorly (their distances overlap the validation radiographs'), the ImageNet features
+well (``benchmarks/input_gate.py --dev``, a development set apart from the held-out one).
 
 The gate travels with the model: ``gate.safetensors`` (the projection) and ``model.json`` ``gate`` (the
 limits and how they were chosen), written by :func:`fit_gate` / ``fracdet gate``.
@@ -63,6 +68,8 @@ MIN_STD = 0.02
 COLOUR_FRACTION = 0.15
 #: Principal components the distance keeps.
 COMPONENTS = 64
+#: Principal components of the appearance distance (ImageNet features).
+APPEARANCE_COMPONENTS = 32
 GATE_FILE = "gate.safetensors"
 
 
@@ -94,6 +101,8 @@ class GateLimits:
     chosen_on: str = ""
     warn_quantile: float = 0.99
     refuse_margin: float = 1.5
+    appearance_refuse: float | None = None  # appearance distance beyond which an image is refused (None: no check)
+    appearance_quantile: float = 0.995  # the validation quantile it is
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,8 +198,15 @@ class FeatureDistance:
 class InputGate:
     """The gate of one model: simple checks, then (when fitted) the feature distance against its limits."""
 
-    def __init__(self, model: TrainedModel, distance: FeatureDistance | None, limits: GateLimits | None) -> None:
-        self.model, self.distance, self.limits = model, distance, limits
+    def __init__(
+        self,
+        model: TrainedModel,
+        distance: FeatureDistance | None,
+        limits: GateLimits | None,
+        appearance: FeatureDistance | None = None,
+    ) -> None:
+        self.model, self.distance, self.limits, self.appearance = model, distance, limits, appearance
+        self._embedder: Any = None
 
     @classmethod
     def of(cls, model: TrainedModel) -> InputGate:
@@ -201,7 +217,11 @@ class InputGate:
             return cls(model, None, None)
         from safetensors.torch import load_file
 
-        return cls(model, FeatureDistance.from_tensors(load_file(path)), GateLimits(**meta))
+        tensors = load_file(path)
+        own = {k: v for k, v in tensors.items() if "." not in k}
+        looks = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("appearance.")}
+        appearance = FeatureDistance.from_tensors(looks) if looks else None
+        return cls(model, FeatureDistance.from_tensors(own), GateLimits(**meta), appearance)
 
     @property
     def fitted(self) -> bool:
@@ -219,6 +239,21 @@ class InputGate:
         limit = self.limits.colour_fraction if self.limits else COLOUR_FRACTION
         if colour_fraction > limit:
             return f"a colour image ({colour_fraction:.0%} of it coloured > {limit:.0%}): radiographs are grey"
+        return None
+
+    def appearance_check(self, image: np.ndarray) -> str | None:
+        """Why ``image`` (grey uint8 at the model's input size) does not look like a radiograph, or ``None``.
+
+        One forward of the ImageNet embedder (about 9 ms on a CPU core), for gates fitted with one.
+        """
+        if self.appearance is None or self.limits is None or self.limits.appearance_refuse is None:
+            return None
+        if self._embedder is None:
+            self._embedder = appearance_embedder()
+        distance = float(self.appearance(self._embedder([image]).astype(np.float64))[0])
+        if distance > self.limits.appearance_refuse:
+            return (f"does not look like a radiograph (appearance distance {distance:.1f} from the training "
+                    f"radiographs > {self.limits.appearance_refuse:.1f})")  # fmt: skip
         return None
 
     def judge(self, features: np.ndarray | None) -> GateVerdict:
@@ -251,18 +286,27 @@ def fit_gate(
     *,
     warn_quantile: float = 0.99,
     refuse_margin: float = 1.5,
+    appearance_quantile: float = 0.995,
     fitted_on: str = "",
     chosen_on: str = "",
-) -> tuple[FeatureDistance, GateLimits, np.ndarray]:
-    """Fit the distance on training radiographs and choose the limits on validation radiographs.
+) -> tuple[FeatureDistance, GateLimits, np.ndarray, FeatureDistance]:
+    """Fit the distances on training radiographs and choose the limits on validation radiographs.
 
     *warn* is the ``warn_quantile`` of the validation distances; *refuse* is ``refuse_margin`` times the
-    largest validation distance; the colour limit is :func:`colour_limit` of the validation radiographs.
-    Returns the distance, the limits and the validation distances (to report what the choice saw).
+    largest validation distance; the colour limit is :func:`colour_limit` of the validation radiographs; the
+    appearance limit is the ``appearance_quantile`` of their appearance distances (0.995: about one
+    validation radiograph in 200 refused; on the development set of ``benchmarks/input_gate.py --dev`` the
+    largest validation distance let most noise through, see ``docs/RELIABILITY.md``).
+    Returns the distance, the limits, the validation distances (to report what the choice saw) and the
+    appearance distance.
     """
     distance = FeatureDistance.fit(image_features(model, train_images, progress_desc="features of train"))
     val = distance(image_features(model, val_images, progress_desc="features of val"))
+    appearance = FeatureDistance.fit(appearance_features(train_images), APPEARANCE_COMPONENTS)
+    val_appearance = appearance(appearance_features(val_images))
     limits = GateLimits(
+        appearance_refuse=float(np.quantile(val_appearance, appearance_quantile)),
+        appearance_quantile=appearance_quantile,
         warn=float(np.quantile(val, warn_quantile)),
         refuse=float(refuse_margin * val.max()),
         colour_fraction=colour_limit(val_colour_fractions, refuse_margin),
@@ -271,10 +315,28 @@ def fit_gate(
         warn_quantile=warn_quantile,
         refuse_margin=refuse_margin,
     )
-    return distance, limits, val
+    return distance, limits, val, appearance
 
 
-def save_gate(model: TrainedModel, distance: FeatureDistance, limits: GateLimits, folder: str | Path) -> Path:
+def appearance_embedder() -> Any:
+    """The general-purpose embedder of the appearance check: ImageNet EfficientNet-Lite0 at 128 px."""
+    from fracdet.data.embed import ImageEmbedder
+
+    return ImageEmbedder(variant=0, size=128)
+
+
+def appearance_features(images: np.ndarray) -> np.ndarray:
+    """``(N, 1280)`` ImageNet features of ``(N, H, W)`` uint8 images."""
+    return appearance_embedder()(list(images)).astype(np.float64)
+
+
+def save_gate(
+    model: TrainedModel,
+    distance: FeatureDistance,
+    limits: GateLimits,
+    folder: str | Path,
+    appearance: FeatureDistance | None = None,
+) -> Path:
     """Write ``gate.safetensors`` beside the model and its limits into ``model.json``."""
     import json
 
@@ -283,7 +345,10 @@ def save_gate(model: TrainedModel, distance: FeatureDistance, limits: GateLimits
     from fracdet.utils.atomic import write_json
 
     folder = Path(folder)
-    save_file(distance.tensors(), str(folder / GATE_FILE))
+    tensors = distance.tensors()
+    if appearance is not None:
+        tensors.update({f"appearance.{k}": v for k, v in appearance.tensors().items()})
+    save_file(tensors, str(folder / GATE_FILE))
     meta = json.loads((folder / "model.json").read_text())
     meta["gate"] = limits.to_dict()
     write_json(folder / "model.json", meta)
@@ -297,7 +362,7 @@ def fit_gate_on_splits(
     *,
     extra_val: Sequence[pd.DataFrame] = (),
     cache: FeatureCache | None = None,
-) -> tuple[FeatureDistance, GateLimits, dict[str, Any]]:
+) -> tuple[FeatureDistance, GateLimits, dict[str, Any], FeatureDistance]:
     """Fit ``model``'s gate on the ``train`` rows of ``table`` and choose its limits on validation radiographs.
 
     Args:
@@ -305,7 +370,8 @@ def fit_gate_on_splits(
         extra_val: the ``val`` rows of other radiograph datasets, added to the validation radiographs the
             limits are chosen on, so radiographs from other sources (multiregion) are not refused.
 
-    Returns the distance, the limits, and a summary of what the choice saw (validation distance quantiles).
+    Returns the distance, the limits, a summary of what the choice saw (validation distance quantiles) and
+    the appearance distance.
     """
     from fracdet.data.decode import decode_image
     from fracdet.data.pixels import load_pixels
@@ -324,12 +390,12 @@ def fit_gate_on_splits(
     names = [Path(str(t.attrs.get("root", "dataset"))).name for t in (table, *extra_val)]
     fitted_on = f"train split of {names[0]} ({len(train_pixels)} radiographs)"
     chosen_on = f"val splits of {', '.join(names)} ({len(val_pixels)} radiographs)"
-    distance, limits, val = fit_gate(model, train_pixels, val_pixels, np.asarray(colour), fitted_on=fitted_on,
-                                     chosen_on=chosen_on)  # fmt: skip
+    distance, limits, val, appearance = fit_gate(model, train_pixels, val_pixels, np.asarray(colour),
+                                                 fitted_on=fitted_on, chosen_on=chosen_on)  # fmt: skip
     summary = {"val_distance_quantiles": {f"{q:g}": float(np.quantile(val, q)) for q in (0.5, 0.9, 0.99, 1.0)},
                "val_colour_fraction_max": float(max(colour, default=0.0)), "train_images": len(train_pixels),
                "val_images": len(val_pixels)}  # fmt: skip
-    return distance, limits, summary
+    return distance, limits, summary, appearance
 
 
 def _rows(table: pd.DataFrame, split: str) -> pd.DataFrame:

@@ -136,6 +136,8 @@ class Predictor:
         if self.gate is not None and (reason := self.gate.simple_checks(pixels, colour_fraction)):
             raise NotARadiographError(reason)
         image = resize_square(pixels, self.model.preprocess.input_size)
+        if self.gate is not None and (reason := self.gate.appearance_check(image)):
+            raise NotARadiographError(reason)
         prepared = time.perf_counter()
         _check(cancel)
         fitted = self.gate is not None and self.gate.fitted
