@@ -118,7 +118,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     loaded = {name: _load(args.shared, name, search) for name in names}
     sha = {name: dict(zip(t["path"], d.files["sha256"], strict=True)) for name, (t, d) in loaded.items()}
     thumbs = {k: v for _, d in loaded.values() for k, v in d.features.thumbnails.items()}
-    keypoints = KeypointCache(thumbs, config.near.keypoints)
+    keypoints = KeypointCache(thumbs)
     verdicts = []
     for r in review.itertuples():
         match = match_thumbnails(keypoints, sha[r.dataset_a][r.path_a], sha[r.dataset_b][r.path_b], config.near)

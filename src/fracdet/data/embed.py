@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ImageEmbedder", "upright"]
+__all__ = ["FILL_LEVEL", "ImageEmbedder", "upright"]
 
-_FILL_LEVEL = 4  # grey level at or below which a pixel is padding, not anatomy
+#: Grey level (0-255) at or below which a pixel is padding (black corners, borders), not anatomy.
+FILL_LEVEL = 4
 
 
 class ImageEmbedder:
@@ -79,7 +80,7 @@ def upright(image: np.ndarray) -> np.ndarray:
     """
     import cv2
 
-    weights = np.where(image > _FILL_LEVEL, image, 0).astype(np.float32)
+    weights = np.where(image > FILL_LEVEL, image, 0).astype(np.float32)
     m = cv2.moments(weights)
     if m["m00"] <= 0:
         return image
@@ -90,8 +91,11 @@ def upright(image: np.ndarray) -> np.ndarray:
     turn = cv2.getRotationMatrix2D((cx, cy), theta - 90.0, 1.0)
     turn[:, 2] += (side / 2 - cx, side / 2 - cy)
     out = cv2.warpAffine(image, turn, (side, side), flags=cv2.INTER_LINEAR, borderValue=0)
-    if cv2.moments(np.where(out > _FILL_LEVEL, out, 0).astype(np.float32))["mu03"] < 0:
+    if cv2.moments(np.where(out > FILL_LEVEL, out, 0).astype(np.float32))["mu03"] < 0:
         out = out[::-1, ::-1]  # the heavier end up: a half turn decides the axis' sign
     # Crop to the content so that the embedder sees the anatomy at one scale whatever the canvas was.
-    rows, cols = np.flatnonzero((out > _FILL_LEVEL).any(axis=1)), np.flatnonzero((out > _FILL_LEVEL).any(axis=0))
+    content = out > FILL_LEVEL
+    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    if not len(rows):  # a faint speck that the resampling spread below the padding level
+        return np.ascontiguousarray(out)
     return np.ascontiguousarray(out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])

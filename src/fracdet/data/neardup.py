@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fracdet.data.embed import FILL_LEVEL
 from fracdet.data.features import load_thumbnail
 from fracdet.utils.progress import progress_bar
 from fracdet.utils.workers import worker_count
@@ -65,7 +66,6 @@ class NearDuplicateConfig:
             angle meet there, but so do different radiographs of one body part in one position: fewer
             neighbours and a higher similarity keep the extra candidates (and their cost) few.
         upright_min_similarity: the similarity floor of upright candidates.
-        keypoints: ORB keypoints per thumbnail.
         min_inliers: RANSAC inliers of the first tier.
         max_mismatch: mismatch (grey levels, 0-255 scale) allowed in the first tier.
         strong_inliers: inliers of the second tier.
@@ -80,7 +80,6 @@ class NearDuplicateConfig:
     min_similarity: float = 0.70
     upright_neighbours: int = 4
     upright_min_similarity: float = 0.70
-    keypoints: int = 500
     min_inliers: int = 15
     max_mismatch: float = 4.0
     strong_inliers: int = 150
@@ -202,11 +201,11 @@ def view_candidate_pairs(
 class KeypointCache:
     """ORB keypoints of thumbnails, computed once per thumbnail, orientation and shape."""
 
-    def __init__(self, thumbnails: dict[str, bytes], keypoints: int = 500) -> None:
+    def __init__(self, thumbnails: dict[str, bytes]) -> None:
         import cv2
 
         self.cv2 = cv2
-        self._orb = cv2.ORB_create(nfeatures=keypoints, fastThreshold=10, edgeThreshold=15, patchSize=15)
+        self._orb = cv2.ORB_create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._thumbs = thumbnails
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
@@ -279,7 +278,7 @@ class KeypointCache:
         return GeometricMatch(inliers, len(good), scale, angle, flipped, mismatch, overlap)
 
 
-_FILL_LEVEL = 4  # grey level at or below which a pixel counts as padding
+_FILL_LEVEL = FILL_LEVEL  # grey level at or below which a pixel counts as padding
 _REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
 _MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed copies are matched stretched
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
@@ -406,7 +405,7 @@ def confirm_pairs(
     releases the GIL); a pair is skipped only if it was joined before its batch began, so the groups are
     the same whatever the number of workers.
     """
-    keypoints = KeypointCache(thumbnails, config.keypoints)
+    keypoints = KeypointCache(thumbnails)
     workers = workers or worker_count()
     pairs = list(zip(candidates["i"], candidates["j"], strict=True))
     rows: list[tuple] = [()] * len(pairs)

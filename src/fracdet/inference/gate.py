@@ -302,8 +302,9 @@ def fit_gate(
     """
     distance = FeatureDistance.fit(image_features(model, train_images, progress_desc="features of train"))
     val = distance(image_features(model, val_images, progress_desc="features of val"))
-    appearance = FeatureDistance.fit(appearance_features(train_images), APPEARANCE_COMPONENTS)
-    val_appearance = appearance(appearance_features(val_images))
+    embed = appearance_embedder()
+    appearance = FeatureDistance.fit(embed(list(train_images)).astype(np.float64), APPEARANCE_COMPONENTS)
+    val_appearance = appearance(embed(list(val_images)).astype(np.float64))
     limits = GateLimits(
         appearance_refuse=float(np.quantile(val_appearance, appearance_quantile)),
         appearance_quantile=appearance_quantile,
@@ -323,11 +324,6 @@ def appearance_embedder() -> Any:
     from fracdet.data.embed import ImageEmbedder
 
     return ImageEmbedder(variant=0, size=128)
-
-
-def appearance_features(images: np.ndarray) -> np.ndarray:
-    """``(N, 1280)`` ImageNet features of ``(N, H, W)`` uint8 images."""
-    return appearance_embedder()(list(images)).astype(np.float64)
 
 
 def save_gate(
