@@ -40,7 +40,7 @@ def tiny_config(**overrides) -> TrainConfig:
 # --- configs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "default", "default-gpu", "localiser"])
+@pytest.mark.parametrize("name", ["paper", "default", "default-gpu", "localiser", "stability"])
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert config.input_size > 0
@@ -311,3 +311,85 @@ def test_train_and_evaluate_from_the_command_line(sample_root, cache_dir, tmp_pa
     assert main([*other, "--no-heatmaps", "--out", str(tmp_path / "ev2")]) == 0
     assert "does not describe" in capsys.readouterr().out
     assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--data", str(sample_root)]) == 2
+
+
+# --- stability training and fine-tuning ------------------------------------------------------------
+
+
+def test_each_training_image_comes_with_a_resaved_copy_when_stability_training_is_on():
+    from torchvision import tv_tensors
+
+    from fracdet.training.augment import AugmentedImages, build_twin
+    from fracdet.training.config import StabilityConfig
+
+    assert build_twin(StabilityConfig()) is None  # off by default: one image per item, as before
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    boxes = [([[0.2, 0.2, 0.6, 0.6]], []), ([], [])]
+    data = AugmentedImages(images, np.array([1, 0]), annotations=boxes,
+                           twin=build_twin(StabilityConfig(weight=1.0)))  # fmt: skip
+    pair, label, mask = data[0]
+    assert pair.shape == (2, 64, 64) and label == 1 and mask.shape == (64, 64)
+    assert torch.equal(pair[0], torch.from_numpy(images[0]))  # the image itself (no augmentation here)
+    assert not torch.equal(pair[1], pair[0])  # its copy, re-saved
+    assert isinstance(pair, torch.Tensor) and not isinstance(pair, tv_tensors.Image)
+
+
+def test_the_stability_loss_is_the_change_of_the_verdicts_scores_squared_up_to_a_logit():
+    from fracdet.training.losses import split_views, stability_loss, verdict_scores
+
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 2.5], [1.0, 0.0]], requires_grad=True)
+    images, copies = split_views(logits, 2)
+    assert verdict_scores(images).squeeze(1).tolist() == [2.0, -1.0]
+    assert stability_loss(images, copies).item() == pytest.approx(0.5 * 0.5**2 / 2)  # margins 2 -> 2.5, -1 -> -1
+    far = torch.tensor([[0.0, 10.0]])
+    assert stability_loss(far, far - torch.tensor([[0.0, 4.0]])).item() == pytest.approx(4 - 0.5)  # linear beyond
+    stability_loss(images, copies).backward()
+    assert logits.grad[0].abs().sum() > 0 and logits.grad[2].abs().sum() > 0  # both sides are pulled
+    image_logit, maps = torch.tensor([0.5, 0.5]), torch.zeros(2, 1, 4, 4)
+    maps[1, 0, 2, 3] = 3.0  # a localiser: its image logit and its map's peak
+    assert verdict_scores((image_logit, maps)).tolist() == [[0.5, 0.0], [0.5, 3.0]]
+
+
+def _score_changes(run: Path, images: np.ndarray) -> float:
+    """Mean |change| of the margin between ``images`` and their copies re-saved once (seeded) as JPEG q30."""
+    from torchvision import tv_tensors
+
+    from fracdet.models import load
+    from fracdet.models.predict import predict_margins
+    from fracdet.training.augment import Reencode
+
+    model = load(run)
+    torch.manual_seed(0)
+    resave = Reencode(p=1.0, quality=(30, 30), rescale=0.5)
+    copies = np.stack([resave(tv_tensors.Image(torch.from_numpy(im)[None]))[0].numpy() for im in images])
+    before = predict_margins(model.module, images, model.preprocess)
+    after = predict_margins(model.module, copies, model.preprocess)
+    return float(np.abs(after - before).mean())
+
+
+def test_stability_training_fine_tunes_a_model_to_keep_its_scores_on_resaved_copies(sample_root, cache_dir, tmp_path):
+    from fracdet.data.pixels import load_pixels
+
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    slow = {"optimizer.lr": 0.001}  # the tiny recipe's 0.01 makes these 32-px models erratic
+    base = train(tiny_config(epochs=4, **slow), manifest, tmp_path / "base", cache=cache).out_dir
+    tune = {"epochs": 4, "init_from": str(base), **slow}
+    plain = train(tiny_config(**tune), manifest, tmp_path / "plain", cache=cache).out_dir
+    stable = train(tiny_config(**tune, **{"stability.weight": 30}), manifest, tmp_path / "stable", cache=cache)
+    assert "train_score_change" in stable.history and "train_score_change" not in pd.read_csv(plain / "metrics.csv")
+    images = load_pixels(manifest, 32, cache=cache).images
+    assert _score_changes(stable.out_dir, images) < 0.5 * _score_changes(plain, images)
+
+
+def test_fine_tuning_starts_from_the_given_models_weights(sample_root, cache_dir, tmp_path):
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    base = train(tiny_config(epochs=1), manifest, tmp_path / "base", cache=cache).out_dir
+    tuned = train(tiny_config(epochs=1, init_from=str(base), **{"optimizer.lr": 1e-12}), manifest,
+                  tmp_path / "tuned", cache=cache).out_dir  # fmt: skip
+    from fracdet.models import load
+
+    before, after = dict(load(base).module.named_parameters()), dict(load(tuned).module.named_parameters())
+    assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-3) for k in before)  # only BN stats moved
+    with pytest.raises(ValueError, match="init_from"):
+        train(tiny_config(epochs=1, init_from=str(base), model="efficientnet_lite0"), manifest, tmp_path / "x",
+              cache=cache)  # fmt: skip

@@ -14,6 +14,7 @@ from fracdet.training.config import (
     LocaliseConfig,
     OptimizerConfig,
     ScheduleConfig,
+    StabilityConfig,
     TrainConfig,
     load_config,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "OptimizerConfig",
     "RunExistsError",
     "ScheduleConfig",
+    "StabilityConfig",
     "TrainConfig",
     "TrainResult",
     "choose_thresholds",

@@ -22,9 +22,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from fracdet.data.masks import fracture_mask
-from fracdet.training.config import AugmentConfig
+from fracdet.training.config import AugmentConfig, StabilityConfig
 
-__all__ = ["AugmentedImages", "Reencode", "build_augmentation", "epoch_indices"]
+__all__ = ["AugmentedImages", "Reencode", "build_augmentation", "build_twin", "epoch_indices"]
 
 
 class Reencode(v2.Transform):
@@ -90,12 +90,20 @@ def build_augmentation(config: AugmentConfig) -> v2.Transform | None:
     return v2.Compose(steps) if steps else None
 
 
+def build_twin(config: StabilityConfig) -> v2.Transform | None:
+    """The re-saved copy of stability training (always a round trip), or ``None`` when it is off."""
+    return Reencode(p=1.0, rescale=config.rescale) if config.weight > 0 else None
+
+
 class AugmentedImages(Dataset):
     """``(1, H, W)`` uint8 images and labels, augmented when a transform is given.
 
     With ``annotations`` (per image, ``(boxes, polygons)`` normalised to [0, 1]), each item also carries the
     fracture mask ``(H, W)`` drawn from them (``mask_target``: ``box`` or ``polygon``), moved with the pixels;
     each fracture has its own number (0 = none), so its extent after augmentation is its box.
+
+    With ``twin`` (:func:`build_twin`), each image comes as ``(2, H, W)``: the augmented image and a copy of
+    it passed through ``twin`` (only pixels change, so the mask holds for both).
     """
 
     def __init__(
@@ -106,12 +114,14 @@ class AugmentedImages(Dataset):
         *,
         annotations: Sequence[tuple[Any, Any]] | None = None,
         mask_target: str = "box",
+        twin: v2.Transform | None = None,
     ) -> None:
         self.images = images
         self.labels = np.asarray(labels, np.int64)
         self.transform = transform
         self.annotations = annotations
         self.mask_target = mask_target
+        self.twin = twin
 
     def __len__(self) -> int:
         return len(self.images)
@@ -120,14 +130,20 @@ class AugmentedImages(Dataset):
         x = tv_tensors.Image(torch.from_numpy(self.images[index]).unsqueeze(0))
         label = int(self.labels[index])
         if self.annotations is None:
-            return (self.transform(x) if self.transform is not None else x).as_subclass(torch.Tensor), label
+            x = self.transform(x) if self.transform is not None else x
+            return self._with_twin(x), label
         boxes, polygons = self.annotations[index]
         mask = tv_tensors.Mask(
             torch.from_numpy(fracture_mask(x.shape[-1], boxes, polygons, target=self.mask_target, instances=True))
         )
         if self.transform is not None:
             x, mask = self.transform(x, mask)
-        return x.as_subclass(torch.Tensor), label, mask.as_subclass(torch.Tensor)
+        return self._with_twin(x), label, mask.as_subclass(torch.Tensor)
+
+    def _with_twin(self, x: tv_tensors.Image) -> torch.Tensor:
+        if self.twin is None:
+            return x.as_subclass(torch.Tensor)
+        return torch.cat([x, self.twin(x)]).as_subclass(torch.Tensor)
 
 
 def epoch_indices(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:

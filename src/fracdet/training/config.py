@@ -20,6 +20,7 @@ __all__ = [
     "LocaliseConfig",
     "OptimizerConfig",
     "ScheduleConfig",
+    "StabilityConfig",
     "TrainConfig",
     "load_config",
 ]
@@ -98,6 +99,33 @@ class LocaliseConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """Stability training (Zheng et al. 2016): the same verdict for a radiograph and a re-saved copy of it.
+
+    Re-encoding augmentation alone teaches a model that re-saved images are fractured or not as often as
+    the originals, not that each keeps its own score: localisers trained with it still changed their verdict
+    for 5-8% of validation images re-saved as JPEG q75 (``docs/RESULTS.md``, section 6). With a weight, every
+    training image is scored twice, as augmented and as a copy shrunk by up to ``rescale`` and round-tripped
+    through JPEG or WebP at a random quality, and the change of its scores (the image logit, and a
+    localiser's map peak) joins the loss (its Huber loss: squared up to a logit, linear beyond).
+
+    Attributes:
+        weight: weight of the score change beside the task loss (0: off; on, each step scores
+            twice as many images).
+        rescale: the copy's side shrinks by a factor drawn from ``[1 - rescale, 1]`` before the round trip.
+    """
+
+    weight: float = 0.0
+    rescale: float = 0.5
+
+    def check(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"stability.weight must not be negative, not {self.weight!r}")
+        if not 0 <= self.rescale < 1:
+            raise ConfigError(f"stability.rescale must be in [0, 1), not {self.rescale!r}")
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run depends on besides the data.
 
@@ -122,6 +150,9 @@ class TrainConfig:
             paper's selection on the test split (``test``), which every report marks as not honest.
         workers: data-loading processes (0: in the training process).
         localise: masks and loss weight of a localiser.
+        stability: stability training against re-encoding and rescaling (off by default).
+        init_from: a model folder or release name whose weights the run starts from instead of ImageNet's
+            (fine-tuning, e.g. a released model with stability training); it must be a ``model``.
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
     """
 
@@ -145,6 +176,8 @@ class TrainConfig:
     workers: int = 0
     device: str = "auto"
     localise: LocaliseConfig = field(default_factory=LocaliseConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -169,6 +202,7 @@ class TrainConfig:
         self.optimizer.check()
         self.schedule.check()
         self.localise.check()
+        self.stability.check()
         if get_spec(self.model).task == "localise" and self.input_size % 32:
             raise ConfigError(f"a localiser's image_size must be a multiple of 32, not {self.input_size}")
 

@@ -9,6 +9,9 @@
   in every fracture cell, the box of the fracture that covers it: the generalised IoU loss (Rezatofighi et
   al. 2019, torchvision's ``generalized_box_iou_loss``) of the decoded box against that fracture's box, read
   off the augmented instance mask, averaged over fracture cells (as FCOS does for its box branch).
+
+Stability training (``stability`` in the config, Zheng et al. 2016) adds :func:`stability_loss`: the change
+of the scores a verdict is read from between each image and its re-saved copy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from fracdet.models.scoring import decode_cell_boxes
 
-__all__ = ["box_targets", "map_targets", "task_loss"]
+__all__ = ["box_targets", "map_targets", "split_views", "stability_loss", "task_loss", "verdict_scores"]
+
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def map_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -92,3 +97,27 @@ def task_loss(
         else:
             loss = loss + 0.0 * dense[:, 1:].sum()  # keeps the box head in the graph (no unused parameters)
     return loss
+
+
+def verdict_scores(outputs: Outputs) -> torch.Tensor:
+    """``(B, k)`` scores a verdict is read from: a classifier's logit margin; a localiser's image logit and
+    its map's peak logit (the two its fused image score combines)."""
+    if isinstance(outputs, tuple):
+        return torch.stack([outputs[0].float(), outputs[1][:, 0].float().amax(dim=(1, 2))], dim=1)
+    return (outputs[:, 1] - outputs[:, 0]).float()[:, None]
+
+
+def split_views(outputs: Outputs, n: int) -> tuple[Outputs, Outputs]:
+    """The outputs of a batch of ``2n`` images: the first ``n`` (the images) and the last ``n`` (their copies)."""
+    if isinstance(outputs, tuple):
+        return tuple(o[:n] for o in outputs), tuple(o[n:] for o in outputs)
+    return outputs[:n], outputs[n:]
+
+
+def stability_loss(outputs: Outputs, copies: Outputs) -> torch.Tensor:
+    """Mean change of :func:`verdict_scores` between images and their re-saved copies: half its square up to
+    one logit, linear beyond (Huber), so a pair far apart early in training cannot swamp the task loss.
+
+    Both sides learn: the copy is not a fixed target; as in Zheng et al. 2016 the pair is pulled together.
+    """
+    return F.smooth_l1_loss(verdict_scores(outputs), verdict_scores(copies), beta=1.0)

@@ -35,11 +35,11 @@ from fracdet.data.pixels import PixelSet, load_pixels
 from fracdet.models import TrainedModel, create_model, get_spec, save_model
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.predict import normalise, predict_margins, select_device
-from fracdet.training.augment import AugmentedImages, build_augmentation, epoch_indices
+from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin, epoch_indices
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
 from fracdet.training.config import TrainConfig
-from fracdet.training.losses import task_loss
+from fracdet.training.losses import split_views, stability_loss, task_loss
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.progress import progress_bar
 
@@ -225,6 +225,8 @@ def train(
     model = create_model(
         config.model, pretrained=config.pretrained, input_size=preprocess.input_size, dropout=config.dropout
     )
+    if config.init_from:
+        _start_from(model, config)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(config, model)
     train_images, train_labels = parts["train"]
@@ -237,7 +239,9 @@ def train(
     localise = get_spec(config.model).task == "localise"
     annotations = _annotations(pixels.table, "train") if localise else None
     dataset = AugmentedImages(train_images, train_labels, build_augmentation(config.augment),
-                              annotations=annotations, mask_target=config.localise.target)  # fmt: skip
+                              annotations=annotations, mask_target=config.localise.target,
+                              twin=build_twin(config.stability))  # fmt: skip
+    stable = config.stability.weight > 0
 
     start_epoch, history, best, bad_epochs = 0, [], None, 0
     last_path = out_dir / "checkpoints" / "last.pt"
@@ -266,14 +270,22 @@ def train(
         )
         model.train()
         loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight}
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, total_change, correct, seen = 0.0, 0.0, 0, 0
         with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=len(order)) as bar:
             for x, y, *masks in loader:
-                x, y = normalise(x.to(device, non_blocking=True), preprocess), y.to(device)
+                x, y = x.to(device, non_blocking=True), y.to(device)
+                if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
+                    x = torch.cat([x[:, :1], x[:, 1:]])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    outputs = model(x)
+                    outputs = model(normalise(x, preprocess))
                 mask = masks[0].to(device) if masks else None
+                if stable:
+                    outputs, copies = split_views(outputs, len(y))
                 loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
+                if stable:
+                    change = stability_loss(outputs, copies)
+                    loss = loss + config.stability.weight * change
+                    total_change += change.item() * len(y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -284,7 +296,8 @@ def train(
                 correct += int(((margin >= 0).long() == y).sum())
                 seen += len(y)
                 bar.update(len(y))
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"change": f"{total_change / seen:.4f}"}
+                                                                     if stable else {}))  # fmt: skip
 
         row = {
             "epoch": epoch + 1,
@@ -292,6 +305,8 @@ def train(
             "train_loss": total_loss / seen,
             "train_accuracy": correct / seen,
         }
+        if stable:  # mean stability loss (Huber of the score change) between images and their re-saved copies
+            row["train_score_change"] = total_change / seen
         for split in wanted[1:]:
             images, labels = parts[split]
             margins = predict_margins(model, images, preprocess, batch_size=2 * config.batch_size, device=device)
@@ -339,6 +354,17 @@ def train(
     val_boxes = [b for b, _ in _annotations(pixels.table, "val")] if "boxes" in pixels.table else None
     _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes)
     return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
+
+
+def _start_from(model: nn.Module, config: TrainConfig) -> None:
+    """Load the weights of ``config.init_from`` (a model folder or release) into ``model``."""
+    from fracdet.models import load
+
+    source = load(config.init_from)
+    if source.arch != config.model:
+        raise ValueError(f"init_from: {config.init_from} is a {source.arch}, the config trains a {config.model}")
+    model.load_state_dict({k: v.float() for k, v in source.module.state_dict().items()})
+    log.info("starting from the weights of %s %s", source.name, source.meta.get("version", ""))
 
 
 def _label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
