@@ -1,7 +1,7 @@
 """How well the input gate refuses what is not a radiograph, and how rarely it refuses real radiographs.
 
     python benchmarks/input_gate.py [MODEL] --fracatlas ../shared/data/fracatlas \
-        --multiregion ../shared/data/multiregion [--out benchmarks/results-input-gate.json]
+        --multiregion ../shared/data/multiregion [--dev] [--out benchmarks/results-input-gate.json]
 
 Builds a held-out set of non-radiographs at radiograph sizes from what is available offline (nothing of it
 was used to fit or choose the gate, which saw only radiographs), seed 0:
@@ -257,8 +257,11 @@ def refusal_rate(
     return out
 
 
-def radiographs(root: str, split: str) -> list[tuple[str, bytes]]:
-    table = load_dataset(root)
+def radiographs(root: str, manifest: str, split: str) -> list[tuple[str, bytes]]:
+    """The ``split`` files of the dataset at ``root`` under the split ``manifest`` the gate was fitted with."""
+    from fracdet.data.split import apply_manifest
+
+    table = apply_manifest(load_dataset(root), manifest)
     rows = table[table["split"] == split]
     rows.attrs.update(table.attrs)
     return [(f"{Path(root).name} {split}", path.read_bytes()) for path in absolute_paths(rows)]
@@ -270,6 +273,11 @@ def main() -> None:
     parser.add_argument("--fracatlas", required=True)
     parser.add_argument("--fracatlas-splits", default="splits/fracatlas_seed0.csv")
     parser.add_argument("--multiregion", required=True)
+    parser.add_argument(
+        "--multiregion-splits",
+        default="splits/multiregion_seed0.csv",
+        help="the leakage-free split the gate was fitted with (its train split joins the fit)",
+    )
     parser.add_argument("--out", default=None, help="default: benchmarks/results-input-gate[-dev].json")
     parser.add_argument("--dev", action="store_true", help="the development set (seed 1, validation radiographs)")
     args = parser.parse_args()
@@ -279,12 +287,9 @@ def main() -> None:
     predictor = Predictor(model, heatmaps=False)
     if not predictor.gate.fitted:
         raise SystemExit(f"error: {args.model} has no fitted input gate (run: fracdet gate {args.model} ...)")
-    from fracdet.data.split import apply_manifest
-
-    fracatlas = apply_manifest(load_dataset(args.fracatlas), args.fracatlas_splits)
-    rows = fracatlas[fracatlas["split"] == split]
-    rows.attrs.update(fracatlas.attrs)
-    real = [(f"fracatlas {split}", p.read_bytes()) for p in absolute_paths(rows)] + radiographs(args.multiregion, split)
+    real = radiographs(args.fracatlas, args.fracatlas_splits, split) + radiographs(
+        args.multiregion, args.multiregion_splits, split
+    )
     distances: dict[str, list] | None = {} if args.dev else None
     result = {
         "model": f"{model.name} {model.version}",

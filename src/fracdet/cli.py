@@ -310,8 +310,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise SystemExit("error: the gate is written beside the model: pass a model folder or release name")
     splits = args.splits or (str(model.splits_path) if model.splits_path else None)
     table = _load_split_table(args.data, splits)
-    extra = [_load_split_table(path, None) for path in args.extra_val]
-    distance, limits, summary, appearance = fit_gate_on_splits(model, table, extra_val=extra)
+    extra = [_load_split_table(*(spec.split("=", 1) if "=" in spec else (spec, None))) for spec in args.extra]
+    distance, limits, summary, appearance = fit_gate_on_splits(model, table, extra=extra)
     path = save_gate(model, distance, limits, model.folder, appearance)
     print(f"input gate of {model.name} {model.version}: warn beyond distance {limits.warn:.2f}, refuse beyond "
           f"{limits.refuse:.2f}, appearance distance {limits.appearance_refuse:.2f} or {limits.colour_fraction:.0%} "
@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="release name or model folder (the gate is written into it)")
     p.add_argument("--data", required=True, help="the dataset the model was trained on")
     p.add_argument("--splits", help="split manifest (default: the model's own)")
-    p.add_argument("--extra-val", action="append", default=[], metavar="DATASET",
-                   help="another radiograph dataset whose val split joins the validation radiographs")  # fmt: skip
+    p.add_argument("--extra", action="append", default=[], metavar="DATASET[=MANIFEST]",
+                   help="another radiograph dataset (with its leakage-free split manifest): its val split joins "
+                        "the validation radiographs, its train split the appearance fit")  # fmt: skip
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("serve", help="the web application and JSON API")
