@@ -34,6 +34,20 @@ def test_label_conflicts_from_metadata_and_from_a_truncated_copy(report):
     assert report.has_conflicts and not report.has_leakage
 
 
+def test_the_leakage_of_another_split_is_what_auditing_that_split_finds(report, cache_dir):
+    from .conftest import SAMPLE
+
+    copies = ["images/Fractured/IMG0000261.jpg", "images/Fractured/IMG0002299.jpg"]  # one exact group
+    manifest = report.files[["path"]].assign(split="train")
+    manifest.loc[manifest["path"] == copies[1], "split"] = "test"
+    leakage, leaked = report.leakage_of(manifest)
+    assert sorted(leaked["path"]) == copies and set(leaked["kind"]) == {"exact"}
+    table = load_dataset(SAMPLE).drop(columns="split").merge(manifest, on="path")
+    table.attrs.update(load_dataset(SAMPLE).attrs)
+    again = audit_dataset(table, config=DuplicateConfig(cache_dir=str(cache_dir)))
+    assert again.leaked_files.equals(leaked) and again.leakage.equals(leakage)
+
+
 def test_text_report_names_the_findings(report):
     text = report_text(report)
     assert "Truncated files (a strict decoder raises): 1" in text

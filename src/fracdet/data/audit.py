@@ -83,6 +83,16 @@ class AuditReport:
     def has_conflicts(self) -> bool:
         return bool(len(self.label_conflicts))
 
+    def leakage_of(self, manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(leakage, leaked_files)`` as :attr:`leakage` and :attr:`leaked_files` would be for another split
+        of the audited files (``manifest``: ``path`` and ``split``; files it leaves out count in no split).
+
+        The duplicate search does not depend on the split, so checking a new split needs no new search:
+        the same groups, another split column.
+        """
+        files = self.files.drop(columns="split").merge(manifest[["path", "split"]], on="path", how="left")
+        return _leakage(files)
+
 
 def file_properties(table: pd.DataFrame, dups: Duplicates) -> pd.DataFrame:
     """Trivial properties per file (the confounder candidates), from the content features."""
