@@ -194,6 +194,21 @@ def test_a_test_selected_model_is_flagged_in_every_output(tiny_run, sample_root_
     assert "TEST split" in (tmp_path / "eval" / "report.html").read_text()
 
 
+def test_a_release_older_than_spec95_is_evaluated_on_its_validation_split(tiny_run, sample_root_module, cache_dir,
+                                                                          tmp_path):  # fmt: skip
+    meta = json.loads((tiny_run / "model.json").read_text())
+    del meta["thresholds"]["spec95"]  # as 0.3.0's model.json: four operating points
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.json").write_text(json.dumps(meta))
+    (old / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes())
+    result = evaluate(load(old), sample_manifest(sample_root_module), split="val", n_boot=20,
+                      cache=FeatureCache(cache_dir))  # fmt: skip
+    assert set(result.points) == {"0.5", "youden", "sens90", "sens95"}
+    write_report(result, tmp_path / "eval")
+    assert "spec95" not in json.loads((tmp_path / "eval" / "metrics.json").read_text())["operating_points"]
+
+
 def test_load_reads_run_folders_and_checkpoints_and_names_unknown_models(tiny_run):
     from_folder = load(tiny_run)
     from_checkpoint = load(tiny_run / "checkpoints" / "last.pt")

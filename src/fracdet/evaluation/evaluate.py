@@ -175,7 +175,7 @@ def evaluate(
         moves = threshold_choice_intervals(val_labels, val_probs, labels, probs, choose_thresholds,
                                            groups=val_groups, n_boot=n_boot, seed=seed)  # fmt: skip
     points = {}
-    for name in OPERATING_POINTS:
+    for name in (n for n in OPERATING_POINTS if n in thresholds):  # 0.3.0 and earlier stored no spec95
         values = binary_metrics(labels, probs, thresholds[name])
         values["ci95"] = bootstrap_intervals(labels, probs, thresholds[name], groups=groups, n_boot=n_boot, seed=seed)
         if name in moves:
