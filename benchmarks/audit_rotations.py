@@ -1,13 +1,14 @@
 """Does the audit group copies of a radiograph made under any rotation, flip, crop and re-encoding?
 
     python benchmarks/audit_rotations.py [--data samples/fracatlas] [--step 15] \
-        [--out benchmarks/results-audit-rotations.json]
+        [--near KEY=VALUE ...] [--out benchmarks/results-audit-rotations.json]
 
 Augmentation tools write rotated copies on the original canvas: the corners of the radiograph are cut
 away and black triangles fill the new corners. From every image of the dataset (the bundled sample by
 default) this writes such a copy at every ``step`` degrees from 0 to 360, each also mirrored at random,
 cropped by up to 10% per side, rescaled by 0.6-1.2 and saved as JPEG (quality 60-95) or PNG (seed 0),
-into a temporary class-folder dataset, and runs the audit's duplicate search on it with a cold cache.
+into a temporary class-folder dataset, and runs the audit's duplicate search on it with a cold cache
+(``--near``: another setting of :class:`fracdet.data.neardup.NearDuplicateConfig`, to try a knob).
 
 Reports, against the truth (copy -> its original):
 
@@ -15,7 +16,10 @@ Reports, against the truth (copy -> its original):
 * *copy recall*: the share of copies grouped with their original;
 * *group precision*: the share of found groups that hold copies of one original only (originals that the
   audit already joins as one radiograph count as one);
-* the time of the search, and its recall per angle (a picture: ``--plot``).
+* the time of the search, and its recall per angle (a picture: ``--plot``);
+* per original not grouped whole (``split_originals``): the angles of the copies left out of the unturned
+  copy's group, and the share of its copies in its largest group (high when the copies found each other
+  but not the unturned one).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 
 from fracdet.data import load_dataset
@@ -93,6 +98,13 @@ def score(truth: pd.DataFrame, groups: pd.Series, original_groups: pd.Series) ->
     per_original = frame.groupby("original")["with_original"].all()
     purity = frame.groupby("group")["radiograph"].nunique()
     per_angle = frame.groupby("angle")["with_original"].mean()
+    split = {}
+    for original, copies in frame.groupby("original"):
+        if not per_original[original]:
+            split[str(original)] = {
+                "left_out_angles": [float(a) for a in copies.loc[~copies["with_original"], "angle"]],
+                "largest_group_share": round(float(copies["group"].value_counts().iloc[0] / len(copies)), 3),
+            }
     return {
         "originals": int(truth["original"].nunique()),
         "copies": len(truth),
@@ -102,14 +114,17 @@ def score(truth: pd.DataFrame, groups: pd.Series, original_groups: pd.Series) ->
         "group_precision": float((purity == 1).mean()),
         "merged_groups": int((purity > 1).sum()),
         "recall_per_angle": {f"{a:g}": round(float(r), 4) for a, r in per_angle.items()},
+        "split_originals": split,
     }
 
 
-def run(data: Path, step: float, seed: int) -> dict:
+def run(data: Path, step: float, seed: int, near: dict | None = None) -> dict:
+    from fracdet.data.neardup import NearDuplicateConfig
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "copies"
         truth = make_copies(data, root, step, seed)
-        config = DuplicateConfig(cache_dir=str(Path(tmp) / "cache"))
+        config = DuplicateConfig(cache_dir=str(Path(tmp) / "cache"), near=NearDuplicateConfig(**(near or {})))
         originals = find_duplicates(load_dataset(data), config).files["near_group"].reset_index(drop=True)
         table = load_dataset(root)
         start = time.perf_counter()
@@ -117,7 +132,8 @@ def run(data: Path, step: float, seed: int) -> dict:
         seconds = time.perf_counter() - start
     groups = pd.Series(found.files["near_group"].to_numpy(), index=table["path"].to_numpy())
     result = score(truth, groups, originals)
-    return {"data": str(data), "step_degrees": step, "seed": seed, "search_seconds": round(seconds, 1), **result}
+    return {"data": str(data), "step_degrees": step, "seed": seed, "near": near or {},
+            "search_seconds": round(seconds, 1), **result}  # fmt: skip
 
 
 def plot(result: dict, path: Path) -> None:
@@ -141,11 +157,24 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("samples/fracatlas"))
     parser.add_argument("--step", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--near",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a NearDuplicateConfig setting other than the default, e.g. flipped_inliers=15",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    result = run(args.data, args.step, args.seed)
-    print(json.dumps({k: v for k, v in result.items() if k != "recall_per_angle"}, indent=2))
+    near = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.near)}
+    result = run(args.data, args.step, args.seed, near)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("recall_per_angle", "split_originals")}, indent=2))
+    for original, found in result["split_originals"].items():
+        print(
+            f"original {original}: {found['largest_group_share']:.0%} of its copies in one group; left out of the "
+            f"unturned copy's group: {found['left_out_angles']}"
+        )
     print("recall per angle:", result["recall_per_angle"])
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
