@@ -345,6 +345,11 @@ def test_the_stability_loss_is_the_change_of_the_verdicts_scores_squared_up_to_a
     assert stability_loss(far, far - torch.tensor([[0.0, 4.0]])).item() == pytest.approx(4 - 0.5)  # linear beyond
     stability_loss(images, copies).backward()
     assert logits.grad[0].abs().sum() > 0 and logits.grad[2].abs().sum() > 0  # both sides are pulled
+    # relative: in units of the spread of the scores, so shrinking every score does not lower it
+    relative = stability_loss(images, copies, relative=True)
+    assert relative.item() > 0
+    assert stability_loss(images * 0.1, copies * 0.1, relative=True).item() == pytest.approx(relative.item())
+    assert stability_loss(images * 0.1, copies * 0.1).item() < stability_loss(images, copies).item()
     image_logit, maps = torch.tensor([0.5, 0.5]), torch.zeros(2, 1, 4, 4)
     maps[1, 0, 2, 3] = 3.0  # a localiser: its image logit and its map's peak
     assert verdict_scores((image_logit, maps)).tolist() == [[0.5, 0.0], [0.5, 3.0]]

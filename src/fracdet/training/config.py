@@ -113,10 +113,13 @@ class StabilityConfig:
         weight: weight of the score change beside the task loss (0: off; on, each step scores
             twice as many images).
         rescale: the copy's side shrinks by a factor drawn from ``[1 - rescale, 1]`` before the round trip.
+        relative: measure the change against the spread of the batch's scores, not in logits (see
+            :func:`fracdet.training.losses.stability_loss`).
     """
 
     weight: float = 0.0
     rescale: float = 0.5
+    relative: bool = False
 
     def check(self) -> None:
         if self.weight < 0:

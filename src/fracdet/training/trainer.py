@@ -283,7 +283,7 @@ def train(
                     outputs, copies = split_views(outputs, len(y))
                 loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
                 if stable:
-                    change = stability_loss(outputs, copies)
+                    change = stability_loss(outputs, copies, relative=config.stability.relative)
                     loss = loss + config.stability.weight * change
                     total_change += change.item() * len(y)
                 optimizer.zero_grad(set_to_none=True)
