@@ -107,7 +107,8 @@ def _to_float(im: Image.Image, channels: str) -> np.ndarray:
         return grey if channels == "L" else np.repeat(grey[..., None], 3, axis=2)
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        finite = arr[np.isfinite(arr)]  # NaN and infinity stay as they are: the input gate refuses them by name
+        lo, hi = float(finite.min(initial=0)), float(finite.max(initial=1))
         grey = (arr - lo) / max(hi - lo, 1e-12)
         return grey if channels == "L" else np.repeat(grey[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
