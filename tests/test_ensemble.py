@@ -123,3 +123,79 @@ def test_the_ensemble_command_writes_a_model_and_refuses_a_single_run(two_runs, 
     assert load(tmp_path / "cli").meta["weights_dtype"] == "float16"
     with pytest.raises(SystemExit, match="at least two"):
         main(["ensemble", str(two_runs[0]), "--out", str(tmp_path / "one")])
+
+
+# --- a localiser fused with classifiers ---------------------------------------------------------------
+
+
+def tiny_pair(seed: int = 0) -> tuple[TrainedModel, TrainedModel]:
+    """An untrained 64-px localiser and a 96-px classifier with the same normalisation."""
+    torch.manual_seed(seed)
+    spec = get_spec("localiser_lite0").preprocess
+    localiser = TrainedModel(module=create_model("localiser_lite0").eval(), name="loc", arch="localiser_lite0",
+                             preprocess=PreprocessCfg(64, spec.mean, spec.std))  # fmt: skip
+    classifier = TrainedModel(module=create_model("efficientnet_lite0").eval(), name="cls", arch="efficientnet_lite0",
+                              preprocess=PreprocessCfg(96, spec.mean, spec.std), meta={"version": "9.9.9"})  # fmt: skip
+    return localiser, classifier
+
+
+def test_a_fused_localiser_adds_each_classifiers_margin_to_its_own_parts_and_keeps_its_map():
+    import torch.nn.functional as F  # noqa: N812
+
+    from fracdet.models import FusedLocaliser
+    from fracdet.models.predict import logit_margin, normalise
+
+    localiser, classifier = tiny_pair()
+    fused = combine([localiser, classifier])
+    assert isinstance(fused.module, FusedLocaliser) and fused.task == "localise"
+    assert fused.preprocess.input_size == 96 and fused.meta["fused"][1]["name"] == "cls 9.9.9"
+    weights = torch.tensor([0.5, 0.3, -0.1, 0.7])
+    fused.module.fusion.copy_(weights)
+    images = random_images(3, 96)
+    margins, maps = fused.outputs(images)
+    x = normalise(torch.from_numpy(images).unsqueeze(1), fused.preprocess)
+    with torch.no_grad():
+        small = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        head, dense = localiser.module(small)  # its own fusion was reset to the head alone
+        margin = logit_margin(classifier.module(x))
+    expected = 0.5 * head + 0.3 * dense[:, 0].flatten(1).amax(1) - 0.1 + 0.7 * margin
+    np.testing.assert_allclose(margins, expected.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(maps, dense.numpy(), rtol=1e-4, atol=1e-4)
+    assert maps.shape == (3, 1, 8, 8)  # the localiser's stride-8 map of its own 64-px input
+
+
+def test_a_fused_localiser_is_fitted_on_val_and_reloads_and_exports_as_it_was_saved(tmp_path, cache_dir):
+    localiser, classifier = tiny_pair(seed=1)
+    table = sample_manifest(SAMPLE)
+    fused = build_ensemble([localiser, classifier], table, tmp_path / "fused", cache=FeatureCache(cache_dir))
+    meta = json.loads((tmp_path / "fused" / "model.json").read_text())
+    assert list(meta["fusion"]) == ["classifier", "map_peak", "bias", "cls 9.9.9"]
+    assert all(meta["fusion"][k] >= 0 for k in ("classifier", "map_peak", "cls 9.9.9"))
+    assert set(meta["fusion_val_auc"]) == {"classifier", "map_peak", "cls 9.9.9", "fused"}
+    assert "box_relative" in meta and set(fused.levels) == {"suspicious", "definite"}
+    reloaded = load(tmp_path / "fused")
+    images = random_images(2, 96, seed=5)
+    again, before = reloaded.score(images), fused.score(images)
+    np.testing.assert_allclose(again.probabilities, before.probabilities, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again.maps, before.maps, rtol=1e-5, atol=1e-6)
+    assert [b.score for b in again.boxes[0]] == pytest.approx([b.score for b in before.boxes[0]], abs=1e-5)
+    pytest.importorskip("onnxruntime")
+    from fracdet.inference.onnx import OnnxNetwork, export_onnx
+    from fracdet.models.predict import normalise
+
+    network = OnnxNetwork(export_onnx(reloaded, tmp_path / "fused.onnx"), threads=1)
+    x = normalise(torch.from_numpy(images).unsqueeze(1), reloaded.preprocess).contiguous().numpy()
+    margins, maps = network(x)
+    expected_margins, expected_maps = reloaded.outputs(images)
+    np.testing.assert_allclose(margins, expected_margins, atol=1e-3)
+    np.testing.assert_allclose(maps, expected_maps, atol=1e-3)
+
+
+def test_a_fused_localiser_holds_one_localiser_and_members_that_normalise_alike():
+    localiser, classifier = tiny_pair()
+    with pytest.raises(ValueError, match="one localiser"):
+        combine([localiser, tiny_pair(seed=2)[0], classifier])
+    other = TrainedModel(module=classifier.module, name="imagenet", arch="efficientnet_lite0",
+                         preprocess=PreprocessCfg(96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))  # fmt: skip
+    with pytest.raises(ValueError, match="mean and std"):
+        combine([localiser, other])

@@ -267,8 +267,21 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     size = (Path(args.out) / "model.safetensors").stat().st_size / 2**20
-    print(f"ensemble of {len(args.runs)} {ensemble.arch} models in {args.out} ({size:.1f} MiB of weights): "
-          f"temperature {ensemble.temperature:.3f}, sens90 threshold {ensemble.threshold:.3f} (on val)")  # fmt: skip
+    what = _describe_members(ensemble)
+    print(f"{what} in {args.out} ({size:.1f} MiB of weights): temperature {ensemble.temperature:.3f}, "
+          f"sens90 threshold {ensemble.threshold:.3f} (on val)")  # fmt: skip
+    if fusion := ensemble.meta.get("fusion_val_auc"):
+        print("val AUC of each part and fused: " + ", ".join(f"{k} {v:.3f}" for k, v in fusion.items()))
+    return 0
+
+
+def _describe_members(model) -> str:
+    """``ensemble of 3 efficientnet_lite0 models``, ``localiser_lite0 fused with efficientnet_lite2``, or the arch."""
+    if fused := model.meta.get("fused"):
+        return f"{model.arch} fused with {', '.join(m['model'] for m in fused[1:])}"
+    if members := model.meta.get("members"):
+        return f"ensemble of {len(members)} {model.arch} models"
+    return model.arch
     return 0
 
 
@@ -282,9 +295,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("trained models (fracdet.models.load):")
     for name in list_releases():
         model = load(name)
-        members = model.meta.get("members")
-        arch = f"ensemble of {len(members)} {model.arch}" if members else model.arch
-        print(f"  {name:20s} {model.task}: {arch} at {model.preprocess.input_size} px"
+        print(f"  {name:20s} {model.task}: {_describe_members(model)} at {model.preprocess.input_size} px"
               f"{' with flip TTA' if model.tta else ''}, version {model.version}, "
               f"threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
     return 0

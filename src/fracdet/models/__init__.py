@@ -5,17 +5,19 @@ model = create_model("efficientnet_lite0", pretrained=True)   # offline ImageNet
 get_spec("efficientnet_lite0").preprocess                      # input size and normalisation
 trained = load("fracatlas-default")                            # the released model, on the CPU
 ensemble = combine([load("runs/a"), load("runs/b")])           # averaged logits (fracdet.models.ensemble)
+fused = combine([load("runs/localiser"), trained])             # a localiser whose score weighs the classifier's
 """
 
 from __future__ import annotations
 
 from fracdet.models import backbones, localiser, paper_cnn  # noqa: F401 (registers the models)
 from fracdet.models._registry import ModelSpec, PreprocessCfg, create_model, get_spec, list_models, register_model
-from fracdet.models.ensemble import Ensemble, combine, members_of
+from fracdet.models.ensemble import Ensemble, FusedLocaliser, combine, members_of
 from fracdet.models.release import TrainedModel, list_releases, load, package_release, save_model
 
 __all__ = [
     "Ensemble",
+    "FusedLocaliser",
     "ModelSpec",
     "PreprocessCfg",
     "TrainedModel",

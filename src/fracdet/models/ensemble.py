@@ -1,4 +1,4 @@
-"""Ensembles: several trained networks of one architecture that answer as one by averaging their logits.
+"""Ensembles: trained networks that answer as one (classifiers average their logits; a localiser fuses them).
 
 The paper names ensembles as future work. Here the members are usually one recipe trained with
 different seeds: each run ends somewhere else (on FracAtlas three seeds of the default recipe give test
@@ -13,6 +13,13 @@ on validation again (:func:`fracdet.training.calibrate.calibrate`); a member's a
 
     from fracdet.models import combine, load
     ensemble = combine([load("runs/a"), load("runs/b"), load("runs/c")])
+
+A localiser combines with classifiers differently (:class:`FusedLocaliser`): its map and boxes stay its own,
+and the classifiers' margins join its image logit with weights fitted on validation, beside its own
+classifier head and map peak (the fusion lever of issue 15: a localiser's ranking and 0.3.0's are far from
+identical, so together they rank better than either)::
+
+    fused = combine([load("runs/localiser-lite0-256-seed0"), load("fracatlas-default")])
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from fracdet.models._registry import PreprocessCfg
+from fracdet.models.predict import logit_margin
 from fracdet.models.release import TrainedModel
 
-__all__ = ["Ensemble", "combine", "members_of"]
+__all__ = ["Ensemble", "FusedLocaliser", "combine", "members_of"]
 
 
 class Ensemble(nn.Module):
@@ -40,8 +50,60 @@ class Ensemble(nn.Module):
         return torch.stack([member(x) for member in self.members]).mean(dim=0)
 
 
+class FusedLocaliser(nn.Module):
+    """A localiser whose image logit also weighs whole classifiers' margins; its map and boxes stay its own.
+
+    The input is the largest member's; each member sees it resized to its own side inside the network
+    (antialiased bilinear, which exports to ONNX), so one forward pass and one ONNX graph give everything.
+    ``fusion`` extends the localiser's own layout: ``(classifier head, map peak, bias, *classifier margins)``,
+    ``(1, 0, 0, 0, ...)`` until :func:`fracdet.training.calibrate.fit_fusion` fits it on validation. The
+    localiser's own fusion is reset to its classifier head, so that each part enters once.
+
+    Args:
+        localiser: a :class:`fracdet.models.localiser.FractureLocaliser`.
+        classifiers: two-class networks (``(B, 2)`` logits).
+        sizes: the input side of the localiser, then of each classifier.
+        names: one label per classifier, for ``model.json``'s ``fusion``.
+    """
+
+    def __init__(self, localiser: nn.Module, classifiers: Sequence[nn.Module], *, sizes: Sequence[int],
+                 names: Sequence[str]) -> None:  # fmt: skip
+        super().__init__()
+        if not classifiers or len(sizes) != len(classifiers) + 1 or len(names) != len(classifiers):
+            raise ValueError("a fused localiser needs one or more classifiers, with one input side and name each")
+        self.localiser = localiser
+        self.classifiers = nn.ModuleList(classifiers)
+        self.sizes = tuple(int(s) for s in sizes)
+        self.fusion_names = ("classifier", "map_peak", "bias", *names)
+        with torch.no_grad():
+            self.localiser.fusion.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        self.register_buffer("fusion", torch.tensor([1.0, 0.0, 0.0] + [0.0] * len(classifiers)))
+
+    @property
+    def box_head(self) -> nn.Module | None:
+        """The localiser's box head (a detector regresses its boxes; a map head grows them)."""
+        return self.localiser.box_head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head_logit, dense = self.localiser(_resized(x, self.sizes[0]))
+        peak = dense[:, 0].flatten(1).amax(dim=1)
+        image_logit = self.fusion[0] * head_logit + self.fusion[1] * peak + self.fusion[2]
+        for k, (classifier, size) in enumerate(zip(self.classifiers, self.sizes[1:], strict=True)):
+            image_logit = image_logit + self.fusion[3 + k] * logit_margin(classifier(_resized(x, size)))
+        return image_logit, dense
+
+
+def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 def members_of(module: nn.Module) -> list[nn.Module]:
-    """The networks inside ``module``: its members for an :class:`Ensemble`, else itself."""
+    """The networks inside ``module`` whose layers explain it: an :class:`Ensemble`'s members, a
+    :class:`FusedLocaliser`'s localiser (its map is the explanation), else ``module`` itself."""
+    if isinstance(module, FusedLocaliser):
+        return [module.localiser]
     return list(module.members) if isinstance(module, Ensemble) else [module]
 
 
@@ -57,8 +119,9 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
     """
     if len(models) < 2:
         raise ValueError("an ensemble needs at least two models")
-    if any(m.task != "classify" for m in models):
-        raise ValueError("ensembles average classifiers' logits; localisers (boxes and maps) cannot be combined yet")
+    localisers = [m for m in models if m.task == "localise"]
+    if localisers:
+        return _fuse(models, name=name)
     first = models[0]
     for other in models[1:]:
         if (other.arch, other.preprocess) != (first.arch, first.preprocess):
@@ -86,6 +149,49 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
     }
     module = Ensemble([m.module for m in models]).eval()
     return TrainedModel(module=module, name=name, arch=first.arch, preprocess=first.preprocess, meta=meta)
+
+
+def _fuse(models: Sequence[TrainedModel], *, name: str) -> TrainedModel:
+    """One localiser and classifiers -> a :class:`FusedLocaliser` (see :func:`combine`)."""
+    localisers = [m for m in models if m.task == "localise"]
+    if len(localisers) > 1:
+        raise ValueError("a fused model holds one localiser (its map and boxes), not several")
+    localiser = localisers[0]
+    classifiers = [m for m in models if m is not localiser]
+    for other in classifiers:
+        if (other.preprocess.mean, other.preprocess.std) != (localiser.preprocess.mean, localiser.preprocess.std):
+            raise ValueError(f"{other.name} normalises its input otherwise than {localiser.name}: members must share "
+                             "mean and std")  # fmt: skip
+        if isinstance(other.module, (Ensemble, FusedLocaliser)):
+            raise ValueError("members must be single networks, not ensembles")
+        if _manifest(other) != _manifest(localiser):
+            raise ValueError(
+                f"{other.name} and {localiser.name} were trained on different split manifests: one could have "
+                "seen the other's validation or test images"
+            )
+    sizes = [m.preprocess.input_size for m in (localiser, *classifiers)]
+    if max(sizes) % 32:
+        raise ValueError(f"the largest member's input side ({max(sizes)} px) must be a multiple of 32")
+    labels = [m.name if m.folder is None else str(m.folder) for m in models]
+    names = [f"{m.name} {m.version}" if m.meta.get("version") else m.name for m in classifiers]
+    module = FusedLocaliser(localiser.module, [m.module for m in classifiers], sizes=sizes, names=names).eval()
+    preprocess = PreprocessCfg(max(sizes), localiser.preprocess.mean, localiser.preprocess.std)
+    selected = {str(m.meta.get("selected_on", "val")) for m in models}
+    meta = {
+        "model": localiser.arch,
+        "input_size": preprocess.input_size,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "dropout": localiser.meta.get("dropout"),
+        "members": labels,
+        "fused": [
+            {"model": m.arch, "input_size": m.preprocess.input_size, "dropout": m.meta.get("dropout"), "name": n}
+            for m, n in zip((localiser, *classifiers), (localiser.name, *names), strict=True)
+        ],
+        "selected_on": "test" if "test" in selected else "val",
+        "monitor": localiser.meta.get("monitor"),
+    }
+    return TrainedModel(module=module, name=name, arch=localiser.arch, preprocess=preprocess, meta=meta)
 
 
 def _manifest(model: TrainedModel) -> bytes | None:

@@ -19,7 +19,15 @@ from torch import nn
 
 from fracdet.models._registry import PreprocessCfg
 
-__all__ = ["forward_scores", "mirror_dense", "normalise", "predict_margins", "predict_scores", "select_device"]
+__all__ = [
+    "forward_scores",
+    "logit_margin",
+    "mirror_dense",
+    "normalise",
+    "predict_margins",
+    "predict_scores",
+    "select_device",
+]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -47,13 +55,18 @@ def normalise(batch: torch.Tensor, preprocess: PreprocessCfg) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+def logit_margin(logits: torch.Tensor) -> torch.Tensor:
+    """A two-class classifier's ``(B, 2)`` logits as one margin per image: fracture minus no fracture."""
+    logits = logits.float()
+    return logits[:, 1] - logits[:, 0]
+
+
 def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(margins (B,), dense outputs (B, C, h, w) or None)`` of a normalised batch, for any registered task."""
     outputs = model(x)
     if isinstance(outputs, tuple):  # localise: (image logit, map logits and any box channels)
         return outputs[0].float(), outputs[1].float()
-    logits = outputs.float()
-    return logits[:, 1] - logits[:, 0], None
+    return logit_margin(outputs), None
 
 
 @torch.no_grad()

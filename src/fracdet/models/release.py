@@ -301,19 +301,24 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
         "weights_dtype": "float16" if half else "float32",
     }
     if (fusion := getattr(model.module, "fusion", None)) is not None:  # also in the weights; here for readers
-        meta["fusion"] = dict(
-            zip(("classifier", "map_peak", "bias"), (round(float(v), 6) for v in fusion), strict=True)
-        )
+        names = getattr(model.module, "fusion_names", ("classifier", "map_peak", "bias"))
+        meta["fusion"] = dict(zip(names, (round(float(v), 6) for v in fusion), strict=True))
     write_json(target / "model.json", meta)
     return target
 
 
 def _build(meta: dict[str, Any], preprocess: PreprocessCfg) -> nn.Module:
-    """The empty network ``model.json`` describes: one registry model, or an ensemble of them."""
+    """The empty network ``model.json`` describes: one registry model, an ensemble of them, or a fused localiser."""
 
     def one() -> nn.Module:
         return create_model(meta["model"], input_size=preprocess.input_size, dropout=meta.get("dropout"))
 
+    if fused := meta.get("fused"):  # a localiser and classifiers, each at its own input side
+        from fracdet.models.ensemble import FusedLocaliser
+
+        parts = [create_model(m["model"], input_size=m["input_size"], dropout=m.get("dropout")) for m in fused]
+        return FusedLocaliser(parts[0], parts[1:], sizes=[m["input_size"] for m in fused],
+                              names=[m.get("name", m["model"]) for m in fused[1:]])  # fmt: skip
     if members := meta.get("members"):
         from fracdet.models.ensemble import Ensemble
 

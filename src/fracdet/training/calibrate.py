@@ -89,39 +89,51 @@ def fit_fusion(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Fit how a localiser's image logit combines its classifier logit and its map's peak, on validation.
+    """Fit how a localiser's image logit combines its parts, on validation.
 
-    A logistic regression of the labels on ``(classifier logit, peak map logit)``; a negative weight (the
-    map or classifier arguing against itself) is dropped and the other refitted alone. Sets the network's
-    ``fusion`` buffer and returns the validation ROC AUC of each part and of the fusion (the fusion lever,
-    measured where it is chosen).
+    The parts are the classifier head's logit, the map's peak and, for a fused localiser
+    (:class:`fracdet.models.FusedLocaliser`), each classifier's margin: ``fusion`` holds their weights
+    with the bias third. A logistic regression of the labels on the parts; a negative weight (a part
+    arguing against the others) is dropped and the rest refitted. Sets the network's ``fusion`` buffer and
+    returns the validation ROC AUC of each part and of the fusion (the fusion lever, measured where it is
+    chosen).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     fusion = model.module.fusion
-    fusion.copy_(torch.tensor([1.0, 0.0, 0.0]))  # the image logit is then the classifier's
-    classifier, maps = predict_scores(model.module, images, model.preprocess, batch_size=batch_size, device=device,
-                                      tta=model.tta)  # fmt: skip
-    peak = maps[:, 0].reshape(len(maps), -1).max(axis=1)
+    names = getattr(model.module, "fusion_names", ("classifier", "map_peak", "bias"))
+
+    def part(index: int) -> tuple[np.ndarray, np.ndarray | None]:  # the image logit is then that part alone
+        fusion.copy_(torch.eye(len(fusion), dtype=fusion.dtype)[index])
+        return predict_scores(model.module, images, model.preprocess, batch_size=batch_size, device=device,
+                              tta=model.tta)  # fmt: skip
+
+    classifier, maps = part(0)
+    features = [classifier, maps[:, 0].reshape(len(maps), -1).max(axis=1)]
+    features += [part(index)[0] for index in range(3, len(fusion))]
+    columns = [i for i in range(len(fusion)) if i != 2]  # fusion index of each feature (2 is the bias)
+    x = np.stack(features, axis=1).astype(np.float64)
     y = np.asarray(labels)
+    fusion.copy_(torch.eye(len(fusion), dtype=fusion.dtype)[0])
     if len(np.unique(y)) < 2:
         return {}
-    features = np.stack([classifier, peak], axis=1).astype(np.float64)
-    weights = np.zeros(2)
-    keep = [0, 1]
+    weights, bias = np.zeros(x.shape[1]), 0.0
+    keep = list(range(x.shape[1]))
     while keep:
-        fit = LogisticRegression(C=100.0).fit(features[:, keep], y)
+        fit = LogisticRegression(C=100.0).fit(x[:, keep], y)
         if (fit.coef_[0] >= 0).all():
             weights[keep], bias = fit.coef_[0], float(fit.intercept_[0])
             break
         keep = [k for k, w in zip(keep, fit.coef_[0], strict=True) if w > 0]
     else:
-        weights, bias = np.array([1.0, 0.0]), 0.0
-    fusion.copy_(torch.tensor([weights[0], weights[1], bias], dtype=fusion.dtype))
-    fused = features @ weights + bias
-    return {"classifier": float(roc_auc_score(y, classifier)), "map_peak": float(roc_auc_score(y, peak)),
-            "fused": float(roc_auc_score(y, fused))}  # fmt: skip
+        weights[0] = 1.0
+    fitted = torch.zeros_like(fusion)
+    fitted[columns] = torch.tensor(weights, dtype=fusion.dtype)
+    fitted[2] = bias
+    fusion.copy_(fitted)
+    aucs = {names[c]: float(roc_auc_score(y, x[:, k])) for k, c in enumerate(columns)}
+    return {**aucs, "fused": float(roc_auc_score(y, x @ weights + bias))}
 
 
 def fit_box_relative(

@@ -33,7 +33,8 @@ def build_ensemble(
     half: bool = False,
     cache: FeatureCache | None = None,
 ) -> TrainedModel:
-    """Combine trained models, fit the ensemble's temperature and thresholds on ``val``, write ``out_dir``.
+    """Combine trained models, fit the ensemble on ``val`` (a localiser's fusion and box edge, then the
+    temperature and thresholds), write ``out_dir``.
 
     Args:
         models: trained on one split manifest (:func:`fracdet.models.load` of run folders or releases).
@@ -49,7 +50,10 @@ def build_ensemble(
         raise ValueError("the table has no 'val' rows to calibrate the ensemble on")
     val.attrs.update(table.attrs)
     pixels = load_pixels(val, ensemble.preprocess.input_size, cache=cache, desc="decoding val")
-    calibrate(ensemble, pixels.images, pixels.table["label"].to_numpy(int))
+    boxes = None  # a fused localiser's box edge is fitted to the expert boxes again
+    if ensemble.task == "localise" and "boxes" in pixels.table:
+        boxes = [b if isinstance(b, list) else [] for b in pixels.table["boxes"]]
+    calibrate(ensemble, pixels.images, pixels.table["label"].to_numpy(int), boxes=boxes)
     out = save_model(ensemble, out_dir, half=half)
     if manifest := models[0].splits_path:
         shutil.copy2(manifest, out / "splits.csv")
