@@ -278,7 +278,6 @@ class KeypointCache:
         return GeometricMatch(inliers, len(good), scale, angle, flipped, mismatch, overlap)
 
 
-_FILL_LEVEL = FILL_LEVEL  # grey level at or below which a pixel counts as padding
 _REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
 _MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed copies are matched stretched
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
@@ -297,10 +296,10 @@ def _aligned_mismatch(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: 
     a = cv2.GaussianBlur(image_a, _BLUR, 0).astype(np.float32)
     b = cv2.GaussianBlur(image_b, _BLUR, 0).astype(np.float32)
     # Rotated copies are padded with black corners; compare only pixels that are content in both.
-    content_a = (image_a > _FILL_LEVEL).astype(np.uint8)
+    content_a = (image_a > FILL_LEVEL).astype(np.uint8)
     warped = cv2.warpAffine(a, transform, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
     valid = cv2.warpAffine(content_a, transform, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
-    valid &= (image_b > _FILL_LEVEL) & ~_grey_fill(cv2, image_b)
+    valid &= (image_b > FILL_LEVEL) & ~_grey_fill(cv2, image_b)
     not_fill_a = (~_grey_fill(cv2, image_a)).astype(np.uint8)
     valid &= cv2.warpAffine(not_fill_a, transform, (w, h), flags=cv2.INTER_NEAREST) > 0
     valid = cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
@@ -321,7 +320,7 @@ def _refine(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray
     pad = [np.pad(x, ((0, h - x.shape[0]), (0, w - x.shape[1]))) for x in (image_a, image_b)]
     a, b = (cv2.GaussianBlur(x, (5, 5), 0).astype(np.float32) for x in pad)
     warp = cv2.invertAffineTransform(transform).astype(np.float32)  # ECC maps template (b) onto input (a)
-    mask = (pad[1] > _FILL_LEVEL).astype(np.uint8)
+    mask = (pad[1] > FILL_LEVEL).astype(np.uint8)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
     try:
         _, warp = cv2.findTransformECC(b, a, warp, cv2.MOTION_AFFINE, criteria, mask, 5)

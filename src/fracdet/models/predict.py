@@ -26,6 +26,7 @@ __all__ = [
     "normalise",
     "predict_margins",
     "predict_scores",
+    "read_outputs",
     "select_device",
 ]
 
@@ -61,12 +62,22 @@ def logit_margin(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 1] - logits[:, 0]
 
 
-def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(margins (B,), dense outputs (B, C, h, w) or None)`` of a normalised batch, for any registered task."""
-    outputs = model(x)
+def read_outputs(
+    outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A network's raw outputs as ``(margins (B,), dense outputs (B, C, h, w) or None)``, in float32.
+
+    The one place that reads either task's output; training, calibration, evaluation and serving all go
+    through it, so a margin means the same everywhere.
+    """
     if isinstance(outputs, tuple):  # localise: (image logit, map logits and any box channels)
         return outputs[0].float(), outputs[1].float()
     return logit_margin(outputs), None
+
+
+def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(margins (B,), dense outputs (B, C, h, w) or None)`` of a normalised batch, for any registered task."""
+    return read_outputs(model(x))
 
 
 @torch.no_grad()

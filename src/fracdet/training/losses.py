@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from fracdet.models.predict import read_outputs
 from fracdet.models.scoring import decode_cell_boxes
 
 __all__ = ["box_targets", "map_targets", "split_views", "stability_loss", "task_loss", "verdict_scores"]
@@ -102,9 +103,10 @@ def task_loss(
 def verdict_scores(outputs: Outputs) -> torch.Tensor:
     """``(B, k)`` scores a verdict is read from: a classifier's logit margin; a localiser's image logit and
     its map's peak logit (the two its fused image score combines)."""
-    if isinstance(outputs, tuple):
-        return torch.stack([outputs[0].float(), outputs[1][:, 0].float().amax(dim=(1, 2))], dim=1)
-    return (outputs[:, 1] - outputs[:, 0]).float()[:, None]
+    margin, dense = read_outputs(outputs)
+    if dense is None:
+        return margin[:, None]
+    return torch.stack([margin, dense[:, 0].amax(dim=(1, 2))], dim=1)
 
 
 def split_views(outputs: Outputs, n: int) -> tuple[Outputs, Outputs]:

@@ -34,7 +34,7 @@ from torch import nn
 from fracdet.data.pixels import PixelSet, load_pixels
 from fracdet.models import TrainedModel, create_model, get_spec, save_model
 from fracdet.models._registry import PreprocessCfg
-from fracdet.models.predict import normalise, predict_margins, select_device
+from fracdet.models.predict import normalise, predict_margins, read_outputs, select_device
 from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin, epoch_indices
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
@@ -292,7 +292,7 @@ def train(
                 if config.schedule.name == "onecycle":
                     schedule.step()
                 total_loss += loss.item() * len(y)
-                margin = outputs[0] if isinstance(outputs, tuple) else outputs[:, 1] - outputs[:, 0]
+                margin = read_outputs(outputs)[0]
                 correct += int(((margin >= 0).long() == y).sum())
                 seen += len(y)
                 bar.update(len(y))
