@@ -480,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait (503 + Retry-After beyond)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("ensemble", help="average finished runs into one model, calibrated on their val split")
+    p = sub.add_parser(
+        "ensemble",
+        help="combine finished runs into one model (classifiers averaged, or one localiser "
+        "fused with classifiers), calibrated on their val split",
+    )
     p.add_argument("runs", nargs="+", help="run folders (or releases) trained on one split manifest")
     p.add_argument("--out", required=True, help="folder for the ensemble (a trained-model folder)")
     p.add_argument("--data", help="dataset folder (default: the first run's data root)")

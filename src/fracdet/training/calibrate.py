@@ -88,6 +88,7 @@ def fit_fusion(
     *,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> dict[str, float]:
     """Fit how a localiser's image logit combines its parts, on validation.
 
@@ -106,8 +107,9 @@ def fit_fusion(
 
     def part(index: int) -> tuple[np.ndarray, np.ndarray | None]:  # the image logit is then that part alone
         fusion.copy_(torch.eye(len(fusion), dtype=fusion.dtype)[index])
+        desc = f"fusion: {names[index]}" if progress else None
         return predict_scores(model.module, images, model.preprocess, batch_size=batch_size, device=device,
-                              tta=model.tta)  # fmt: skip
+                              tta=model.tta, progress_desc=desc)  # fmt: skip
 
     classifier, maps = part(0)
     features = [classifier, maps[:, 0].reshape(len(maps), -1).max(axis=1)]
@@ -178,6 +180,7 @@ def calibrate(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     boxes: list[list[list[float]]] | None = None,
+    progress: bool = False,
 ) -> TrainedModel:
     """Fit ``model``'s fusion and box edge (a localiser), temperature and thresholds on validation.
 
@@ -187,14 +190,16 @@ def calibrate(
         device: where the model's weights are (training calibrates on its GPU, not the CPU).
         boxes: the expert boxes of each image (normalised ``x0, y0, x1, y1``), for a localiser's box edge.
 
-    ``point`` becomes the operating point.
+    ``point`` becomes the operating point. ``progress``: a progress bar per pass over the images.
     """
     if getattr(model.module, "fusion", None) is not None:
-        model.meta["fusion_val_auc"] = fit_fusion(model, images, labels, batch_size=batch_size, device=device)
+        model.meta["fusion_val_auc"] = fit_fusion(model, images, labels, batch_size=batch_size, device=device,
+                                                  progress=progress)  # fmt: skip
         if boxes is not None:
             model.meta["box_relative_val_iou"] = fit_box_relative(model, images, labels, boxes, batch_size=batch_size,
                                                                   device=device)  # fmt: skip
-    margins = model.margins(images, batch_size=batch_size, device=device)
+    margins = model.margins(images, batch_size=batch_size, device=device,
+                            progress_desc="calibrating" if progress else None)  # fmt: skip
     model.temperature = fit_temperature(margins, labels)
     model.thresholds = choose_thresholds(labels, probabilities(margins, model.temperature))
     model.operating_point, model.threshold = point, model.thresholds[point]

@@ -53,7 +53,7 @@ def build_ensemble(
     boxes = None  # a fused localiser's box edge is fitted to the expert boxes again
     if ensemble.task == "localise" and "boxes" in pixels.table:
         boxes = [b if isinstance(b, list) else [] for b in pixels.table["boxes"]]
-    calibrate(ensemble, pixels.images, pixels.table["label"].to_numpy(int), boxes=boxes)
+    calibrate(ensemble, pixels.images, pixels.table["label"].to_numpy(int), boxes=boxes, progress=True)
     out = save_model(ensemble, out_dir, half=half)
     if manifest := models[0].splits_path:
         shutil.copy2(manifest, out / "splits.csv")

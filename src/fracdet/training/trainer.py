@@ -406,7 +406,7 @@ def _export(
     meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
             "selected_on": config.select_on, "monitor": config.monitor}  # fmt: skip
     trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
-    calibrate(trained, *val, batch_size=2 * config.batch_size, device=device, boxes=val_boxes)
+    calibrate(trained, *val, batch_size=2 * config.batch_size, device=device, boxes=val_boxes, progress=True)
     save_model(trained, out_dir)
 
 
