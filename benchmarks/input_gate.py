@@ -2,6 +2,7 @@
 
     python benchmarks/input_gate.py [MODEL] --fracatlas ../shared/data/fracatlas \
         --multiregion ../shared/data/multiregion [--dev] [--out benchmarks/results-input-gate.json]
+    python benchmarks/input_gate.py --fracatlas ... --multiregion ... --dev --components 32 64 128 192 256 384
 
 Builds a held-out set of non-radiographs at radiograph sizes from what is available offline (nothing of it
 was used to fit or choose the gate, which saw only radiographs), seed 0:
@@ -267,6 +268,55 @@ def radiographs(root: str, manifest: str, split: str) -> list[tuple[str, bytes]]
     return [(f"{Path(root).name} {split}", path.read_bytes()) for path in absolute_paths(rows)]
 
 
+def training_radiographs(root: str, manifest: str, split: str, size: int) -> np.ndarray:
+    """The ``split`` radiographs of a dataset at the model's input size, as the gate was fitted on them."""
+    from fracdet.data.pixels import load_pixels
+    from fracdet.data.split import apply_manifest
+    from fracdet.utils.cache import FeatureCache
+
+    table = apply_manifest(load_dataset(root), manifest)
+    rows = table[table["split"] == split].reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    return load_pixels(rows, size, cache=FeatureCache(), desc=f"decoding {Path(root).name} {split}").images
+
+
+def components_sweep(predictor: Predictor, args: argparse.Namespace, items: list) -> dict[str, dict]:
+    """Refit the appearance distance with each number of components on the gate's own training radiographs,
+    put its limit at the same quantile of the validation radiographs, and count what each lets through.
+
+    How ``APPEARANCE_COMPONENTS`` was chosen (``docs/RELIABILITY.md``: on the development set, fewest
+    photographs and CT/MR slices let through, then fewest components).
+    """
+    from dataclasses import replace
+
+    from fracdet.inference.gate import FeatureDistance, appearance_embedder
+
+    gate, size = predictor.gate, predictor.model.preprocess.input_size
+    embed = appearance_embedder()
+    train = [training_radiographs(args.fracatlas, args.fracatlas_splits, "train", size),
+             training_radiographs(args.multiregion, args.multiregion_splits, "train", size)]  # fmt: skip
+    val = [training_radiographs(args.fracatlas, args.fracatlas_splits, "val", size),
+           training_radiographs(args.multiregion, args.multiregion_splits, "val", size)]  # fmt: skip
+    looks = np.concatenate([embed(list(images)) for images in train]).astype(np.float64)
+    val_looks = np.concatenate([embed(list(images)) for images in val]).astype(np.float64)
+    shipped = (gate.appearance, gate.limits)
+    sweep = {}
+    try:
+        for k in args.components:
+            appearance = FeatureDistance.fit(looks, k)
+            limit = float(np.quantile(appearance(val_looks), gate.limits.appearance_quantile))
+            gate.appearance, gate.limits = appearance, replace(shipped[1], appearance_refuse=limit)
+            rates = refusal_rate(predictor, items, f"{k} components")  # radiographs: the quantile by construction
+            through = {kind: r["items"] - r["refused"] for kind, r in rates.items()}
+            sweep[str(k)] = {"appearance_refuse": limit, "let_through": through,
+                             "items": {kind: r["items"] for kind, r in rates.items()}}  # fmt: skip
+            shown = ", ".join(f"{kind} {n}/{rates[kind]['items']}" for kind, n in through.items())
+            print(f"{k:4d} components: limit {limit:.1f}; let through {shown}")
+    finally:
+        gate.appearance, gate.limits = shipped
+    return sweep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="fracatlas-default")
@@ -280,7 +330,12 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None, help="default: benchmarks/results-input-gate[-dev].json")
     parser.add_argument("--dev", action="store_true", help="the development set (seed 1, validation radiographs)")
+    parser.add_argument("--components", type=int, nargs="+", metavar="K",
+                        help="with --dev: refit the appearance distance with each K and count what it lets through "
+                        "(how its number of components was chosen)")  # fmt: skip
     args = parser.parse_args()
+    if args.components and not args.dev:
+        raise SystemExit("error: --components chooses a design, so it runs on the development set only: add --dev")
     args.out = args.out or f"benchmarks/results-input-gate{'-dev' if args.dev else ''}.json"
     seed, split = (1, "val") if args.dev else (0, "test")
     model = load(args.model)
@@ -290,6 +345,13 @@ def main() -> None:
     real = radiographs(args.fracatlas, args.fracatlas_splits, split) + radiographs(
         args.multiregion, args.multiregion_splits, split
     )
+    if args.components:
+        sweep = components_sweep(predictor, args, held_out_set(args.model, seed=seed))
+        out = Path(args.out).with_name("results-input-gate-components.json")
+        out.write_text(json.dumps({"model": f"{model.name} {model.version}", "set": "development (seed 1, validation "
+                                   "radiographs)", "components": sweep}, indent=2))  # fmt: skip
+        print(f"wrote {out}")
+        return
     distances: dict[str, list] | None = {} if args.dev else None
     result = {
         "model": f"{model.name} {model.version}",
