@@ -135,7 +135,7 @@ def test_predict_files_gives_one_row_per_file_and_error_rows(model, sample_root,
     assert {p.name for p in paths} == {"good.jpg", "broken.png"}
     table = Predictor(model).predict_files(paths, heatmap_dir=tmp_path / "heat")
     assert list(table.columns) == ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
-                                   "warning"]  # fmt: skip
+                                   "warning", "study"]  # fmt: skip
     row = table.set_index(table["path"].map(lambda p: p.rsplit("/", 1)[-1]))
     assert row.loc["broken.png", "error"] and pd.isna(row.loc["broken.png", "probability"])
     assert pd.isna(row.loc["good.jpg", "error"]) and Image.open(row.loc["good.jpg", "heatmap"]).mode == "RGB"

@@ -350,21 +350,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = load(args.model)
     paths = collect_inputs(args.inputs)
-    predictor = Predictor(model, heatmaps=args.heatmaps is not None, method=args.cam)
+    predictor = Predictor(
+        model, heatmaps=args.heatmaps is not None, method=args.cam, force_modality=args.force_modality
+    )
     table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None)
-    if args.out:  # whole or not at all: a run killed midway leaves no half-written table to trust
-        from fracdet.utils.atomic import atomic_write_bytes
-
-        out = Path(args.out)
-        text = table.to_json(orient="records", indent=2) if out.suffix == ".json" else table.to_csv(index=False)
-        atomic_write_bytes(out, text.encode())
-        print(f"wrote {out}")
+    if args.out:
+        _write_table(table, Path(args.out))
     else:
         print(table.drop(columns="heatmap").to_string(index=False))
+    if args.studies:
+        from fracdet.inference import study_summary
+
+        studies = study_summary(table)
+        _write_table(studies, Path(args.studies))
+        print(f"{len(studies)} DICOM studies: {int((studies['label'] == 'fracture').sum())} flagged")
     failed = int(table["error"].notna().sum())
     flagged = int((table["label"] == "fracture").sum())
     print(f"{len(table)} images: {flagged} flagged as fracture at threshold {model.threshold:.3f}, {failed} unreadable")
     return 4 if failed == len(table) else 1 if failed else 0
+
+
+def _write_table(table, out: Path) -> None:
+    """Whole or not at all: a run killed midway leaves no half-written table to trust."""
+    from fracdet.utils.atomic import atomic_write_bytes
+
+    text = table.to_json(orient="records", indent=2) if out.suffix == ".json" else table.to_csv(index=False)
+    atomic_write_bytes(out, text.encode())
+    print(f"wrote {out}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -460,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results .csv or .json (default: print a table)")
     p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays here")
     p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++"])
+    p.add_argument("--studies", metavar="FILE", help="also write one row per DICOM study (.csv or .json): its "
+                   "highest probability and level, as studies are read")  # fmt: skip
+    p.add_argument("--force-modality", action="store_true",
+                   help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("gate", help="fit a model's input gate (what is not a radiograph gets no verdict)")

@@ -1,7 +1,8 @@
-"""Image files -> pixel arrays, strictly.
+"""Image files -> pixel arrays, strictly: the one place bytes become pixels, for training, audit and inference.
 
-Radiographs arrive as JPEG, PNG (8 or 16 bit), GIF, BMP, TIFF or WebP in any mode; no other container is
-opened (:data:`IMAGE_FORMATS`). The pixel limit is fracdet's own (``max_pixels``), checked on the header
+Radiographs arrive as DICOM (:mod:`fracdet.data.dicom`, recognised by its content, with or without a
+preamble or a ``.dcm`` name), or as JPEG, PNG (8 or 16 bit), GIF, BMP, TIFF or WebP in any mode; no other
+container is opened (:data:`IMAGE_FORMATS`). The pixel limit is fracdet's own (``max_pixels``), checked on the header
 before any pixel is decoded; Pillow's smaller built-in guard does not override it. Decoding is strict on
 purpose: a truncated JPEG decoded leniently gets a grey band at the bottom, and in FracAtlas only
 negatives have one, so a model can learn "grey band = no fracture". Loading such a file must be an
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from fracdet.data.dicom import DicomInfo, is_dicom
+
 __all__ = [
     "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
@@ -31,10 +34,12 @@ __all__ = [
     "UnsupportedImageError",
     "colour_fraction",
     "decode_image",
+    "is_image_file",
     "read_image",
 ]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+#: File names a folder search picks up; a file without a suffix is picked up when its bytes are DICOM.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"})
 #: The only containers Pillow may open: its other plugins (EPS hands data to Ghostscript, where installed;
 #: PSD, ICO, ...) are attack surface a radiograph never needs.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
@@ -69,12 +74,14 @@ class DecodedImage:
 
     Attributes:
         pixels: float32 in [0, 1], shape (H, W) for grey or (H, W, 3) for RGB.
-        format: the container format as Pillow names it (``JPEG``, ``PNG``, ...).
-        mode: the file's own pixel mode before conversion (``L``, ``I;16``, ``RGB``, ``P``, ...).
+        format: the container format as Pillow names it (``JPEG``, ``PNG``, ...), or ``DICOM``.
+        mode: the file's own pixel mode before conversion (``L``, ``I;16``, ``RGB``, ``P``, ...; for DICOM
+            its photometric interpretation and bits, e.g. ``MONOCHROME1 12-bit``).
         truncated: the file is truncated and was decoded leniently on request.
         colour_fraction: the share of its pixels that were coloured before it was made grey
             (:func:`colour_fraction`): 0 for a grey radiograph, most of the image for a photograph; ``None``
             unless asked for (``measure_colour``), since only the input gate needs it.
+        dicom: a DICOM file's non-identifying header (modality, hashed study, ...), else ``None``.
     """
 
     pixels: np.ndarray
@@ -82,6 +89,24 @@ class DecodedImage:
     mode: str
     truncated: bool
     colour_fraction: float | None = None
+    dicom: DicomInfo | None = None
+
+
+def is_image_file(path: Path) -> bool:
+    """A file a folder search takes: an image suffix, or no suffix and DICOM bytes (PACS exports often have
+    no extension)."""
+    if not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix and not suffix[1:].isdigit():  # DICOM files are often named by UID: 1.2.840.....123
+        return False
+    try:
+        with path.open("rb") as fh:
+            return is_dicom(fh.read(132))
+    except OSError:
+        return False
 
 
 def colour_fraction(im: Image.Image) -> float:
@@ -138,13 +163,22 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str = "<bytes>",
     measure_colour: bool = False,
+    force_modality: bool = False,
 ) -> DecodedImage:
     """Decode image bytes; see :func:`read_image` for the contract (``measure_colour``: fill
-    :attr:`DecodedImage.colour_fraction`)."""
+    :attr:`DecodedImage.colour_fraction`; ``force_modality``: read DICOM of any modality)."""
     if channels not in ("L", "RGB"):
         raise ValueError(f"channels must be 'L' or 'RGB', not {channels!r}")
     if not data:
         raise UnsupportedImageError(f"{name}: empty file")
+    if is_dicom(data):
+        from fracdet.data.dicom import decode_dicom
+
+        pixels, info = decode_dicom(data, name=name, max_pixels=max_pixels, force_modality=force_modality)
+        if channels == "RGB":
+            pixels = np.repeat(pixels[..., None], 3, axis=2)
+        return DecodedImage(pixels, "DICOM", f"{info.photometric} {info.bits_stored}-bit", truncated=False,
+                            colour_fraction=0.0 if measure_colour else None, dicom=info)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
         try:
@@ -201,8 +235,8 @@ def read_image(
 ) -> np.ndarray:
     """Read an image file as float32 pixels in [0, 1].
 
-    JPEG, PNG (8 and 16 bit), GIF, BMP and TIFF in any mode are read; EXIF orientation is applied;
-    alpha is composited on black.
+    DICOM radiographs (as displayed: :mod:`fracdet.data.dicom`), and JPEG, PNG (8 and 16 bit), GIF, BMP and
+    TIFF in any mode are read; EXIF orientation is applied; alpha is composited on black.
 
     Args:
         path: the file.

@@ -3,7 +3,8 @@
 Four layouts are recognised by looking at the files, so users point fracdet at a folder and go:
 
 1. FracAtlas: ``dataset.csv`` + ``images/Fractured|Non_fractured`` + ``annotations/`` (COCO, YOLO).
-2. Image folders: ``[split/]class/`` with common class names in any case.
+2. Image folders: ``[split/]class/`` with common class names in any case; DICOM files in them are grouped
+   by patient (a keyed hash of the Patient ID, :func:`fracdet.data.dicom.keyed_hash`).
 3. MURA-style trees: ``.../patientNNNNN/studyK_positive|negative/imageN.png``.
 4. A CSV manifest ``path,label[,group,split,...]`` with paths relative to a data root.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fracdet.data.decode import IMAGE_SUFFIXES
+from fracdet.data.decode import IMAGE_SUFFIXES, ImageReadError, is_image_file
 from fracdet.data.table import new_table
 
 __all__ = [
@@ -61,7 +62,7 @@ def _normalise(name: str) -> str:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
 
 
 def load_dataset(path: str | Path, *, data_root: str | Path | None = None) -> pd.DataFrame:
@@ -144,8 +145,27 @@ def _load_image_folders(root: Path, files: list[Path]) -> pd.DataFrame:
                 raise DatasetLayoutError(
                     f"{root}: unknown split folder {parts[0]!r}; expected one of {', '.join(sorted(SPLIT_NAMES))}"
                 )
-        rows.append({"path": f.relative_to(root).as_posix(), "label": CLASS_NAMES[class_name], "split": split})
+        rows.append({"path": f.relative_to(root).as_posix(), "label": CLASS_NAMES[class_name], "split": split,
+                     **_dicom_groups(f)})  # fmt: skip
     return new_table(rows, root=root, layout="image-folders")
+
+
+def _dicom_groups(path: Path) -> dict[str, str]:
+    """A DICOM file's patient and study as keyed hashes (never the IDs), its patient as its group, so a
+    split keeps each patient's images together; nothing for other files."""
+    from fracdet.data.dicom import is_dicom, read_dicom_info
+
+    with path.open("rb") as fh:
+        if not is_dicom(fh.read(132)):
+            return {}
+    try:
+        info = read_dicom_info(path.read_bytes(), name=str(path))
+    except ImageReadError:
+        return {}  # unreadable: the audit reports it
+    groups = {"patient_id": info.patient, "study_id": info.study} if info.patient else {"study_id": info.study}
+    if info.patient:
+        groups["group"] = f"patient:{info.patient}"
+    return {k: v for k, v in groups.items() if v}
 
 
 def _load_mura(root: Path, files: list[Path]) -> pd.DataFrame:

@@ -8,8 +8,8 @@ table = predictor.predict_files(collect_inputs(["xrays/"]), heatmap_dir=Path("he
 from __future__ import annotations
 
 from fracdet.inference.gate import InputGate, NotARadiographError
-from fracdet.inference.predictor import Cancelled, Prediction, Predictor
-from fracdet.inference.readers import collect_inputs, read_input, register_reader
+from fracdet.inference.predictor import Cancelled, Prediction, Predictor, study_summary
+from fracdet.inference.readers import collect_inputs, read_input
 
 __all__ = [
     "Cancelled",
@@ -19,5 +19,5 @@ __all__ = [
     "Predictor",
     "collect_inputs",
     "read_input",
-    "register_reader",
+    "study_summary",
 ]

@@ -30,7 +30,7 @@ from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import ScoredBox, level_of, shown_boxes
 from fracdet.utils.progress import progress
 
-__all__ = ["Cancelled", "Prediction", "Predictor"]
+__all__ = ["Cancelled", "Prediction", "Predictor", "study_summary"]
 
 LABELS = {0: "no fracture", 1: "fracture"}
 
@@ -63,6 +63,8 @@ class Prediction:
         timings: milliseconds per stage.
         input_check: the input gate's outcome: ``radiograph`` or ``unusual`` (``None``: no gate).
         warning: why the input is unusual (a radiograph unlike the training data), for the reader.
+        study: a DICOM input's study, as a keyed hash of its Study Instance UID (never the UID itself);
+            ``None`` for other files.
     """
 
     probability: float
@@ -78,6 +80,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     input_check: str | None = None
     warning: str | None = None
+    study: str | None = None
 
     def overlay_png(self, *, opacity: float = 0.4, size: int | None = None) -> bytes:
         """The image with the heatmap blended over it and the boxes drawn by level, as PNG bytes."""
@@ -101,6 +104,7 @@ class Predictor:
         max_pixels: refuse images larger than this (decompression bombs).
         display_size: side of the stored grey image used for overlays.
         gate: refuse what is not a radiograph and flag unusual radiographs (:mod:`fracdet.inference.gate`).
+        force_modality: analyse DICOM objects whose modality is not a projection radiograph (CT, MR, ...).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         display_size: int = 512,
         gate: bool = True,
+        force_modality: bool = False,
     ) -> None:
         self.model = model
         self.heatmaps = heatmaps
@@ -119,6 +124,7 @@ class Predictor:
         self.explainer = Explainer(model, method) if heatmaps and model.task == "classify" else None
         self.max_pixels = max_pixels
         self.display_size = display_size
+        self.force_modality = force_modality
 
     def predict_pixels(
         self, pixels: np.ndarray, *, cancel: threading.Event | None = None, colour_fraction: float = 0.0
@@ -210,18 +216,21 @@ class Predictor:
         """
         _check(cancel)
         started = time.perf_counter()
-        image = read_input_image(data, name, max_pixels=self.max_pixels)
+        image = read_input_image(data, name, max_pixels=self.max_pixels, force_modality=self.force_modality)
         decoded = time.perf_counter()
         _check(cancel)
         prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
+        if image.dicom is not None:
+            prediction.study = image.dicom.study or None
         return prediction
 
     def predict_files(self, paths: list[Path], *, heatmap_dir: Path | None = None) -> pd.DataFrame:
-        """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes`` (errors never raise).
+        """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study``
+        (errors never raise).
 
         ``boxes`` is the JSON list of a localiser's shown boxes (``x0, y0, x1, y1, score, level``), ``[]``
-        for a classifier.
+        for a classifier. ``study`` is a DICOM file's hashed study (:func:`study_summary` reads studies).
         """
         rows: list[dict[str, Any]] = []
         if heatmap_dir is not None:
@@ -229,21 +238,59 @@ class Predictor:
         for k, path in enumerate(progress(paths, desc="predicting", total=len(paths))):
             row: dict[str, Any] = {"path": str(path), "probability": None, "label": None, "level": None,
                                    "threshold": self.model.threshold, "boxes": None, "heatmap": None,
-                                   "error": None, "warning": None}  # fmt: skip
+                                   "error": None, "warning": None, "study": None}  # fmt: skip
             try:
-                prediction = self.predict_bytes(Path(path).read_bytes(), str(path))
+                data = Path(path).read_bytes()
+                prediction = self.predict_bytes(data, str(path))
             except (ImageReadError, OSError) as exc:
                 row["error"] = str(exc)
+                row["study"] = _study_of(data) if isinstance(exc, ImageReadError) else None
                 rows.append(row)
                 continue
             row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
                        boxes=json.dumps([b.to_dict() for b in prediction.boxes]),
-                       warning=prediction.warning)  # fmt: skip
+                       warning=prediction.warning, study=prediction.study)  # fmt: skip
             if heatmap_dir is not None and prediction.heatmap is not None:
                 target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
                 target.write_bytes(prediction.overlay_png())
                 row["heatmap"] = str(target)
             rows.append(row)
         columns = ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
-                   "warning"]  # new ones last  # fmt: skip
+                   "warning", "study"]  # new ones last  # fmt: skip
         return pd.DataFrame(rows, columns=columns)
+
+
+def _study_of(data: bytes) -> str | None:
+    """The hashed study of a DICOM file that could not be analysed (so its study counts it), else ``None``."""
+    from fracdet.data.dicom import is_dicom, read_dicom_info
+
+    if not is_dicom(data):
+        return None
+    try:
+        return read_dicom_info(data).study or None
+    except (ImageReadError, ImportError):
+        return None
+
+
+#: Levels from the highest down; a study is read at the highest level any of its images reaches.
+_LEVEL_ORDER = ("definite", "suspicious")
+
+
+def study_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per DICOM study of a :meth:`Predictor.predict_files` table, as clinicians read studies.
+
+    Columns: ``study`` (hashed), ``images``, ``analysed``, ``unreadable``, ``flagged`` (images at or above
+    the threshold), ``probability`` (the highest), ``label`` (``fracture`` when any image is flagged), ``level``
+    (the highest any image reaches). Files that are not DICOM have no study and are left out.
+    """
+    columns = ["study", "images", "analysed", "unreadable", "flagged", "probability", "label", "level"]
+    rows = []
+    for study, group in table[table["study"].notna()].groupby("study", sort=True):
+        read = group[group["error"].isna()]
+        levels = [lvl for lvl in _LEVEL_ORDER if (read["level"] == lvl).any()]
+        flagged = int((read["label"] == LABELS[1]).sum())
+        rows.append({"study": study, "images": len(group), "analysed": len(read), "unreadable": len(group) - len(read),
+                     "flagged": flagged, "probability": read["probability"].max() if len(read) else None,
+                     "label": LABELS[int(flagged > 0)] if len(read) else None,
+                     "level": levels[0] if levels else None})  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,269 @@
+"""DICOM input: a radiograph stored any way DICOM allows is displayed as a radiologist sees it and scored as
+the same image read as PNG; what cannot be analysed is refused by name; no identifier ever leaves fracdet."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pydicom")
+
+from fracdet.cli import main
+from fracdet.data import load_dataset
+from fracdet.data.decode import ImageReadError, decode_image
+from fracdet.data.dicom import is_dicom, keyed_hash
+from fracdet.data.pixels import load_pixels
+from fracdet.inference import Predictor, study_summary
+from fracdet.models import load
+from fracdet.utils.cache import FeatureCache
+from tests.dicom_files import PHI, READABLE, REFUSED, available, ct_slice, mono2_8bit, write_bytes
+
+RADIOGRAPH = "images/Fractured/IMG0000261.jpg"
+OTHER = "images/Non_fractured/IMG0000003.jpg"
+
+
+@pytest.fixture(autouse=True)
+def site_key(monkeypatch):
+    monkeypatch.setenv("FRACDET_PHI_KEY", "test-site-key")
+
+
+@pytest.fixture(scope="module")
+def grey(sample_root=None) -> np.ndarray:
+    from tests.conftest import SAMPLE
+
+    return np.asarray(Image.open(SAMPLE / RADIOGRAPH).convert("L"))
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor(load("fracatlas-default"), heatmaps=False)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def readable(name: str):
+    variant = next(v for v in READABLE if v.name == name)
+    if not available(variant):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{variant.needs} is missing under CI (.ci/run installs dcmtk)")
+        pytest.skip(f"{variant.needs} is not installed")
+    return variant
+
+
+# --- display pixels ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [v.name for v in READABLE if not v.lossy])
+def test_every_lossless_encoding_displays_the_radiograph_exactly(grey, name):
+    decoded = decode_image(write_bytes(readable(name).build(grey)), name=name)
+    assert decoded.format == "DICOM" and decoded.pixels.dtype == np.float32 and not decoded.dicom.lossy
+    expected = grey / 255.0
+    if name == "padded":  # the padding columns are shown black, the rest as stored
+        assert decoded.pixels[:, :8].max() == 0.0
+        expected, pixels = expected[:, 8:], decoded.pixels[:, 8:]
+    else:
+        pixels = decoded.pixels
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+
+
+def test_lossy_encodings_are_read_and_said_to_be_lossy(grey):
+    for variant in (v for v in READABLE if v.lossy):
+        decoded = decode_image(write_bytes(variant.build(grey)), name=variant.name)
+        assert decoded.dicom.lossy, variant.name
+        assert 0 < np.abs(decoded.pixels - grey / 255.0).mean() < 0.02, variant.name  # close, not equal
+
+
+def test_monochrome1_is_inverted_once_whether_or_not_it_says_inverse(grey):
+    from pydicom import dcmread
+
+    from tests.dicom_files import mono1_12bit
+
+    with_shape = decode_image(write_bytes(mono1_12bit(grey))).pixels
+    ds = mono1_12bit(grey)
+    del ds.PresentationLUTShape
+    without = decode_image(write_bytes(ds)).pixels
+    np.testing.assert_allclose(with_shape, without)
+    np.testing.assert_allclose(with_shape, grey / 255.0, atol=1e-6)
+    ds = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
+    ds.PresentationLUTShape = "INVERSE"  # MONOCHROME2 shown inverse: the presentation LUT is honoured
+    np.testing.assert_allclose(decode_image(write_bytes(ds)).pixels, 1 - grey / 255.0, atol=1e-6)
+
+
+def test_the_sniffer_knows_dicom_with_and_without_preamble_and_nothing_else(grey, sample_root):
+    assert is_dicom(write_bytes(mono2_8bit(grey)))
+    assert is_dicom(write_bytes(next(v for v in READABLE if v.name == "no_preamble").build(grey)))
+    for other in ((sample_root / RADIOGRAPH).read_bytes(), png_bytes(grey), b"%PDF-1.7 ...", b"GIF89a" + b"\0" * 200):
+        assert not is_dicom(other)
+
+
+# --- the same verdict as the PNG --------------------------------------------------------------------------
+
+
+def test_every_encoding_scores_as_the_radiograph_it_decodes_to(grey, predictor):
+    reference = predictor.predict_bytes(png_bytes(grey), "reference.png").probability
+    for variant in READABLE:
+        if not available(variant):
+            continue
+        data = write_bytes(variant.build(grey))
+        probability = predictor.predict_bytes(data, variant.name).probability
+        if variant.lossy:  # against the PNG of what its codec gives
+            decoded = np.rint(decode_image(data).pixels * 255).astype(np.uint8)
+            expected = predictor.predict_bytes(png_bytes(decoded), "decoded.png").probability
+        elif variant.name == "padded":
+            padded = grey.copy()
+            padded[:, :8] = 0
+            expected = predictor.predict_bytes(png_bytes(padded), "padded.png").probability
+        else:
+            expected = reference
+        assert abs(probability - expected) <= 0.02, variant.name
+
+
+# --- refused ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variant", "reason"), REFUSED, ids=[v.name for v, _ in REFUSED])
+def test_what_cannot_be_analysed_is_refused_by_name(grey, variant, reason):
+    with pytest.raises(ImageReadError, match=reason):
+        decode_image(write_bytes(variant.build(grey)), name="upload.dcm")
+
+
+def test_another_modality_is_read_only_when_forced(grey):
+    data = write_bytes(ct_slice(grey))
+    with pytest.raises(ImageReadError, match="CT"):
+        decode_image(data)
+    assert decode_image(data, force_modality=True).dicom.modality == "CT"
+
+
+def test_an_unknown_compression_names_what_would_decode_it(grey):
+    ds = mono2_8bit(grey)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no still-image decoder reads it
+    from pydicom.encaps import encapsulate
+
+    ds.PixelData = encapsulate([b"\0" * 64])
+    with pytest.raises(ImageReadError, match="no decoder for transfer syntax"):
+        decode_image(write_bytes(ds))
+
+
+# --- no identifier leaves fracdet -------------------------------------------------------------------------
+
+
+def write_study_folder(grey, other, folder):
+    """Two studies of two patients: readable, lossy, extension-less and refused files."""
+    from pydicom import dcmread
+
+    files = {}
+    for k, variant in enumerate(READABLE[:4] + READABLE[-2:]):
+        files[f"a{k}.dcm"] = write_bytes(variant.build(grey))
+    for k, (variant, _) in enumerate(REFUSED):
+        files[f"r{k}"] = write_bytes(variant.build(grey))  # no suffix: found by its bytes
+    second = dcmread(io.BytesIO(write_bytes(mono2_8bit(other))))
+    second.StudyInstanceUID, second.PatientID = "1.2.826.0.1.3680043.8.498.44444444444444444444", "PID-0099-0001"
+    files["b0.dcm"] = write_bytes(second)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_no_identifier_reaches_tables_messages_or_logs(grey, sample_root, tmp_path, capsys, caplog):
+    other = np.asarray(Image.open(sample_root / OTHER).convert("L"))
+    files = write_study_folder(grey, other, tmp_path / "in")
+    caplog.set_level(logging.DEBUG)
+    code = main(["predict", str(tmp_path / "in"), "--out", str(tmp_path / "out.csv"),
+                 "--studies", str(tmp_path / "studies.json")])  # fmt: skip
+    assert code == 1  # some unreadable: not all
+    out = capsys.readouterr()
+    written = (tmp_path / "out.csv").read_text() + (tmp_path / "studies.json").read_text()
+    everything = written + out.out + out.err + caplog.text
+    for keyword, value in PHI.items():
+        assert value not in everything, keyword
+        assert value.split("^")[0] not in everything, keyword
+    assert "PID-0099" not in everything and "4444444444" not in everything
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "out.csv")
+    assert len(table) == len(files)
+    studies = json.loads((tmp_path / "studies.json").read_text())
+    assert {s["study"] for s in studies} == {keyed_hash(PHI["StudyInstanceUID"]),
+                                             keyed_hash("1.2.826.0.1.3680043.8.498.44444444444444444444")}  # fmt: skip
+    first = next(s for s in studies if s["study"] == keyed_hash(PHI["StudyInstanceUID"]))
+    assert first["images"] == 6 + len(REFUSED)  # a refused file's header still names its study
+    assert first["unreadable"] == len(REFUSED)
+    assert first["probability"] == pytest.approx(table[table["study"] == first["study"]]["probability"].max())
+
+
+def test_a_study_is_read_at_the_highest_level_of_its_images():
+    import pandas as pd
+
+    table = pd.DataFrame({"study": ["s1", "s1", "s2", None], "error": [None, None, None, None],
+                          "probability": [0.2, 0.7, 0.05, 0.9], "label": ["fracture", "fracture", "no fracture",
+                          "fracture"], "level": ["suspicious", "definite", None, "definite"]})  # fmt: skip
+    summary = study_summary(table).set_index("study")
+    assert list(summary.index) == ["s1", "s2"]  # a file that is not DICOM has no study
+    assert summary.loc["s1", "level"] == "definite" and summary.loc["s1", "probability"] == 0.7
+    assert summary.loc["s2", "label"] == "no fracture" and summary.loc["s2", "flagged"] == 0
+
+
+def test_the_site_key_is_made_once_readable_by_its_owner_only(monkeypatch, tmp_path):
+    monkeypatch.delenv("FRACDET_PHI_KEY")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    first = keyed_hash("PID-0042-7731")
+    key = tmp_path / "fracdet" / "phi-key"
+    assert key.is_file() and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert keyed_hash("PID-0042-7731") == first and "0042" not in first and keyed_hash("") == ""
+    monkeypatch.setenv("FRACDET_PHI_KEY", "another site")
+    assert keyed_hash("PID-0042-7731") != first  # another site's pseudonyms cannot be matched against ours
+
+
+# --- datasets and the web app -----------------------------------------------------------------------------
+
+
+def test_a_folder_of_dicom_files_is_a_dataset_grouped_by_hashed_patient(grey, sample_root, tmp_path, cache_dir):
+    from pydicom import dcmread
+
+    other = np.asarray(Image.open(sample_root / OTHER).convert("L"))
+    for label, pixels, patient in (("fractured", grey, "PID-A"), ("normal", other, "PID-B")):
+        for k in range(2):
+            ds = dcmread(io.BytesIO(write_bytes(mono2_8bit(pixels))))
+            ds.PatientID = patient
+            name = f"{k}.dcm" if k == 0 else "1.2.826.0.1.3680043.8.498.5"  # named by UID, no suffix
+            (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / label / name).write_bytes(write_bytes(ds))
+    table = load_dataset(tmp_path / "data")
+    assert len(table) == 4 and table["label"].tolist().count(1) == 2
+    assert table["group"].nunique() == 2 and not table["group"].str.contains("PID").any()
+    assert set(table["group"]) == {f"patient:{keyed_hash('PID-A')}", f"patient:{keyed_hash('PID-B')}"}
+    pixels = load_pixels(table, 64, cache=FeatureCache(cache_dir))  # what training and evaluation read
+    assert pixels.images.shape == (4, 64, 64) and pixels.skipped.empty
+    from fracdet.data import audit_dataset
+
+    report = audit_dataset(table)
+    assert report.unreadable.empty and len(report.exact_groups) == 2  # each patient's two copies are found
+
+
+def test_the_web_app_reads_a_dicom_upload_and_refuses_a_ct_by_name(grey):
+    from fastapi.testclient import TestClient
+
+    from fracdet.models import PreprocessCfg, TrainedModel, create_model
+    from fracdet.serve import create_app
+
+    model = TrainedModel(module=create_model("paper_cnn", input_size=32).eval(), name="t", arch="paper_cnn",
+                         preprocess=PreprocessCfg(32), meta={"version": "0"})  # fmt: skip
+    client = TestClient(create_app(model))
+    ok = client.post("/api/v1/predict", files={"file": ("x", write_bytes(mono2_8bit(grey)), "application/dicom")})
+    assert ok.status_code == 200 and 0 <= ok.json()["probability"] <= 1
+    ct = write_bytes(ct_slice(grey))
+    refused = client.post("/api/v1/predict", files={"file": ("x.dcm", ct, "application/dicom")})
+    assert refused.status_code in (415, 422) and "not a projection radiograph" in refused.json()["detail"]
+    assert all(value not in refused.text for value in PHI.values())
