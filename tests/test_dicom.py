@@ -267,3 +267,104 @@ def test_the_web_app_reads_a_dicom_upload_and_refuses_a_ct_by_name(grey):
     refused = client.post("/api/v1/predict", files={"file": ("x.dcm", ct, "application/dicom")})
     assert refused.status_code in (415, 422) and "not a projection radiograph" in refused.json()["detail"]
     assert all(value not in refused.text for value in PHI.values())
+
+
+# --- DICOM results: SR, presentation state, secondary capture ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_localiser():
+    """An untrained 64-px localiser whose levels are low enough that every image shows boxes."""
+    from fracdet.models import PreprocessCfg, TrainedModel, create_model
+
+    module = create_model("localiser_lite0").eval()
+    thresholds = {"0.5": 0.5, "sens90": 0.01, "spec95": 0.02}
+    return TrainedModel(module=module, name="tiny-localiser", arch="localiser_lite0", preprocess=PreprocessCfg(64),
+                        thresholds=thresholds, threshold=0.01, operating_point="sens90",
+                        meta={"version": "0.0.1"})  # fmt: skip
+
+
+def content_items(ds):
+    """Every content item of a structured report, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def dciodvfy_errors(path) -> list[str]:
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("dciodvfy is missing under CI (.ci/run installs dicom3tools)")
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("source", ["mono2_8bit", "mono1_12bit"])
+def test_results_are_valid_dicom_linked_to_the_study_and_leave_the_original_alone(grey, tmp_path, tiny_localiser,
+                                                                                  source):  # fmt: skip
+    from pydicom import dcmread
+
+    from fracdet.dicom import is_fracdet_result
+
+    data = write_bytes(next(v for v in READABLE if v.name == source).build(grey))
+    (tmp_path / "in").mkdir()
+    original = tmp_path / "in" / "image.dcm"
+    original.write_bytes(data)
+    predictor = Predictor(tiny_localiser, gate=False)
+    from fracdet.dicom import results_for, write_results
+
+    prediction = predictor.predict_bytes(data, "image.dcm")
+    assert prediction.boxes, "the fixture's levels are meant to show boxes"
+    paths = write_results(results_for(data, prediction, tiny_localiser), tmp_path / "out")
+    assert original.read_bytes() == data  # originals are never modified
+    made = {ds.SOPClassUID.name: ds for ds in (dcmread(p) for p in paths)}
+    assert set(made) == {"Comprehensive SR Storage", "Grayscale Softcopy Presentation State Storage",
+                         "Secondary Capture Image Storage"}  # fmt: skip
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path.name
+    for ds in made.values():
+        assert ds.StudyInstanceUID == PHI["StudyInstanceUID"] and ds.SeriesInstanceUID != PHI["SeriesInstanceUID"]
+        assert ds.Manufacturer == "fracdet" and is_fracdet_result(ds)
+    assert not is_fracdet_result(dcmread(original))
+    assert len({ds.SeriesInstanceUID for ds in made.values()}) == 1  # one new series
+
+    gsps = made["Grayscale Softcopy Presentation State Storage"]
+    assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == PHI["SOPInstanceUID"]
+    assert gsps.PresentationLUTShape == ("INVERSE" if source == "mono1_12bit" else "IDENTITY")
+    drawn = [o for a in gsps.GraphicAnnotationSequence for o in a.get("GraphicObjectSequence", [])]
+    assert len(drawn) == len(prediction.boxes)
+    layers = {a.GraphicLayer for a in gsps.GraphicAnnotationSequence}
+    assert {b.level.upper() for b in prediction.boxes} <= layers and "SUMMARY" in layers
+
+    report = made["Comprehensive SR Storage"]
+    items = list(content_items(report))
+    texts = [str(i.get("TextValue", "")) for i in items]
+    meanings = [i.ConceptCodeSequence[0].CodeMeaning for i in items if "ConceptCodeSequence" in i]
+    numbers = [float(i.MeasuredValueSequence[0].NumericValue) for i in items if "MeasuredValueSequence" in i]
+    assert "Fracture definite" in meanings
+    assert round(prediction.probability, 6) in numbers and round(prediction.levels["definite"], 6) in numbers
+    assert sum(t.startswith("suspected fracture") for t in texts) == len(prediction.boxes)  # a region per box
+    regions = [i for i in items if i.get("ValueType") == "SCOORD"]
+    assert len(regions) == len(prediction.boxes)
+    assert report.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+    capture = made["Secondary Capture Image Storage"]
+    assert capture.BurnedInAnnotation == "YES" and capture.ImageComments == "AI RESULT - NOT A DIAGNOSIS"
+    assert capture.pixel_array.shape == (*grey.shape, 3)
+    assert capture.pixel_array[:10].max() > 200  # the banner across the top
+
+
+def test_the_predict_command_writes_results_for_dicom_inputs_only(grey, sample_root, tmp_path, tiny_localiser):
+    from fracdet.models import save_model
+
+    save_model(tiny_localiser, tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.dcm").write_bytes(write_bytes(mono2_8bit(grey)))
+    (tmp_path / "in" / "b.jpg").write_bytes((sample_root / RADIOGRAPH).read_bytes())
+    assert main(["predict", str(tmp_path / "in"), "--model", str(tmp_path / "model"),
+                 "--dicom-out", str(tmp_path / "out"), "--out", str(tmp_path / "t.csv")]) == 0  # fmt: skip
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 3  # the JPEG has no study to file results in

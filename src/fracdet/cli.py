@@ -350,10 +350,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = load(args.model)
     paths = collect_inputs(args.inputs)
-    predictor = Predictor(
-        model, heatmaps=args.heatmaps is not None, method=args.cam, force_modality=args.force_modality
-    )
-    table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None)
+    heatmaps = args.heatmaps is not None or args.dicom_out is not None
+    predictor = Predictor(model, heatmaps=heatmaps, method=args.cam, force_modality=args.force_modality)
+    then = _dicom_writer(model, Path(args.dicom_out), args.force_modality) if args.dicom_out else None
+    table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None, then=then)
     if args.out:
         _write_table(table, Path(args.out))
     else:
@@ -368,6 +368,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     flagged = int((table["label"] == "fracture").sum())
     print(f"{len(table)} images: {flagged} flagged as fracture at threshold {model.threshold:.3f}, {failed} unreadable")
     return 4 if failed == len(table) else 1 if failed else 0
+
+
+def _dicom_writer(model, folder: Path, force_modality: bool):
+    """``then`` of ``predict_files``: each DICOM radiograph's SR, presentation state and secondary capture."""
+    from fracdet.data.dicom import is_dicom
+    from fracdet.dicom import results_for, write_results
+
+    def write(path: Path, data: bytes, prediction) -> None:
+        if is_dicom(data):
+            write_results(results_for(data, prediction, model, force_modality=force_modality), folder)
+
+    return write
 
 
 def _write_table(table, out: Path) -> None:
@@ -474,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++"])
     p.add_argument("--studies", metavar="FILE", help="also write one row per DICOM study (.csv or .json): its "
                    "highest probability and level, as studies are read")  # fmt: skip
+    p.add_argument("--dicom-out", metavar="DIR", help="for each DICOM radiograph, write a structured report, a "
+                   "presentation state and a secondary capture of the result here (originals untouched)")  # fmt: skip
     p.add_argument("--force-modality", action="store_true",
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     p.set_defaults(func=cmd_predict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,12 +226,20 @@ class Predictor:
             prediction.study = image.dicom.study or None
         return prediction
 
-    def predict_files(self, paths: list[Path], *, heatmap_dir: Path | None = None) -> pd.DataFrame:
+    def predict_files(
+        self,
+        paths: list[Path],
+        *,
+        heatmap_dir: Path | None = None,
+        then: Callable[[Path, bytes, Prediction], None] | None = None,
+    ) -> pd.DataFrame:
         """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study``
         (errors never raise).
 
         ``boxes`` is the JSON list of a localiser's shown boxes (``x0, y0, x1, y1, score, level``), ``[]``
         for a classifier. ``study`` is a DICOM file's hashed study (:func:`study_summary` reads studies).
+        ``then(path, data, prediction)`` is called after each file read (e.g. to write DICOM results); what it
+        raises becomes that file's error, as a read failure would.
         """
         rows: list[dict[str, Any]] = []
         if heatmap_dir is not None:
@@ -247,6 +256,11 @@ class Predictor:
                 row["study"] = _study_of(data) if isinstance(exc, ImageReadError) else None
                 rows.append(row)
                 continue
+            if then is not None:
+                try:
+                    then(Path(path), data, prediction)
+                except Exception as exc:  # a callback's failure is that file's error, never the batch's end
+                    row["error"] = f"{path}: {type(exc).__name__} after the prediction"
             row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
                        boxes=json.dumps([b.to_dict() for b in prediction.boxes]),
                        warning=prediction.warning, study=prediction.study)  # fmt: skip

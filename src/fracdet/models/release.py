@@ -287,6 +287,7 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
              for k, v in model.module.state_dict().items()}  # fmt: skip
     save_file(state, str(target / "model.safetensors"))
     meta = {
+        "model": model.arch,
         **model.meta,
         "schema_version": SCHEMA_VERSION,
         "task": model.task,
