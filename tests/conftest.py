@@ -10,6 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "fracatlas"
 
+#: ``tests/netns`` runs inside a private network namespace that ``tests/test_pacs.py`` makes; never directly.
+collect_ignore_glob = [] if os.environ.get("FRACDET_IN_NETNS") == "1" else ["netns/*"]
+
 
 def _shared_root() -> Path:
     return Path(os.environ.get("FRACDET_SHARED", REPO.parent / "shared")).resolve()

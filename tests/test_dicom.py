@@ -368,3 +368,21 @@ def test_the_predict_command_writes_results_for_dicom_inputs_only(grey, sample_r
     assert main(["predict", str(tmp_path / "in"), "--model", str(tmp_path / "model"),
                  "--dicom-out", str(tmp_path / "out"), "--out", str(tmp_path / "t.csv")]) == 0  # fmt: skip
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 3  # the JPEG has no study to file results in
+
+
+def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_localiser):
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    node = PacsNode(tiny_localiser, NodeConfig(spool=tmp_path, allowed_callers=("PACS",), retention_days=7,
+                                               send_to=Destination.parse("PACS@127.0.0.1:104")))  # fmt: skip
+    for name in ("done", "quarantine"):
+        node.dirs[name].mkdir(parents=True)
+        (node.dirs[name] / "old.dcm").write_bytes(b"x")
+        (node.dirs[name] / "new.dcm").write_bytes(b"x")
+        os.utime(node.dirs[name] / "old.dcm", (0, 1_000_000))
+    assert node.sweep() == 2
+    assert sorted(p.name for d in ("done", "quarantine") for p in node.dirs[d].iterdir()) == ["new.dcm", "new.dcm"]
+    with pytest.raises(ValueError, match="calling AE titles"):
+        PacsNode(tiny_localiser, NodeConfig(spool=tmp_path, allowed_callers=(), send_to=node.config.send_to))
+    with pytest.raises(ValueError, match="AE@HOST:PORT"):
+        Destination.parse("PACS:104")

@@ -382,6 +382,33 @@ def _dicom_writer(model, folder: Path, force_modality: bool):
     return write
 
 
+def cmd_pacs_listen(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+    import threading
+
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+    from fracdet.models import load
+
+    try:
+        config = NodeConfig(spool=Path(args.spool), allowed_callers=tuple(args.allow), ae_title=args.ae_title,
+                            host=args.host, port=args.port,
+                            send_to=Destination.parse(args.send_to) if args.send_to else None, stow_url=args.stow,
+                            queue_size=args.queue_size, workers=args.workers,
+                            retention_days=args.retention_days)  # fmt: skip
+        node = PacsNode(load(args.model), config)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with node:
+        print(f"{config.ae_title} listening on {config.host}:{config.port}; results to "
+              f"{args.send_to or args.stow}; spool {config.spool} (Ctrl-C or SIGTERM stops)", flush=True)  # fmt: skip
+        with contextlib.suppress(KeyboardInterrupt):
+            stopped.wait()
+    return 0
+
+
 def _write_table(table, out: Path) -> None:
     """Whole or not at all: a run killed midway leaves no half-written table to trust."""
     from fracdet.utils.atomic import atomic_write_bytes
@@ -491,6 +518,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-modality", action="store_true",
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("pacs", help="a DICOM node: radiographs in from a PACS, results back")
+    pacs = p.add_subparsers(dest="pacs_command", required=True)
+    p = pacs.add_parser("listen", help="C-STORE SCP: analyse received radiographs, send SR + GSPS + SC back")
+    p.add_argument("--ae-title", default="FRACDET")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--allow", action="append", default=[], metavar="AE",
+                   help="a calling AE title to accept (repeat; associations from others are rejected)")  # fmt: skip
+    p.add_argument("--send-to", metavar="AE@HOST:PORT", help="C-STORE destination of the results")
+    p.add_argument("--stow", metavar="URL", help="DICOMweb STOW-RS endpoint of the results")
+    p.add_argument("--spool", default="fracdet-spool", help="working folder (queue, done, quarantine)")
+    p.add_argument("--model", default="fracatlas-default")
+    p.add_argument("--queue-size", type=int, default=32, help="waiting images beyond which stores get 0xA700")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--retention-days", type=float, default=7.0, help="how long done/ and quarantine/ keep files")
+    p.set_defaults(func=cmd_pacs_listen)
 
     p = sub.add_parser("gate", help="fit a model's input gate (what is not a radiograph gets no verdict)")
     p.add_argument("model", help="release name or model folder (the gate is written into it)")

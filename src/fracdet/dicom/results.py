@@ -259,9 +259,12 @@ def _presentation_state(hd: Any, source: Any, prediction: Prediction, model: Tra
                             anchor_point_visible=False) for b in boxes]  # fmt: skip
         annotations.append(GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=objects,
                                              text_objects=texts))  # fmt: skip
-    summary = TextObject(text_value=f"{BANNER}: {_LEVEL_TEXT[prediction.level]} (p={prediction.probability:.2f}, "
-                         f"{model.name} {model.version})", units=AnnotationUnitsValues.PIXEL,
-                         anchor_point=(4.0, 4.0), anchor_point_visible=False)  # fmt: skip
+    summary = TextObject(  # across the top of the image, where a viewer fits it into the box
+        text_value=f"{BANNER}: {_LEVEL_TEXT[prediction.level]} (p={prediction.probability:.2f}, "
+        f"{model.name} {model.version})",
+        units=AnnotationUnitsValues.PIXEL,
+        bounding_box=(4.0, 4.0, float(columns - 4), float(max(24, rows // 20))),
+    )
     banner = GraphicLayer(layer_name="SUMMARY", order=3, description="fracdet: verdict and warning")
     annotations.append(GraphicAnnotation(referenced_images=[source], graphic_layer=banner, text_objects=[summary]))
     inverse = str(getattr(source, "PhotometricInterpretation", "")) == "MONOCHROME1"

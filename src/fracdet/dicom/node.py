@@ -1,0 +1,378 @@
+"""A DICOM node for a radiology department: radiographs in by C-STORE, results out to the PACS.
+
+``fracdet pacs listen`` runs a :class:`PacsNode`. The PACS routes radiographs to it (C-STORE: CR, DX for
+presentation and for processing, any transfer syntax; C-ECHO answers); for each one it sends back the
+structured report, presentation state and secondary capture of :mod:`fracdet.dicom.results`, by C-STORE to
+the configured destination (or STOW-RS).
+
+Design, so that a hospital can leave it running:
+
+* **The store handler only spools.** A received dataset is written atomically (temporary file, fsync,
+  rename) into ``SPOOL/queue`` and queued; analysis happens in worker threads, so a slow model never stalls
+  an association. The queue is bounded: beyond ``queue_size`` waiting images the handler answers
+  *Out of Resources* (0xA700) and the PACS retries later.
+* **Nothing is lost.** A spooled file leaves ``queue/`` only when its results were sent (to ``done/``) or it
+  failed (to ``quarantine/``, with ``NAME.reason.txt`` saying why without identifiers). Files still in
+  ``queue/`` at start-up, left by a crash or a stop, are analysed first.
+* **Only known callers**: associations from calling AE titles outside ``allowed_callers`` are rejected.
+* **Its own objects are ignored**: results routed back to it (by a rule that sends everything) are
+  accepted and dropped, never analysed again.
+* **Retention**: files in ``done/`` and ``quarantine/`` older than ``retention_days`` are deleted.
+* **No identifiers in logs**: a study is logged as its keyed hash (:func:`fracdet.data.dicom.keyed_hash`),
+  with the highest level over its images so far.
+
+Needs the ``dicom`` extra (pynetdicom, pydicom, highdicom).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fracdet.data.decode import ImageReadError
+from fracdet.data.dicom import DICOM_HINT, keyed_hash
+from fracdet.dicom.results import is_fracdet_result, results_for
+from fracdet.inference.gate import NotARadiographError
+from fracdet.inference.predictor import Predictor
+from fracdet.models.release import TrainedModel
+
+__all__ = ["Destination", "NodeConfig", "PacsNode"]
+
+log = logging.getLogger(__name__)
+
+#: C-STORE status: stored; refused for lack of resources (the queue is full), which a PACS retries.
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+_LEVELS = ("definite", "suspicious")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results go: ``AE@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        try:
+            ae_title, address = text.split("@", 1)
+            host, port = address.rsplit(":", 1)
+            return cls(ae_title, host, int(port))
+        except ValueError:
+            raise ValueError(f"destination {text!r} is not AE@HOST:PORT") from None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How the node listens, whom it accepts, where it sends, and what it keeps.
+
+    Attributes:
+        spool: working folder (``queue/``, ``done/``, ``quarantine/`` below it).
+        allowed_callers: calling AE titles accepted (the PACS and its routers); others are rejected.
+        send_to: the C-STORE destination of results (usually the PACS itself).
+        stow_url: a DICOMweb STOW-RS endpoint instead of (or beside) C-STORE.
+        queue_size: images waiting for analysis beyond which stores are refused (Out of Resources).
+        workers: analysis threads (one keeps a 2-core server responsive).
+        retention_days: how long ``done/`` and ``quarantine/`` keep their files.
+    """
+
+    spool: Path
+    allowed_callers: tuple[str, ...]
+    ae_title: str = "FRACDET"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    send_to: Destination | None = None
+    stow_url: str | None = None
+    queue_size: int = 32
+    workers: int = 1
+    retention_days: float = 7.0
+
+
+@dataclass
+class _Study:
+    images: int = 0
+    probability: float = 0.0
+    level: str | None = None
+
+
+@dataclass
+class NodeStats:
+    """What the node has done since it started (for logs and tests)."""
+
+    received: int = 0
+    refused_full: int = 0
+    ignored_own: int = 0
+    analysed: int = 0
+    quarantined: int = 0
+    sent: int = 0
+    studies: dict[str, _Study] = field(default_factory=dict)
+
+
+def _pynetdicom() -> Any:
+    try:
+        import pynetdicom
+    except ImportError as exc:
+        raise ImportError(DICOM_HINT) from exc
+    return pynetdicom
+
+
+class PacsNode:
+    """A C-STORE SCP that analyses radiographs and sends DICOM results; use it as a context manager.
+
+    ``hold`` (a :class:`threading.Event`, set by default) pauses the workers while cleared: maintenance, and
+    the tests that need images to wait in the queue.
+    """
+
+    def __init__(self, model: TrainedModel, config: NodeConfig, *, hold: threading.Event | None = None) -> None:
+        if not config.allowed_callers:
+            raise ValueError("name the calling AE titles to accept (the PACS and its routers): none given")
+        if config.send_to is None and config.stow_url is None:
+            raise ValueError("give a destination for the results: send_to (C-STORE) or stow_url (STOW-RS)")
+        self.model, self.config = model, config
+        self.predictor = Predictor(model, heatmaps=True)
+        self.stats = NodeStats()
+        self.go = hold if hold is not None else threading.Event()
+        if hold is None:
+            self.go.set()
+        self._queue: queue.Queue[tuple[Path, bool] | None] = queue.Queue()
+        self._slots = threading.BoundedSemaphore(config.queue_size)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: Any = None
+        self.dirs = {name: Path(config.spool) / name for name in ("incoming", "queue", "done", "quarantine")}
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> PacsNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Create the spool, queue what a previous run left, start the workers and the listener."""
+        pynetdicom = _pynetdicom()
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import (
+            ComprehensiveSRStorage,
+            ComputedRadiographyImageStorage,
+            DigitalXRayImageStorageForPresentation,
+            DigitalXRayImageStorageForProcessing,
+            GrayscaleSoftcopyPresentationStateStorage,
+            SecondaryCaptureImageStorage,
+            Verification,
+        )
+
+        for folder in self.dirs.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.dirs["incoming"].iterdir():  # half-written when a previous run died: never queued
+            stale.unlink(missing_ok=True)
+        left = sorted(self.dirs["queue"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+        for path in left:
+            self._queue.put((path, False))
+        if left:
+            log.info("picked up %d spooled images left by a previous run", len(left))
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_calling_aet = list(self.config.allowed_callers)
+        radiographs = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                       DigitalXRayImageStorageForProcessing)  # fmt: skip
+        routed_back = (ComprehensiveSRStorage, GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage)
+        for sop_class in (*radiographs, *routed_back):
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self._ae = ae
+        for k in range(self.config.workers):
+            thread = threading.Thread(target=self._work, name=f"fracdet-worker-{k}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        sweeper = threading.Thread(target=self._sweep, name="fracdet-retention", daemon=True)
+        sweeper.start()
+        self._threads.append(sweeper)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        log.info("%s listening on %s:%d (pynetdicom %s), results to %s", self.config.ae_title, self.config.host,
+                 self.config.port, pynetdicom.__version__, self.config.send_to or self.config.stow_url)  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop listening, let the workers finish the image in hand, and return; the queue stays on disk."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        self.go.set()
+        for _ in range(self.config.workers):
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until every queued image was analysed (for tests and graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    # --- receiving ----------------------------------------------------------------------------------------
+
+    def _on_store(self, event: Any) -> int:
+        """Spool and queue; never analyse here (an association must not wait for the model)."""
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception:  # a dataset that does not decode: the peer sent something malformed
+            log.warning("a received dataset could not be decoded: refused")
+            return CANNOT_UNDERSTAND
+        self.stats.received += 1
+        if is_fracdet_result(ds):
+            self.stats.ignored_own += 1
+            return SUCCESS  # our own result routed back: accepted, never analysed again
+        if not self._slots.acquire(blocking=False):
+            self.stats.refused_full += 1
+            log.warning("queue full (%d waiting): store refused with Out of Resources", self.config.queue_size)
+            return OUT_OF_RESOURCES
+        try:
+            path = self._spool(event.encoded_dataset())
+        except OSError:
+            self._slots.release()
+            log.exception("could not spool a received image")
+            return OUT_OF_RESOURCES
+        self._queue.put((path, True))
+        return SUCCESS
+
+    def _spool(self, data: bytes) -> Path:
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.dcm"
+        temporary = self.dirs["incoming"] / name
+        with temporary.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        target = self.dirs["queue"] / name
+        temporary.replace(target)
+        return target
+
+    # --- analysing ----------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self.go.wait()
+                if self._stop.is_set():
+                    return  # the file stays in queue/: the next run takes it
+                path, admitted = item
+                try:
+                    self._process(path)
+                finally:
+                    if admitted:
+                        self._slots.release()
+            finally:
+                self._queue.task_done()
+
+    def _process(self, path: Path) -> None:
+        data = path.read_bytes()
+        try:
+            prediction = self.predictor.predict_bytes(data, path.name)
+            results = results_for(data, prediction, self.model)
+        except (ImageReadError, NotARadiographError) as exc:
+            self._quarantine(path, str(exc))
+            return
+        except Exception as exc:
+            self._quarantine(path, f"analysis failed ({type(exc).__name__})")
+            log.exception("analysis of %s failed", path.name)
+            return
+        self.stats.analysed += 1
+        try:
+            self._send(results.all())
+        except Exception as exc:
+            self._quarantine(path, f"results not delivered ({type(exc).__name__}: {exc})")
+            return
+        path.replace(self.dirs["done"] / path.name)
+        self._summarise(keyed_hash(str(results.sr.StudyInstanceUID)), prediction)
+
+    def _send(self, datasets: list[Any]) -> None:
+        if self.config.send_to is not None:
+            self._c_store(datasets, self.config.send_to)
+        if self.config.stow_url is not None:
+            from dicomweb_client.api import DICOMwebClient
+
+            DICOMwebClient(url=self.config.stow_url).store_instances(datasets)
+        self.stats.sent += len(datasets)
+
+    def _c_store(self, datasets: list[Any], destination: Destination) -> None:
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE
+        from pynetdicom.sop_class import (
+            ComprehensiveSRStorage,
+            GrayscaleSoftcopyPresentationStateStorage,
+            SecondaryCaptureImageStorage,
+        )
+
+        ae = AE(ae_title=self.config.ae_title)
+        for sop_class in (
+            ComprehensiveSRStorage,
+            GrayscaleSoftcopyPresentationStateStorage,
+            SecondaryCaptureImageStorage,
+        ):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        if not assoc.is_established:
+            raise ConnectionError(f"association with {destination.ae_title} was not accepted")
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = getattr(status, "Status", None)
+                if code != SUCCESS:
+                    raise ConnectionError(f"{destination.ae_title} answered status {code} to a C-STORE")
+        finally:
+            assoc.release()
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        target = self.dirs["quarantine"] / path.name
+        path.replace(target)
+        (target.parent / f"{target.name}.reason.txt").write_text(reason + "\n")
+        self.stats.quarantined += 1
+        log.warning("quarantined %s: %s", path.name, reason)
+
+    def _summarise(self, study: str, prediction: Any) -> None:
+        with self._lock:
+            entry = self.stats.studies.setdefault(study, _Study())
+            entry.images += 1
+            entry.probability = max(entry.probability, prediction.probability)
+            levels = [lvl for lvl in _LEVELS if lvl in (entry.level, prediction.level)]
+            entry.level = levels[0] if levels else None
+        log.info("study %s: %d image(s), highest level %s (p=%.2f)", study, entry.images, entry.level or "none",
+                 entry.probability)  # fmt: skip
+
+    # --- retention ----------------------------------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete files of ``done/`` and ``quarantine/`` older than the retention period; returns how many."""
+        limit = (now if now is not None else time.time()) - self.config.retention_days * 86400
+        removed = 0
+        for folder in (self.dirs["done"], self.dirs["quarantine"]):
+            for path in folder.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < limit:
+                        path.unlink()
+                        removed += 1
+        return removed
+
+    def _sweep(self) -> None:
+        while not self._stop.wait(3600):
+            self.sweep()

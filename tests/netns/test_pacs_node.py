@@ -1,0 +1,213 @@
+"""The PACS node against real parts, inside a private network namespace (``tests/test_pacs.py`` starts this
+module under ``unshare -n``): a real Orthanc as the PACS, DCMTK's ``storescu``/``echoscu`` as the modality,
+``fracdet``'s node in between. Ports are fixed: nothing else lives in this network."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fracdet.dicom.node import OUT_OF_RESOURCES, SUCCESS, Destination, NodeConfig, PacsNode
+from tests.conftest import SAMPLE
+from tests.dicom_files import PHI, ct_slice, mono2_8bit, no_pixel_data, write_bytes
+
+pytestmark = pytest.mark.skipif(os.environ.get("FRACDET_IN_NETNS") != "1", reason="runs inside tests/test_pacs.py")
+
+ORTHANC_HTTP, ORTHANC_DICOM, NODE_PORT = 8042, 4242, 11112
+PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real Orthanc with a temporary configuration and storage, stopped by its PID."""
+    folder = tmp_path_factory.mktemp("orthanc")
+    config = {
+        "Name": "fracdet-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": ORTHANC_HTTP, "DicomPort": ORTHANC_DICOM, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "DicomModalities": {"fracdet": ["FRACDET", "127.0.0.1", NODE_PORT]},
+        "Plugins": [str(p) for p in PLUGINS.glob("libOrthancDicomWeb.so")],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }  # fmt: skip
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = (folder / "orthanc.log").open("w")
+    process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                rest("/system")
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(
+                        "Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:]
+                    ) from None
+                time.sleep(0.2)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def rest(path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ORTHANC_HTTP}{path}", data=data),
+                                timeout=10) as response:  # fmt: skip
+        return json.loads(response.read())
+
+
+def instances_of(study_uid: str) -> list[dict]:
+    found = rest("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
+    return [rest(f"/instances/{i['ID']}/simplified-tags") for i in found]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from fracdet.models import PreprocessCfg, TrainedModel, create_model
+
+    thresholds = {"0.5": 0.5, "sens90": 0.01, "spec95": 0.02}
+    return TrainedModel(module=create_model("localiser_lite0").eval(), name="tiny-localiser", arch="localiser_lite0",
+                        preprocess=PreprocessCfg(64), thresholds=thresholds, threshold=0.01,
+                        operating_point="sens90", meta={"version": "0.0.1"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grey():
+    return np.asarray(Image.open(SAMPLE / "images/Fractured/IMG0000261.jpg").convert("L"))
+
+
+def radiograph(grey, study: str, instance: str, **attributes) -> bytes:
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
+    ds.StudyInstanceUID, ds.SOPInstanceUID = study, instance
+    ds.file_meta.MediaStorageSOPInstanceUID = instance
+    ds.SeriesInstanceUID = study + ".1"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return write_bytes(ds)
+
+
+def config(spool: Path, **overrides) -> NodeConfig:
+    base = {"spool": spool, "allowed_callers": ("STORESCU", "ORTHANC", "TESTSCU"), "port": NODE_PORT,
+            "send_to": Destination("ORTHANC", "127.0.0.1", ORTHANC_DICOM)}  # fmt: skip
+    return NodeConfig(**{**base, **overrides})
+
+
+def dcmtk(tool: str, *args: str, calling: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run([tool, "-aet", calling, "-aec", "FRACDET", "127.0.0.1", str(NODE_PORT), *args],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+
+def scu_store(datasets: list[bytes]) -> list[int]:
+    """C-STORE each file over one association from a pynetdicom SCU; the statuses."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", NODE_PORT, ae_title="FRACDET")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(dcmread(io.BytesIO(data))).Status) for data in datasets]
+    finally:
+        assoc.release()
+
+
+def test_a_stored_radiograph_comes_back_as_sr_gsps_and_sc_in_the_pacs(orthanc, model, grey, tmp_path):
+    study = "1.2.826.0.1.3680043.8.498.901"
+    (tmp_path / "x.dcm").write_bytes(radiograph(grey, study, study + ".1.1"))
+    with PacsNode(model, config(tmp_path / "spool")) as node:
+        assert dcmtk("echoscu").returncode == 0
+        sent = dcmtk("storescu", str(tmp_path / "x.dcm"))
+        assert sent.returncode == 0, sent.stderr
+        assert node.wait_idle(120)
+    results = [i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]
+    assert sorted(i["Modality"] for i in results) == ["OT", "PR", "SR"]
+    assert len({i["SeriesInstanceUID"] for i in results}) == 1  # one new series in the original study
+    assert len(list((tmp_path / "spool" / "done").iterdir())) == 1 and node.stats.quarantined == 0
+
+
+def test_bad_datasets_and_an_aborted_association_are_survived(orthanc, model, grey, tmp_path):
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    broken = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
+    broken.PixelData = broken.PixelData[:1000]  # malformed: far fewer pixels than its rows and columns
+    ct = dcmread(io.BytesIO(write_bytes(ct_slice(grey))))
+    ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # sent as DX, but it says CT
+    empty = dcmread(io.BytesIO(write_bytes(no_pixel_data(grey))))
+    empty.Modality = "DX"
+    with PacsNode(model, config(tmp_path / "spool")) as node:
+        statuses = scu_store([write_bytes(broken), write_bytes(ct), write_bytes(empty)])
+        assert statuses == [SUCCESS] * 3  # accepted: judged later, never inside the association
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        assoc = ae.associate("127.0.0.1", NODE_PORT, ae_title="FRACDET")
+        assert assoc.is_established
+        assoc.abort()  # a modality that dies mid-association
+        assert node.wait_idle(60)
+        assert dcmtk("echoscu").returncode == 0  # still serving
+        good = "1.2.826.0.1.3680043.8.498.902"
+        (tmp_path / "good.dcm").write_bytes(radiograph(grey, good, good + ".1.1"))
+        assert dcmtk("storescu", str(tmp_path / "good.dcm")).returncode == 0
+        assert node.wait_idle(120)
+    reasons = sorted(p.read_text() for p in (tmp_path / "spool" / "quarantine").glob("*.reason.txt"))
+    assert len(reasons) == 3
+    assert any("truncated" in r or "damaged" in r for r in reasons) and any("CT" in r for r in reasons)
+    assert any("no Pixel Data" in r for r in reasons)
+    assert not any(value in " ".join(reasons) for value in PHI.values())
+    assert len([i for i in instances_of(good) if i.get("Manufacturer") == "fracdet"]) == 3
+
+
+def test_a_full_queue_answers_out_of_resources_and_nothing_is_lost(orthanc, model, grey, tmp_path):
+    hold = threading.Event()  # the workers wait: images stay queued
+    study = "1.2.826.0.1.3680043.8.498.903"
+    files = [radiograph(grey, study, f"{study}.1.{k}") for k in range(3)]
+    with PacsNode(model, config(tmp_path / "spool", queue_size=2), hold=hold) as node:
+        assert scu_store(files) == [SUCCESS, SUCCESS, OUT_OF_RESOURCES]
+        assert node.stats.refused_full == 1
+        hold.set()
+        assert node.wait_idle(180)
+    assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 6  # 2 images x 3
+
+
+def test_a_restarted_node_analyses_what_it_had_spooled(orthanc, model, grey, tmp_path):
+    study = "1.2.826.0.1.3680043.8.498.904"
+    hold = threading.Event()
+    with PacsNode(model, config(tmp_path / "spool"), hold=hold):
+        assert scu_store([radiograph(grey, study, study + ".1.1")]) == [SUCCESS]
+    assert len(list((tmp_path / "spool" / "queue").glob("*.dcm"))) == 1  # stopped before analysing it
+    with PacsNode(model, config(tmp_path / "spool")) as node:
+        assert node.wait_idle(120)
+    assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 3
+    assert not list((tmp_path / "spool" / "queue").iterdir())
+
+
+def test_unknown_callers_are_rejected_and_its_own_results_are_not_analysed_again(orthanc, model, grey, tmp_path):
+    assert dcmtk("echoscu", calling="INTRUDER").returncode != 0
+    study = "1.2.826.0.1.3680043.8.498.905"
+    with PacsNode(model, config(tmp_path / "spool")) as node:
+        assert scu_store([radiograph(grey, study, study + ".1.1")]) == [SUCCESS]
+        assert node.wait_idle(120)
+        ours = [i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]
+        assert len(ours) == 3
+        for instance in rest("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study}}):
+            rest("/modalities/fracdet/store", {"Resources": [instance], "Synchronous": True})  # routed back
+        assert node.wait_idle(120)
+        assert node.stats.ignored_own == 3 and node.stats.analysed == 1  # only the radiograph was analysed
+    assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 3  # no results of results
