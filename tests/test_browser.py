@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = Path(os.environ.get("FRACDET_CHROMIUM", "/usr/bin/chromium"))
@@ -74,7 +75,7 @@ def sample_root_module():
     return SAMPLE
 
 
-def _serve(model):
+def _serve(model, config=None):
     import uvicorn
 
     from fracdet.serve import create_app
@@ -82,7 +83,8 @@ def _serve(model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(model, config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -158,3 +160,37 @@ def test_a_localisers_boxes_are_drawn_by_level_with_a_legend_and_the_map_toggles
     page.check("#show-heatmap")
     page.screenshot(path=str(_shots(tmp_path) / "web-localiser.png"), full_page=True)
     page.close()
+
+
+def test_a_guarded_server_asks_for_its_token_once_and_a_dicom_upload_is_read(browser, sample_root, tmp_path):
+    from fracdet.models import create_model
+    from fracdet.models._registry import PreprocessCfg
+    from fracdet.models.release import TrainedModel
+    from fracdet.serve import ServeConfig
+
+    pytest.importorskip("pydicom")
+    from PIL import Image
+
+    from tests.dicom_files import mono1_12bit, write_bytes
+
+    grey = np.asarray(Image.open(sample_root / "images" / "Fractured" / "IMG0000261.jpg").convert("L"))
+    (tmp_path / "x.dcm").write_bytes(write_bytes(mono1_12bit(grey)))
+    model = TrainedModel(module=create_model("paper_cnn", input_size=64).eval(), name="browser-test",
+                         arch="paper_cnn", preprocess=PreprocessCfg(64), threshold=0.4)  # fmt: skip
+    asked = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept("ward-7-token")
+
+    for url in _serve(model, ServeConfig(access_token="ward-7-token")):
+        page = browser.new_page()
+        page.on("dialog", answer)
+        page.goto(url)
+        page.set_input_files("#file", str(tmp_path / "x.dcm"))
+        page.wait_for_selector("#result", state="visible", timeout=30_000)
+        page.set_input_files("#file", str(sample_root / "images" / "Fractured" / "IMG0000261.jpg"))
+        page.wait_for_selector("#status:empty", state="attached", timeout=30_000)
+        assert len(asked) == 1 and "access token" in asked[0]  # asked once per session
+        assert "%" in page.inner_text("#verdict")
+        page.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -409,6 +410,21 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pacs_pull(args: argparse.Namespace) -> int:
+    from fracdet.dicom.pull import connect, pull
+    from fracdet.models import load
+
+    table = pull(connect(args.dicomweb), load(args.model), study=args.study, since=args.since)
+    if args.out:
+        _write_table(table, Path(args.out))
+    else:
+        print(table.to_string(index=False))
+    failed = int(table["error"].notna().sum())
+    print(f"{len(table)} radiographs in {table['study'].nunique()} studies: "
+          f"{int((table['label'] == 'fracture').sum())} flagged, {failed} failed; results stored back")  # fmt: skip
+    return 1 if failed else 0
+
+
 def _write_table(table, out: Path) -> None:
     """Whole or not at all: a run killed midway leaves no half-written table to trust."""
     from fracdet.utils.atomic import atomic_write_bytes
@@ -425,8 +441,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fracdet.serve import ServeConfig, create_app
 
     model = load(args.model)
-    config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size)
-    print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}")
+    token = None
+    if args.token_file:  # from a file or the environment, never the command line (other users see argv)
+        token = Path(args.token_file).read_text().strip() or None
+    token = token or os.environ.get("FRACDET_TOKEN") or None
+    config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size,
+                         access_token=token)  # fmt: skip
+    print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}"
+          f"{' (uploads need the access token)' if token else ''}")  # fmt: skip
     uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -535,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--retention-days", type=float, default=7.0, help="how long done/ and quarantine/ keep files")
     p.set_defaults(func=cmd_pacs_listen)
+    p = pacs.add_parser("pull", help="analyse studies in a PACS over DICOMweb (QIDO, WADO) and STOW the results")
+    p.add_argument("--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs/dicom-web")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="one study")
+    which.add_argument("--since", metavar="YYYY-MM-DD", help="every study from this date on")
+    p.add_argument("--model", default="fracatlas-default")
+    p.add_argument("--out", help="the table (.csv or .json); studies appear as keyed hashes")
+    p.set_defaults(func=cmd_pacs_pull)
 
     p = sub.add_parser("gate", help="fit a model's input gate (what is not a radiograph gets no verdict)")
     p.add_argument("model", help="release name or model folder (the gate is written into it)")
@@ -552,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=50.0)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a prediction may take, waiting included")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait (503 + Retry-After beyond)")
+    p.add_argument("--token-file", help="uploads need the access token in this file (or $FRACDET_TOKEN); serve "
+                   "behind a TLS-terminating proxy")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

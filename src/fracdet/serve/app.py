@@ -23,12 +23,13 @@ client leaves cancels its work, which stops at the next stage and holds nothing.
 from __future__ import annotations
 
 import base64
+import hmac
 import io
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -59,6 +60,9 @@ class ServeConfig:
         heatmaps: compute Grad-CAM heatmaps.
         queue_size: requests that may wait for inference (HTTP 503 with ``Retry-After`` beyond them).
         upload_idle_s: longest an upload may pause between two chunks (HTTP 408 after it).
+        access_token: when set, ``POST /api/v1/predict`` (uploads carry patient data) needs
+            ``Authorization: Bearer <token>`` (HTTP 401 without it); health and model information stay open.
+            Serve behind a TLS-terminating reverse proxy: a token sent in clear text protects nothing.
     """
 
     max_upload_mb: float = 50.0
@@ -67,6 +71,7 @@ class ServeConfig:
     heatmaps: bool = True
     queue_size: int = 64
     upload_idle_s: float = 10.0
+    access_token: str | None = field(default=None, repr=False)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -213,6 +218,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
     @app.post("/api/v1/predict")
     async def predict(request: Request, file: UploadFile = UPLOAD):
         started = time.perf_counter()
+        _authorise(request, config.access_token)
         parts = len((await request.form()).getlist("file"))  # parsed once already: this reads no more
         if parts > 1:
             raise HTTPException(422, f"one radiograph per request: the upload has {parts} 'file' parts")
@@ -243,6 +249,16 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             raise HTTPException(504, f"prediction took longer than {config.timeout_s:g} s") from None
 
     return app
+
+
+def _authorise(request: Request, token: str | None) -> None:
+    """HTTP 401 unless the request carries the server's access token (compared in constant time)."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(401, "this server needs its access token (Authorization: Bearer ...)",
+                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
 def _mount_docs(app: FastAPI) -> None:

@@ -1,0 +1,110 @@
+"""Analyse studies already in a PACS over DICOMweb: QIDO-RS to find them, WADO-RS to fetch, STOW-RS back.
+
+``fracdet pacs pull --dicomweb URL (--study UID | --since DATE)`` runs :func:`pull`: for each projection
+radiograph of the chosen studies (series of :data:`fracdet.data.dicom.RADIOGRAPH_MODALITIES`, never
+fracdet's own), the same analysis and the same three result objects as the node's
+(:mod:`fracdet.dicom.results`), stored back into the same study. Its table names images by the keyed hash
+of their study and their position, never by an identifier.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import pandas as pd
+
+from fracdet.data.decode import ImageReadError
+from fracdet.data.dicom import DICOM_HINT, RADIOGRAPH_MODALITIES, keyed_hash
+from fracdet.dicom.results import SERIES_DESCRIPTION, is_fracdet_result, results_for
+from fracdet.inference.gate import NotARadiographError
+from fracdet.inference.predictor import Predictor
+from fracdet.models.release import TrainedModel
+from fracdet.utils.progress import progress
+
+__all__ = ["connect", "pull"]
+
+log = logging.getLogger(__name__)
+
+_STUDY, _SERIES, _INSTANCE = "0020000D", "0020000E", "00080018"
+_MODALITY, _DESCRIPTION = "00080060", "0008103E"
+
+
+def connect(url: str) -> Any:
+    """A DICOMweb client for ``url`` (the server's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``)."""
+    try:
+        from dicomweb_client.api import DICOMwebClient
+    except ImportError as exc:
+        raise ImportError(DICOM_HINT) from exc
+    return DICOMwebClient(url=url)
+
+
+def _value(item: dict, tag: str) -> str:
+    values = item.get(tag, {}).get("Value") or [""]
+    return str(values[0])
+
+
+def _studies(client: Any, *, study: str | None, since: str | None) -> list[str]:
+    if study:
+        return [study]
+    found = client.search_for_studies(search_filters={"StudyDate": f"{since.replace('-', '')}-"})
+    return [_value(item, _STUDY) for item in found]
+
+
+def _radiographs(client: Any, study: str) -> list[tuple[str, str]]:
+    """(series, instance) of every projection radiograph in ``study``, fracdet's own series left out."""
+    out = []
+    for series in client.search_for_series(study):
+        if _value(series, _MODALITY) not in RADIOGRAPH_MODALITIES:
+            continue
+        if _value(series, _DESCRIPTION).startswith(SERIES_DESCRIPTION.split(" ")[0]):
+            continue  # our own results (SR, GSPS, SC): never analysed
+        series_uid = _value(series, _SERIES)
+        out += [(series_uid, _value(i, _INSTANCE)) for i in client.search_for_instances(study, series_uid)]
+    return out
+
+
+def pull(client: Any, model: TrainedModel, *, study: str | None = None, since: str | None = None) -> pd.DataFrame:
+    """Analyse the radiographs of one study (``study``) or of every study since a date (``since``,
+    ``YYYY-MM-DD``) and store the results back; one row per radiograph.
+
+    Columns: ``study`` (keyed hash), ``image`` (its position in the study), ``probability``, ``label``,
+    ``level``, ``boxes`` (count), ``stored`` (result objects sent back), ``error``.
+    """
+    if (study is None) == (since is None):
+        raise ValueError("give one of study or since")
+    predictor = Predictor(model, heatmaps=True)
+    work = [(s, series, instance) for s in _studies(client, study=study, since=since)
+            for series, instance in _radiographs(client, s)]  # fmt: skip
+    rows = []
+    position: dict[str, int] = {}
+    for study_uid, series_uid, instance_uid in progress(work, desc="pulling", total=len(work)):
+        hashed = keyed_hash(study_uid)
+        position[hashed] = position.get(hashed, 0) + 1
+        row: dict[str, Any] = {"study": hashed, "image": position[hashed], "probability": None, "label": None,
+                               "level": None, "boxes": 0, "stored": 0, "error": None}  # fmt: skip
+        try:
+            ds = client.retrieve_instance(study_uid, series_uid, instance_uid)
+            if is_fracdet_result(ds):  # a series description someone changed: the manufacturer still says so
+                continue
+            data = _encoded(ds)
+            prediction = predictor.predict_bytes(data, f"{hashed}/{position[hashed]}")
+            results = results_for(data, prediction, model)
+            client.store_instances(results.all())
+        except (ImageReadError, NotARadiographError) as exc:
+            row["error"] = str(exc)
+        except Exception as exc:  # a server or network failure: this image's error, not the run's end
+            row["error"] = f"{hashed}/{position[hashed]}: {type(exc).__name__}"
+            log.warning("image %d of study %s failed: %s", position[hashed], hashed, type(exc).__name__)
+        else:
+            row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
+                       boxes=len(prediction.boxes), stored=3)  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["study", "image", "probability", "label", "level", "boxes", "stored", "error"])
+
+
+def _encoded(ds: Any) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
