@@ -127,6 +127,15 @@ def padded(g):  # a padding value outside the body: displayed black, not white
     return _dataset(stored, bits=12, WindowCenter="2040.5", WindowWidth="4081", PixelPaddingValue=4095)
 
 
+def signed_12bit(g):  # Pixel Representation 1: 16 g - 2048 as signed 12-bit; the window maps it back
+    stored = (g.astype(np.int32) * 16 - 2048).astype(np.int16).view(np.uint16)
+    return _dataset(stored, bits=12, PixelRepresentation=1, WindowCenter="-7.5", WindowWidth="4081")
+
+
+def high_bits_set(g):  # bits above Bits Stored hold something else (an old overlay): they must be ignored
+    return _dataset(g.astype(np.uint16) * 16 | 0xE000, bits=12, WindowCenter="2040.5", WindowWidth="4081")
+
+
 def _compressed(syntax_name: str, **kwargs):
     def build(g):
         from pydicom import uid
@@ -175,6 +184,8 @@ READABLE = (
     Variant("voi_lut_sequence", voi_lut_sequence),
     Variant("modality_lut_sequence", modality_lut_sequence),
     Variant("padded", padded),
+    Variant("signed_12bit", signed_12bit),
+    Variant("high_bits_set", high_bits_set),
     Variant("rle", _compressed("RLELossless")),
     Variant("jpeg_ls", _compressed("JPEGLSLossless")),
     Variant("jpeg_2000_lossless", _compressed("JPEG2000Lossless")),
