@@ -19,7 +19,11 @@ Reports, against the truth (copy -> its original):
 * the time of the search, and its recall per angle (a picture: ``--plot``);
 * per original not grouped whole (``split_originals``): the angles of the copies left out of the unturned
   copy's group, and the share of its copies in its largest group (high when the copies found each other
-  but not the unturned one).
+  but not the unturned one); and, for the unturned copy and each left-out copy (``left_out``, the unturned
+  first), why: how many embedding candidates it
+  had among the copies of its own original, and its best match with one of them (ORB inliers, tile
+  mismatch, mirrored, confirmed), against the knobs that decide (``min_inliers``/``flipped_inliers``,
+  ``max_mismatch``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,40 @@ def make_copies(data: Path, out: Path, step: float, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "original", "angle"])
 
 
+def why_left_out(truth: pd.DataFrame, table: pd.DataFrame, found, groups: pd.Series) -> dict[str, list[dict]]:
+    """Per original not grouped whole, each left-out copy's candidates among its own original's copies and
+    its best match with them (the diagnosis of docs/RELIABILITY.md)."""
+    sha = pd.Series(found.files["sha256"].to_numpy(), index=table["path"].to_numpy())
+    shas = list(found.features.props.index)
+    index = {s: k for k, s in enumerate(shas)}
+    pairs = found.pairs
+    frame = truth.assign(group=truth["path"].map(groups), content=truth["path"].map(sha).map(index))
+    anchor = frame[frame["angle"] == 0].set_index("original")["group"]
+    out: dict[str, list[dict]] = {}
+    for original, copies in frame.groupby("original"):
+        left = copies[copies["group"].to_numpy() != anchor[original]]
+        if left.empty:
+            continue
+        own = set(copies["content"])
+        rows = []
+        unturned = copies[copies["angle"] == 0]  # first: the copy the others are measured against
+        for _, copy in pd.concat([unturned, left]).iterrows():
+            k = copy["content"]
+            mine = pairs[((pairs["i"] == k) & pairs["j"].isin(own)) | ((pairs["j"] == k) & pairs["i"].isin(own))]
+            tried = mine[mine["inliers"] >= 0]
+            best = tried.loc[tried["inliers"].idxmax()] if len(tried) else None
+            rows.append({
+                "angle": float(copy["angle"]),
+                "candidates_with_own_copies": len(mine),
+                "best_inliers": int(best["inliers"]) if best is not None else None,
+                "best_mismatch": round(float(best["mismatch"]), 3) if best is not None else None,
+                "best_flipped": bool(best["flipped"]) if best is not None else None,
+                "best_confirmed": bool(best["confirmed"]) if best is not None and pd.notna(best["confirmed"]) else None,
+            })  # fmt: skip
+        out[str(original)] = rows
+    return out
+
+
 def score(truth: pd.DataFrame, groups: pd.Series, original_groups: pd.Series) -> dict:
     """Recall and precision of ``groups`` (copy path -> found group) against ``truth``.
 
@@ -132,6 +170,8 @@ def run(data: Path, step: float, seed: int, near: dict | None = None) -> dict:
         seconds = time.perf_counter() - start
     groups = pd.Series(found.files["near_group"].to_numpy(), index=table["path"].to_numpy())
     result = score(truth, groups, originals)
+    for original, left in why_left_out(truth, table, found, groups).items():
+        result["split_originals"][original]["left_out"] = left
     return {"data": str(data), "step_degrees": step, "seed": seed, "near": near or {},
             "search_seconds": round(seconds, 1), **result}  # fmt: skip
 
@@ -175,6 +215,10 @@ def main() -> None:
             f"original {original}: {found['largest_group_share']:.0%} of its copies in one group; left out of the "
             f"unturned copy's group: {found['left_out_angles']}"
         )
+        for copy in found.get("left_out", []):
+            print(f"    {copy['angle']:5.0f} deg: {copy['candidates_with_own_copies']} candidates with its own copies; "
+                  f"best match {copy['best_inliers']} inliers, mismatch {copy['best_mismatch']}, "
+                  f"mirrored {copy['best_flipped']}, confirmed {copy['best_confirmed']}")  # fmt: skip
     print("recall per angle:", result["recall_per_angle"])
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
