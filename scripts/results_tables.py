@@ -137,16 +137,20 @@ def lever_table(runs: Path, evals: Path) -> pd.DataFrame:
         if "lesions" not in m or not (run / "model.json").is_file():
             continue
         meta = json.loads((run / "model.json").read_text())
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        trained = Path(meta["members"][0]) if meta.get("fused") else run  # a fused model: its localiser's recipe
+        config = yaml.safe_load((trained / "config.yaml").read_text())
         changed = [f"{k}={config[k]}" for k in ("model", "image_size") if config.get(k) != base.get(k)]
         changed += [f"augment.{k}={v}" for k, v in config["augment"].items() if base["augment"].get(k) != v]
         changed += [f"localise.{k}={v}" for k, v in config["localise"].items() if base["localise"].get(k, v) != v]
+        if meta.get("fused"):
+            changed.insert(0, f"{trained.name} fused with " + ", ".join(m["name"] for m in meta["fused"][1:]))
         parts = meta.get("fusion_val_auc", {})
+        extra = [k for k in parts if k not in ("classifier", "map_peak", "fused")]  # a fused model's classifiers
         lesions = m["lesions"]["all"]
         rows.append(
             {"run": run.name, "differs from configs/localiser.yaml": ", ".join(changed) or "-",
-             "AUC classifier / map peak / fused": " / ".join(f"{parts.get(k, float('nan')):.3f}"
-                                                             for k in ("classifier", "map_peak", "fused")),
+             "AUC classifier / map peak / [fused classifiers] / fused": " / ".join(
+                 f"{parts.get(k, float('nan')):.3f}" for k in ("classifier", "map_peak", *extra, "fused")),
              "pointing game": f"{m['localisation']['pointing_game']:.3f}",
              "loc. sens. @suspicious (IoU / centre)":
                  f"{lesions['localised_sensitivity_iou@suspicious']['value']:.3f} / "
