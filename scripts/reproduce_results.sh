@@ -132,7 +132,13 @@ train localiser-lite1-256-seed0 --config configs/localiser.yaml --data "$FA" --s
 for run in localiser-lite0-256-seed0 localiser-lite0-256-noreencode-seed0 detector-lite0-256-seed0 localiser-lite0-320-seed0 localiser-lite1-256-seed0; do
     [ "$run" = localiser-lite0-256-seed0 ] || "$F" evaluate "runs/$run" --data "$FA" --split val --out "runs/eval/$run-val"
     "$F" evaluate "runs/$run" --data "$FA" --split val --stability --no-heatmaps --bootstrap 300 --out "runs/eval/$run-val-stability"
+    # fusion with the classifier: the localiser's score also weighs 0.3.0's margin (weights fitted on val)
+    "$F" ensemble "runs/$run" fracatlas-default --out "runs/fused-$run"
+    "$F" evaluate "runs/fused-$run" --data "$FA" --split val --out "runs/eval/fused-$run-val"
 done
+# the release rule's latency (rule 3), side by side in one sitting
+.venv/bin/python benchmarks/latency.py --model runs/fused-localiser-lite0-256-noreencode-seed0
+.venv/bin/python benchmarks/latency.py --model fracatlas-default
 .venv/bin/python scripts/reencode_flips.py runs/localiser-lite0-256-seed0 --data "$FA" --split test --quality 75
 .venv/bin/python scripts/reencode_flips.py fracatlas-default --data "$FA" --split test --quality 75
 
