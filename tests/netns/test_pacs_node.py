@@ -152,6 +152,8 @@ def test_bad_datasets_and_an_aborted_association_are_survived(orthanc, model, gr
     ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # sent as DX, but it says CT
     empty = dcmread(io.BytesIO(write_bytes(no_pixel_data(grey))))
     empty.Modality = "DX"
+    for k, ds in enumerate((broken, ct, empty)):  # three different images (one UID each)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.990.{k}"
     with PacsNode(model, config(tmp_path / "spool")) as node:
         statuses = scu_store([write_bytes(broken), write_bytes(ct), write_bytes(empty)])
         assert statuses == [SUCCESS] * 3  # accepted: judged later, never inside the association
@@ -184,6 +186,19 @@ def test_a_full_queue_answers_out_of_resources_and_nothing_is_lost(orthanc, mode
         hold.set()
         assert node.wait_idle(180)
     assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 6  # 2 images x 3
+
+
+def test_an_image_sent_twice_is_analysed_once_even_across_a_restart(orthanc, model, grey, tmp_path):
+    study = "1.2.826.0.1.3680043.8.498.907"
+    image = radiograph(grey, study, study + ".1.1")
+    with PacsNode(model, config(tmp_path / "spool")) as node:
+        assert scu_store([image, image]) == [SUCCESS, SUCCESS]  # a PACS retrying a store it thought failed
+        assert node.wait_idle(120)
+        assert node.stats.duplicates == 1 and node.stats.analysed == 1
+    with PacsNode(model, config(tmp_path / "spool")) as node:
+        assert scu_store([image]) == [SUCCESS]
+        assert node.wait_idle(60) and node.stats.duplicates == 1 and node.stats.analysed == 0
+    assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 3
 
 
 def test_a_restarted_node_analyses_what_it_had_spooled(orthanc, model, grey, tmp_path):

@@ -17,6 +17,9 @@ Design, so that a hospital can leave it running:
 * **Only known callers**: associations from calling AE titles outside ``allowed_callers`` are rejected.
 * **Its own objects are ignored**: results routed back to it (by a rule that sends everything) are
   accepted and dropped, never analysed again.
+* **Each image once**: a radiograph whose SOP Instance UID is already queued or done (a PACS that retries a
+  store it thinks failed, a routing rule that fires twice) is accepted and not analysed again, so a study
+  never gets two result series for one image. Spooled files are named by the keyed hash of that UID.
 * **Retention**: files in ``done/`` and ``quarantine/`` older than ``retention_days`` are deleted.
 * **No identifiers in logs**: a study is logged as its keyed hash (:func:`fracdet.data.dicom.keyed_hash`),
   with the highest level over its images so far.
@@ -111,6 +114,7 @@ class NodeStats:
     received: int = 0
     refused_full: int = 0
     ignored_own: int = 0
+    duplicates: int = 0
     analysed: int = 0
     quarantined: int = 0
     sent: int = 0
@@ -150,6 +154,7 @@ class PacsNode:
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self.dirs = {name: Path(config.spool) / name for name in ("incoming", "queue", "done", "quarantine")}
+        self._seen: set[str] = set()  # keyed hashes of the SOP Instance UIDs queued or done
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -178,6 +183,7 @@ class PacsNode:
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.dirs["incoming"].iterdir():  # half-written when a previous run died: never queued
             stale.unlink(missing_ok=True)
+        self._seen = {_key_of(p) for folder in ("queue", "done") for p in self.dirs[folder].glob("*.dcm")}
         left = sorted(self.dirs["queue"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
         for path in left:
             self._queue.put((path, False))
@@ -240,21 +246,29 @@ class PacsNode:
         if is_fracdet_result(ds):
             self.stats.ignored_own += 1
             return SUCCESS  # our own result routed back: accepted, never analysed again
+        key = keyed_hash(str(ds.get("SOPInstanceUID", ""))) or uuid.uuid4().hex[:16]
+        with self._lock:
+            if key in self._seen:
+                self.stats.duplicates += 1
+                log.info("image %s was received before: not analysed again", key)
+                return SUCCESS
         if not self._slots.acquire(blocking=False):
             self.stats.refused_full += 1
             log.warning("queue full (%d waiting): store refused with Out of Resources", self.config.queue_size)
             return OUT_OF_RESOURCES
         try:
-            path = self._spool(event.encoded_dataset())
+            path = self._spool(event.encoded_dataset(), key)
         except OSError:
             self._slots.release()
             log.exception("could not spool a received image")
             return OUT_OF_RESOURCES
+        with self._lock:
+            self._seen.add(key)
         self._queue.put((path, True))
         return SUCCESS
 
-    def _spool(self, data: bytes) -> Path:
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.dcm"
+    def _spool(self, data: bytes, key: str) -> Path:
+        name = f"{time.time_ns():020d}-{key}.dcm"
         temporary = self.dirs["incoming"] / name
         with temporary.open("wb") as fh:
             fh.write(data)
@@ -343,6 +357,8 @@ class PacsNode:
             assoc.release()
 
     def _quarantine(self, path: Path, reason: str) -> None:
+        with self._lock:  # sent again (fixed, or once the destination is back), it is analysed again
+            self._seen.discard(_key_of(path))
         target = self.dirs["quarantine"] / path.name
         path.replace(target)
         (target.parent / f"{target.name}.reason.txt").write_text(reason + "\n")
@@ -371,8 +387,16 @@ class PacsNode:
                     if path.stat().st_mtime < limit:
                         path.unlink()
                         removed += 1
+                        if folder == self.dirs["done"]:
+                            with self._lock:
+                                self._seen.discard(_key_of(path))
         return removed
 
     def _sweep(self) -> None:
         while not self._stop.wait(3600):
             self.sweep()
+
+
+def _key_of(path: Path) -> str:
+    """The keyed SOP Instance UID hash a spooled file is named by (``TIME-KEY.dcm``)."""
+    return path.stem.split("-", 1)[-1]
