@@ -386,3 +386,26 @@ def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_loc
         PacsNode(tiny_localiser, NodeConfig(spool=tmp_path, allowed_callers=(), send_to=node.config.send_to))
     with pytest.raises(ValueError, match="AE@HOST:PORT"):
         Destination.parse("PACS:104")
+
+
+def test_an_invalid_value_is_not_quoted_in_any_warning_or_log(grey, capsys, caplog, recwarn, tiny_localiser):
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
+    ds["PatientBirthDate"].value = "Jane-1947"  # not a date: pydicom's own warning would quote it
+    ds["PatientSex"] = ds["PatientID"].__class__(0x00100040, "CS", "female; Jane Doe")
+    caplog.set_level(logging.DEBUG)
+    data = write_bytes(ds)
+    capsys.readouterr(), caplog.clear(), recwarn.clear()  # what writing the file said is pydicom's, not ours
+    decoded = decode_image(data)
+    from fracdet.data.dicom import read_dicom_info
+
+    read_dicom_info(data)
+    from fracdet.dicom import results_for
+
+    prediction = Predictor(tiny_localiser, gate=False).predict_bytes(data)
+    results_for(data, prediction, tiny_localiser)  # copies the patient module: reads the malformed values
+    assert decoded.dicom.patient == keyed_hash(PHI["PatientID"])
+    out = capsys.readouterr()
+    shown = out.out + out.err + caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "Jane" not in shown and "1947" not in shown

@@ -127,7 +127,10 @@ def scu_store(datasets: list[bytes]) -> list[int]:
         assoc.release()
 
 
-def test_a_stored_radiograph_comes_back_as_sr_gsps_and_sc_in_the_pacs(orthanc, model, grey, tmp_path):
+def test_a_stored_radiograph_comes_back_as_sr_gsps_and_sc_in_the_pacs(orthanc, model, grey, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)  # what a deployed node logs: no identifier may be in it
     study = "1.2.826.0.1.3680043.8.498.901"
     (tmp_path / "x.dcm").write_bytes(radiograph(grey, study, study + ".1.1"))
     with PacsNode(model, config(tmp_path / "spool")) as node:
@@ -139,6 +142,8 @@ def test_a_stored_radiograph_comes_back_as_sr_gsps_and_sc_in_the_pacs(orthanc, m
     assert sorted(i["Modality"] for i in results) == ["OT", "PR", "SR"]
     assert len({i["SeriesInstanceUID"] for i in results}) == 1  # one new series in the original study
     assert len(list((tmp_path / "spool" / "done").iterdir())) == 1 and node.stats.quarantined == 0
+    assert "study " in caplog.text and study not in caplog.text
+    assert not any(value in caplog.text for key, value in PHI.items() if key != "StudyInstanceUID")
 
 
 def test_bad_datasets_and_an_aborted_association_are_survived(orthanc, model, grey, tmp_path):

@@ -31,11 +31,15 @@ python-gdcm, pylibjpeg-openjpeg, pyjpegls, pylibjpeg-rle).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
+import logging
 import os
 import secrets
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ __all__ = [
     "decode_dicom",
     "is_dicom",
     "keyed_hash",
+    "quiet_pydicom",
     "read_dicom_info",
 ]
 
@@ -131,11 +136,22 @@ def is_dicom(data: bytes) -> bool:
     return length < 1 << 16
 
 
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom's warnings about invalid values quote the value (a malformed birth date, a name): inside, they
+    are not shown, so no identifier reaches a terminal or log. fracdet's own messages say what matters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _pydicom() -> Any:
     try:
         import pydicom
     except ImportError as exc:
         raise ImportError(DICOM_HINT) from exc
+    # and its logger repeats those warnings: only its errors get through
+    logging.getLogger("pydicom").setLevel(max(logging.getLogger("pydicom").level, logging.ERROR))
     return pydicom
 
 
@@ -178,7 +194,8 @@ def read_dicom_info(data: bytes, *, name: str = "<bytes>") -> DicomInfo:
         fracdet.data.decode.ImageReadError: not readable as DICOM.
     """
     try:
-        return _info(_parse(data, pixels=False))
+        with quiet_pydicom():
+            return _info(_parse(data, pixels=False))
     except _RefusedError as exc:
         raise _error(name, exc) from None
 
@@ -216,10 +233,11 @@ def decode_dicom(
         fracdet.data.decode.ImageReadError: refused, with the reason (truncated, unsupported, too large).
     """
     try:
-        ds = _parse(data, pixels=True)
-        info = _info(ds)
-        _check(ds, info, max_pixels=max_pixels, force_modality=force_modality)
-        return _display(ds, info), info
+        with quiet_pydicom():
+            ds = _parse(data, pixels=True)
+            info = _info(ds)
+            _check(ds, info, max_pixels=max_pixels, force_modality=force_modality)
+            return _display(ds, info), info
     except _RefusedError as exc:
         raise _error(name, exc) from None
 

@@ -306,9 +306,8 @@ class PacsNode:
         except (ImageReadError, NotARadiographError) as exc:
             self._quarantine(path, str(exc))
             return
-        except Exception as exc:
+        except Exception as exc:  # logged without its message or traceback: a library's may quote a value
             self._quarantine(path, f"analysis failed ({type(exc).__name__})")
-            log.exception("analysis of %s failed", path.name)
             return
         self.stats.analysed += 1
         try:

@@ -23,6 +23,7 @@ Needs the ``dicom`` extra (highdicom, pydicom).
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ from fracdet.inference.predictor import Prediction
 from fracdet.models.release import TrainedModel
 
 __all__ = ["MANUFACTURER", "DicomResults", "build_results", "is_fracdet_result", "results_for", "write_results"]
+
+# highdicom logs the source image's SOP Instance UID at INFO ("copy ... attributes from dataset <UID>"): a
+# full UID in a log is an identifier, so only its warnings and errors get through.
+logging.getLogger("highdicom").setLevel(max(logging.getLogger("highdicom").level, logging.WARNING))
 
 #: What fracdet writes in Manufacturer: how its own objects are recognised when routed back.
 MANUFACTURER = "fracdet"
@@ -108,11 +113,12 @@ def results_for(
     """:func:`build_results` for the DICOM file ``data`` that ``prediction`` was made from."""
     from pydicom import dcmread
 
-    from fracdet.data.dicom import decode_dicom
+    from fracdet.data.dicom import decode_dicom, quiet_pydicom
 
     display, _ = decode_dicom(data, max_pixels=1 << 62, force_modality=force_modality)
-    source = dcmread(io.BytesIO(data), force=True)
-    return build_results(_with_type2(source), prediction, model, display=display)
+    with quiet_pydicom():  # copying the patient module reads its values: a malformed one is not quoted
+        source = dcmread(io.BytesIO(data), force=True)
+        return build_results(_with_type2(source), prediction, model, display=display)
 
 
 #: Type 2 attributes of the Patient and General Study modules: present in every object made from the source,
@@ -122,9 +128,25 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
 
 
 def _with_type2(source: Any) -> Any:
+    """The source with every Type 2 patient and study attribute present, and emptied where its value is not
+    valid DICOM (a date that is not a date, a sex outside M/F/O): the results are still made and filed with
+    the study, and the malformed value is neither copied nor quoted."""
+    from pydicom.valuerep import DA, DT, TM
+
+    parsers = {"DA": DA, "DT": DT, "TM": TM}
     for keyword in _TYPE2:
         if keyword not in source:
             setattr(source, keyword, "")
+            continue
+        element = source[keyword]
+        try:
+            value = element.value
+            if value and element.VR in parsers:
+                parsers[element.VR](value)
+            if keyword == "PatientSex" and value not in ("M", "F", "O", ""):
+                raise ValueError
+        except (ValueError, TypeError):
+            source[keyword].value = ""
     return source
 
 
