@@ -249,3 +249,38 @@ def test_pull_analyses_a_study_in_the_pacs_over_dicomweb_and_stores_the_results_
     again = pull(client, model, since="2026-11-28")  # its own results are in the study now: not analysed
     assert len(again[again["study"] == keyed_hash(study)]) == 2
     assert study not in again.to_csv()
+
+
+def test_the_listen_command_serves_dcmtk_sends_by_stow_rs_and_stops_on_sigterm(orthanc, model, grey, tmp_path):
+    import signal
+    import socket
+    import sys
+
+    from fracdet.models import save_model
+
+    save_model(model, tmp_path / "model")
+    study = "1.2.826.0.1.3680043.8.498.908"
+    (tmp_path / "x.dcm").write_bytes(radiograph(grey, study, study + ".1.1"))
+    command = [sys.executable, "-m", "fracdet.cli", "pacs", "listen", "--allow", "STORESCU", "--port", str(NODE_PORT),
+               "--stow", f"http://127.0.0.1:{ORTHANC_HTTP}/dicom-web", "--spool", str(tmp_path / "spool"),
+               "--model", str(tmp_path / "model")]  # fmt: skip
+    listener = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", NODE_PORT)) == 0:
+                    break
+            assert listener.poll() is None and time.monotonic() < deadline, listener.stdout.read()
+            time.sleep(0.2)
+        sent = dcmtk("storescu", str(tmp_path / "x.dcm"))
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 120
+        while len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) < 3:
+            assert time.monotonic() < deadline, "no results arrived by STOW-RS"
+            time.sleep(0.5)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        output, _ = listener.communicate(timeout=60)
+    assert listener.returncode == 0, output
+    assert study not in output and PHI["PatientName"] not in output
