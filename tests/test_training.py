@@ -398,3 +398,16 @@ def test_fine_tuning_starts_from_the_given_models_weights(sample_root, cache_dir
     with pytest.raises(ValueError, match="init_from"):
         train(tiny_config(epochs=1, init_from=str(base), model="efficientnet_lite0"), manifest, tmp_path / "x",
               cache=cache)  # fmt: skip
+
+
+def test_progress_in_a_log_is_a_line_now_and_then_not_a_line_per_update():
+    script = (
+        "import os, time; os.environ['FRACDET_PROGRESS'] = '1'\n"
+        "from fracdet.utils.progress import progress\n"
+        "for _ in progress(range(2000), desc='work', total=2000): time.sleep(0.0005)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, lines  # stderr is a pipe here: the first and the last line, not 2,000
+    assert "2000/2000" in lines[-1] and "img/s" in lines[-1]  # the rate, in the closing line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -11,12 +12,22 @@ T = TypeVar("T")
 __all__ = ["progress", "progress_bar"]
 
 
+#: Seconds between two progress lines when stderr is not a terminal (a log file, a service's journal): a line
+#: with the rate and ETA now and then, not a redrawn bar that writes a line per update into the log.
+LOG_INTERVAL_S = 60.0
+
+
 def progress_bar(*, desc: str, total: int | None = None, unit: str = "img"):
-    """A tqdm bar on stderr to ``update()`` by hand; ``FRACDET_PROGRESS=0`` switches bars off."""
+    """A tqdm bar on stderr to ``update()`` by hand; ``FRACDET_PROGRESS=0`` switches bars off.
+
+    On a terminal the bar redraws in place; elsewhere it writes a line at most every :data:`LOG_INTERVAL_S`.
+    """
     from tqdm.auto import tqdm
 
     disable = os.environ.get("FRACDET_PROGRESS", "1") == "0"
-    return tqdm(desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True)
+    terminal = sys.stderr.isatty()
+    return tqdm(desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=terminal,
+                mininterval=0.1 if terminal else LOG_INTERVAL_S, ncols=None if terminal else 100)  # fmt: skip
 
 
 def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "img") -> Iterator[T]:
