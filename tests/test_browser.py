@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 CHROMIUM = Path(os.environ.get("FRACDET_CHROMIUM", "/usr/bin/chromium"))
 
@@ -107,14 +108,22 @@ def _shots(tmp_path: Path) -> Path:
 def test_upload_shows_verdict_and_heatmap(browser, server_url, sample_root, tmp_path, viewport, name):
     page = browser.new_page(viewport=viewport)
     external = []
-    page.on("request", lambda r: external.append(r.url) if not r.url.startswith((server_url, "data:")) else None)
+    local = (server_url, "data:", "blob:")  # blob: the user's own file, shown without a round trip
+    page.on("request", lambda r: external.append(r.url) if not r.url.startswith(local) else None)
     page.goto(server_url)
-    page.set_input_files("#file", str(sample_root / "images" / "Fractured" / "IMG0000261.jpg"))
+    chosen = sample_root / "images" / "Fractured" / "IMG0000261.jpg"
+    page.set_input_files("#file", str(chosen))
     page.wait_for_selector("#result", state="visible", timeout=30_000)
     verdict = page.inner_text("#verdict")
     assert "%" in verdict and ("Fracture suspected" in verdict or "No fracture detected" in verdict)
     assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 0
-    assert page.evaluate("document.getElementById('radiograph').naturalWidth") > 0
+    page.wait_for_function("document.getElementById('radiograph').naturalWidth > 0")
+    assert page.evaluate("document.getElementById('radiograph').src").startswith("blob:"), "the file itself"
+    # laid out in the radiograph's own aspect ratio, not squashed to a square
+    width, height = Image.open(chosen).size
+    box = page.evaluate("(() => { const r = document.getElementById('viewer').getBoundingClientRect();"
+                        " return [r.width, r.height]; })()")  # fmt: skip
+    assert box[0] / box[1] == pytest.approx(width / height, rel=0.02)
     # the overlay toggles off and on
     page.uncheck("#show-heatmap")
     assert page.evaluate("getComputedStyle(document.getElementById('heatmap')).display") == "none"

@@ -180,15 +180,12 @@ def test_a_fused_localiser_is_fitted_on_val_and_reloads_and_exports_as_it_was_sa
     np.testing.assert_allclose(again.maps, before.maps, rtol=1e-5, atol=1e-6)
     assert [b.score for b in again.boxes[0]] == pytest.approx([b.score for b in before.boxes[0]], abs=1e-5)
     pytest.importorskip("onnxruntime")
-    from fracdet.inference.onnx import OnnxNetwork, export_onnx
-    from fracdet.models.predict import normalise
+    from fracdet.inference.onnx import OnnxRuntime, export_onnx
 
-    network = OnnxNetwork(export_onnx(reloaded, tmp_path / "fused.onnx"), threads=1)
-    x = normalise(torch.from_numpy(images).unsqueeze(1), reloaded.preprocess).contiguous().numpy()
-    margins, maps = network(x)
+    outputs = OnnxRuntime(export_onnx(reloaded, tmp_path / "fused.onnx"), threads=1)(images)
     expected_margins, expected_maps = reloaded.outputs(images)
-    np.testing.assert_allclose(margins, expected_margins, atol=1e-3)
-    np.testing.assert_allclose(maps, expected_maps, atol=1e-3)
+    np.testing.assert_allclose(outputs.margins, expected_margins, atol=1e-3)
+    np.testing.assert_allclose(outputs.dense, expected_maps, atol=1e-3)
 
 
 def test_a_fused_localiser_holds_one_localiser_and_members_that_normalise_alike():

@@ -278,13 +278,10 @@ def test_a_detector_trains_scores_and_exports_through_the_same_commands(manifest
         assert boxes and boxes[0].score == pytest.approx(probability, abs=1e-5)
         assert all(0 <= b.x0 <= b.x1 <= 1 and 0 <= b.y0 <= b.y1 <= 1 for b in boxes)
     pytest.importorskip("onnxruntime")
-    from fracdet.inference.onnx import OnnxNetwork, export_onnx
-    from fracdet.models.predict import normalise
+    from fracdet.inference.onnx import OnnxRuntime, export_onnx
 
-    network = OnnxNetwork(export_onnx(model, tmp_path / "detector.onnx"), threads=1)
-    x = normalise(torch.from_numpy(images).unsqueeze(1), model.preprocess).contiguous().numpy()
-    _, dense = network(x)
-    assert dense.shape == (3, 5, 8, 8) and np.allclose(dense, model.outputs(images, tta=False)[1], atol=1e-3)
+    dense = OnnxRuntime(export_onnx(model, tmp_path / "detector.onnx"), threads=1)(images).dense
+    assert dense.shape == (3, 5, 8, 8) and np.allclose(dense, model.outputs(images)[1], atol=1e-3)
 
 
 def test_a_newer_schema_is_refused_and_a_classifier_release_still_loads(localiser_run, tmp_path):
@@ -325,18 +322,17 @@ def pd_read(folder):
 
 def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch(localiser_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    from fracdet.inference.onnx import OnnxNetwork, export_onnx
-    from fracdet.models.predict import normalise
+    from fracdet.inference.onnx import OnnxRuntime, export_onnx
 
     model = load(localiser_run)
-    network = OnnxNetwork(export_onnx(model, tmp_path / "localiser.onnx"), threads=1)
-    assert network.meta["task"] == "localise" and network.meta["peak_weight"] == pytest.approx(model.peak_weight)
+    runtime = OnnxRuntime(export_onnx(model, tmp_path / "localiser.onnx"), threads=1)
+    assert runtime.meta["task"] == "localise" and runtime.meta["peak_weight"] == pytest.approx(model.peak_weight)
     for n in (1, 3):
         images = np.random.default_rng(n).integers(0, 255, (n, 64, 64), dtype=np.uint8)
-        x = normalise(torch.from_numpy(images).unsqueeze(1), model.preprocess).contiguous().numpy()
-        margins, maps = network(x)
+        outputs = runtime(images)
         expected_margins, expected_maps = model.outputs(images)
-        assert np.allclose(margins, expected_margins, atol=1e-3) and np.allclose(maps, expected_maps, atol=1e-3)
+        assert np.allclose(outputs.margins, expected_margins, atol=1e-3)
+        assert np.allclose(outputs.dense, expected_maps, atol=1e-3)
 
 
 def test_predictor_and_api_give_boxes_levels_and_the_map_and_keep_every_old_field(localiser_run, tmp_path):

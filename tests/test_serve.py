@@ -48,11 +48,35 @@ def test_a_radiograph_gets_probability_label_threshold_heatmap_and_box(client, s
     assert body["threshold"] == 0.3 and body["operating_point"] == "sens90"
     assert body["model"] == {"name": "test-model", "version": "0.0-test", "arch": "paper_cnn"}
     assert f"{100 * body['probability']:.0f}%" in body["summary"]
+    width, height = Image.open(sample_root / FRACTURED).size
+    assert body["image_size"] == {"width": width, "height": height}
     heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
-    assert heatmap.mode == "RGBA" and heatmap.size[0] == heatmap.size[1]
-    assert Image.open(io.BytesIO(base64.b64decode(body["image_png"]))).size == heatmap.size
+    assert heatmap.mode == "RGBA" and max(heatmap.size) == 128, "small: the map is coarse, the browser scales it"
+    assert heatmap.size[0] / heatmap.size[1] == pytest.approx(width / height, rel=0.02), "the radiograph's aspect"
+    assert body["image_png"] is None, "the client has its own JPEG: no copy is sent back"
     assert body["box"] is None or all(0 <= v <= 1 for v in body["box"])
     assert body["latency_ms"] > 0
+
+
+def test_the_image_is_sent_back_only_when_a_browser_cannot_show_the_file_or_when_asked(client, sample_root):
+    jpeg = (sample_root / FRACTURED).read_bytes()
+    width, height = Image.open(io.BytesIO(jpeg)).size
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("L").save(buffer, format="TIFF")
+    tiff = post(client, buffer.getvalue(), "x.tif", "image/tiff")
+    asked = client.post("/api/v1/predict?image=true", files={"file": ("x.jpg", jpeg, "image/jpeg")})
+    for response in (tiff, asked):
+        assert response.status_code == 200
+        shown = Image.open(io.BytesIO(base64.b64decode(response.json()["image_png"])))
+        assert max(shown.size) == min(512, max(width, height))
+        assert shown.size[0] / shown.size[1] == pytest.approx(width / height, rel=0.02), "never squashed to a square"
+
+
+def test_the_model_endpoint_names_the_back_end_and_the_workers(client):
+    info = client.get("/api/v1/model").json()
+    assert info["backend"] == "onnxruntime", "ONNX Runtime is installed by default, so it serves"
+    assert info["workers"] >= 1
+    assert client.get("/api/v1/health").json()["backend"] == "onnxruntime"
 
 
 def test_png_and_16_bit_uploads_are_read(client, sample_root):

@@ -303,14 +303,27 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fracdet.inference.gate import InputGate
     from fracdet.inference.onnx import export_onnx
     from fracdet.models import load
 
-    model = load(args.model)
-    path = export_onnx(model, args.out)
+    name = args.model or args.model_option
+    if not name:
+        raise SystemExit("fracdet export: name the model (MODEL or --model MODEL)")
+    model = load(name)
+    gate = InputGate.of(model)
+    embedder = gate.embedder().network if gate.checks_appearance else None
+    path = export_onnx(model, args.out, embedder=embedder)
+    inputs = "image" + (" and appearance" if embedder is not None else "")
     print(f"exported {model.name} ({model.task}, {model.preprocess.input_size} px) to {path} "
-          f"({path.stat().st_size / 2**20:.1f} MiB; dynamic batch; model.json in its metadata)")  # fmt: skip
+          f"({path.stat().st_size / 2**20:.1f} MiB; uint8 {inputs} in, dynamic batch; "
+          "model.json in its metadata)")  # fmt: skip
     return 0
+
+
+def _add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "pytorch"],
+                   help="what runs the model (auto: ONNX Runtime when installed, else PyTorch)")  # fmt: skip
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -352,9 +365,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load(args.model)
     paths = collect_inputs(args.inputs)
     heatmaps = args.heatmaps is not None or args.dicom_out is not None
-    predictor = Predictor(model, heatmaps=heatmaps, method=args.cam, force_modality=args.force_modality)
+    predictor = Predictor(model, heatmaps=heatmaps, method=args.cam, force_modality=args.force_modality,
+                          backend=args.backend)  # fmt: skip
     then = _dicom_writer(model, Path(args.dicom_out), args.force_modality) if args.dicom_out else None
-    table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None, then=then)
+    table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None, then=then,
+                                    batch_size=args.batch_size)  # fmt: skip
     if args.out:
         _write_table(table, Path(args.out))
     else:
@@ -446,7 +461,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = Path(args.token_file).read_text().strip() or None
     token = token or os.environ.get("FRACDET_TOKEN") or None
     config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size,
-                         access_token=token)  # fmt: skip
+                         workers=args.workers, backend=args.backend, access_token=token)  # fmt: skip
     print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}"
           f"{' (uploads need the access token)' if token else ''}")  # fmt: skip
     uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level="info")
@@ -539,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "presentation state and a secondary capture of the result here (originals untouched)")  # fmt: skip
     p.add_argument("--force-modality", action="store_true",
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
+    _add_backend_option(p)
+    p.add_argument("--batch-size", type=int, default=16, help="images scored per forward pass")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("pacs", help="a DICOM node: radiographs in from a PACS, results back")
@@ -584,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait (503 + Retry-After beyond)")
     p.add_argument("--token-file", help="uploads need the access token in this file (or $FRACDET_TOKEN); serve "
                    "behind a TLS-terminating proxy")  # fmt: skip
+    p.add_argument("--workers", type=int, help="predictions at once (default: one per CPU core)")
+    _add_backend_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -610,8 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", help="the command that reproduces --report")
     p.set_defaults(func=cmd_release)
 
-    p = sub.add_parser("export", help="a trained model's network as ONNX (dynamic batch), for ONNX Runtime")
-    p.add_argument("model", help="run folder or released model name")
+    p = sub.add_parser("export", help="a trained model as one ONNX graph (dynamic batch), for ONNX Runtime")
+    p.add_argument("model", nargs="?", help="run folder or released model name (or --model)")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="the only format so far")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.set_defaults(func=cmd_export)
 

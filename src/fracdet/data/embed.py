@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["FILL_LEVEL", "ImageEmbedder", "upright"]
+__all__ = ["FILL_LEVEL", "ImageEmbedder", "embedder_input", "upright"]
 
 #: Grey level (0-255) at or below which a pixel is padding (black corners, borders), not anatomy.
 FILL_LEVEL = 4
@@ -50,23 +50,33 @@ class ImageEmbedder:
         self._model = model.eval().to(memory_format=torch.channels_last)
         self._torch = torch
 
+    @property
+    def network(self):
+        """The backbone (pooled features; input ``[-1, 1]``), e.g. to run it inside another graph."""
+        return self._model
+
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Return L2-normalised float32 embeddings, one row per grey uint8 image (any size)."""
-        import cv2
-
         torch = self._torch
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack([
-                cv2.resize(im, (self.size, self.size), interpolation=cv2.INTER_AREA)
-                for im in images[start : start + self.batch_size]
-            ])  # fmt: skip
+            batch = embedder_input(images[start : start + self.batch_size], self.size)
             x = torch.from_numpy(batch).float().div_(127.5).sub_(1.0)  # ImageNet-Lite scaling: [-1, 1]
             x = x[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 feats = self._model(x)
             out.append(torch.nn.functional.normalize(feats, dim=1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self._model.num_features), np.float32)
+
+
+def embedder_input(images: Sequence[np.ndarray], size: int = 128) -> np.ndarray:
+    """``(N, size, size)`` uint8: grey uint8 images of any size as an :class:`ImageEmbedder` sees them (area
+    resampling); a graph that embeds inside (:class:`fracdet.models.graph.ScoringGraph`) takes the same."""
+    import cv2
+
+    if not len(images):
+        return np.zeros((0, size, size), np.uint8)
+    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
 
 
 def upright(image: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from fracdet.utils.cache import FeatureCache
 from fracdet.utils.progress import progress_bar
 from fracdet.utils.workers import worker_count
 
-__all__ = ["PixelSet", "load_pixels", "resize_square"]
+__all__ = ["PixelSet", "load_pixels", "resize_display", "resize_square"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,18 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
         pixels = pixels.mean(axis=2)
     shrinking = pixels.shape[0] >= size and pixels.shape[1] >= size
     resized = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
+
+
+def resize_display(pixels: np.ndarray, longest: int) -> np.ndarray:
+    """Float grey pixels in [0, 1] -> uint8 whose longest side is at most ``longest``, in their own aspect
+    ratio (what a reader is shown: a radiograph squashed to a square distorts the anatomy)."""
+    if pixels.ndim == 3:
+        pixels = pixels.mean(axis=2)
+    h, w = pixels.shape
+    scale = min(1.0, longest / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resized = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA) if scale < 1 else pixels
     return np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
 
 

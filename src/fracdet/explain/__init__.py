@@ -6,7 +6,7 @@ explanation = Explainer(fracdet.models.load("fracatlas-default"))(images)   # ma
 
 from __future__ import annotations
 
-from fracdet.explain.cam import CAM_METHODS, Explainer, Explanation, heatmap_box, overlay
+from fracdet.explain.cam import CAM_METHODS, Explainer, Explanation, heatmap_box, heatmaps_from_cams, overlay
 from fracdet.explain.draw import draw_boxes
 from fracdet.explain.localisation import box_iou, evaluate_localisation, localisation_scores, localisation_summary
 
@@ -18,6 +18,7 @@ __all__ = [
     "draw_boxes",
     "evaluate_localisation",
     "heatmap_box",
+    "heatmaps_from_cams",
     "localisation_scores",
     "localisation_summary",
     "overlay",

@@ -31,7 +31,7 @@ from fracdet.models import get_spec, members_of
 from fracdet.models.predict import normalise
 from fracdet.models.release import TrainedModel
 
-__all__ = ["CAM_METHODS", "Explainer", "Explanation", "heatmap_box", "overlay"]
+__all__ = ["CAM_METHODS", "Explainer", "Explanation", "heatmap_box", "heatmaps_from_cams", "overlay"]
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
@@ -97,13 +97,22 @@ class Explainer:
             features = member.forward_features(x)
             logits.append(member.forward_head(features).float())
             weights = member.get_classifier().weight.float()
-            cam = torch.einsum("bchw,c->bhw", features.float(), weights[1] - weights[0]).clamp_min(0).cpu().numpy()
-            per_member.append(scale_cam_image(cam, (x.shape[3], x.shape[2])))
-        # the library's rescaling: each layer (here, member) to [0, 1] at the input size, their mean, again
-        heatmaps = scale_cam_image(np.maximum(np.mean(per_member, axis=0), 0))
+            per_member.append(torch.einsum("bchw,c->bhw", features.float(), weights[1] - weights[0]).clamp_min(0))
         mean_logits = torch.stack(logits).mean(dim=0)
         margins = (mean_logits[:, 1] - mean_logits[:, 0]).cpu().numpy()
-        return Explanation(margins=margins, heatmaps=np.nan_to_num(heatmaps).astype(np.float32))
+        cams = torch.stack(per_member, dim=1).cpu().numpy()
+        return Explanation(margins=margins, heatmaps=heatmaps_from_cams(cams, x.shape[-1]))
+
+
+def heatmaps_from_cams(cams: np.ndarray, size: int) -> np.ndarray:
+    """``(N, size, size)`` heatmaps in [0, 1] from raw class activation maps ``(N, M, h, w)`` of M members.
+
+    The library's rescaling: each layer (here, member) to [0, 1] at the input size, their mean, again. The
+    same for the :class:`Explainer` and for the CAMs a :class:`fracdet.models.graph.ScoringGraph` returns.
+    """
+    per_member = [scale_cam_image(cams[:, k], (size, size)) for k in range(cams.shape[1])]
+    heatmaps = scale_cam_image(np.maximum(np.mean(per_member, axis=0), 0))
+    return np.nan_to_num(heatmaps).astype(np.float32)
 
 
 def overlay(

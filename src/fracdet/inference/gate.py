@@ -31,8 +31,7 @@ limits and how they were chosen), written by :func:`fit_gate` / ``fracdet gate``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,7 @@ import pandas as pd
 import torch
 
 from fracdet.data.decode import ImageReadError
-from fracdet.models import get_spec, members_of
-from fracdet.models.predict import normalise
+from fracdet.models.predict import network_parts, normalise
 from fracdet.models.release import TrainedModel
 from fracdet.utils.cache import FeatureCache
 
@@ -53,7 +51,6 @@ __all__ = [
     "GateVerdict",
     "InputGate",
     "NotARadiographError",
-    "captured_features",
     "fit_gate",
     "fit_gate_on_splits",
     "image_features",
@@ -110,33 +107,13 @@ class GateLimits:
         return asdict(self)
 
 
-@contextmanager
-def captured_features(model: TrainedModel) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward of ``model`` appends its ``(B, C)`` features to the yielded list.
-
-    Features: the output of the registry's CAM layer averaged over positions (over members, for an
-    ensemble). The hooks live only for the block: one left behind would keep every later forward's output.
-    """
-    layer = get_spec(model.arch).cam_layer
-    members = members_of(model.module)
-    per_member: list[list[torch.Tensor]] = [[] for _ in members]
-    handles = [member.get_submodule(layer).register_forward_hook(
-                   lambda m, i, o, k=k: per_member[k].append(o.detach().float().mean((2, 3)).cpu()))
-               for k, member in enumerate(members)]  # fmt: skip
-    features: list[torch.Tensor] = []
-    try:
-        yield features
-    finally:
-        for handle in handles:
-            handle.remove()
-        features.extend(torch.stack(calls).mean(0) for calls in zip(*per_member, strict=True))
-
-
 @torch.no_grad()
 def image_features(
     model: TrainedModel, images: np.ndarray, *, batch_size: int = 32, progress_desc: str | None = None
 ) -> np.ndarray:
-    """``(N, C)`` features (see :func:`captured_features`) of ``(N, H, W)`` uint8 images at the model's size.
+    """``(N, C)`` features of ``(N, H, W)`` uint8 images at the model's size: its CAM layer's activations
+    (:func:`fracdet.models.predict.network_parts`) averaged over positions and over members, as the
+    :class:`~fracdet.models.graph.ScoringGraph` that scores an image gives them.
 
     Args:
         progress_desc: show a progress bar with this label (``None``: silent).
@@ -147,18 +124,19 @@ def image_features(
     was_training = model.module.training
     model.module.eval()
     bar = progress_bar(desc=progress_desc, total=len(images)) if progress_desc else None
+    features = []
     try:
-        with captured_features(model) as features:
-            for start in range(0, len(images), batch_size):
-                chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
-                model.module(normalise(chunk.to(device), model.preprocess))
-                if bar is not None:
-                    bar.update(len(chunk))
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
+            _, activations = network_parts(model.module, normalise(chunk.to(device), model.preprocess))
+            features.append(torch.stack([a.float().mean(dim=(2, 3)) for a in activations]).mean(dim=0).cpu())
+            if bar is not None:
+                bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
         model.module.train(was_training)
-    return torch.cat(features).numpy().astype(np.float64)
+    return torch.cat(features).numpy().astype(np.float64) if features else np.zeros((0, 0))
 
 
 class FeatureDistance:
@@ -243,16 +221,23 @@ class InputGate:
             return f"a colour image ({colour_fraction:.0%} of it coloured > {limit:.0%}): radiographs are grey"
         return None
 
-    def appearance_check(self, image: np.ndarray) -> str | None:
-        """Why ``image`` (grey uint8 at the model's input size) does not look like a radiograph, or ``None``.
+    @property
+    def checks_appearance(self) -> bool:
+        """Whether the gate refuses by appearance: it then needs the embedding of every image (one forward of
+        the ImageNet embedder, about 9 ms on a CPU core in PyTorch; inside the model's graph in ONNX)."""
+        return self.appearance is not None and self.limits is not None and self.limits.appearance_refuse is not None
 
-        One forward of the ImageNet embedder (about 9 ms on a CPU core), for gates fitted with one.
-        """
-        if self.appearance is None or self.limits is None or self.limits.appearance_refuse is None:
-            return None
+    def embedder(self) -> Any:
+        """The appearance embedder (:func:`appearance_embedder`), made once."""
         if self._embedder is None:
             self._embedder = appearance_embedder()
-        distance = float(self.appearance(self._embedder([image]).astype(np.float64))[0])
+        return self._embedder
+
+    def appearance_check(self, embedding: np.ndarray | None) -> str | None:
+        """Why an image whose appearance embedding is ``embedding`` does not look like a radiograph, or ``None``."""
+        if not self.checks_appearance or embedding is None:
+            return None
+        distance = float(self.appearance(np.asarray(embedding, np.float64).reshape(1, -1))[0])
         if distance > self.limits.appearance_refuse:
             return (f"does not look like a radiograph (appearance distance {distance:.1f} from the training "
                     f"radiographs > {self.limits.appearance_refuse:.1f})")  # fmt: skip
@@ -260,7 +245,7 @@ class InputGate:
 
     def judge(self, features: np.ndarray | None) -> GateVerdict:
         """The distance verdict on one image that passed :meth:`simple_checks`: ``features`` are its model
-        features (:func:`captured_features` of the forward that scored it; ``None``: nothing to judge)."""
+        features (the ``features`` of the forward that scored it; ``None``: nothing to judge)."""
         if not self.fitted or features is None:
             return GateVerdict("radiograph")
         distance = float(self.distance(np.asarray(features, np.float64))[0])

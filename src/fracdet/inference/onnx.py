@@ -1,50 +1,66 @@
-"""A trained model's network as ONNX, and the same network run by ONNX Runtime.
+"""A trained model as one ONNX graph, run by ONNX Runtime: the fast back end of every prediction path.
 
-The exported graph takes the normalised ``(N, 3, S, S)`` float batch (any ``N``) and returns the model's
-scores exactly as :func:`fracdet.models.predict.forward_scores` reads them: ``margin (N,)`` and, for a
-localiser, ``map_logits (N, C, h, w)`` (the map, then any box channels). Everything after the network
-(temperature, levels, boxes) stays in Python and is shared with the PyTorch path, so the two cannot disagree
-on anything but arithmetic.
-``model.json`` travels inside the file (metadata ``fracdet_model_json``): an ONNX file describes itself.
+:func:`export_onnx` writes the model's :class:`~fracdet.models.graph.ScoringGraph` (uint8 grey in,
+normalisation, mirror averaging, margins, map or class activation maps, the gate's features and appearance
+embedding out) with a dynamic batch; ``model.json`` travels inside (metadata ``fracdet_model_json``), so
+the file describes itself. :class:`OnnxRuntime` runs such a file behind the same
+:class:`~fracdet.models.graph.Runtime` interface as PyTorch, and :func:`runtime_for` picks the back end:
+ONNX Runtime when it is installed (the default install has it), PyTorch otherwise.
 
-ONNX export needs the ``onnx`` extra (``pip install "fracdet[onnx]"``: onnx, onnxscript, onnxruntime).
+Exporting takes seconds (torch.export traces the network), so a prediction path does it once per model and
+keeps the file in the cache (``$FRACDET_CACHE/onnx``, default ``~/.cache/fracdet/onnx``), named by a hash of
+the weights, ``model.json``, the gate and the versions that shape the graph, and checked against its
+recorded SHA-256 before use: a changed model gets a new graph; a damaged file is exported again, not trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from fracdet.models.predict import forward_scores
+from fracdet.models.graph import APPEARANCE_SIDE, GraphOutputs, Runtime, ScoringGraph, TorchRuntime, graph_outputs
 from fracdet.models.release import TrainedModel
 
-__all__ = ["OnnxNetwork", "export_onnx"]
+__all__ = ["BACKENDS", "OnnxRuntime", "cached_export", "export_onnx", "onnxruntime_available", "runtime_for"]
 
-_HINT = 'ONNX needs the onnx extra: pip install "fracdet[onnx]" (onnx, onnxscript, onnxruntime)'
+log = logging.getLogger(__name__)
 
-
-class _Scores(nn.Module):
-    """The network with the one output convention of :func:`forward_scores` (margins, then the map)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        margin, heat = forward_scores(self.module, image)
-        return (margin,) if heat is None else (margin, heat)
+_HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fracdet): pip install fracdet"
+#: Back ends a prediction path can ask for (``auto``: ONNX Runtime when installed, else PyTorch).
+BACKENDS = ("auto", "onnxruntime", "pytorch")
+#: Changes whenever the exported graph's inputs, outputs or arithmetic change: old cached files are not reused.
+GRAPH_VERSION = "2"
 
 
-def export_onnx(model: TrainedModel, path: str | Path, *, opset: int = 18) -> Path:
-    """Write ``model``'s network to ``path`` as one self-contained ONNX file with a dynamic batch.
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime and the exporter's dependencies are importable."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_onnx(
+    model: TrainedModel, path: str | Path, *, embedder: torch.nn.Module | None = None, opset: int = 18
+) -> Path:
+    """Write ``model``'s :class:`ScoringGraph` to ``path`` as one self-contained ONNX file, dynamic batch.
 
     Args:
         model: from :func:`fracdet.models.load` (weights on the CPU).
+        embedder: the input gate's appearance embedder network to run in the same graph (``None``: none).
         opset: ONNX operator set.
     """
     try:
@@ -53,32 +69,39 @@ def export_onnx(model: TrainedModel, path: str | Path, *, opset: int = 18) -> Pa
         raise ImportError(_HINT) from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    graph = ScoringGraph(model, embedder=embedder).eval().cpu()
     size = model.preprocess.input_size
-    wrapper = _Scores(model.module).eval()
-    outputs = ["margin", "map_logits"] if model.task == "localise" else ["margin"]
     batch = torch.export.Dim("batch", min=1, max=1024)
-    example = torch.zeros(2, 3, size, size)
-    torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=outputs,
-                      dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True, external_data=False,
-                      verbose=False)  # fmt: skip
-    graph = onnx.load(str(path))
+    example = [torch.zeros(2, 1, size, size, dtype=torch.uint8)]
+    shapes: dict[str, dict[int, Any]] = {"image": {0: batch}}
+    if embedder is not None:
+        example.append(torch.zeros(2, 1, APPEARANCE_SIDE, APPEARANCE_SIDE, dtype=torch.uint8))
+        shapes["appearance"] = {0: batch}
+    with torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(graph, tuple(example), str(path), input_names=graph.input_names,
+                          output_names=graph.output_names, dynamic_shapes=shapes, opset_version=opset,
+                          dynamo=True, external_data=False, verbose=False)  # fmt: skip
+    proto = onnx.load(str(path))
     meta = {**model.meta, "input_size": size, "mean": list(model.preprocess.mean), "std": list(model.preprocess.std),
             "temperature": model.temperature, "thresholds": model.thresholds, "threshold": model.threshold,
             "operating_point": model.operating_point, "tta": model.tta, "task": model.task,
-            "peak_weight": model.peak_weight}  # fmt: skip
-    entry = graph.metadata_props.add()
+            "peak_weight": model.peak_weight, "graph_version": GRAPH_VERSION,
+            "inputs": graph.input_names, "outputs": graph.output_names}  # fmt: skip
+    entry = proto.metadata_props.add()
     entry.key, entry.value = "fracdet_model_json", json.dumps(meta)
-    onnx.save(graph, str(path))
+    onnx.save(proto, str(path))
     return path
 
 
-class OnnxNetwork:
-    """An exported network in ONNX Runtime: normalised batch -> ``(margins, map logits or None)``.
+class OnnxRuntime:
+    """An exported :class:`ScoringGraph` run by ONNX Runtime on the CPU (one session, safe across threads).
 
     Args:
         path: a file written by :func:`export_onnx`.
-        threads: intra-op threads (``None``: ONNX Runtime's default, all cores).
+        threads: intra-op threads per call (``None``: ONNX Runtime's default, all cores).
     """
+
+    name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         try:
@@ -86,16 +109,112 @@ class OnnxNetwork:
         except ImportError as exc:
             raise ImportError(_HINT) from exc
         options = ort.SessionOptions()
-        # Idle threads sleep instead of spinning: a server shares its cores with decoding, PNG encoding and
-        # other requests, and spinning workers would take their time.
+        # Idle threads sleep instead of spinning: a server shares its cores with decoding, other requests
+        # and other sessions, and spinning workers would take their time.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         raw = self.session.get_modelmeta().custom_metadata_map.get("fracdet_model_json")
         self.meta: dict[str, Any] = json.loads(raw) if raw else {}
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.cams = "cams" in self.outputs
+        self.appearance = "appearance" in self.inputs
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self.session.run(None, {"image": np.ascontiguousarray(batch, np.float32)})
-        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
+    def __call__(self, images: np.ndarray, appearance: np.ndarray | None = None) -> GraphOutputs:
+        feed = {"image": np.ascontiguousarray(images, np.uint8)[:, None]}
+        if self.appearance:
+            if appearance is None:
+                raise ValueError("this graph needs the appearance input (fracdet.data.embed.embedder_input)")
+            feed["appearance"] = np.ascontiguousarray(appearance, np.uint8)[:, None]
+        return graph_outputs(dict(zip(self.outputs, self.session.run(None, feed), strict=True)))
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("FRACDET_CACHE")
+    return Path(root) / "onnx" if root else Path.home() / ".cache" / "fracdet" / "onnx"
+
+
+def _model_key(model: TrainedModel, embedder: torch.nn.Module | None) -> str:
+    """A hash of everything the exported graph depends on (weights, ``model.json``, embedder, versions)."""
+    import onnx
+
+    digest = hashlib.sha256()
+    for module in (model.module, embedder):
+        if module is None:
+            continue
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps(model.meta, sort_keys=True, default=str).encode())
+    digest.update(f"{model.tta}{model.temperature}{model.threshold}{GRAPH_VERSION}".encode())
+    digest.update(f"{torch.__version__} {onnx.__version__}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_export(model: TrainedModel, *, embedder: torch.nn.Module | None = None) -> Path:
+    """The ONNX file of ``model`` (and ``embedder``) from the cache, exported there first when missing or damaged."""
+    root = _cache_root()
+    key = _model_key(model, embedder)
+    path, checksum = root / f"{key}.onnx", root / f"{key}.sha256"
+    if path.is_file() and checksum.is_file() and checksum.read_text().strip() == _file_sha256(path):
+        return path
+    log.info("exporting %s to ONNX once (cached in %s)", model.name, root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as folder:  # written whole, then renamed: never half a file
+        staged = export_onnx(model, Path(folder) / "model.onnx", embedder=embedder)
+        (Path(folder) / "sha").write_text(_file_sha256(staged))
+        staged.replace(path)
+        (Path(folder) / "sha").replace(checksum)
+    return path
+
+
+def runtime_for(
+    model: TrainedModel,
+    backend: str = "auto",
+    *,
+    embedder: torch.nn.Module | None = None,
+    threads: int | None = None,
+) -> Runtime:
+    """The runtime that scores ``model``: ``onnxruntime``, ``pytorch``, or ``auto`` (the first when installed).
+
+    Args:
+        embedder: the input gate's appearance embedder network, run in the same graph.
+        threads: ONNX Runtime's intra-op threads per call (``None``: all cores).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown back end {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "pytorch" or (backend == "auto" and not onnxruntime_available()):
+        return TorchRuntime(model, embedder=embedder)
+    if next(model.module.parameters()).device.type != "cpu":
+        return TorchRuntime(model, embedder=embedder)  # a model placed on a GPU stays with PyTorch
+    return OnnxRuntime(cached_export(model, embedder=embedder), threads=threads)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx's exporter reports its progress and warnings; a server's log should not carry them."""
+    import contextlib
+    import io
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

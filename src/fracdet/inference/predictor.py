@@ -8,11 +8,13 @@ explained by Grad-CAM, whose hottest region gives the single ``box`` it always g
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy.special import expit
 
-from fracdet.data.decode import DEFAULT_MAX_PIXELS, ImageReadError
-from fracdet.data.pixels import resize_square
-from fracdet.explain import Explainer, draw_boxes, heatmap_box, overlay
-from fracdet.inference.gate import InputGate, NotARadiographError, captured_features
+from fracdet.data.decode import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError
+from fracdet.data.embed import embedder_input
+from fracdet.data.pixels import resize_display, resize_square
+from fracdet.explain import Explainer, draw_boxes, heatmap_box, heatmaps_from_cams, overlay
+from fracdet.inference.gate import GateVerdict, InputGate, NotARadiographError
 from fracdet.inference.readers import read_input_image
+from fracdet.models.graph import GraphOutputs, has_cams
 from fracdet.models.release import TrainedModel
-from fracdet.models.scoring import ScoredBox, level_of, shown_boxes
+from fracdet.models.scoring import ScoredBox, Scores, level_of, shown_boxes
 from fracdet.utils.progress import progress
 
 __all__ = ["Cancelled", "Prediction", "Predictor", "study_summary"]
@@ -54,18 +57,21 @@ class Prediction:
         label: ``fracture`` when ``probability >= threshold``, else ``no fracture``.
         threshold: the model's operating threshold (chosen on validation).
         heatmap: [0, 1]: a localiser's own fracture map (probability per cell), or a classifier's Grad-CAM
-            (normalised per image) at its input size; ``None`` when not asked for.
+            (normalised per image) at its input size; over the whole image (squashed to a square for the
+            model), so it stretches back over the radiograph; ``None`` when not asked for.
         heatmap_kind: ``map`` or ``gradcam``.
         box: ``(x0, y0, x1, y1)`` in [0, 1] around the hottest region (the strongest box of a localiser).
         level: the highest confidence level the probability reaches (``definite``, ``suspicious``) or ``None``.
         levels: the probability threshold of each level (chosen on validation).
         boxes: a localiser's suspected fractures that reach a level, strongest first, at most 3.
-        pixels: the grey image, resized for display (uint8).
+        pixels: the grey image for display (uint8), in its own aspect ratio (longest side ``display_size``).
         timings: milliseconds per stage.
         input_check: the input gate's outcome: ``radiograph`` or ``unusual`` (``None``: no gate).
         warning: why the input is unusual (a radiograph unlike the training data), for the reader.
         study: a DICOM input's study, as a keyed hash of its Study Instance UID (never the UID itself);
             ``None`` for other files.
+        image_size: ``(width, height)`` of the image analysed, in pixels (after any EXIF rotation).
+        source_format: the file's format (``PNG``, ``JPEG``, ``DICOM``, ...; ``None`` for pixels given).
     """
 
     probability: float
@@ -82,30 +88,39 @@ class Prediction:
     input_check: str | None = None
     warning: str | None = None
     study: str | None = None
+    image_size: tuple[int, int] | None = None
+    source_format: str | None = None
 
-    def overlay_png(self, *, opacity: float = 0.4, size: int | None = None) -> bytes:
+    def overlay_png(self, *, opacity: float = 0.4) -> bytes:
         """The image with the heatmap blended over it and the boxes drawn by level, as PNG bytes."""
         import io
 
         if self.pixels is None or self.heatmap is None:
             raise ValueError("this prediction has no heatmap")
-        image = self.pixels if size is None else np.asarray(Image.fromarray(self.pixels).resize((size, size)))
         buffer = io.BytesIO()
-        Image.fromarray(draw_boxes(overlay(image, self.heatmap, opacity=opacity), self.boxes)).save(buffer, "PNG")
+        Image.fromarray(draw_boxes(overlay(self.pixels, self.heatmap, opacity=opacity), self.boxes)).save(buffer, "PNG")
         return buffer.getvalue()
 
 
 class Predictor:
-    """Predict with a trained model, optionally with Grad-CAM heatmaps.
+    """Predict with a trained model: verdict, level, heatmap or map, boxes, after the input gate.
+
+    Every image takes one pass through the model's :class:`~fracdet.models.graph.ScoringGraph` on the chosen
+    back end (ONNX Runtime by default, PyTorch otherwise), which gives the margin, a localiser's map or a
+    classifier's Grad-CAM, the gate's features and its appearance embedding at once. A predictor holds no
+    state between calls: several threads may predict with one at once.
 
     Args:
         model: from :func:`fracdet.models.load`.
-        heatmaps: compute a heatmap with every prediction (one extra backward pass).
-        method: ``gradcam`` or ``gradcam++``.
+        heatmaps: keep the heatmap (a classifier's Grad-CAM, a localiser's map) and the display pixels.
+        method: ``gradcam`` (from the forward pass) or ``gradcam++`` (a backward pass in PyTorch, one
+            prediction at a time).
         max_pixels: refuse images larger than this (decompression bombs).
-        display_size: side of the stored grey image used for overlays.
+        display_size: longest side of the stored grey image used for overlays (its aspect ratio kept).
         gate: refuse what is not a radiograph and flag unusual radiographs (:mod:`fracdet.inference.gate`).
         force_modality: analyse DICOM objects whose modality is not a projection radiograph (CT, MR, ...).
+        backend: ``auto`` (ONNX Runtime when installed), ``onnxruntime`` or ``pytorch``.
+        threads: ONNX Runtime's intra-op threads per prediction (``None``: all cores).
     """
 
     def __init__(
@@ -118,14 +133,27 @@ class Predictor:
         display_size: int = 512,
         gate: bool = True,
         force_modality: bool = False,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> None:
+        from fracdet.inference.onnx import runtime_for
+
         self.model = model
         self.heatmaps = heatmaps
         self.gate = InputGate.of(model) if gate else None
-        self.explainer = Explainer(model, method) if heatmaps and model.task == "classify" else None
+        library_cam = model.task == "classify" and (method != "gradcam" or not has_cams(model))
+        self.explainer = Explainer(model, method) if heatmaps and library_cam else None
+        self._explainer_lock = threading.Lock()  # the library's hooks serve one call at a time
+        embedder = self.gate.embedder().network if self.gate is not None and self.gate.checks_appearance else None
+        self.runtime = runtime_for(model, backend, embedder=embedder, threads=threads)
         self.max_pixels = max_pixels
         self.display_size = display_size
         self.force_modality = force_modality
+
+    @property
+    def backend(self) -> str:
+        """Which back end scores images: ``onnxruntime`` or ``pytorch``."""
+        return self.runtime.name
 
     def predict_pixels(
         self, pixels: np.ndarray, *, cancel: threading.Event | None = None, colour_fraction: float = 0.0
@@ -139,73 +167,105 @@ class Predictor:
         Raises:
             NotARadiographError: the input gate refused the image (no verdict is given).
         """
+        (result,) = self.predict_batch([pixels], colour_fractions=[colour_fraction], cancel=cancel)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def predict_batch(
+        self,
+        images: list[np.ndarray],
+        *,
+        colour_fractions: list[float] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[Prediction | NotARadiographError]:
+        """Predict from several grey float images in [0, 1] (any sizes) with one forward pass.
+
+        Each image gets a :class:`Prediction` or, when the input gate refuses it, the
+        :class:`NotARadiographError` that says why (in order); one refused image never costs the others theirs.
+        """
         started = time.perf_counter()
-        if self.gate is not None and (reason := self.gate.simple_checks(pixels, colour_fraction)):
-            raise NotARadiographError(reason)
-        image = resize_square(pixels, self.model.preprocess.input_size)
-        if self.gate is not None and (reason := self.gate.appearance_check(image)):
-            raise NotARadiographError(reason)
+        fractions = colour_fractions or [0.0] * len(images)
+        results: list[Prediction | NotARadiographError | None] = [None] * len(images)
+        size = self.model.preprocess.input_size
+        kept, squares = [], []
+        for k, (pixels, fraction) in enumerate(zip(images, fractions, strict=True)):
+            if self.gate is not None and (reason := self.gate.simple_checks(pixels, fraction)):
+                results[k] = NotARadiographError(reason)
+            else:
+                kept.append(k)
+                squares.append(resize_square(pixels, size))
+        if not kept:
+            return results  # type: ignore[return-value]
+        batch = np.stack(squares)
+        appearance = embedder_input(squares) if self.runtime.appearance else None
         prepared = time.perf_counter()
         _check(cancel)
-        fitted = self.gate is not None and self.gate.fitted
-        with captured_features(self.model) if fitted else nullcontext([]) as features:
-            if self.model.task == "localise":
-                prediction = self._localise(image, pixels, started, prepared)
-            else:
-                prediction = self._classify(image, pixels, started, prepared)
-        if self.gate is not None:  # the features of the forward that gave the verdict, the image as given
-            verdict = self.gate.judge(features[0][:1].numpy() if features else None)
-            if verdict.refused:
-                raise NotARadiographError(verdict.reason)
-            prediction.input_check, prediction.warning = verdict.outcome, verdict.reason
-        return prediction
+        outputs = self.runtime(batch, appearance)
+        done = time.perf_counter()
+        _check(cancel)
+        scores = self.model.scores_of(outputs.margins, outputs.dense)
+        share = 1000 / len(kept)  # a batch's times, per image
+        for row, k in enumerate(kept):
+            began = time.perf_counter()
+            verdict = self._judge(outputs, row)
+            if isinstance(verdict, NotARadiographError):
+                results[k] = verdict
+                continue
+            probability = float(scores.probabilities[row])
+            heatmap, box, boxes, kind = self._where(squares[row], outputs, scores, row)
+            results[k] = Prediction(
+                probability=probability,
+                label=LABELS[int(probability >= self.model.threshold)],
+                threshold=self.model.threshold,
+                heatmap=heatmap,
+                box=box,
+                level=level_of(probability, self.model.levels),
+                levels=self.model.levels,
+                boxes=boxes,
+                heatmap_kind=kind,
+                pixels=resize_display(images[k], self.display_size) if heatmap is not None else None,
+                timings={
+                    "preprocess_ms": share * (prepared - started),
+                    "model_ms": share * (done - prepared),
+                    "explain_ms": 1000 * (time.perf_counter() - began),
+                },
+                input_check=verdict.outcome if self.gate is not None else None,
+                warning=verdict.reason,
+                image_size=(int(images[k].shape[1]), int(images[k].shape[0])),
+            )
+        return results  # type: ignore[return-value]
 
-    def _classify(self, image: np.ndarray, pixels: np.ndarray, started: float, prepared: float) -> Prediction:
-        """A classifier's verdict, with its Grad-CAM heatmap and the box around its hottest region."""
+    def _judge(self, outputs: GraphOutputs, row: int) -> GateVerdict | NotARadiographError:
+        """The gate's verdict on one image of a batch, from its embedding and features (no gate: a radiograph)."""
+        if self.gate is None:
+            return GateVerdict("radiograph")
+        embedding = outputs.embedding[row] if outputs.embedding is not None else None
+        if reason := self.gate.appearance_check(embedding):
+            return NotARadiographError(reason)
+        verdict = self.gate.judge(outputs.features[row : row + 1] if self.gate.fitted else None)
+        return NotARadiographError(verdict.reason) if verdict.refused else verdict
+
+    def _where(
+        self, image: np.ndarray, outputs: GraphOutputs, scores: Scores, row: int
+    ) -> tuple[np.ndarray | None, tuple[float, float, float, float] | None, list[ScoredBox], str | None]:
+        """Heatmap, box, shown boxes and heatmap kind of one image of a batch: a localiser's own map and
+        boxes, else Grad-CAM."""
+        if scores.boxes is not None:  # a localiser: its map and boxes, from the same forward
+            strongest = scores.boxes[row][0].xyxy if scores.boxes[row] else None
+            heatmap = scores.maps[row] if self.heatmaps else None
+            return heatmap, strongest, shown_boxes(scores.boxes[row]), "map" if self.heatmaps else None
+        if not self.heatmaps:
+            return None, None, [], None
         if self.explainer is not None:
-            explanation = self.explainer(image[None])
-            margin, heatmap = float(explanation.margins[0]), explanation.heatmaps[0]
-            if self.model.tta:  # the heatmap is of the image as given; the verdict is the model's, mirror included
-                mirrored = float(self.model.margins(image[None, :, ::-1].copy(), tta=False)[0])
-                margin = (margin + mirrored) / 2
+            with self._explainer_lock:
+                heatmap = self.explainer(image[None]).heatmaps[0]
+        elif outputs.cams is not None:
+            heatmap = heatmaps_from_cams(outputs.cams[row : row + 1], self.model.preprocess.input_size)[0]
         else:
-            margin, heatmap = float(self.model.margins(image[None])[0]), None
-        done = time.perf_counter()
-        probability = float(expit(margin / self.model.temperature))
-        box = heatmap_box(heatmap) if heatmap is not None else None
-        return Prediction(
-            probability=probability,
-            label=LABELS[int(probability >= self.model.threshold)],
-            threshold=self.model.threshold,
-            heatmap=heatmap,
-            box=tuple(float(v) for v in box) if box else None,
-            level=level_of(probability, self.model.levels),
-            levels=self.model.levels,
-            heatmap_kind="gradcam" if heatmap is not None else None,
-            pixels=resize_square(pixels, self.display_size) if heatmap is not None else None,
-            timings={"preprocess_ms": 1000 * (prepared - started), "model_ms": 1000 * (done - prepared)},
-        )
-
-    def _localise(self, image: np.ndarray, pixels: np.ndarray, started: float, prepared: float) -> Prediction:
-        """A localiser's verdict, map and boxes, all from its one forward pass (two with mirror TTA)."""
-        scores = self.model.score(image[None])
-        done = time.perf_counter()
-        probability = float(scores.probabilities[0])
-        boxes = shown_boxes(scores.boxes[0])
-        strongest = scores.boxes[0][0].xyxy if scores.boxes[0] else None
-        return Prediction(
-            probability=probability,
-            label=LABELS[int(probability >= self.model.threshold)],
-            threshold=self.model.threshold,
-            heatmap=scores.maps[0] if self.heatmaps else None,
-            box=strongest,
-            level=level_of(probability, self.model.levels),
-            levels=self.model.levels,
-            boxes=boxes,
-            heatmap_kind="map" if self.heatmaps else None,
-            pixels=resize_square(pixels, self.display_size) if self.heatmaps else None,
-            timings={"preprocess_ms": 1000 * (prepared - started), "model_ms": 1000 * (done - prepared)},
-        )
+            return None, None, [], None
+        box = heatmap_box(heatmap)
+        return heatmap, tuple(float(v) for v in box) if box else None, [], "gradcam"
 
     def predict_bytes(
         self, data: bytes, name: str = "<upload>", *, cancel: threading.Event | None = None
@@ -222,6 +282,7 @@ class Predictor:
         _check(cancel)
         prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
+        prediction.source_format = image.format
         if image.dicom is not None:
             prediction.study = image.dicom.study or None
         return prediction
@@ -232,46 +293,110 @@ class Predictor:
         *,
         heatmap_dir: Path | None = None,
         then: Callable[[Path, bytes, Prediction], None] | None = None,
+        batch_size: int = 16,
+        decoders: int | None = None,
     ) -> pd.DataFrame:
         """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study``
         (errors never raise).
 
+        Files are decoded ahead in a pool of ``decoders`` threads (default: one per core; the decoders release
+        the GIL) and scored ``batch_size`` at a time; the rows are the same as one file at a time.
         ``boxes`` is the JSON list of a localiser's shown boxes (``x0, y0, x1, y1, score, level``), ``[]``
         for a classifier. ``study`` is a DICOM file's hashed study (:func:`study_summary` reads studies).
         ``then(path, data, prediction)`` is called after each file read (e.g. to write DICOM results); what it
         raises becomes that file's error, as a read failure would.
         """
-        rows: list[dict[str, Any]] = []
+        from concurrent.futures import ThreadPoolExecutor
+
         if heatmap_dir is not None:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
-        for k, path in enumerate(progress(paths, desc="predicting", total=len(paths))):
-            row: dict[str, Any] = {"path": str(path), "probability": None, "label": None, "level": None,
-                                   "threshold": self.model.threshold, "boxes": None, "heatmap": None,
-                                   "error": None, "warning": None, "study": None}  # fmt: skip
-            try:
-                data = Path(path).read_bytes()
-                prediction = self.predict_bytes(data, str(path))
-            except (ImageReadError, OSError) as exc:
-                row["error"] = str(exc)
-                row["study"] = _study_of(data) if isinstance(exc, ImageReadError) else None
-                rows.append(row)
-                continue
-            if then is not None:
-                try:
-                    then(Path(path), data, prediction)
-                except Exception as exc:  # a callback's failure is that file's error, never the batch's end
-                    row["error"] = f"{path}: {type(exc).__name__} after the prediction"
-            row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
-                       boxes=json.dumps([b.to_dict() for b in prediction.boxes]),
-                       warning=prediction.warning, study=prediction.study)  # fmt: skip
-            if heatmap_dir is not None and prediction.heatmap is not None:
-                target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
-                target.write_bytes(prediction.overlay_png())
-                row["heatmap"] = str(target)
-            rows.append(row)
+        rows: list[dict[str, Any]] = []
+        workers = decoders or len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(workers, thread_name_prefix="fracdet-decode") as pool:
+            decoded = _ahead(pool, self._read, paths, ahead=batch_size + 2 * workers)
+            bar = progress(decoded, desc="predicting", total=len(paths))
+            for chunk in _chunks(enumerate(bar), batch_size):
+                readable = [(k, read.image) for k, (_, read) in chunk if read.image is not None]
+                fractions = [image.colour_fraction or 0.0 for _, image in readable]
+                results = self.predict_batch([image.pixels for _, image in readable], colour_fractions=fractions)
+                predictions = dict(zip((k for k, _ in readable), results, strict=True))
+                rows.extend(self._row(k, path, read, predictions.get(k), heatmap_dir, then)
+                            for k, (path, read) in chunk)  # fmt: skip
         columns = ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
                    "warning", "study"]  # new ones last  # fmt: skip
         return pd.DataFrame(rows, columns=columns)
+
+    def _read(self, path: Path) -> _Read:
+        """A file's bytes and decoded image, or the error that stops it (kept: it is that file's row)."""
+        data = b""
+        try:
+            data = Path(path).read_bytes()
+            image = read_input_image(data, str(path), max_pixels=self.max_pixels, force_modality=self.force_modality)
+        except ImageReadError as exc:
+            return _Read(data, error=exc, study=_study_of(data))
+        except OSError as exc:
+            return _Read(data, error=exc)
+        return _Read(data, image, study=image.dicom.study or None if image.dicom is not None else None)
+
+    def _row(
+        self,
+        k: int,
+        path: Path,
+        read: _Read,
+        prediction: Prediction | Exception | None,
+        heatmap_dir: Path | None,
+        then: Callable[[Path, bytes, Prediction], None] | None,
+    ) -> dict[str, Any]:
+        """One file's row of :meth:`predict_files` (``prediction`` is ``None`` when the file was not read)."""
+        row: dict[str, Any] = {"path": str(path), "probability": None, "label": None, "level": None,
+                               "threshold": self.model.threshold, "boxes": None, "heatmap": None,
+                               "error": None, "warning": None, "study": read.study}  # fmt: skip
+        if read.error is not None or isinstance(prediction, Exception) or prediction is None:
+            row["error"] = str(read.error if read.error is not None else prediction)
+            return row
+        prediction.source_format, prediction.study = read.image.format, read.study
+        if then is not None:
+            try:
+                then(Path(path), read.data, prediction)
+            except Exception as exc:  # a callback's failure is that file's error, never the batch's end
+                row["error"] = f"{path}: {type(exc).__name__} after the prediction"
+        row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
+                   boxes=json.dumps([b.to_dict() for b in prediction.boxes]), warning=prediction.warning)  # fmt: skip
+        if heatmap_dir is not None and prediction.heatmap is not None:
+            target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
+            target.write_bytes(prediction.overlay_png())
+            row["heatmap"] = str(target)
+        return row
+
+
+@dataclass
+class _Read:
+    """One file of a folder, read ahead: its bytes and decoded image, or the error that stops it."""
+
+    data: bytes
+    image: DecodedImage | None = None
+    error: Exception | None = None
+    study: str | None = None
+
+
+def _ahead(pool: Any, fn: Callable[[Path], Any], paths: list[Path], *, ahead: int) -> Iterator[tuple[Path, Any]]:
+    """``(path, fn(path))`` in order, with at most ``ahead`` calls submitted to ``pool`` before they are taken:
+    decoding runs ahead of scoring while memory stays bounded (a whole folder decoded at once would not)."""
+    pending: deque[tuple[Path, Any]] = deque()
+    remaining = iter(paths)
+    for path in itertools.islice(remaining, ahead):
+        pending.append((path, pool.submit(fn, path)))
+    while pending:
+        path, future = pending.popleft()
+        if (following := next(remaining, None)) is not None:
+            pending.append((following, pool.submit(fn, following)))
+        yield path, future.result()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _study_of(data: bytes) -> str | None:

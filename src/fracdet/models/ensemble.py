@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from fracdet.models._registry import PreprocessCfg
-from fracdet.models.predict import logit_margin
+from fracdet.models.predict import logit_margin, network_parts
 from fracdet.models.release import TrainedModel
 
 __all__ = ["Ensemble", "FusedLocaliser", "combine", "members_of"]
@@ -47,7 +47,12 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+        return self.forward_parts(x)[0]
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The mean logits and each member's CAM-layer activations (:func:`fracdet.models.predict.network_parts`)."""
+        parts = [network_parts(member, x) for member in self.members]
+        return torch.stack([logits for logits, _ in parts]).mean(dim=0), [a for _, acts in parts for a in acts]
 
 
 class FusedLocaliser(nn.Module):
@@ -85,12 +90,16 @@ class FusedLocaliser(nn.Module):
         return self.localiser.box_head
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        head_logit, dense = self.localiser(_resized(x, self.sizes[0]))
+        return self.forward_parts(x)[0]
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+        """:meth:`forward`'s outputs and the localiser's CAM-layer activations (its map explains the model)."""
+        (head_logit, dense), activations = self.localiser.forward_parts(_resized(x, self.sizes[0]))
         peak = dense[:, 0].flatten(1).amax(dim=1)
         image_logit = self.fusion[0] * head_logit + self.fusion[1] * peak + self.fusion[2]
         for k, (classifier, size) in enumerate(zip(self.classifiers, self.sizes[1:], strict=True)):
             image_logit = image_logit + self.fusion[3 + k] * logit_margin(classifier(_resized(x, size)))
-        return image_logit, dense
+        return (image_logit, dense), activations
 
 
 def _resized(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -105,13 +105,18 @@ class FractureLocaliser(nn.Module):
         self.register_buffer("fusion", torch.tensor([1.0, 0.0, 0.0]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_parts(x)[0]
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+        """:meth:`forward`'s outputs and the image head's activations (the CAM layer ``head``), from one pass."""
         features = []
         x = self.stem(x)
         for index, block in enumerate(self.blocks):
             x = block(x)
             if index in self.taps:
                 features.append(x)
-        pooled = self.head(x).mean(dim=(2, 3))
+        head = self.head(x)
+        pooled = head.mean(dim=(2, 3))
         classifier_logit = self.classifier(self.dropout(pooled)).squeeze(1)
         pyramid = self.lateral[-1](features[-1])
         for lateral, feature in zip(reversed(self.lateral[:-1]), reversed(features[:-1]), strict=True):
@@ -120,8 +125,8 @@ class FractureLocaliser(nn.Module):
         peak = map_logits.flatten(1).amax(dim=1)
         image_logit = self.fusion[0] * classifier_logit + self.fusion[1] * peak + self.fusion[2]
         if self.box_head is not None:
-            return image_logit, torch.cat([map_logits, self.box_head(pyramid)], dim=1)
-        return image_logit, map_logits
+            map_logits = torch.cat([map_logits, self.box_head(pyramid)], dim=1)
+        return (image_logit, map_logits), [head]
 
 
 #: The registered kinds: (name, box head, what the description says of the heads).

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import torch
 from torch import nn
 
 from fracdet.models._registry import PreprocessCfg, register_model
@@ -55,8 +56,15 @@ class PaperCNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits and the last block's ReLU output (the CAM layer ``features.3.2``), from one pass."""
+        *first, last = self.features
+        conv, norm, relu, pool = last
+        activation = relu(norm(conv(nn.Sequential(*first)(x))))
+        return self.classifier(pool(activation)), [activation]
 
 
 @register_model(

@@ -23,6 +23,7 @@ __all__ = [
     "forward_scores",
     "logit_margin",
     "mirror_dense",
+    "network_parts",
     "normalise",
     "predict_margins",
     "predict_scores",
@@ -73,6 +74,20 @@ def read_outputs(
     if isinstance(outputs, tuple):  # localise: (image logit, map logits and any box channels)
         return outputs[0].float(), outputs[1].float()
     return logit_margin(outputs), None
+
+
+def network_parts(module: nn.Module, x: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
+    """A network's raw outputs and, from the same forward, the activations of its CAM layer, one per member.
+
+    The activations (``(B, C, h, w)`` at the registry's ``cam_layer``) give the input gate its features and a
+    classifier its class activation map without hooks: a hook's stored activations are shared state, which
+    concurrent predictions would overwrite, and hooks do not survive export to ONNX. Networks of fracdet say
+    it themselves (``forward_parts``); timm's classifiers end their ``forward_features`` at that layer.
+    """
+    if hasattr(module, "forward_parts"):
+        return module.forward_parts(x)
+    features = module.forward_features(x)
+    return module.forward_head(features), [features]
 
 
 def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

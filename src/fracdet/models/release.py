@@ -139,7 +139,12 @@ class TrainedModel:
             kwargs: ``batch_size``, ``device``, ``progress_desc``.
         """
         margins, maps = self.outputs(images, tta=tta, **kwargs)
-        return scores_from_outputs(margins, maps, temperature=self.temperature, thresholds=self.thresholds,
+        return self.scores_of(margins, maps, max_boxes=max_boxes)
+
+    def scores_of(self, margins: np.ndarray, dense: np.ndarray | None, *, max_boxes: int = 10) -> Scores:
+        """:class:`Scores` from raw outputs, whichever back end computed them (:meth:`outputs`, or a
+        :class:`fracdet.models.graph.Runtime`): the model's calibration, levels and box reading applied."""
+        return scores_from_outputs(margins, dense, temperature=self.temperature, thresholds=self.thresholds,
                                    peak_weight=self.peak_weight, max_boxes=max_boxes,
                                    relative=self.box_relative)  # fmt: skip
 

@@ -5,16 +5,18 @@
 * ``GET /``: a single self-contained page (no CDN: hospital networks are often offline) that works on a
   375-px phone screen: file picker or drag-and-drop, overlay toggle and opacity.
 * ``POST /api/v1/predict``: multipart upload ``file`` -> probability, label, threshold, confidence
-  ``level`` and the ``levels`` thresholds, heatmap (PNG), box, a localiser's scored ``boxes``
-  (``x0, y0, x1, y1`` normalised to the original image, ``score``, ``level``), model name and version,
-  latency. Fields are only ever added under ``/api/v1``.
+  ``level`` and the ``levels`` thresholds, heatmap (a small RGBA PNG in the radiograph's aspect ratio), box,
+  a localiser's scored ``boxes`` (``x0, y0, x1, y1`` normalised to the original image, ``score``,
+  ``level``), ``image_size``, model name and version, back end, latency. The radiograph is not sent back
+  (the client has it) unless its format is one a browser cannot show (DICOM, TIFF) or ``?image=true``.
+  Fields are only ever added under ``/api/v1``.
 * ``GET /api/v1/health`` (answered on the event loop: it never waits for inference), ``GET /api/v1/model``;
   OpenAPI at ``/docs`` (Swagger UI served from the ``swagger-ui-bundle`` package, not a CDN).
 
 Hardening (:mod:`fracdet.serve.guard`, :mod:`fracdet.serve.executor`): the upload limit holds while the
 body streams in (chunked uploads included) and stalled uploads are closed; the decoder's pixel limit
-refuses decompression bombs; inference runs on a bounded executor (one worker: the model and its
-Grad-CAM are not thread-safe, and memory stays bounded by the pixel limit) behind a queue of
+refuses decompression bombs; inference runs on a bounded executor (one worker per core sharing one
+thread-safe back end, so memory stays bounded by the pixel limit times the workers) behind a queue of
 ``queue_size`` waiting requests, 503 with ``Retry-After`` beyond it; a request that times out (504) or whose
 client leaves cancels its work, which stops at the next stage and holds nothing. Every bad input gets a
 4xx JSON ``detail`` naming the problem; every response carries security headers.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +37,7 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -60,6 +63,9 @@ class ServeConfig:
         heatmaps: compute Grad-CAM heatmaps.
         queue_size: requests that may wait for inference (HTTP 503 with ``Retry-After`` beyond them).
         upload_idle_s: longest an upload may pause between two chunks (HTTP 408 after it).
+        workers: predictions run at once (``None``: one per CPU core the process may use). The back end
+            is thread-safe, so they share one model; memory stays bounded by the pixel limit times this.
+        backend: ``auto`` (ONNX Runtime when installed, else PyTorch), ``onnxruntime`` or ``pytorch``.
         access_token: when set, ``POST /api/v1/predict`` (uploads carry patient data) needs
             ``Authorization: Bearer <token>`` (HTTP 401 without it); health and model information stay open.
             Serve behind a TLS-terminating reverse proxy: a token sent in clear text protects nothing.
@@ -71,11 +77,17 @@ class ServeConfig:
     heatmaps: bool = True
     queue_size: int = 64
     upload_idle_s: float = 10.0
+    workers: int | None = None
+    backend: str = "auto"
     access_token: str | None = field(default=None, repr=False)
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
 
 
 def _png_base64(array: np.ndarray) -> str:
@@ -84,11 +96,24 @@ def _png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def heatmap_rgba(heatmap: np.ndarray, size: int) -> np.ndarray:
-    """A colour-mapped heatmap whose alpha follows the heat, ready to lay over the radiograph."""
+#: Formats every browser shows from the user's own file: the page lays the answer over it, and the server
+#: sends no copy back. For others (DICOM, TIFF) the response carries the image as PNG (``image_png``).
+BROWSER_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "BMP"})
+#: Longest side of the heatmap the API sends: the map's resolution is coarse (a CAM of 10 x 10 cells, a map
+#: at stride 8), so the browser's smooth scaling over the radiograph loses nothing, and it stays a few KiB.
+HEATMAP_SIDE = 128
+
+
+def heatmap_rgba(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """A colour-mapped heatmap whose alpha follows the heat, ready to lay over the radiograph.
+
+    Args:
+        size: side of a square, or ``(width, height)``.
+    """
     import cv2
 
-    heat = cv2.resize(heatmap.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    width, height = (size, size) if isinstance(size, int) else size
+    heat = cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     heat = np.clip(heat, 0, 1)
     rgb = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)[..., ::-1]
     alpha = np.uint8(255 * np.clip(heat * 1.5, 0, 1))
@@ -107,7 +132,18 @@ def plain_words(probability: float, threshold: float, level: str | None = None, 
     return f"No fracture detected: estimated probability of a fracture {pct} (below the {100 * threshold:.0f}% flag)."
 
 
-def _response(prediction: Prediction, model: TrainedModel, latency_ms: float) -> dict[str, Any]:
+def _heatmap_size(image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The heatmap's ``(width, height)``: the radiograph's aspect ratio, longest side :data:`HEATMAP_SIDE`."""
+    width, height = image_size or (HEATMAP_SIDE, HEATMAP_SIDE)
+    scale = HEATMAP_SIDE / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _response(
+    prediction: Prediction, model: TrainedModel, latency_ms: float, *, image: bool, backend: str
+) -> dict[str, Any]:
+    """The JSON answer. It carries what the client lacks: the heatmap (small, in the radiograph's aspect
+    ratio) and the boxes; the radiograph itself only when ``image`` (a format the browser cannot show)."""
     out: dict[str, Any] = {
         "probability": prediction.probability,
         "label": prediction.label,
@@ -124,13 +160,17 @@ def _response(prediction: Prediction, model: TrainedModel, latency_ms: float) ->
         "model": {"name": model.name, "version": model.version, "arch": model.arch},
         "latency_ms": round(latency_ms, 1),
         "timings_ms": {k.removesuffix("_ms"): round(v, 1) for k, v in prediction.timings.items()},
+        "backend": backend,
+        "image_size": None,
         "image_png": None,
         "heatmap_png": None,
     }
-    if prediction.pixels is not None and prediction.heatmap is not None:
-        size = prediction.pixels.shape[0]
+    if prediction.image_size is not None:
+        out["image_size"] = {"width": prediction.image_size[0], "height": prediction.image_size[1]}
+    if prediction.heatmap is not None:
+        out["heatmap_png"] = _png_base64(heatmap_rgba(prediction.heatmap, _heatmap_size(prediction.image_size)))
+    if image and prediction.pixels is not None:
         out["image_png"] = _png_base64(prediction.pixels)
-        out["heatmap_png"] = _png_base64(heatmap_rgba(prediction.heatmap, size))
     return out
 
 
@@ -146,19 +186,21 @@ def _status_for(exc: ImageReadError) -> int:
     return 400
 
 
-UPLOAD = File(..., description="a radiograph: PNG, JPEG, BMP, TIFF, GIF or WebP")
+UPLOAD = File(..., description="a radiograph: DICOM, PNG, JPEG, BMP, TIFF, GIF or WebP")
+IMAGE = Query(False, description="also send the analysed image as PNG (``image_png``); sent anyway for formats a "
+                                 "browser cannot show (DICOM, TIFF)")  # fmt: skip
 
 
 def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``model``; its inference threads end with the app's lifespan."""
     config = config or ServeConfig()
-    predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels)
+    predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels, backend=config.backend)
     page = resources.files("fracdet.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     def executor() -> InferenceExecutor:
         """The app's inference executor: started with its lifespan (or at first use without one)."""
         if app.state.executor is None:
-            app.state.executor = InferenceExecutor(workers=1, queue_size=config.queue_size)
+            app.state.executor = InferenceExecutor(workers=config.worker_count, queue_size=config.queue_size)
         return app.state.executor
 
     @asynccontextmanager
@@ -193,7 +235,8 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
 
     @app.get("/api/v1/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model.name, "version": model.version, "inference": executor().stats()}
+        return {"status": "ok", "model": model.name, "version": model.version, "backend": predictor.backend,
+                "inference": executor().stats()}  # fmt: skip
 
     @app.get("/api/v1/model")
     async def model_info() -> dict[str, Any]:
@@ -207,6 +250,8 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             "threshold": model.threshold,
             "operating_point": model.operating_point,
             "tta": model.tta,
+            "backend": predictor.backend,
+            "workers": config.worker_count,
             "limits": {
                 "max_upload_mb": config.max_upload_mb,
                 "max_pixels": config.max_pixels,
@@ -216,7 +261,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
         }
 
     @app.post("/api/v1/predict")
-    async def predict(request: Request, file: UploadFile = UPLOAD):
+    async def predict(request: Request, file: UploadFile = UPLOAD, image: bool = IMAGE):
         started = time.perf_counter()
         _authorise(request, config.access_token)
         parts = len((await request.form()).getlist("file"))  # parsed once already: this reads no more
@@ -236,7 +281,9 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             del data
             if cancel.is_set():
                 raise Cancelled("prediction cancelled by its caller")
-            return _response(prediction, model, 1000 * (time.perf_counter() - started))
+            send_image = image or prediction.source_format not in BROWSER_FORMATS
+            return _response(prediction, model, 1000 * (time.perf_counter() - started), image=send_image,
+                             backend=predictor.backend)  # fmt: skip
 
         try:
             return await executor().run(run, timeout=config.timeout_s)

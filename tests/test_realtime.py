@@ -1,0 +1,153 @@
+"""The fast path: one ONNX graph per model, the same answers as PyTorch, concurrent and batched predictions.
+
+Timings are not tested here (they live in ``benchmarks/realtime.py``); what is tested is that the fast path
+gives the same outputs as the PyTorch path, which it must to be worth measuring.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fracdet.data.decode import ImageReadError
+from fracdet.explain import Explainer
+from fracdet.inference import Prediction, Predictor, collect_inputs
+from fracdet.inference.onnx import OnnxRuntime, cached_export
+from fracdet.models import create_model, load
+from fracdet.models._registry import PreprocessCfg
+from fracdet.models.release import TrainedModel
+from tests.conftest import SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def _isolated_onnx_cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("FRACDET_CACHE", str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> TrainedModel:
+    return load("fracatlas-default")
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Path]:
+    return collect_inputs([SAMPLE / "images"])
+
+
+def tiny(arch: str, size: int = 64, seed: int = 0) -> TrainedModel:
+    import torch
+
+    torch.manual_seed(seed)
+    module = create_model(arch, input_size=size).eval()
+    return TrainedModel(module=module, name=f"tiny-{arch}", arch=arch, preprocess=PreprocessCfg(size),
+                        thresholds={"sens90": 0.3, "spec95": 0.6}, threshold=0.3, operating_point="sens90")  # fmt: skip
+
+
+def test_the_shipped_model_answers_alike_in_onnx_runtime_and_pytorch_on_every_bundled_sample(shipped, samples):
+    fast = Predictor(shipped, backend="onnxruntime")
+    reference = Predictor(shipped, backend="pytorch")
+    assert (fast.backend, reference.backend) == ("onnxruntime", "pytorch")
+    assert fast.runtime.appearance, "the gate's appearance embedder runs inside the same graph"
+    answered = 0
+    for path in samples:
+        a, b = (outcome(p, path) for p in (fast, reference))
+        if isinstance(a, str) or isinstance(b, str):  # unreadable or refused: alike, with the same reason
+            assert a == b, path.name
+            continue
+        answered += 1
+        assert abs(a.probability - b.probability) <= 1e-4, path.name
+        assert np.abs(a.heatmap - b.heatmap).max() <= 1e-3, path.name
+        assert (a.label, a.level, a.input_check, a.box is None) == (b.label, b.level, b.input_check, b.box is None)
+    assert answered >= 40
+
+
+def outcome(predictor: Predictor, path: Path) -> Prediction | str:
+    try:
+        return predictor.predict_bytes(path.read_bytes(), path.name)
+    except ImageReadError as exc:
+        return str(exc)
+
+
+def test_the_graphs_cam_is_the_librarys_grad_cam():
+    model = tiny("efficientnet_lite0")
+    image = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    predicted = Predictor(model, gate=False, backend="onnxruntime").predict_pixels(image / 255.0)
+    library = Explainer(model, exact=True)(image[None]).heatmaps[0]
+    assert np.abs(predicted.heatmap - library).max() <= 1e-3
+
+
+def test_a_localisers_map_and_boxes_are_the_same_in_both_back_ends():
+    model = tiny("localiser_lite0")
+    images = np.random.default_rng(2).random((3, 80, 96)).astype(np.float32)
+    fast = Predictor(model, gate=False, backend="onnxruntime").predict_batch(list(images))
+    reference = Predictor(model, gate=False, backend="pytorch").predict_batch(list(images))
+    for a, b in zip(fast, reference, strict=True):
+        assert abs(a.probability - b.probability) <= 1e-4 and np.abs(a.heatmap - b.heatmap).max() <= 1e-3
+        assert [x.level for x in a.boxes] == [x.level for x in b.boxes]
+        assert all(np.allclose(x.xyxy, y.xyxy, atol=1e-3) for x, y in zip(a.boxes, b.boxes, strict=True))
+
+
+def test_export_writes_a_self_describing_graph_with_a_dynamic_batch(shipped, tmp_path, cache_dir):
+    out = tmp_path / "fracatlas-default.onnx"
+    done = subprocess.run([sys.executable, "-m", "fracdet", "export", "--model", "fracatlas-default", "--format",
+                           "onnx", "--out", str(out)], capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    runtime = OnnxRuntime(out, threads=1)
+    assert runtime.inputs == ["image", "appearance"]
+    assert runtime.outputs == ["margin", "cams", "features", "embedding"]
+    assert runtime.meta["version"] == shipped.version and runtime.meta["temperature"] == shipped.temperature
+    assert runtime.meta["thresholds"] == shipped.thresholds and runtime.meta["mean"] == [0.5, 0.5, 0.5]
+    images = np.random.default_rng(3).integers(0, 256, (3, 320, 320), dtype=np.uint8)
+    small = np.random.default_rng(4).integers(0, 256, (3, 128, 128), dtype=np.uint8)
+    batch, one = runtime(images, small), runtime(images[:1], small[:1])
+    assert batch.margins.shape == (3,) and batch.cams.shape[:2] == (3, 1) and batch.embedding.shape == (3, 1280)
+    np.testing.assert_allclose(batch.margins[:1], one.margins, atol=1e-4)
+
+
+def test_a_damaged_cached_graph_is_exported_again_not_trusted(cache_dir):
+    model = tiny("paper_cnn", size=32, seed=5)
+    path = cached_export(model)
+    assert cached_export(model) == path, "a second use takes the cached file"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert cached_export(model) == path
+    OnnxRuntime(path)  # loads: it was written anew
+    before = path.read_bytes()
+    assert cached_export(tiny("paper_cnn", size=32, seed=6)) != path, "other weights get another graph"
+    assert path.read_bytes() == before
+
+
+def test_concurrent_predictions_on_one_predictor_equal_sequential_ones(shipped, samples):
+    predictor = Predictor(shipped)
+    files = [p.read_bytes() for p in samples[:12]]
+    sequential = [predictor.predict_bytes(data).probability for data in files]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda data: predictor.predict_bytes(data).probability, files))
+    assert concurrent == pytest.approx(sequential, abs=1e-6)
+
+
+def test_batched_folder_prediction_gives_the_rows_of_one_at_a_time(shipped, samples, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in samples[:9]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(folder / "blank.png")
+    paths = collect_inputs([folder])
+    predictor = Predictor(shipped, heatmaps=False)
+    batched = predictor.predict_files(paths, batch_size=4, decoders=3)
+    single = predictor.predict_files(paths, batch_size=1, decoders=1)
+    assert list(batched["path"]) == [str(p) for p in paths], "rows keep the order of the files"
+    errors = batched.set_index("path")["error"]
+    assert errors.notna().sum() == 2 and "blank" in errors[str(folder / "blank.png")], "read and gate errors kept"
+    assert batched.drop(columns="probability").equals(single.drop(columns="probability"))
+    np.testing.assert_allclose(batched["probability"].astype(float), single["probability"].astype(float), atol=1e-5)
+    assert json.loads(batched["boxes"].dropna().iloc[0]) == []
