@@ -155,6 +155,7 @@ async def _load(base: str, files: list[bytes], *, rate: float | None, clients: i
     statuses: dict[str, int] = {}
     latencies: list[float] = []
     health: list[float] = []
+    health_failures: list[bool] = []
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
         counter = iter(range(10**9))
@@ -177,8 +178,12 @@ async def _load(base: str, files: list[bytes], *, rate: float | None, clients: i
             async with httpx.AsyncClient(base_url=base, timeout=10) as probe:
                 while time.perf_counter() < stop:
                     started = time.perf_counter()
-                    await probe.get("/api/v1/health")
+                    try:
+                        ok = (await probe.get("/api/v1/health")).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
                     health.append(1000 * (time.perf_counter() - started))
+                    health_failures.append(not ok)
                     await asyncio.sleep(0.1)
 
         async def closed_client() -> None:
@@ -203,7 +208,8 @@ async def _load(base: str, files: list[bytes], *, rate: float | None, clients: i
             "refused": sum(v for k, v in statuses.items() if k.startswith("4")),  # e.g. a truncated file: 422
             "throughput_per_s": ok / elapsed,
             "latency": _summary(latencies) if latencies else None,
-            "health_p95_ms": float(np.percentile(health, 95)), "health_max_ms": max(health)}  # fmt: skip
+            "health_p95_ms": float(np.percentile(health, 95)), "health_max_ms": max(health),
+            "health_failures": int(sum(health_failures)), "health_checks": len(health)}  # fmt: skip
 
 
 def server(checkouts: dict[str, Path | None], images: list[str], args: argparse.Namespace) -> dict:
@@ -285,19 +291,15 @@ def main() -> None:
                 "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                 "baseline": args.baseline, "now": described, "command": " ".join(sys.argv), "data": args.data,
             }  # fmt: skip
-            parts = args.parts.split(",")
-            if "e2e" in parts:
-                report["e2e"] = e2e(checkouts, every[: args.images + 5])
-                print(json.dumps(report["e2e"], indent=1), flush=True)
-            if "server" in parts:
-                report["server"] = server(checkouts, every[: args.images], args)
-                print(json.dumps(report["server"], indent=1), flush=True)
-            if "predict" in parts:
-                report["predict"] = predict(checkouts, every[: args.predict_limit or None])
-                print(json.dumps(report["predict"], indent=1), flush=True)
+            parts = {"e2e": lambda: e2e(checkouts, every[: args.images + 5]),
+                     "server": lambda: server(checkouts, every[: args.images], args),
+                     "predict": lambda: predict(checkouts, every[: args.predict_limit or None])}  # fmt: skip
+            for part in args.parts.split(","):
+                report[part] = parts[part]()
+                print(json.dumps(report[part], indent=1), flush=True)
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # what is measured is kept
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, check=False)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

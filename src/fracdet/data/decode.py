@@ -119,8 +119,10 @@ def colour_fraction(im: Image.Image) -> float:
         return 0.0
     thumb = im.copy()
     thumb.thumbnail((256, 256))
-    rgb = np.asarray(thumb.convert("RGB"), dtype=np.int16)
-    return float((rgb.max(axis=2) - rgb.min(axis=2) > CHROMA).mean())
+    rgb = np.asarray(thumb.convert("RGB"))
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # uint8 planes: element-wise, not a strided reduction
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return float((chroma > CHROMA).mean())
 
 
 def _to_float(im: Image.Image, channels: str) -> np.ndarray:

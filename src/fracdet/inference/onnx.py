@@ -39,7 +39,7 @@ _HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fr
 #: Back ends a prediction path can ask for (``auto``: ONNX Runtime when installed, else PyTorch).
 BACKENDS = ("auto", "onnxruntime", "pytorch")
 #: Changes whenever the exported graph's inputs, outputs or arithmetic change: old cached files are not reused.
-GRAPH_VERSION = "2"
+GRAPH_VERSION = "3"
 
 
 def onnxruntime_available() -> bool:
@@ -112,6 +112,9 @@ class OnnxRuntime:
         # Idle threads sleep instead of spinning: a server shares its cores with decoding, other requests
         # and other sessions, and spinning workers would take their time.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Radiographs drive some activations into denormal floats, which the CPU computes many times slower;
+        # flushed to zero they change nothing measurable (the parity tests hold) and the pass is ~15% faster.
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
