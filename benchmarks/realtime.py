@@ -12,9 +12,9 @@ radiographs (a seeded shuffle of the dataset; nothing is cached between requests
   heatmap, response body), one worker process per checkout, alternating chunks of 10 images so that the
   machine's load falls on both alike. Also compares their probabilities: the fast path must give the
   PyTorch path's answers.
-* **server**: ``fracdet serve`` of each checkout in its own process; an open-loop load of ``--rate``
-  requests/s for ``--seconds`` (arrivals do not wait for answers), then closed loops of 32 and 64 clients
-  for ``--closed-seconds`` each; the health endpoint is asked every 100 ms throughout.
+* **server**: ``fracdet serve`` of each checkout in its own process, started afresh for each load: an
+  open-loop load of ``--rate`` requests/s for ``--seconds`` (arrivals do not wait for answers), closed loops
+  of 32 and 64 clients for ``--closed-seconds`` each; the health endpoint is asked every 100 ms throughout.
 * **predict**: ``fracdet predict`` of each checkout over the dataset's images (``--predict-limit``: the
   first N of the shuffle; 0: all), images/s.
 
@@ -215,17 +215,17 @@ async def _load(base: str, files: list[bytes], *, rate: float | None, clients: i
 def server(checkouts: dict[str, Path | None], images: list[str], args: argparse.Namespace) -> dict:
     files = [Path(p).read_bytes() for p in images]
     out: dict[str, dict] = {}
+    closed = {f"closed_{n}": {"rate": None, "clients": n, "seconds": args.closed_seconds} for n in (32, 64)}
+    phases = {"open_loop": {"rate": args.rate, "clients": None, "seconds": args.seconds}, **closed}
     for name, src in checkouts.items():
-        proc, base = _start_server(src)
-        try:
-            out[name] = {
-                "open_loop": asyncio.run(_load(base, files, rate=args.rate, clients=None, seconds=args.seconds)),
-                **{f"closed_{n}": asyncio.run(_load(base, files, rate=None, clients=n, seconds=args.closed_seconds))
-                   for n in (32, 64)},
-            }  # fmt: skip
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        out[name] = {}
+        for phase, load in phases.items():  # a fresh server each: no phase inherits another's backlog
+            proc, base = _start_server(src)
+            try:
+                out[name][phase] = asyncio.run(_load(base, files, **load))
+            finally:
+                proc.terminate()
+                proc.wait(30)
     for n in (32, 64):
         out[f"throughput_ratio_closed_{n}"] = (out["now"][f"closed_{n}"]["throughput_per_s"]
                                                / out["today"][f"closed_{n}"]["throughput_per_s"])  # fmt: skip
