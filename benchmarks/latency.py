@@ -57,7 +57,7 @@ def single_image(model_name: str, files: list[Path], rounds: int) -> dict:
             started = time.perf_counter()
             prediction = predictor.predict_bytes(data)
             encode = time.perf_counter()
-            _response(prediction, model, 0.0)  # PNG encoding of image + heatmap, as the API does
+            _response(prediction, model, 0.0, image=False, backend=predictor.backend)  # the API's answer
             done = time.perf_counter()
             for key, value in prediction.timings.items():
                 stages.setdefault(key.removesuffix("_ms"), []).append(value)
