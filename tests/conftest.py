@@ -23,12 +23,15 @@ def _quiet_progress() -> None:
     os.environ["FRACDET_PROGRESS"] = "0"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One feature cache for the session: tests share warm features, and the user's cache is untouched."""
+    """One cache for the session (features, exported ONNX graphs), also for the commands tests start: tests
+    share warm entries, and the user's cache is untouched."""
     if env := os.environ.get("FRACDET_CACHE"):
         return Path(env)
-    return tmp_path_factory.mktemp("cache")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["FRACDET_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture

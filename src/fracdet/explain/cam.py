@@ -28,7 +28,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import scale_cam_image
 
 from fracdet.models import get_spec, members_of
-from fracdet.models.predict import normalise
+from fracdet.models.predict import class_activation_maps, normalise, score_forward
 from fracdet.models.release import TrainedModel
 
 __all__ = ["CAM_METHODS", "Explainer", "Explanation", "heatmap_box", "heatmaps_from_cams", "overlay"]
@@ -92,16 +92,9 @@ class Explainer:
 
     @torch.no_grad()
     def _class_activation_map(self, x: torch.Tensor) -> Explanation:
-        per_member, logits = [], []
-        for member in self._members:
-            features = member.forward_features(x)
-            logits.append(member.forward_head(features).float())
-            weights = member.get_classifier().weight.float()
-            per_member.append(torch.einsum("bchw,c->bhw", features.float(), weights[1] - weights[0]).clamp_min(0))
-        mean_logits = torch.stack(logits).mean(dim=0)
-        margins = (mean_logits[:, 1] - mean_logits[:, 0]).cpu().numpy()
-        cams = torch.stack(per_member, dim=1).cpu().numpy()
-        return Explanation(margins=margins, heatmaps=heatmaps_from_cams(cams, x.shape[-1]))
+        margins, _, activations = score_forward(self.model.module, x)
+        cams = class_activation_maps(self._members, activations).cpu().numpy()
+        return Explanation(margins=margins.cpu().numpy(), heatmaps=heatmaps_from_cams(cams, x.shape[-1]))
 
 
 def heatmaps_from_cams(cams: np.ndarray, size: int) -> np.ndarray:

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from fracdet.data.decode import ImageReadError
-from fracdet.models.predict import network_parts, normalise
+from fracdet.models.predict import network_parts, normalise, pooled_features
 from fracdet.models.release import TrainedModel
 from fracdet.utils.cache import FeatureCache
 
@@ -129,7 +129,7 @@ def image_features(
         for start in range(0, len(images), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
             _, activations = network_parts(model.module, normalise(chunk.to(device), model.preprocess))
-            features.append(torch.stack([a.float().mean(dim=(2, 3)) for a in activations]).mean(dim=0).cpu())
+            features.append(pooled_features(activations).cpu())
             if bar is not None:
                 bar.update(len(chunk))
     finally:

@@ -39,7 +39,7 @@ _HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fr
 #: Back ends a prediction path can ask for (``auto``: ONNX Runtime when installed, else PyTorch).
 BACKENDS = ("auto", "onnxruntime", "pytorch")
 #: Changes whenever the exported graph's inputs, outputs or arithmetic change: old cached files are not reused.
-GRAPH_VERSION = "3"
+GRAPH_VERSION = "4"
 
 
 def onnxruntime_available() -> bool:

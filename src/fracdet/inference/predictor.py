@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from fracdet.models.graph import GraphOutputs, has_cams
 from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import ScoredBox, Scores, level_of, shown_boxes
 from fracdet.utils.progress import progress
+from fracdet.utils.workers import worker_count
 
 __all__ = ["Cancelled", "Prediction", "Predictor", "study_summary"]
 
@@ -282,9 +282,7 @@ class Predictor:
         _check(cancel)
         prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
-        prediction.source_format = image.format
-        if image.dicom is not None:
-            prediction.study = image.dicom.study or None
+        prediction.source_format, prediction.study = image.format, _study(image)
         return prediction
 
     def predict_files(
@@ -311,7 +309,7 @@ class Predictor:
         if heatmap_dir is not None:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = []
-        workers = decoders or len(os.sched_getaffinity(0))
+        workers = decoders or worker_count()
         with ThreadPoolExecutor(workers, thread_name_prefix="fracdet-decode") as pool:
             decoded = _ahead(pool, self._read, paths, ahead=batch_size + 2 * workers)
             bar = progress(decoded, desc="predicting", total=len(paths))
@@ -336,7 +334,7 @@ class Predictor:
             return _Read(data, error=exc, study=_study_of(data))
         except OSError as exc:
             return _Read(data, error=exc)
-        return _Read(data, image, study=image.dicom.study or None if image.dicom is not None else None)
+        return _Read(data, image, study=_study(image))
 
     def _row(
         self,
@@ -397,6 +395,11 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
+
+
+def _study(image: DecodedImage) -> str | None:
+    """A decoded DICOM image's hashed study; ``None`` for other formats and for a DICOM file without one."""
+    return (image.dicom.study or None) if image.dicom is not None else None
 
 
 def _study_of(data: bytes) -> str | None:

@@ -7,7 +7,7 @@ and an exported ONNX graph (:mod:`fracdet.inference.onnx`) compute exactly the s
   on the file); for a gate with an appearance check also ``appearance``, ``(N, 1, 128, 128)`` uint8
   (:func:`fracdet.data.embed.embedder_input` of the same image);
 * normalisation and the model's test-time mirror averaging (``tta``) inside;
-* out, from one forward (:func:`fracdet.models.predict.network_parts`), as :class:`GraphOutputs`: the logit
+* out, from one forward (:func:`fracdet.models.predict.score_forward`), as :class:`GraphOutputs`: the logit
   ``margin``, a localiser's ``dense`` output (map logits and any box channels), a classifier's class
   activation ``cams`` (one per member; Grad-CAM of the margin where the registry says ``cam_from_head``, see
   :mod:`fracdet.explain.cam`), the input gate's ``features``, and the gate's ``embedding``.
@@ -29,7 +29,7 @@ from torch import nn
 
 from fracdet.models._registry import get_spec
 from fracdet.models.ensemble import members_of
-from fracdet.models.predict import mirror_dense, network_parts, read_outputs
+from fracdet.models.predict import class_activation_maps, normalise, pooled_features, score_forward
 from fracdet.models.release import TrainedModel
 
 __all__ = ["GraphOutputs", "Runtime", "ScoringGraph", "TorchRuntime", "has_cams"]
@@ -104,8 +104,7 @@ class ScoringGraph(nn.Module):
         self.tta = bool(model.tta)
         self.task = model.task
         self.cams = has_cams(model)
-        self.register_buffer("mean", torch.tensor(model.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(model.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.preprocess = model.preprocess
         self._members = members_of(model.module) if self.cams else []
         self.embedder = _Embedding(embedder) if embedder is not None else None
 
@@ -120,24 +119,12 @@ class ScoringGraph(nn.Module):
         return ["image"] + (["appearance"] if self.embedder is not None else [])
 
     def forward(self, image: torch.Tensor, appearance: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        x = ((image.float() / 255.0).expand(-1, 3, -1, -1) - self.mean) / self.std
-        x = x.contiguous(memory_format=torch.channels_last)  # PyTorch's depthwise convolutions run faster so
-        outputs, activations = network_parts(self.network, x)
-        margin, dense = read_outputs(outputs)
-        if self.tta:  # the verdict is the mean over the mirror; the map, CAM and features are of the image
-            mirrored, _ = network_parts(self.network, torch.flip(x, dims=[3]))
-            mirror_margin, mirror_heat = read_outputs(mirrored)
-            margin = (margin + mirror_margin) / 2
-            dense = None if dense is None else (dense + mirror_dense(mirror_heat)) / 2
+        x = normalise(image, self.preprocess)
+        margin, dense, activations = score_forward(self.network, x, tta=self.tta)
         result = [margin] + ([dense] if dense is not None else [])
         if self.cams:
-            maps = []
-            for member, activation in zip(self._members, activations, strict=True):
-                weight = member.get_classifier().weight.float()
-                difference = (weight[1] - weight[0]).view(1, -1, 1, 1)  # a 1x1 convolution: fast in any runtime
-                maps.append(F.conv2d(activation.float(), difference).clamp_min(0))
-            result.append(torch.cat(maps, dim=1))
-        result.append(torch.stack([a.float().mean(dim=(2, 3)) for a in activations]).mean(dim=0))
+            result.append(class_activation_maps(self._members, activations))
+        result.append(pooled_features(activations))
         if self.embedder is not None:
             result.append(self.embedder(appearance))
         return tuple(result)
@@ -180,7 +167,7 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, appearance: np.ndarray | None = None) -> GraphOutputs:
-        device = self.graph.mean.device
+        device = next(self.graph.network.parameters()).device
         image = torch.from_numpy(np.ascontiguousarray(images, np.uint8)).unsqueeze(1).to(device)
         extra = None
         if self.appearance:

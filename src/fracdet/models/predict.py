@@ -6,7 +6,9 @@ temperature scaling (``T`` fitted on validation) is then a single division.
 
 A localiser (:mod:`fracdet.models.localiser`) returns its image logit, which is a margin already, and a
 dense output ``(B, C, h, w)``: the fracture map, then any box-head channels (:mod:`fracdet.models.scoring`).
-:func:`forward_scores` is the one place that reads either kind of output.
+:func:`read_outputs` is the one place that reads either kind of output, and :func:`score_forward` the one
+forward every prediction makes (with its test-time mirror, and the CAM-layer activations that give a
+classifier's heatmap and the input gate's features).
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from fracdet.models._registry import PreprocessCfg
 
 __all__ = [
-    "forward_scores",
+    "class_activation_maps",
     "logit_margin",
     "mirror_dense",
     "network_parts",
     "normalise",
+    "pooled_features",
     "predict_margins",
     "predict_scores",
     "read_outputs",
+    "score_forward",
     "select_device",
 ]
 
@@ -50,10 +55,14 @@ def mirror_dense(dense: torch.Tensor) -> torch.Tensor:
 
 
 def normalise(batch: torch.Tensor, preprocess: PreprocessCfg) -> torch.Tensor:
-    """``(B, 1, H, W)`` uint8 grey -> ``(B, 3, H, W)`` float, normalised as the model expects."""
-    x = batch.float().div_(255.0).expand(-1, 3, -1, -1)
-    mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=x.device).view(1, 3, 1, 1)
+    """``(B, 1, H, W)`` uint8 grey -> ``(B, 3, H, W)`` float, normalised as the model expects.
+
+    Channels-last, where PyTorch's depthwise convolutions run faster; the exported graph
+    (:mod:`fracdet.models.graph`) normalises with this function too, so both back ends see the same input.
+    """
+    x = (batch.float() / 255.0).expand(-1, 3, -1, -1)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
@@ -90,9 +99,46 @@ def network_parts(module: nn.Module, x: torch.Tensor) -> tuple[Any, list[torch.T
     return module.forward_head(features), [features]
 
 
-def forward_scores(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(margins (B,), dense outputs (B, C, h, w) or None)`` of a normalised batch, for any registered task."""
-    return read_outputs(model(x))
+def score_forward(
+    model: nn.Module, x: torch.Tensor, *, tta: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """Margins, dense outputs (or ``None``) and CAM-layer activations (one per member) of a normalised batch.
+
+    The forward every prediction makes, in PyTorch or exported (:class:`fracdet.models.graph.ScoringGraph`).
+
+    Args:
+        tta: average the margins and dense outputs with those of the horizontal mirror (its map and boxes
+            flipped back first). The activations are the image's own: a heatmap shows the image as given.
+    """
+    outputs, activations = network_parts(model, x)
+    margins, dense = read_outputs(outputs)
+    if tta:
+        mirrored, _ = network_parts(model, torch.flip(x, dims=[3]))
+        mirror_margins, mirror_dense_outputs = read_outputs(mirrored)
+        margins = (margins + mirror_margins) / 2
+        dense = None if dense is None else (dense + mirror_dense(mirror_dense_outputs)) / 2
+    return margins, dense, activations
+
+
+def class_activation_maps(members: list[nn.Module], activations: list[torch.Tensor]) -> torch.Tensor:
+    """Raw class activation maps ``(B, M, h, w)`` of the margin, one per member, from its CAM-layer activations.
+
+    For a network whose CAM layer feeds global average pooling and a linear classifier (the registry's
+    ``cam_from_head``), the margin's Grad-CAM is the activations weighted by the classifier's weight
+    difference, rectified (Zhou et al. 2016; :mod:`fracdet.explain.cam`). Written as a 1x1 convolution, which
+    every runtime runs on its fast layout (an ``Einsum`` took half as long again in ONNX Runtime).
+    """
+    maps = []
+    for member, activation in zip(members, activations, strict=True):
+        weight = member.get_classifier().weight.float()
+        difference = (weight[1] - weight[0]).view(1, -1, 1, 1)
+        maps.append(F.conv2d(activation.float(), difference).clamp_min(0))
+    return torch.cat(maps, dim=1)
+
+
+def pooled_features(activations: list[torch.Tensor]) -> torch.Tensor:
+    """``(B, C)`` CAM-layer activations averaged over positions and members: the input gate's features."""
+    return torch.stack([a.float().mean(dim=(2, 3)) for a in activations]).mean(dim=0)
 
 
 @torch.no_grad()
@@ -124,12 +170,7 @@ def predict_scores(
     try:
         for start in range(0, len(images), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
-            x = normalise(chunk.to(device), preprocess)
-            margin, heat = forward_scores(model, x)
-            if tta:
-                mirror_margin, mirror_heat = forward_scores(model, torch.flip(x, dims=[3]))
-                margin = (margin + mirror_margin) / 2
-                heat = None if heat is None else (heat + mirror_dense(mirror_heat)) / 2
+            margin, heat, _ = score_forward(model, normalise(chunk.to(device), preprocess), tta=tta)
             margins[start : start + len(chunk)] = margin.cpu().numpy()
             if heat is not None:
                 if maps is None:

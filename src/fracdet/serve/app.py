@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import hmac
 import io
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +47,7 @@ from fracdet.inference import Cancelled, NotARadiographError, Prediction, Predic
 from fracdet.models.release import TrainedModel
 from fracdet.serve.executor import InferenceExecutor, ServerBusyError
 from fracdet.serve.guard import SecurityHeaders, UploadGuard
+from fracdet.utils.workers import worker_count as cores_available
 
 __all__ = ["ServeConfig", "create_app"]
 
@@ -87,7 +87,7 @@ class ServeConfig:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or cores_available()
 
 
 def _png_base64(array: np.ndarray) -> str:
@@ -104,15 +104,12 @@ BROWSER_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "BMP"})
 HEATMAP_SIDE = 128
 
 
-def heatmap_rgba(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """A colour-mapped heatmap whose alpha follows the heat, ready to lay over the radiograph.
-
-    Args:
-        size: side of a square, or ``(width, height)``.
-    """
+def heatmap_rgba(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A colour-mapped heatmap of ``size`` ``(width, height)`` whose alpha follows the heat, ready to lay over
+    the radiograph."""
     import cv2
 
-    width, height = (size, size) if isinstance(size, int) else size
+    width, height = size
     heat = cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     heat = np.clip(heat, 0, 1)
     rgb = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)[..., ::-1]

@@ -8,7 +8,8 @@ __all__ = ["worker_count"]
 
 
 def worker_count() -> int:
-    """Threads for decoding and matching: ``FRACDET_WORKERS``, else the cores this process may use."""
+    """Threads for decoding, matching and scoring (folder decoders, server workers): ``FRACDET_WORKERS``, else
+    the cores this process may use."""
     if env := os.environ.get("FRACDET_WORKERS"):
         return max(1, int(env))
     try:
