@@ -146,7 +146,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fracdet.training import load_config, train
+    from fracdet.training.distributed import launch, launched, process_group
 
+    processes = args.devices * args.nodes
+    if args.nodes > 1 and not args.rendezvous:
+        raise SystemExit("error: --nodes > 1 needs --rendezvous HOST:PORT (one machine's address, the same on all)")
+    if processes > 1 and not launched():  # start the processes; each runs this same command line
+        return launch(args.argv, devices=args.devices, nodes=args.nodes, rendezvous=args.rendezvous)
     out = Path(args.out) if args.out else None
     if args.resume:
         if out is None:
@@ -162,9 +168,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
         out = out or Path("runs") / Path(args.config).stem
         table = _load_split_table(args.data, args.splits)
-    result = train(config, table, out, resume=args.resume)
-    best = result.history.iloc[result.best_epoch - 1]
+    with process_group() as ranks:
+        if not ranks.main:
+            logging.getLogger("fracdet").setLevel(logging.WARNING)  # rank 0 reports
+        result = train(config, table, out, resume=args.resume, stop_after=args.stop_after, ranks=ranks)
+    if not ranks.main:
+        return 0
     print(f"run folder: {result.out_dir}")
+    if result.best_epoch == 0:
+        print(f"stopped after epoch {len(result.history)} as asked: continue with --resume --out {result.out_dir}")
+        return 0
+    best = result.history.iloc[result.best_epoch - 1]
     print(f"best epoch {result.best_epoch}: val AUC {best['val_auc']:.4f}, val accuracy {best['val_accuracy']:.4f}")
     return 0
 
@@ -525,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop once this many epochs are done (a sitting); continue later with --resume")  # fmt: skip
+    p.add_argument("--devices", type=int, default=1,
+                   help="training processes per machine (GPUs or CPU processes); >1 runs torchrun")  # fmt: skip
+    p.add_argument("--nodes", type=int, default=1, help="machines; run the same command on each (docs/SCALE.md)")
+    p.add_argument("--rendezvous", metavar="HOST:PORT", help="with --nodes > 1: one machine's address, the same on all")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="hyper-parameter study: learning rate x batch size x epochs (validation)")
@@ -665,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher repeats in each process
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs a COCO table per mAP at INFO
     from fracdet.data import DatasetLayoutError

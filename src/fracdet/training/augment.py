@@ -1,7 +1,11 @@
 """Training batches from cached pixels: per-epoch sampling for class balance, and augmentation.
 
 Every random choice of an epoch derives from ``(seed, epoch)`` alone, so an epoch replayed after an
-interruption draws the same images in the same order with the same augmentations.
+interruption draws the same images in the same order with the same augmentations. An image's augmentation
+derives from ``(seed, epoch, its position in the epoch)``, never from what was drawn before it, so it is
+the same whichever process, data-loading worker or device scores it: training on several devices
+(:mod:`fracdet.training.distributed`) sees exactly the images one process would, and a run resumes on
+another device count.
 
 Images travel as ``tv_tensors.Image`` and fracture masks as ``tv_tensors.Mask``, so torchvision's
 ``transforms.v2`` moves a mask with its pixels (nearest-neighbour) and leaves it out of what only changes
@@ -104,6 +108,10 @@ class AugmentedImages(Dataset):
 
     With ``twin`` (:func:`build_twin`), each image comes as ``(2, H, W)``: the augmented image and a copy of
     it passed through ``twin`` (only pixels change, so the mask holds for both).
+
+    Items are asked for as ``(position, index)``: image ``index``, augmented with the random numbers of
+    ``position`` in epoch :attr:`epoch` (see the module docstring). A plain ``index`` draws from the global
+    random state instead.
     """
 
     def __init__(
@@ -115,6 +123,7 @@ class AugmentedImages(Dataset):
         annotations: Sequence[tuple[Any, Any]] | None = None,
         mask_target: str = "box",
         twin: v2.Transform | None = None,
+        seed: int = 0,
     ) -> None:
         self.images = images
         self.labels = np.asarray(labels, np.int64)
@@ -122,11 +131,21 @@ class AugmentedImages(Dataset):
         self.annotations = annotations
         self.mask_target = mask_target
         self.twin = twin
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        if isinstance(item, int | np.integer):
+            return self._item(int(item))
+        position, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0]))
+            return self._item(index)
+
+    def _item(self, index: int) -> tuple[torch.Tensor, ...]:
         x = tv_tensors.Image(torch.from_numpy(self.images[index]).unsqueeze(0))
         label = int(self.labels[index])
         if self.annotations is None:

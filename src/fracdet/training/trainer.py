@@ -39,6 +39,7 @@ from fracdet.training.augment import AugmentedImages, build_augmentation, build_
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
 from fracdet.training.config import TrainConfig
+from fracdet.training.distributed import Ranks, current_ranks
 from fracdet.training.losses import split_views, stability_loss, task_loss
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.progress import progress_bar
@@ -167,6 +168,8 @@ def train(
     resume: bool = False,
     cache: FeatureCache | None = None,
     on_epoch_end: EpochHook | None = None,
+    stop_after: int | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on the ``train`` rows of ``manifest``, selecting on ``val``.
 
@@ -180,7 +183,12 @@ def train(
         cache: pixel cache (default: the feature cache).
         on_epoch_end: ``hook(epoch, row)`` after each epoch's checkpoint is written (tests use it to
             interrupt a run).
+        stop_after: stop once this many epochs are done (counting those of earlier sittings), leaving the
+            run folder to ``resume`` later (a sitting on a shared machine); no model is written yet.
+        ranks: this process's place among training processes (:mod:`fracdet.training.distributed`);
+            default: the process group this process is in, or one process.
     """
+    ranks = ranks or current_ranks()
     out_dir = Path(out_dir)
     if resume:
         saved = TrainConfig.from_dict(_read_yaml(out_dir / "config.yaml"))
@@ -190,12 +198,16 @@ def train(
     assert config is not None
     if "split" not in manifest or not {"train", "val"} <= set(manifest["split"].dropna()):
         raise ValueError("the manifest needs rows in the 'train' and 'val' splits (make one with `fracdet split`)")
-    _prepare_run_folder(config, manifest, out_dir, resume)
+    if ranks.main:
+        _prepare_run_folder(config, manifest, out_dir, resume)
+    ranks.barrier()
 
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = select_device(config.device)
+    if ranks.distributed and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
     preprocess = _preprocess(config)
     wanted = ("train", "val", "test") if config.select_on == "test" else ("train", "val")
     rows = manifest[manifest["split"].isin(wanted)]
@@ -207,20 +219,20 @@ def train(
     for split, (images, _) in parts.items():
         if len(images) == 0:
             raise ValueError(f"no readable images in the {split!r} split")
-    write_json(
-        out_dir / "run.json",
-        {
-            "data_root": manifest.attrs.get("root"),
-            "device": str(device),
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "input_size": preprocess.input_size,
-            "images": {s: len(parts[s][0]) for s in wanted},
-            "skipped": pixels.skipped.to_dict(orient="records"),
-            "dropped_label_conflicts": conflicts["path"].tolist(),
-        },
-    )
+    info = {
+        "data_root": manifest.attrs.get("root"),
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "input_size": preprocess.input_size,
+        "images": {s: len(parts[s][0]) for s in wanted},
+        "skipped": pixels.skipped.to_dict(orient="records"),
+        "dropped_label_conflicts": conflicts["path"].tolist(),
+        "processes": ranks.world,
+    }
+    if ranks.main:
+        write_json(out_dir / "run.json", info)
 
     model = create_model(
         config.model, pretrained=config.pretrained, input_size=preprocess.input_size, dropout=config.dropout
@@ -228,6 +240,7 @@ def train(
     if config.init_from:
         _start_from(model, config)
     model = model.to(device).to(memory_format=torch.channels_last)
+    network = _wrap(model, ranks, device)  # what the training steps run; `model` is the plain module
     optimizer = _make_optimizer(config, model)
     train_images, train_labels = parts["train"]
     steps = math.ceil(len(epoch_indices(train_labels, config.balance, config.seed, 0)) / config.batch_size)
@@ -240,7 +253,7 @@ def train(
     annotations = _annotations(pixels.table, "train") if localise else None
     dataset = AugmentedImages(train_images, train_labels, build_augmentation(config.augment),
                               annotations=annotations, mask_target=config.localise.target,
-                              twin=build_twin(config.stability))  # fmt: skip
+                              twin=build_twin(config.stability), seed=config.seed)  # fmt: skip
     stable = config.stability.weight > 0
 
     start_epoch, history, best, bad_epochs = 0, [], None, 0
@@ -259,25 +272,29 @@ def train(
         if config.early_stopping and bad_epochs >= config.early_stopping:
             stopped_early = True
             break
+        if stop_after is not None and epoch >= stop_after:
+            log.info("stopping after epoch %d as asked; continue with --resume", epoch)
+            return TrainResult(out_dir, pd.DataFrame(history), 0, False)
         started = time.perf_counter()
-        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout and augmentation of this epoch
-        order = epoch_indices(train_labels, config.balance, config.seed, epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
+        dataset.epoch = epoch
+        batches = _batches(epoch_indices(train_labels, config.balance, config.seed, epoch), config.batch_size, ranks)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=[order[i : i + config.batch_size].tolist() for i in range(0, len(order), config.batch_size)],
+            batch_sampler=[ranks.shard(batch) for batch in batches],
             num_workers=config.workers,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
         )
-        model.train()
+        network.train()
         loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight}
         total_loss, total_change, correct, seen = 0.0, 0.0, 0, 0
-        with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=len(order)) as bar:
-            for x, y, *masks in loader:
+        with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
+            for (x, y, *masks), batch in zip(loader, batches, strict=True):
                 x, y = x.to(device, non_blocking=True), y.to(device)
                 if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
                     x = torch.cat([x[:, :1], x[:, 1:]])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    outputs = model(normalise(x, preprocess))
+                    outputs = network(normalise(x, preprocess))
                 mask = masks[0].to(device) if masks else None
                 if stable:
                     outputs, copies = split_views(outputs, len(y))
@@ -295,10 +312,11 @@ def train(
                 margin = read_outputs(outputs)[0]
                 correct += int(((margin >= 0).long() == y).sum())
                 seen += len(y)
-                bar.update(len(y))
+                bar.update(len(batch))
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"change": f"{total_change / seen:.4f}"}
                                                                      if stable else {}))  # fmt: skip
 
+        total_loss, total_change, correct, seen = ranks.sum(total_loss, total_change, correct, seen)
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
@@ -307,9 +325,12 @@ def train(
         }
         if stable:  # mean stability loss (Huber of the score change) between images and their re-saved copies
             row["train_score_change"] = total_change / seen
+        ranks.broadcast_buffers(model)  # every rank scores with rank 0's batch-norm statistics
         for split in wanted[1:]:
             images, labels = parts[split]
-            margins = predict_margins(model, images, preprocess, batch_size=2 * config.batch_size, device=device)
+            margins = predict_margins(model, images[ranks.rank :: ranks.world], preprocess,
+                                      batch_size=2 * config.batch_size, device=device)  # fmt: skip
+            margins = ranks.gather(margins, len(images))
             row.update({f"{split}_{k}": v for k, v in _score(margins, labels).items()})
         value = row[f"{config.select_on}_{config.monitor}"]
         improved = _improved(value, best, config.monitor)
@@ -318,28 +339,31 @@ def train(
         history.append(row)
         if improved:
             best, bad_epochs = value, 0
-            save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": model.state_dict(), **row})
+            if ranks.main:
+                save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": model.state_dict(), **row})
         else:
             bad_epochs += 1
         if config.schedule.name == "plateau":
             schedule.step(value)
         elif config.schedule.name != "onecycle":
             schedule.step()
-        save_checkpoint(
-            last_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best": best,
-                "bad": bad_epochs,
-            },
-        )
-        frame = pd.DataFrame(history)
-        frame.to_csv(out_dir / "metrics.csv", index=False)
-        plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
+        if ranks.main:
+            save_checkpoint(
+                last_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best": best,
+                    "bad": bad_epochs,
+                },
+            )
+            frame = pd.DataFrame(history)
+            frame.to_csv(out_dir / "metrics.csv", index=False)
+            plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
+        ranks.barrier()  # the epoch's checkpoint is written before any rank goes on
         log.info(
             "epoch %d: train loss %.4f, val loss %.4f acc %.3f auc %.3f%s",
             epoch + 1, row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_auc"],
@@ -350,10 +374,36 @@ def train(
 
     history_frame = pd.DataFrame(history)
     best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
-    model.load_state_dict(best_state["model"])
-    val_boxes = [b for b, _ in _annotations(pixels.table, "val")] if "boxes" in pixels.table else None
-    _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes)
+    if ranks.main:  # calibration and thresholds on validation, once
+        model.load_state_dict(best_state["model"])
+        val_boxes = [b for b, _ in _annotations(pixels.table, "val")] if "boxes" in pixels.table else None
+        _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes)
+    ranks.barrier()
     return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
+
+
+def _wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
+    """``model`` for the training steps: as it is in one process, else in DDP (batch norm synchronised on
+    GPUs; PyTorch synchronises it only there)."""
+    if not ranks.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
+
+
+def _batches(order: np.ndarray, batch_size: int, ranks: Ranks) -> list[list[tuple[int, int]]]:
+    """The epoch's batches, as ``(position, image index)`` items; each rank takes its :meth:`Ranks.shard`.
+
+    They are those of one process; with several, a last batch smaller than the number of processes is left
+    out (every rank must take part in every step): at most ``world - 1`` images an epoch.
+    """
+    items = list(enumerate(order.tolist()))
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return [batch for batch in batches if len(batch) >= ranks.world]
 
 
 def _start_from(model: nn.Module, config: TrainConfig) -> None:
