@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch/torchvision pinned here (the versions this project is tested with); pyproject keeps lower bounds.
 	$(BIN)/python -m pip install --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev,lite12,onnx,dicom]"
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev,lite12,onnx,dicom,archive]"
 	touch $(STAMP)
 
 # The web application with the bundled default model on http://127.0.0.1:8000 (Ctrl-C stops it).

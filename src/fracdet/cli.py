@@ -376,8 +376,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fracdet.inference import Predictor, collect_inputs
     from fracdet.models import load
 
+    if args.engine == "dask":
+        return _predict_archive(args)
+    if not args.inputs and not args.manifest:
+        raise SystemExit("error: give images (files, folders, globs) or --manifest FILE")
     model = load(args.model)
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs) if args.inputs else []
+    if args.manifest:
+        from fracdet.inference.archive import read_manifest
+
+        paths += [Path(p) for p in read_manifest(args.manifest)]
     heatmaps = args.heatmaps is not None or args.dicom_out is not None
     predictor = Predictor(model, heatmaps=heatmaps, method=args.cam, force_modality=args.force_modality,
                           backend=args.backend)  # fmt: skip
@@ -398,6 +406,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     flagged = int((table["label"] == "fracture").sum())
     print(f"{len(table)} images: {flagged} flagged as fracture at threshold {model.threshold:.3f}, {failed} unreadable")
     return 4 if failed == len(table) else 1 if failed else 0
+
+
+def _predict_archive(args: argparse.Namespace) -> int:
+    """``fracdet predict --manifest FILE --engine dask --out FOLDER``: partitioned Parquet, resumable."""
+    from fracdet.inference.archive import predict_archive, read_manifest
+
+    if not args.manifest or not args.out or args.inputs:
+        raise SystemExit("error: --engine dask reads --manifest FILE and writes Parquet into --out FOLDER")
+    if args.heatmaps or args.dicom_out or args.studies:
+        raise SystemExit("error: --engine dask writes rows only (no --heatmaps, --dicom-out or --studies)")
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's own start and stop
+    sources = read_manifest(args.manifest)
+    reader = None
+    if any(source.startswith(("http://", "https://")) for source in sources):
+        from fracdet.dicom.pull import read_instance
+
+        reader = read_instance
+    result = predict_archive(args.model, sources, args.out, scheduler=args.scheduler, workers=args.workers,
+                             partition_size=args.partition_size, backend=args.backend, reader=reader)  # fmt: skip
+    print(f"{result.partitions} partitions in {result.out_dir}: {result.scored} scored now "
+          f"({result.images} images, {result.images_per_second:.1f} images/s), {result.kept} kept")  # fmt: skip
+    return 0
 
 
 def _dicom_writer(model, folder: Path, force_modality: bool):
@@ -563,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("predict", help="predict images (files, folders, globs) -> CSV/JSON with heatmaps")
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--model", default="fracatlas-default", help="release name, run folder or checkpoint")
     p.add_argument("--out", help="results .csv or .json (default: print a table)")
     p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays here")
@@ -576,6 +606,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     _add_backend_option(p)
     p.add_argument("--batch-size", type=int, default=16, help="images scored per forward pass")
+    p.add_argument("--manifest", metavar="FILE", help="paths or DICOMweb instance URLs to score: a text file (one "
+                   "per line), or a CSV or Parquet file with a 'path' column")  # fmt: skip
+    p.add_argument("--engine", default="local", choices=["local", "dask"],
+                   help="dask: score --manifest on a Dask cluster into partitioned Parquet in --out (resumable; "
+                   "docs/SCALE.md)")  # fmt: skip
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with --engine dask: a running Dask scheduler "
+                   "(tcp://host:8786); default: a local cluster of --workers processes")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="with --engine dask and no --scheduler: worker processes")
+    p.add_argument("--partition-size", type=int, default=256, help="with --engine dask: manifest entries per file")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("pacs", help="a DICOM node: radiographs in from a PACS, results back")

@@ -284,3 +284,31 @@ def test_the_listen_command_serves_dcmtk_sends_by_stow_rs_and_stops_on_sigterm(o
         output, _ = listener.communicate(timeout=60)
     assert listener.returncode == 0, output
     assert study not in output and PHI["PatientName"] not in output
+
+
+def test_an_archive_manifest_of_dicomweb_urls_is_scored_on_a_dask_cluster(orthanc, grey, tmp_path):
+    pytest.importorskip("distributed", reason='needs the archive extra: pip install "fracdet[archive]"')
+    import pandas as pd
+
+    from fracdet.dicom.pull import read_instance
+    from fracdet.inference import Predictor
+    from fracdet.inference.archive import predict_archive
+    from fracdet.models import load
+
+    study, root = "1.2.826.0.1.3680043.8.498.907", f"http://127.0.0.1:{ORTHANC_HTTP}/dicom-web"
+    urls = []
+    for k in (1, 2, 3):
+        data = radiograph(grey[: 400 + 50 * k], study, f"{study}.1.{k}")  # three different radiographs
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ORTHANC_HTTP}/instances", data=data),
+                               timeout=10).close()  # fmt: skip
+        urls.append(f"{root}/studies/{study}/series/{study}.1/instances/{study}.1.{k}")
+    urls.append(f"{root}/studies/{study}/series/{study}.1/instances/{study}.1.99")  # not in the PACS
+    result = predict_archive("fracatlas-default", urls, tmp_path / "rows", workers=1, partition_size=2,
+                             reader=read_instance, progress=False)  # fmt: skip
+    assert (result.partitions, result.scored) == (2, 2)
+    rows = pd.read_parquet(tmp_path / "rows")
+    expected = Predictor(load("fracatlas-default"), heatmaps=False).predict_files(urls, reader=read_instance)
+    assert rows["path"].tolist() == urls and rows["label"][:3].tolist() == expected["label"][:3].tolist()
+    np.testing.assert_allclose(rows["probability"][:3], expected["probability"][:3], atol=2e-6)
+    assert rows["error"][:3].isna().all() and rows["probability"][:3].nunique() == 3
+    assert "HTTP 404" in rows["error"][3] and study not in rows["error"][3]  # no identifier in the message

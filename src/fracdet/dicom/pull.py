@@ -9,8 +9,10 @@ of their study and their position, never by an identifier.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import re
 from typing import Any
 
 import pandas as pd
@@ -23,7 +25,7 @@ from fracdet.inference.predictor import Predictor
 from fracdet.models.release import TrainedModel
 from fracdet.utils.progress import progress
 
-__all__ = ["connect", "pull"]
+__all__ = ["connect", "pull", "read_instance"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,34 @@ def connect(url: str) -> Any:
     except ImportError as exc:
         raise ImportError(DICOM_HINT) from exc
     return DICOMwebClient(url=url)
+
+
+#: A WADO-RS instance URL: ``ROOT/studies/S/series/R/instances/I``.
+_INSTANCE_URL = re.compile(r"^(?P<root>https?://.+?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)"
+                           r"/instances/(?P<instance>[^/?#]+)/?$")  # fmt: skip
+
+
+def read_instance(url: str) -> bytes:
+    """The DICOM file that a DICOMweb (WADO-RS) instance URL names: how archive manifests list PACS images.
+
+    Raises ``OSError`` (a manifest row's error, never the job's end) when ``url`` is not an instance URL or
+    the server does not deliver; the message names neither the URL nor its identifiers.
+    """
+    match = _INSTANCE_URL.match(url)
+    if match is None:
+        raise OSError("not a DICOMweb instance URL (ROOT/studies/S/series/R/instances/I)")
+    try:
+        dataset = _client(match["root"]).retrieve_instance(match["study"], match["series"], match["instance"])
+    except OSError as exc:  # requests' errors are OSErrors; their text holds the URL
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise OSError(f"DICOMweb retrieval failed ({f'HTTP {status}' if status else type(exc).__name__})") from None
+    return _encoded(dataset)
+
+
+@functools.lru_cache(maxsize=8)
+def _client(root: str) -> Any:
+    """One DICOMweb client (and its connection pool) per server and process."""
+    return connect(root)
 
 
 def _value(item: dict, tag: str) -> str:

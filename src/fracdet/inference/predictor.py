@@ -8,6 +8,7 @@ explained by Grad-CAM, whose hottest region gives the single ``box`` it always g
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import threading
@@ -287,12 +288,13 @@ class Predictor:
 
     def predict_files(
         self,
-        paths: list[Path],
+        paths: list[Path] | list[str],
         *,
         heatmap_dir: Path | None = None,
         then: Callable[[Path, bytes, Prediction], None] | None = None,
         batch_size: int = 16,
         decoders: int | None = None,
+        reader: Callable[[str], bytes] | None = None,
     ) -> pd.DataFrame:
         """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study``
         (errors never raise).
@@ -302,7 +304,8 @@ class Predictor:
         ``boxes`` is the JSON list of a localiser's shown boxes (``x0, y0, x1, y1, score, level``), ``[]``
         for a classifier. ``study`` is a DICOM file's hashed study (:func:`study_summary` reads studies).
         ``then(path, data, prediction)`` is called after each file read (e.g. to write DICOM results); what it
-        raises becomes that file's error, as a read failure would.
+        raises becomes that file's error, as a read failure would. ``reader(path) -> bytes`` fetches what is
+        not a local file (e.g. a DICOMweb URL); an ``OSError`` it raises is that file's error.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -311,7 +314,8 @@ class Predictor:
         rows: list[dict[str, Any]] = []
         workers = decoders or worker_count()
         with ThreadPoolExecutor(workers, thread_name_prefix="fracdet-decode") as pool:
-            decoded = _ahead(pool, self._read, paths, ahead=batch_size + 2 * workers)
+            read = functools.partial(self._read, reader=reader)
+            decoded = _ahead(pool, read, paths, ahead=batch_size + 2 * workers)
             bar = progress(decoded, desc="predicting", total=len(paths))
             for chunk in _chunks(enumerate(bar), batch_size):
                 readable = [(k, read.image) for k, (_, read) in chunk if read.image is not None]
@@ -324,11 +328,11 @@ class Predictor:
                    "warning", "study"]  # new ones last  # fmt: skip
         return pd.DataFrame(rows, columns=columns)
 
-    def _read(self, path: Path) -> _Read:
+    def _read(self, path: Path | str, reader: Callable[[str], bytes] | None = None) -> _Read:
         """A file's bytes and decoded image, or the error that stops it (kept: it is that file's row)."""
         data = b""
         try:
-            data = Path(path).read_bytes()
+            data = reader(str(path)) if reader is not None else Path(path).read_bytes()
             image = read_input_image(data, str(path), max_pixels=self.max_pixels, force_modality=self.force_modality)
         except ImageReadError as exc:
             return _Read(data, error=exc, study=_study_of(data))
