@@ -129,6 +129,9 @@ train localiser-lite0-256-noreencode-seed0 --config configs/localiser.yaml --dat
 train detector-lite0-256-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=detector_lite0
 train localiser-lite0-320-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set image_size=320
 train localiser-lite1-256-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=localiser_lite1
+# stability training from the start (issue 16's verdict flips); each step scores twice the images
+train localiser-lite0-256-stable-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set stability.weight=1
+"$F" evaluate runs/localiser-lite0-256-stable-seed0 --data "$FA" --split val --stability --no-heatmaps --bootstrap 300 --out runs/eval/localiser-lite0-256-stable-seed0-val-stability
 for run in localiser-lite0-256-seed0 localiser-lite0-256-noreencode-seed0 detector-lite0-256-seed0 localiser-lite0-320-seed0 localiser-lite1-256-seed0; do
     [ "$run" = localiser-lite0-256-seed0 ] || "$F" evaluate "runs/$run" --data "$FA" --split val --out "runs/eval/$run-val"
     "$F" evaluate "runs/$run" --data "$FA" --split val --stability --no-heatmaps --bootstrap 300 --out "runs/eval/$run-val-stability"
