@@ -53,6 +53,7 @@ def test_a_two_worker_cluster_writes_the_rows_of_fracdet_predict_and_a_rerun_red
     manifest, single_process, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("FRACDET_PROGRESS", "0")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = tmp_path / "archive"
     sources = read_manifest(manifest)
     assert len(sources) == 42
@@ -65,6 +66,8 @@ def test_a_two_worker_cluster_writes_the_rows_of_fracdet_predict_and_a_rerun_red
     again = predict_archive("fracatlas-default", sources, out, workers=2, partition_size=8, progress=False)
     assert (again.scored, again.kept) == (0, 6)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == written
+    # the cluster's settings for its workers (one thread each) stay out of this process's environment
+    assert "OMP_NUM_THREADS" not in os.environ
     with pytest.raises(ArchiveJobError, match="partition_size"):
         predict_archive("fracatlas-default", sources, out, partition_size=4, progress=False)
 

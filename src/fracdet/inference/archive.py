@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,11 +173,16 @@ def _cluster(scheduler: str | None, workers: int) -> Iterator[Any]:
         with Client(scheduler) as client:
             yield client
         return
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    environ = dict(os.environ)
+    try:
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+    finally:  # Dask's nannies set OMP_NUM_THREADS=1 (and more) in this process too, for whatever it starts next
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @contextmanager
@@ -220,8 +226,6 @@ def _score_partition(
     reader: Callable[[str], bytes] | None,
 ) -> int:
     """Score one partition on a worker and write its Parquet file whole; returns how many entries it held."""
-    import os
-
     os.environ["FRACDET_PROGRESS"] = "0"  # the client shows the job's progress
     predictor = _predictor(model, backend, threads)
     table = predictor.predict_files(sources, decoders=threads, reader=reader)
