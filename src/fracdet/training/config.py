@@ -147,6 +147,8 @@ class TrainConfig:
         drop_label_conflicts: leave out training files whose group (copies of one radiograph, see
             ``fracdet split``) carries both labels: one picture cannot teach both answers.
         amp: mixed precision (bfloat16) on a GPU; ignored on the CPU.
+        compile: run the training steps through ``torch.compile`` (faster steps after a compilation of a
+            minute or so; worth it for long runs on a GPU).
         seed: seeds weights, sampling and augmentation; resumed runs continue the same streams.
         deterministic: ask PyTorch for deterministic kernels (slower on a GPU).
         select_on: split whose metric picks the best checkpoint. ``val`` always, except to reproduce the
@@ -173,6 +175,7 @@ class TrainConfig:
     balance: str = "none"
     drop_label_conflicts: bool = True
     amp: bool = True
+    compile: bool = False
     seed: int = 0
     deterministic: bool = False
     select_on: str = "val"

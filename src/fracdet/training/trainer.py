@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 EpochHook = Callable[[int, dict], None]
 
+#: Training steps between two readings of the running loss for the progress bar (each waits for the GPU).
+POSTFIX_EVERY = 20
+
 
 class RunExistsError(RuntimeError):
     """The run folder already holds a run; resume it or choose another folder."""
@@ -241,6 +244,8 @@ def train(
         _start_from(model, config)
     model = model.to(device).to(memory_format=torch.channels_last)
     network = _wrap(model, ranks, device)  # what the training steps run; `model` is the plain module
+    if config.compile:
+        network = torch.compile(network)
     optimizer = _make_optimizer(config, model)
     train_images, train_labels = parts["train"]
     steps = math.ceil(len(epoch_indices(train_labels, config.balance, config.seed, 0)) / config.batch_size)
@@ -287,9 +292,10 @@ def train(
         )
         network.train()
         loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight}
-        total_loss, total_change, correct, seen = 0.0, 0.0, 0, 0
+        # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
         with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
-            for (x, y, *masks), batch in zip(loader, batches, strict=True):
+            for step, ((x, y, *masks), batch) in enumerate(zip(loader, batches, strict=True)):
                 x, y = x.to(device, non_blocking=True), y.to(device)
                 if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
                     x = torch.cat([x[:, :1], x[:, 1:]])
@@ -299,24 +305,25 @@ def train(
                 if stable:
                     outputs, copies = split_views(outputs, len(y))
                 loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
+                change = torch.zeros((), device=device)
                 if stable:
                     change = stability_loss(outputs, copies, relative=config.stability.relative)
                     loss = loss + config.stability.weight * change
-                    total_change += change.item() * len(y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if config.schedule.name == "onecycle":
                     schedule.step()
-                total_loss += loss.item() * len(y)
-                margin = read_outputs(outputs)[0]
-                correct += int(((margin >= 0).long() == y).sum())
-                seen += len(y)
+                correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
+                sums += torch.stack([loss.detach() * len(y), change.detach() * len(y), correct,
+                                     torch.full((), len(y), device=device)]).double()  # fmt: skip
                 bar.update(len(batch))
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"change": f"{total_change / seen:.4f}"}
-                                                                     if stable else {}))  # fmt: skip
+                if step % POSTFIX_EVERY == 0:  # the one read of the device in the loop
+                    loss_sum, change_sum, _, count = sums.tolist()
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}",
+                                    **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
 
-        total_loss, total_change, correct, seen = ranks.sum(total_loss, total_change, correct, seen)
+        total_loss, total_change, correct, seen = ranks.sum(*sums.tolist())
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
