@@ -242,9 +242,9 @@ class PacsNode:
         except Exception:  # a dataset that does not decode: the peer sent something malformed
             log.warning("a received dataset could not be decoded: refused")
             return CANNOT_UNDERSTAND
-        self.stats.received += 1
+        self._count("received")
         if is_fracdet_result(ds):
-            self.stats.ignored_own += 1
+            self._count("ignored_own")
             return SUCCESS  # our own result routed back: accepted, never analysed again
         key = keyed_hash(str(ds.get("SOPInstanceUID", ""))) or uuid.uuid4().hex[:16]
         with self._lock:
@@ -253,7 +253,7 @@ class PacsNode:
                 log.info("image %s was received before: not analysed again", key)
                 return SUCCESS
         if not self._slots.acquire(blocking=False):
-            self.stats.refused_full += 1
+            self._count("refused_full")
             log.warning("queue full (%d waiting): store refused with Out of Resources", self.config.queue_size)
             return OUT_OF_RESOURCES
         try:
@@ -309,7 +309,7 @@ class PacsNode:
         except Exception as exc:  # logged without its message or traceback: a library's may quote a value
             self._quarantine(path, f"analysis failed ({type(exc).__name__})")
             return
-        self.stats.analysed += 1
+        self._count("analysed")
         try:
             self._send(results.all())
         except Exception as exc:
@@ -325,7 +325,7 @@ class PacsNode:
             from dicomweb_client.api import DICOMwebClient
 
             DICOMwebClient(url=self.config.stow_url).store_instances(datasets)
-        self.stats.sent += len(datasets)
+        self._count("sent", len(datasets))
 
     def _c_store(self, datasets: list[Any], destination: Destination) -> None:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -361,8 +361,13 @@ class PacsNode:
         target = self.dirs["quarantine"] / path.name
         path.replace(target)
         (target.parent / f"{target.name}.reason.txt").write_text(reason + "\n")
-        self.stats.quarantined += 1
+        self._count("quarantined")
         log.warning("quarantined %s: %s", path.name, reason)
+
+    def _count(self, counter: str, n: int = 1) -> None:
+        """Add to a counter of :attr:`stats`; stores and workers run on several threads at once."""
+        with self._lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + n)
 
     def _summarise(self, study: str, prediction: Any) -> None:
         with self._lock:

@@ -10,7 +10,6 @@ of their study and their position, never by an identifier.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import re
 from typing import Any
@@ -19,7 +18,7 @@ import pandas as pd
 
 from fracdet.data.decode import ImageReadError
 from fracdet.data.dicom import DICOM_HINT, RADIOGRAPH_MODALITIES, keyed_hash
-from fracdet.dicom.results import SERIES_DESCRIPTION, is_fracdet_result, results_for
+from fracdet.dicom.results import SERIES_DESCRIPTION, dataset_bytes, is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
 from fracdet.models.release import TrainedModel
@@ -61,7 +60,7 @@ def read_instance(url: str) -> bytes:
     except OSError as exc:  # requests' errors are OSErrors; their text holds the URL
         status = getattr(getattr(exc, "response", None), "status_code", None)
         raise OSError(f"DICOMweb retrieval failed ({f'HTTP {status}' if status else type(exc).__name__})") from None
-    return _encoded(dataset)
+    return dataset_bytes(dataset)
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,7 +117,7 @@ def pull(client: Any, model: TrainedModel, *, study: str | None = None, since: s
             ds = client.retrieve_instance(study_uid, series_uid, instance_uid)
             if is_fracdet_result(ds):  # a series description someone changed: the manufacturer still says so
                 continue
-            data = _encoded(ds)
+            data = dataset_bytes(ds)
             prediction = predictor.predict_bytes(data, f"{hashed}/{position[hashed]}")
             results = results_for(data, prediction, model)
             client.store_instances(results.all())
@@ -132,9 +131,3 @@ def pull(client: Any, model: TrainedModel, *, study: str | None = None, since: s
                        boxes=len(prediction.boxes), stored=3)  # fmt: skip
         rows.append(row)
     return pd.DataFrame(rows, columns=["study", "image", "probability", "label", "level", "boxes", "stored", "error"])
-
-
-def _encoded(ds: Any) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()

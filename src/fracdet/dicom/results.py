@@ -34,7 +34,15 @@ from fracdet.data.dicom import DICOM_HINT
 from fracdet.inference.predictor import Prediction
 from fracdet.models.release import TrainedModel
 
-__all__ = ["MANUFACTURER", "DicomResults", "build_results", "is_fracdet_result", "results_for", "write_results"]
+__all__ = [
+    "MANUFACTURER",
+    "DicomResults",
+    "build_results",
+    "dataset_bytes",
+    "is_fracdet_result",
+    "results_for",
+    "write_results",
+]
 
 # highdicom logs the source image's SOP Instance UID at INFO ("copy ... attributes from dataset <UID>"): a
 # full UID in a log is an identifier, so only its warnings and errors get through.
@@ -158,12 +166,17 @@ def write_results(results: DicomResults, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for ds in results.all():
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
         path = folder / f"{ds.SOPInstanceUID}.dcm"
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, dataset_bytes(ds))
         paths.append(path)
     return paths
+
+
+def dataset_bytes(ds: Any) -> bytes:
+    """A dataset as a DICOM file (preamble, file meta), as it is written, sent over DICOMweb or scored."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 # --- the structured report --------------------------------------------------------------------------------
