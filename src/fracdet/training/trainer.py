@@ -64,7 +64,7 @@ class TrainResult:
 
     out_dir: Path
     history: pd.DataFrame
-    best_epoch: int
+    best_epoch: int  #: 0 when the sitting ended (``stop_after``) before the run did: no model yet
     stopped_early: bool
 
 
