@@ -54,12 +54,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        predict_archive(args.model, files, folder, workers=args.workers, partition_size=args.partition_size,
-                        progress=False)  # fmt: skip
+        predict_archive(args.model, files, folder, workers=args.workers, partition_size=args.partition_size)
         dask_s = time.perf_counter() - started
         started = time.perf_counter()
-        predict_archive(args.model, files, folder, workers=args.workers, partition_size=args.partition_size,
-                        progress=False)  # fmt: skip
+        predict_archive(args.model, files, folder, workers=args.workers, partition_size=args.partition_size)
         rerun_s = time.perf_counter() - started
         import pandas as pd
 

@@ -18,7 +18,9 @@ Images per second of training steps (forward, backward, optimiser step) after ``
   divided by the model's floating-point operations per training image (three times the forward's, which
   PyTorch's ``FlopCounterMode`` counts); each pipeline's fraction of it is reported.
 
-Both pipelines train the same network of the same recipe on the same images; the step is the same code. On
+Both pipelines train the same network of the same recipe on the same images, with the same step (forward,
+``fracdet.training.losses.task_loss``, backward, AdamW); the plain one reads its loss every step, as the
+paper's loop prints it, fracdet's keeps it on the device as the training loop does. On
 a CPU the figures are small-scale (use ``--image-size 128 --steps 5``) and say little about a GPU.
 """
 

@@ -57,19 +57,19 @@ def test_a_two_worker_cluster_writes_the_rows_of_fracdet_predict_and_a_rerun_red
     out = tmp_path / "archive"
     sources = read_manifest(manifest)
     assert len(sources) == 42
-    result = predict_archive("fracatlas-default", sources, out, workers=2, partition_size=8, progress=False)
+    result = predict_archive("fracatlas-default", sources, out, workers=2, partition_size=8)
     assert (result.partitions, result.scored, result.kept, result.images) == (6, 6, 0, 42)
     rows = pd.read_parquet(out)
     same_rows(rows, single_process)
     assert rows["error"].notna().sum() == 1  # the truncated file is a row with its error, not a failed job
     written = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    again = predict_archive("fracatlas-default", sources, out, workers=2, partition_size=8, progress=False)
+    again = predict_archive("fracatlas-default", sources, out, workers=2, partition_size=8)
     assert (again.scored, again.kept) == (0, 6)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == written
     # the cluster's settings for its workers (one thread each) stay out of this process's environment
     assert "OMP_NUM_THREADS" not in os.environ
     with pytest.raises(ArchiveJobError, match="partition_size"):
-        predict_archive("fracatlas-default", sources, out, partition_size=4, progress=False)
+        predict_archive("fracatlas-default", sources, out, partition_size=4)
 
 
 def test_a_job_killed_midway_resumes_without_redoing_finished_partitions(manifest, single_process, tmp_path):

@@ -381,17 +381,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.inputs and not args.manifest:
         raise SystemExit("error: give images (files, folders, globs) or --manifest FILE")
     model = load(args.model)
-    paths = collect_inputs(args.inputs) if args.inputs else []
+    paths: list = collect_inputs(args.inputs) if args.inputs else []
+    reader = None
     if args.manifest:
         from fracdet.inference.archive import read_manifest
 
-        paths += [Path(p) for p in read_manifest(args.manifest)]
+        sources = read_manifest(args.manifest)
+        paths, reader = paths + sources, _url_reader(sources)
     heatmaps = args.heatmaps is not None or args.dicom_out is not None
     predictor = Predictor(model, heatmaps=heatmaps, method=args.cam, force_modality=args.force_modality,
                           backend=args.backend)  # fmt: skip
     then = _dicom_writer(model, Path(args.dicom_out), args.force_modality) if args.dicom_out else None
     table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None, then=then,
-                                    batch_size=args.batch_size)  # fmt: skip
+                                    batch_size=args.batch_size, reader=reader)  # fmt: skip
     if args.out:
         _write_table(table, Path(args.out))
     else:
@@ -418,16 +420,21 @@ def _predict_archive(args: argparse.Namespace) -> int:
         raise SystemExit("error: --engine dask writes rows only (no --heatmaps, --dicom-out or --studies)")
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's own start and stop
     sources = read_manifest(args.manifest)
-    reader = None
-    if any(source.startswith(("http://", "https://")) for source in sources):
-        from fracdet.dicom.pull import read_instance
-
-        reader = read_instance
     result = predict_archive(args.model, sources, args.out, scheduler=args.scheduler, workers=args.workers,
-                             partition_size=args.partition_size, backend=args.backend, reader=reader)  # fmt: skip
+                             partition_size=args.partition_size, backend=args.backend,
+                             reader=_url_reader(sources))  # fmt: skip
     print(f"{result.partitions} partitions in {result.out_dir}: {result.scored} scored now "
           f"({result.images} images, {result.images_per_second:.1f} images/s), {result.kept} kept")  # fmt: skip
     return 0
+
+
+def _url_reader(sources: list[str]):
+    """What reads a manifest's DICOMweb instance URLs (WADO-RS); ``None`` when every entry is a file."""
+    if not any(source.startswith(("http://", "https://")) for source in sources):
+        return None
+    from fracdet.dicom.pull import read_instance
+
+    return read_instance
 
 
 def _dicom_writer(model, folder: Path, force_modality: bool):

@@ -304,7 +304,7 @@ def test_an_archive_manifest_of_dicomweb_urls_is_scored_on_a_dask_cluster(orthan
         urls.append(f"{root}/studies/{study}/series/{study}.1/instances/{study}.1.{k}")
     urls.append(f"{root}/studies/{study}/series/{study}.1/instances/{study}.1.99")  # not in the PACS
     result = predict_archive("fracatlas-default", urls, tmp_path / "rows", workers=1, partition_size=2,
-                             reader=read_instance, progress=False)  # fmt: skip
+                             reader=read_instance)  # fmt: skip
     assert (result.partitions, result.scored) == (2, 2)
     rows = pd.read_parquet(tmp_path / "rows")
     expected = Predictor(load("fracatlas-default"), heatmaps=False).predict_files(urls, reader=read_instance)

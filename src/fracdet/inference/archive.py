@@ -18,7 +18,8 @@ A job interrupted at any point (a worker or the whole cluster killed) is started
 command: finished partitions are kept, the rest are scored. The same folder refuses another manifest,
 partition size or model, which would mix rows of two jobs. Read the result with
 ``pandas.read_parquet(folder)`` (or Spark, DuckDB, Polars; they skip ``_job.json``): the ``part-*.parquet``
-files are its rows in manifest order, with one schema (:data:`COLUMNS`).
+files are its rows in manifest order, with one schema
+(:data:`fracdet.inference.predictor.ROW_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -37,15 +38,11 @@ from typing import Any
 
 import pandas as pd
 
+from fracdet.inference.predictor import ROW_COLUMNS
 from fracdet.utils.atomic import atomic_write_bytes, write_json
 from fracdet.utils.progress import progress_bar
 
-__all__ = ["COLUMNS", "ArchiveJobError", "ArchiveResult", "predict_archive", "read_manifest"]
-
-#: The columns of ``fracdet predict``'s table and their types: every partition has them, empty or not.
-COLUMNS = {"path": "string", "probability": "float64", "label": "string", "threshold": "float64",
-           "heatmap": "string", "error": "string", "level": "string", "boxes": "string", "warning": "string",
-           "study": "string"}  # fmt: skip
+__all__ = ["ArchiveJobError", "ArchiveResult", "predict_archive", "read_manifest"]
 
 #: What the ``archive`` extra brings, for the error when it is missing.
 INSTALL_HINT = 'scoring an archive needs Dask and pyarrow: pip install "fracdet[archive]"'
@@ -93,7 +90,6 @@ def predict_archive(
     backend: str = "auto",
     threads: int = 1,
     reader: Callable[[str], bytes] | None = None,
-    progress: bool = True,
 ) -> ArchiveResult:
     """Score ``sources`` with ``model`` on a Dask cluster, one Parquet file per partition in ``out_dir``.
 
@@ -104,8 +100,10 @@ def predict_archive(
             ``workers`` processes for this call.
         partition_size: manifest entries per partition (the unit of work and of resumption).
         backend, threads: the scorer's back end and threads per worker (:class:`fracdet.inference.Predictor`).
-        reader: fetches what is not a local file (picklable: it runs on the workers).
-        progress: a progress bar of images scored (rate, ETA).
+        reader: fetches what is not a local file (picklable: it runs on the workers), e.g.
+            :func:`fracdet.dicom.pull.read_instance` for DICOMweb URLs.
+
+    A progress bar counts the images scored (rate, ETA; ``FRACDET_PROGRESS=0`` switches it off).
     """
     try:
         from distributed import as_completed
@@ -128,7 +126,7 @@ def predict_archive(
                                      backend=backend, threads=threads, reader=reader, key=f"fracdet-part-{k}",
                                      pure=False)
                        for k in todo]  # fmt: skip
-            with _bar(progress, scored_images) as bar:
+            with progress_bar(desc="scoring archive", total=scored_images) as bar:
                 for future in as_completed(futures):
                     bar.update(future.result())
     return ArchiveResult(out_dir, len(chunks), len(todo), len(chunks) - len(todo), scored_images,
@@ -185,20 +183,6 @@ def _cluster(scheduler: str | None, workers: int) -> Iterator[Any]:
         os.environ.update(environ)
 
 
-@contextmanager
-def _bar(enabled: bool, total: int) -> Iterator[Any]:
-    if not enabled:
-
-        class _Silent:
-            def update(self, n: int) -> None:
-                pass
-
-        yield _Silent()
-        return
-    with progress_bar(desc="scoring archive", total=total) as bar:
-        yield bar
-
-
 _predictors: dict[tuple[str, str, int], Any] = {}
 _predictors_lock = threading.Lock()
 
@@ -230,6 +214,6 @@ def _score_partition(
     predictor = _predictor(model, backend, threads)
     table = predictor.predict_files(sources, decoders=threads, reader=reader)
     buffer = io.BytesIO()
-    table.astype(COLUMNS).to_parquet(buffer, index=False)
+    table.astype(ROW_COLUMNS).to_parquet(buffer, index=False)
     atomic_write_bytes(_part(Path(out_dir), k), buffer.getvalue())
     return len(sources)

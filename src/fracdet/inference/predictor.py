@@ -35,7 +35,13 @@ from fracdet.models.scoring import ScoredBox, Scores, level_of, shown_boxes
 from fracdet.utils.progress import progress
 from fracdet.utils.workers import worker_count
 
-__all__ = ["Cancelled", "Prediction", "Predictor", "study_summary"]
+__all__ = ["ROW_COLUMNS", "Cancelled", "Prediction", "Predictor", "study_summary"]
+
+#: The columns of :meth:`Predictor.predict_files`'s table (new ones last) and their types, which an archive's
+#: Parquet files keep whether a column is empty or not.
+ROW_COLUMNS = {"path": "string", "probability": "float64", "label": "string", "threshold": "float64",
+               "heatmap": "string", "error": "string", "level": "string", "boxes": "string", "warning": "string",
+               "study": "string"}  # fmt: skip
 
 LABELS = {0: "no fracture", 1: "fracture"}
 
@@ -324,9 +330,7 @@ class Predictor:
                 predictions = dict(zip((k for k, _ in readable), results, strict=True))
                 rows.extend(self._row(k, path, read, predictions.get(k), heatmap_dir, then)
                             for k, (path, read) in chunk)  # fmt: skip
-        columns = ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
-                   "warning", "study"]  # new ones last  # fmt: skip
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
 
     def _read(self, path: Path | str, reader: Callable[[str], bytes] | None = None) -> _Read:
         """A file's bytes and decoded image, or the error that stops it (kept: it is that file's row)."""

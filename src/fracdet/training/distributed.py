@@ -143,15 +143,11 @@ def launch(argv: Sequence[str], *, devices: int, nodes: int = 1, rendezvous: str
     if nodes > 1 and not rendezvous:
         raise ValueError("training on several machines needs --rendezvous HOST:PORT (one machine's address)")
     options = [f"--nproc-per-node={devices}", f"--nnodes={nodes}"]
-    options += (
-        [
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rendezvous}",
-            f"--rdzv-id={job or os.environ.get('SLURM_JOB_ID', 'fracdet')}",
-        ]
-        if nodes > 1
-        else ["--standalone"]
-    )
+    if nodes > 1:
+        job = job or os.environ.get("SLURM_JOB_ID", "fracdet")
+        options += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={job}"]
+    else:
+        options.append("--standalone")
     env_threads = "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available()
     if env_threads:
         from fracdet.utils.workers import worker_count
