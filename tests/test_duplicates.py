@@ -14,6 +14,7 @@ from .images import jpeg_bytes, rotated_crop, save
 
 ORIGINAL = "images/Fractured/IMG0000261.jpg"
 LARGE_ANGLES = (45, 90, 165, 250)
+MIRRORED_ANGLE = 120
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,8 @@ def copies_dataset(
     save(root / "fractured" / "mirrored.jpg", jpeg_bytes(ImageOps.mirror(original)))
     for degrees in LARGE_ANGLES:  # on the original canvas: the corners cut away, as augmentation tools write them
         save(root / "fractured" / f"turned{degrees}.jpg", jpeg_bytes(rotated_crop(original, degrees, 0.03), 75))
+    mirrored_turned = rotated_crop(ImageOps.mirror(original), MIRRORED_ANGLE, 0.05)
+    save(root / "fractured" / f"mirrored-turned{MIRRORED_ANGLE}.jpg", jpeg_bytes(mirrored_turned, 70))
     for k, path in enumerate(others):
         save(root / "normal" / f"other{k}.jpg", (SAMPLE / path).read_bytes())
     return root
@@ -62,13 +65,20 @@ def test_exact_copy_shares_the_content_group(grouped):
     assert files.loc["fractured/rotated7.jpg", "exact_group"] != files.loc["fractured/original.jpg", "exact_group"]
 
 
-COPIES = ["rotated7.jpg", "rotated-13.jpg", "rescaled.jpg", "mirrored.jpg", "turned45.jpg", "turned165.jpg"]
-# A known limit (docs/RELIABILITY.md): turned a quarter on its own tall canvas, this radiograph loses both
-# ends of its two forearms, and the audit does not prove the copy. Strict: it fails once the audit does.
-KNOWN_MISS = pytest.mark.xfail(reason="quarter turn on a tall canvas: too little left in common", strict=True)
+COPIES = [
+    "rotated7.jpg",
+    "rotated-13.jpg",
+    "rescaled.jpg",
+    "mirrored.jpg",
+    "turned45.jpg",
+    "turned165.jpg",
+    f"mirrored-turned{MIRRORED_ANGLE}.jpg",
+]
 
 
-@pytest.mark.parametrize("copy", [*COPIES, "turned250.jpg", pytest.param("turned90.jpg", marks=KNOWN_MISS)])
+# Turned a quarter on its own tall canvas, this radiograph loses both ends of its two forearms: the centre
+# disc is what the copy and the original still share.
+@pytest.mark.parametrize("copy", [*COPIES, "turned250.jpg", "turned90.jpg"])
 def test_rotated_cropped_rescaled_and_mirrored_copies_are_grouped(grouped, copy):
     files, _ = grouped
     assert files.loc[f"fractured/{copy}", "near_group"] == files.loc["fractured/original.jpg", "near_group"]
@@ -87,6 +97,37 @@ def test_upright_turns_copies_at_any_angle_into_one_pose():
         assert np.corrcoef(reference.ravel(), turned.ravel())[0, 1] > 0.9, degrees
 
 
+def test_centre_disc_puts_copies_turned_on_their_own_canvas_and_mirrored_in_one_pose():
+    from fracdet.data.embed import centre_disc
+
+    from .conftest import SAMPLE
+
+    image = Image.open(SAMPLE / ORIGINAL).convert("L").reduce(4)
+    reference = np.asarray(centre_disc(np.asarray(image)), np.float32)
+    for degrees, mirror in ((30, False), (90, True), (200, False), (315, True)):
+        copy = rotated_crop(ImageOps.mirror(image) if mirror else image, degrees, crop=0.03)  # cut corners
+        disc = centre_disc(np.asarray(copy))
+        disc = np.asarray(Image.fromarray(disc).resize(reference.shape[::-1]), np.float32)
+        assert np.corrcoef(reference.ravel(), disc.ravel())[0, 1] > 0.9, (degrees, mirror)
+
+
+@pytest.mark.parametrize(
+    ("inliers", "mismatch", "refined", "copy"),
+    [
+        (20, 1.5, True, True),  # few keypoints, but the pixels agree as only a mirrored copy's do
+        (20, 3.0, False, False),  # few keypoints and a mismatch a patient's other wrist reaches
+        (35, 3.5, False, True),  # many keypoints: the usual mismatch
+        (35, 3.5, True, False),  # ... but not once refined, which brings the other wrist that close
+        (10, 0.5, False, False),  # too few keypoints for any tier
+    ],
+)
+def test_a_mirrored_match_is_a_copy_by_many_keypoints_or_by_pixels_that_agree_closely(inliers, mismatch, refined, copy):
+    from fracdet.data.neardup import GeometricMatch
+
+    match = GeometricMatch(inliers, 50, 1.0, 120.0, True, mismatch, overlap=0.9, refined=refined)
+    assert match.confirms(NearDuplicateConfig()) is copy
+
+
 def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):
     files, _ = grouped
     original = files.loc["fractured/original.jpg", "near_group"]
@@ -99,7 +140,7 @@ def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):
 def test_second_run_reads_the_cache_instead_of_decoding(copies_dataset, grouped, monkeypatch):
     files, cache = grouped
     with FeatureCache(cache) as store:
-        assert len(list(store.keys("props-v1"))) == 8 + len(LARGE_ANGLES)  # one of the files is an exact copy
+        assert len(list(store.keys("props-v1"))) == 9 + len(LARGE_ANGLES)  # one of the files is an exact copy
     import fracdet.data.features as features
 
     def no_decoding(*args, **kwargs):

@@ -8,7 +8,9 @@ together, so nearest neighbours are good *candidates*. Candidates are then confi
 A CNN embedding is not rotation invariant: a copy turned by 45 or 90 degrees can lie farther from its
 original than another radiograph of the same body part does. So each image is also embedded *upright*
 (:func:`upright`): turned about its centre of brightness until its principal axis is vertical, the heavier
-end up. Copies at any angle land near one pose there, whatever the canvas or the cut corners.
+end up. Copies at any angle land near one pose there. And because the cut corners of a copy turned on its
+own canvas still weigh there, each image is embedded a third time by its centre disc only
+(:func:`centre_disc`), the region every such copy keeps, turned upright and mirrored into one hand.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["FILL_LEVEL", "ImageEmbedder", "embedder_input", "upright"]
+__all__ = ["DISC_RADIUS", "FILL_LEVEL", "ImageEmbedder", "centre_disc", "embedder_input", "upright"]
 
 #: Grey level (0-255) at or below which a pixel is padding (black corners, borders), not anatomy.
 FILL_LEVEL = 4
+#: Radius of :func:`centre_disc` as a fraction of the shorter side.
+DISC_RADIUS = 0.4
 
 
 class ImageEmbedder:
@@ -109,3 +113,37 @@ def upright(image: np.ndarray) -> np.ndarray:
     if not len(rows):  # a faint speck that the resampling spread below the padding level
         return np.ascontiguousarray(out)
     return np.ascontiguousarray(out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+
+
+def centre_disc(image: np.ndarray, radius: float = DISC_RADIUS) -> np.ndarray:
+    """The disc about the image centre, turned upright by its own moments and mirrored into one hand.
+
+    Augmentation tools turn a radiograph about the centre of its canvas and cut away whatever leaves it,
+    so the copies of one radiograph at different angles share exactly one region: the disc about the
+    centre that fits the canvas. :func:`upright` crops to the whole content, whose cut corners (black
+    triangles, different at every angle, absent in the unturned copy) weigh in the embedding; this view
+    sees only the disc (a ``radius`` fraction of the shorter side, smaller than half so that a crop of up
+    to 10% a side keeps it inside), blanks the rest, turns it so that its principal axis of brightness
+    is vertical with the heavier end up, and mirrors it so that the heavier side is left: the copies of
+    one radiograph at any angle, mirrored or not, land in one pose.
+    """
+    import cv2
+
+    h, w = image.shape
+    r = radius * min(h, w)
+    cx, cy = w / 2.0, h / 2.0
+    yy, xx = np.ogrid[0:h, 0:w]
+    inside = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+    masked = np.where(inside, image, 0).astype(np.uint8)
+    m = cv2.moments(np.where(masked > FILL_LEVEL, masked, 0).astype(np.float32))
+    theta = 0.5 * np.degrees(np.arctan2(2 * m["mu11"], m["mu20"] - m["mu02"])) if m["m00"] > 0 else 90.0
+    side = max(int(np.ceil(2 * r)), 1)
+    turn = cv2.getRotationMatrix2D((cx, cy), theta - 90.0, 1.0)
+    turn[:, 2] += (side / 2 - cx, side / 2 - cy)
+    out = cv2.warpAffine(masked, turn, (side, side), flags=cv2.INTER_LINEAR, borderValue=0)
+    moments = cv2.moments(np.where(out > FILL_LEVEL, out, 0).astype(np.float32))
+    if moments["mu03"] < 0:
+        out = out[::-1]  # the heavier end up
+    if moments["mu30"] < 0:
+        out = out[:, ::-1]  # the heavier side left: a mirrored copy lands in the same hand
+    return np.ascontiguousarray(out)

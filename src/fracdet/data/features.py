@@ -20,7 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from fracdet.data.decode import ImageReadError, decode_image
-from fracdet.data.embed import upright
+from fracdet.data.embed import centre_disc, upright
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.hashing import sha256_file
 from fracdet.utils.progress import progress
@@ -33,6 +33,7 @@ _PROPS_KIND = "props-v1"
 _THUMB_KIND = "thumb-v1"
 _EMBED_KIND = "embed-v1"
 _UPRIGHT_KIND = "upright-v1"
+_DISC_KIND = "disc-v1"
 
 
 @dataclass
@@ -46,17 +47,21 @@ class ContentFeatures:
         thumbnails: content hash -> JPEG bytes of the grey thumbnail (absent when unreadable).
         upright_embeddings: like ``embeddings``, of the thumbnail turned upright
             (:func:`fracdet.data.embed.upright`): copies rotated by any angle meet there.
+        disc_embeddings: like ``embeddings``, of the thumbnail's centre disc turned upright and mirrored
+            into one hand (:func:`fracdet.data.embed.centre_disc`): copies turned on their own canvas, cut
+            corners and all, and mirrored copies meet there.
     """
 
     props: pd.DataFrame
     embeddings: np.ndarray
     thumbnails: dict[str, bytes]
     upright_embeddings: np.ndarray | None = None
+    disc_embeddings: np.ndarray | None = None
 
     @property
-    def views(self) -> list[np.ndarray]:
-        """The embeddings to search for candidates: as stored, and upright when computed."""
-        return [self.embeddings] + ([self.upright_embeddings] if self.upright_embeddings is not None else [])
+    def views(self) -> list[np.ndarray | None]:
+        """The embeddings to search for candidates: as stored, upright and centre disc (``None`` if absent)."""
+        return [self.embeddings, self.upright_embeddings, self.disc_embeddings]
 
     def row_of(self) -> dict[str, int]:
         """Map content hash -> row index in :attr:`embeddings`."""
@@ -146,9 +151,11 @@ def compute_content_features(
     embed = _LazyEmbedder(embedder_factory)
     views = [
         _embeddings(shas, thumbs, cache, f"{kind}-{embedder_name}", embed, turn)
-        for kind, turn in ((_EMBED_KIND, None), (_UPRIGHT_KIND, upright))
+        for kind, turn in ((_EMBED_KIND, None), (_UPRIGHT_KIND, upright), (_DISC_KIND, centre_disc))
     ]
-    return ContentFeatures(props=props, embeddings=views[0], thumbnails=thumbs, upright_embeddings=views[1])
+    return ContentFeatures(
+        props=props, embeddings=views[0], thumbnails=thumbs, upright_embeddings=views[1], disc_embeddings=views[2]
+    )
 
 
 class _LazyEmbedder:

@@ -4,8 +4,9 @@ Two files are near-duplicates when one is a re-encoded, rescaled, slightly rotat
 copy of the other. Perceptual hashes miss rotated-and-cropped copies, and embeddings alone also pull
 together *different* radiographs of the same body part. So the detection has two stages:
 
-1. candidates: each content's nearest neighbours by cosine similarity of its embeddings, as it is and
-   turned upright (so copies rotated by any angle are candidates too);
+1. candidates: each content's nearest neighbours by cosine similarity of its embeddings, as it is,
+   turned upright and by its centre disc alone (so copies rotated by any angle, their corners cut away
+   on their own canvas, or mirrored, are candidates too);
 2. confirmation: ORB keypoints matched between the two thumbnails must agree on one affine
    transform (optionally after a mirror flip), checked with RANSAC, and the thumbnails aligned by it
    (the alignment refined on the pixels where keypoints alone leave it a pixel or two off) must agree
@@ -66,11 +67,18 @@ class NearDuplicateConfig:
             angle meet there, but so do different radiographs of one body part in one position: fewer
             neighbours and a higher similarity keep the extra candidates (and their cost) few.
         upright_min_similarity: the similarity floor of upright candidates.
+        disc_neighbours: candidates per content nearest by the centre-disc embedding, where copies turned
+            on their own canvas (cut corners) and mirrored copies meet.
+        disc_min_similarity: the similarity floor of centre-disc candidates.
         min_inliers: RANSAC inliers of the first tier.
         max_mismatch: mismatch (grey levels, 0-255 scale) allowed in the first tier.
         strong_inliers: inliers of the second tier.
         strong_max_mismatch: mismatch allowed in the second tier.
         flipped_inliers: inliers needed for a mirrored copy (with ``max_mismatch``).
+        flipped_max_mismatch: a mirrored match with fewer inliers (but ``min_inliers``) is a copy when its
+            pixels agree this closely once aligned (refined on the pixels when turned): mirrored copies
+            agree to 0.5-2 grey levels, the mirrored left and right limb of one patient and second
+            exposures to 4 and more (the reviewed pairs, ``docs/DATA.md``).
         min_inlier_ratio: inliers over ratio-test matches, both tiers.
         min_overlap: fraction of the smaller thumbnail the aligned pair must share.
         max_scale: largest zoom between copies (and its inverse the smallest).
@@ -80,11 +88,14 @@ class NearDuplicateConfig:
     min_similarity: float = 0.70
     upright_neighbours: int = 4
     upright_min_similarity: float = 0.70
+    disc_neighbours: int = 4
+    disc_min_similarity: float = 0.70
     min_inliers: int = 15
     max_mismatch: float = 4.0
     strong_inliers: int = 150
     strong_max_mismatch: float = 20.0
     flipped_inliers: int = 30
+    flipped_max_mismatch: float = 2.0
     min_inlier_ratio: float = 0.20
     min_overlap: float = 0.20
     max_scale: float = 3.0
@@ -101,6 +112,7 @@ class GeometricMatch:
     flipped: bool
     mismatch: float = float("inf")
     overlap: float = 0.0
+    refined: bool = False
 
     def confirms(self, config: NearDuplicateConfig) -> bool:
         """Whether this match makes the two images copies of one radiograph under ``config``."""
@@ -110,7 +122,11 @@ class GeometricMatch:
         if not 1 / config.max_scale <= self.scale <= config.max_scale:
             return False
         if self.flipped:
-            return self.inliers >= config.flipped_inliers and self.mismatch <= config.max_mismatch
+            # A refined mirrored match is held to the strict mismatch only: refined, the mirrored left and
+            # right wrist of one patient came within the looser one.
+            strict = self.inliers >= config.min_inliers and self.mismatch <= config.flipped_max_mismatch
+            loose = self.inliers >= config.flipped_inliers and self.mismatch <= config.max_mismatch
+            return strict or (loose and not self.refined)
         return (self.inliers >= config.min_inliers and self.mismatch <= config.max_mismatch) or (
             self.inliers >= config.strong_inliers and self.mismatch <= config.strong_max_mismatch
         )
@@ -185,14 +201,19 @@ def candidate_pairs(
 def view_candidate_pairs(
     views_a: list[np.ndarray], views_b: list[np.ndarray] | None, config: NearDuplicateConfig
 ) -> pd.DataFrame:
-    """:func:`candidate_pairs` in the embedding as it is and, where given, upright; joined.
+    """:func:`candidate_pairs` in the embedding as it is and, where given, upright and by centre disc; joined.
 
     A pair found in both views keeps its highest similarity; pairs are sorted most similar first.
     """
-    settings = [(config.neighbours, config.min_similarity), (config.upright_neighbours, config.upright_min_similarity)]
+    settings = [
+        (config.neighbours, config.min_similarity),
+        (config.upright_neighbours, config.upright_min_similarity),
+        (config.disc_neighbours, config.disc_min_similarity),
+    ]
     frames = [
         candidate_pairs(a, None if views_b is None else views_b[k], neighbours=n, min_similarity=floor)
         for k, (a, (n, floor)) in enumerate(zip(views_a, settings, strict=False))
+        if a is not None and (views_b is None or views_b[k] is not None)
     ]
     joined = pd.concat(frames, ignore_index=True).groupby(["i", "j"], as_index=False)["similarity"].max()
     return joined.sort_values("similarity", ascending=False, kind="stable").reset_index(drop=True)
@@ -234,9 +255,11 @@ class KeypointCache:
         but too high a mismatch gets its transform refined on the pixels (:func:`_refine`) and keeps the
         lower of the two mismatches: RANSAC on a few dozen keypoints of a copy resampled by a rotation
         can leave the alignment a pixel or two off, which on textured tiles reads as a difference. Only
-        turned, unmirrored matches are refined: a second exposure of one limb in one position (FracAtlas)
-        lies at about 0 degrees, and refined, the left and right wrist of one patient (mirrored, an "R"
-        and an "L" marker, multiregion) came within a copy's mismatch.
+        turned matches are refined: a second exposure of one limb in one position (FracAtlas) lies at
+        about 0 degrees. A mirrored match keeps its refinement only when it reaches the strict
+        ``flipped_max_mismatch`` (and is then marked ``refined``): refined, the left and right wrist of one
+        patient (mirrored, an "R" and an "L" marker, multiregion) came within a copy's usual mismatch,
+        but not within a mirrored copy's.
         """
         cv2 = self.cv2
         image_a, pts_a, des_a = a
@@ -263,18 +286,19 @@ class KeypointCache:
             return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
         mismatch, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
         inliers = int(mask.sum())
+        # The mismatch a refined match must reach: a mirrored one only counts by the strict tier.
+        target = None if config is None else config.flipped_max_mismatch if flipped else config.max_mismatch
         if (
-            config is not None
-            and not flipped
+            target is not None
             and abs(angle) > _REFINE_MIN_ANGLE
-            and mismatch > config.max_mismatch
+            and mismatch > target
             and inliers >= config.min_inliers
             and inliers >= config.min_inlier_ratio * len(good)
             and (refined := _refine(cv2, image_a, image_b, transform)) is not None
         ):
             mismatch_r, overlap_r = _aligned_mismatch(cv2, image_a, image_b, refined)
-            if mismatch_r < mismatch:
-                mismatch, overlap = mismatch_r, overlap_r
+            if mismatch_r < mismatch and (not flipped or mismatch_r <= target):
+                return GeometricMatch(inliers, len(good), scale, angle, flipped, mismatch_r, overlap_r, True)
         return GeometricMatch(inliers, len(good), scale, angle, flipped, mismatch, overlap)
 
 
