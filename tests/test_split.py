@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from fracdet.data import DuplicateConfig, audit_dataset, load_dataset, make_splits
-from fracdet.data.split import assign_splits
+from fracdet.data.split import SplitResult, assign_splits
 
 
 @pytest.fixture
@@ -93,6 +93,46 @@ def test_keep_published_split_reports_what_leaks_in_it(sample_root, cache_dir, t
     manifest = load_dataset(out, data_root=tmp_path / "data").set_index("path")
     assert manifest.loc["test/fractured/a-copy.jpg", "split"] == "test"  # the published split is kept
     assert manifest.loc["test/fractured/a-copy.jpg", "group"] == manifest.loc["train/fractured/a.jpg", "group"]
+
+
+def test_repair_moves_groups_that_straddle_splits_to_their_first_split_and_keeps_everything_else(
+    sample_root, cache_dir, tmp_path, capsys
+):
+    from fracdet.cli import main
+
+    table = load_dataset(sample_root)
+    config = DuplicateConfig(cache_dir=str(cache_dir))
+    old = make_splits(table, seed=0, config=config)
+    manifest = old.manifest.set_index("path")
+    # An older audit that missed the copies: IMG0000261 and its exact copy IMG0002299 on both held-out sides,
+    # and a training file's group-mate (in its own group before) put in test.
+    manifest.loc["images/Fractured/IMG0000261.jpg", "split"] = "test"
+    manifest.loc["images/Fractured/IMG0002299.jpg", "split"] = "val"
+    trained = manifest.index[(manifest["split"] == "train") & (manifest["group"].duplicated(keep=False))][:1]
+    assert len(trained) == 1  # the sample has copies, so some training group holds two files
+    mate = manifest.index[(manifest["group"] == manifest.loc[trained[0], "group"]) & (manifest.index != trained[0])]
+    manifest.loc[mate, "split"] = "test"
+    tampered = tmp_path / "old.csv"
+    SplitResult(manifest.reset_index(), old.excluded).write(tampered)
+
+    out = tmp_path / "repaired.csv"
+    assert (
+        main(["split", str(sample_root), "--repair", str(tampered), "--out", str(out), "--cache-dir", str(cache_dir)])
+        == 0
+    )
+    assert "moved to the first of their splits" in capsys.readouterr().out
+    repaired = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert repaired.loc["images/Fractured/IMG0000261.jpg", "split"] == "val"  # val comes before test
+    assert repaired.loc["images/Fractured/IMG0000261.jpg", "moved_from"] == "test"
+    assert repaired.loc["images/Fractured/IMG0002299.jpg", "moved_from"] == ""
+    assert (repaired.loc[mate, "split"] == "train").all()  # held-out files only ever move towards train
+    moved = repaired["moved_from"] != ""
+    assert moved.sum() == 1 + len(mate)
+    assert (repaired.loc[~moved, "split"] == manifest.loc[repaired.index[~moved], "split"]).all()
+    assert set(repaired.index[repaired["split"] == "test"]) <= set(manifest.index[manifest["split"] == "test"])
+    assert pd.read_csv(out.with_suffix(".excluded.csv"))["reason"].tolist() == ["truncated"]
+    report = audit_dataset(load_dataset(out, data_root=sample_root), config=config)
+    assert report.leaked_files.empty
 
 
 def test_apply_manifest_takes_split_and_copy_groups_and_keeps_metadata(sample_root, tmp_path):

@@ -70,13 +70,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from fracdet.data import audit_dataset, find_duplicates, load_dataset, make_splits, report_text
-    from fracdet.data.split import SplitResult
+    from fracdet.data.split import SplitResult, repair_splits
 
     table = load_dataset(args.path)
     config = _duplicate_config(args)
     dups = find_duplicates(table, config)
-    if args.keep_published:
+    if args.repair:
+        old = Path(args.repair)
+        before = old.with_suffix(".excluded.csv")
+        result = repair_splits(table, old, duplicates=dups, excluded=pd.read_csv(before) if before.exists() else None)
+        moved = result.manifest[result.manifest["moved_from"] != ""]
+        print(f"{len(moved)} files of groups that straddled splits moved to the first of their splits:")
+        if len(moved):
+            print(moved.groupby(["moved_from", "split"]).size().rename("files").to_string())
+    elif args.keep_published:
         if table["split"].isna().any():
             raise SystemExit(f"error: {args.path} has no published split for every file")
         report = audit_dataset(table, config=config, seed=args.seed)
@@ -555,7 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="manifest CSV to write")
     p.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--keep-truncated", action="store_true", help="keep truncated files (left out by default)")
-    p.add_argument("--keep-published", action="store_true", help="keep the dataset's own split and report its leakage")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--keep-published", action="store_true", help="keep the dataset's own split and report its leakage"
+    )
+    how.add_argument(
+        "--repair",
+        metavar="MANIFEST",
+        help="mend this manifest instead of drawing a new one: groups that straddle splits (by today's audit) "
+        "move whole to the first of their splits (train, val, test); every other file stays",
+    )
     _add_cache_options(p)
     p.set_defaults(func=cmd_split)
 

@@ -4,6 +4,10 @@ Groups join every file that must stay together: files of one patient or study (w
 knows them) and all exact and near copies of one radiograph. Groups are assigned greedily, largest
 first, each to the split whose per-class counts fall furthest short of their targets; with hundreds of
 groups this keeps every split's class fractions within a point or two of the whole.
+
+When a better audit finds copies that an existing manifest put on both sides, :func:`repair_splits` mends
+that manifest instead of drawing a new one: a new draw would move most files, so that every model trained
+on the old training split would meet its own training images in the new test split.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ import pandas as pd
 from fracdet.data.duplicates import DuplicateConfig, Duplicates, find_duplicates
 from fracdet.data.neardup import UnionFind
 
-__all__ = ["SPLIT_ORDER", "SplitResult", "apply_manifest", "assign_splits", "make_splits", "split_groups"]
+__all__ = [
+    "SPLIT_ORDER",
+    "SplitResult",
+    "apply_manifest",
+    "assign_splits",
+    "make_splits",
+    "repair_splits",
+    "split_groups",
+]
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -153,6 +165,63 @@ def make_splits(
         "reason": reason[~keep],
     })  # fmt: skip
     return SplitResult(manifest=manifest, excluded=excluded)
+
+
+def repair_splits(
+    table: pd.DataFrame,
+    manifest: str | Path | pd.DataFrame,
+    *,
+    config: DuplicateConfig | None = None,
+    duplicates: Duplicates | None = None,
+    excluded: pd.DataFrame | None = None,
+) -> SplitResult:
+    """Mend a manifest whose groups, by today's audit, straddle splits: every such group moves whole to
+    the first of its splits in :data:`SPLIT_ORDER` (train before val before test).
+
+    Files only ever move *out of* held-out splits, so the repaired test split is a subset of the old one
+    and holds no copy of any file of the old training split: a model trained on the old manifest is
+    still tested honestly on the repaired one, and its figures on the old test split can be set beside
+    the new. Every other file keeps its split; the files the manifest left out stay out.
+
+    Args:
+        table: from :func:`fracdet.data.load_dataset` (the dataset the manifest describes).
+        manifest: the manifest to repair (``path``, ``label``, ``split``; a path or a frame).
+        config: duplicate search settings.
+        duplicates: a precomputed :func:`find_duplicates` result for ``table``.
+        excluded: the old manifest's exclusions (``path``, ``reason``), whose reasons are kept.
+
+    Returns:
+        The repaired manifest (groups renumbered as :func:`make_splits` numbers them; a ``moved_from``
+        column names the old split of each moved file, empty otherwise) and the old exclusions.
+    """
+    if not isinstance(manifest, pd.DataFrame):
+        manifest = pd.read_csv(manifest, dtype={"path": str, "split": str, "group": str})
+    unknown = set(manifest["path"]) - set(table["path"])
+    if unknown:
+        raise ValueError(f"the manifest names {len(unknown)} files not in the dataset, e.g. {sorted(unknown)[0]}")
+    dups = duplicates or find_duplicates(table, config)
+    groups = pd.Series(split_groups(table, dups), index=table["path"].to_numpy())
+    old = manifest.set_index("path")["split"]
+    files = pd.DataFrame(
+        {"path": manifest["path"], "label": manifest["label"], "group": groups[manifest["path"]].to_numpy()}
+    )
+    rank = old.map({name: k for k, name in enumerate(SPLIT_ORDER)}).to_numpy()
+    if np.isnan(rank.astype(float)).any():
+        raise ValueError(f"the manifest has splits other than {SPLIT_ORDER}: {sorted(set(old) - set(SPLIT_ORDER))}")
+    first = pd.Series(rank, index=files.index).groupby(files["group"].to_numpy()).transform("min").to_numpy()
+    files["split"] = np.asarray(SPLIT_ORDER, dtype=object)[first]
+    files["moved_from"] = np.where(first != rank, old.to_numpy(), "")
+    first_path = files.groupby("group")["path"].transform("min")
+    ids = {p: f"g{k:05d}" for k, p in enumerate(sorted(set(first_path)))}
+    files["group"] = [ids[p] for p in first_path]
+    left_out = table[~table["path"].isin(manifest["path"])]
+    reasons = {} if excluded is None else dict(zip(excluded["path"], excluded["reason"], strict=True))
+    still_out = pd.DataFrame({
+        "path": left_out["path"].to_numpy(),
+        "label": left_out["label"].to_numpy(),
+        "reason": [reasons.get(p, "left out of the manifest") for p in left_out["path"]],
+    })  # fmt: skip
+    return SplitResult(manifest=files.reset_index(drop=True), excluded=still_out)
 
 
 def apply_manifest(table: pd.DataFrame, manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
