@@ -119,11 +119,13 @@ def cmd_score(args: argparse.Namespace) -> None:
     sha = {name: dict(zip(t["path"], d.files["sha256"], strict=True)) for name, (t, d) in loaded.items()}
     thumbs = {k: v for _, d in loaded.values() for k, v in d.features.thumbnails.items()}
     keypoints = KeypointCache(thumbs)
-    verdicts = []
+    verdicts, matches = [], []
     for r in review.itertuples():
         match = match_thumbnails(keypoints, sha[r.dataset_a][r.path_a], sha[r.dataset_b][r.path_b], config.near)
         verdicts.append(match.confirms(config.near))
+        matches.append(match)
     review["detector"] = np.where(verdicts, "copy", "different")
+    _print_third_tier(review, matches, config)
     truth, said = review["eye"] == "copy", review["detector"] == "copy"
     tp, fp, fn = int((truth & said).sum()), int((~truth & said).sum()), int((truth & ~said).sum())
     print(f"{len(review)} reviewed pairs: {int(truth.sum())} copies, {int((~truth).sum())} different radiographs")
@@ -136,6 +138,21 @@ def cmd_score(args: argparse.Namespace) -> None:
     if len(disagreements):
         columns = ["pair", "stratum", "path_a", "path_b", "eye", "detector"]
         print("disagreements:\n" + disagreements[columns].to_string())
+
+
+def _print_third_tier(review: pd.DataFrame, matches: list, config: DuplicateConfig) -> None:
+    """How close the pairs a person called different come to the third tier (pixels that agree everywhere
+    once the alignment is refined): their lowest refined median and 90th percentile of the tile mismatch."""
+    near = config.near
+    refined = [(r.eye, m) for r, m in zip(review.itertuples(), matches, strict=True) if m.refined]
+    different = [m for eye, m in refined if eye == "different" and m.inliers >= near.pixel_min_inliers]
+    copies = [m for eye, m in refined if eye == "copy" and m.confirms(near)]
+    print(
+        f"third tier (refined, >= {near.pixel_min_inliers} inliers; limits median {near.pixel_max_mismatch}, "
+        f"90th percentile {near.pixel_max_spread}): {len(different)} pairs of different radiographs, lowest "
+        f"median {min((m.mismatch for m in different), default=float('nan')):.2f}, lowest 90th percentile "
+        f"{min((m.spread for m in different), default=float('nan')):.2f}; {len(copies)} copies confirmed refined"
+    )
 
 
 def _score_groups(loaded: dict[str, tuple[pd.DataFrame, Duplicates]], review: pd.DataFrame) -> None:

@@ -112,19 +112,26 @@ def test_centre_disc_puts_copies_turned_on_their_own_canvas_and_mirrored_in_one_
 
 
 @pytest.mark.parametrize(
-    ("inliers", "mismatch", "refined", "copy"),
+    ("inliers", "flipped", "angle", "mismatch", "spread", "refined", "copy"),
     [
-        (20, 1.5, True, True),  # few keypoints, but the pixels agree as only a mirrored copy's do
-        (20, 3.0, False, False),  # few keypoints and a mismatch a patient's other wrist reaches
-        (35, 3.5, False, True),  # many keypoints: the usual mismatch
-        (35, 3.5, True, False),  # ... but not once refined, which brings the other wrist that close
-        (10, 0.5, False, False),  # too few keypoints for any tier
+        (40, False, 2.0, 3.5, 9.0, False, True),  # the first tier: keypoints and the median
+        (40, False, 2.0, 3.5, 9.0, True, False),  # ... but not refined at 0 degrees: a second exposure
+        (40, False, 30.0, 3.5, 9.0, True, True),  # refined when turned: the rotation's resampling repaired
+        (35, True, 120.0, 3.5, 9.0, False, True),  # mirrored with many keypoints
+        (35, True, 120.0, 3.5, 9.0, True, False),  # ... but not once refined: that brings the other wrist close
+        (20, True, 120.0, 3.5, 9.0, False, False),  # mirrored with few keypoints, pixels not proven
+        (20, True, 120.0, 1.5, 3.0, True, True),  # the third tier: refined, the pixels agree everywhere
+        (20, True, 120.0, 1.5, 6.0, True, False),  # ... a low median, but somewhere they differ
+        (13, False, 0.0, 2.0, 4.0, True, True),  # few keypoints (smooth anatomy), pixels agree everywhere
+        (10, True, 120.0, 0.5, 1.0, True, False),  # too few keypoints for any tier
     ],
 )
-def test_a_mirrored_match_is_a_copy_by_many_keypoints_or_by_pixels_that_agree_closely(inliers, mismatch, refined, copy):
+def test_a_match_is_a_copy_by_keypoints_and_median_or_once_refined_by_pixels_that_agree_everywhere(
+    inliers, flipped, angle, mismatch, spread, refined, copy
+):
     from fracdet.data.neardup import GeometricMatch
 
-    match = GeometricMatch(inliers, 50, 1.0, 120.0, True, mismatch, overlap=0.9, refined=refined)
+    match = GeometricMatch(inliers, 60, 1.0, angle, flipped, mismatch, overlap=0.9, refined=refined, spread=spread)
     assert match.confirms(NearDuplicateConfig()) is copy
 
 
