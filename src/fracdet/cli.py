@@ -70,8 +70,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from fracdet.data import audit_dataset, find_duplicates, load_dataset, make_splits, report_text
     from fracdet.data.split import SplitResult, repair_splits
 
@@ -79,9 +77,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     config = _duplicate_config(args)
     dups = find_duplicates(table, config)
     if args.repair:
-        old = Path(args.repair)
-        before = old.with_suffix(".excluded.csv")
-        result = repair_splits(table, old, duplicates=dups, excluded=pd.read_csv(before) if before.exists() else None)
+        result = repair_splits(table, args.repair, duplicates=dups)
         moved = result.manifest[result.manifest["moved_from"] != ""]
         print(f"{len(moved)} files of groups that straddled splits moved to the first of their splits:")
         if len(moved):

@@ -86,7 +86,7 @@ class NearDuplicateConfig:
             pairs judged by eye (``docs/DATA.md``; ``scripts/near_duplicate_review.py score``), refined
             matches of different radiographs have a median of 3.6 or more and a 90th percentile of 6.8 or
             more.
-        min_inlier_ratio: inliers over ratio-test matches, both tiers.
+        min_inlier_ratio: inliers over ratio-test matches, both keypoint tiers.
         min_overlap: fraction of the smaller thumbnail the aligned pair must share.
         max_scale: largest zoom between copies (and its inverse the smallest).
     """
@@ -131,7 +131,8 @@ class GeometricMatch:
         only when unmirrored and turned (a rotation's resampling is what the refinement repairs); any
         refined match counts when its pixels agree everywhere (the third tier). Refined, the mirrored left
         and right wrist of one patient, and second exposures of one limb, came within the first tier's
-        median, never within the third tier.
+        median; the third tier joins none of them (the full FracAtlas and multiregion searches, and the
+        reviewed pairs, ``docs/RELIABILITY.md``).
         """
         if self.overlap < config.min_overlap or not 1 / config.max_scale <= self.scale <= config.max_scale:
             return False
@@ -297,8 +298,7 @@ class KeypointCache:
         )
         if transform is None:
             return GeometricMatch(0, len(good), 0.0, 0.0, flipped)
-        singular = np.linalg.svd(transform[:, :2], compute_uv=False)
-        scale = float(np.sqrt(singular[0] * singular[1]))
+        scale = _scale(transform)
         angle = float(np.degrees(np.arctan2(transform[1, 0] - transform[0, 1], transform[0, 0] + transform[1, 1])))
         if _anisotropy(transform) > _MAX_ANISOTROPY:
             return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
@@ -313,14 +313,20 @@ class KeypointCache:
         ):
             return match
         mismatch_r, spread_r, overlap_r = _aligned_mismatch(cv2, image_a, image_b, refined)
-        scale_r = float(np.sqrt(abs(np.linalg.det(refined[:, :2]))))
-        better = replace(match, scale=scale_r, mismatch=mismatch_r, spread=spread_r, overlap=overlap_r, refined=True)
+        better = replace(
+            match, scale=_scale(refined), mismatch=mismatch_r, spread=spread_r, overlap=overlap_r, refined=True
+        )
         return better if better.confirms(config) or mismatch_r < mismatch else match
 
 
 _REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
 _MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed copies are matched stretched
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
+
+
+def _scale(transform: np.ndarray) -> float:
+    """The zoom of an affine transform (geometric mean of its two axes' stretches)."""
+    return float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))
 
 
 def _anisotropy(transform: np.ndarray) -> float:

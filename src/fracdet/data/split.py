@@ -150,13 +150,10 @@ def make_splits(
     groups = split_groups(table, dups)
     kept = table[keep]
     splits = assign_splits(kept["label"].to_numpy(), groups[keep], fractions, seed=seed)
-    # Stable, readable group ids: numbered by the first path of each group.
-    first_path = pd.Series(kept["path"].to_numpy()).groupby(groups[keep]).transform("min")
-    ids = {p: f"g{k:05d}" for k, p in enumerate(sorted(set(first_path)))}
     manifest = pd.DataFrame({
         "path": kept["path"].to_numpy(),
         "label": kept["label"].to_numpy(),
-        "group": [ids[p] for p in first_path],
+        "group": _group_ids(kept["path"].to_numpy(), groups[keep]),
         "split": splits,
     })  # fmt: skip
     excluded = pd.DataFrame({
@@ -165,6 +162,13 @@ def make_splits(
         "reason": reason[~keep],
     })  # fmt: skip
     return SplitResult(manifest=manifest, excluded=excluded)
+
+
+def _group_ids(paths: np.ndarray, groups: np.ndarray) -> list[str]:
+    """Stable, readable group ids: ``gNNNNN`` numbered by the first path of each group."""
+    first_path = pd.Series(paths).groupby(groups).transform("min")
+    ids = {p: f"g{k:05d}" for k, p in enumerate(sorted(set(first_path)))}
+    return [ids[p] for p in first_path]
 
 
 def repair_splits(
@@ -188,13 +192,17 @@ def repair_splits(
         manifest: the manifest to repair (``path``, ``label``, ``split``; a path or a frame).
         config: duplicate search settings.
         duplicates: a precomputed :func:`find_duplicates` result for ``table``.
-        excluded: the old manifest's exclusions (``path``, ``reason``), whose reasons are kept.
+        excluded: the old manifest's exclusions (``path``, ``reason``), whose reasons are kept; by default
+            those written beside a manifest given as a path (``NAME.excluded.csv``, :meth:`SplitResult.write`).
 
     Returns:
         The repaired manifest (groups renumbered as :func:`make_splits` numbers them; a ``moved_from``
         column names the old split of each moved file, empty otherwise) and the old exclusions.
     """
     if not isinstance(manifest, pd.DataFrame):
+        beside = Path(manifest).with_suffix(".excluded.csv")
+        if excluded is None and beside.exists():
+            excluded = pd.read_csv(beside)
         manifest = pd.read_csv(manifest, dtype={"path": str, "split": str, "group": str})
     unknown = set(manifest["path"]) - set(table["path"])
     if unknown:
@@ -211,9 +219,7 @@ def repair_splits(
     first = pd.Series(rank, index=files.index).groupby(files["group"].to_numpy()).transform("min").to_numpy()
     files["split"] = np.asarray(SPLIT_ORDER, dtype=object)[first]
     files["moved_from"] = np.where(first != rank, old.to_numpy(), "")
-    first_path = files.groupby("group")["path"].transform("min")
-    ids = {p: f"g{k:05d}" for k, p in enumerate(sorted(set(first_path)))}
-    files["group"] = [ids[p] for p in first_path]
+    files["group"] = _group_ids(files["path"].to_numpy(), files["group"].to_numpy())
     left_out = table[~table["path"].isin(manifest["path"])]
     reasons = {} if excluded is None else dict(zip(excluded["path"], excluded["reason"], strict=True))
     still_out = pd.DataFrame({
