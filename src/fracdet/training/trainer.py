@@ -215,7 +215,10 @@ def train(
     wanted = ("train", "val", "test") if config.select_on == "test" else ("train", "val")
     rows = manifest[manifest["split"].isin(wanted)]
     conflicts = _label_conflicts(rows) if config.drop_label_conflicts else rows.iloc[:0]
-    rows = rows.drop(index=conflicts.index).reset_index(drop=True)
+    rows = rows.drop(index=conflicts.index)
+    # Each split's rows together, in their own order: each split is then a slice of the memory-mapped
+    # pixel store, not a copy of it in memory (load_pixels).
+    rows = rows.sort_values("split", key=lambda s: s.map(wanted.index), kind="stable").reset_index(drop=True)
     rows.attrs.update(manifest.attrs)
     pixels = load_pixels(rows, preprocess.input_size, cache=cache, desc=f"decoding at {preprocess.input_size} px")
     parts = {s: _subset(pixels, s) for s in wanted}
@@ -445,8 +448,12 @@ def _annotations(table: pd.DataFrame, split: str) -> list[tuple[list, list]]:
 
 
 def _subset(pixels: PixelSet, split: str) -> tuple[np.ndarray, np.ndarray]:
-    mask = (pixels.table["split"] == split).to_numpy()
-    return pixels.images[mask], pixels.table.loc[mask, "label"].to_numpy(np.int64)
+    """A split's images and labels; the images a view of ``pixels.images`` when the split's rows are
+    contiguous (as :func:`train` orders them), else a copy."""
+    rows = np.flatnonzero((pixels.table["split"] == split).to_numpy())
+    contiguous = len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows)
+    images = pixels.images[rows[0] : rows[-1] + 1] if contiguous and len(rows) else pixels.images[rows]
+    return images, pixels.table["label"].to_numpy(np.int64)[rows]
 
 
 def _export(

@@ -95,6 +95,28 @@ class FeatureCache:
                 conn.executemany("DELETE FROM blobs WHERE kind = ? AND key = ?", ((kind, k) for k in damaged))
         return found
 
+    def contains(self, kind: str, keys: Iterable[str]) -> set[str]:
+        """The keys of ``keys`` stored for ``kind``, without reading their values (checksums are checked when
+        a value is read: :meth:`get_many`)."""
+        keys = list(dict.fromkeys(keys))
+        if not self.enabled or not keys or not self.path.exists():
+            return set()
+        try:
+            conn = self._connect()
+        except (sqlite3.DatabaseError, OSError):
+            return set()
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            query = f"SELECT key FROM blobs WHERE kind = ? AND key IN ({','.join('?' * len(chunk))})"
+            found.update(row[0] for row in conn.execute(query, (kind, *chunk)))
+        return found
+
+    @property
+    def writable(self) -> bool:
+        """Whether values put now are kept (not ``--no-cache``, and no write has failed in this run)."""
+        return self.enabled and self._writable
+
     def put_many(self, kind: str, items: Iterable[tuple[str, bytes]]) -> None:
         """Store ``(key, value)`` pairs in one transaction."""
         if not self.enabled or not self._writable:
