@@ -14,6 +14,8 @@ Images per second of training steps (forward, backward, optimiser step) after ``
   (:class:`fracdet.training.augment.AugmentedImages`, re-encoding included), channels-last, bfloat16 autocast
   on a GPU, sums kept on the device (no host sync per step), ``torch.compile`` with ``--compile``; also for a
   localiser recipe (``--localiser-config``; the plain pipeline cannot train one: it has no masks);
+* ``fracdet_augment_on_device``: the same with ``augment_on: device``: the loader hands over the stored
+  pixels and each batch is augmented on the training device (the same batches);
 * ``limit``: the device's arithmetic rate (a large matrix product in the step's precision, measured here)
   divided by the model's floating-point operations per training image (three times the forward's, which
   PyTorch's ``FlopCounterMode`` counts); each pipeline's fraction of it is reported.
@@ -68,25 +70,33 @@ def main() -> None:
     table = _table(args.data, args.splits)
 
     plain = _measure(_plain_batches(table, classifier), classifier, device, args, plain=True)
-    fast = _measure(_fracdet_batches(table, classifier), classifier, device, args, plain=False)
+    fast = _measure(_fracdet_batches(table, classifier, device), classifier, device, args, plain=False)
+    on_device = classifier.with_overrides(["augment_on=device"])
+    fast_device = _measure(_fracdet_batches(table, on_device, device), on_device, device, args, plain=False)
     flops = _flops_per_image(classifier, device)
     limit = peak / flops
     results["classifier"] = {
         "model": classifier.model, "image_size": args.image_size, "batch_size": classifier.batch_size,
         "gflops_per_training_image": round(flops / 1e9, 2), "limit_images_per_s": round(limit, 1),
         "plain_images_per_s": round(plain, 1), "fracdet_images_per_s": round(fast, 1),
+        "fracdet_augment_on_device_images_per_s": round(fast_device, 1),
         "ratio_fracdet_to_plain": round(fast / plain, 2),
+        "ratio_fracdet_augment_on_device_to_plain": round(fast_device / plain, 2),
         "plain_fraction_of_limit": round(plain / limit, 3), "fracdet_fraction_of_limit": round(fast / limit, 3),
     }  # fmt: skip
     if args.localiser_config:
         localiser = load_config(args.localiser_config, [*overrides, f"workers={args.workers}",
                                                         f"compile={args.compile}"])  # fmt: skip
-        fast = _measure(_fracdet_batches(table, localiser), localiser, device, args, plain=False)
+        fast = _measure(_fracdet_batches(table, localiser, device), localiser, device, args, plain=False)
+        on_device = localiser.with_overrides(["augment_on=device"])
+        fast_device = _measure(_fracdet_batches(table, on_device, device), on_device, device, args, plain=False)
         flops = _flops_per_image(localiser, device)
         results["localiser"] = {
             "model": localiser.model, "image_size": args.image_size, "batch_size": localiser.batch_size,
             "gflops_per_training_image": round(flops / 1e9, 2), "limit_images_per_s": round(peak / flops, 1),
             "fracdet_images_per_s": round(fast, 1), "fracdet_fraction_of_limit": round(fast * flops / peak, 3),
+            "fracdet_augment_on_device_images_per_s": round(fast_device, 1),
+            "fracdet_augment_on_device_fraction_of_limit": round(fast_device * flops / peak, 3),
         }  # fmt: skip
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
@@ -147,8 +157,10 @@ def _plain_batches(table, config):
             yield x, y, None
 
 
-def _fracdet_batches(table, config):
-    """fracdet's pipeline: cached pixels, the recipe's augmentation seeded per image, masks for a localiser."""
+def _fracdet_batches(table, config, device: torch.device):
+    """fracdet's pipeline: cached pixels, the recipe's augmentation seeded per image, masks for a localiser;
+    with ``augment_on: device`` the loader hands over the stored pixels and the batch is augmented on
+    ``device``, as the training loop does."""
     from fracdet.data.pixels import load_pixels
     from fracdet.models import get_spec
     from fracdet.training.augment import AugmentedImages, build_augmentation, epoch_indices
@@ -160,7 +172,8 @@ def _fracdet_batches(table, config):
         annotations = [(b if isinstance(b, list) else [], p if isinstance(p, list) else [])
                        for b, p in zip(pixels.table["boxes"], pixels.table["polygons"], strict=True)]  # fmt: skip
     dataset = AugmentedImages(pixels.images, labels, build_augmentation(config.augment), annotations=annotations,
-                              mask_target=config.localise.target, seed=config.seed)  # fmt: skip
+                              mask_target=config.localise.target, seed=config.seed,
+                              defer=config.augment_on == "device")  # fmt: skip
     epoch = 0
     while True:
         dataset.epoch = epoch
@@ -169,8 +182,12 @@ def _fracdet_batches(table, config):
                                                                     config.batch_size)]  # fmt: skip
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.workers,
                                              pin_memory=torch.cuda.is_available())  # fmt: skip
-        for x, y, *masks in loader:
-            yield x, y, masks[0] if masks else None
+        for (x, y, *masks), batch in zip(loader, batches, strict=True):
+            mask = masks[0] if masks else None
+            if dataset.defer:
+                x, mask = x.to(device, non_blocking=True), None if mask is None else mask.to(device)
+                x, mask = dataset.augment_batch(x, mask, [position for position, _ in batch])
+            yield x, y, mask
         epoch += 1
 
 

@@ -419,3 +419,39 @@ def test_compiled_training_steps_train_the_weights_of_eager_ones(sample_root, ca
     # Adam turns the float rounding of a near-zero gradient into a step of up to the learning rate: at most
     # one per step (4 steps of 8 of the 27 training images) apart
     assert difference.max() <= 4 * 0.001
+
+
+def test_augmenting_on_the_device_gives_the_batches_the_loader_gives():
+    from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin
+    from fracdet.training.config import StabilityConfig
+
+    recipe = load_config(REPO / "configs" / "localiser.yaml")  # flips, affine, contrast, JPEG/WebP, rescaling
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64), dtype=np.uint8)
+    boxes = [([[0.1 * k, 0.2, 0.1 * k + 0.3, 0.6]], []) for k in range(6)]
+
+    def dataset(defer: bool) -> AugmentedImages:
+        return AugmentedImages(images, np.arange(6) % 2, build_augmentation(recipe.augment), annotations=boxes,
+                               twin=build_twin(StabilityConfig(weight=1.0)), seed=4, defer=defer)  # fmt: skip
+
+    loader, deferred = dataset(False), dataset(True)
+    loader.epoch = deferred.epoch = 2
+    items = [(position, (3 * position) % 6) for position in range(6)]
+    expected = torch.utils.data.default_collate([loader[item] for item in items])
+    raw = torch.utils.data.default_collate([deferred[item] for item in items])
+    assert raw[0].shape == (6, 1, 64, 64)  # as stored: one view, not augmented yet
+    x, mask = deferred.augment_batch(raw[0], raw[2], [position for position, _ in items])
+    assert x.shape == expected[0].shape == (6, 2, 64, 64)
+    assert torch.equal(x, expected[0]) and torch.equal(mask, expected[2])
+    assert not torch.equal(x[:, :1], raw[0])  # it did augment
+
+
+def test_a_run_augmented_on_the_device_trains_the_run_augmented_in_the_loader(sample_root, cache_dir, tmp_path):
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    settings = {"epochs": 2, "augment.hflip": 0.5, "augment.rotation": 10, "augment.contrast": 0.2}
+    train(tiny_config(**settings), manifest, tmp_path / "loader", cache=cache)
+    train(tiny_config(**settings, augment_on="device"), manifest, tmp_path / "device", cache=cache)
+    loader, device = (pd.read_csv(tmp_path / run / "metrics.csv") for run in ("loader", "device"))
+    columns = ["train_loss", "train_accuracy", "val_loss", "val_auc"]
+    pd.testing.assert_frame_equal(device[columns], loader[columns])
+    assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "device").values(),
+                                                  _weights(tmp_path / "loader").values(), strict=True))  # fmt: skip

@@ -15,7 +15,8 @@ intensities (contrast, re-encoding).
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ class Reencode(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not params["apply"]:
             return inpt
-        grey = Image.fromarray(inpt[0].numpy())
+        grey = Image.fromarray(inpt[0].cpu().numpy())  # the codecs run on the CPU, wherever the batch is
         side = grey.size
         if params["factor"] < 1.0:
             small = (max(8, round(side[0] * params["factor"])), max(8, round(side[1] * params["factor"])))
@@ -70,7 +71,7 @@ class Reencode(v2.Transform):
         buffer = io.BytesIO()
         grey.save(buffer, format=params["format"], quality=params["quality"])
         decoded = Image.open(io.BytesIO(buffer.getvalue())).convert("L").resize(side, Image.Resampling.BILINEAR)
-        return tv_tensors.wrap(torch.from_numpy(np.asarray(decoded).copy()).unsqueeze(0), like=inpt)
+        return tv_tensors.wrap(torch.from_numpy(np.asarray(decoded).copy()).unsqueeze(0).to(inpt.device), like=inpt)
 
 
 def build_augmentation(config: AugmentConfig) -> v2.Transform | None:
@@ -112,6 +113,11 @@ class AugmentedImages(Dataset):
     Items are asked for as ``(position, index)``: image ``index``, augmented with the random numbers of
     ``position`` in epoch :attr:`epoch` (see the module docstring). A plain ``index`` draws from the global
     random state instead.
+
+    With ``defer``, items come as they are stored (the mask drawn, nothing moved) and the training loop
+    augments the batch where it trains, on the GPU (:meth:`augment_batch`): the same transforms with the
+    same random numbers, so the batch is the one the data-loading processes would have made (the JPEG/WebP
+    round trip of re-encoding runs on the CPU either way).
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class AugmentedImages(Dataset):
         mask_target: str = "box",
         twin: v2.Transform | None = None,
         seed: int = 0,
+        defer: bool = False,
     ) -> None:
         self.images = images
         self.labels = np.asarray(labels, np.int64)
@@ -132,6 +139,7 @@ class AugmentedImages(Dataset):
         self.mask_target = mask_target
         self.twin = twin
         self.seed = seed
+        self.defer = defer
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -141,28 +149,56 @@ class AugmentedImages(Dataset):
         if isinstance(item, int | np.integer):
             return self._item(int(item))
         position, index = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0]))
+        with self._random_numbers_of(position):
             return self._item(index)
 
-    def _item(self, index: int) -> tuple[torch.Tensor, ...]:
-        x = tv_tensors.Image(torch.from_numpy(self.images[index]).unsqueeze(0))
-        label = int(self.labels[index])
-        if self.annotations is None:
-            x = self.transform(x) if self.transform is not None else x
-            return self._with_twin(x), label
-        boxes, polygons = self.annotations[index]
-        mask = tv_tensors.Mask(
-            torch.from_numpy(fracture_mask(x.shape[-1], boxes, polygons, target=self.mask_target, instances=True))
-        )
-        if self.transform is not None:
-            x, mask = self.transform(x, mask)
-        return self._with_twin(x), label, mask.as_subclass(torch.Tensor)
+    def augment_batch(
+        self, images: torch.Tensor, masks: torch.Tensor | None, positions: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment a deferred batch on its own device: ``(B, 1, H, W)`` images (and ``(B, H, W)`` masks) of
+        the epoch's ``positions`` -> what :meth:`__getitem__` would have given without ``defer``."""
+        views, moved = [], []
+        for k, position in enumerate(positions):
+            with self._random_numbers_of(position):
+                x, mask = self._augment(images[k], None if masks is None else masks[k])
+            views.append(x)
+            moved.append(mask)
+        return torch.stack(views), None if masks is None else torch.stack(moved)
 
-    def _with_twin(self, x: tv_tensors.Image) -> torch.Tensor:
-        if self.twin is None:
-            return x.as_subclass(torch.Tensor)
-        return torch.cat([x, self.twin(x)]).as_subclass(torch.Tensor)
+    @contextmanager
+    def _random_numbers_of(self, position: int) -> Iterator[None]:
+        """The global random state of ``position`` in :attr:`epoch`, restored afterwards."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0]))
+            yield
+
+    def _item(self, index: int) -> tuple[torch.Tensor, ...]:
+        x = torch.from_numpy(self.images[index]).unsqueeze(0)
+        label = int(self.labels[index])
+        mask = None
+        if self.annotations is not None:
+            boxes, polygons = self.annotations[index]
+            mask = torch.from_numpy(
+                fracture_mask(x.shape[-1], boxes, polygons, target=self.mask_target, instances=True)
+            )
+        if not self.defer:
+            x, mask = self._augment(x, mask)
+        return (x, label) if mask is None else (x, label, mask)
+
+    def _augment(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(1, H, W)`` uint8 (and its ``(H, W)`` mask) -> the augmented image, with its re-saved twin when
+        stability training is on, and the mask moved with it; plain tensors, on the device they came on."""
+        x = tv_tensors.Image(x)
+        if mask is None:
+            x = self.transform(x) if self.transform is not None else x
+        else:
+            mask = tv_tensors.Mask(mask)
+            if self.transform is not None:
+                x, mask = self.transform(x, mask)
+            mask = mask.as_subclass(torch.Tensor)
+        if self.twin is not None:
+            x = torch.cat([x, self.twin(x)])
+        return x.as_subclass(torch.Tensor), mask
 
 
 def epoch_indices(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:

@@ -154,6 +154,9 @@ class TrainConfig:
         select_on: split whose metric picks the best checkpoint. ``val`` always, except to reproduce the
             paper's selection on the test split (``test``), which every report marks as not honest.
         workers: data-loading processes (0: in the training process).
+        augment_on: where the augmentation runs: ``loader`` (in the data-loading processes) or ``device``
+            (on the training device, batch by batch: a GPU's time instead of the CPU cores'; the same
+            transforms and random numbers, so the same batches).
         localise: masks and loss weight of a localiser.
         stability: stability training against re-encoding and rescaling (off by default).
         init_from: a model folder or release name whose weights the run starts from instead of ImageNet's
@@ -180,6 +183,7 @@ class TrainConfig:
     deterministic: bool = False
     select_on: str = "val"
     workers: int = 0
+    augment_on: str = "loader"
     device: str = "auto"
     localise: LocaliseConfig = field(default_factory=LocaliseConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
@@ -205,6 +209,7 @@ class TrainConfig:
         _one_of("balance", self.balance, ("none", "class_weights", "sampler", "undersample"))
         _one_of("select_on", self.select_on, ("val", "test"))
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("augment_on", self.augment_on, ("loader", "device"))
         self.optimizer.check()
         self.schedule.check()
         self.localise.check()

@@ -261,7 +261,8 @@ def train(
     annotations = _annotations(pixels.table, "train") if localise else None
     dataset = AugmentedImages(train_images, train_labels, build_augmentation(config.augment),
                               annotations=annotations, mask_target=config.localise.target,
-                              twin=build_twin(config.stability), seed=config.seed)  # fmt: skip
+                              twin=build_twin(config.stability), seed=config.seed,
+                              defer=config.augment_on == "device")  # fmt: skip
     stable = config.stability.weight > 0
 
     start_epoch, history, best, bad_epochs = 0, [], None, 0
@@ -300,11 +301,13 @@ def train(
         with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
             for step, ((x, y, *masks), batch) in enumerate(zip(loader, batches, strict=True)):
                 x, y = x.to(device, non_blocking=True), y.to(device)
+                mask = masks[0].to(device, non_blocking=True) if masks else None
+                if dataset.defer:  # augmented here, on the device, as the loader would have
+                    x, mask = dataset.augment_batch(x, mask, [position for position, _ in ranks.shard(batch)])
                 if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
                     x = torch.cat([x[:, :1], x[:, 1:]])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     outputs = network(normalise(x, preprocess))
-                mask = masks[0].to(device) if masks else None
                 if stable:
                     outputs, copies = split_views(outputs, len(y))
                 loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
