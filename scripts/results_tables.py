@@ -163,6 +163,54 @@ def lever_table(runs: Path, evals: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+LOCALISER_FIGURES = {  # column -> (part of the lesion report, key); image AUC and pointing game are apart
+    "localised sens. @suspicious, IoU": "localised_sensitivity_iou@suspicious",
+    "localised sens. @suspicious, centre": "localised_sensitivity_centre@suspicious",
+    "FROC @1 FP (IoU)": "froc_iou@1",
+    "mAP50 fractured": "map50_fractured",
+    "false boxes / normal @suspicious": "false_boxes_per_normal@suspicious",
+}
+
+
+def localiser_seed_table(evals: Path) -> pd.DataFrame:
+    """A localiser recipe's seeds on one split, each figure on all images and without surgical hardware, with
+    the mean and standard deviation over seeds (the issue-15 targets are means of 3 seeds).
+
+    Reads reports named ``NAME-seedK-SPLIT`` that carry lesion figures (``fracdet evaluate`` of a localiser);
+    one row per report, then one ``mean ± sd`` row per ``NAME ... SPLIT`` with two or more seeds.
+    """
+    rows = []
+    for report in sorted(evals.glob("*/metrics.json")):
+        match = re.fullmatch(r"(.+)-seed(\d+)-(.+)", report.parent.name)
+        m = json.loads(report.read_text())
+        if not match or not m.get("lesions"):
+            continue
+        row = {"recipe": match[1], "seed": int(match[2]), "report": match[3], "images": m["images"]}
+        for part, suffix in (("all", ""), ("without_hardware", " (no hardware)")):
+            figures = m["lesions"].get(part)
+            if figures is None:
+                continue
+            row["image AUC" + suffix] = figures["image_auc"]["value"]
+            for column, key in LOCALISER_FIGURES.items():
+                row[column + suffix] = figures[key]["value"]
+        row["pointing game"] = m["localisation"]["pointing_game"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    out = []
+    for (recipe, name), group in table.groupby(["recipe", "report"], sort=True):
+        out += [
+            {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in group.to_dict("records")
+        ]
+        if len(group) > 1:
+            numbers = group.drop(columns=["recipe", "seed", "report", "images"])
+            out.append({"recipe": recipe, "seed": f"mean ± sd of {len(group)}", "report": name,
+                        "images": group["images"].iloc[0],
+                        **{k: f"{numbers[k].mean():.3f} ± {numbers[k].std(ddof=1):.3f}" for k in numbers}})  # fmt: skip
+    return pd.DataFrame(out)
+
+
 def _flips(report: Path) -> str:
     """Verdict flip rates of a ``--stability`` report, or ``-`` when there is none."""
     if not report.is_file():
@@ -191,6 +239,10 @@ def main() -> None:
     if not levers.empty:
         print("\n## Localiser levers, on validation (seed 0 each)\n")
         print(levers.to_markdown(index=False))
+    localisers = localiser_seed_table(evals)
+    if not localisers.empty:
+        print("\n## Localiser recipes across seeds (each figure also without surgical hardware)\n")
+        print(localisers.to_markdown(index=False))
     if args.data:
         print("\n## By fracture size and surgical hardware (mean over seeds; each size against all normals)\n")
         print(fracture_size_table(evals, Path(args.data)).to_markdown(index=False))
