@@ -46,9 +46,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def single_image(model_name: str, files: list[Path], rounds: int) -> dict:
+def single_image(model_name: str, files: list[Path], rounds: int, backend: str = "auto") -> dict:
     model = load(model_name)
-    predictor = Predictor(model)
+    predictor = Predictor(model, backend=backend)
     blobs = [f.read_bytes() for f in files]
     predictor.predict_bytes(blobs[0])  # warm-up: first call allocates
     stages: dict[str, list[float]] = {}
@@ -114,8 +114,9 @@ def main() -> None:
     parser.add_argument("--images", default="samples/fracatlas/images")
     parser.add_argument("--limit", type=int, default=20, help="sample images used")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8, help="0: no server measurement")
     parser.add_argument("--requests", type=int, default=6, help="requests per client")
+    parser.add_argument("--backend", default="auto", help="the single-image path's: auto, onnxruntime or pytorch")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
     files = [f for f in collect_inputs([args.images]) if readable(f)][: args.limit]  # refused files are not timed
@@ -124,8 +125,9 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "images": len(files),
-        "single_image": single_image(args.model, files, args.rounds),
-        "server": concurrent_clients(args.model, files, args.clients, args.requests),
+        "backend": args.backend,
+        "single_image": single_image(args.model, files, args.rounds, args.backend),
+        "server": concurrent_clients(args.model, files, args.clients, args.requests) if args.clients else None,
     }
     print(json.dumps(result, indent=2))
     if args.out:
