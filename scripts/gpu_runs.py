@@ -20,6 +20,13 @@ On the GPU machine, from the repository root (see docs/RESULTS.md, "GPU runs", f
     PYTHONPATH=src:.device/site python3 scripts/gpu_runs.py --data .device/fracatlas-384/manifest.csv \\
         --out $OUT --deadline 530 --parallel 7 --fit-epochs
 
+Runs of one's own replace the default list, e.g. the localiser with and without stability training
+(``SIZE=320 LITE=1 bash scripts/gpu_prepare.sh`` first)::
+
+    PYTHONPATH=src:.device/site python3 scripts/gpu_runs.py --data .device/fracatlas-320/manifest.csv \\
+        --config configs/localiser.yaml --set model=localiser_lite1 --set workers=3 --out $OUT --deadline 510 \\
+        --parallel 5 --run stable-seed0 seed=0 stability.weight=1 --run plain-seed0 seed=0
+
 Back here: ``tar -xzf NAME.tar.gz -C runs/gpu`` and ``fracdet evaluate runs/gpu/NAME --data ORIGINAL``.
 """
 
@@ -74,10 +81,16 @@ def bundle(run: Path, out: Path) -> Path | None:
     return target
 
 
+def recipes(args: argparse.Namespace) -> dict[str, list[str]]:
+    """name -> overrides: the ``--run`` definitions when given, else :data:`DEFAULT_RUNS`."""
+    return {name: list(overrides) for name, *overrides in args.run} if args.run else DEFAULT_RUNS
+
+
 def _configs(args: argparse.Namespace, names: list[str]) -> dict:
     from fracdet.training import load_config
 
-    return {name: load_config(args.config, [*DEFAULT_RUNS[name], *args.set]) for name in names}
+    runs = recipes(args)
+    return {name: load_config(args.config, [*runs[name], *args.set]) for name in names}
 
 
 def training_rate(config, until: float, seconds: float = 8.0) -> float:
@@ -130,7 +143,8 @@ def fit_epochs(args: argparse.Namespace, configs: dict, train_images: int, val_i
     until = time.time() + 30  # imports and model builds of every process fit in this
     probes = {
         name: subprocess.Popen([sys.executable, __file__, "--data", args.data, "--out", args.out, "--config",
-                                args.config, *[x for kv in args.set for x in ("--set", kv)], "--only", name,
+                                args.config, *[x for kv in args.set for x in ("--set", kv)],
+                                *[x for run in args.run for x in ("--run", *run)], "--only", name,
                                 "--probe-until", str(until)], stdout=subprocess.PIPE, text=True, env=RUN_ENV)
         for name in configs
     }  # fmt: skip
@@ -204,7 +218,15 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="where the bundles go ($OUT on the GPU machine)")
     parser.add_argument("--runs-dir", default="/tmp/fracdet-runs")
     parser.add_argument("--deadline", type=float, default=420, help="seconds after which no run continues")
-    parser.add_argument("--only", nargs="+", help="names from the default list to run (default: all, in order)")
+    parser.add_argument(
+        "--run",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="a run of your own: NAME [KEY=VALUE ...] (repeat; replaces the default list)",
+    )
+    parser.add_argument("--only", nargs="+", help="names from the run list to run (default: all, in order)")
     parser.add_argument("--set", action="append", default=[], help="override for every run (KEY=VALUE)")
     parser.add_argument("--parallel", type=int, default=1, help="runs training at the same time")
     parser.add_argument("--fit-epochs", action="store_true", help="as many epochs as fit the deadline")
@@ -218,7 +240,11 @@ def main() -> int:
     out, runs_dir = Path(args.out), Path(args.runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(DEFAULT_RUNS)
+    runs = recipes(args)
+    unknown = set(args.only or ()) - set(runs)
+    if unknown:
+        parser.error(f"not in the run list: {', '.join(sorted(unknown))}")
+    names = args.only or list(runs)
     configs = _configs(args, names)
     train_images, val_images = prewarm(args.data, {c.input_size for c in configs.values()})
     extra = list(args.set)
@@ -239,7 +265,7 @@ def main() -> int:
         left = args.deadline - (time.monotonic() - started)
         while waiting and len(running) < args.parallel and left >= 30:
             name = waiting.pop(0)
-            overrides = [x for kv in [*DEFAULT_RUNS[name], *extra] for x in ("--set", kv)]
+            overrides = [x for kv in [*runs[name], *extra] for x in ("--set", kv)]
             command = [sys.executable, "-m", "fracdet", "train", "--config", args.config, "--data", args.data,
                        "--out", str(runs_dir / name), *overrides]  # fmt: skip
             print(f"{name}: {' '.join(command[1:])} ({left:.0f} s left)", flush=True)

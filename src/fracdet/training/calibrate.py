@@ -131,7 +131,7 @@ def fit_fusion(
     else:
         weights[0] = 1.0
     fitted = torch.zeros_like(fusion)
-    fitted[columns] = torch.tensor(weights, dtype=fusion.dtype)
+    fitted[columns] = torch.tensor(weights, dtype=fusion.dtype, device=fusion.device)
     fitted[2] = bias
     fusion.copy_(fitted)
     aucs = {names[c]: float(roc_auc_score(y, x[:, k])) for k, c in enumerate(columns)}
