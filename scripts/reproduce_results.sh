@@ -90,9 +90,9 @@ done
 # seed 1, packaged with
 #   fracdet release runs/gpu320/gpu-seed1 --name fracatlas-default --version 0.3.0 \
 #       --report runs/eval/gpu320-gpu-seed1-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
-# and the split manifest of 0.2.0. The committed weights are re-measured here, with heatmaps and the
-# threshold resampling of the model card.
-"$F" evaluate fracatlas-default --data "$FA" --split test --out runs/eval/release-fracatlas-default-test
+# and the split manifest of 0.2.0; renamed fracatlas-classifier when 1.0.0 (section 6) took the name. The committed
+# weights are re-measured here, with heatmaps and the threshold resampling of the model card.
+"$F" evaluate fracatlas-classifier --data "$FA" --split test --out runs/eval/release-fracatlas-default-test
 
 # On a GPU (docs/RESULTS.md, "GPU runs"): configs/default-gpu.yaml (Lite2, 384 px, 18 epochs) with seeds 0-2
 # and one lever each, and the same 3 seeds at 320 px, trained on a lent GPU by scripts/gpu_runs.py and
@@ -120,8 +120,8 @@ done
 # 6. Where: the localiser (configs/localiser.yaml: EfficientNet-Lite0 + map head, 256 px, 8 CPU epochs), seed 0.
 # The release rule of RESULTS.md section 6 reads validation first; the test split is read after it.
 train localiser-lite0-256-seed0 --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv
-"$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split val --compare fracatlas-default --out runs/eval/localiser-lite0-256-seed0-val
-"$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split test --compare fracatlas-default --out runs/eval/localiser-lite0-256-seed0-test
+"$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split val --compare fracatlas-classifier --out runs/eval/localiser-lite0-256-seed0-val
+"$F" evaluate runs/localiser-lite0-256-seed0 --data "$FA" --split test --compare fracatlas-classifier --out runs/eval/localiser-lite0-256-seed0-test
 "$F" evaluate runs/localiser-lite0-256-seed0 --data "$MR" --split all --exclude-shared-with "$FA" --no-heatmaps --bootstrap 300 --out runs/eval/study5-localiser-on-multiregion
 # The levers of issue 15, one seed each, compared on validation only (scripts/results_tables.py prints the table):
 # augmentation (no re-encoding), the detection head, resolution, backbone.
@@ -136,7 +136,7 @@ for run in localiser-lite0-256-seed0 localiser-lite0-256-noreencode-seed0 detect
     [ "$run" = localiser-lite0-256-seed0 ] || "$F" evaluate "runs/$run" --data "$FA" --split val --out "runs/eval/$run-val"
     "$F" evaluate "runs/$run" --data "$FA" --split val --stability --no-heatmaps --bootstrap 300 --out "runs/eval/$run-val-stability"
     # fusion with the classifier: the localiser's score also weighs 0.3.0's margin (weights fitted on val)
-    "$F" ensemble "runs/$run" fracatlas-default --out "runs/fused-$run"
+    "$F" ensemble "runs/$run" fracatlas-classifier --out "runs/fused-$run"
     "$F" evaluate "runs/fused-$run" --data "$FA" --split val --out "runs/eval/fused-$run-val"
 done
 # The recipe chosen on seed 0's fused validation AUC (Lite1 at 256 px), with seeds 0-2, each fused with 0.3.0
@@ -145,21 +145,45 @@ done
 # split of the manifest and on the repaired one (its leakage-free subset).
 for seed in 0 1 2; do
     train localiser-lite1-256-seed$seed --config configs/localiser.yaml --data "$FA" --splits splits/fracatlas_seed0.csv --set model=localiser_lite1 --set seed=$seed
-    [ -f runs/fused-localiser-lite1-256-seed$seed/model.json ] || "$F" ensemble runs/localiser-lite1-256-seed$seed fracatlas-default --half --out runs/fused-localiser-lite1-256-seed$seed
-    "$F" evaluate runs/fused-localiser-lite1-256-seed$seed --data "$FA" --split val --compare fracatlas-default --out runs/eval/fused-localiser-lite1-256-seed$seed-val
+    [ -f runs/fused-localiser-lite1-256-seed$seed/model.json ] || "$F" ensemble runs/localiser-lite1-256-seed$seed fracatlas-classifier --half --out runs/fused-localiser-lite1-256-seed$seed
+    "$F" evaluate runs/fused-localiser-lite1-256-seed$seed --data "$FA" --split val --compare fracatlas-classifier --out runs/eval/fused-localiser-lite1-256-seed$seed-val
 done
 for seed in 0 1 2; do
-    "$F" evaluate runs/fused-localiser-lite1-256-seed$seed --data "$FA" --split test --compare fracatlas-default --out runs/eval/fused-localiser-lite1-256-seed$seed-test
-    "$F" evaluate runs/fused-localiser-lite1-256-seed$seed --data "$FA" --splits splits/fracatlas_seed0_repaired.csv --split test --compare fracatlas-default --out runs/eval/fused-localiser-lite1-256-seed$seed-testrepaired
+    "$F" evaluate runs/fused-localiser-lite1-256-seed$seed --data "$FA" --split test --compare fracatlas-classifier --out runs/eval/fused-localiser-lite1-256-seed$seed-test
+    "$F" evaluate runs/fused-localiser-lite1-256-seed$seed --data "$FA" --splits splits/fracatlas_seed0_repaired.csv --split test --compare fracatlas-classifier --out runs/eval/fused-localiser-lite1-256-seed$seed-testrepaired
 done
 # the release rule's latency (rule 3), side by side in one sitting
-.venv/bin/python benchmarks/latency.py --model runs/fused-localiser-lite0-256-noreencode-seed0
-.venv/bin/python benchmarks/latency.py --model fracatlas-default
+.venv/bin/python benchmarks/latency.py --model runs/fused-localiser-lite1-256-seed0 --backend pytorch --clients 0 --out benchmarks/results-fused-lite1-cpu2.json
+.venv/bin/python benchmarks/latency.py --model fracatlas-classifier --backend pytorch --clients 0 --out benchmarks/results-default-pytorch-cpu2.json
 .venv/bin/python scripts/reencode_flips.py runs/localiser-lite0-256-seed0 --data "$FA" --split test --quality 75
-.venv/bin/python scripts/reencode_flips.py fracatlas-default --data "$FA" --split test --quality 75
+.venv/bin/python scripts/reencode_flips.py fracatlas-classifier --data "$FA" --split test --quality 75
+# Stability training from the start, on a lent GPU (RESULTS.md section 6): `SIZE=320 LITE=1 bash scripts/gpu_prepare.sh`,
+# then there the command in scripts/gpu_runs.py's docstring with --run stable-seed{0,1,2} (seed=K stability.weight=1),
+# plain-seed0 (seed=0) and stable-w3-seed0 (seed=0 stability.weight=3); unpacked into runs/gpu-stable, each run's
+# splits.csv (the packed rows) replaced by 0.3.0's full manifest after checking its train and val rows are equal.
+for run in stable-seed0 stable-seed1 stable-seed2 plain-seed0; do
+    [ -f "runs/gpu-stable/$run/model.json" ] || continue
+    "$F" ensemble "runs/gpu-stable/$run" fracatlas-classifier --half --data "$FA" --out "runs/fused-gpu-stable/$run"
+    "$F" evaluate "runs/fused-gpu-stable/$run" --data "$FA" --split val --stability --compare fracatlas-classifier --out "runs/eval/fused-gpu-$run-val-stability"
+done
+"$F" evaluate runs/fused-localiser-lite1-256-seed0 --data "$FA" --split val --stability --no-heatmaps --out runs/eval/fused-localiser-lite1-256-seed0-val-stability
+# The release 1.0.0 (the rule held; the stability recipe did not replace the candidate): seed 0, fused again with
+# the classifier under its new name (the same weights), released with its test report, then its input gate.
+"$F" ensemble runs/localiser-lite1-256-seed0 fracatlas-classifier --half --data "$FA" --out runs/release-fused-localiser-lite1-256-seed0
+cp runs/localiser-lite1-256-seed0/{config.yaml,metrics.csv,curves.png} runs/release-fused-localiser-lite1-256-seed0/
+#   fracdet release runs/release-fused-localiser-lite1-256-seed0 --name fracatlas-default --version 1.0.0 \
+#       --report runs/eval/fused-localiser-lite1-256-seed0-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
+#   fracdet gate fracatlas-default --data "$FA" --extra "$MR=splits/multiregion_seed0.csv"
+"$F" evaluate fracatlas-default --data "$FA" --split test --compare fracatlas-classifier --out runs/eval/release-fracatlas-default-1.0.0-test
+# its card's latency (docs/BENCHMARKS.md) and input gate on the held-out non-radiographs (docs/RELIABILITY.md)
+.venv/bin/python benchmarks/latency.py --model fracatlas-default --clients 0 --out benchmarks/results-default-1.0.0-cpu2.json
+.venv/bin/python benchmarks/latency.py --model fracatlas-default --backend pytorch --clients 0 --out benchmarks/results-default-1.0.0-pytorch-cpu2.json
+.venv/bin/python benchmarks/latency.py --model fracatlas-classifier --clients 0 --out benchmarks/results-classifier-0.3.0-cpu2.json
+.venv/bin/python benchmarks/input_gate.py fracatlas-default --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.0.0.json
 
 # docs/RELIABILITY.md: does the shipped model's verdict survive re-saving (PNG, JPEG 95/75, WebP 80, half size)?
-"$F" evaluate fracatlas-default --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-test
+"$F" evaluate fracatlas-default --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-1.0.0-test
+"$F" evaluate fracatlas-classifier --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-test
 
 # The tables of RESULTS.md, with sensitivity by fracture size and surgical hardware.
 .venv/bin/python scripts/results_tables.py --data "$FA"

@@ -193,7 +193,7 @@ def localiser_seed_table(evals: Path) -> pd.DataFrame:
             row["image AUC" + suffix] = figures["image_auc"]["value"]
             for column, key in LOCALISER_FIGURES.items():
                 row[column + suffix] = figures[key]["value"]
-        row["pointing game"] = m["localisation"]["pointing_game"]
+        row["pointing game"] = (m.get("localisation") or {}).get("pointing_game", float("nan"))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
@@ -209,6 +209,25 @@ def localiser_seed_table(evals: Path) -> pd.DataFrame:
                         "images": group["images"].iloc[0],
                         **{k: f"{numbers[k].mean():.3f} ± {numbers[k].std(ddof=1):.3f}" for k in numbers}})  # fmt: skip
     return pd.DataFrame(out)
+
+
+def stability_table(evals: Path) -> pd.DataFrame:
+    """Reports made with ``--stability`` (``NAME-SPLIT-stability``): the image AUC and, at the model's own
+    operating point, the verdict flip rate for each re-saved variant and their mean (issue 16)."""
+    rows = []
+    for report in sorted(evals.glob("*-stability/metrics.json")):
+        m = json.loads(report.read_text())
+        variants = (m.get("stability") or {}).get("variants")
+        if not variants:
+            continue
+        flips = {k: variants[k]["flip_rate"] for k in ("jpeg95", "jpeg75", "webp80", "half")}
+        mean = (flips["jpeg75"] + flips["webp80"] + flips["half"]) / 3
+        rows.append({"report": report.parent.name, "images": m["images"],
+                     "AUC": f"{m['operating_points'][m['default_operating_point']]['auc']:.3f}",
+                     **{f"flips {k}": f"{v:.3f}" for k, v in flips.items()},
+                     "mean flips (jpeg75, webp80, half)": f"{mean:.3f}",
+                     "median abs dp, jpeg75": f"{variants['jpeg75']['median_abs_change']:.4f}"})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def _flips(report: Path) -> str:
@@ -243,6 +262,10 @@ def main() -> None:
     if not localisers.empty:
         print("\n## Localiser recipes across seeds (each figure also without surgical hardware)\n")
         print(localisers.to_markdown(index=False))
+    stability = stability_table(evals)
+    if not stability.empty:
+        print("\n## Verdict stability under re-saving (--stability reports)\n")
+        print(stability.to_markdown(index=False))
     if args.data:
         print("\n## By fracture size and surgical hardware (mean over seeds; each size against all normals)\n")
         print(fracture_size_table(evals, Path(args.data)).to_markdown(index=False))

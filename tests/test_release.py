@@ -1,4 +1,8 @@
-"""The shipped model: loads on the CPU, is small, travels with its split, and reproduces its model card."""
+"""The shipped models: load on the CPU, are small, travel with their split, and reproduce their model cards.
+
+``fracatlas-default`` (1.x) is the fracture localiser fused with the classifier: it says whether and where.
+``fracatlas-classifier`` (0.3.0, the default before it) is the paper's kind of model, kept as the baseline.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +11,62 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fracdet.data import load_dataset
 from fracdet.data.split import apply_manifest
 from fracdet.evaluation import evaluate
 from fracdet.inference import Predictor, collect_inputs
 from fracdet.models import list_releases, load
-from fracdet.models.release import releases_dir
+from fracdet.models.release import REPORTED_LESION_FIGURES, releases_dir
 from fracdet.utils.cache import FeatureCache
 from tests.conftest import REPO
 
-NAME = "fracatlas-default"
+#: release name -> the task it does
+RELEASES = {"fracatlas-default": "localise", "fracatlas-classifier": "classify"}
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load(NAME)
+@pytest.fixture(scope="module", params=list(RELEASES))
+def model(request):
+    return load(request.param)
 
 
-def test_the_default_model_is_released_small_and_calibrated(model):
-    assert NAME in list_releases()
-    assert (releases_dir() / NAME / "model.safetensors").stat().st_size <= 25 * 2**20
-    assert model.arch == "efficientnet_lite2" and model.preprocess.input_size == 320 and model.version != "unversioned"
+def test_each_model_is_released_small_and_calibrated_on_the_committed_split(model):
+    assert model.name in list_releases()
+    assert (releases_dir() / model.name / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert model.task == RELEASES[model.name] and model.preprocess.input_size == 320
+    assert model.version != "unversioned" and model.meta["selected_on"] == "val"
     assert model.operating_point == "sens90" and 0 < model.threshold < 1 and model.temperature > 0
-    assert model.meta["selected_on"] == "val"
     shipped = pd.read_csv(model.splits_path)
     committed = pd.read_csv(REPO / "splits" / "fracatlas_seed0.csv")
     assert set(shipped["path"]) == set(committed["path"])
     assert (shipped.set_index("path")["split"] == committed.set_index("path")["split"]).all()
 
 
+def test_the_default_localiser_carries_the_released_classifier_and_two_operating_points():
+    default, classifier = load("fracatlas-default"), load("fracatlas-classifier")
+    assert default.version.split(".")[0] == "1" and classifier.version == "0.3.0"
+    assert set(default.levels) == {"suspicious", "definite"}
+    assert default.levels["suspicious"] == pytest.approx(default.thresholds["sens90"])
+    assert default.levels["definite"] == pytest.approx(default.thresholds["spec95"])
+    inside = default.module.classifiers[0].state_dict()
+    for key, weight in classifier.module.state_dict().items():  # the same float16-stored weights
+        assert torch.equal(inside[key], weight), key
+
+
 def test_the_model_card_states_the_reported_numbers(model):
     card = (releases_dir() / "README.md").read_text()
-    reported = model.meta["reported"]["test"]
-    assert f"{reported['auc']:.3f}" in card
-    assert model.meta["reported"]["command"] in card
+    reported = model.meta["reported"]
+    assert f"`{model.name}` {model.version}" in card
+    assert f"{reported['test']['auc']:.3f}" in card and reported["command"] in card
+    for key, figure in reported.get("lesions", {}).items():
+        if key != "levels":
+            value = figure["value"] if isinstance(figure, dict) else figure
+            assert f"{value:.3f}" in card, key
 
 
-def test_the_default_model_predicts_the_bundled_sample_on_cpu(model, sample_root):
-    predictor = Predictor(model)
-    table = predictor.predict_files(collect_inputs([sample_root / "images"]))
+def test_each_model_predicts_the_bundled_sample_on_cpu(model, sample_root):
+    table = Predictor(model).predict_files(collect_inputs([sample_root / "images"]))
     readable = table[table["error"].isna()]
     assert len(readable) >= 40
     assert readable["probability"].between(0, 1).all()
@@ -54,13 +74,17 @@ def test_the_default_model_predicts_the_bundled_sample_on_cpu(model, sample_root
 
 
 @pytest.mark.shared
-def test_the_default_model_reproduces_its_card_on_its_own_test_split(model, shared_data, cache_dir):
+def test_each_model_reproduces_its_card_on_its_own_test_split(model, shared_data, cache_dir):
     table = apply_manifest(load_dataset(shared_data / "fracatlas"), model.splits_path)
     result = evaluate(model, table, split="test", n_boot=20, cache=FeatureCache(cache_dir))
-    reported = model.meta["reported"]["test"]
+    reported = model.meta["reported"]
     point = result.points["sens90"]
     assert result.thresholds["sens90"] == pytest.approx(model.threshold, abs=1e-6)
     for metric in ("auc", "sensitivity", "specificity"):
-        assert point[metric] == pytest.approx(reported[metric], abs=2e-3), metric
-    assert len(result.predictions) == reported["images"]
+        assert point[metric] == pytest.approx(reported["test"][metric], abs=2e-3), metric
+    assert len(result.predictions) == reported["test"]["images"]
     assert np.isfinite(json.loads(json.dumps(result.to_dict()["calibration"]["ece_after"])))
+    if model.task == "localise":
+        for key in REPORTED_LESION_FIGURES:
+            value = result.lesions["all"][key]["value"]
+            assert value == pytest.approx(reported["lesions"][key]["value"], abs=2e-3), key

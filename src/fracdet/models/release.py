@@ -54,6 +54,18 @@ RELEASE_FILES = (
 )
 
 
+#: Lesion-level figures of a localiser's test report that its release keeps (value and 95% interval).
+REPORTED_LESION_FIGURES = (
+    "localised_sensitivity_iou@suspicious",
+    "localised_sensitivity_centre@suspicious",
+    "localised_sensitivity_iou@definite",
+    "froc_iou@1",
+    "map50_fractured",
+    "false_boxes_per_normal@suspicious",
+    "false_boxes_per_normal@definite",
+)
+
+
 def releases_dir() -> Path:
     """``$FRACDET_MODELS``, else the repository's ``models/`` folder."""
     if env := os.environ.get("FRACDET_MODELS"):
@@ -268,6 +280,14 @@ def package_release(
                                **{k: point[k] for k in keep}},
             "ece_after_temperature": metrics["calibration"]["ece_after"],
         }  # fmt: skip
+        if lesions := metrics.get("lesions"):  # a localiser's card also quotes where it finds fractures
+            every = lesions["all"]
+            meta["reported"]["lesions"] = {
+                "levels": lesions["levels"],
+                **{key: every[key] for key in REPORTED_LESION_FIGURES if key in every},
+            }
+            if (found := metrics.get("localisation")) and "pointing_game" in found:
+                meta["reported"]["lesions"]["pointing_game"] = found["pointing_game"]
     target = Path(dest or releases_dir()) / name
     target.mkdir(parents=True, exist_ok=True)
     for file in RELEASE_FILES:
