@@ -162,6 +162,10 @@ def test_a_fused_localiser_adds_each_classifiers_margin_to_its_own_parts_and_kee
     np.testing.assert_allclose(margins, expected.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(maps, dense.numpy(), rtol=1e-4, atol=1e-4)
     assert maps.shape == (3, 1, 8, 8)  # the localiser's stride-8 map of its own 64-px input
+    with torch.no_grad():
+        parts = fused.module.fusion_inputs(x)
+    assert parts.shape == (3, 4) and torch.equal(parts[:, 2], torch.ones(3))
+    np.testing.assert_allclose((parts @ weights).numpy(), margins, rtol=1e-4, atol=1e-4)
 
 
 def test_a_fused_localiser_is_fitted_on_val_and_reloads_and_exports_as_it_was_saved(tmp_path, cache_dir):

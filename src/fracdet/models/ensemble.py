@@ -101,6 +101,15 @@ class FusedLocaliser(nn.Module):
             image_logit = image_logit + self.fusion[3 + k] * logit_margin(classifier(_resized(x, size)))
         return (image_logit, dense), activations
 
+    def fusion_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, P)``: what :attr:`fusion` weighs, per image, in :attr:`fusion_names` order (the bias's
+        column is 1), so that ``fusion_inputs(x) @ fusion`` is the image logit. Says which part moves the
+        verdict when an image changes (``scripts/flip_parts.py``)."""
+        (head_logit, dense), _ = self.localiser.forward_parts(_resized(x, self.sizes[0]))
+        columns = [head_logit, dense[:, 0].flatten(1).amax(dim=1), torch.ones_like(head_logit)]
+        columns += [logit_margin(c(_resized(x, s))) for c, s in zip(self.classifiers, self.sizes[1:], strict=True)]
+        return torch.stack(columns, dim=1)
+
 
 def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
