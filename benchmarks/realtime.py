@@ -2,7 +2,7 @@
 
     python benchmarks/realtime.py --data ../shared/data/fracatlas [--baseline 68a96c8] [--images 200]
         [--rate 30] [--seconds 60] [--closed-seconds 30] [--predict-limit 0] [--parts e2e,server,predict]
-        [--out benchmarks/results-realtime.json]
+        [--serve-args "--threads 1"] [--out benchmarks/results-realtime.json]
 
 The baseline is checked out into a temporary git worktree and imported from there (``PYTHONPATH``), with the
 same Python packages, on the same machine, in the same run. Three comparisons, each on distinct FracAtlas
@@ -29,12 +29,14 @@ import json
 import os
 import platform
 import random
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +133,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(src: Path | None) -> tuple[subprocess.Popen, str]:
+def _start_server(src: Path | None, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fracdet", "serve", "--port", str(port)], env=_env(src),
+    proc = subprocess.Popen([sys.executable, "-m", "fracdet", "serve", "--port", str(port), *extra], env=_env(src),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -220,7 +222,7 @@ def server(checkouts: dict[str, Path | None], images: list[str], args: argparse.
     for name, src in checkouts.items():
         out[name] = {}
         for phase, load in phases.items():  # a fresh server each: no phase inherits another's backlog
-            proc, base = _start_server(src)
+            proc, base = _start_server(src, shlex.split(args.serve_args) if name == "now" else ())
             try:
                 out[name][phase] = asyncio.run(_load(base, files, **load))
             finally:
@@ -271,6 +273,8 @@ def main() -> None:
     parser.add_argument("--closed-seconds", type=float, default=30.0)
     parser.add_argument("--predict-limit", type=int, default=0, help="images for predict (0: all)")
     parser.add_argument("--parts", default="e2e,server,predict")
+    parser.add_argument("--serve-args", default="", help="more options for this checkout's `fracdet serve`, "
+                        "e.g. '--threads 1'")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results-realtime.json")
     args = parser.parse_args()
     if args.worker:

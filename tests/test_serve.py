@@ -75,8 +75,13 @@ def test_the_image_is_sent_back_only_when_a_browser_cannot_show_the_file_or_when
 def test_the_model_endpoint_names_the_back_end_and_the_workers(client):
     info = client.get("/api/v1/model").json()
     assert info["backend"] == "onnxruntime", "ONNX Runtime is installed by default, so it serves"
-    assert info["workers"] >= 1
+    assert info["workers"] >= 1 and info["threads_per_worker"] is None, "every core by default: the fastest answer"
     assert client.get("/api/v1/health").json()["backend"] == "onnxruntime"
+
+
+def test_threads_per_prediction_can_be_asked_for_and_are_reported(model):
+    with TestClient(create_app(model, ServeConfig(threads=1))) as one_each:
+        assert one_each.get("/api/v1/model").json()["threads_per_worker"] == 1
 
 
 def test_png_and_16_bit_uploads_are_read(client, sample_root):

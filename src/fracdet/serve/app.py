@@ -66,6 +66,11 @@ class ServeConfig:
         workers: predictions run at once (``None``: one per CPU core the process may use). The back end
             is thread-safe, so they share one model; memory stays bounded by the pixel limit times this.
         backend: ``auto`` (ONNX Runtime when installed, else PyTorch), ``onnxruntime`` or ``pytorch``.
+        threads: ONNX Runtime's intra-op threads per prediction (``None``: every core). Every core answers a
+            lone request fastest; under load every worker predicts at once and they share the cores, so
+            one thread each gives a little more throughput for a slower lone answer (on 2 cores: 24 against
+            20 ms for 1.0.0's graph alone, 12.7 against 15.2 ms per image with two at once;
+            ``docs/BENCHMARKS.md``). An emergency room asks for the first.
         access_token: when set, ``POST /api/v1/predict`` (uploads carry patient data) needs
             ``Authorization: Bearer <token>`` (HTTP 401 without it); health and model information stay open.
             Serve behind a TLS-terminating reverse proxy: a token sent in clear text protects nothing.
@@ -79,6 +84,7 @@ class ServeConfig:
     upload_idle_s: float = 10.0
     workers: int | None = None
     backend: str = "auto"
+    threads: int | None = None
     access_token: str | None = field(default=None, repr=False)
 
     @property
@@ -191,7 +197,8 @@ IMAGE = Query(False, description="also send the analysed image as PNG (``image_p
 def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``model``; its inference threads end with the app's lifespan."""
     config = config or ServeConfig()
-    predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels, backend=config.backend)
+    predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels, backend=config.backend,
+                          threads=config.threads)  # fmt: skip
     page = resources.files("fracdet.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     def executor() -> InferenceExecutor:
@@ -249,6 +256,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             "tta": model.tta,
             "backend": predictor.backend,
             "workers": config.worker_count,
+            "threads_per_worker": config.threads,  # null: ONNX Runtime's default, every core
             "limits": {
                 "max_upload_mb": config.max_upload_mb,
                 "max_pixels": config.max_pixels,
