@@ -149,11 +149,14 @@ def test_batched_folder_prediction_gives_the_rows_of_one_at_a_time(shipped, samp
     predictor = Predictor(shipped, heatmaps=False)
     batched = predictor.predict_files(paths, batch_size=4, decoders=3)
     single = predictor.predict_files(paths, batch_size=1, decoders=1)
+    concurrent = predictor.predict_files(paths, batch_size=2, decoders=2, scorers=3)  # batches scored at once
     assert list(batched["path"]) == [str(p) for p in paths], "rows keep the order of the files"
     errors = batched.set_index("path")["error"]
     assert errors.notna().sum() == 2 and "blank" in errors[str(folder / "blank.png")], "read and gate errors kept"
-    assert batched.drop(columns="probability").equals(single.drop(columns="probability"))
-    np.testing.assert_allclose(batched["probability"].astype(float), single["probability"].astype(float), atol=1e-5)
+    for other in (single, concurrent):
+        assert batched.drop(columns="probability").equals(other.drop(columns="probability"))
+        np.testing.assert_allclose(batched["probability"].astype(float), other["probability"].astype(float),
+                                   atol=1e-5)  # fmt: skip
     for boxes in batched["boxes"].dropna():  # the shipped localiser's boxes, at most 3, in [0, 1]
         assert len(json.loads(boxes)) <= 3
         assert all(0 <= b[k] <= 1 for b in json.loads(boxes) for k in ("x0", "y0", "x1", "y1"))

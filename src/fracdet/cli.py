@@ -381,6 +381,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fracdet.inference import Predictor, collect_inputs
     from fracdet.models import load
+    from fracdet.utils.workers import worker_count
 
     if args.engine == "dask":
         return _predict_archive(args)
@@ -395,11 +396,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sources = read_manifest(args.manifest)
         paths, reader = paths + sources, _url_reader(sources)
     heatmaps = args.heatmaps is not None or args.dicom_out is not None
+    # A folder keeps every core busy on its own: in ONNX Runtime, one single-threaded pass per core beats one
+    # pass on all of them (their threads wait on each other between layers). PyTorch keeps one pass at a time.
     predictor = Predictor(model, heatmaps=heatmaps, method=args.cam, force_modality=args.force_modality,
-                          backend=args.backend)  # fmt: skip
+                          backend=args.backend, threads=1)  # fmt: skip
+    scorers = worker_count() if predictor.backend == "onnxruntime" else 1
     then = _dicom_writer(model, Path(args.dicom_out), args.force_modality) if args.dicom_out else None
     table = predictor.predict_files(paths, heatmap_dir=Path(args.heatmaps) if args.heatmaps else None, then=then,
-                                    batch_size=args.batch_size, reader=reader)  # fmt: skip
+                                    batch_size=args.batch_size, scorers=scorers, reader=reader)  # fmt: skip
     if args.out:
         _write_table(table, Path(args.out))
     else:
@@ -628,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-modality", action="store_true",
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     _add_backend_option(p)
-    p.add_argument("--batch-size", type=int, default=16, help="images scored per forward pass")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass; one pass per core runs at "
+                   "once, one thread each (on 2 cores the fastest: docs/BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--manifest", metavar="FILE", help="paths or DICOMweb instance URLs to score: a text file (one "
                    "per line), or a CSV or Parquet file with a 'path' column")  # fmt: skip
     p.add_argument("--engine", default="local", choices=["local", "dask"],

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -300,13 +300,16 @@ class Predictor:
         then: Callable[[Path, bytes, Prediction], None] | None = None,
         batch_size: int = 16,
         decoders: int | None = None,
+        scorers: int = 1,
         reader: Callable[[str], bytes] | None = None,
     ) -> pd.DataFrame:
         """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study``
         (errors never raise).
 
         Files are decoded ahead in a pool of ``decoders`` threads (default: one per core; the decoders release
-        the GIL) and scored ``batch_size`` at a time; the rows are the same as one file at a time.
+        the GIL) and scored ``batch_size`` at a time, ``scorers`` batches at once (the back end is thread-safe;
+        with several, give the predictor fewer ``threads`` each); the rows are the same as one file at a time,
+        in order.
         ``boxes`` is the JSON list of a localiser's shown boxes (``x0, y0, x1, y1, score, level``), ``[]``
         for a classifier. ``study`` is a DICOM file's hashed study (:func:`study_summary` reads studies).
         ``then(path, data, prediction)`` is called after each file read (e.g. to write DICOM results); what it
@@ -319,15 +322,22 @@ class Predictor:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = []
         workers = decoders or worker_count()
-        with ThreadPoolExecutor(workers, thread_name_prefix="fracdet-decode") as pool:
+
+        def score(chunk: list[tuple[int, tuple[Path, _Read]]]) -> dict[int, Prediction | Exception]:
+            readable = [(k, read.image) for k, (_, read) in chunk if read.image is not None]
+            fractions = [image.colour_fraction or 0.0 for _, image in readable]
+            results = self.predict_batch([image.pixels for _, image in readable], colour_fractions=fractions)
+            return dict(zip((k for k, _ in readable), results, strict=True))
+
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="fracdet-decode") as pool,
+            ThreadPoolExecutor(scorers, thread_name_prefix="fracdet-score") as scoring,
+        ):
             read = functools.partial(self._read, reader=reader)
-            decoded = _ahead(pool, read, paths, ahead=batch_size + 2 * workers)
+            decoded = _ahead(pool, read, paths, ahead=(batch_size + 2) * (workers + scorers))
             bar = progress(decoded, desc="predicting", total=len(paths))
-            for chunk in _chunks(enumerate(bar), batch_size):
-                readable = [(k, read.image) for k, (_, read) in chunk if read.image is not None]
-                fractions = [image.colour_fraction or 0.0 for _, image in readable]
-                results = self.predict_batch([image.pixels for _, image in readable], colour_fractions=fractions)
-                predictions = dict(zip((k for k, _ in readable), results, strict=True))
+            # Chunks are scored ``scorers`` at a time, their rows made in order on this thread.
+            for chunk, predictions in _ahead(scoring, score, _chunks(enumerate(bar), batch_size), ahead=scorers):
                 rows.extend(self._row(k, path, read, predictions.get(k), heatmap_dir, then)
                             for k, (path, read) in chunk)  # fmt: skip
         return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
@@ -385,18 +395,21 @@ class _Read:
     study: str | None = None
 
 
-def _ahead(pool: Any, fn: Callable[[Path], Any], paths: list[Path], *, ahead: int) -> Iterator[tuple[Path, Any]]:
-    """``(path, fn(path))`` in order, with at most ``ahead`` calls submitted to ``pool`` before they are taken:
+T = TypeVar("T")
+
+
+def _ahead(pool: Any, fn: Callable[[T], Any], items: Iterable[T], *, ahead: int) -> Iterator[tuple[T, Any]]:
+    """``(item, fn(item))`` in order, with at most ``ahead`` calls submitted to ``pool`` before they are taken:
     decoding runs ahead of scoring while memory stays bounded (a whole folder decoded at once would not)."""
-    pending: deque[tuple[Path, Any]] = deque()
-    remaining = iter(paths)
-    for path in itertools.islice(remaining, ahead):
-        pending.append((path, pool.submit(fn, path)))
+    pending: deque[tuple[T, Any]] = deque()
+    remaining = iter(items)
+    for item in itertools.islice(remaining, ahead):
+        pending.append((item, pool.submit(fn, item)))
     while pending:
-        path, future = pending.popleft()
+        item, future = pending.popleft()
         if (following := next(remaining, None)) is not None:
             pending.append((following, pool.submit(fn, following)))
-        yield path, future.result()
+        yield item, future.result()
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
