@@ -454,8 +454,8 @@ def _subset(pixels: PixelSet, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A split's images and labels; the images a view of ``pixels.images`` when the split's rows are
     contiguous (as :func:`train` orders them), else a copy."""
     rows = np.flatnonzero((pixels.table["split"] == split).to_numpy())
-    contiguous = len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows)
-    images = pixels.images[rows[0] : rows[-1] + 1] if contiguous and len(rows) else pixels.images[rows]
+    contiguous = len(rows) > 0 and rows[-1] - rows[0] + 1 == len(rows)
+    images = pixels.images[rows[0] : rows[-1] + 1] if contiguous else pixels.images[rows]
     return images, pixels.table["label"].to_numpy(np.int64)[rows]
 
 
