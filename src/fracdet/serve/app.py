@@ -67,9 +67,9 @@ class ServeConfig:
             is thread-safe, so they share one model; memory stays bounded by the pixel limit times this.
         backend: ``auto`` (ONNX Runtime when installed, else PyTorch), ``onnxruntime`` or ``pytorch``.
         threads: ONNX Runtime's intra-op threads per prediction (``None``: every core). Every core answers a
-            lone request fastest; under load every worker predicts at once and they share the cores, so
-            one thread each gives a little more throughput for a slower lone answer (on 2 cores: 24 against
-            20 ms for 1.0.0's graph alone, 12.7 against 15.2 ms per image with two at once;
+            lone request fastest; under load every worker predicts at once and they share the cores, so one
+            thread each gives a little more throughput for a slower lone answer (on 2 cores: 4-6% more
+            images/s with 32-64 clients, a median of 35 against 27 ms at 30 requests/s;
             ``docs/BENCHMARKS.md``). An emergency room asks for the first.
         access_token: when set, ``POST /api/v1/predict`` (uploads carry patient data) needs
             ``Authorization: Bearer <token>`` (HTTP 401 without it); health and model information stay open.
