@@ -23,14 +23,12 @@ import numpy as np
 import torch
 from scipy.special import logit
 
-from fracdet.data import ImageReadError, load_dataset, read_image
-from fracdet.data.pixels import resize_square
+from fracdet.data import load_dataset
 from fracdet.data.split import apply_manifest
 from fracdet.data.table import absolute_paths
-from fracdet.evaluation.stability import VARIANTS
+from fracdet.evaluation.stability import VARIANTS, resaved
 from fracdet.models import FusedLocaliser, load
 from fracdet.models.predict import normalise
-from fracdet.utils.progress import progress
 
 
 @torch.no_grad()
@@ -55,16 +53,8 @@ def main() -> None:
     table = apply_manifest(load_dataset(args.data), str(model.splits_path))
     rows = table[table["split"] == args.split].reset_index(drop=True)
     rows.attrs.update(table.attrs)
-    size, names = model.preprocess.input_size, ("original", *VARIANTS)
-    images: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for path in progress(list(absolute_paths(rows)), desc="re-encoding"):
-        try:
-            pixels = read_image(path)
-        except ImageReadError:
-            continue
-        for name in names:
-            images[name].append(resize_square(VARIANTS[name](pixels) if name in VARIANTS else pixels, size))
-    parts = {name: fusion_parts(net, np.stack(stack), model.preprocess) for name, stack in images.items()}
+    _, images = resaved(list(absolute_paths(rows)), model.preprocess.input_size)
+    parts = {name: fusion_parts(net, stack, model.preprocess) for name, stack in images.items()}
     weights = net.fusion.detach().double().numpy()
     # The verdict compares the calibrated probability with the threshold: in logits, margin / T >= logit(t).
     cut = float(logit(model.threshold)) * model.temperature

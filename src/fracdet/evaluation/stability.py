@@ -27,7 +27,7 @@ from fracdet.evaluation.metrics import group_bootstrap
 from fracdet.models.release import TrainedModel
 from fracdet.utils.progress import progress
 
-__all__ = ["VARIANTS", "reencode", "verdict_stability"]
+__all__ = ["VARIANTS", "reencode", "resaved", "verdict_stability"]
 
 
 def _grey8(pixels: np.ndarray) -> np.ndarray:
@@ -58,6 +58,38 @@ VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def resaved(
+    paths: Sequence[str | Path],
+    size: int,
+    variants: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+    *,
+    original: bool = True,
+    strict: bool = False,
+) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Each readable file at ``paths`` in every variant (and, with ``original``, as read), squashed to ``size``.
+
+    Returns the indices of the files kept and, per variant name (``original`` last), their ``(N, size, size)``
+    uint8 images. Unreadable files are left out, or raise with ``strict``; none readable raises ``ValueError``.
+    """
+    variants = VARIANTS if variants is None else variants
+    names = (*variants, "original") if original else tuple(variants)
+    images: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    kept: list[int] = []
+    for k, path in enumerate(progress(list(paths), desc="re-encoding")):
+        try:
+            pixels = read_image(path)
+        except ImageReadError:
+            if strict:
+                raise
+            continue
+        kept.append(k)
+        for name in names:
+            images[name].append(resize_square(variants[name](pixels) if name in variants else pixels, size))
+    if not kept:
+        raise ValueError("no readable file to measure stability on")
+    return kept, {name: np.stack(stack) for name, stack in images.items()}
+
+
 def verdict_stability(
     model: TrainedModel,
     paths: Sequence[str | Path],
@@ -85,24 +117,10 @@ def verdict_stability(
     Unreadable files are left out, as everywhere.
     """
     variants = VARIANTS if variants is None else variants
-    size = model.preprocess.input_size
     temperature = model.temperature if temperature is None else temperature
-    names = (*variants, "original") if reference is None else tuple(variants)
-    images: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    kept: list[int] = []
-    for k, path in enumerate(progress(list(paths), desc="re-encoding")):
-        try:
-            pixels = read_image(path)
-        except ImageReadError:
-            if reference is not None:
-                raise
-            continue
-        kept.append(k)
-        for name in names:
-            images[name].append(resize_square(variants[name](pixels) if name in variants else pixels, size))
-    if not kept:
-        raise ValueError("no readable file to measure stability on")
-    probability = {name: expit(model.margins(np.stack(stack), tta=tta).astype(np.float64) / temperature)
+    kept, images = resaved(paths, model.preprocess.input_size, variants, original=reference is None,
+                           strict=reference is not None)  # fmt: skip
+    probability = {name: expit(model.margins(stack, tta=tta).astype(np.float64) / temperature)
                    for name, stack in images.items()}  # fmt: skip
     reference = probability.pop("original") if reference is None else np.asarray(reference, np.float64)
     group_of = np.asarray(groups, dtype=object)[kept].astype(str) if groups is not None else None

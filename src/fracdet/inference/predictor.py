@@ -334,7 +334,8 @@ class Predictor:
             ThreadPoolExecutor(scorers, thread_name_prefix="fracdet-score") as scoring,
         ):
             read = functools.partial(self._read, reader=reader)
-            decoded = _ahead(pool, read, paths, ahead=(batch_size + 2) * (workers + scorers))
+            # Enough decoded for the batches being scored and the next, and no more: memory stays bounded.
+            decoded = _ahead(pool, read, paths, ahead=batch_size * scorers + 2 * workers)
             bar = progress(decoded, desc="predicting", total=len(paths))
             # Chunks are scored ``scorers`` at a time, their rows made in order on this thread.
             for chunk, predictions in _ahead(scoring, score, _chunks(enumerate(bar), batch_size), ahead=scorers):

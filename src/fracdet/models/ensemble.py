@@ -94,21 +94,20 @@ class FusedLocaliser(nn.Module):
 
     def forward_parts(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
         """:meth:`forward`'s outputs and the localiser's CAM-layer activations (its map explains the model)."""
-        (head_logit, dense), activations = self.localiser.forward_parts(_resized(x, self.sizes[0]))
-        peak = dense[:, 0].flatten(1).amax(dim=1)
-        image_logit = self.fusion[0] * head_logit + self.fusion[1] * peak + self.fusion[2]
-        for k, (classifier, size) in enumerate(zip(self.classifiers, self.sizes[1:], strict=True)):
-            image_logit = image_logit + self.fusion[3 + k] * logit_margin(classifier(_resized(x, size)))
-        return (image_logit, dense), activations
+        parts, dense, activations = self._parts(x)
+        return (parts @ self.fusion, dense), activations
 
     def fusion_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, P)``: what :attr:`fusion` weighs, per image, in :attr:`fusion_names` order (the bias's
         column is 1), so that ``fusion_inputs(x) @ fusion`` is the image logit. Says which part moves the
         verdict when an image changes (``scripts/flip_parts.py``)."""
-        (head_logit, dense), _ = self.localiser.forward_parts(_resized(x, self.sizes[0]))
+        return self._parts(x)[0]
+
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        (head_logit, dense), activations = self.localiser.forward_parts(_resized(x, self.sizes[0]))
         columns = [head_logit, dense[:, 0].flatten(1).amax(dim=1), torch.ones_like(head_logit)]
         columns += [logit_margin(c(_resized(x, s))) for c, s in zip(self.classifiers, self.sizes[1:], strict=True)]
-        return torch.stack(columns, dim=1)
+        return torch.stack(columns, dim=1), dense, activations
 
 
 def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
