@@ -2,7 +2,7 @@
 
     python benchmarks/realtime.py --data ../shared/data/fracatlas [--baseline 68a96c8] [--images 200]
         [--rate 30] [--seconds 60] [--closed-seconds 30] [--predict-limit 0] [--parts e2e,server,predict]
-        [--serve-args "--threads 1"] [--out benchmarks/results-realtime.json]
+        [--serve-args "--threads 1"] [--model fracatlas-default-int8] [--out benchmarks/results-realtime.json]
 
 The baseline is checked out into a temporary git worktree and imported from there (``PYTHONPATH``), with the
 same Python packages, on the same machine, in the same run. Three comparisons, each on distinct FracAtlas
@@ -54,7 +54,7 @@ def worker() -> None:
     from fracdet.models import load
     from fracdet.serve import app as serving
 
-    model = load("fracatlas-default")
+    model = load(os.environ.get("FRACDET_BENCH_MODEL", "fracatlas-default"))
     predictor = Predictor(model)
     takes_image = "image" in inspect.signature(serving._response).parameters  # the API after issue 18
 
@@ -80,11 +80,22 @@ def worker() -> None:
         print(json.dumps({"ms": [r[0] for r in results], "probability": [r[1] for r in results]}), flush=True)
 
 
+#: The model "now" runs (``--model``); "today" always runs its own ``fracatlas-default``.
+NOW_MODEL = "fracatlas-default"
+
+
 def _env(src: Path | None) -> dict[str, str]:
     env = dict(os.environ, FRACDET_PROGRESS="0")
+    env.pop("FRACDET_BENCH_MODEL", None)
     if src is not None:
         env["PYTHONPATH"] = str(src)
+    else:
+        env["FRACDET_BENCH_MODEL"] = NOW_MODEL
     return env
+
+
+def _model_args(src: Path | None) -> list[str]:
+    return ["--model", NOW_MODEL] if src is None else []
 
 
 def e2e(checkouts: dict[str, Path | None], images: list[str], chunk: int = 10) -> dict:
@@ -222,7 +233,8 @@ def server(checkouts: dict[str, Path | None], images: list[str], args: argparse.
     for name, src in checkouts.items():
         out[name] = {}
         for phase, load in phases.items():  # a fresh server each: no phase inherits another's backlog
-            proc, base = _start_server(src, shlex.split(args.serve_args) if name == "now" else ())
+            extra = [*_model_args(src), *(shlex.split(args.serve_args) if name == "now" else ())]
+            proc, base = _start_server(src, extra)
             try:
                 out[name][phase] = asyncio.run(_load(base, files, **load))
             finally:
@@ -245,7 +257,8 @@ def predict(checkouts: dict[str, Path | None], images: list[str]) -> dict:
         for name, src in checkouts.items():
             table = Path(folder) / f"{name}.csv"
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "fracdet", "predict", str(listing), "--out", str(table)],
+            subprocess.run([sys.executable, "-m", "fracdet", "predict", str(listing), "--out", str(table),
+                            *_model_args(src)],
                            env=_env(src), cwd=REPO, check=False, capture_output=True)  # fmt: skip
             elapsed = time.perf_counter() - started
             import pandas as pd
@@ -275,10 +288,14 @@ def main() -> None:
     parser.add_argument("--parts", default="e2e,server,predict")
     parser.add_argument("--serve-args", default="", help="more options for this checkout's `fracdet serve`, "
                         "e.g. '--threads 1'")  # fmt: skip
+    parser.add_argument("--model", default=NOW_MODEL, help="the model this checkout runs (e.g. the int8 "
+                        "fracatlas-default-int8); the baseline runs its own fracatlas-default")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results-realtime.json")
     args = parser.parse_args()
     if args.worker:
         return worker()
+    global NOW_MODEL
+    NOW_MODEL = args.model
     root = Path(args.data) / "images" if (Path(args.data) / "images").is_dir() else Path(args.data)
     every = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in SUFFIXES)
     random.Random(0).shuffle(every)
@@ -294,6 +311,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
                 "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                 "baseline": args.baseline, "now": described, "command": " ".join(sys.argv), "data": args.data,
+                "model_now": args.model,
             }  # fmt: skip
             parts = {"e2e": lambda: e2e(checkouts, every[: args.images + 5]),
                      "server": lambda: server(checkouts, every[: args.images], args),

@@ -317,7 +317,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_releases():
         model = load(name)
         print(f"  {name:20s} {model.task}: {_describe_members(model)} at {model.preprocess.input_size} px"
-              f"{' with flip TTA' if model.tta else ''}, version {model.version}, "
+              f"{' with flip TTA' if model.tta else ''}{f', {model.precision} graph' if model.graph else ''}, "
+              f"version {model.version}, "
               f"threshold {model.threshold:.3f} ({model.operating_point})")  # fmt: skip
     return 0
 
@@ -338,6 +339,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {model.name} ({model.task}, {model.preprocess.input_size} px) to {path} "
           f"({path.stat().st_size / 2**20:.1f} MiB; uint8 {inputs} in, dynamic batch; "
           "model.json in its metadata)")  # fmt: skip
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from fracdet.inference.quantize import quantize_model
+    from fracdet.models import load
+
+    model = load(args.model)
+    splits = args.splits or (str(model.splits_path) if model.splits_path else None)
+    table = _load_split_table(args.data, splits)
+    extra = [_load_split_table(*(spec.split("=", 1) if "=" in spec else (spec, None))) for spec in args.extra]
+    result = quantize_model(model, table, args.out, name=args.name, version=args.version,
+                            calibration=args.calibration, extra=extra, max_auc_drop=args.max_auc_drop)  # fmt: skip
+    made = result.model
+    auc = result.val_auc
+    print(f"{made.name} {made.version}: int8 graph of {model.name} {model.version} in {made.folder} "
+          f"({made.graph.stat().st_size / 2**20:.1f} MiB); validation AUC {auc['int8']:.4f} "
+          f"(float {auc['float32']:.4f}); "
+          f"margins moved by {result.margin_change['median']:.3f} (median), {result.margin_change['max']:.3f} (most); "
+          f"refitted on its own validation outputs: temperature {made.temperature:.3f}, "
+          f"{made.operating_point} threshold {made.threshold:.4f}"
+          + (f", input gate ({made.meta['gate']['chosen_on']})" if "gate" in made.meta else ""))  # fmt: skip
     return 0
 
 
@@ -724,6 +747,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="the only format so far")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="an int8 copy of a model (faster on CPUs), refitted on its own outputs")
+    p.add_argument("model", help="release name or model folder (with PyTorch weights)")
+    p.add_argument("--data", required=True, help="the dataset the model was trained on (its train and val splits)")
+    p.add_argument("--splits", help="split manifest (default: the model's own)")
+    p.add_argument("--out", required=True, help="the compiled model's folder (e.g. models/fracatlas-default-int8)")
+    p.add_argument("--name", help="its name (default: MODEL-int8)")
+    p.add_argument("--version", help="its version (default: the model's version +int8)")
+    p.add_argument("--calibration", type=int, default=64, help="training radiographs that set the int8 ranges")
+    p.add_argument("--max-auc-drop", type=float, default=0.005,
+                   help="write nothing when validation AUC falls by more than this")  # fmt: skip
+    p.add_argument("--extra", action="append", default=[], metavar="DATASET[=MANIFEST]",
+                   help="as for `fracdet gate`: another radiograph dataset for the refitted input gate")  # fmt: skip
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="metrics with intervals, operating points, calibration, report")
     p.add_argument("run", help="run folder, checkpoint (.pt) or released model name (e.g. fracatlas-default)")

@@ -51,6 +51,7 @@ __all__ = [
     "GateVerdict",
     "InputGate",
     "NotARadiographError",
+    "appearance_embeddings",
     "fit_gate",
     "fit_gate_on_splits",
     "image_features",
@@ -120,6 +121,12 @@ def image_features(
     """
     from fracdet.utils.progress import progress_bar
 
+    if model.graph is not None:  # a compiled model: the features of its own graph, as it scores
+        from fracdet.models.compiled import compiled_outputs
+
+        return compiled_outputs(model, images, batch_size=batch_size, progress_desc=progress_desc).features.astype(
+            np.float64
+        )
     device = next(model.module.parameters()).device
     was_training = model.module.training
     model.module.eval()
@@ -296,12 +303,11 @@ def fit_gate(
     """
     distance = FeatureDistance.fit(image_features(model, train_images, progress_desc="features of train"))
     val = distance(image_features(model, val_images, progress_desc="features of val"))
-    embed = appearance_embedder()
-    looks = embed(list(train_images))
+    looks = appearance_embeddings(model, train_images)
     if appearance_train is not None and len(appearance_train):
-        looks = np.concatenate([looks, embed(list(appearance_train))])
+        looks = np.concatenate([looks, appearance_embeddings(model, appearance_train)])
     appearance = FeatureDistance.fit(looks.astype(np.float64), APPEARANCE_COMPONENTS)
-    val_appearance = appearance(embed(list(val_images)).astype(np.float64))
+    val_appearance = appearance(appearance_embeddings(model, val_images).astype(np.float64))
     limits = GateLimits(
         appearance_refuse=float(np.quantile(val_appearance, appearance_quantile)),
         appearance_quantile=appearance_quantile,
@@ -314,6 +320,19 @@ def fit_gate(
         refuse_margin=refuse_margin,
     )
     return distance, limits, val, appearance
+
+
+def appearance_embeddings(model: TrainedModel, images: np.ndarray) -> np.ndarray:
+    """Appearance embeddings of ``(N, H, W)`` uint8 images at the model's size, as its predictions compute them:
+    by the ImageNet embedder, or, for a compiled model, by the (quantised) embedder inside its graph."""
+    if model.graph is not None:
+        from fracdet.models.compiled import compiled_outputs
+
+        embedding = compiled_outputs(model, images, progress_desc="appearance").embedding
+        if embedding is None:
+            raise ValueError(f"{model.graph} has no appearance embedder: compile it with the gate's embedder")
+        return embedding
+    return appearance_embedder()(list(images))
 
 
 def appearance_embedder() -> Any:

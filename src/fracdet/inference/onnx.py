@@ -3,9 +3,10 @@
 :func:`export_onnx` writes the model's :class:`~fracdet.models.graph.ScoringGraph` (uint8 grey in,
 normalisation, mirror averaging, margins, map or class activation maps, the gate's features and appearance
 embedding out) with a dynamic batch; ``model.json`` travels inside (metadata ``fracdet_model_json``), so
-the file describes itself. :class:`OnnxRuntime` runs such a file behind the same
+the file describes itself. :class:`~fracdet.models.compiled.OnnxRuntime` runs such a file behind the same
 :class:`~fracdet.models.graph.Runtime` interface as PyTorch, and :func:`runtime_for` picks the back end:
-ONNX Runtime when it is installed (the default install has it), PyTorch otherwise.
+ONNX Runtime when it is installed (the default install has it), PyTorch otherwise. A compiled model (an int8
+graph, :mod:`fracdet.models.compiled`) has no PyTorch weights: its own graph runs, whatever ``auto`` says.
 
 Exporting takes seconds (torch.export traces the network), so a prediction path does it once per model and
 keeps the file in the cache (``$FRACDET_CACHE/onnx``, default ``~/.cache/fracdet/onnx``), named by a hash of
@@ -25,17 +26,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fracdet.models.graph import APPEARANCE_SIDE, GraphOutputs, Runtime, ScoringGraph, TorchRuntime, graph_outputs
+from fracdet.models.compiled import ONNX_HINT, OnnxRuntime, file_sha256
+from fracdet.models.graph import APPEARANCE_SIDE, Runtime, ScoringGraph, TorchRuntime
 from fracdet.models.release import TrainedModel
 
 __all__ = ["BACKENDS", "OnnxRuntime", "cached_export", "export_onnx", "onnxruntime_available", "runtime_for"]
 
 log = logging.getLogger(__name__)
 
-_HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fracdet): pip install fracdet"
 #: Back ends a prediction path can ask for (``auto``: ONNX Runtime when installed, else PyTorch).
 BACKENDS = ("auto", "onnxruntime", "pytorch")
 #: Changes whenever the exported graph's inputs, outputs or arithmetic change: old cached files are not reused.
@@ -66,7 +66,9 @@ def export_onnx(
     try:
         import onnx
     except ImportError as exc:
-        raise ImportError(_HINT) from exc
+        raise ImportError(ONNX_HINT) from exc
+    if model.graph is not None:
+        raise ValueError(f"{model.name} is already an ONNX graph ({model.graph}), with no PyTorch weights to export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = ScoringGraph(model, embedder=embedder).eval().cpu()
@@ -93,49 +95,6 @@ def export_onnx(
     return path
 
 
-class OnnxRuntime:
-    """An exported :class:`ScoringGraph` run by ONNX Runtime on the CPU (one session, safe across threads).
-
-    Args:
-        path: a file written by :func:`export_onnx`.
-        threads: intra-op threads per call (``None``: ONNX Runtime's default, all cores).
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ImportError(_HINT) from exc
-        options = ort.SessionOptions()
-        # Idle threads sleep instead of spinning: a server shares its cores with decoding, other requests
-        # and other sessions, and spinning workers would take their time.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Not "session.set_denormal_as_zero": it would be ~15% faster on radiographs, but it sets the processor's
-        # flush-to-zero state of the calling thread too, changing every later float computation of the
-        # process (numpy's, the caller's) behind its back.
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        raw = self.session.get_modelmeta().custom_metadata_map.get("fracdet_model_json")
-        self.meta: dict[str, Any] = json.loads(raw) if raw else {}
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.cams = "cams" in self.outputs
-        self.appearance = "appearance" in self.inputs
-
-    def __call__(self, images: np.ndarray, appearance: np.ndarray | None = None) -> GraphOutputs:
-        feed = {"image": np.ascontiguousarray(images, np.uint8)[:, None]}
-        if self.appearance:
-            if appearance is None:
-                raise ValueError("this graph needs the appearance input (fracdet.data.embed.embedder_input)")
-            feed["appearance"] = np.ascontiguousarray(appearance, np.uint8)[:, None]
-        return graph_outputs(dict(zip(self.outputs, self.session.run(None, feed), strict=True)))
-
-
 def _cache_root() -> Path:
     root = os.environ.get("FRACDET_CACHE")
     return Path(root) / "onnx" if root else Path.home() / ".cache" / "fracdet" / "onnx"
@@ -158,26 +117,18 @@ def _model_key(model: TrainedModel, embedder: torch.nn.Module | None) -> str:
     return digest.hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_export(model: TrainedModel, *, embedder: torch.nn.Module | None = None) -> Path:
     """The ONNX file of ``model`` (and ``embedder``) from the cache, exported there first when missing or damaged."""
     root = _cache_root()
     key = _model_key(model, embedder)
     path, checksum = root / f"{key}.onnx", root / f"{key}.sha256"
-    if path.is_file() and checksum.is_file() and checksum.read_text().strip() == _file_sha256(path):
+    if path.is_file() and checksum.is_file() and checksum.read_text().strip() == file_sha256(path):
         return path
     log.info("exporting %s to ONNX once (cached in %s)", model.name, root)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as folder:  # written whole, then renamed: never half a file
         staged = export_onnx(model, Path(folder) / "model.onnx", embedder=embedder)
-        (Path(folder) / "sha").write_text(_file_sha256(staged))
+        (Path(folder) / "sha").write_text(file_sha256(staged))
         staged.replace(path)
         (Path(folder) / "sha").replace(checksum)
     return path
@@ -198,6 +149,11 @@ def runtime_for(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown back end {backend!r}; choose from {', '.join(BACKENDS)}")
+    if model.graph is not None:
+        if backend == "pytorch":
+            raise ValueError(f"{model.name} {model.version} is a compiled {model.precision} graph without PyTorch "
+                             "weights: it runs in ONNX Runtime only (--backend auto or onnxruntime)")  # fmt: skip
+        return model.compiled_runtime(threads=threads)
     if backend == "pytorch" or (backend == "auto" and not onnxruntime_available()):
         return TorchRuntime(model, embedder=embedder)
     if next(model.module.parameters()).device.type != "cpu":

@@ -3,7 +3,10 @@
 A trained model is a folder with ``model.safetensors`` (weights) and ``model.json`` (architecture, its
 task, input size, normalisation, the temperature and operating thresholds fitted on validation, and a
 schema version), and usually ``splits.csv`` (the manifest it was trained on). ``fracdet train`` writes one
-into every run folder; a release is such a folder copied to ``models/NAME/``::
+into every run folder; a release is such a folder copied to ``models/NAME/``. A *compiled* model (an int8
+graph made by ``fracdet quantize``) has an ONNX graph instead of weights, named by ``model.json`` ``graph``,
+with everything fitted on that graph's own outputs (:mod:`fracdet.models.compiled`); it loads and scores
+the same way::
 
     from fracdet.models import load
     model = load("fracatlas-default")          # on the CPU
@@ -39,8 +42,9 @@ __all__ = [
 ]
 
 #: Version of the ``model.json`` layout. 1: fracdet <= 0.3.0 releases (no ``schema_version`` key, classify
-#: only); 2: adds ``task``, ``schema_version`` and, for localisers, ``fusion``. Every version still loads.
-SCHEMA_VERSION = 2
+#: only); 2: adds ``task``, ``schema_version`` and, for localisers, ``fusion``; 3: adds ``graph``, a compiled
+#: model without PyTorch weights (:mod:`fracdet.models.compiled`). Every version still loads.
+SCHEMA_VERSION = 3
 
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
@@ -96,9 +100,11 @@ class TrainedModel:
             serving option: the temperature and thresholds were fitted on margins scored this way.
         meta: the whole ``model.json``.
         folder: where it was loaded from.
+        graph: a compiled model's ONNX graph, which is then its whole arithmetic (``module`` is ``None``:
+            there are no PyTorch weights); ``None`` for a model with weights.
     """
 
-    module: nn.Module
+    module: nn.Module | None
     name: str
     arch: str
     preprocess: PreprocessCfg
@@ -109,6 +115,8 @@ class TrainedModel:
     tta: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
+    graph: Path | None = None
+    _runtimes: dict[int | None, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> str:
@@ -125,15 +133,40 @@ class TrainedModel:
         return level_thresholds(self.thresholds)
 
     @property
+    def precision(self) -> str:
+        """The arithmetic of its scoring: ``float32``, or a compiled graph's (``int8``)."""
+        return str(self.meta.get("graph", {}).get("precision", "float32"))
+
+    @property
     def peak_weight(self) -> float:
         """A localiser's fusion weight of the map's peak in its image logit (0 for a classifier)."""
+        if self.module is None:  # compiled: the graph's fusion is fixed, and model.json records its weight
+            return float(self.meta.get("peak_weight", 0.0))
         fusion = getattr(self.module, "fusion", None)
         return float(fusion[1]) if fusion is not None else 0.0
+
+    def compiled_runtime(self, *, threads: int | None = None) -> Any:
+        """The ONNX Runtime session of a compiled model's graph (one per thread count, made once)."""
+        if self.graph is None:
+            raise ValueError(f"{self.name} has PyTorch weights, not a compiled graph (fracdet.inference.onnx)")
+        if threads not in self._runtimes:
+            from fracdet.models.compiled import OnnxRuntime
+
+            self._runtimes[threads] = OnnxRuntime(self.graph, threads=threads)
+        return self._runtimes[threads]
 
     def outputs(
         self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw ``(margins, map logits or None)`` of ``(N, H, W)`` uint8 images (``tta=None``: as calibrated)."""
+        if self.graph is not None:
+            if tta is not None and tta != self.tta:
+                raise ValueError(f"{self.name}: a compiled graph scores with tta={self.tta} only")
+            from fracdet.models.compiled import compiled_outputs
+
+            kwargs.pop("device", None)  # a compiled graph runs in ONNX Runtime on the CPU
+            out = compiled_outputs(self, images, **kwargs)
+            return out.margins, out.dense
         return predict_scores(self.module, images, self.preprocess, tta=self.tta if tta is None else tta, **kwargs)
 
     @property
@@ -203,6 +236,8 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         raise ValueError(f"{folder}: model.json schema {meta['schema_version']} is newer than this fracdet "
                          f"reads ({SCHEMA_VERSION}): upgrade fracdet")  # fmt: skip
     preprocess = PreprocessCfg(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+    if "graph" in meta:
+        return _load_compiled(folder, meta, preprocess)
     module = _build(meta, preprocess)
     if state is None:
         weights = folder / "model.safetensors"
@@ -230,6 +265,32 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         tta=bool(meta.get("tta", False)),
         meta=meta,
         folder=folder,
+    )
+
+
+def _load_compiled(folder: Path, meta: dict[str, Any], preprocess: PreprocessCfg) -> TrainedModel:
+    """A compiled model: its graph file, checked against the SHA-256 ``model.json`` records (a damaged or
+    swapped graph would score with calibration fitted on another)."""
+    from fracdet.models.compiled import file_sha256
+
+    graph = folder / meta["graph"]["file"]
+    if not graph.is_file():
+        raise FileNotFoundError(f"{graph} not found: the compiled graph model.json names is missing")
+    if (expected := meta["graph"].get("sha256")) and file_sha256(graph) != expected:
+        raise ValueError(f"{graph}: its SHA-256 is not the one model.json records: damaged or replaced")
+    return TrainedModel(
+        module=None,
+        name=str(meta.get("name", folder.name)),
+        arch=meta["model"],
+        preprocess=preprocess,
+        temperature=float(meta.get("temperature", 1.0)),
+        threshold=float(meta.get("threshold", 0.5)),
+        operating_point=str(meta.get("operating_point", "0.5")),
+        thresholds={k: float(v) for k, v in meta.get("thresholds", {}).items()},
+        tta=bool(meta.get("tta", False)),
+        meta=meta,
+        folder=folder,
+        graph=graph,
     )
 
 

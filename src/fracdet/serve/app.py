@@ -255,6 +255,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
             "operating_point": model.operating_point,
             "tta": model.tta,
             "backend": predictor.backend,
+            "precision": model.precision,  # int8 for a compiled, quantised model (fracdet quantize)
             "workers": config.worker_count,
             "threads_per_worker": config.threads,  # null: ONNX Runtime's default, every core
             "limits": {

@@ -1,0 +1,215 @@
+"""An int8 model from a float one: a faster graph on ordinary CPUs, calibrated and gated on its own outputs.
+
+Static quantisation (ONNX Runtime, QDQ: int8 weights per output channel, uint8 activations, ranges from
+training radiographs) makes a model's :class:`~fracdet.models.graph.ScoringGraph`, the input gate's
+appearance embedder included, cost about 0.6 of the float graph's time on a CPU (``benchmarks/int8.py``). Its
+margins are not the float model's, so nothing fitted on the float margins carries over: the temperature,
+the operating thresholds, a localiser's box edge and the input gate's distances and limits are all fitted
+again, on the int8 graph's own outputs, on the same training and validation splits. The result is a
+*compiled* model (:mod:`fracdet.models.compiled`): a folder with ``model.onnx`` and ``model.json`` that loads,
+evaluates, predicts and serves like any other, and runs in ONNX Runtime only.
+
+The issue's rule is kept by construction: :func:`quantize_model` writes nothing unless the int8 graph's
+validation ROC AUC is within ``max_auc_drop`` (0.005) of the float model's on the same images. The test
+split is never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fracdet.models.release import TrainedModel, load
+from fracdet.utils.cache import FeatureCache
+
+__all__ = ["QUANTISATION", "Quantized", "quantize_model"]
+
+log = logging.getLogger(__name__)
+
+_HINT = "int8 quantisation needs onnxruntime and onnx (default dependencies of fracdet): pip install fracdet"
+#: How the graph is quantised, as ``model.json`` ``graph`` records it.
+QUANTISATION = "ONNX Runtime static quantisation, QDQ: int8 weights per channel, uint8 activations, MinMax ranges"
+#: What a compiled model's ``model.json`` does not take from the float model: fitted on float margins.
+_REFITTED = ("temperature", "thresholds", "threshold", "box_relative", "box_relative_val_iou", "gate", "reported",
+             "weights_dtype", "fusion_val_auc")  # fmt: skip
+
+
+@dataclass
+class Quantized:
+    """What :func:`quantize_model` made and what its checks saw (validation only).
+
+    Attributes:
+        model: the compiled int8 model, loaded from its folder.
+        val_auc: validation ROC AUC of the float model and of the int8 graph, on the same images.
+        margin_change: median and largest ``|int8 margin - float margin|`` on validation (logits).
+        gate: what the gate's refit saw (:func:`fracdet.inference.gate.fit_gate_on_splits`), if it has one.
+    """
+
+    model: TrainedModel
+    val_auc: dict[str, float]
+    margin_change: dict[str, float]
+    gate: dict[str, Any] = field(default_factory=dict)
+
+
+def quantize_model(
+    model: TrainedModel,
+    table: pd.DataFrame,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    calibration: int = 64,
+    extra: Sequence[pd.DataFrame] = (),
+    cache: FeatureCache | None = None,
+    max_auc_drop: float = 0.005,
+    seed: int = 0,
+) -> Quantized:
+    """Quantise ``model`` to int8 and write it, refitted, as a compiled model folder ``out``.
+
+    Args:
+        model: a float model with PyTorch weights (:func:`fracdet.models.load`), on the CPU.
+        table: its dataset with its own ``split`` column (:func:`fracdet.data.split.apply_manifest`).
+        out: the folder to write (replaced whole, and only once everything is fitted).
+        name: the compiled model's name (default: ``<name>-int8``).
+        version: its version (default: ``<version>+int8``).
+        calibration: training radiographs whose activations set the quantisation ranges (seeded draw).
+        extra: other radiograph datasets for the gate, as ``fracdet gate --extra`` takes them.
+        max_auc_drop: refuse (``ValueError``, nothing written) when validation AUC falls by more.
+
+    Returns: the model and what was measured on validation.
+    """
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    except ImportError as exc:
+        raise ImportError(_HINT) from exc
+    from sklearn.metrics import roc_auc_score
+
+    from fracdet.data.embed import embedder_input
+    from fracdet.data.pixels import load_pixels
+    from fracdet.inference.gate import InputGate, fit_gate_on_splits, save_gate
+    from fracdet.inference.onnx import export_onnx
+    from fracdet.models.compiled import file_sha256
+    from fracdet.training.calibrate import choose_thresholds, fit_box_relative, fit_temperature, probabilities
+    from fracdet.utils.atomic import write_json
+
+    if model.graph is not None:
+        raise ValueError(f"{model.name} is already a compiled {model.precision} graph: quantise its float model")
+    out = Path(out)
+    size = model.preprocess.input_size
+    train, val = (_rows(table, split) for split in ("train", "val"))
+    gate = InputGate.of(model)
+    embedder = gate.embedder().network if gate.fitted else None  # the refitted gate needs the embedding
+    rng = np.random.default_rng(seed)
+    chosen = train.iloc[np.sort(rng.choice(len(train), min(calibration, len(train)), replace=False))]
+    calib = load_pixels(chosen.reset_index(drop=True), size, cache=cache, desc="calibration").images
+    val_set = load_pixels(val, size, cache=cache, desc="decoding val")
+    labels = val_set.table["label"].to_numpy(int)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the validation split needs fractured and normal radiographs to check the int8 graph")
+
+    class Calibration(CalibrationDataReader):
+        """The calibration radiographs, one at a time, as the graph takes them."""
+
+        def __init__(self) -> None:
+            self.images = iter(calib)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self.images, None)
+            if image is None:
+                return None
+            feed = {"image": image[None, None]}
+            if embedder is not None:
+                feed["appearance"] = embedder_input([image])[:, None]
+            return feed
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as work:
+        work_dir = Path(work)
+        stage = work_dir / "model"
+        stage.mkdir()
+        with _quiet_quantiser():
+            float_graph = export_onnx(model, work_dir / "float.onnx", embedder=embedder)
+            quantize_static(str(float_graph), str(stage / "model.onnx"), Calibration(),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)  # fmt: skip
+        for file in ("splits.csv", "config.yaml"):
+            if model.folder is not None and (model.folder / file).is_file():
+                shutil.copy2(model.folder / file, stage / file)
+        meta = {k: v for k, v in model.meta.items() if k not in _REFITTED}
+        graph = {"file": "model.onnx", "precision": "int8", "sha256": file_sha256(stage / "model.onnx"),
+                 "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
+                 "calibration": f"{len(calib)} training radiographs (seed {seed})"}  # fmt: skip
+        meta.update(
+            name=name or f"{model.name}-int8",
+            version=version or f"{model.version}+int8",
+            schema_version=3,
+            task=model.task,
+            input_size=size,
+            mean=list(model.preprocess.mean),
+            std=list(model.preprocess.std),
+            tta=model.tta,
+            peak_weight=model.peak_weight,
+            operating_point=model.operating_point,
+            graph=graph,
+        )
+        write_json(stage / "model.json", meta)
+        compiled = load(stage)
+
+        float_margins = model.margins(val_set.images, progress_desc="float val")
+        int8_margins, _ = compiled.outputs(val_set.images, progress_desc="int8 val")
+        val_auc = {"float32": float(roc_auc_score(labels, float_margins)),
+                   "int8": float(roc_auc_score(labels, int8_margins))}  # fmt: skip
+        if val_auc["int8"] < val_auc["float32"] - max_auc_drop:
+            raise ValueError(f"int8 validation AUC {val_auc['int8']:.4f} is more than {max_auc_drop} below float's "
+                             f"{val_auc['float32']:.4f}: not kept")  # fmt: skip
+        change = np.abs(int8_margins - float_margins)
+        compiled.temperature = fit_temperature(int8_margins, labels)
+        compiled.thresholds = choose_thresholds(labels, probabilities(int8_margins, compiled.temperature))
+        compiled.threshold = compiled.thresholds[compiled.operating_point]
+        fitted: dict[str, Any] = {"temperature": compiled.temperature, "thresholds": compiled.thresholds,
+                                  "threshold": compiled.threshold}  # fmt: skip
+        if compiled.task == "localise" and "boxes" in val_set.table and "box_relative" in model.meta:
+            boxes = [b if isinstance(b, list) else [] for b in val_set.table["boxes"]]
+            fitted["box_relative_val_iou"] = fit_box_relative(compiled, val_set.images, labels, boxes)
+            fitted["box_relative"] = compiled.meta["box_relative"]
+        meta.update(fitted, graph={**meta["graph"], "val_auc": val_auc})
+        write_json(stage / "model.json", meta)
+        compiled.meta.update(meta)
+        summary: dict[str, Any] = {}
+        if gate.fitted:
+            distance, limits, summary, appearance = fit_gate_on_splits(compiled, table, extra=extra, cache=cache)
+            save_gate(compiled, distance, limits, stage, appearance)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.replace(out)
+    return Quantized(load(out), val_auc, {"median": float(np.median(change)), "max": float(change.max())}, summary)
+
+
+def _rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = table[table["split"] == split].reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    if rows.empty:
+        raise ValueError(f"no {split!r} rows: quantisation calibrates on train and checks on val")
+    return rows
+
+
+@contextmanager
+def _quiet_quantiser() -> Iterator[None]:
+    """The exporter's optimiser and ONNX Runtime's quantiser log every step and piece of advice through the root
+    logger; a command's output should not carry them."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

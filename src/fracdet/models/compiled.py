@@ -1,0 +1,113 @@
+"""A model whose arithmetic is a fixed ONNX graph, run by ONNX Runtime: the exported fast path, and models
+that exist only as a graph.
+
+:class:`OnnxRuntime` runs a :class:`~fracdet.models.graph.ScoringGraph` exported to ONNX behind the same
+:class:`~fracdet.models.graph.Runtime` interface as PyTorch. Most models carry PyTorch weights and are
+exported on demand (:mod:`fracdet.inference.onnx`). A *compiled* model carries no weights at all: its
+``model.json`` names a graph file in its folder (``graph``), such as an int8 graph made by
+:func:`fracdet.inference.quantize.quantize_model`. That graph *is* the model: its temperature, thresholds,
+box edge and input gate were fitted on its own outputs, so it is scored only by that graph (never by the
+float network it came from), through :func:`compiled_outputs` for batch work and the same
+:class:`OnnxRuntime` for predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fracdet.models.graph import GraphOutputs, graph_outputs
+
+if TYPE_CHECKING:
+    from fracdet.models.release import TrainedModel
+
+__all__ = ["ONNX_HINT", "OnnxRuntime", "compiled_outputs", "file_sha256"]
+
+ONNX_HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fracdet): pip install fracdet"
+
+
+class OnnxRuntime:
+    """An exported :class:`~fracdet.models.graph.ScoringGraph` run by ONNX Runtime on the CPU (one session,
+    safe across threads).
+
+    Args:
+        path: an ONNX file written by :func:`fracdet.inference.onnx.export_onnx` (or quantised from one).
+        threads: intra-op threads per call (``None``: ONNX Runtime's default, all cores).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError(ONNX_HINT) from exc
+        options = ort.SessionOptions()
+        # Idle threads sleep instead of spinning: a server shares its cores with decoding, other requests
+        # and other sessions, and spinning workers would take their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Not "session.set_denormal_as_zero": it would be ~15% faster on radiographs, but it sets the processor's
+        # flush-to-zero state of the calling thread too, changing every later float computation of the
+        # process (numpy's, the caller's) behind its back.
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        raw = self.session.get_modelmeta().custom_metadata_map.get("fracdet_model_json")
+        self.meta: dict[str, Any] = json.loads(raw) if raw else {}
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.cams = "cams" in self.outputs
+        self.appearance = "appearance" in self.inputs
+
+    def __call__(self, images: np.ndarray, appearance: np.ndarray | None = None) -> GraphOutputs:
+        feed = {"image": np.ascontiguousarray(images, np.uint8)[:, None]}
+        if self.appearance:
+            if appearance is None:
+                raise ValueError("this graph needs the appearance input (fracdet.data.embed.embedder_input)")
+            feed["appearance"] = np.ascontiguousarray(appearance, np.uint8)[:, None]
+        return graph_outputs(dict(zip(self.outputs, self.session.run(None, feed), strict=True)))
+
+
+def compiled_outputs(
+    model: TrainedModel, images: np.ndarray, *, batch_size: int = 64, progress_desc: str | None = None
+) -> GraphOutputs:
+    """Every output of a compiled ``model``'s graph for ``(N, H, W)`` uint8 images at its input size, in
+    batches (the appearance input made from the same images when the graph takes one)."""
+    from fracdet.data.embed import embedder_input
+    from fracdet.utils.progress import progress_bar
+
+    runtime = model.compiled_runtime()
+    bar = progress_bar(desc=progress_desc, total=len(images)) if progress_desc else None
+    parts: list[GraphOutputs] = []
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start : start + batch_size])
+            parts.append(runtime(chunk, embedder_input(list(chunk)) if runtime.appearance else None))
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not parts:
+        raise ValueError("no images to score")
+
+    def joined(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return GraphOutputs(*(joined(n) for n in ("margins", "dense", "cams", "features", "embedding")))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,146 @@
+"""An int8 model (``fracdet quantize``) is a model of its own: a compiled graph, fitted again on its own outputs,
+that loads, scores, predicts and serves like any other, and is never scored by the float network.
+
+Whether int8 pays (its validation AUC and speed on FracAtlas) is measured in ``benchmarks/``, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from fracdet.cli import main
+from fracdet.data.pixels import load_pixels
+from fracdet.inference import Predictor
+from fracdet.inference.gate import InputGate, image_features
+from fracdet.models import create_model, load, save_model
+from fracdet.models._registry import PreprocessCfg
+from fracdet.models.release import TrainedModel
+from fracdet.serve import create_app
+from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
+from tests.conftest import SAMPLE
+from tests.test_training import sample_manifest
+
+FRACTURED = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
+
+
+@pytest.fixture(scope="module")
+def table():
+    return sample_manifest(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory, table, cache_dir) -> Path:
+    """A small localiser with its input gate, saved with its split manifest as a release would be."""
+    import torch
+
+    from fracdet.inference.gate import fit_gate_on_splits, save_gate
+    from fracdet.utils.cache import FeatureCache
+
+    torch.manual_seed(0)
+    module = create_model("localiser_lite0", input_size=64).eval()
+    model = TrainedModel(module=module, name="tiny", arch="localiser_lite0", preprocess=PreprocessCfg(64),
+                         thresholds={"sens90": 0.3, "spec95": 0.6}, threshold=0.3, operating_point="sens90",
+                         meta={"version": "0.1.0", "box_relative": 0.5})  # fmt: skip
+    folder = save_model(model, tmp_path_factory.mktemp("float") / "tiny")
+    table[["path", "split"]].to_csv(folder / "splits.csv", index=False)
+    model = load(folder)
+    distance, limits, _, appearance = fit_gate_on_splits(model, table, cache=FeatureCache(cache_dir))
+    save_gate(model, distance, limits, folder, appearance)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_folder(float_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    # An untrained network ranks the sample by chance, so the AUC rule is loosened here; its other side is
+    # specified below.
+    assert main(["quantize", str(float_model), "--data", str(SAMPLE), "--out", str(out), "--calibration", "8",
+                 "--max-auc-drop", "1"]) == 0  # fmt: skip
+    return out
+
+
+def test_a_quantised_model_is_an_int8_graph_without_pytorch_weights_that_names_its_origin(int8_folder):
+    import onnx
+
+    model = load(int8_folder)
+    assert model.module is None and model.graph == int8_folder / "model.onnx"
+    assert (model.name, model.version, model.precision, model.task) == ("tiny-int8", "0.1.0+int8", "int8", "localise")
+    assert not (int8_folder / "model.safetensors").exists()
+    assert model.meta["graph"]["quantised_from"] == "tiny 0.1.0"
+    ops = {node.op_type for node in onnx.load(str(model.graph)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert set(model.meta["graph"]["val_auc"]) == {"float32", "int8"}
+
+
+def test_its_temperature_thresholds_and_gate_are_fitted_on_its_own_validation_outputs(int8_folder, float_model, table):
+    model = load(int8_folder)
+    val = load_pixels(table[table["split"] == "val"].reset_index(drop=True), 64)
+    labels = val.table["label"].to_numpy(int)
+    margins = model.margins(val.images)
+    assert model.temperature == pytest.approx(fit_temperature(margins, labels))
+    expected = choose_thresholds(labels, probabilities(margins, model.temperature))
+    assert model.thresholds == pytest.approx(expected)
+    assert model.threshold == model.thresholds["sens90"]
+    assert not np.allclose(margins, load(float_model).margins(val.images), atol=1e-4), "int8 margins are its own"
+    assert "box_relative_val_iou" in model.meta
+    gate = InputGate.of(model)
+    assert gate.fitted and gate.checks_appearance
+    assert model.meta["gate"] != load(float_model).meta["gate"]
+    features = Predictor(model).runtime(val.images[:2], _appearance(val.images[:2])).features
+    assert np.allclose(image_features(model, val.images[:2]), features, atol=1e-5), "the gate sees what scores"
+
+
+def _appearance(images):
+    from fracdet.data.embed import embedder_input
+
+    return embedder_input(list(images))
+
+
+def test_it_predicts_and_serves_like_any_model_and_says_so(int8_folder):
+    model = load(int8_folder)
+    predictor = Predictor(model)
+    assert predictor.backend == "onnxruntime"
+    prediction = predictor.predict_bytes(FRACTURED.read_bytes(), FRACTURED.name)
+    assert 0.0 <= prediction.probability <= 1.0 and prediction.heatmap is not None
+    client = TestClient(create_app(model))
+    info = client.get("/api/v1/model").json()
+    assert (info["precision"], info["backend"], info["version"]) == ("int8", "onnxruntime", "0.1.0+int8")
+    body = client.post("/api/v1/predict", files={"file": ("x.jpg", FRACTURED.read_bytes(), "image/jpeg")}).json()
+    assert body["probability"] == pytest.approx(prediction.probability, abs=1e-6)
+
+
+def test_it_has_no_pytorch_path_and_a_damaged_graph_is_refused(int8_folder, tmp_path):
+    import shutil
+
+    with pytest.raises(ValueError, match="ONNX Runtime only"):
+        Predictor(load(int8_folder), backend="pytorch")
+    damaged = shutil.copytree(int8_folder, tmp_path / "damaged")
+    data = bytearray((damaged / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        load(damaged)
+
+
+def test_an_int8_graph_that_loses_validation_auc_is_not_written(float_model, tmp_path):
+    from fracdet.inference.quantize import quantize_model
+
+    out = tmp_path / "refused"
+    # Asking int8 to beat float by a whole unit of AUC cannot be met: the rule's refusing side.
+    with pytest.raises(ValueError, match="not kept"):
+        quantize_model(load(float_model), sample_manifest(SAMPLE), out, calibration=4, max_auc_drop=-1.0)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".refused")], "no half-made folder left behind"
+
+
+def test_model_json_of_a_compiled_model_says_which_graph_and_how_it_was_made(int8_folder):
+    meta = json.loads((int8_folder / "model.json").read_text())
+    assert meta["schema_version"] == 3
+    graph = meta["graph"]
+    assert graph["precision"] == "int8" and len(graph["sha256"]) == 64
+    assert "static quantisation" in graph["method"] and "8 training radiographs" in graph["calibration"]
