@@ -174,6 +174,23 @@ def test_boxes_come_from_the_maps_peaks_strongest_first_with_the_top_box_scored_
     assert shown_boxes([*boxes, ScoredBox(0, 0, 1, 1, 0.1, None)] * 2) == [strong, weak, strong]
 
 
+@pytest.mark.parametrize("channels", [1, 5], ids=["map boxes", "regressed boxes"])
+def test_the_boxes_a_reader_is_shown_are_always_among_the_first_three_so_no_more_need_growing(channels):
+    from scipy import ndimage
+
+    from fracdet.models.scoring import MAX_SHOWN_BOXES
+
+    rng = np.random.default_rng(0)
+    levels = {"suspicious": 0.3, "definite": 0.8}
+    for _ in range(40):
+        dense = rng.normal(0, 1, (channels, 24, 24)).astype(np.float32)
+        dense[0] = 8 * ndimage.gaussian_filter(dense[0], 2) - 1  # smooth fields with several peaks
+        read = {"image_logit": float(rng.normal(0, 2)), "peak_weight": 0.8, "temperature": 1.0, "levels": levels}
+        every = boxes_from_map(dense, max_boxes=10, **read)
+        assert [b.score for b in every] == sorted((b.score for b in every), reverse=True)
+        assert shown_boxes(boxes_from_map(dense, max_boxes=MAX_SHOWN_BOXES, **read)) == shown_boxes(every)
+
+
 def test_a_shoulder_of_a_stronger_peak_is_not_a_box_of_its_own():
     y, x = np.mgrid[0:32, 0:32]
     blob = 6.0 * np.exp(-((y - 10) ** 2 + (x - 10) ** 2) / 20.0)

@@ -31,7 +31,7 @@ from fracdet.inference.gate import GateVerdict, InputGate, NotARadiographError
 from fracdet.inference.readers import read_input_image
 from fracdet.models.graph import GraphOutputs, has_cams
 from fracdet.models.release import TrainedModel
-from fracdet.models.scoring import ScoredBox, Scores, level_of, shown_boxes
+from fracdet.models.scoring import MAX_SHOWN_BOXES, ScoredBox, Scores, level_of, shown_boxes
 from fracdet.utils.progress import progress
 from fracdet.utils.workers import worker_count
 
@@ -211,7 +211,9 @@ class Predictor:
         outputs = self.runtime(batch, appearance)
         done = time.perf_counter()
         _check(cancel)
-        scores = self.model.scores_of(outputs.margins, outputs.dense)
+        # Boxes come strongest first and their levels fall with their scores, so the boxes a reader is shown
+        # (shown_boxes) are always among the first MAX_SHOWN_BOXES: no more are grown from the map.
+        scores = self.model.scores_of(outputs.margins, outputs.dense, max_boxes=MAX_SHOWN_BOXES)
         share = 1000 / len(kept)  # a batch's times, per image
         for row, k in enumerate(kept):
             began = time.perf_counter()
