@@ -144,3 +144,4 @@ def test_model_json_of_a_compiled_model_says_which_graph_and_how_it_was_made(int
     graph = meta["graph"]
     assert graph["precision"] == "int8" and len(graph["sha256"]) == 64
     assert "static quantisation" in graph["method"] and "8 training radiographs" in graph["calibration"]
+    assert graph["float_nodes"].endswith("(the map head)"), "a localiser's map head stays float by default"

@@ -2,6 +2,7 @@
 
 ``fracatlas-default`` (1.x) is the fracture localiser fused with the classifier: it says whether and where.
 ``fracatlas-classifier`` (0.3.0, the default before it) is the paper's kind of model, kept as the baseline.
+``fracatlas-default-int8`` is the default's int8 graph (``fracdet quantize``), refitted on its own outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fracdet.utils.cache import FeatureCache
 from tests.conftest import REPO
 
 #: release name -> the task it does
-RELEASES = {"fracatlas-default": "localise", "fracatlas-classifier": "classify"}
+RELEASES = {"fracatlas-default": "localise", "fracatlas-classifier": "classify", "fracatlas-default-int8": "localise"}
 
 
 @pytest.fixture(scope="module", params=list(RELEASES))
@@ -33,7 +34,7 @@ def model(request):
 
 def test_each_model_is_released_small_and_calibrated_on_the_committed_split(model):
     assert model.name in list_releases()
-    assert (releases_dir() / model.name / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert (model.graph or releases_dir() / model.name / "model.safetensors").stat().st_size <= 25 * 2**20
     assert model.task == RELEASES[model.name] and model.preprocess.input_size == 320
     assert model.version != "unversioned" and model.meta["selected_on"] == "val"
     assert model.operating_point == "sens90" and 0 < model.threshold < 1 and model.temperature > 0
@@ -52,6 +53,17 @@ def test_the_default_localiser_carries_the_released_classifier_and_two_operating
     inside = default.module.classifiers[0].state_dict()
     for key, weight in classifier.module.state_dict().items():  # the same float16-stored weights
         assert torch.equal(inside[key], weight), key
+
+
+def test_the_int8_release_is_the_defaults_graph_and_kept_its_validation_auc():
+    default, int8 = load("fracatlas-default"), load("fracatlas-default-int8")
+    assert int8.precision == "int8" and int8.module is None
+    assert int8.meta["graph"]["quantised_from"] == f"fracatlas-default {default.version}"
+    assert int8.version == f"{default.version}+int8"
+    auc = int8.meta["graph"]["val_auc"]
+    assert auc["int8"] >= auc["float32"] - 0.005
+    assert auc["float32"] == pytest.approx(default.meta["fusion_val_auc"]["fused"], abs=2e-3)
+    assert set(int8.levels) == {"suspicious", "definite"} and int8.thresholds != default.thresholds
 
 
 def test_the_model_card_states_the_reported_numbers(model):

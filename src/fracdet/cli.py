@@ -351,7 +351,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     table = _load_split_table(args.data, splits)
     extra = [_load_split_table(*(spec.split("=", 1) if "=" in spec else (spec, None))) for spec in args.extra]
     result = quantize_model(model, table, args.out, name=args.name, version=args.version,
-                            calibration=args.calibration, extra=extra, max_auc_drop=args.max_auc_drop)  # fmt: skip
+                            calibration=args.calibration, extra=extra, max_auc_drop=args.max_auc_drop,
+                            float_map_head=not args.int8_map_head)  # fmt: skip
     made = result.model
     auc = result.val_auc
     print(f"{made.name} {made.version}: int8 graph of {model.name} {model.version} in {made.folder} "
@@ -396,8 +397,8 @@ def cmd_release(args: argparse.Namespace) -> int:
     target = package_release(
         args.run, args.name, version=args.version, dest=args.dest, report=args.report, command=args.command
     )
-    size = (target / "model.safetensors").stat().st_size / 2**20
-    print(f"released {args.name} {args.version} to {target} ({size:.1f} MiB of weights)")
+    weights = next(p for p in (target / "model.safetensors", target / "model.onnx") if p.is_file())
+    print(f"released {args.name} {args.version} to {target} ({weights.stat().st_size / 2**20:.1f} MiB: {weights.name})")
     return 0
 
 
@@ -756,6 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="its name (default: MODEL-int8)")
     p.add_argument("--version", help="its version (default: the model's version +int8)")
     p.add_argument("--calibration", type=int, default=64, help="training radiographs that set the int8 ranges")
+    p.add_argument(
+        "--int8-map-head",
+        action="store_true",
+        help="quantise a localiser's map head too (by default it stays float: its boxes hit more)",
+    )
     p.add_argument("--max-auc-drop", type=float, default=0.005,
                    help="write nothing when validation AUC falls by more than this")  # fmt: skip
     p.add_argument("--extra", action="append", default=[], metavar="DATASET[=MANIFEST]",

@@ -71,6 +71,7 @@ def quantize_model(
     extra: Sequence[pd.DataFrame] = (),
     cache: FeatureCache | None = None,
     max_auc_drop: float = 0.005,
+    float_map_head: bool = True,
     seed: int = 0,
 ) -> Quantized:
     """Quantise ``model`` to int8 and write it, refitted, as a compiled model folder ``out``.
@@ -84,6 +85,9 @@ def quantize_model(
         calibration: training radiographs whose activations set the quantisation ranges (seeded draw).
         extra: other radiograph datasets for the gate, as ``fracdet gate --extra`` takes them.
         max_auc_drop: refuse (``ValueError``, nothing written) when validation AUC falls by more.
+        float_map_head: keep a localiser's map head (the layers between the backbone's features and the
+            map) in float: with it quantised too, 1.0.0's boxes hit fewer validation fractures (localised
+            sensitivity 0.454 against float's 0.481; 0.472 with the head in float, for 0.2% more time).
 
     Returns: the model and what was measured on validation.
     """
@@ -138,16 +142,19 @@ def quantize_model(
         stage.mkdir()
         with _quiet_quantiser():
             float_graph = export_onnx(model, work_dir / "float.onnx", embedder=embedder)
+            kept_float = _map_head(float_graph) if float_map_head else []
             quantize_static(str(float_graph), str(stage / "model.onnx"), Calibration(),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)  # fmt: skip
+                            weight_type=QuantType.QInt8,
+                            nodes_to_exclude=kept_float)  # fmt: skip
         for file in ("splits.csv", "config.yaml"):
             if model.folder is not None and (model.folder / file).is_file():
                 shutil.copy2(model.folder / file, stage / file)
         meta = {k: v for k, v in model.meta.items() if k not in _REFITTED}
         graph = {"file": "model.onnx", "precision": "int8", "sha256": file_sha256(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
-                 "calibration": f"{len(calib)} training radiographs (seed {seed})"}  # fmt: skip
+                 "calibration": f"{len(calib)} training radiographs (seed {seed})",
+                 "float_nodes": f"{len(kept_float)} (the map head)" if kept_float else "none"}  # fmt: skip
         meta.update(
             name=name or f"{model.name}-int8",
             version=version or f"{model.version}+int8",
@@ -192,6 +199,25 @@ def quantize_model(
             shutil.rmtree(out)
         stage.replace(out)
     return Quantized(load(out), val_auc, {"median": float(np.median(change)), "max": float(change.max())}, summary)
+
+
+def _map_head(path: Path) -> list[str]:
+    """Names of the nodes of the ONNX graph at ``path`` that make a localiser's map from the backbone's
+    features: those whose results reach the ``dense`` output but not the ``features`` output."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {name: node for node in graph.node for name in node.output}
+    reach: dict[str, set[str]] = {}
+    for out in graph.output:
+        stack = [out.name]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or out.name in reach.setdefault(node.name, set()):
+                continue
+            reach[node.name].add(out.name)
+            stack.extend(node.input)
+    return [name for name, reached in reach.items() if "dense" in reached and "features" not in reached]
 
 
 def _rows(table: pd.DataFrame, split: str) -> pd.DataFrame:

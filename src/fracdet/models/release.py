@@ -49,6 +49,8 @@ SCHEMA_VERSION = 3
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
     "model.safetensors",
+    "model.onnx",  # a compiled model's graph, instead of the weights
+    "gate.safetensors",
     "model.json",
     "splits.csv",
     "config.yaml",
