@@ -276,6 +276,7 @@ def predict(checkouts: dict[str, Path | None], images: list[str]) -> dict:
 
 
 def main() -> None:
+    global NOW_MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", default="../shared/data/fracatlas")
@@ -294,7 +295,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker()
-    global NOW_MODEL
     NOW_MODEL = args.model
     root = Path(args.data) / "images" if (Path(args.data) / "images").is_dir() else Path(args.data)
     every = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in SUFFIXES)
