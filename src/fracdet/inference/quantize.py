@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fracdet.models.release import TrainedModel, load
+from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
 __all__ = ["QUANTISATION", "Quantized", "quantize_model"]
@@ -158,7 +158,7 @@ def quantize_model(
         meta.update(
             name=name or f"{model.name}-int8",
             version=version or f"{model.version}+int8",
-            schema_version=3,
+            schema_version=SCHEMA_VERSION,
             task=model.task,
             input_size=size,
             mean=list(model.preprocess.mean),

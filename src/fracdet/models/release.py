@@ -45,6 +45,8 @@ __all__ = [
 #: only); 2: adds ``task``, ``schema_version`` and, for localisers, ``fusion``; 3: adds ``graph``, a compiled
 #: model without PyTorch weights (:mod:`fracdet.models.compiled`). Every version still loads.
 SCHEMA_VERSION = 3
+#: What a model with weights is written as: its layout has not changed since 2, so older fracdet still reads it.
+WEIGHTS_SCHEMA_VERSION = 2
 
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
@@ -377,7 +379,7 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
     meta = {
         "model": model.arch,
         **model.meta,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": WEIGHTS_SCHEMA_VERSION,
         "task": model.task,
         "input_size": model.preprocess.input_size,
         "mean": list(model.preprocess.mean),
