@@ -160,3 +160,17 @@ def test_batched_folder_prediction_gives_the_rows_of_one_at_a_time(shipped, samp
     for boxes in batched["boxes"].dropna():  # the shipped localiser's boxes, at most 3, in [0, 1]
         assert len(json.loads(boxes)) <= 3
         assert all(0 <= b[k] <= 1 for b in json.loads(boxes) for k in ("x0", "y0", "x1", "y1"))
+
+
+def test_predicting_and_serving_start_without_the_libraries_only_training_and_evaluation_need():
+    # Each of these costs a half to one second of every command's start, and `fracdet predict` over a folder
+    # pays it once per run: torchvision (transforms, box ops), pytorch-grad-cam (Grad-CAM++ only), scipy.stats.
+    code = (
+        "import sys; import fracdet.cli, fracdet.serve, fracdet.inference, fracdet.training, fracdet.dicom; "
+        "from fracdet.models import load; from fracdet.inference import Predictor; "
+        "Predictor(load('fracatlas-default-int8')).predict_bytes(open(sys.argv[1], 'rb').read()); "
+        "print(sorted(m for m in ('torchvision', 'pytorch_grad_cam', 'scipy.stats') if m in sys.modules))"
+    )
+    sample = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
+    out = subprocess.run([sys.executable, "-c", code, str(sample)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

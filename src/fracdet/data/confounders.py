@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 __all__ = ["CATEGORICAL", "CONTROL", "NUMERIC", "confounder_table", "cross_validated_auc", "roc_auc_with_ci"]
 
@@ -27,6 +26,8 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    from scipy.stats import rankdata  # scipy.stats costs half a second of every process's start
+
     ranks = rankdata(scores)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

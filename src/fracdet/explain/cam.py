@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
-from pytorch_grad_cam.utils.image import scale_cam_image
 
 from fracdet.models import get_spec, members_of
 from fracdet.models.predict import class_activation_maps, normalise, score_forward
@@ -33,7 +31,15 @@ from fracdet.models.release import TrainedModel
 
 __all__ = ["CAM_METHODS", "Explainer", "Explanation", "heatmap_box", "heatmaps_from_cams", "overlay"]
 
-CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+#: Grad-CAM variants by name (pytorch-grad-cam's classes, imported when first used: the library costs half a
+#: second of every process's start, and a prediction needs it only for ``gradcam++``).
+CAM_METHODS = ("gradcam", "gradcam++")
+
+
+def _cam_class(method: str) -> type:
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+
+    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
 
 
 class _MarginTarget:
@@ -81,7 +87,7 @@ class Explainer:
             return self._class_activation_map(x)
         # The library's hooks live only for this call: left registered, every later forward of the model
         # (by anyone) would append its activations to a list nobody clears (0.5 MiB per prediction).
-        cam = CAM_METHODS[self.method](model=self.model.module, target_layers=self._layers)
+        cam = _cam_class(self.method)(model=self.model.module, target_layers=self._layers)
         try:
             heatmaps = cam(input_tensor=x, targets=[_MarginTarget()] * len(images))
             logits = cam.outputs.detach().float()
@@ -103,6 +109,8 @@ def heatmaps_from_cams(cams: np.ndarray, size: int) -> np.ndarray:
     The library's rescaling: each layer (here, member) to [0, 1] at the input size, their mean, again. The
     same for the :class:`Explainer` and for the CAMs a :class:`fracdet.models.graph.ScoringGraph` returns.
     """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
     per_member = [scale_cam_image(cams[:, k], (size, size)) for k in range(cams.shape[1])]
     heatmaps = scale_cam_image(np.maximum(np.mean(per_member, axis=0), 0))
     return np.nan_to_num(heatmaps).astype(np.float32)

@@ -151,7 +151,9 @@ class Predictor:
         library_cam = model.task == "classify" and (method != "gradcam" or not has_cams(model))
         self.explainer = Explainer(model, method) if heatmaps and library_cam else None
         self._explainer_lock = threading.Lock()  # the library's hooks serve one call at a time
-        embedder = self.gate.embedder().network if self.gate is not None and self.gate.checks_appearance else None
+        # A compiled model's graph holds the embedder already; others export (or run) it with the model.
+        appearance = self.gate is not None and self.gate.checks_appearance and model.graph is None
+        embedder = self.gate.embedder().network if appearance else None
         self.runtime = runtime_for(model, backend, embedder=embedder, threads=threads)
         self.max_pixels = max_pixels
         self.display_size = display_size

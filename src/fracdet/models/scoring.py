@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 from scipy.special import expit
-from torchvision.ops import nms
 
 __all__ = [
     "BOX_CHANNELS",
@@ -228,6 +227,8 @@ def _regressed_boxes(
     cells = decode_cell_boxes(torch.from_numpy(dense[None, 1:]))[0].numpy()
     found = cells[:, ys, xs].T / np.array([w, h, w, h], np.float32)
     found = np.clip(found, 0.0, 1.0)
+    from torchvision.ops import nms  # torchvision takes a second to import: only box heads need it
+
     keep = nms(torch.from_numpy(found), torch.from_numpy(prob[ys, xs]), NMS_IOU).numpy()[:max_boxes]
     score = _peak_scorer(logits, image_logit, peak_weight, temperature, levels)
     return [score(found[k], ys[k], xs[k]) for k in keep]

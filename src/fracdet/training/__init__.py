@@ -8,6 +8,7 @@ train(config, manifest, "runs/try")        # manifest: a sample table with a spl
 from __future__ import annotations
 
 from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
+from fracdet.training.checkpoint import RunExistsError
 from fracdet.training.config import (
     AugmentConfig,
     ConfigError,
@@ -18,7 +19,19 @@ from fracdet.training.config import (
     TrainConfig,
     load_config,
 )
-from fracdet.training.trainer import RunExistsError, TrainResult, train
+
+#: Imported when first asked for: the training loop pulls in torchvision's transforms (a second of start-up)
+#: that predicting, serving and evaluating never need.
+_TRAINER = ("TrainResult", "train")
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _TRAINER:
+        from fracdet.training import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AugmentConfig",

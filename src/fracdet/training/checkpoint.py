@@ -1,4 +1,4 @@
-"""Checkpoints written atomically, so an interrupted run never leaves a half-written file behind."""
+"""Run folders and their checkpoints, written atomically, so an interrupted run never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import torch
 
 from fracdet.utils.atomic import atomic_write_bytes, write_json
 
-__all__ = ["atomic_write_bytes", "load_checkpoint", "save_checkpoint", "write_json"]
+__all__ = ["RunExistsError", "atomic_write_bytes", "load_checkpoint", "save_checkpoint", "write_json"]
+
+
+class RunExistsError(RuntimeError):
+    """The run folder already holds a run; resume it or choose another folder."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -37,7 +37,7 @@ from fracdet.models._registry import PreprocessCfg
 from fracdet.models.predict import normalise, predict_margins, read_outputs, select_device
 from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin, epoch_indices
 from fracdet.training.calibrate import calibrate
-from fracdet.training.checkpoint import load_checkpoint, save_checkpoint, write_json
+from fracdet.training.checkpoint import RunExistsError, load_checkpoint, save_checkpoint, write_json
 from fracdet.training.config import TrainConfig
 from fracdet.training.distributed import Ranks, current_ranks
 from fracdet.training.losses import split_views, stability_loss, task_loss
@@ -52,10 +52,6 @@ EpochHook = Callable[[int, dict], None]
 
 #: Training steps between two readings of the running loss for the progress bar (each waits for the GPU).
 POSTFIX_EVERY = 20
-
-
-class RunExistsError(RuntimeError):
-    """The run folder already holds a run; resume it or choose another folder."""
 
 
 @dataclass
