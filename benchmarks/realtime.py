@@ -16,7 +16,9 @@ radiographs (a seeded shuffle of the dataset; nothing is cached between requests
   open-loop load of ``--rate`` requests/s for ``--seconds`` (arrivals do not wait for answers), closed loops
   of 32 and 64 clients for ``--closed-seconds`` each; the health endpoint is asked every 100 ms throughout.
 * **predict**: ``fracdet predict`` of each checkout over the dataset's images (``--predict-limit``: the
-  first N of the shuffle; 0: all), images/s.
+  first N of the shuffle; 0: all), images/s; both run ``--model`` where the baseline has that release too.
+* **startup** (not in the default ``--parts``): ``fracdet predict`` of one image, 5 times each, alternating:
+  what every command pays before its first image (both run ``--model`` where the baseline has it).
 
 Writes one JSON with the machine, the commands and every figure; ``docs/BENCHMARKS.md`` quotes it.
 """
@@ -96,6 +98,12 @@ def _env(src: Path | None) -> dict[str, str]:
 
 def _model_args(src: Path | None) -> list[str]:
     return ["--model", NOW_MODEL] if src is None else []
+
+
+def _same_model_args(src: Path | None) -> list[str]:
+    """``--model`` for both checkouts when the baseline has that release too (an A/B of code, not of models)."""
+    root = REPO if src is None else src.parent
+    return ["--model", NOW_MODEL] if (root / "models" / NOW_MODEL).is_dir() else []
 
 
 def e2e(checkouts: dict[str, Path | None], images: list[str], chunk: int = 10) -> dict:
@@ -258,7 +266,7 @@ def predict(checkouts: dict[str, Path | None], images: list[str]) -> dict:
             table = Path(folder) / f"{name}.csv"
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "fracdet", "predict", str(listing), "--out", str(table),
-                            *_model_args(src)],
+                            *_same_model_args(src)],
                            env=_env(src), cwd=REPO, check=False, capture_output=True)  # fmt: skip
             elapsed = time.perf_counter() - started
             import pandas as pd
@@ -272,6 +280,24 @@ def predict(checkouts: dict[str, Path | None], images: list[str]) -> dict:
         out["max_probability_difference"] = float((a[both] - b[both]).abs().max())
         out["answered_by_both"] = int(both.sum())
     out["ratio_images_per_s"] = out["now"]["images_per_s"] / out["today"]["images_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------- a command's start
+def startup(checkouts: dict[str, Path | None], image: str, runs: int = 5) -> dict:
+    """Wall seconds of ``fracdet predict`` on one image, alternating checkouts: a command's fixed cost."""
+    seconds: dict[str, list[float]] = {name: [] for name in checkouts}
+    with tempfile.TemporaryDirectory() as folder:
+        for k in range(runs + 1):
+            for name, src in checkouts.items():
+                started = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "fracdet", "predict", image, "--out", f"{folder}/{name}.csv",
+                                *_same_model_args(src)], env=_env(src), cwd=REPO, check=True,
+                               capture_output=True)  # fmt: skip
+                if k:  # the first round warms the file cache
+                    seconds[name].append(time.perf_counter() - started)
+    out: dict = {name: {"median_s": statistics.median(v), "runs": v} for name, v in seconds.items()}
+    out["ratio_median"] = out["now"]["median_s"] / out["today"]["median_s"]
     return out
 
 
@@ -315,7 +341,8 @@ def main() -> None:
             }  # fmt: skip
             parts = {"e2e": lambda: e2e(checkouts, every[: args.images + 5]),
                      "server": lambda: server(checkouts, every[: args.images], args),
-                     "predict": lambda: predict(checkouts, every[: args.predict_limit or None])}  # fmt: skip
+                     "predict": lambda: predict(checkouts, every[: args.predict_limit or None]),
+                     "startup": lambda: startup(checkouts, every[0])}  # fmt: skip
             for part in args.parts.split(","):
                 report[part] = parts[part]()
                 print(json.dumps(report[part], indent=1), flush=True)
