@@ -656,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-modality", action="store_true",
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     _add_backend_option(p)
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass; one pass per core runs at "
-                   "once, one thread each (on 2 cores the fastest: docs/BENCHMARKS.md)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass; one pass per core runs at "
+                   "once, one thread each (on 2 cores the fastest; an int8 graph gains from pairs, a float one "
+                   "neither gains nor loses: docs/BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--manifest", metavar="FILE", help="paths or DICOMweb instance URLs to score: a text file (one "
                    "per line), or a CSV or Parquet file with a 'path' column")  # fmt: skip
     p.add_argument("--engine", default="local", choices=["local", "dask"],
