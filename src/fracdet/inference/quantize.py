@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fracdet.data.pixels import PixelSet, load_pixels
 from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
 __all__ = ["QUANTISATION", "Quantized", "quantize_model"]
-
-log = logging.getLogger(__name__)
 
 _HINT = "int8 quantisation needs onnxruntime and onnx (default dependencies of fracdet): pip install fracdet"
 #: How the graph is quantised, as ``model.json`` ``graph`` records it.
@@ -98,11 +97,9 @@ def quantize_model(
     from sklearn.metrics import roc_auc_score
 
     from fracdet.data.embed import embedder_input
-    from fracdet.data.pixels import load_pixels
     from fracdet.inference.gate import InputGate, fit_gate_on_splits, save_gate
     from fracdet.inference.onnx import export_onnx
     from fracdet.models.compiled import file_sha256
-    from fracdet.training.calibrate import choose_thresholds, fit_box_relative, fit_temperature, probabilities
     from fracdet.utils.atomic import write_json
 
     if model.graph is not None:
@@ -137,38 +134,19 @@ def quantize_model(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as work:
-        work_dir = Path(work)
-        stage = work_dir / "model"
+        stage = Path(work) / "model"
         stage.mkdir()
         with _quiet_quantiser():
-            float_graph = export_onnx(model, work_dir / "float.onnx", embedder=embedder)
+            float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
             kept_float = _map_head(float_graph) if float_map_head else []
             quantize_static(str(float_graph), str(stage / "model.onnx"), Calibration(),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8,
-                            nodes_to_exclude=kept_float)  # fmt: skip
-        for file in ("splits.csv", "config.yaml"):
-            if model.folder is not None and (model.folder / file).is_file():
-                shutil.copy2(model.folder / file, stage / file)
-        meta = {k: v for k, v in model.meta.items() if k not in _REFITTED}
+                            weight_type=QuantType.QInt8, nodes_to_exclude=kept_float)  # fmt: skip
         graph = {"file": "model.onnx", "precision": "int8", "sha256": file_sha256(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
                  "calibration": f"{len(calib)} training radiographs (seed {seed})",
                  "float_nodes": f"{len(kept_float)} (the map head)" if kept_float else "none"}  # fmt: skip
-        meta.update(
-            name=name or f"{model.name}-int8",
-            version=version or f"{model.version}+int8",
-            schema_version=SCHEMA_VERSION,
-            task=model.task,
-            input_size=size,
-            mean=list(model.preprocess.mean),
-            std=list(model.preprocess.std),
-            tta=model.tta,
-            peak_weight=model.peak_weight,
-            operating_point=model.operating_point,
-            graph=graph,
-        )
-        write_json(stage / "model.json", meta)
+        _describe(model, stage, graph, name=name or f"{model.name}-int8", version=version or f"{model.version}+int8")
         compiled = load(stage)
 
         float_margins = model.margins(val_set.images, progress_desc="float val")
@@ -178,27 +156,52 @@ def quantize_model(
         if val_auc["int8"] < val_auc["float32"] - max_auc_drop:
             raise ValueError(f"int8 validation AUC {val_auc['int8']:.4f} is more than {max_auc_drop} below float's "
                              f"{val_auc['float32']:.4f}: not kept")  # fmt: skip
-        change = np.abs(int8_margins - float_margins)
-        compiled.temperature = fit_temperature(int8_margins, labels)
-        compiled.thresholds = choose_thresholds(labels, probabilities(int8_margins, compiled.temperature))
-        compiled.threshold = compiled.thresholds[compiled.operating_point]
-        fitted: dict[str, Any] = {"temperature": compiled.temperature, "thresholds": compiled.thresholds,
-                                  "threshold": compiled.threshold}  # fmt: skip
-        if compiled.task == "localise" and "boxes" in val_set.table and "box_relative" in model.meta:
-            boxes = [b if isinstance(b, list) else [] for b in val_set.table["boxes"]]
-            fitted["box_relative_val_iou"] = fit_box_relative(compiled, val_set.images, labels, boxes)
-            fitted["box_relative"] = compiled.meta["box_relative"]
-        meta.update(fitted, graph={**meta["graph"], "val_auc": val_auc})
-        write_json(stage / "model.json", meta)
-        compiled.meta.update(meta)
+        fitted = _calibrate(compiled, val_set, int8_margins, boxes="box_relative" in model.meta)
+        compiled.meta.update(fitted, graph={**graph, "val_auc": val_auc})
+        write_json(stage / "model.json", compiled.meta)
         summary: dict[str, Any] = {}
-        if gate.fitted:
+        if gate.fitted:  # last: save_gate adds its limits to model.json
             distance, limits, summary, appearance = fit_gate_on_splits(compiled, table, extra=extra, cache=cache)
             save_gate(compiled, distance, limits, stage, appearance)
         if out.exists():
             shutil.rmtree(out)
         stage.replace(out)
+    change = np.abs(int8_margins - float_margins)
     return Quantized(load(out), val_auc, {"median": float(np.median(change)), "max": float(change.max())}, summary)
+
+
+def _describe(model: TrainedModel, stage: Path, graph: dict[str, Any], *, name: str, version: str) -> None:
+    """Write the compiled model's ``model.json``: the float model's description without what was fitted on
+    its margins, and the graph."""
+    from fracdet.utils.atomic import write_json
+
+    meta = {k: v for k, v in model.meta.items() if k not in _REFITTED}
+    meta.update(name=name, version=version, schema_version=SCHEMA_VERSION, task=model.task,
+                input_size=model.preprocess.input_size, mean=list(model.preprocess.mean),
+                std=list(model.preprocess.std), tta=model.tta, peak_weight=model.peak_weight,
+                operating_point=model.operating_point, graph=graph)  # fmt: skip
+    for file in ("splits.csv", "config.yaml"):  # the split it is checked on, and how its float model was trained
+        if model.folder is not None and (model.folder / file).is_file():
+            shutil.copy2(model.folder / file, stage / file)
+    write_json(stage / "model.json", meta)
+
+
+def _calibrate(compiled: TrainedModel, val_set: PixelSet, margins: np.ndarray, *, boxes: bool) -> dict[str, Any]:
+    """Fit ``compiled``'s temperature, thresholds and (``boxes``: a localiser that grows boxes from its map) box
+    edge on its own validation ``margins``, as training fits a float model's; returns what was fitted."""
+    from fracdet.training.calibrate import choose_thresholds, fit_box_relative, fit_temperature, probabilities
+
+    labels = val_set.table["label"].to_numpy(int)
+    compiled.temperature = fit_temperature(margins, labels)
+    compiled.thresholds = choose_thresholds(labels, probabilities(margins, compiled.temperature))
+    compiled.threshold = compiled.thresholds[compiled.operating_point]
+    fitted: dict[str, Any] = {"temperature": compiled.temperature, "thresholds": compiled.thresholds,
+                              "threshold": compiled.threshold}  # fmt: skip
+    if boxes and compiled.task == "localise" and "boxes" in val_set.table:
+        expert = [b if isinstance(b, list) else [] for b in val_set.table["boxes"]]
+        fitted["box_relative_val_iou"] = fit_box_relative(compiled, val_set.images, labels, expert)
+        fitted["box_relative"] = compiled.meta["box_relative"]
+    return fitted
 
 
 def _map_head(path: Path) -> list[str]:
