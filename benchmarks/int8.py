@@ -25,14 +25,13 @@ from sklearn.metrics import roc_auc_score
 
 
 def main() -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     from fracdet.data import load_dataset
     from fracdet.data.embed import embedder_input
     from fracdet.data.pixels import load_pixels
     from fracdet.data.split import apply_manifest
     from fracdet.inference.gate import InputGate
     from fracdet.inference.onnx import OnnxRuntime, export_onnx
+    from fracdet.inference.quantize import quantize_graph
     from fracdet.models import load
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,24 +54,10 @@ def main() -> None:
     val_set = load_pixels(table[table["split"] == "val"].reset_index(drop=True), size, desc="val")
     labels = val_set.table["label"].to_numpy()
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.images = iter(calib)
-
-        def get_next(self) -> dict | None:
-            image = next(self.images, None)
-            if image is None:
-                return None
-            feed = {"image": image[None, None]}
-            if embedder is not None:
-                feed["appearance"] = embedder_input([image])[:, None]
-            return feed
-
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, Path(folder) / "fp32.onnx", embedder=embedder)
         int8 = Path(folder) / "int8.onnx"
-        quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        quantize_graph(fp32, int8, calib)
         runtimes = {"float32": OnnxRuntime(fp32), "int8": OnnxRuntime(int8)}
         sizes = {"float32": fp32.stat().st_size, "int8": int8.stat().st_size}
         margins = {}

@@ -30,6 +30,7 @@ __all__ = [
     "make_splits",
     "repair_splits",
     "split_groups",
+    "split_rows",
 ]
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -248,3 +249,13 @@ def apply_manifest(table: pd.DataFrame, manifest: str | Path | pd.DataFrame) -> 
         out["group"] = out["path"]
     out.attrs.update(table.attrs)
     return out
+
+
+def split_rows(table: pd.DataFrame, split: str, *, needed_for: str) -> pd.DataFrame:
+    """The ``split`` rows of ``table``, numbered afresh and keeping its attributes (its root); a clear
+    ``ValueError`` when there are none, naming what they were ``needed_for``."""
+    rows = table[table["split"] == split].reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    if rows.empty:
+        raise ValueError(f"no {split!r} rows {needed_for}")
+    return rows

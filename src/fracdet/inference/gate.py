@@ -389,13 +389,18 @@ def fit_gate_on_splits(
     """
     from fracdet.data.decode import decode_image
     from fracdet.data.pixels import load_pixels
+    from fracdet.data.split import split_rows
     from fracdet.data.table import absolute_paths
 
     size = model.preprocess.input_size
-    train = _rows(table, "train")
-    vals = [_rows(table, "val"), *(_rows(t, "val") for t in extra)]
+
+    def rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
+        return split_rows(table, split, needed_for="to fit the input gate on")
+
+    train = rows(table, "train")
+    vals = [rows(table, "val"), *(rows(t, "val") for t in extra)]
     train_pixels = load_pixels(train, size, cache=cache, desc="decoding train").images
-    others = [load_pixels(_rows(t, "train"), size, cache=cache, desc="decoding other train").images for t in extra]
+    others = [load_pixels(rows(t, "train"), size, cache=cache, desc="decoding other train").images for t in extra]
     other_pixels = np.concatenate(others) if others else None
     val_sets = [load_pixels(v, size, cache=cache, desc="decoding val") for v in vals]
     val_pixels = np.concatenate([v.images for v in val_sets])
@@ -415,11 +420,3 @@ def fit_gate_on_splits(
                "val_colour_fraction_max": float(max(colour, default=0.0)), "train_images": len(train_pixels),
                "val_images": len(val_pixels)}  # fmt: skip
     return distance, limits, summary, appearance
-
-
-def _rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = table[table["split"] == split].reset_index(drop=True)
-    rows.attrs.update(table.attrs)
-    if rows.empty:
-        raise ValueError(f"no {split!r} rows to fit the input gate on")
-    return rows

@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 
 from fracdet.data.pixels import PixelSet, load_pixels
+from fracdet.data.split import split_rows
 from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
-__all__ = ["QUANTISATION", "Quantized", "quantize_model"]
+__all__ = ["QUANTISATION", "Quantized", "quantize_graph", "quantize_model"]
 
 _HINT = "int8 quantisation needs onnxruntime and onnx (default dependencies of fracdet): pip install fracdet"
 #: How the graph is quantised, as ``model.json`` ``graph`` records it.
@@ -90,13 +91,8 @@ def quantize_model(
 
     Returns: the model and what was measured on validation.
     """
-    try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    except ImportError as exc:
-        raise ImportError(_HINT) from exc
     from sklearn.metrics import roc_auc_score
 
-    from fracdet.data.embed import embedder_input
     from fracdet.inference.gate import InputGate, fit_gate_on_splits, save_gate
     from fracdet.inference.onnx import export_onnx
     from fracdet.models.compiled import file_sha256
@@ -106,7 +102,8 @@ def quantize_model(
         raise ValueError(f"{model.name} is already a compiled {model.precision} graph: quantise its float model")
     out = Path(out)
     size = model.preprocess.input_size
-    train, val = (_rows(table, split) for split in ("train", "val"))
+    train, val = (split_rows(table, split, needed_for="to calibrate int8 on (train) and check it on (val)")
+                  for split in ("train", "val"))  # fmt: skip
     gate = InputGate.of(model)
     embedder = gate.embedder().network if gate.fitted else None  # the refitted gate needs the embedding
     rng = np.random.default_rng(seed)
@@ -117,31 +114,14 @@ def quantize_model(
     if len(np.unique(labels)) < 2:
         raise ValueError("the validation split needs fractured and normal radiographs to check the int8 graph")
 
-    class Calibration(CalibrationDataReader):
-        """The calibration radiographs, one at a time, as the graph takes them."""
-
-        def __init__(self) -> None:
-            self.images = iter(calib)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            image = next(self.images, None)
-            if image is None:
-                return None
-            feed = {"image": image[None, None]}
-            if embedder is not None:
-                feed["appearance"] = embedder_input([image])[:, None]
-            return feed
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as work:
         stage = Path(work) / "model"
         stage.mkdir()
         with _quiet_quantiser():
             float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
-            kept_float = _map_head(float_graph) if float_map_head else []
-            quantize_static(str(float_graph), str(stage / "model.onnx"), Calibration(),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=kept_float)  # fmt: skip
+        kept_float = _map_head(float_graph) if float_map_head else []
+        quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
         graph = {"file": "model.onnx", "precision": "int8", "sha256": file_sha256(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
                  "calibration": f"{len(calib)} training radiographs (seed {seed})",
@@ -168,6 +148,42 @@ def quantize_model(
         stage.replace(out)
     change = np.abs(int8_margins - float_margins)
     return Quantized(load(out), val_auc, {"median": float(np.median(change)), "max": float(change.max())}, summary)
+
+
+def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float: Sequence[str] = ()) -> Path:
+    """Quantise the exported :class:`~fracdet.models.graph.ScoringGraph` at ``source`` into ``target`` (see
+    :data:`QUANTISATION`), its activation ranges read from ``images`` (``(N, S, S)`` uint8 at the graph's
+    input side; the appearance input made from each when the graph takes one); ``keep_float`` names nodes
+    left in float. Only the graph: :func:`quantize_model` makes a model of it."""
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    except ImportError as exc:
+        raise ImportError(_HINT) from exc
+    from fracdet.data.embed import embedder_input
+
+    appearance = any(i.name == "appearance" for i in onnx.load(str(source), load_external_data=False).graph.input)
+
+    class Calibration(CalibrationDataReader):
+        """The calibration radiographs, one at a time, as the graph takes them."""
+
+        def __init__(self) -> None:
+            self.images = iter(images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self.images, None)
+            if image is None:
+                return None
+            feed = {"image": image[None, None]}
+            if appearance:
+                feed["appearance"] = embedder_input([image])[:, None]
+            return feed
+
+    with _quiet_quantiser():
+        quantize_static(str(source), str(target), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(keep_float))  # fmt: skip
+    return Path(target)
 
 
 def _describe(model: TrainedModel, stage: Path, graph: dict[str, Any], *, name: str, version: str) -> None:
@@ -221,14 +237,6 @@ def _map_head(path: Path) -> list[str]:
             reach[node.name].add(out.name)
             stack.extend(node.input)
     return [name for name, reached in reach.items() if "dense" in reached and "features" not in reached]
-
-
-def _rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = table[table["split"] == split].reset_index(drop=True)
-    rows.attrs.update(table.attrs)
-    if rows.empty:
-        raise ValueError(f"no {split!r} rows: quantisation calibrates on train and checks on val")
-    return rows
 
 
 @contextmanager

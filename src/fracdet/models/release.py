@@ -256,7 +256,13 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     if from_checkpoint:  # model.json calibrates the best weights, not necessarily these: nothing fitted yet
         fitted = ("temperature", "thresholds", "threshold", "operating_point", "tta", "box_relative")
         meta = {k: v for k, v in meta.items() if k not in fitted}
-    thresholds = {k: float(v) for k, v in meta.get("thresholds", {}).items()}
+    return _described(module, meta, folder, preprocess)
+
+
+def _described(
+    module: nn.Module | None, meta: dict[str, Any], folder: Path, preprocess: PreprocessCfg, graph: Path | None = None
+) -> TrainedModel:
+    """A :class:`TrainedModel` of ``module`` (or a compiled ``graph``) as its ``model.json`` ``meta`` describes it."""
     return TrainedModel(
         module=module,
         name=str(meta.get("name", folder.name)),
@@ -265,10 +271,11 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
         temperature=float(meta.get("temperature", 1.0)),
         threshold=float(meta.get("threshold", 0.5)),
         operating_point=str(meta.get("operating_point", "0.5")),
-        thresholds=thresholds,
+        thresholds={k: float(v) for k, v in meta.get("thresholds", {}).items()},
         tta=bool(meta.get("tta", False)),
         meta=meta,
         folder=folder,
+        graph=graph,
     )
 
 
@@ -282,20 +289,7 @@ def _load_compiled(folder: Path, meta: dict[str, Any], preprocess: PreprocessCfg
         raise FileNotFoundError(f"{graph} not found: the compiled graph model.json names is missing")
     if (expected := meta["graph"].get("sha256")) and file_sha256(graph) != expected:
         raise ValueError(f"{graph}: its SHA-256 is not the one model.json records: damaged or replaced")
-    return TrainedModel(
-        module=None,
-        name=str(meta.get("name", folder.name)),
-        arch=meta["model"],
-        preprocess=preprocess,
-        temperature=float(meta.get("temperature", 1.0)),
-        threshold=float(meta.get("threshold", 0.5)),
-        operating_point=str(meta.get("operating_point", "0.5")),
-        thresholds={k: float(v) for k, v in meta.get("thresholds", {}).items()},
-        tta=bool(meta.get("tta", False)),
-        meta=meta,
-        folder=folder,
-        graph=graph,
-    )
+    return _described(None, meta, folder, preprocess, graph)
 
 
 def package_release(
