@@ -301,13 +301,14 @@ def fit_gate(
     Returns the distance, the limits, the validation distances (to report what the choice saw) and the
     appearance distance.
     """
-    distance = FeatureDistance.fit(image_features(model, train_images, progress_desc="features of train"))
-    val = distance(image_features(model, val_images, progress_desc="features of val"))
-    looks = appearance_embeddings(model, train_images)
+    train_features, looks = _gate_inputs(model, train_images, "train")
+    val_features, val_looks = _gate_inputs(model, val_images, "val")
+    distance = FeatureDistance.fit(train_features)
+    val = distance(val_features)
     if appearance_train is not None and len(appearance_train):
         looks = np.concatenate([looks, appearance_embeddings(model, appearance_train)])
     appearance = FeatureDistance.fit(looks.astype(np.float64), APPEARANCE_COMPONENTS)
-    val_appearance = appearance(appearance_embeddings(model, val_images).astype(np.float64))
+    val_appearance = appearance(val_looks.astype(np.float64))
     limits = GateLimits(
         appearance_refuse=float(np.quantile(val_appearance, appearance_quantile)),
         appearance_quantile=appearance_quantile,
@@ -320,6 +321,19 @@ def fit_gate(
         refuse_margin=refuse_margin,
     )
     return distance, limits, val, appearance
+
+
+def _gate_inputs(model: TrainedModel, images: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model features and appearance embeddings of ``images``: from one pass of a compiled model's graph,
+    which computes both; else from the model and the ImageNet embedder, each its own network."""
+    if model.graph is not None:
+        from fracdet.models.compiled import compiled_outputs
+
+        out = compiled_outputs(model, images, progress_desc=f"features of {split}")
+        if out.embedding is None:
+            raise ValueError(f"{model.graph} has no appearance embedder: compile it with the gate's embedder")
+        return out.features.astype(np.float64), out.embedding
+    return image_features(model, images, progress_desc=f"features of {split}"), appearance_embeddings(model, images)
 
 
 def appearance_embeddings(model: TrainedModel, images: np.ndarray) -> np.ndarray:

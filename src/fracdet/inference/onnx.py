@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from fracdet.models.compiled import ONNX_HINT, OnnxRuntime, file_sha256
+from fracdet.models.compiled import ONNX_HINT, OnnxRuntime
 from fracdet.models.graph import APPEARANCE_SIDE, Runtime, ScoringGraph, TorchRuntime
 from fracdet.models.release import TrainedModel
+from fracdet.utils.hashing import sha256_file
 
 __all__ = ["BACKENDS", "OnnxRuntime", "cached_export", "export_onnx", "onnxruntime_available", "runtime_for"]
 
@@ -122,13 +123,13 @@ def cached_export(model: TrainedModel, *, embedder: torch.nn.Module | None = Non
     root = _cache_root()
     key = _model_key(model, embedder)
     path, checksum = root / f"{key}.onnx", root / f"{key}.sha256"
-    if path.is_file() and checksum.is_file() and checksum.read_text().strip() == file_sha256(path):
+    if path.is_file() and checksum.is_file() and checksum.read_text().strip() == sha256_file(path):
         return path
     log.info("exporting %s to ONNX once (cached in %s)", model.name, root)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as folder:  # written whole, then renamed: never half a file
         staged = export_onnx(model, Path(folder) / "model.onnx", embedder=embedder)
-        (Path(folder) / "sha").write_text(file_sha256(staged))
+        (Path(folder) / "sha").write_text(sha256_file(staged))
         staged.replace(path)
         (Path(folder) / "sha").replace(checksum)
     return path

@@ -95,8 +95,8 @@ def quantize_model(
 
     from fracdet.inference.gate import InputGate, fit_gate_on_splits, save_gate
     from fracdet.inference.onnx import export_onnx
-    from fracdet.models.compiled import file_sha256
     from fracdet.utils.atomic import write_json
+    from fracdet.utils.hashing import sha256_file
 
     if model.graph is not None:
         raise ValueError(f"{model.name} is already a compiled {model.precision} graph: quantise its float model")
@@ -122,7 +122,7 @@ def quantize_model(
             float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
         kept_float = _map_head(float_graph) if float_map_head else []
         quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
-        graph = {"file": "model.onnx", "precision": "int8", "sha256": file_sha256(stage / "model.onnx"),
+        graph = {"file": "model.onnx", "precision": "int8", "sha256": sha256_file(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
                  "calibration": f"{len(calib)} training radiographs (seed {seed})",
                  "float_nodes": f"{len(kept_float)} (the map head)" if kept_float else "none"}  # fmt: skip

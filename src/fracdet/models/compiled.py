@@ -13,7 +13,6 @@ float network it came from), through :func:`compiled_outputs` for batch work and
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from fracdet.models.graph import GraphOutputs, graph_outputs
 if TYPE_CHECKING:
     from fracdet.models.release import TrainedModel
 
-__all__ = ["ONNX_HINT", "OnnxRuntime", "compiled_outputs", "file_sha256"]
+__all__ = ["ONNX_HINT", "OnnxRuntime", "compiled_outputs"]
 
 ONNX_HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fracdet): pip install fracdet"
 
@@ -102,12 +101,3 @@ def compiled_outputs(
         return None if values[0] is None else np.concatenate(values)
 
     return GraphOutputs(*(joined(n) for n in ("margins", "dense", "cams", "features", "embedding")))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

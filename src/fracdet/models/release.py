@@ -282,12 +282,12 @@ def _described(
 def _load_compiled(folder: Path, meta: dict[str, Any], preprocess: PreprocessCfg) -> TrainedModel:
     """A compiled model: its graph file, checked against the SHA-256 ``model.json`` records (a damaged or
     swapped graph would score with calibration fitted on another)."""
-    from fracdet.models.compiled import file_sha256
+    from fracdet.utils.hashing import sha256_file
 
     graph = folder / meta["graph"]["file"]
     if not graph.is_file():
         raise FileNotFoundError(f"{graph} not found: the compiled graph model.json names is missing")
-    if (expected := meta["graph"].get("sha256")) and file_sha256(graph) != expected:
+    if (expected := meta["graph"].get("sha256")) and sha256_file(graph) != expected:
         raise ValueError(f"{graph}: its SHA-256 is not the one model.json records: damaged or replaced")
     return _described(None, meta, folder, preprocess, graph)
 
