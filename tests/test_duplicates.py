@@ -117,6 +117,9 @@ def test_centre_disc_puts_copies_turned_on_their_own_canvas_and_mirrored_in_one_
         (40, False, 2.0, 3.5, 9.0, False, True),  # the first tier: keypoints and the median
         (40, False, 2.0, 3.5, 9.0, True, False),  # ... but not refined at 0 degrees: a second exposure
         (40, False, 30.0, 3.5, 9.0, True, True),  # refined when turned: the rotation's resampling repaired
+        (15, False, 44.0, 2.4, 6.3, False, False),  # turned on few keypoints (a detector's lines): pixels unproven
+        (15, False, 44.0, 1.2, 3.0, True, True),  # ... the same once refined, its pixels agreeing everywhere
+        (15, False, 2.0, 2.4, 6.3, False, True),  # few keypoints unturned: the first tier as before
         (35, True, 120.0, 3.5, 9.0, False, True),  # mirrored with many keypoints
         (35, True, 120.0, 3.5, 9.0, True, False),  # ... but not once refined: that brings the other wrist close
         (20, True, 120.0, 3.5, 9.0, False, False),  # mirrored with few keypoints, pixels not proven

@@ -86,6 +86,10 @@ class NearDuplicateConfig:
             pairs judged by eye (``docs/DATA.md``; ``scripts/near_duplicate_review.py score``), refined
             matches of different radiographs have a median of 3.6 or more and a 90th percentile of 6.8 or
             more.
+        turned_inliers: below this many inliers, a turned match (by more than 5 degrees) counts by the third
+            tier only. A dozen keypoints can all lie on a detector's line texture, which two radiographs taken
+            on one detector share: turned until the lines meet, two different hands agreed in the median
+            (2.4, on the background) and not where the hands were.
         min_inlier_ratio: inliers over ratio-test matches, both keypoint tiers.
         min_overlap: fraction of the smaller thumbnail the aligned pair must share.
         max_scale: largest zoom between copies (and its inverse the smallest).
@@ -105,6 +109,7 @@ class NearDuplicateConfig:
     pixel_min_inliers: int = 12
     pixel_max_mismatch: float = 2.5
     pixel_max_spread: float = 4.5
+    turned_inliers: int = 20
     min_inlier_ratio: float = 0.20
     min_overlap: float = 0.20
     max_scale: float = 3.0
@@ -132,7 +137,8 @@ class GeometricMatch:
         refined match counts when its pixels agree everywhere (the third tier). Refined, the mirrored left
         and right wrist of one patient, and second exposures of one limb, came within the first tier's
         median; the third tier joins none of them (the full FracAtlas and multiregion searches, and the
-        reviewed pairs, ``docs/RELIABILITY.md``).
+        reviewed pairs, ``docs/RELIABILITY.md``). A turned match on fewer than ``turned_inliers`` keypoints
+        counts by the third tier only (see :class:`NearDuplicateConfig`).
         """
         if self.overlap < config.min_overlap or not 1 / config.max_scale <= self.scale <= config.max_scale:
             return False
@@ -144,7 +150,10 @@ class GeometricMatch:
         ):
             return True
         ratio = self.inliers / self.matches if self.matches else 0.0
-        if ratio < config.min_inlier_ratio or (self.refined and (self.flipped or abs(self.angle) <= _REFINE_MIN_ANGLE)):
+        turned = abs(self.angle) > _REFINE_MIN_ANGLE
+        if ratio < config.min_inlier_ratio or (self.refined and (self.flipped or not turned)):
+            return False
+        if turned and self.inliers < config.turned_inliers:
             return False
         if self.flipped:
             return self.inliers >= config.flipped_inliers and self.mismatch <= config.max_mismatch
