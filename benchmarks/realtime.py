@@ -16,9 +16,12 @@ radiographs (a seeded shuffle of the dataset; nothing is cached between requests
   open-loop load of ``--rate`` requests/s for ``--seconds`` (arrivals do not wait for answers), closed loops
   of 32 and 64 clients for ``--closed-seconds`` each; the health endpoint is asked every 100 ms throughout.
 * **predict**: ``fracdet predict`` of each checkout over the dataset's images (``--predict-limit``: the
-  first N of the shuffle; 0: all), images/s; both run ``--model`` where the baseline has that release too.
+  first N of the shuffle; 0: all), images/s.
 * **startup** (not in the default ``--parts``): ``fracdet predict`` of one image, 5 times each, alternating:
-  what every command pays before its first image (both run ``--model`` where the baseline has it).
+  what every command pays before its first image.
+
+In every part both checkouts run ``--model`` where the baseline has that release too (an A/B of code); a
+baseline without it (68a96c8 has no int8 release) runs its own ``fracatlas-default``.
 
 Writes one JSON with the machine, the commands and every figure; ``docs/BENCHMARKS.md`` quotes it.
 """
@@ -82,7 +85,7 @@ def worker() -> None:
         print(json.dumps({"ms": [r[0] for r in results], "probability": [r[1] for r in results]}), flush=True)
 
 
-#: The model "now" runs (``--model``); "today" always runs its own ``fracatlas-default``.
+#: The model "now" runs (``--model``), and "today" where it has that release (else its own ``fracatlas-default``).
 NOW_MODEL = "fracatlas-default"
 
 
@@ -91,17 +94,14 @@ def _env(src: Path | None) -> dict[str, str]:
     env.pop("FRACDET_BENCH_MODEL", None)
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    else:
+    if _same_model_args(src):
         env["FRACDET_BENCH_MODEL"] = NOW_MODEL
     return env
 
 
-def _model_args(src: Path | None) -> list[str]:
-    return ["--model", NOW_MODEL] if src is None else []
-
-
 def _same_model_args(src: Path | None) -> list[str]:
-    """``--model`` for both checkouts when the baseline has that release too (an A/B of code, not of models)."""
+    """``--model`` for both checkouts when the baseline has that release too (an A/B of code, not of models);
+    a baseline without it runs its own ``fracatlas-default``."""
     root = REPO if src is None else src.parent
     return ["--model", NOW_MODEL] if (root / "models" / NOW_MODEL).is_dir() else []
 
@@ -241,7 +241,7 @@ def server(checkouts: dict[str, Path | None], images: list[str], args: argparse.
     for name, src in checkouts.items():
         out[name] = {}
         for phase, load in phases.items():  # a fresh server each: no phase inherits another's backlog
-            extra = [*_model_args(src), *(shlex.split(args.serve_args) if name == "now" else ())]
+            extra = [*_same_model_args(src), *(shlex.split(args.serve_args) if name == "now" else ())]
             proc, base = _start_server(src, extra)
             try:
                 out[name][phase] = asyncio.run(_load(base, files, **load))
@@ -316,7 +316,8 @@ def main() -> None:
     parser.add_argument("--serve-args", default="", help="more options for this checkout's `fracdet serve`, "
                         "e.g. '--threads 1'")  # fmt: skip
     parser.add_argument("--model", default=NOW_MODEL, help="the model this checkout runs (e.g. the int8 "
-                        "fracatlas-default-int8); the baseline runs its own fracatlas-default")  # fmt: skip
+                        "fracatlas-default-int8), and the baseline where it has it (else its own "
+                        "fracatlas-default)")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results-realtime.json")
     args = parser.parse_args()
     if args.worker:

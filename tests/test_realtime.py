@@ -174,3 +174,54 @@ def test_predicting_and_serving_start_without_the_libraries_only_training_and_ev
     sample = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
     out = subprocess.run([sys.executable, "-c", code, str(sample)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_lone_prediction_takes_the_spinning_session_and_one_among_others_the_sleeping_one():
+    import threading
+
+    runtime = OnnxRuntime(cached_export(tiny("paper_cnn", size=32, seed=5)), threads=2)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32), dtype=np.uint8)
+    first_running, release, used = threading.Event(), threading.Event(), []
+
+    class Watched:  # the real session, recording which one ran; the first call holds until released
+        def __init__(self, session, name: str) -> None:
+            self.session, self.name = session, name
+
+        def run(self, *args):
+            used.append(self.name)
+            if len(used) == 1:
+                first_running.set()
+                release.wait(10)
+            return self.session.run(*args)
+
+    spinning, sleeping = runtime._alone, runtime.session
+    runtime._alone, runtime.session = Watched(spinning, "spinning"), Watched(sleeping, "sleeping")
+    with ThreadPoolExecutor(1) as pool:
+        lone = pool.submit(runtime, images)
+        assert first_running.wait(10)
+        during = runtime(images)  # while the lone call runs
+        release.set()
+        alone = lone.result()
+    after = runtime(images)
+    with runtime.occupied():  # this thread's own prediction: still alone
+        runtime(images)
+    with ThreadPoolExecutor(1) as pool:  # another prediction decoding: not alone
+        other = threading.Event()
+        done = threading.Event()
+
+        def decoding() -> None:
+            with runtime.occupied():
+                other.set()
+                done.wait(10)
+
+        busy = pool.submit(decoding)
+        assert other.wait(10)
+        runtime(images)
+        done.set()
+        busy.result()
+    assert used == ["spinning", "sleeping", "spinning", "spinning", "sleeping"]
+    for outputs in (during, after):  # one graph: the same answers whichever session ran
+        np.testing.assert_array_equal(outputs.margins, alone.margins)
+    assert OnnxRuntime(cached_export(tiny("paper_cnn", size=32, seed=5)), threads=1)._alone is None
+    with pytest.raises(ValueError, match="spin"):
+        OnnxRuntime(cached_export(tiny("paper_cnn", size=32, seed=5)), spin="sometimes")

@@ -59,7 +59,7 @@ def test_the_int8_release_is_the_defaults_graph_and_kept_its_validation_auc():
     default, int8 = load("fracatlas-default"), load("fracatlas-default-int8")
     assert int8.precision == "int8" and int8.module is None
     assert int8.meta["graph"]["quantised_from"] == f"fracatlas-default {default.version}"
-    assert int8.version == f"{default.version}+int8"
+    assert int8.version.startswith(f"{default.version}+int8")  # a build of the default's version
     auc = int8.meta["graph"]["val_auc"]
     assert auc["int8"] >= auc["float32"] - 0.005
     assert auc["float32"] == pytest.approx(default.meta["fusion_val_auc"]["fused"], abs=2e-3)

@@ -51,7 +51,7 @@ def test_a_radiograph_gets_probability_label_threshold_heatmap_and_box(client, s
     width, height = Image.open(sample_root / FRACTURED).size
     assert body["image_size"] == {"width": width, "height": height}
     heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
-    assert heatmap.mode == "RGBA" and max(heatmap.size) == 128, "small: the map is coarse, the browser scales it"
+    assert heatmap.mode == "RGBA" and max(heatmap.size) == 64, "small: the map is coarse, the browser scales it"
     assert heatmap.size[0] / heatmap.size[1] == pytest.approx(width / height, rel=0.02), "the radiograph's aspect"
     assert body["image_png"] is None, "the client has its own JPEG: no copy is sent back"
     assert body["box"] is None or all(0 <= v <= 1 for v in body["box"])
@@ -204,3 +204,11 @@ def test_an_access_token_guards_uploads_and_leaves_health_open(model, sample_roo
     assert right.status_code == 200
     assert guarded.get("/api/v1/health").status_code == 200
     assert "s3cret" not in repr(ServeConfig(access_token="s3cret-token"))
+
+
+@pytest.mark.parametrize(("size", "expected"), [((2048, 2560), (51, 64)), ((3000, 600), (160, 32)),
+                                                ((9000, 30), (256, 1))])  # fmt: skip
+def test_the_heatmap_keeps_the_aspect_and_at_least_a_pixel_per_map_cell_across_its_short_side(size, expected):
+    from fracdet.serve.app import _heatmap_size
+
+    assert _heatmap_size(size) == expected

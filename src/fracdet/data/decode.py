@@ -113,13 +113,15 @@ def colour_fraction(im: Image.Image) -> float:
     """Share of an image's pixels that are coloured (chroma, max - min of R, G, B, above :data:`CHROMA`).
 
     0 for grey modes. A grey radiograph with a red arrow drawn on it scores a few per cent; a photograph most
-    of its area. Measured on a thumbnail: cheap.
+    of its area. Measured on the image reduced by whole blocks to 256-511 px (each pixel the mean of its
+    block): a quarter of the time of a resampled thumbnail, and a coloured area keeps its share.
     """
     if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
-    thumb = im.copy()
-    thumb.thumbnail((256, 256))
-    rgb = np.asarray(thumb.convert("RGB"))
+    if im.mode not in ("RGB", "RGBA"):  # palette, CMYK, YCbCr...: Pillow reduces RGB
+        im = im.convert("RGB")
+    factor = max(1, max(im.size) // 256)
+    rgb = np.asarray((im.reduce(factor) if factor > 1 else im).convert("RGB"))
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # uint8 planes: element-wise, not a strided reduction
     chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
     return float((chroma > CHROMA).mean())

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -141,12 +141,14 @@ def runtime_for(
     *,
     embedder: torch.nn.Module | None = None,
     threads: int | None = None,
+    spin: Literal["alone", "never", "always"] = "alone",
 ) -> Runtime:
     """The runtime that scores ``model``: ``onnxruntime``, ``pytorch``, or ``auto`` (the first when installed).
 
     Args:
         embedder: the input gate's appearance embedder network, run in the same graph.
         threads: ONNX Runtime's intra-op threads per call (``None``: all cores).
+        spin: when ONNX Runtime's workers spin (:class:`~fracdet.models.compiled.OnnxRuntime`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown back end {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -154,12 +156,12 @@ def runtime_for(
         if backend == "pytorch":
             raise ValueError(f"{model.name} {model.version} is a compiled {model.precision} graph without PyTorch "
                              "weights: it runs in ONNX Runtime only (--backend auto or onnxruntime)")  # fmt: skip
-        return model.compiled_runtime(threads=threads)
+        return model.compiled_runtime(threads=threads, spin=spin)
     if backend == "pytorch" or (backend == "auto" and not onnxruntime_available()):
         return TorchRuntime(model, embedder=embedder)
     if next(model.module.parameters()).device.type != "cpu":
         return TorchRuntime(model, embedder=embedder)  # a model placed on a GPU stays with PyTorch
-    return OnnxRuntime(cached_export(model, embedder=embedder), threads=threads)
+    return OnnxRuntime(cached_export(model, embedder=embedder), threads=threads, spin=spin)
 
 
 @contextmanager

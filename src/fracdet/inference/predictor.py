@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -128,6 +128,9 @@ class Predictor:
         force_modality: analyse DICOM objects whose modality is not a projection radiograph (CT, MR, ...).
         backend: ``auto`` (ONNX Runtime when installed), ``onnxruntime`` or ``pytorch``.
         threads: ONNX Runtime's intra-op threads per prediction (``None``: all cores).
+        spin: when ONNX Runtime's workers spin between operators (:class:`~fracdet.models.compiled.OnnxRuntime`):
+            ``alone`` (a prediction while no other is under way: the fastest answer to one radiograph) or
+            ``never`` (a server, whose other threads need the cores: see :func:`fracdet.serve.create_app`).
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class Predictor:
         force_modality: bool = False,
         backend: str = "auto",
         threads: int | None = None,
+        spin: Literal["alone", "never"] = "alone",
     ) -> None:
         from fracdet.inference.onnx import runtime_for
 
@@ -154,7 +158,7 @@ class Predictor:
         # A compiled model's graph holds the embedder already; others export (or run) it with the model.
         appearance = self.gate is not None and self.gate.checks_appearance and model.graph is None
         embedder = self.gate.embedder().network if appearance else None
-        self.runtime = runtime_for(model, backend, embedder=embedder, threads=threads)
+        self.runtime = runtime_for(model, backend, embedder=embedder, threads=threads, spin=spin)
         self.max_pixels = max_pixels
         self.display_size = display_size
         self.force_modality = force_modality
@@ -287,11 +291,12 @@ class Predictor:
             cancel: when set (by another thread), stop at the next stage with :class:`Cancelled`.
         """
         _check(cancel)
-        started = time.perf_counter()
-        image = read_input_image(data, name, max_pixels=self.max_pixels, force_modality=self.force_modality)
-        decoded = time.perf_counter()
-        _check(cancel)
-        prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
+        with self.runtime.occupied():  # decoding and scoring: one prediction under way (OnnxRuntime)
+            started = time.perf_counter()
+            image = read_input_image(data, name, max_pixels=self.max_pixels, force_modality=self.force_modality)
+            decoded = time.perf_counter()
+            _check(cancel)
+            prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
         prediction.source_format, prediction.study = image.format, _study(image)
         return prediction

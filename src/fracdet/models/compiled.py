@@ -14,8 +14,11 @@ float network it came from), through :func:`compiled_outputs` for batch work and
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,33 +33,60 @@ ONNX_HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies o
 
 
 class OnnxRuntime:
-    """An exported :class:`~fracdet.models.graph.ScoringGraph` run by ONNX Runtime on the CPU (one session,
-    safe across threads).
+    """An exported :class:`~fracdet.models.graph.ScoringGraph` run by ONNX Runtime on the CPU (safe across
+    threads).
+
+    With more than one thread per call it keeps two sessions of the graph, because what is fastest for one
+    radiograph costs a busy server. Between the graph's operators, ONNX Runtime's worker threads either spin
+    (ready at once for the next operator) or sleep (woken for it). A call made while no other is running (one
+    radiograph in an emergency room) takes the *spinning* session, whose workers stop spinning when the call
+    ends: the graph of ``fracatlas-default-int8`` takes 0.82 of the time on 2 cores. A call made while another
+    prediction is under way takes the *sleeping* one, since spinning workers would take the cores that the
+    other prediction needs, for its own graph or for decoding: a server under 32 clients whose lone graph
+    calls spun while other uploads were decoded served 11% fewer images. So a prediction marks its whole work
+    with :meth:`occupied` (the :class:`~fracdet.inference.Predictor` does), and a call is alone only when no
+    other prediction is (``benchmarks/ort_spinning.py``, ``docs/BENCHMARKS.md``).
 
     Args:
         path: an ONNX file written by :func:`fracdet.inference.onnx.export_onnx` (or quantised from one).
         threads: intra-op threads per call (``None``: ONNX Runtime's default, all cores).
+        spin: ``"alone"`` (the two sessions above), ``"never"`` or ``"always"`` (one session, for comparison).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, threads: int | None = None, spin: Literal["alone", "never", "always"] = "alone"
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise ImportError(ONNX_HINT) from exc
-        options = ort.SessionOptions()
-        # Idle threads sleep instead of spinning: a server shares its cores with decoding, other requests
-        # and other sessions, and spinning workers would take their time.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Not "session.set_denormal_as_zero": it would be ~15% faster on radiographs, but it sets the processor's
-        # flush-to-zero state of the calling thread too, changing every later float computation of the
-        # process (numpy's, the caller's) behind its back.
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        from fracdet.utils.workers import worker_count
+
+        def session(spinning: bool) -> Any:
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            # Spinning only while a call runs: idle workers between calls would take the cores of everything else.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+            # Not "session.set_denormal_as_zero": it would be ~15% faster on radiographs, but it sets the
+            # processor's flush-to-zero state of the calling thread too, changing every later float computation
+            # of the process (numpy's, the caller's) behind its back.
+            if threads is not None:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        if spin not in ("alone", "never", "always"):
+            raise ValueError(f"spin must be alone, never or always, not {spin!r}")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = session(spinning=spin == "always")
+        parallel = (threads if threads is not None else worker_count()) > 1
+        # One thread per call has no workers to spin: no second session.
+        self._alone = session(spinning=True) if spin == "alone" and parallel else None
+        self._running = 0  # predictions under way (occupied) and graph calls outside any
+        self._lock = threading.Lock()
+        self._mine = threading.local()  # this thread's open occupied() blocks
         raw = self.session.get_modelmeta().custom_metadata_map.get("fracdet_model_json")
         self.meta: dict[str, Any] = json.loads(raw) if raw else {}
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -70,7 +100,35 @@ class OnnxRuntime:
             if appearance is None:
                 raise ValueError("this graph needs the appearance input (fracdet.data.embed.embedder_input)")
             feed["appearance"] = np.ascontiguousarray(appearance, np.uint8)[:, None]
-        return graph_outputs(dict(zip(self.outputs, self.session.run(None, feed), strict=True)))
+        inside = getattr(self._mine, "depth", 0) > 0  # counted already by its prediction's occupied()
+        with self._lock:
+            alone = self._running == int(inside)
+            self._running += int(not inside)
+        try:
+            session = self._alone if alone and self._alone is not None else self.session
+            values = session.run(None, feed)
+        finally:
+            if not inside:
+                with self._lock:
+                    self._running -= 1
+        return graph_outputs(dict(zip(self.outputs, values, strict=True)))
+
+    @contextmanager
+    def occupied(self) -> Iterator[None]:
+        """Mark one prediction's whole work as under way (see the class): while it lasts, another prediction's
+        graph call is not alone."""
+        depth = getattr(self._mine, "depth", 0)
+        if depth == 0:  # a thread's nested blocks are one prediction
+            with self._lock:
+                self._running += 1
+        self._mine.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._mine.depth = depth
+            if depth == 0:
+                with self._lock:
+                    self._running -= 1
 
 
 def compiled_outputs(

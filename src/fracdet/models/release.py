@@ -120,7 +120,7 @@ class TrainedModel:
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
     graph: Path | None = None
-    _runtimes: dict[int | None, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _runtimes: dict[tuple[int | None, str], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> str:
@@ -149,15 +149,16 @@ class TrainedModel:
         fusion = getattr(self.module, "fusion", None)
         return float(fusion[1]) if fusion is not None else 0.0
 
-    def compiled_runtime(self, *, threads: int | None = None) -> Any:
-        """The ONNX Runtime session of a compiled model's graph (one per thread count, made once)."""
+    def compiled_runtime(self, *, threads: int | None = None, spin: str = "alone") -> Any:
+        """The ONNX Runtime sessions of a compiled model's graph (one runtime per thread count and ``spin``,
+        made once; :class:`~fracdet.models.compiled.OnnxRuntime`)."""
         if self.graph is None:
             raise ValueError(f"{self.name} has PyTorch weights, not a compiled graph (fracdet.inference.onnx)")
-        if threads not in self._runtimes:
+        if (threads, spin) not in self._runtimes:
             from fracdet.models.compiled import OnnxRuntime
 
-            self._runtimes[threads] = OnnxRuntime(self.graph, threads=threads)
-        return self._runtimes[threads]
+            self._runtimes[threads, spin] = OnnxRuntime(self.graph, threads=threads, spin=spin)
+        return self._runtimes[threads, spin]
 
     def outputs(
         self, images: np.ndarray, *, tta: bool | None = None, **kwargs: Any

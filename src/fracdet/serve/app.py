@@ -105,9 +105,13 @@ def _png_base64(array: np.ndarray) -> str:
 #: Formats every browser shows from the user's own file: the page lays the answer over it, and the server
 #: sends no copy back. For others (DICOM, TIFF) the response carries the image as PNG (``image_png``).
 BROWSER_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "BMP"})
-#: Longest side of the heatmap the API sends: the map's resolution is coarse (a CAM of 10 x 10 cells, a map
-#: at stride 8), so the browser's smooth scaling over the radiograph loses nothing, and it stays a few KiB.
-HEATMAP_SIDE = 128
+#: Longest side of the heatmap the API sends, and the least its shorter side gets (the longest then grows, up
+#: to :data:`HEATMAP_MAX_SIDE`): the finest map a model makes has 32 x 32 cells (a localiser's, stride 8 at
+#: 256 px; a CAM has 10 x 10), so the browser's smooth scaling over the radiograph loses nothing of it. At
+#: 64 px it is a third of the PNG-encoding time of 128 px and a few KiB.
+HEATMAP_SIDE = 64
+HEATMAP_MIN_SIDE = 32
+HEATMAP_MAX_SIDE = 256
 
 
 def heatmap_rgba(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -136,9 +140,11 @@ def plain_words(probability: float, threshold: float, level: str | None = None, 
 
 
 def _heatmap_size(image_size: tuple[int, int] | None) -> tuple[int, int]:
-    """The heatmap's ``(width, height)``: the radiograph's aspect ratio, longest side :data:`HEATMAP_SIDE`."""
+    """The heatmap's ``(width, height)``: the radiograph's aspect ratio, longest side :data:`HEATMAP_SIDE`, the
+    shorter at least :data:`HEATMAP_MIN_SIDE` while the longer stays within :data:`HEATMAP_MAX_SIDE`."""
     width, height = image_size or (HEATMAP_SIDE, HEATMAP_SIDE)
-    scale = HEATMAP_SIDE / max(width, height)
+    scale = max(HEATMAP_SIDE / max(width, height), HEATMAP_MIN_SIDE / min(width, height))
+    scale = min(scale, HEATMAP_MAX_SIDE / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -197,8 +203,12 @@ IMAGE = Query(False, description="also send the analysed image as PNG (``image_p
 def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``model``; its inference threads end with the app's lifespan."""
     config = config or ServeConfig()
+    # ONNX Runtime's workers never spin here: a lone prediction's spinning workers took the cores of the
+    # server's other threads (uploads read, answers written), so against never spinning the server gave 0.92
+    # of the images under 32 and 64 clients and a p95 of 35 ms instead of 26 at 30 requests/s
+    # (docs/BENCHMARKS.md); in one process, one radiograph at a time, spinning is 0.83 of the graph's time.
     predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels, backend=config.backend,
-                          threads=config.threads)  # fmt: skip
+                          threads=config.threads, spin="never")  # fmt: skip
     page = resources.files("fracdet.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     def executor() -> InferenceExecutor:
