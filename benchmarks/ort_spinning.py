@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import threading
 import time
@@ -34,11 +33,12 @@ SETTINGS = ("never", "always", "alone")
 
 
 def main() -> None:
+    from _graphs import radiographs, served_graph
+
     from fracdet.data import ImageReadError, read_image
     from fracdet.data.embed import embedder_input
     from fracdet.data.pixels import resize_square
-    from fracdet.inference.gate import InputGate
-    from fracdet.inference.onnx import OnnxRuntime, cached_export
+    from fracdet.inference.onnx import OnnxRuntime
     from fracdet.models import load
     from fracdet.utils.workers import worker_count
 
@@ -54,21 +54,8 @@ def main() -> None:
     callers = args.callers or 2 * cores
     model = load(args.model)
     size = model.preprocess.input_size
-    if model.graph is not None:
-        graph = model.graph
-    else:
-        gate = InputGate.of(model)
-        graph = cached_export(model, embedder=gate.embedder().network if gate.checks_appearance else None)
-    paths = sorted(Path(args.data, "images").rglob("*.jpg"))
-    random.Random(0).shuffle(paths)
-    paths = paths[: args.images]
-    images = []
-    for path in paths:
-        try:
-            images.append(resize_square(read_image(path), size))
-        except ImageReadError:
-            continue
-    runtimes = {spin: OnnxRuntime(graph, spin=spin) for spin in SETTINGS}
+    paths, images = radiographs(args.data, args.images, size)
+    runtimes = {spin: OnnxRuntime(served_graph(model), spin=spin) for spin in SETTINGS}
 
     def feed(image):
         return image[None], embedder_input([image]) if runtimes["never"].appearance else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import threading
 import time
@@ -23,11 +22,10 @@ from pathlib import Path
 
 
 def main() -> None:
-    from fracdet.data import ImageReadError, read_image
+    from _graphs import radiographs, served_graph
+
     from fracdet.data.embed import embedder_input
-    from fracdet.data.pixels import resize_square
-    from fracdet.inference.gate import InputGate
-    from fracdet.inference.onnx import OnnxRuntime, cached_export
+    from fracdet.inference.onnx import OnnxRuntime
     from fracdet.models import load
     from fracdet.utils.workers import worker_count
 
@@ -41,21 +39,11 @@ def main() -> None:
     cores = worker_count()
     callers = args.callers or cores
     model = load(args.model)
-    gate = InputGate.of(model)
-    embedder = gate.embedder().network if gate.checks_appearance else None
-    graph = cached_export(model, embedder=embedder)
-    paths = sorted(Path(args.data, "images").rglob("*.jpg"))
-    random.Random(0).shuffle(paths)
-    images = []
-    for path in paths:
-        try:
-            images.append(resize_square(read_image(path), model.preprocess.input_size))
-        except ImageReadError:
-            continue
-        if len(images) == args.images:
-            break
-    feeds = [(image[None], embedder_input([image]) if embedder is not None else None) for image in images]
+    graph = served_graph(model)
+    _, images = radiographs(args.data, args.images, model.preprocess.input_size)
     runtimes = {threads: OnnxRuntime(graph, threads=threads) for threads in range(1, cores + 1)}
+    appearance = runtimes[1].appearance
+    feeds = [(image[None], embedder_input([image]) if appearance else None) for image in images]
     for runtime in runtimes.values():  # warm-up
         for image, extra in feeds[:3]:
             runtime(image, extra)
