@@ -6,15 +6,14 @@
 Spinning workers are ready at once for the graph's next operator; sleeping ones must be woken. For one
 radiograph alone, spinning is faster; under load, spinning workers take the cores that other calls and the
 decoding of other uploads need. :class:`fracdet.models.compiled.OnnxRuntime` therefore spins only for a call
-made while no other prediction is under way (``spin="alone"``; a prediction's decoding counts, as the
-Predictor marks it with ``runtime.occupied()``). This compares it with one session that never spins (the
+made while no other is running (``spin="alone"``; a server asks for ``spin="never"``: see
+``docs/BENCHMARKS.md``). This compares it with one session that never spins (the
 old behaviour) and one that always spins, in one run on the same distinct FracAtlas radiographs:
 
 * *alone*: one call at a time with a pause between calls (as requests arrive in an emergency room), graph
   only (images decoded and squashed beforehand);
 * *under load*: ``--callers`` threads (default: twice the cores) each reading, decoding and scoring files in
-  a loop, each file one prediction as the Predictor marks it, as a busy server's workers do; images per
-  second.
+  a loop, as a busy server's workers do; images per second.
 
 Settings are measured back to back, alternating; only the ratios between them count.
 """
@@ -77,12 +76,11 @@ def main() -> None:
 
             def work(runtime=runtime) -> None:
                 for path in paths:
-                    with runtime.occupied():  # as the Predictor marks a prediction: decoding and scoring
-                        try:
-                            image = resize_square(read_image(path), size)
-                        except ImageReadError:
-                            continue
-                        runtime(*feed(image))
+                    try:
+                        image = resize_square(read_image(path), size)
+                    except ImageReadError:
+                        continue
+                    runtime(*feed(image))
 
             pool = [threading.Thread(target=work) for _ in range(callers)]
             started = time.perf_counter()

@@ -129,8 +129,9 @@ class Predictor:
         backend: ``auto`` (ONNX Runtime when installed), ``onnxruntime`` or ``pytorch``.
         threads: ONNX Runtime's intra-op threads per prediction (``None``: all cores).
         spin: when ONNX Runtime's workers spin between operators (:class:`~fracdet.models.compiled.OnnxRuntime`):
-            ``alone`` (a prediction while no other is under way: the fastest answer to one radiograph) or
-            ``never`` (a server, whose other threads need the cores: see :func:`fracdet.serve.create_app`).
+            ``alone`` (a prediction while no other is running: the fastest answer to one radiograph) or
+            ``never`` (a server, whose own threads need the cores, or any caller predicting from several
+            threads at once: see :func:`fracdet.serve.create_app`).
     """
 
     def __init__(
@@ -291,12 +292,11 @@ class Predictor:
             cancel: when set (by another thread), stop at the next stage with :class:`Cancelled`.
         """
         _check(cancel)
-        with self.runtime.occupied():  # decoding and scoring: one prediction under way (OnnxRuntime)
-            started = time.perf_counter()
-            image = read_input_image(data, name, max_pixels=self.max_pixels, force_modality=self.force_modality)
-            decoded = time.perf_counter()
-            _check(cancel)
-            prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
+        started = time.perf_counter()
+        image = read_input_image(data, name, max_pixels=self.max_pixels, force_modality=self.force_modality)
+        decoded = time.perf_counter()
+        _check(cancel)
+        prediction = self.predict_pixels(image.pixels, cancel=cancel, colour_fraction=image.colour_fraction or 0.0)
         prediction.timings = {"decode_ms": 1000 * (decoded - started), **prediction.timings}
         prediction.source_format, prediction.study = image.format, _study(image)
         return prediction

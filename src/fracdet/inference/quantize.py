@@ -164,7 +164,7 @@ def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float
     An activation's range is the 99.999th percentile of its values, not their extremes: a few outlying
     values would otherwise stretch the range that every other value is rounded to. On validation, 1.0.0's
     int8 boxes hit 0.509 of fractures with percentile ranges against 0.472 with the extremes (MinMax; float
-    0.481), AUC 0.942 with both (``docs/BENCHMARKS.md``)."""
+    0.481), AUC 0.942 with both (``models/README.md``, the int8 release's card)."""
     try:
         import onnx
         from onnxruntime.quantization import (

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,15 +35,13 @@ class OnnxRuntime:
     threads).
 
     With more than one thread per call it keeps two sessions of the graph, because what is fastest for one
-    radiograph costs a busy server. Between the graph's operators, ONNX Runtime's worker threads either spin
+    radiograph costs several at once. Between the graph's operators, ONNX Runtime's worker threads either spin
     (ready at once for the next operator) or sleep (woken for it). A call made while no other is running (one
     radiograph in an emergency room) takes the *spinning* session, whose workers stop spinning when the call
-    ends: the graph of ``fracatlas-default-int8`` takes 0.82 of the time on 2 cores. A call made while another
-    prediction is under way takes the *sleeping* one, since spinning workers would take the cores that the
-    other prediction needs, for its own graph or for decoding: a server under 32 clients whose lone graph
-    calls spun while other uploads were decoded served 11% fewer images. So a prediction marks its whole work
-    with :meth:`occupied` (the :class:`~fracdet.inference.Predictor` does), and a call is alone only when no
-    other prediction is (``benchmarks/ort_spinning.py``, ``docs/BENCHMARKS.md``).
+    ends: the graph of ``fracatlas-default-int8`` takes 0.83 of the time on 2 cores. A call made while another
+    is running takes the *sleeping* one, since spinning workers would take the cores the other call needs: a
+    session that always spins scores fewer images under load (``benchmarks/ort_spinning.py``,
+    ``docs/BENCHMARKS.md``). A server, whose own threads need the cores too, asks for ``spin="never"``.
 
     Args:
         path: an ONNX file written by :func:`fracdet.inference.onnx.export_onnx` (or quantised from one).
@@ -84,9 +80,8 @@ class OnnxRuntime:
         parallel = (threads if threads is not None else worker_count()) > 1
         # One thread per call has no workers to spin: no second session.
         self._alone = session(spinning=True) if spin == "alone" and parallel else None
-        self._running = 0  # predictions under way (occupied) and graph calls outside any
+        self._running = 0  # graph calls under way
         self._lock = threading.Lock()
-        self._mine = threading.local()  # this thread's open occupied() blocks
         raw = self.session.get_modelmeta().custom_metadata_map.get("fracdet_model_json")
         self.meta: dict[str, Any] = json.loads(raw) if raw else {}
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -100,35 +95,16 @@ class OnnxRuntime:
             if appearance is None:
                 raise ValueError("this graph needs the appearance input (fracdet.data.embed.embedder_input)")
             feed["appearance"] = np.ascontiguousarray(appearance, np.uint8)[:, None]
-        inside = getattr(self._mine, "depth", 0) > 0  # counted already by its prediction's occupied()
         with self._lock:
-            alone = self._running == int(inside)
-            self._running += int(not inside)
+            alone = self._running == 0
+            self._running += 1
         try:
             session = self._alone if alone and self._alone is not None else self.session
             values = session.run(None, feed)
         finally:
-            if not inside:
-                with self._lock:
-                    self._running -= 1
-        return graph_outputs(dict(zip(self.outputs, values, strict=True)))
-
-    @contextmanager
-    def occupied(self) -> Iterator[None]:
-        """Mark one prediction's whole work as under way (see the class): while it lasts, another prediction's
-        graph call is not alone."""
-        depth = getattr(self._mine, "depth", 0)
-        if depth == 0:  # a thread's nested blocks are one prediction
             with self._lock:
-                self._running += 1
-        self._mine.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._mine.depth = depth
-            if depth == 0:
-                with self._lock:
-                    self._running -= 1
+                self._running -= 1
+        return graph_outputs(dict(zip(self.outputs, values, strict=True)))
 
 
 def compiled_outputs(

@@ -19,7 +19,6 @@ Python, so the two back ends cannot disagree on anything but arithmetic.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,11 +68,6 @@ class Runtime(Protocol):
     appearance: bool  #: whether it takes the ``appearance`` input and gives ``embedding``.
 
     def __call__(self, images: np.ndarray, appearance: np.ndarray | None = None) -> GraphOutputs: ...
-
-    def occupied(self) -> AbstractContextManager[None]:
-        """Mark one prediction's whole work (decoding, scoring, answering) as under way, so that a runtime that
-        serves a lone prediction differently from several at once can tell them apart."""
-        ...
 
 
 def has_cams(model: TrainedModel) -> bool:
@@ -181,7 +175,3 @@ class TorchRuntime:
                 raise ValueError("this graph needs the appearance input (fracdet.data.embed.embedder_input)")
             extra = torch.from_numpy(np.ascontiguousarray(appearance, np.uint8)).unsqueeze(1).to(device)
         return self.graph.outputs_of(self.graph(image, extra))
-
-    def occupied(self) -> AbstractContextManager[None]:
-        """PyTorch runs a lone prediction as it runs several: nothing to mark."""
-        return nullcontext()

@@ -204,9 +204,8 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
     """The FastAPI application serving ``model``; its inference threads end with the app's lifespan."""
     config = config or ServeConfig()
     # ONNX Runtime's workers never spin here: a lone prediction's spinning workers took the cores of the
-    # server's other threads (uploads read, answers written), so against never spinning the server gave 0.92
-    # of the images under 32 and 64 clients and a p95 of 35 ms instead of 26 at 30 requests/s
-    # (docs/BENCHMARKS.md); in one process, one radiograph at a time, spinning is 0.83 of the graph's time.
+    # server's own threads (uploads read, answers written), and at 30 requests/s the p95 rose to 34-35 ms from
+    # 24-26 ms (docs/BENCHMARKS.md); in one process, one radiograph at a time, spinning takes 0.83 of the time.
     predictor = Predictor(model, heatmaps=config.heatmaps, max_pixels=config.max_pixels, backend=config.backend,
                           threads=config.threads, spin="never")  # fmt: skip
     page = resources.files("fracdet.serve").joinpath("page.html").read_text(encoding="utf-8")
