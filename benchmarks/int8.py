@@ -35,7 +35,7 @@ def main() -> None:
     from fracdet.models import load
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="fracatlas-default")
+    parser.add_argument("model", nargs="?", default="fracatlas-localiser", help="a float model (PyTorch weights)")
     parser.add_argument("--data", default="../shared/data/fracatlas")
     parser.add_argument("--calibration", type=int, default=64, help="training radiographs to calibrate on")
     parser.add_argument("--runs", type=int, default=40)

@@ -2,7 +2,7 @@
 
     python benchmarks/realtime.py --data ../shared/data/fracatlas [--baseline 68a96c8] [--images 200]
         [--rate 30] [--seconds 60] [--closed-seconds 30] [--predict-limit 0] [--parts e2e,server,predict]
-        [--serve-args "--threads 1"] [--model fracatlas-default-int8] [--out benchmarks/results-realtime.json]
+        [--serve-args "--threads 1"] [--model fracatlas-default] [--out benchmarks/results-realtime.json]
 
 The baseline is checked out into a temporary git worktree and imported from there (``PYTHONPATH``), with the
 same Python packages, on the same machine, in the same run. Three comparisons, each on distinct FracAtlas
@@ -21,7 +21,8 @@ radiographs (a seeded shuffle of the dataset; nothing is cached between requests
   what every command pays before its first image.
 
 In every part both checkouts run ``--model`` where the baseline has that release too (an A/B of code); a
-baseline without it (68a96c8 has no int8 release) runs its own ``fracatlas-default``.
+baseline without it (68a96c8 has no ``fracatlas-localiser``) runs its own ``fracatlas-default``. The
+default, ``fracatlas-default``, is in both: this checkout's (1.1.0 on) against 68a96c8's (0.3.0).
 
 Writes one JSON with the machine, the commands and every figure; ``docs/BENCHMARKS.md`` quotes it.
 """
@@ -315,8 +316,8 @@ def main() -> None:
     parser.add_argument("--parts", default="e2e,server,predict")
     parser.add_argument("--serve-args", default="", help="more options for this checkout's `fracdet serve`, "
                         "e.g. '--threads 1'")  # fmt: skip
-    parser.add_argument("--model", default=NOW_MODEL, help="the model this checkout runs (e.g. the int8 "
-                        "fracatlas-default-int8), and the baseline where it has it (else its own "
+    parser.add_argument("--model", default=NOW_MODEL, help="the model this checkout runs (e.g. the float "
+                        "fracatlas-localiser), and the baseline where it has it (else its own "
                         "fracatlas-default)")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results-realtime.json")
     args = parser.parse_args()

@@ -171,18 +171,30 @@ done
 # the classifier under its new name (the same weights), released with its test report, then its input gate.
 "$F" ensemble runs/localiser-lite1-256-seed0 fracatlas-classifier --half --data "$FA" --out runs/release-fused-localiser-lite1-256-seed0
 cp runs/localiser-lite1-256-seed0/{config.yaml,metrics.csv,curves.png} runs/release-fused-localiser-lite1-256-seed0/
+# (released as fracatlas-default 1.0.0; named fracatlas-localiser since its int8 graph took that name, 1.1.0)
 #   fracdet release runs/release-fused-localiser-lite1-256-seed0 --name fracatlas-default --version 1.0.0 \
 #       --report runs/eval/fused-localiser-lite1-256-seed0-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
 #   fracdet gate fracatlas-default --data "$FA" --extra "$MR=splits/multiregion_seed0.csv"
-"$F" evaluate fracatlas-default --data "$FA" --split test --compare fracatlas-classifier --out runs/eval/release-fracatlas-default-1.0.0-test
+"$F" evaluate fracatlas-localiser --data "$FA" --split test --compare fracatlas-classifier --out runs/eval/release-fracatlas-default-1.0.0-test
 # its card's latency (docs/BENCHMARKS.md) and input gate on the held-out non-radiographs (docs/RELIABILITY.md)
-.venv/bin/python benchmarks/latency.py --model fracatlas-default --clients 0 --out benchmarks/results-default-1.0.0-cpu2.json
-.venv/bin/python benchmarks/latency.py --model fracatlas-default --backend pytorch --clients 0 --out benchmarks/results-default-1.0.0-pytorch-cpu2.json
+.venv/bin/python benchmarks/latency.py --model fracatlas-localiser --clients 0 --out benchmarks/results-default-1.0.0-cpu2.json
+.venv/bin/python benchmarks/latency.py --model fracatlas-localiser --backend pytorch --clients 0 --out benchmarks/results-default-1.0.0-pytorch-cpu2.json
 .venv/bin/python benchmarks/latency.py --model fracatlas-classifier --clients 0 --out benchmarks/results-classifier-0.3.0-cpu2.json
-.venv/bin/python benchmarks/input_gate.py fracatlas-default --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.0.0.json
+.venv/bin/python benchmarks/input_gate.py fracatlas-localiser --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.0.0.json
+
+# The default 1.1.0 (issue 18): the localiser's int8 graph, refitted on its own validation outputs (models/README.md),
+# released with its test report; then the real-time run against 0.3.0 as main served it (docs/BENCHMARKS.md).
+"$F" quantize fracatlas-localiser --data "$FA" --extra "$MR=splits/multiregion_seed0.csv" \
+    --name fracatlas-default --version 1.1.0 --out runs/int8/fracatlas-default-1.1.0
+"$F" evaluate runs/int8/fracatlas-default-1.1.0 --data "$FA" --split val --out runs/eval/default-1.1.0-val
+"$F" evaluate runs/int8/fracatlas-default-1.1.0 --data "$FA" --split test --stability --out runs/eval/default-1.1.0-test
+#   fracdet release runs/int8/fracatlas-default-1.1.0 --name fracatlas-default --version 1.1.0 \
+#       --report runs/eval/default-1.1.0-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
+.venv/bin/python benchmarks/input_gate.py fracatlas-default --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.1.0.json
+.venv/bin/python benchmarks/realtime.py --data "$FA" --images 200 --out benchmarks/results-realtime-1.1.0.json
 
 # docs/RELIABILITY.md: does the shipped model's verdict survive re-saving (PNG, JPEG 95/75, WebP 80, half size)?
-"$F" evaluate fracatlas-default --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-1.0.0-test
+"$F" evaluate fracatlas-localiser --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-1.0.0-test
 "$F" evaluate fracatlas-classifier --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-test
 
 # The tables of RESULTS.md, with sensitivity by fracture size and surgical hardware.

@@ -145,3 +145,20 @@ def test_model_json_of_a_compiled_model_says_which_graph_and_how_it_was_made(int
     assert graph["precision"] == "int8" and len(graph["sha256"]) == 64
     assert "static quantisation" in graph["method"] and "8 training radiographs" in graph["calibration"]
     assert graph["float_nodes"].endswith("(the map head)"), "a localiser's map head stays float by default"
+
+
+def test_its_graph_describes_itself_with_its_own_calibration_through_release_and_export(int8_folder, tmp_path):
+    from fracdet.inference.onnx import OnnxRuntime
+    from fracdet.models import package_release
+
+    model = load(int8_folder)
+    released = load(package_release(int8_folder, "tiny-fast", version="0.2.0", dest=tmp_path / "models"))
+    out = tmp_path / "exported.onnx"
+    assert main(["export", "--model", str(released.folder), "--out", str(out)]) == 0
+    for graph, owner in ((model.graph, model), (released.graph, released), (out, released)):
+        meta = OnnxRuntime(graph, threads=1).meta  # the file alone, without its folder
+        assert (meta["name"], meta["version"]) == (owner.name, owner.version)
+        assert meta["temperature"] == owner.temperature and meta["thresholds"] == owner.thresholds
+        assert meta["gate"] == owner.meta["gate"] and meta["inputs"] == ["image", "appearance"]
+        assert "sha256" not in meta["graph"], "no file holds its own hash"
+    assert released.meta["graph"]["sha256"] != model.meta["graph"]["sha256"]  # re-sealed, and loads: hash right

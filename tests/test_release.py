@@ -1,8 +1,9 @@
 """The shipped models: load on the CPU, are small, travel with their split, and reproduce their model cards.
 
-``fracatlas-default`` (1.x) is the fracture localiser fused with the classifier: it says whether and where.
-``fracatlas-classifier`` (0.3.0, the default before it) is the paper's kind of model, kept as the baseline.
-``fracatlas-default-int8`` is the default's int8 graph (``fracdet quantize``), refitted on its own outputs.
+``fracatlas-default`` (1.1.0 on) is the int8 graph of ``fracatlas-localiser`` (``fracdet quantize``), refitted on
+its own outputs: the fastest on a CPU. ``fracatlas-localiser`` (1.0.0, the default before it) is the fracture
+localiser fused with the classifier in float: it says whether and where. ``fracatlas-classifier`` (0.3.0, the
+default before that) is the paper's kind of model, kept as the baseline.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fracdet.utils.cache import FeatureCache
 from tests.conftest import REPO
 
 #: release name -> the task it does
-RELEASES = {"fracatlas-default": "localise", "fracatlas-classifier": "classify", "fracatlas-default-int8": "localise"}
+RELEASES = {"fracatlas-default": "localise", "fracatlas-localiser": "localise", "fracatlas-classifier": "classify"}
 
 
 @pytest.fixture(scope="module", params=list(RELEASES))
@@ -44,26 +45,26 @@ def test_each_model_is_released_small_and_calibrated_on_the_committed_split(mode
     assert (shipped.set_index("path")["split"] == committed.set_index("path")["split"]).all()
 
 
-def test_the_default_localiser_carries_the_released_classifier_and_two_operating_points():
-    default, classifier = load("fracatlas-default"), load("fracatlas-classifier")
-    assert default.version.split(".")[0] == "1" and classifier.version == "0.3.0"
-    assert set(default.levels) == {"suspicious", "definite"}
-    assert default.levels["suspicious"] == pytest.approx(default.thresholds["sens90"])
-    assert default.levels["definite"] == pytest.approx(default.thresholds["spec95"])
-    inside = default.module.classifiers[0].state_dict()
+def test_the_localiser_carries_the_released_classifier_and_two_operating_points():
+    localiser, classifier = load("fracatlas-localiser"), load("fracatlas-classifier")
+    assert localiser.version == "1.0.0" and classifier.version == "0.3.0"
+    assert set(localiser.levels) == {"suspicious", "definite"}
+    assert localiser.levels["suspicious"] == pytest.approx(localiser.thresholds["sens90"])
+    assert localiser.levels["definite"] == pytest.approx(localiser.thresholds["spec95"])
+    inside = localiser.module.classifiers[0].state_dict()
     for key, weight in classifier.module.state_dict().items():  # the same float16-stored weights
         assert torch.equal(inside[key], weight), key
 
 
-def test_the_int8_release_is_the_defaults_graph_and_kept_its_validation_auc():
-    default, int8 = load("fracatlas-default"), load("fracatlas-default-int8")
-    assert int8.precision == "int8" and int8.module is None
-    assert int8.meta["graph"]["quantised_from"] == f"fracatlas-default {default.version}"
-    assert int8.version.startswith(f"{default.version}+int8")  # a build of the default's version
-    auc = int8.meta["graph"]["val_auc"]
+def test_the_default_is_the_localisers_int8_graph_and_kept_its_validation_auc():
+    default, localiser = load("fracatlas-default"), load("fracatlas-localiser")
+    assert default.precision == "int8" and default.module is None
+    assert default.meta["graph"]["quantised_from"] == f"fracatlas-localiser {localiser.version}"
+    assert default.version.split(".")[:2] == ["1", "1"]
+    auc = default.meta["graph"]["val_auc"]
     assert auc["int8"] >= auc["float32"] - 0.005
-    assert auc["float32"] == pytest.approx(default.meta["fusion_val_auc"]["fused"], abs=2e-3)
-    assert set(int8.levels) == {"suspicious", "definite"} and int8.thresholds != default.thresholds
+    assert auc["float32"] == pytest.approx(localiser.meta["fusion_val_auc"]["fused"], abs=2e-3)
+    assert set(default.levels) == {"suspicious", "definite"} and default.thresholds != localiser.thresholds
 
 
 def test_the_model_card_states_the_reported_numbers(model):

@@ -253,7 +253,7 @@ def rss_mib() -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
 def test_memory_stays_flat_over_1000_predictions_with_heatmaps():
-    predictor = Predictor(load("fracatlas-default"))  # the shipped model, Grad-CAM heatmaps and its gate on
+    predictor = Predictor(load("fracatlas-default"))  # the shipped model: its map, boxes and gate on
     image = np.asarray(Image.open(SAMPLE_RADIOGRAPH).convert("L"), np.float32) / 255
     for _ in range(30):
         predictor.predict_pixels(image)
@@ -261,7 +261,13 @@ def test_memory_stays_flat_over_1000_predictions_with_heatmaps():
     for _ in range(1000):
         predictor.predict_pixels(image)
     assert rss_mib() - before < 20.0
-    assert not any(m._forward_hooks for m in predictor.model.module.modules())  # no hook outlives its call
+
+
+def test_no_hook_outlives_a_grad_cam_prediction_in_pytorch():
+    predictor = Predictor(load("fracatlas-classifier"), backend="pytorch")  # Grad-CAM heatmaps from its layer
+    image = np.asarray(Image.open(SAMPLE_RADIOGRAPH).convert("L"), np.float32) / 255
+    assert predictor.predict_pixels(image).heatmap is not None
+    assert not any(m._forward_hooks for m in predictor.model.module.modules())
 
 
 # --- inputs the decoder and the commands must not trust -------------------------------------------------

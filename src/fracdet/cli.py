@@ -333,9 +333,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit("fracdet export: name the model (MODEL or --model MODEL)")
     model = load(name)
     gate = InputGate.of(model)
-    embedder = gate.embedder().network if gate.checks_appearance else None
+    # A compiled model's graph runs its gate's embedder already.
+    embedder = gate.embedder().network if gate.checks_appearance and model.graph is None else None
     path = export_onnx(model, args.out, embedder=embedder)
-    inputs = "image" + (" and appearance" if embedder is not None else "")
+    inputs = "image" + (" and appearance" if embedder is not None or gate.checks_appearance else "")
     print(f"exported {model.name} ({model.task}, {model.preprocess.input_size} px) to {path} "
           f"({path.stat().st_size / 2**20:.1f} MiB; uint8 {inputs} in, dynamic batch; "
           "model.json in its metadata)")  # fmt: skip
@@ -647,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--model", default="fracatlas-default", help="release name, run folder or checkpoint")
     p.add_argument("--out", help="results .csv or .json (default: print a table)")
-    p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays here")
+    p.add_argument("--heatmaps", metavar="DIR", help="write heatmap overlays here (a localiser's map, else Grad-CAM)")
     p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++"])
     p.add_argument("--studies", metavar="FILE", help="also write one row per DICOM study (.csv or .json): its "
                    "highest probability and level, as studies are read")  # fmt: skip
@@ -754,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="release name or model folder (with PyTorch weights)")
     p.add_argument("--data", required=True, help="the dataset the model was trained on (its train and val splits)")
     p.add_argument("--splits", help="split manifest (default: the model's own)")
-    p.add_argument("--out", required=True, help="the compiled model's folder (e.g. models/fracatlas-default-int8)")
+    p.add_argument("--out", required=True, help="the compiled model's folder (e.g. models/fracatlas-default)")
     p.add_argument("--name", help="its name (default: MODEL-int8)")
     p.add_argument("--version", help="its version (default: the model's version +int8)")
     p.add_argument("--calibration", type=int, default=64, help="training radiographs that set the int8 ranges")

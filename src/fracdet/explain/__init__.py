@@ -1,7 +1,7 @@
 """Explain: Grad-CAM heatmaps, overlays, boxes drawn by level, and how well heatmaps find the expert-marked fractures.
 
 from fracdet.explain import Explainer, overlay
-explanation = Explainer(fracdet.models.load("fracatlas-default"))(images)   # margins + heatmaps
+explanation = Explainer(fracdet.models.load("fracatlas-localiser"))(images)   # margins + heatmaps
 """
 
 from __future__ import annotations

@@ -363,7 +363,8 @@ def save_gate(
     folder: str | Path,
     appearance: FeatureDistance | None = None,
 ) -> Path:
-    """Write ``gate.safetensors`` beside the model and its limits into ``model.json``."""
+    """Write ``gate.safetensors`` beside the model and its limits into ``model.json`` (and a compiled model's
+    graph, which carries its ``model.json``: :func:`fracdet.models.compiled.seal_graph`)."""
     import json
 
     from safetensors.torch import save_file
@@ -378,6 +379,10 @@ def save_gate(
     meta = json.loads((folder / "model.json").read_text())
     meta["gate"] = limits.to_dict()
     write_json(folder / "model.json", meta)
+    if "graph" in meta:
+        from fracdet.models.compiled import seal_graph
+
+        seal_graph(folder)
     model.meta["gate"] = limits.to_dict()
     return folder / GATE_FILE
 

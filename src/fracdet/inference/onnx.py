@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from fracdet.models.compiled import ONNX_HINT, OnnxRuntime
+from fracdet.models.compiled import GRAPH_META_KEY, ONNX_HINT, OnnxRuntime
 from fracdet.models.graph import APPEARANCE_SIDE, Runtime, ScoringGraph, TorchRuntime
 from fracdet.models.release import TrainedModel
 from fracdet.utils.hashing import sha256_file
@@ -59,19 +59,26 @@ def export_onnx(
 ) -> Path:
     """Write ``model``'s :class:`ScoringGraph` to ``path`` as one self-contained ONNX file, dynamic batch.
 
+    A compiled model is already such a file, sealed with its own ``model.json``
+    (:func:`fracdet.models.compiled.seal_graph`): it is copied as it is.
+
     Args:
         model: from :func:`fracdet.models.load` (weights on the CPU).
-        embedder: the input gate's appearance embedder network to run in the same graph (``None``: none).
+        embedder: the input gate's appearance embedder network to run in the same graph (``None``: none; a
+            compiled graph holds its own already).
         opset: ONNX operator set.
     """
     try:
         import onnx
     except ImportError as exc:
         raise ImportError(ONNX_HINT) from exc
-    if model.graph is not None:
-        raise ValueError(f"{model.name} is already an ONNX graph ({model.graph}), with no PyTorch weights to export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if model.graph is not None:
+        import shutil
+
+        shutil.copyfile(model.graph, path)
+        return path
     graph = ScoringGraph(model, embedder=embedder).eval().cpu()
     size = model.preprocess.input_size
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -91,7 +98,7 @@ def export_onnx(
             "peak_weight": model.peak_weight, "graph_version": GRAPH_VERSION,
             "inputs": graph.input_names, "outputs": graph.output_names}  # fmt: skip
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "fracdet_model_json", json.dumps(meta)
+    entry.key, entry.value = GRAPH_META_KEY, json.dumps(meta)
     onnx.save(proto, str(path))
     return path
 

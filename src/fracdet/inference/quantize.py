@@ -32,6 +32,7 @@ import pandas as pd
 
 from fracdet.data.pixels import PixelSet, load_pixels
 from fracdet.data.split import split_rows
+from fracdet.models.compiled import seal_graph
 from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
@@ -148,6 +149,7 @@ def quantize_model(
         if gate.fitted:  # last: save_gate adds its limits to model.json
             distance, limits, summary, appearance = fit_gate_on_splits(compiled, table, extra=extra, cache=cache)
             save_gate(compiled, distance, limits, stage, appearance)
+        seal_graph(stage)
         if out.exists():
             shutil.rmtree(out)
         stage.replace(out)

@@ -3,7 +3,7 @@
 from fracdet.models import create_model, get_spec, list_models
 model = create_model("efficientnet_lite0", pretrained=True)   # offline ImageNet weights
 get_spec("efficientnet_lite0").preprocess                      # input size and normalisation
-trained = load("fracatlas-default")                            # the released model, on the CPU
+trained = load("fracatlas-classifier")                         # a released model, on the CPU
 ensemble = combine([load("runs/a"), load("runs/b")])           # averaged logits (fracdet.models.ensemble)
 fused = combine([load("runs/localiser"), trained])             # a localiser whose score weighs the classifier's
 """

@@ -8,7 +8,8 @@ exported on demand (:mod:`fracdet.inference.onnx`). A *compiled* model carries n
 :func:`fracdet.inference.quantize.quantize_model`. That graph *is* the model: its temperature, thresholds,
 box edge and input gate were fitted on its own outputs, so it is scored only by that graph (never by the
 float network it came from), through :func:`compiled_outputs` for batch work and the same
-:class:`OnnxRuntime` for predictions.
+:class:`OnnxRuntime` for predictions. Like every exported graph it describes itself: :func:`seal_graph` puts
+the folder's ``model.json`` inside it, so the file alone carries its own calibration and version.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from fracdet.models.graph import GraphOutputs, graph_outputs
 if TYPE_CHECKING:
     from fracdet.models.release import TrainedModel
 
-__all__ = ["ONNX_HINT", "OnnxRuntime", "compiled_outputs"]
+__all__ = ["GRAPH_META_KEY", "ONNX_HINT", "OnnxRuntime", "compiled_outputs", "seal_graph"]
 
 ONNX_HINT = "ONNX needs onnx, onnxscript and onnxruntime (default dependencies of fracdet): pip install fracdet"
+#: The ONNX metadata entry that holds a graph's ``model.json``.
+GRAPH_META_KEY = "fracdet_model_json"
 
 
 class OnnxRuntime:
@@ -38,7 +41,7 @@ class OnnxRuntime:
     radiograph costs several at once. Between the graph's operators, ONNX Runtime's worker threads either spin
     (ready at once for the next operator) or sleep (woken for it). A call made while no other is running (one
     radiograph in an emergency room) takes the *spinning* session, whose workers stop spinning when the call
-    ends: the graph of ``fracatlas-default-int8`` takes 0.83 of the time on 2 cores. A call made while another
+    ends: the graph of ``fracatlas-default`` takes 0.83 of the time on 2 cores. A call made while another
     is running takes the *sleeping* one, since spinning workers would take the cores the other call needs: a
     session that always spins scores fewer images under load (``benchmarks/ort_spinning.py``,
     ``docs/BENCHMARKS.md``). A server, whose own threads need the cores too, asks for ``spin="never"``.
@@ -82,7 +85,7 @@ class OnnxRuntime:
         self._alone = session(spinning=True) if spin == "alone" and parallel else None
         self._running = 0  # graph calls under way
         self._lock = threading.Lock()
-        raw = self.session.get_modelmeta().custom_metadata_map.get("fracdet_model_json")
+        raw = self.session.get_modelmeta().custom_metadata_map.get(GRAPH_META_KEY)
         self.meta: dict[str, Any] = json.loads(raw) if raw else {}
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -135,3 +138,38 @@ def compiled_outputs(
         return None if values[0] is None else np.concatenate(values)
 
     return GraphOutputs(*(joined(n) for n in ("margins", "dense", "cams", "features", "embedding")))
+
+
+def seal_graph(folder: str | Path) -> Path:
+    """Put a compiled model folder's ``model.json`` inside its graph, then record the sealed graph's SHA-256.
+
+    A graph quantised from an exported one still carries the float model's description, whose temperature
+    and thresholds are not this graph's. Sealing replaces it with the folder's own (the graph's hash left
+    out: no file holds its own hash), keeping what only the export knew (its inputs, outputs and graph
+    version). Called whenever ``model.json`` is final: by :func:`fracdet.inference.quantize.quantize_model`
+    and by :func:`fracdet.models.release.package_release`.
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ImportError(ONNX_HINT) from exc
+    from fracdet.utils.atomic import atomic_write_bytes, write_json
+    from fracdet.utils.hashing import sha256_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / "model.json").read_text())
+    path = folder / meta["graph"]["file"]
+    proto = onnx.load(str(path))
+    entries = {entry.key: entry.value for entry in proto.metadata_props}
+    exported = json.loads(entries.get(GRAPH_META_KEY, "{}"))
+    sealed = {key: exported[key] for key in ("graph_version", "inputs", "outputs") if key in exported}
+    sealed.update(meta, graph={k: v for k, v in meta["graph"].items() if k != "sha256"})
+    entries[GRAPH_META_KEY] = json.dumps(sealed)
+    del proto.metadata_props[:]
+    for key, value in entries.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write_bytes(path, proto.SerializeToString())
+    meta["graph"]["sha256"] = sha256_file(path)
+    write_json(folder / "model.json", meta)
+    return path

@@ -19,7 +19,7 @@ and the classifiers' margins join its image logit with weights fitted on validat
 classifier head and map peak (the fusion lever of issue 15: a localiser's ranking and 0.3.0's are far from
 identical, so together they rank better than either)::
 
-    fused = combine([load("runs/localiser-lite0-256-seed0"), load("fracatlas-default")])
+    fused = combine([load("runs/localiser-lite0-256-seed0"), load("fracatlas-classifier")])
 """
 
 from __future__ import annotations

@@ -354,6 +354,10 @@ def package_release(
         if (run / file).is_file():
             shutil.copy2(run / file, target / file)
     (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if "graph" in meta:  # a compiled model's graph carries the released description (name, version, report)
+        from fracdet.models.compiled import seal_graph
+
+        seal_graph(target)
     return target
 
 
