@@ -117,7 +117,7 @@ def test_it_predicts_and_serves_like_any_model_and_says_so(int8_folder):
 def test_it_has_no_pytorch_path_and_a_damaged_graph_is_refused(int8_folder, tmp_path):
     import shutil
 
-    with pytest.raises(ValueError, match="ONNX Runtime only"):
+    with pytest.raises(ValueError, match="cannot run in PyTorch"):
         Predictor(load(int8_folder), backend="pytorch")
     damaged = shutil.copytree(int8_folder, tmp_path / "damaged")
     data = bytearray((damaged / "model.onnx").read_bytes())
@@ -162,3 +162,17 @@ def test_its_graph_describes_itself_with_its_own_calibration_through_release_and
         assert meta["gate"] == owner.meta["gate"] and meta["inputs"] == ["image", "appearance"]
         assert "sha256" not in meta["graph"], "no file holds its own hash"
     assert released.meta["graph"]["sha256"] != model.meta["graph"]["sha256"]  # re-sealed, and loads: hash right
+
+
+def test_what_needs_pytorch_weights_is_refused_by_name_and_points_at_the_float_model(int8_folder, capsys):
+    from fracdet.models import NoWeightsError
+
+    again = int8_folder.parent / "again"
+    for argv in (["predict", str(FRACTURED), "--model", str(int8_folder), "--backend", "pytorch"],
+                 ["quantize", str(int8_folder), "--data", str(SAMPLE), "--out", str(again)]):  # fmt: skip
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("error: tiny-int8 0.1.0+int8 is a compiled int8 graph") and "tiny 0.1.0 can" in error
+    assert not again.exists()
+    with pytest.raises(NoWeightsError, match=r"cannot give Grad-CAM heatmaps; its float model tiny 0\.1\.0 can"):
+        load(int8_folder).network("give Grad-CAM heatmaps")

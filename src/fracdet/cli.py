@@ -803,11 +803,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs a COCO table per mAP at INFO
     from fracdet.data import DatasetLayoutError
+    from fracdet.models.release import NoWeightsError
     from fracdet.training import ConfigError, RunExistsError
 
     try:
         return args.func(args)
-    except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError) as exc:
+    except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError, NoWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

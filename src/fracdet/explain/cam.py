@@ -76,7 +76,7 @@ class Explainer:
         self.model = model
         self.method = method
         self.forward_only = method == "gradcam" and spec.cam_from_head and not exact
-        self._members = members_of(model.module)
+        self._members = members_of(model.network("give Grad-CAM heatmaps"))
         self._layers = [member.get_submodule(spec.cam_layer) for member in self._members]
 
     def __call__(self, images: np.ndarray) -> Explanation:

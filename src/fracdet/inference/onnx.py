@@ -161,8 +161,7 @@ def runtime_for(
         raise ValueError(f"unknown back end {backend!r}; choose from {', '.join(BACKENDS)}")
     if model.graph is not None:
         if backend == "pytorch":
-            raise ValueError(f"{model.name} {model.version} is a compiled {model.precision} graph without PyTorch "
-                             "weights: it runs in ONNX Runtime only (--backend auto or onnxruntime)")  # fmt: skip
+            model.network("run in PyTorch (--backend auto or onnxruntime run it)")
         return model.compiled_runtime(threads=threads, spin=spin)
     if backend == "pytorch" or (backend == "auto" and not onnxruntime_available()):
         return TorchRuntime(model, embedder=embedder)

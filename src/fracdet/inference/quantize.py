@@ -104,8 +104,7 @@ def quantize_model(
     from fracdet.utils.atomic import write_json
     from fracdet.utils.hashing import sha256_file
 
-    if model.graph is not None:
-        raise ValueError(f"{model.name} is already a compiled {model.precision} graph: quantise its float model")
+    model.network("be quantised again")
     out = Path(out)
     size = model.preprocess.input_size
     train, val = (split_rows(table, split, needed_for="to calibrate int8 on (train) and check it on (val)")

@@ -13,12 +13,13 @@ from __future__ import annotations
 from fracdet.models import backbones, localiser, paper_cnn  # noqa: F401 (registers the models)
 from fracdet.models._registry import ModelSpec, PreprocessCfg, create_model, get_spec, list_models, register_model
 from fracdet.models.ensemble import Ensemble, FusedLocaliser, combine, members_of
-from fracdet.models.release import TrainedModel, list_releases, load, package_release, save_model
+from fracdet.models.release import NoWeightsError, TrainedModel, list_releases, load, package_release, save_model
 
 __all__ = [
     "Ensemble",
     "FusedLocaliser",
     "ModelSpec",
+    "NoWeightsError",
     "PreprocessCfg",
     "TrainedModel",
     "combine",

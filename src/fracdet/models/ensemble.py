@@ -151,7 +151,7 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
                 f"{other.name} and {first.name} were trained on different split manifests: one could have "
                 "seen the other's validation or test images"
             )
-    if any(isinstance(m.module, Ensemble) for m in models):
+    if any(isinstance(m.network("join an ensemble"), Ensemble) for m in models):
         raise ValueError("members must be single networks, not ensembles")
     selected = {str(m.meta.get("selected_on", "val")) for m in models}
     meta = {
@@ -179,7 +179,7 @@ def _fuse(models: Sequence[TrainedModel], *, name: str) -> TrainedModel:
         if (other.preprocess.mean, other.preprocess.std) != (localiser.preprocess.mean, localiser.preprocess.std):
             raise ValueError(f"{other.name} normalises its input otherwise than {localiser.name}: members must share "
                              "mean and std")  # fmt: skip
-        if isinstance(other.module, (Ensemble, FusedLocaliser)):
+        if isinstance(other.network("join a fused model"), (Ensemble, FusedLocaliser)):
             raise ValueError("members must be single networks, not ensembles")
         if _manifest(other) != _manifest(localiser):
             raise ValueError(
@@ -191,7 +191,8 @@ def _fuse(models: Sequence[TrainedModel], *, name: str) -> TrainedModel:
         raise ValueError(f"the largest member's input side ({max(sizes)} px) must be a multiple of 32")
     labels = [_label(m) for m in models]
     names = [f"{m.name} {m.version}" if m.meta.get("version") else m.name for m in classifiers]
-    module = FusedLocaliser(localiser.module, [m.module for m in classifiers], sizes=sizes, names=names).eval()
+    module = FusedLocaliser(localiser.network("join a fused model"), [m.module for m in classifiers], sizes=sizes,
+                            names=names).eval()  # fmt: skip
     preprocess = PreprocessCfg(max(sizes), localiser.preprocess.mean, localiser.preprocess.std)
     selected = {str(m.meta.get("selected_on", "val")) for m in models}
     meta = {

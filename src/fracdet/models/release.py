@@ -33,6 +33,7 @@ from fracdet.utils.atomic import write_json
 
 __all__ = [
     "SCHEMA_VERSION",
+    "NoWeightsError",
     "TrainedModel",
     "list_releases",
     "load",
@@ -87,6 +88,10 @@ def list_releases() -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/model.json")) if root.is_dir() else []
 
 
+class NoWeightsError(ValueError):
+    """A compiled model (an ONNX graph, no PyTorch weights) was asked for what only weights can do."""
+
+
 @dataclass
 class TrainedModel:
     """A network with everything needed to turn pixels into a calibrated verdict.
@@ -135,6 +140,16 @@ class TrainedModel:
     def levels(self) -> dict[str, float]:
         """Probability threshold of each confidence level (``suspicious``, ``definite``) the model has."""
         return level_thresholds(self.thresholds)
+
+    def network(self, purpose: str) -> nn.Module:
+        """The PyTorch network, needed to ``purpose`` (say, "run in PyTorch"): a compiled model has none, and
+        the error names the float model it was made from, which can."""
+        if self.module is None:
+            origin = self.meta.get("graph", {}).get("quantised_from")
+            hint = f"; its float model {origin} can" if origin else ""
+            raise NoWeightsError(f"{self.name} {self.version} is a compiled {self.precision} graph without PyTorch "
+                                 f"weights: it cannot {purpose}{hint}")  # fmt: skip
+        return self.module
 
     @property
     def precision(self) -> str:

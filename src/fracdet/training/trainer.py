@@ -422,7 +422,8 @@ def _start_from(model: nn.Module, config: TrainConfig) -> None:
     source = load(config.init_from)
     if source.arch != config.model:
         raise ValueError(f"init_from: {config.init_from} is a {source.arch}, the config trains a {config.model}")
-    model.load_state_dict({k: v.float() for k, v in source.module.state_dict().items()})
+    weights = source.network(f"start a training run (init_from: {config.init_from})").state_dict()
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
     log.info("starting from the weights of %s %s", source.name, source.meta.get("version", ""))
 
 
