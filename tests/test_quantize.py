@@ -144,7 +144,7 @@ def test_model_json_of_a_compiled_model_says_which_graph_and_how_it_was_made(int
     graph = meta["graph"]
     assert graph["precision"] == "int8" and len(graph["sha256"]) == 64
     assert "static quantisation" in graph["method"] and "8 training radiographs" in graph["calibration"]
-    assert graph["float_nodes"].endswith("(the map head)"), "a localiser's map head stays float by default"
+    assert graph["float_nodes"].endswith("(the score head and the map head)"), "a localiser's map stays float"
 
 
 def test_its_graph_describes_itself_with_its_own_calibration_through_release_and_export(int8_folder, tmp_path):

@@ -311,7 +311,7 @@ def test_an_archive_manifest_of_dicomweb_urls_is_scored_on_a_dask_cluster(orthan
     assert rows["path"].tolist() == urls and rows["label"][:3].tolist() == expected["label"][:3].tolist()
     np.testing.assert_allclose(rows["probability"][:3], expected["probability"][:3], atol=2e-6)
     assert rows["boxes"][:3].tolist() == expected["boxes"][:3].tolist()
-    # Each instance scored as itself: the crops' boxes differ (their probabilities need not: the int8 default
-    # reports at most 0.975, which this obvious fracture reaches in all three).
+    # Each instance scored as itself: the crops' boxes differ (their probabilities need not, for an obvious
+    # fracture, to the precision an int8 graph keeps).
     assert rows["error"][:3].isna().all() and rows["boxes"][:3].nunique() == 3
     assert "HTTP 404" in rows["error"][3] and study not in rows["error"][3]  # no identifier in the message
