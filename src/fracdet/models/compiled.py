@@ -146,8 +146,8 @@ def seal_graph(folder: str | Path) -> Path:
     A graph quantised from an exported one still carries the float model's description, whose temperature
     and thresholds are not this graph's. Sealing replaces it with the folder's own (the graph's hash left
     out: no file holds its own hash), keeping what only the export knew (its inputs, outputs and graph
-    version). Called whenever ``model.json`` is final: by :func:`fracdet.inference.quantize.quantize_model`
-    and by :func:`fracdet.models.release.package_release`.
+    version). Called whenever ``model.json`` changes: by :func:`fracdet.inference.quantize.quantize_model`,
+    :func:`fracdet.inference.gate.save_gate` and :func:`fracdet.models.release.package_release`.
     """
     try:
         import onnx
