@@ -336,7 +336,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A compiled model's graph runs its gate's embedder already.
     embedder = gate.embedder().network if gate.checks_appearance and model.graph is None else None
     path = export_onnx(model, args.out, embedder=embedder)
-    inputs = "image" + (" and appearance" if embedder is not None or gate.checks_appearance else "")
+    inputs = "image" + (" and appearance" if gate.checks_appearance else "")
     print(f"exported {model.name} ({model.task}, {model.preprocess.input_size} px) to {path} "
           f"({path.stat().st_size / 2**20:.1f} MiB; uint8 {inputs} in, dynamic batch; "
           "model.json in its metadata)")  # fmt: skip

@@ -99,6 +99,7 @@ def quantize_model(
 
     Returns: the model and what was measured on validation.
     """
+    import onnx
     from sklearn.metrics import roc_auc_score
 
     from fracdet.inference.gate import InputGate, fit_gate_on_splits, save_gate
@@ -127,8 +128,10 @@ def quantize_model(
         stage.mkdir()
         with _quiet_quantiser():
             float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
-        map_head = _map_head(float_graph) if float_map_head else []
-        kept_float = _score_head(float_graph) + map_head
+        graph_proto = onnx.load(str(float_graph)).graph  # 48 MiB for the fused localiser: read once
+        map_head = _map_head(graph_proto) if float_map_head else []
+        kept_float = _score_head(graph_proto) + map_head
+        del graph_proto
         heads = "the score head" + (" and the map head" if map_head else "")
         quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
         graph = {"file": "model.onnx", "precision": "int8", "sha256": sha256_file(stage / "model.onnx"),
@@ -149,10 +152,11 @@ def quantize_model(
         compiled.meta.update(fitted, graph={**graph, "val_auc": val_auc})
         write_json(stage / "model.json", compiled.meta)
         summary: dict[str, Any] = {}
-        if gate.fitted:  # last: save_gate adds its limits to model.json
+        if gate.fitted:  # last: save_gate adds its limits to model.json and seals the graph with it
             distance, limits, summary, appearance = fit_gate_on_splits(compiled, table, extra=extra, cache=cache)
             save_gate(compiled, distance, limits, stage, appearance)
-        seal_graph(stage)
+        else:
+            seal_graph(stage)
         if out.exists():
             shutil.rmtree(out)
         stage.replace(out)
@@ -257,25 +261,20 @@ def _reach(graph: Any) -> tuple[dict[str, Any], dict[str, set[str]]]:
     return producer, reach
 
 
-def _map_head(path: Path) -> list[str]:
-    """Names of the nodes of the ONNX graph at ``path`` that make a localiser's map from the backbone's
-    features: those whose results reach the ``dense`` output but not the ``features`` output."""
-    import onnx
-
-    _, reach = _reach(onnx.load(str(path)).graph)
+def _map_head(graph: Any) -> list[str]:
+    """Names of the nodes of the ONNX ``graph`` that make a localiser's map from the backbone's features:
+    those whose results reach the ``dense`` output but not the ``features`` output."""
+    _, reach = _reach(graph)
     return [name for name, reached in reach.items() if "dense" in reached and "features" not in reached]
 
 
-def _score_head(path: Path) -> list[str]:
-    """Names of the nodes of the ONNX graph at ``path`` that make the ``margin`` from pooled features and from
-    a localiser's map: those downstream of a pooling node or of the map, whose results reach the margin (the
+def _score_head(graph: Any) -> list[str]:
+    """Names of the nodes of the ONNX ``graph`` that make the ``margin`` from pooled features and from a
+    localiser's map: those downstream of a pooling node or of the map, whose results reach the margin (the
     linear heads, the map's peak, the fusion). Not "every node that reaches the margin only": a fused
     classifier's whole backbone does."""
     from collections import defaultdict
 
-    import onnx
-
-    graph = onnx.load(str(path)).graph
     producer, reach = _reach(graph)
     consumers: dict[str, list[Any]] = defaultdict(list)
     for node in graph.node:
