@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from fracdet.data import DuplicateConfig, find_duplicates, load_dataset
-from fracdet.data.neardup import KeypointCache, NearDuplicateConfig, match_thumbnails
+from fracdet.data.neardup import GeometricMatch, KeypointCache, NearDuplicateConfig, match_thumbnails
 from fracdet.utils.cache import FeatureCache
 
 from .images import jpeg_bytes, rotated_crop, save
 
 ORIGINAL = "images/Fractured/IMG0000261.jpg"
+SMOOTH = "images/Non_fractured/IMG0000400.jpg"  # a shin on black: few keypoints
 LARGE_ANGLES = (45, 90, 165, 250)
 MIRRORED_ANGLE = 120
 
@@ -132,10 +135,56 @@ def test_centre_disc_puts_copies_turned_on_their_own_canvas_and_mirrored_in_one_
 def test_a_match_is_a_copy_by_keypoints_and_median_or_once_refined_by_pixels_that_agree_everywhere(
     inliers, flipped, angle, mismatch, spread, refined, copy
 ):
-    from fracdet.data.neardup import GeometricMatch
-
     match = GeometricMatch(inliers, 60, 1.0, angle, flipped, mismatch, overlap=0.9, refined=refined, spread=spread)
     assert match.confirms(NearDuplicateConfig()) is copy
+
+
+@pytest.mark.parametrize(
+    ("inliers", "mismatch", "spread", "correlation", "copy"),
+    [
+        (12, 1.1, 1.4, 0.999, True),  # aligned on the pixels alone: they agree everywhere and correlate
+        (12, 2.2, 2.7, 0.27, False),  # a knee laid on a foot: dark textured tiles agree, the images do not
+        (12, 3.1, 6.9, 0.96, False),  # correlated, but somewhere the pixels differ
+        (11, 1.1, 1.4, 0.999, False),  # too little keypoint evidence that the two are related at all
+        (150, 3.5, 9.0, 0.9, False),  # many keypoints do not help a match judged on its pixels
+    ],
+)
+def test_a_match_aligned_on_the_pixels_alone_counts_only_when_they_agree_everywhere_and_correlate(
+    inliers, mismatch, spread, correlation, copy
+):
+    match = GeometricMatch(inliers, 60, 1.0, 105.0, False, mismatch, overlap=0.9, refined=True, spread=spread,
+                           registered=True, correlation=correlation)  # fmt: skip
+    assert match.confirms(NearDuplicateConfig()) is copy
+
+
+def _augmented(image: Image.Image, degrees: float, scale: float) -> Image.Image:
+    """Turned on its own canvas (cut corners), cropped unevenly, shrunk and saved as JPEG q70."""
+    turned = image.rotate(degrees, resample=Image.Resampling.BICUBIC, fillcolor=0)
+    w, h = turned.size
+    cropped = turned.crop((int(0.02 * w), int(0.08 * h), w - int(0.06 * w), h - int(0.03 * h)))
+    shrunk = cropped.resize((round(cropped.width * scale), round(cropped.height * scale)), Image.Resampling.LANCZOS)
+    return Image.open(io.BytesIO(jpeg_bytes(shrunk, quality=70)))
+
+
+def test_a_smooth_bone_on_black_whose_keypoints_fix_no_transform_is_aligned_on_its_pixels(sample_root):
+    """A shin on black keeps a few ORB matches along one edge: turned 105 degrees, shrunk and cropped, its copy
+    is found only by aligning the two on their pixels (Fourier-Mellin); a different radiograph (a leg) is not."""
+    shin = Image.open(sample_root / SMOOTH).convert("L")
+    thumbs = {
+        "shin": _thumbnail_bytes(shin),
+        "copy": _thumbnail_bytes(_augmented(shin, 105, scale=0.7)),
+        "leg": _thumbnail_bytes(Image.open(sample_root / "images/Fractured/IMG0002521.jpg")),
+    }
+    keypoints, config = KeypointCache(thumbs), NearDuplicateConfig()
+    by_keypoints = keypoints.match(keypoints.get("shin"), keypoints.get("copy"), flipped=False, config=config)
+    assert not by_keypoints.confirms(config)
+    evidence = GeometricMatch(config.pixel_min_inliers, 40, 0.0, 0.0, False)
+    aligned = keypoints.register("shin", "copy", False, evidence)
+    assert aligned.confirms(config) and aligned.registered
+    assert abs(abs(aligned.angle) - 105) < 3 and aligned.scale == pytest.approx(1.1, abs=0.1)
+    for flipped in (False, True):
+        other = keypoints.register("shin", "leg", flipped, evidence)
+        assert not other.confirms(config)
 
 
 def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):

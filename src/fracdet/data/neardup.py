@@ -86,6 +86,12 @@ class NearDuplicateConfig:
             pairs judged by eye (``docs/DATA.md``; ``scripts/near_duplicate_review.py score``), refined
             matches of different radiographs have a median of 3.6 or more and a 90th percentile of 6.8 or
             more.
+        pixel_min_correlation: a match aligned on the pixels alone (:func:`_register`, tried when the
+            keypoints fix no transform that the tiers confirm) counts by the third tier only, and only if the
+            two aligned images also correlate this much over their shared content (blurred to the scale of
+            anatomy). Aligned that freely, a knee can lie on a foot where only dark, faintly textured tiles
+            overlap, and their median agrees (2.2 on the sample); the correlation is then below 0.3, while
+            copies of a smooth shin on black, turned and mirrored, correlate 0.97 or more.
         turned_inliers: below this many inliers, a turned match (by more than 5 degrees) counts by the third
             tier only. A dozen keypoints can all lie on a detector's line texture, which two radiographs taken
             on one detector share: turned until the lines meet, two different hands agreed in the median
@@ -109,6 +115,7 @@ class NearDuplicateConfig:
     pixel_min_inliers: int = 12
     pixel_max_mismatch: float = 2.5
     pixel_max_spread: float = 4.5
+    pixel_min_correlation: float = 0.95
     turned_inliers: int = 20
     min_inlier_ratio: float = 0.20
     min_overlap: float = 0.20
@@ -128,6 +135,8 @@ class GeometricMatch:
     overlap: float = 0.0
     refined: bool = False
     spread: float = float("inf")
+    registered: bool = False
+    correlation: float = 0.0
 
     def confirms(self, config: NearDuplicateConfig) -> bool:
         """Whether this match makes the two images copies of one radiograph under ``config``.
@@ -138,16 +147,19 @@ class GeometricMatch:
         and right wrist of one patient, and second exposures of one limb, came within the first tier's
         median; the third tier joins none of them (the full FracAtlas and multiregion searches, and the
         reviewed pairs, ``docs/RELIABILITY.md``). A turned match on fewer than ``turned_inliers`` keypoints
-        counts by the third tier only (see :class:`NearDuplicateConfig`).
+        counts by the third tier only (see :class:`NearDuplicateConfig`), and a match aligned on the pixels
+        alone (``registered``) by the third tier with the correlation of the aligned images besides.
         """
         if self.overlap < config.min_overlap or not 1 / config.max_scale <= self.scale <= config.max_scale:
             return False
-        if (
-            self.refined
-            and self.inliers >= config.pixel_min_inliers
-            and self.mismatch <= config.pixel_max_mismatch
-            and self.spread <= config.pixel_max_spread
-        ):
+        pixels_agree = self.mismatch <= config.pixel_max_mismatch and self.spread <= config.pixel_max_spread
+        if self.registered:
+            return (
+                self.inliers >= config.pixel_min_inliers
+                and pixels_agree
+                and self.correlation >= config.pixel_min_correlation
+            )
+        if self.refined and self.inliers >= config.pixel_min_inliers and pixels_agree:
             return True
         ratio = self.inliers / self.matches if self.matches else 0.0
         turned = abs(self.angle) > _REFINE_MIN_ANGLE
@@ -260,6 +272,7 @@ class KeypointCache:
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._thumbs = thumbnails
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self._spectra: dict[tuple, tuple[np.ndarray, float]] = {}
 
     def get(
         self, sha: str, flipped: bool = False, shape: tuple[int, ...] | None = None
@@ -307,35 +320,60 @@ class KeypointCache:
         )
         if transform is None:
             return GeometricMatch(0, len(good), 0.0, 0.0, flipped)
-        scale = _scale(transform)
-        angle = float(np.degrees(np.arctan2(transform[1, 0] - transform[0, 1], transform[0, 0] + transform[1, 1])))
+        scale, angle = _scale(transform), _angle(transform)
         if _anisotropy(transform) > _MAX_ANISOTROPY:
             return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
         mismatch, spread, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
         match = GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped, mismatch, overlap, spread=spread)
-        if (
-            config is None
-            or match.confirms(config)
-            or match.inliers < config.pixel_min_inliers
-            or (refined := _refine(cv2, image_a, image_b, transform)) is None
-            or _anisotropy(refined) > _MAX_ANISOTROPY
-        ):
+        if config is None or match.confirms(config) or match.inliers < config.pixel_min_inliers:
             return match
-        mismatch_r, spread_r, overlap_r = _aligned_mismatch(cv2, image_a, image_b, refined)
-        better = replace(
-            match, scale=_scale(refined), mismatch=mismatch_r, spread=spread_r, overlap=overlap_r, refined=True
-        )
-        return better if better.confirms(config) or mismatch_r < mismatch else match
+        refined = _refine(cv2, image_a, image_b, transform)
+        if refined is not None and _anisotropy(refined) <= _MAX_ANISOTROPY:
+            mismatch_r, spread_r, overlap_r = _aligned_mismatch(cv2, image_a, image_b, refined)
+            better = replace(
+                match, scale=_scale(refined), mismatch=mismatch_r, spread=spread_r, overlap=overlap_r, refined=True
+            )
+            return better if better.confirms(config) or mismatch_r < mismatch else match
+        return match
+
+    def spectrum(self, sha: str, flipped: bool = False) -> tuple[np.ndarray, float]:
+        """The log-polar magnitude spectrum of a thumbnail (:func:`_log_polar_spectrum`), computed once."""
+        key = (sha, flipped)
+        if key not in self._spectra:
+            self._spectra[key] = _log_polar_spectrum(self.cv2, self.get(sha, flipped)[0], _REGISTER_SIDE)
+        return self._spectra[key]
+
+    def register(self, sha_a: str, sha_b: str, flipped: bool, evidence: GeometricMatch) -> GeometricMatch:
+        """``sha_a`` aligned onto ``sha_b`` (mirrored if ``flipped``) on the pixels alone (:func:`_register`),
+        for a pair whose keypoints gave ``evidence`` (its inliers and matches are kept) but no transform that
+        confirms; ``NO_MATCH`` when no alignment is found."""
+        cv2 = self.cv2
+        image_a, image_b = self.get(sha_a)[0], self.get(sha_b, flipped)[0]
+        transform = _register(cv2, image_a, image_b, self.spectrum(sha_a), self.spectrum(sha_b, flipped))
+        if transform is None:
+            return NO_MATCH
+        mismatch, spread, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
+        correlation = _aligned_correlation(cv2, image_a, image_b, transform)
+        return GeometricMatch(evidence.inliers, evidence.matches, _scale(transform), _angle(transform), flipped,
+                              mismatch, overlap, refined=True, spread=spread, registered=True,
+                              correlation=correlation)  # fmt: skip
 
 
 _REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
 _MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed copies are matched stretched
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
+_REGISTER_SIDE = 256  # side of the spectra that :func:`_register` correlates (the thumbnails' longest side)
+_REGISTER_MIN_START = 0.8  # correlation below which a pixel alignment is not refined (copies start above 0.9)
 
 
 def _scale(transform: np.ndarray) -> float:
     """The zoom of an affine transform (geometric mean of its two axes' stretches)."""
     return float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))
+
+
+def _angle(transform: np.ndarray) -> float:
+    """The rotation of an affine transform, in degrees."""
+    return float(np.degrees(np.arctan2(transform[1, 0] - transform[0, 1], transform[0, 0] + transform[1, 1])))
 
 
 def _anisotropy(transform: np.ndarray) -> float:
@@ -396,6 +434,94 @@ def _refine(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray
     return cv2.invertAffineTransform(warp)
 
 
+def _log_polar_spectrum(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """The magnitude spectrum of ``image`` (padded square, resized to ``side``) in log-polar coordinates,
+    and the factor by which that resize shrank it.
+
+    A translation leaves the magnitude unchanged; a rotation and a zoom shift it along the angle and the
+    log-radius axes. The low frequencies (the overall shape of bright content on black, which the cut
+    corners and crop change) are damped by weighting with the radius.
+    """
+    h, w = image.shape
+    longest = max(h, w)
+    square = np.zeros((longest, longest), np.float32)
+    square[(longest - h) // 2 : (longest - h) // 2 + h, (longest - w) // 2 : (longest - w) // 2 + w] = image
+    square = cv2.resize(square, (side, side), interpolation=cv2.INTER_AREA)
+    window = cv2.createHanningWindow((side, side), cv2.CV_32F)
+    magnitude = np.fft.fftshift(np.abs(np.fft.fft2((square - square.mean()) * window)))
+    y, x = np.mgrid[:side, :side] - side / 2
+    magnitude *= np.clip(np.hypot(x, y) / (side / 2), 0, 1)
+    polar = cv2.warpPolar(np.log1p(magnitude).astype(np.float32), (side, side), (side / 2, side / 2), side / 2,
+                          cv2.WARP_POLAR_LOG | cv2.INTER_LINEAR)  # fmt: skip
+    return polar, side / longest
+
+
+def _register(
+    cv2,
+    image_a: np.ndarray,
+    image_b: np.ndarray,
+    spectrum_a: tuple[np.ndarray, float],
+    spectrum_b: tuple[np.ndarray, float],
+) -> np.ndarray | None:
+    """The similarity transform ``image_a -> image_b`` found on the pixels alone (Fourier-Mellin), or ``None``.
+
+    For copies whose keypoints fix no usable transform (a smooth long bone on black keeps a dozen ORB
+    matches along one edge). Phase correlation of the two log-polar spectra (:func:`_log_polar_spectrum`)
+    gives the turn and the zoom; the spectrum's symmetry leaves a half-turn open, so both are tried, each
+    placed by phase correlation of the turned image on the other, and the one whose aligned pixels
+    correlate better is kept. ``None`` when even that one correlates less than ``_REGISTER_MIN_START``
+    (most candidate pairs, different radiographs: they cost no refinement); else it is refined by ECC
+    (:func:`_refine`) if that makes the pixels agree better (:func:`_aligned_mismatch`).
+    """
+    if min(*image_a.shape, *image_b.shape) < 16:
+        return None
+    (polar_a, shrink_a), (polar_b, shrink_b) = spectrum_a, spectrum_b
+    side = polar_a.shape[0]
+    (shift_radius, shift_angle), _ = cv2.phaseCorrelate(polar_a, polar_b)
+    turn = -shift_angle * 360.0 / side
+    zoom = float(np.exp(-shift_radius * np.log(side / 2) / (side / 2))) * shrink_a / shrink_b
+    (ha, wa), (hb, wb) = image_a.shape, image_b.shape
+    a, b = (cv2.GaussianBlur(x.astype(np.float32), (5, 5), 0) for x in (image_a, image_b))
+    window = cv2.createHanningWindow((wb, hb), cv2.CV_32F)
+    best, best_correlation = None, _REGISTER_MIN_START
+    for degrees in (turn, turn + 180.0):
+        transform = cv2.getRotationMatrix2D((wa / 2, ha / 2), degrees, zoom)
+        transform[:, 2] += (wb / 2 - wa / 2, hb / 2 - ha / 2)
+        turned = cv2.warpAffine(a, transform, (wb, hb), borderMode=cv2.BORDER_REPLICATE)
+        (dx, dy), _ = cv2.phaseCorrelate(turned, b, window)
+        transform[:, 2] += (dx, dy)
+        correlation = _aligned_correlation(cv2, image_a, image_b, transform)
+        if correlation >= best_correlation:
+            best, best_correlation = transform, correlation
+    if best is None:
+        return None
+    refined = _refine(cv2, image_a, image_b, best)
+    if (
+        refined is not None
+        and _anisotropy(refined) <= _MAX_ANISOTROPY
+        and _aligned_mismatch(cv2, image_a, image_b, refined)[0] < _aligned_mismatch(cv2, image_a, image_b, best)[0]
+    ):
+        return refined
+    return best
+
+
+def _aligned_correlation(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> float:
+    """Pearson correlation of ``image_a`` warped onto ``image_b`` and ``image_b``, over content shared by both
+    (blurred as for the mismatch); 0 when they share too little."""
+    h, w = image_b.shape
+    a = cv2.GaussianBlur(image_a, _BLUR, 0).astype(np.float32)
+    b = cv2.GaussianBlur(image_b, _BLUR, 0).astype(np.float32)
+    warped = cv2.warpAffine(a, transform, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    content_a = (image_a > FILL_LEVEL).astype(np.uint8)
+    valid = cv2.warpAffine(content_a, transform, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
+    valid &= image_b > FILL_LEVEL
+    valid = cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    x, y = warped[valid], b[valid]
+    if x.size < 100 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def _tile_mismatch(x: np.ndarray, y: np.ndarray, valid: np.ndarray, tile: int = 24) -> np.ndarray:
     """The mean absolute difference in each textured tile, after a global linear fit.
 
@@ -431,7 +557,10 @@ def match_thumbnails(keypoints: KeypointCache, sha_a: str, sha_b: str, config: N
     """Match two contents, trying the mirror image of ``sha_b`` when the plain match does not confirm.
 
     When the two differ in aspect ratio, ``sha_a`` is also stretched to the shape of ``sha_b``: a copy
-    squashed into a square (a common augmentation) distorts keypoints beyond what ORB matches.
+    squashed into a square (a common augmentation) distorts keypoints beyond what ORB matches. When no
+    keypoint match confirms but one has ``pixel_min_inliers``, the two are aligned on the pixels alone,
+    plain and mirrored (:meth:`KeypointCache.register`): a copy of a smooth long bone on black keeps a dozen
+    matches along one edge, which fix no transform, in either orientation.
     """
     shape_a, shape_b = keypoints.get(sha_a)[0].shape, keypoints.get(sha_b)[0].shape
     aspect_change = abs(np.log((shape_a[1] / shape_a[0]) / (shape_b[1] / shape_b[0])))
@@ -446,6 +575,12 @@ def match_thumbnails(keypoints: KeypointCache, sha_a: str, sha_b: str, config: N
                 return m
             if m.inliers > best.inliers:
                 best = m
+    if best.inliers < config.pixel_min_inliers:
+        return best
+    for flipped in (False, True):
+        m = keypoints.register(sha_a, sha_b, flipped, best)
+        if m.confirms(config):
+            return m
     return best
 
 
