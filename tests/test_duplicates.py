@@ -187,6 +187,26 @@ def test_a_smooth_bone_on_black_whose_keypoints_fix_no_transform_is_aligned_on_i
         assert not other.confirms(config)
 
 
+@pytest.mark.parametrize(("degrees", "zoom"), [(40, 1.25), (115, 0.8), (165, 1.0)])
+def test_the_spectra_alone_read_the_turn_and_the_zoom_of_a_copy(sample_root, degrees, zoom):
+    """The Fourier-Mellin step: the shift between two log-polar spectra is the turn (up to a half-turn) and
+    the log of the zoom. Sampled in fixed point (OpenCV 4's warpPolar), every spectrum shared a pattern that
+    phase correlation read as no turn at all."""
+    import cv2
+
+    from fracdet.data.neardup import _log_polar_spectrum, _turn_and_zoom
+
+    image = np.asarray(Image.open(sample_root / SMOOTH).convert("L").resize((210, 256)))
+    h, w = image.shape
+    canvas = np.zeros((2 * h, 2 * w), np.uint8)
+    canvas[h // 2 : h // 2 + h, w // 2 : w // 2 + w] = image
+    transform = cv2.getRotationMatrix2D((w, h), degrees, zoom)
+    copy = cv2.warpAffine(canvas, transform, (2 * w, 2 * h), flags=cv2.INTER_LINEAR)
+    turn, found_zoom = _turn_and_zoom(cv2, _log_polar_spectrum(cv2, canvas, 256), _log_polar_spectrum(cv2, copy, 256))
+    assert min(abs((turn - degrees) % 180), 180 - abs((turn - degrees) % 180)) < 2
+    assert found_zoom == pytest.approx(zoom, rel=0.03)
+
+
 def test_different_radiographs_of_the_same_region_are_not_grouped(grouped):
     files, _ = grouped
     original = files.loc["fractured/original.jpg", "near_group"]

@@ -20,11 +20,13 @@ Confirmed pairs are joined with union-find into groups.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from fracdet.data.embed import FILL_LEVEL
 from fracdet.data.features import load_thumbnail
@@ -349,14 +351,12 @@ class KeypointCache:
         confirms; ``NO_MATCH`` when no alignment is found."""
         cv2 = self.cv2
         image_a, image_b = self.get(sha_a)[0], self.get(sha_b, flipped)[0]
-        transform = _register(cv2, image_a, image_b, self.spectrum(sha_a), self.spectrum(sha_b, flipped))
-        if transform is None:
+        found = _register(cv2, image_a, image_b, self.spectrum(sha_a), self.spectrum(sha_b, flipped))
+        if found is None:
             return NO_MATCH
-        mismatch, spread, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
-        correlation = _aligned_correlation(cv2, image_a, image_b, transform)
-        return GeometricMatch(evidence.inliers, evidence.matches, _scale(transform), _angle(transform), flipped,
-                              mismatch, overlap, refined=True, spread=spread, registered=True,
-                              correlation=correlation)  # fmt: skip
+        return GeometricMatch(evidence.inliers, evidence.matches, _scale(found.transform), _angle(found.transform),
+                              flipped, found.mismatch, found.overlap, refined=True, spread=found.spread,
+                              registered=True, correlation=found.correlation)  # fmt: skip
 
 
 _REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
@@ -364,6 +364,7 @@ _MAX_ANISOTROPY = 2.0  # more shear than this is a wrong transform; squashed cop
 _BLUR = (11, 11)  # Gaussian kernel on 256-px thumbnails: finer detail is what copying changes
 _REGISTER_SIDE = 256  # side of the spectra that :func:`_register` correlates (the thumbnails' longest side)
 _REGISTER_MIN_START = 0.8  # correlation below which a pixel alignment is not refined (copies start above 0.9)
+_MIN_ZOOM = 0.25  # thumbnails share their longest side: a copy zoomed further is beyond the audit's reach
 
 
 def _scale(transform: np.ndarray) -> float:
@@ -389,30 +390,60 @@ def _grey_fill(cv2, image: np.ndarray) -> np.ndarray:
     return (np.abs(x - 128) <= 3) & (local_var < 1.0)
 
 
-def _aligned_mismatch(
-    cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray
-) -> tuple[float, float, float]:
-    """Mismatch of ``image_a`` warped onto ``image_b`` (median and 90th percentile over tiles,
-    :func:`_tile_mismatch`) and their shared area."""
+@dataclass(frozen=True)
+class _Aligned:
+    """``image_a`` warped onto ``image_b`` and ``image_b``, both blurred to the scale of anatomy (``_BLUR``),
+    the pixels that are content in both, and that shared area as a fraction of the smaller image."""
+
+    warped: np.ndarray
+    target: np.ndarray
+    valid: np.ndarray
+    overlap: float
+
+    def mismatch(self) -> tuple[float, float]:
+        """Median and 90th percentile over textured tiles of the difference (:func:`_tile_mismatch`);
+        ``inf`` when the two share too little to tell."""
+        if self.valid.sum() < 100:
+            return float("inf"), float("inf")
+        scores = _tile_mismatch(self.warped, self.target, self.valid)
+        if len(scores) < 4:
+            return float("inf"), float("inf")
+        return float(np.median(scores)), float(np.percentile(scores, 90))
+
+    def correlation(self) -> float:
+        """Pearson correlation over the shared content; 0 when the two share too little."""
+        x, y = self.warped[self.valid], self.target[self.valid]
+        if x.size < 100 or x.std() == 0 or y.std() == 0:
+            return 0.0
+        return float(np.corrcoef(x, y)[0, 1])
+
+
+def _align(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> _Aligned:
+    """``image_a`` warped onto ``image_b`` by ``transform``, to be compared only where both hold content.
+
+    Rotated copies are padded with black corners, and a lenient decoder fills a truncated file with flat
+    mid-grey: neither is content, so neither agrees nor disagrees. The shared area is eroded so that the
+    blurred edges of that fill do not count either.
+    """
     h, w = image_b.shape
     a = cv2.GaussianBlur(image_a, _BLUR, 0).astype(np.float32)
     b = cv2.GaussianBlur(image_b, _BLUR, 0).astype(np.float32)
-    # Rotated copies are padded with black corners; compare only pixels that are content in both.
-    content_a = (image_a > FILL_LEVEL).astype(np.uint8)
     warped = cv2.warpAffine(a, transform, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    content_a = ((image_a > FILL_LEVEL) & ~_grey_fill(cv2, image_a)).astype(np.uint8)
     valid = cv2.warpAffine(content_a, transform, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
     valid &= (image_b > FILL_LEVEL) & ~_grey_fill(cv2, image_b)
-    not_fill_a = (~_grey_fill(cv2, image_a)).astype(np.uint8)
-    valid &= cv2.warpAffine(not_fill_a, transform, (w, h), flags=cv2.INTER_NEAREST) > 0
     valid = cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
     smaller = min(a.size * float(abs(np.linalg.det(transform[:, :2]))), b.size)
-    overlap = float(valid.sum()) / max(smaller, 1.0)
-    if valid.sum() < 100:
-        return float("inf"), float("inf"), overlap
-    scores = _tile_mismatch(warped, b, valid)
-    if len(scores) < 4:
-        return float("inf"), float("inf"), overlap
-    return float(np.median(scores)), float(np.percentile(scores, 90)), overlap
+    return _Aligned(warped, b, valid, float(valid.sum()) / max(smaller, 1.0))
+
+
+def _aligned_mismatch(
+    cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray
+) -> tuple[float, float, float]:
+    """Mismatch of ``image_a`` warped onto ``image_b`` (median and 90th percentile over tiles) and their
+    shared area (:func:`_align`)."""
+    aligned = _align(cv2, image_a, image_b, transform)
+    return (*aligned.mismatch(), aligned.overlap)
 
 
 def _refine(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> np.ndarray | None:
@@ -451,9 +482,50 @@ def _log_polar_spectrum(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, 
     magnitude = np.fft.fftshift(np.abs(np.fft.fft2((square - square.mean()) * window)))
     y, x = np.mgrid[:side, :side] - side / 2
     magnitude *= np.clip(np.hypot(x, y) / (side / 2), 0, 1)
-    polar = cv2.warpPolar(np.log1p(magnitude).astype(np.float32), (side, side), (side / 2, side / 2), side / 2,
-                          cv2.WARP_POLAR_LOG | cv2.INTER_LINEAR)  # fmt: skip
-    return polar, side / longest
+    polar = ndimage.map_coordinates(np.log1p(magnitude), _log_polar_grid(side), order=1, cval=0.0)
+    return polar.astype(np.float32), side / longest
+
+
+@functools.cache
+def _log_polar_grid(side: int) -> np.ndarray:
+    """Where each log-polar cell samples a centred ``side`` x ``side`` spectrum: row ``i`` is the angle
+    ``2 pi i / side``, column ``j`` the radius ``(side / 2) ** (j / side)``; (2, side, side), (y, x).
+
+    Sampled in floating point rather than by ``cv2.warpPolar``: OpenCV 4 interpolates in fixed point, whose
+    rounding is the same pattern in every spectrum. Phase correlation, which whitens the spectra, finds that
+    shared pattern at no turn and no zoom before the true peak, and turned copies went unaligned.
+    """
+    rows, cols = np.mgrid[:side, :side].astype(np.float64)
+    angle = 2 * np.pi * rows / side
+    radius = np.exp(cols * np.log(side / 2) / side)
+    return np.stack([side / 2 + radius * np.sin(angle), side / 2 + radius * np.cos(angle)])
+
+
+def _turn_and_zoom(
+    cv2, spectrum_a: tuple[np.ndarray, float], spectrum_b: tuple[np.ndarray, float]
+) -> tuple[float, float] | None:
+    """The turn (degrees, up to a half-turn) and the zoom that take the image of ``spectrum_a`` to that of
+    ``spectrum_b`` (:func:`_log_polar_spectrum`): phase correlation of the log-polar spectra, whose shift
+    along the rows is the turn and along the columns the log of the zoom (:func:`_log_polar_grid`).
+    ``None`` when the correlation has no peak inside the spectra (a featureless thumbnail)."""
+    (polar_a, shrink_a), (polar_b, shrink_b) = spectrum_a, spectrum_b
+    side = polar_a.shape[0]
+    (shift_radius, shift_angle), _ = cv2.phaseCorrelate(polar_a, polar_b)
+    if not (abs(shift_radius) <= side / 2 and abs(shift_angle) <= side / 2):  # also false for NaN
+        return None
+    # A zoom shrinks the spectrum: a radius r goes to r / zoom, a shift of -log(zoom) in log-radius.
+    return -shift_angle * 360.0 / side, float(np.exp(-shift_radius * np.log(side / 2) / side)) * shrink_a / shrink_b
+
+
+@dataclass(frozen=True)
+class _Registration:
+    """A transform found by :func:`_register` and how well the pixels it aligns agree (:class:`_Aligned`)."""
+
+    transform: np.ndarray
+    mismatch: float
+    spread: float
+    overlap: float
+    correlation: float
 
 
 def _register(
@@ -462,8 +534,9 @@ def _register(
     image_b: np.ndarray,
     spectrum_a: tuple[np.ndarray, float],
     spectrum_b: tuple[np.ndarray, float],
-) -> np.ndarray | None:
-    """The similarity transform ``image_a -> image_b`` found on the pixels alone (Fourier-Mellin), or ``None``.
+) -> _Registration | None:
+    """The similarity transform ``image_a -> image_b`` found on the pixels alone (Fourier-Mellin), with how
+    well the pixels it aligns agree, or ``None``.
 
     For copies whose keypoints fix no usable transform (a smooth long bone on black keeps a dozen ORB
     matches along one edge). Phase correlation of the two log-polar spectra (:func:`_log_polar_spectrum`)
@@ -471,55 +544,38 @@ def _register(
     placed by phase correlation of the turned image on the other, and the one whose aligned pixels
     correlate better is kept. ``None`` when even that one correlates less than ``_REGISTER_MIN_START``
     (most candidate pairs, different radiographs: they cost no refinement); else it is refined by ECC
-    (:func:`_refine`) if that makes the pixels agree better (:func:`_aligned_mismatch`).
+    (:func:`_refine`) if that makes the pixels agree better (:meth:`_Aligned.mismatch`).
     """
     if min(*image_a.shape, *image_b.shape) < 16:
         return None
-    (polar_a, shrink_a), (polar_b, shrink_b) = spectrum_a, spectrum_b
-    side = polar_a.shape[0]
-    (shift_radius, shift_angle), _ = cv2.phaseCorrelate(polar_a, polar_b)
-    turn = -shift_angle * 360.0 / side
-    zoom = float(np.exp(-shift_radius * np.log(side / 2) / (side / 2))) * shrink_a / shrink_b
+    found = _turn_and_zoom(cv2, spectrum_a, spectrum_b)
+    if found is None or not _MIN_ZOOM <= found[1] <= 1 / _MIN_ZOOM:
+        return None
+    turn, zoom = found
     (ha, wa), (hb, wb) = image_a.shape, image_b.shape
     a, b = (cv2.GaussianBlur(x.astype(np.float32), (5, 5), 0) for x in (image_a, image_b))
     window = cv2.createHanningWindow((wb, hb), cv2.CV_32F)
-    best, best_correlation = None, _REGISTER_MIN_START
+    best, best_aligned, best_correlation = None, None, _REGISTER_MIN_START
     for degrees in (turn, turn + 180.0):
         transform = cv2.getRotationMatrix2D((wa / 2, ha / 2), degrees, zoom)
         transform[:, 2] += (wb / 2 - wa / 2, hb / 2 - ha / 2)
         turned = cv2.warpAffine(a, transform, (wb, hb), borderMode=cv2.BORDER_REPLICATE)
         (dx, dy), _ = cv2.phaseCorrelate(turned, b, window)
         transform[:, 2] += (dx, dy)
-        correlation = _aligned_correlation(cv2, image_a, image_b, transform)
+        aligned = _align(cv2, image_a, image_b, transform)
+        correlation = aligned.correlation()
         if correlation >= best_correlation:
-            best, best_correlation = transform, correlation
+            best, best_aligned, best_correlation = transform, aligned, correlation
     if best is None:
         return None
+    found = _Registration(best, *best_aligned.mismatch(), best_aligned.overlap, best_correlation)
     refined = _refine(cv2, image_a, image_b, best)
-    if (
-        refined is not None
-        and _anisotropy(refined) <= _MAX_ANISOTROPY
-        and _aligned_mismatch(cv2, image_a, image_b, refined)[0] < _aligned_mismatch(cv2, image_a, image_b, best)[0]
-    ):
-        return refined
-    return best
-
-
-def _aligned_correlation(cv2, image_a: np.ndarray, image_b: np.ndarray, transform: np.ndarray) -> float:
-    """Pearson correlation of ``image_a`` warped onto ``image_b`` and ``image_b``, over content shared by both
-    (blurred as for the mismatch); 0 when they share too little."""
-    h, w = image_b.shape
-    a = cv2.GaussianBlur(image_a, _BLUR, 0).astype(np.float32)
-    b = cv2.GaussianBlur(image_b, _BLUR, 0).astype(np.float32)
-    warped = cv2.warpAffine(a, transform, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
-    content_a = (image_a > FILL_LEVEL).astype(np.uint8)
-    valid = cv2.warpAffine(content_a, transform, (w, h), flags=cv2.INTER_NEAREST, borderValue=0) > 0
-    valid &= image_b > FILL_LEVEL
-    valid = cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
-    x, y = warped[valid], b[valid]
-    if x.size < 100 or x.std() == 0 or y.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
+    if refined is not None and _anisotropy(refined) <= _MAX_ANISOTROPY:
+        aligned = _align(cv2, image_a, image_b, refined)
+        mismatch, spread = aligned.mismatch()
+        if mismatch < found.mismatch:
+            return _Registration(refined, mismatch, spread, aligned.overlap, aligned.correlation())
+    return found
 
 
 def _tile_mismatch(x: np.ndarray, y: np.ndarray, valid: np.ndarray, tile: int = 24) -> np.ndarray:
