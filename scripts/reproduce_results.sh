@@ -182,16 +182,20 @@ cp runs/localiser-lite1-256-seed0/{config.yaml,metrics.csv,curves.png} runs/rele
 .venv/bin/python benchmarks/latency.py --model fracatlas-classifier --clients 0 --out benchmarks/results-classifier-0.3.0-cpu2.json
 .venv/bin/python benchmarks/input_gate.py fracatlas-localiser --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.0.0.json
 
-# The default 1.1.0 (issue 18): the localiser's int8 graph, refitted on its own validation outputs (models/README.md),
-# released with its test report; then the real-time run against 0.3.0 as main served it (docs/BENCHMARKS.md).
+# The default 1.1.1 (issues 18, 16): the localiser's int8 graph (7-bit weights, so that every CPU computes the same
+# integers), refitted on its own validation outputs (models/README.md), released with its test report; then its
+# kernels against its reference arithmetic on this CPU, beside 1.1.0 (8-bit weights; made by the same commands
+# with "--version 1.1.0" at commit 0f38307), and the real-time run against 0.3.0 as main served it (docs/BENCHMARKS.md).
 "$F" quantize fracatlas-localiser --data "$FA" --extra "$MR=splits/multiregion_seed0.csv" \
-    --name fracatlas-default --version 1.1.0 --out runs/int8/fracatlas-default-1.1.0
-"$F" evaluate runs/int8/fracatlas-default-1.1.0 --data "$FA" --split val --out runs/eval/default-1.1.0-val
-"$F" evaluate runs/int8/fracatlas-default-1.1.0 --data "$FA" --split test --stability --out runs/eval/default-1.1.0-test
-#   fracdet release runs/int8/fracatlas-default-1.1.0 --name fracatlas-default --version 1.1.0 \
-#       --report runs/eval/default-1.1.0-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
-.venv/bin/python benchmarks/input_gate.py fracatlas-default --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.1.0.json
-.venv/bin/python benchmarks/realtime.py --data "$FA" --images 200 --out benchmarks/results-realtime-1.1.0.json
+    --name fracatlas-default --version 1.1.1 --out runs/int8/fracatlas-default-1.1.1
+"$F" evaluate runs/int8/fracatlas-default-1.1.1 --data "$FA" --split val --out runs/eval/default-1.1.1-val
+"$F" evaluate runs/int8/fracatlas-default-1.1.1 --data "$FA" --split test --stability --out runs/eval/default-1.1.1-test
+#   fracdet release runs/int8/fracatlas-default-1.1.1 --name fracatlas-default --version 1.1.1 \
+#       --report runs/eval/default-1.1.1-test/metrics.json --command "fracdet evaluate fracatlas-default ..."
+.venv/bin/python benchmarks/int8_formats.py --data "$FA" --out benchmarks/results-int8-formats.json
+.venv/bin/python benchmarks/int8_cpu.py runs/int8/fracatlas-default-1.1.1 runs/int8/fracatlas-default-1.1.0 --data "$FA" --out benchmarks/results-int8-cpu.json
+.venv/bin/python benchmarks/input_gate.py runs/int8/fracatlas-default-1.1.1 --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.1.1.json
+.venv/bin/python benchmarks/realtime.py --data "$FA" --images 200 --out benchmarks/results-realtime-1.1.1.json  # 1.1.0: results-realtime-1.1.0.json
 
 # docs/RELIABILITY.md: does the shipped model's verdict survive re-saving (PNG, JPEG 95/75, WebP 80, half size)?
 "$F" evaluate fracatlas-localiser --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-1.0.0-test

@@ -17,6 +17,7 @@ from fracdet.cli import main
 from fracdet.data.pixels import load_pixels
 from fracdet.inference import Predictor
 from fracdet.inference.gate import InputGate, image_features
+from fracdet.inference.quantize import MAX_KERNEL_CHANGE
 from fracdet.models import create_model, load, save_model
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
@@ -138,12 +139,25 @@ def test_an_int8_graph_that_loses_validation_auc_is_not_written(float_model, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".refused")], "no half-made folder left behind"
 
 
+def test_an_int8_graph_whose_kernels_here_stray_from_its_arithmetic_is_not_written(float_model, tmp_path):
+    from fracdet.inference.quantize import quantize_model
+
+    out = tmp_path / "refused"
+    # No change at all is below any CPU's rounding: the rule's refusing side (its passing side is in model.json).
+    with pytest.raises(ValueError, match=r"reference arithmetic .* not kept"):
+        quantize_model(load(float_model), sample_manifest(SAMPLE), out, calibration=4, max_auc_drop=1.0,
+                       max_kernel_change=-1.0)  # fmt: skip
+    assert not out.exists()
+
+
 def test_model_json_of_a_compiled_model_says_which_graph_and_how_it_was_made(int8_folder):
     meta = json.loads((int8_folder / "model.json").read_text())
     assert meta["schema_version"] == 3
     graph = meta["graph"]
     assert graph["precision"] == "int8" and len(graph["sha256"]) == 64
     assert "static quantisation" in graph["method"] and "8 training radiographs" in graph["calibration"]
+    assert "7-bit" in graph["method"], "weights that cannot saturate 16-bit pair sums on CPUs without VNNI"
+    assert 0 <= graph["kernel_change"]["median"] <= graph["kernel_change"]["max"] <= MAX_KERNEL_CHANGE
     assert graph["float_nodes"].endswith("(the score head and the map head)"), "a localiser's map stays float"
 
 

@@ -360,6 +360,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"({made.graph.stat().st_size / 2**20:.1f} MiB); validation AUC {auc['int8']:.4f} "
           f"(float {auc['float32']:.4f}); "
           f"margins moved by {result.margin_change['median']:.3f} (median), {result.margin_change['max']:.3f} (most); "
+          f"this CPU's kernels within {result.kernel_change['max']:.3f} of the graph's reference arithmetic; "
           f"refitted on its own validation outputs: temperature {made.temperature:.3f}, "
           f"{made.operating_point} threshold {made.threshold:.4f}"
           + (f", input gate ({made.meta['gate']['chosen_on']})" if "gate" in made.meta else ""))  # fmt: skip

@@ -1,7 +1,7 @@
 """An int8 model from a float one: a faster graph on ordinary CPUs, calibrated and gated on its own outputs.
 
-Static quantisation (ONNX Runtime, QDQ: int8 weights per output channel, uint8 activations, each ranging over
-the 99.999th percentile of its values on training radiographs) makes a model's
+Static quantisation (ONNX Runtime, QDQ: int8 weights per output channel in a 7-bit range, uint8 activations,
+each ranging over the 99.999th percentile of its values on training radiographs) makes a model's
 :class:`~fracdet.models.graph.ScoringGraph`, the input gate's appearance embedder included, cost about 0.6 of
 the float graph's time on a CPU (``benchmarks/int8.py``). Its margins are not the float model's, so nothing
 fitted on the float margins carries over: the temperature, the operating thresholds, a localiser's box edge
@@ -11,8 +11,9 @@ with ``model.onnx`` and ``model.json`` that loads, evaluates, predicts and serve
 ONNX Runtime only.
 
 The issue's rule is kept by construction: :func:`quantize_model` writes nothing unless the int8 graph's
-validation ROC AUC is within ``max_auc_drop`` (0.005) of the float model's on the same images. The test
-split is never read.
+validation ROC AUC is within ``max_auc_drop`` (0.005) of the float model's on the same images, and its fused
+kernels on the CPU at hand score validation within :data:`MAX_KERNEL_CHANGE` of its reference arithmetic
+(:func:`kernel_change`), so that what is fitted on this CPU holds on others. The test split is never read.
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ from fracdet.models.compiled import seal_graph
 from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
-__all__ = ["QUANTISATION", "Quantized", "quantize_graph", "quantize_model"]
+__all__ = ["MAX_KERNEL_CHANGE", "QUANTISATION", "Quantized", "kernel_change", "quantize_graph", "quantize_model"]
 
 _HINT = "int8 quantisation needs onnxruntime and onnx (default dependencies of fracdet): pip install fracdet"
 #: How the graph is quantised, as ``model.json`` ``graph`` records it.
 QUANTISATION = (
-    "ONNX Runtime static quantisation, QDQ: int8 weights per channel, uint8 activations, ranges at the "
-    "99.999th percentile"
+    "ONNX Runtime static quantisation, QDQ: int8 weights per channel in a 7-bit range, uint8 activations, ranges "
+    "at the 99.999th percentile"
 )
+#: Largest ``|margin|`` change (logits) allowed between an int8 graph's fused integer kernels, on the CPU at
+#: hand, and its reference arithmetic (:func:`kernel_change`): beyond it, the model's thresholds and card
+#: would hold on some CPUs and not on others.
+MAX_KERNEL_CHANGE = 0.25
 #: What a compiled model's ``model.json`` does not take from the float model: fitted on float margins.
 _REFITTED = ("temperature", "thresholds", "threshold", "box_relative", "box_relative_val_iou", "gate", "reported",
              "weights_dtype", "fusion_val_auc")  # fmt: skip
@@ -57,12 +62,15 @@ class Quantized:
         model: the compiled int8 model, loaded from its folder.
         val_auc: validation ROC AUC of the float model and of the int8 graph, on the same images.
         margin_change: median and largest ``|int8 margin - float margin|`` on validation (logits).
+        kernel_change: median and largest change of a validation margin between this CPU's fused int8 kernels
+            and the graph's reference arithmetic (:func:`kernel_change`).
         gate: what the gate's refit saw (:func:`fracdet.inference.gate.fit_gate_on_splits`), if it has one.
     """
 
     model: TrainedModel
     val_auc: dict[str, float]
     margin_change: dict[str, float]
+    kernel_change: dict[str, float]
     gate: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +85,7 @@ def quantize_model(
     extra: Sequence[pd.DataFrame] = (),
     cache: FeatureCache | None = None,
     max_auc_drop: float = 0.005,
+    max_kernel_change: float = MAX_KERNEL_CHANGE,
     float_map_head: bool = True,
     seed: int = 0,
 ) -> Quantized:
@@ -91,6 +100,8 @@ def quantize_model(
         calibration: training radiographs whose activations set the quantisation ranges (seeded draw).
         extra: other radiograph datasets for the gate, as ``fracdet gate --extra`` takes them.
         max_auc_drop: refuse (``ValueError``, nothing written) when validation AUC falls by more.
+        max_kernel_change: refuse likewise when this CPU's kernels move a validation margin further from the
+            graph's reference arithmetic (:func:`kernel_change`).
         float_map_head: keep a localiser's map head (the layers between the backbone's features and the
             map) in float: with it quantised too, 1.0.0's boxes hit fewer validation fractures (localised
             sensitivity 0.454 against float's 0.481; 0.472 with the head in float, for 0.2% more time).
@@ -148,8 +159,13 @@ def quantize_model(
         if val_auc["int8"] < val_auc["float32"] - max_auc_drop:
             raise ValueError(f"int8 validation AUC {val_auc['int8']:.4f} is more than {max_auc_drop} below float's "
                              f"{val_auc['float32']:.4f}: not kept")  # fmt: skip
+        kernels = kernel_change(compiled, val_set.images)
+        if kernels["max"] > max_kernel_change:
+            raise ValueError(f"this CPU's int8 kernels move a validation margin by {kernels['max']:.3f} logits from "
+                             f"the graph's reference arithmetic (limit {max_kernel_change}): its thresholds would "
+                             "not hold on other CPUs; not kept")  # fmt: skip
         fitted = _calibrate(compiled, val_set, int8_margins, boxes="box_relative" in model.meta)
-        compiled.meta.update(fitted, graph={**graph, "val_auc": val_auc})
+        compiled.meta.update(fitted, graph={**graph, "val_auc": val_auc, "kernel_change": kernels})
         write_json(stage / "model.json", compiled.meta)
         summary: dict[str, Any] = {}
         if gate.fitted:  # last: save_gate adds its limits to model.json and seals the graph with it
@@ -161,7 +177,30 @@ def quantize_model(
             shutil.rmtree(out)
         stage.replace(out)
     change = np.abs(int8_margins - float_margins)
-    return Quantized(load(out), val_auc, {"median": float(np.median(change)), "max": float(change.max())}, summary)
+    margins = {"median": float(np.median(change)), "max": float(change.max())}
+    return Quantized(load(out), val_auc, margins, kernels, summary)
+
+
+def kernel_change(model: TrainedModel, images: np.ndarray) -> dict[str, float]:
+    """How far a compiled ``model``'s margins on ``(N, S, S)`` uint8 ``images`` move between ONNX Runtime's
+    fused kernels on this CPU and the graph's reference arithmetic (median and largest ``|change|``, logits).
+
+    Why: ONNX Runtime runs an int8 graph in integer kernels chosen for the CPU at hand, and they do not all
+    compute the same thing. On x86 without VNNI (AVX2, AVX-512 alone), products of uint8 activations and
+    int8 weights are summed in pairs into 16 bits, which saturate; with VNNI they are summed exactly. 1.1.0's
+    graph (uint8 x int8) moved by up to 1.09 logits on an AVX2 machine, which re-chose its validation
+    threshold (0.088 against 0.103) and cost 0.044 of test specificity. The reference run (nothing fused:
+    float arithmetic on the dequantised values) is the same everywhere, so a graph close to it on this CPU
+    scores as its card says here.
+    """
+    from fracdet.models.compiled import OnnxRuntime, compiled_outputs
+
+    if model.graph is None:
+        raise ValueError(f"{model.name} has PyTorch weights: only a compiled graph has kernels to check")
+    fused = compiled_outputs(model, images).margins
+    reference = compiled_outputs(model, images, runtime=OnnxRuntime(model.graph, spin="never", kernels="reference"))
+    change = np.abs(fused - reference.margins)
+    return {"median": float(np.median(change)), "max": float(change.max())}
 
 
 def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float: Sequence[str] = ()) -> Path:
@@ -173,7 +212,12 @@ def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float
     An activation's range is the 99.999th percentile of its values, not their extremes: a few outlying
     values would otherwise stretch the range that every other value is rounded to. On validation, 1.0.0's
     int8 boxes hit 0.509 of fractures with percentile ranges against 0.472 with the extremes (MinMax; float
-    0.481), AUC 0.942 with both (``models/README.md``, the int8 release's card)."""
+    0.481), AUC 0.942 with both (``models/README.md``, the int8 release's card).
+
+    Weights take 7 bits (``reduce_range``): on x86 without VNNI, ONNX Runtime sums pairs of uint8 x int8
+    products in 16 bits, and full 8-bit weights saturate them (1.1.0's margins moved by up to 1.09 logits on
+    an AVX2 machine; int8 activations do the same, 0.90). With 7-bit weights a pair cannot saturate, so every
+    CPU computes the same integers (:func:`kernel_change`)."""
     try:
         import onnx
         from onnxruntime.quantization import (
@@ -207,7 +251,7 @@ def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float
     with _quiet_quantiser():
         quantize_static(str(source), str(target), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
                         calibrate_method=CalibrationMethod.Percentile,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                         nodes_to_exclude=list(keep_float))  # fmt: skip
     return Path(target)
 

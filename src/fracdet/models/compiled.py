@@ -50,12 +50,22 @@ class OnnxRuntime:
         path: an ONNX file written by :func:`fracdet.inference.onnx.export_onnx` (or quantised from one).
         threads: intra-op threads per call (``None``: ONNX Runtime's default, all cores).
         spin: ``"alone"`` (the two sessions above), ``"never"`` or ``"always"`` (one session, for comparison).
+        kernels: ``"fused"`` (ONNX Runtime's optimised graph: an int8 graph's quantise-compute-dequantise
+            steps fused into integer kernels, which differ from one CPU to another) or ``"reference"`` (the
+            graph as written, nothing fused: an int8 graph computes in float on its dequantised values, which
+            is what its arithmetic means on every CPU; several times slower, for checks such as
+            :func:`fracdet.inference.quantize.kernel_change`).
     """
 
     name = "onnxruntime"
 
     def __init__(
-        self, path: str | Path, *, threads: int | None = None, spin: Literal["alone", "never", "always"] = "alone"
+        self,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        spin: Literal["alone", "never", "always"] = "alone",
+        kernels: Literal["fused", "reference"] = "fused",
     ) -> None:
         try:
             import onnxruntime as ort
@@ -68,6 +78,8 @@ class OnnxRuntime:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
             # Spinning only while a call runs: idle workers between calls would take the cores of everything else.
             options.add_session_config_entry("session.force_spinning_stop", "1")
+            if kernels == "reference":
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             # Not "session.set_denormal_as_zero": it would be ~15% faster on radiographs, but it sets the
             # processor's flush-to-zero state of the calling thread too, changing every later float computation
             # of the process (numpy's, the caller's) behind its back.
@@ -78,6 +90,8 @@ class OnnxRuntime:
 
         if spin not in ("alone", "never", "always"):
             raise ValueError(f"spin must be alone, never or always, not {spin!r}")
+        if kernels not in ("fused", "reference"):
+            raise ValueError(f"kernels must be fused or reference, not {kernels!r}")
         self.path = Path(path)
         self.session = session(spinning=spin == "always")
         parallel = (threads if threads is not None else worker_count()) > 1
@@ -111,14 +125,20 @@ class OnnxRuntime:
 
 
 def compiled_outputs(
-    model: TrainedModel, images: np.ndarray, *, batch_size: int = 64, progress_desc: str | None = None
+    model: TrainedModel,
+    images: np.ndarray,
+    *,
+    batch_size: int = 64,
+    progress_desc: str | None = None,
+    runtime: OnnxRuntime | None = None,
 ) -> GraphOutputs:
     """Every output of a compiled ``model``'s graph for ``(N, H, W)`` uint8 images at its input size, in
-    batches (the appearance input made from the same images when the graph takes one)."""
+    batches (the appearance input made from the same images when the graph takes one), run by ``runtime``
+    (default: the model's own)."""
     from fracdet.data.embed import embedder_input
     from fracdet.utils.progress import progress_bar
 
-    runtime = model.compiled_runtime()
+    runtime = runtime if runtime is not None else model.compiled_runtime()
     bar = progress_bar(desc=progress_desc, total=len(images)) if progress_desc else None
     parts: list[GraphOutputs] = []
     try:
