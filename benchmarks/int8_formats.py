@@ -25,20 +25,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-FORMATS = {"u8s8": ("QUInt8", "QInt8", False), "s8s8": ("QInt8", "QInt8", False),
-           "u8s7": ("QUInt8", "QInt8", True), "u8u8": ("QUInt8", "QUInt8", False)}  # fmt: skip
-
 
 def main() -> None:
     import onnx
     from int8_cpu import cpu_flags  # run as a script: benchmarks/ is on the path
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
     from fracdet.data import load_dataset
     from fracdet.data.embed import embedder_input
@@ -46,14 +36,14 @@ def main() -> None:
     from fracdet.data.split import apply_manifest
     from fracdet.inference.gate import InputGate
     from fracdet.inference.onnx import export_onnx
-    from fracdet.inference.quantize import _map_head, _quiet_quantiser, _score_head
+    from fracdet.inference.quantize import INT8_FORMATS, _map_head, _quiet_quantiser, _score_head, quantize_graph
     from fracdet.models import load
     from fracdet.models.compiled import OnnxRuntime
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="fracatlas-localiser", help="a float model (PyTorch weights)")
     parser.add_argument("--data", default="../shared/data/fracatlas")
-    parser.add_argument("--formats", nargs="+", default=["u8s8", "s8s8", "u8s7"], choices=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", default=["u8s8", "s8s8", "u8s7"], choices=list(INT8_FORMATS))
     parser.add_argument("--runs", type=int, default=40, help="batch-1 calls per format")
     parser.add_argument("--out", default="benchmarks/results-int8-formats.json")
     args = parser.parse_args()
@@ -71,16 +61,6 @@ def main() -> None:
         return np.concatenate([runtime(chunk, embedder_input(list(chunk))).margins
                                for chunk in np.array_split(val.images, max(1, len(val.images) // 32))])  # fmt: skip
 
-    class Calibration(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.images = iter(calib)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            image = next(self.images, None)
-            if image is None:
-                return None
-            return {"image": image[None, None], "appearance": embedder_input([image])[:, None]}
-
     result: dict = {"model": f"{model.name} {model.version}", "cpu": cpu_flags(), "val_images": len(labels),
                     "formats": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
@@ -91,13 +71,7 @@ def main() -> None:
         keep = _score_head(graph) + _map_head(graph)
         del graph
         for name in args.formats:
-            activations, weights, reduce_range = FORMATS[name]
-            target = Path(folder) / f"{name}.onnx"
-            with _quiet_quantiser():
-                quantize_static(str(source), str(target), Calibration(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, calibrate_method=CalibrationMethod.Percentile,
-                                activation_type=QuantType[activations], weight_type=QuantType[weights],
-                                reduce_range=reduce_range, nodes_to_exclude=keep)  # fmt: skip
+            target = quantize_graph(source, Path(folder) / f"{name}.onnx", calib, keep_float=keep, int8_format=name)
             fused = OnnxRuntime(target, spin="never")
             started = time.perf_counter()
             fast = margins(fused)

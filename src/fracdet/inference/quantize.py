@@ -37,7 +37,15 @@ from fracdet.models.compiled import seal_graph
 from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
-__all__ = ["MAX_KERNEL_CHANGE", "QUANTISATION", "Quantized", "kernel_change", "quantize_graph", "quantize_model"]
+__all__ = [
+    "INT8_FORMATS",
+    "MAX_KERNEL_CHANGE",
+    "QUANTISATION",
+    "Quantized",
+    "kernel_change",
+    "quantize_graph",
+    "quantize_model",
+]
 
 _HINT = "int8 quantisation needs onnxruntime and onnx (default dependencies of fracdet): pip install fracdet"
 #: How the graph is quantised, as ``model.json`` ``graph`` records it.
@@ -45,6 +53,11 @@ QUANTISATION = (
     "ONNX Runtime static quantisation, QDQ: int8 weights per channel in a 7-bit range, uint8 activations, ranges "
     "at the 99.999th percentile"
 )
+#: Integer formats a graph can be quantised in: name -> (activation type, weight type, 7-bit weights), in
+#: ONNX Runtime's names. ``u8s7`` is :data:`QUANTISATION`'s; the others are compared with it by
+#: ``benchmarks/int8_formats.py`` (``u8s8`` was 1.1.0's).
+INT8_FORMATS = {"u8s7": ("QUInt8", "QInt8", True), "u8s8": ("QUInt8", "QInt8", False),
+                "s8s8": ("QInt8", "QInt8", False), "u8u8": ("QUInt8", "QUInt8", False)}  # fmt: skip
 #: Largest ``|margin|`` change (logits) allowed between an int8 graph's fused integer kernels, on the CPU at
 #: hand, and its reference arithmetic (:func:`kernel_change`): beyond it, the model's thresholds and card
 #: would hold on some CPUs and not on others.
@@ -203,11 +216,14 @@ def kernel_change(model: TrainedModel, images: np.ndarray) -> dict[str, float]:
     return {"median": float(np.median(change)), "max": float(change.max())}
 
 
-def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float: Sequence[str] = ()) -> Path:
+def quantize_graph(
+    source: Path, target: Path, images: np.ndarray, *, keep_float: Sequence[str] = (), int8_format: str = "u8s7"
+) -> Path:
     """Quantise the exported :class:`~fracdet.models.graph.ScoringGraph` at ``source`` into ``target`` (see
     :data:`QUANTISATION`), its activation ranges read from ``images`` (``(N, S, S)`` uint8 at the graph's
     input side; the appearance input made from each when the graph takes one); ``keep_float`` names nodes
-    left in float. Only the graph: :func:`quantize_model` makes a model of it.
+    left in float; ``int8_format`` is a key of :data:`INT8_FORMATS`. Only the graph: :func:`quantize_model`
+    makes a model of it.
 
     An activation's range is the 99.999th percentile of its values, not their extremes: a few outlying
     values would otherwise stretch the range that every other value is rounded to. On validation, 1.0.0's
@@ -231,6 +247,9 @@ def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float
         raise ImportError(_HINT) from exc
     from fracdet.data.embed import embedder_input
 
+    if int8_format not in INT8_FORMATS:
+        raise ValueError(f"int8_format must be one of {', '.join(INT8_FORMATS)}, not {int8_format!r}")
+    activations, weights, seven_bits = INT8_FORMATS[int8_format]
     appearance = any(i.name == "appearance" for i in onnx.load(str(source), load_external_data=False).graph.input)
 
     class Calibration(CalibrationDataReader):
@@ -251,8 +270,8 @@ def quantize_graph(source: Path, target: Path, images: np.ndarray, *, keep_float
     with _quiet_quantiser():
         quantize_static(str(source), str(target), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
                         calibrate_method=CalibrationMethod.Percentile,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                        nodes_to_exclude=list(keep_float))  # fmt: skip
+                        activation_type=QuantType[activations], weight_type=QuantType[weights],
+                        reduce_range=seven_bits, nodes_to_exclude=list(keep_float))  # fmt: skip
     return Path(target)
 
 
