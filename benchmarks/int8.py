@@ -1,10 +1,11 @@
 """Would int8 pay (issue 18, optional part)? Static quantisation of a model's graph, judged on validation only.
 
     python benchmarks/int8.py [MODEL] --data ../shared/data/fracatlas [--calibration 64] [--runs 40]
-        [--out benchmarks/results-int8.json]
+        [--int8-format u8s7] [--out benchmarks/results-int8.json]
 
 Exports the model's :class:`~fracdet.models.graph.ScoringGraph` (with its gate's embedder), quantises it with
-ONNX Runtime's static quantisation (QDQ, int8 weights per channel, uint8 activations), calibrated on
+ONNX Runtime's static quantisation (QDQ, int8 weights per channel, uint8 activations; ``--int8-format``: the
+weights in 7 bits as ``fracdet quantize`` makes them, or ``u8s8``, 8 bits, as before 1.1.1), calibrated on
 ``--calibration`` training radiographs, then scores every validation radiograph of the model's own split with
 both graphs: validation ROC AUC of each (the issue keeps int8 only if it stays within 0.005 of float), how
 far the margins move, how many verdicts change at the model's threshold, and the batch-1 time of each graph,
@@ -31,7 +32,7 @@ def main() -> None:
     from fracdet.data.split import apply_manifest
     from fracdet.inference.gate import InputGate
     from fracdet.inference.onnx import OnnxRuntime, export_onnx
-    from fracdet.inference.quantize import quantize_graph
+    from fracdet.inference.quantize import INT8_FORMATS, quantize_graph
     from fracdet.models import load
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/fracatlas")
     parser.add_argument("--calibration", type=int, default=64, help="training radiographs to calibrate on")
     parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--int8-format", default="u8s7", choices=list(INT8_FORMATS))
     parser.add_argument("--out", default="benchmarks/results-int8.json")
     args = parser.parse_args()
 
@@ -57,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, Path(folder) / "fp32.onnx", embedder=embedder)
         int8 = Path(folder) / "int8.onnx"
-        quantize_graph(fp32, int8, calib)
+        quantize_graph(fp32, int8, calib, int8_format=args.int8_format)
         runtimes = {"float32": OnnxRuntime(fp32), "int8": OnnxRuntime(int8)}
         sizes = {"float32": fp32.stat().st_size, "int8": int8.stat().st_size}
         margins = {}
