@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fracdet.data.confounders import CONTROL, confounder_table, roc_auc_with_ci
 
@@ -51,3 +54,22 @@ def test_copies_of_one_radiograph_widen_the_interval_instead_of_faking_certainty
     auc, lo, hi = roc_auc_with_ci(scores, labels, clusters=clusters, n_boot=300)
     assert hi - lo > 3 * (file_hi - file_lo)
     assert lo < 0.5 < hi and lo <= auc <= hi
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.integers(0, 1), st.integers(0, 3)), min_size=2
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_the_bootstrap_scores_a_resample_by_counts_as_if_its_rows_were_ranked_again(rows, seed):
+    """The interval's resamples are scored from how often each row is drawn; ties, folds without both classes
+    and resamples without a pair must give what ranking the drawn rows afresh gives."""
+    from fracdet.data.confounders import _fold_auc, _RankedFolds
+
+    scores, labels, folds = (np.array(column) for column in zip(*rows, strict=True))
+    draws = np.random.default_rng(seed).integers(0, len(rows), len(rows))
+    ranked_again = _fold_auc(scores[draws], labels[draws], folds[draws])
+    counted = _RankedFolds(scores, labels, folds).auc(np.bincount(draws, minlength=len(rows)))
+    assert counted == pytest.approx(ranked_again, abs=1e-12, nan_ok=True)

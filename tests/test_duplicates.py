@@ -114,6 +114,27 @@ def test_centre_disc_puts_copies_turned_on_their_own_canvas_and_mirrored_in_one_
         assert np.corrcoef(reference.ravel(), disc.ravel())[0, 1] > 0.9, (degrees, mirror)
 
 
+def test_the_embedder_folds_its_batch_norms_without_changing_what_it_computes():
+    import timm
+    import torch
+
+    from fracdet.data.embed import ImageEmbedder, fold_batch_norms
+    from fracdet.utils.pretrained import efficientnet_lite_state_dict
+
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    reference.load_state_dict(efficientnet_lite_state_dict(0, reference.state_dict()))
+    reference.reset_classifier(0)
+    reference.eval()
+    embedder = ImageEmbedder()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in embedder.network.modules())
+    x = torch.rand(3, 3, 128, 128) * 2 - 1
+    with torch.inference_mode():
+        folded, unfolded = embedder.network(x), reference(x)
+    assert torch.allclose(folded, unfolded, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(reference.train())
+
+
 @pytest.mark.parametrize(
     ("inliers", "flipped", "angle", "mismatch", "spread", "refined", "copy"),
     [
