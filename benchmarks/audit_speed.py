@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _checkout import checkout
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,20 +74,14 @@ def main() -> None:
     tree = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()  # fmt: skip
     runs: dict[str, list[dict]] = {"baseline": [], "this": []}
-    with tempfile.TemporaryDirectory(prefix="fracdet-baseline-") as scratch:
-        worktree = Path(scratch) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), revision], cwd=ROOT, check=True,
-                       capture_output=True)  # fmt: skip
-        try:
-            sources = {"baseline": worktree / "src", "this": ROOT / "src"}
-            for round_ in range(args.rounds):
-                for name in ("baseline", "this") if round_ % 2 == 0 else ("this", "baseline"):
-                    run = run_audit(sources[name], args.data, args.splits, Path(scratch) / f"{name}.json")
-                    runs[name].append(run)
-                    print(f"round {round_ + 1}, {name}: {run}", flush=True)
-            reports = {name: json.loads((Path(scratch) / f"{name}.json").read_text()) for name in runs}
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
+    with tempfile.TemporaryDirectory(prefix="fracdet-reports-") as scratch, checkout(revision) as baseline_src:
+        sources = {"baseline": baseline_src, "this": ROOT / "src"}
+        for round_ in range(args.rounds):
+            for name in ("baseline", "this") if round_ % 2 == 0 else ("this", "baseline"):
+                run = run_audit(sources[name], args.data, args.splits, Path(scratch) / f"{name}.json")
+                runs[name].append(run)
+                print(f"round {round_ + 1}, {name}: {run}", flush=True)
+        reports = {name: json.loads((Path(scratch) / f"{name}.json").read_text()) for name in runs}
     found = differences(reports["baseline"], reports["this"], args.tolerance)
     median = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in runs.items()}
     result = {

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from _checkout import checkout
 
 REPO = Path(__file__).resolve().parents[1]
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -327,30 +328,24 @@ def main() -> None:
     root = Path(args.data) / "images" if (Path(args.data) / "images").is_dir() else Path(args.data)
     every = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in SUFFIXES)
     random.Random(0).shuffle(every)
-    with tempfile.TemporaryDirectory() as folder:
-        baseline = Path(folder) / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)  # fmt: skip
-        try:
-            checkouts = {"today": baseline / "src", "now": None}
-            described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                                       text=True, check=False).stdout.strip()  # fmt: skip
-            report: dict = {
-                "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
-                "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                "baseline": args.baseline, "now": described, "command": " ".join(sys.argv), "data": args.data,
-                "model_now": args.model,
-            }  # fmt: skip
-            parts = {"e2e": lambda: e2e(checkouts, every[: args.images + 5]),
-                     "server": lambda: server(checkouts, every[: args.images], args),
-                     "predict": lambda: predict(checkouts, every[: args.predict_limit or None]),
-                     "startup": lambda: startup(checkouts, every[0])}  # fmt: skip
-            for part in args.parts.split(","):
-                report[part] = parts[part]()
-                print(json.dumps(report[part], indent=1), flush=True)
-                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # what is measured is kept
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, check=False)
+    with checkout(args.baseline) as baseline_src:
+        checkouts = {"today": baseline_src, "now": None}
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                                   text=True, check=False).stdout.strip()  # fmt: skip
+        report: dict = {
+            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
+            "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "baseline": args.baseline, "now": described, "command": " ".join(sys.argv), "data": args.data,
+            "model_now": args.model,
+        }  # fmt: skip
+        parts = {"e2e": lambda: e2e(checkouts, every[: args.images + 5]),
+                 "server": lambda: server(checkouts, every[: args.images], args),
+                 "predict": lambda: predict(checkouts, every[: args.predict_limit or None]),
+                 "startup": lambda: startup(checkouts, every[0])}  # fmt: skip
+        for part in args.parts.split(","):
+            report[part] = parts[part]()
+            print(json.dumps(report[part], indent=1), flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # what is measured is kept
     print(f"wrote {args.out}")
 
 
