@@ -67,8 +67,11 @@ def main() -> None:
 
     labels, groups, images = split_images(args.split, variants=True)
     margins = scored(model, images)
-    val_margins = margins if args.split == "val" else scored(model, split_images("val", variants=False)[2])
-    val_labels = labels if args.split == "val" else split_images("val", variants=False)[0]
+    if args.split == "val":
+        val_labels, val_margins = labels, margins
+    else:
+        val_labels, _, val_images = split_images("val", variants=False)
+        val_margins = scored(model, val_images)
 
     def probability(m: np.ndarray) -> np.ndarray:
         return expit(m.astype(np.float64) / model.temperature)
