@@ -28,25 +28,20 @@ from fracdet.data import load_dataset
 from fracdet.data.pixels import load_pixels
 from fracdet.data.split import apply_manifest, split_rows
 from fracdet.evaluation.metrics import group_bootstrap, specificity_at_sensitivity
-from fracdet.models import load
+from fracdet.models import TrainedModel, load
 from fracdet.models.compiled import OnnxRuntime, compiled_outputs
 
 
-def scorings(names: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
-    """Margins of ``images`` per scoring: each model as it runs here and, if compiled, in reference arithmetic."""
-    margins: dict[str, np.ndarray] = {}
-    for name in names:
-        model = load(name)
-        label = f"{model.name} {model.version}"
-        if model.graph is None:
-            margins[label] = model.margins(images, progress_desc=label)
-            continue
-        margins[f"{label}, fused"] = compiled_outputs(model, images, progress_desc=f"{label}, fused").margins
-        reference = OnnxRuntime(model.graph, spin="never", kernels="reference")
-        margins[f"{label}, reference"] = compiled_outputs(
-            model, images, runtime=reference, progress_desc=f"{label}, reference"
-        ).margins
-    return margins
+def scorings(model: TrainedModel, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Margins of ``images`` per scoring of ``model``: as it runs here (first) and, if compiled, in its reference
+    arithmetic."""
+    label = f"{model.name} {model.version}"
+    if model.graph is None:
+        return {label: model.margins(images, progress_desc=label)}
+    reference = OnnxRuntime(model.graph, spin="never", kernels="reference")
+    return {f"{label}, fused": compiled_outputs(model, images, progress_desc=f"{label}, fused").margins,
+            f"{label}, reference": compiled_outputs(model, images, runtime=reference,
+                                                    progress_desc=f"{label}, reference").margins}  # fmt: skip
 
 
 def main() -> None:
@@ -61,18 +56,17 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.models) < 2:
         parser.error("give at least two models to compare")
-    first = load(args.models[0])
-    table = apply_manifest(load_dataset(args.data), args.splits or str(first.splits_path))
+    models = [load(name) for name in args.models]
+    table = apply_manifest(load_dataset(args.data), args.splits or str(models[0].splits_path))
     rows = split_rows(table, args.split, needed_for="to compare the models on")
-    pixels = load_pixels(rows, first.preprocess.input_size, desc=f"decoding {args.split}")
+    pixels = load_pixels(rows, models[0].preprocess.input_size, desc=f"decoding {args.split}")
     labels = pixels.table["label"].to_numpy(int)
     groups = pixels.table["group"].astype(str).to_numpy()
     if len(np.unique(labels)) < 2:
         sys.exit(f"the {args.split} split needs fractured and normal radiographs to compare rankings")
-    margins = scorings(args.models[:-1], pixels.images)
-    last_scorings = scorings(args.models[-1:], pixels.images)
-    last = next(iter(last_scorings))  # the last model as it runs here
-    margins.update(last_scorings)
+    per_model = [scorings(model, pixels.images) for model in models]
+    margins = {label: m for scored in per_model for label, m in scored.items()}
+    last = next(iter(per_model[-1]))  # the last model as it runs here
 
     def statistics(idx: np.ndarray) -> dict[str, float]:
         y = labels[idx]

@@ -29,7 +29,7 @@ from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from fracdet.data import load_dataset
-from fracdet.data.split import apply_manifest
+from fracdet.data.split import apply_manifest, split_rows
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.metrics import group_bootstrap
 from fracdet.evaluation.stability import resaved
@@ -60,8 +60,7 @@ def main() -> None:
     size = model.preprocess.input_size
 
     def split_images(split: str, variants: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        rows = table[table["split"] == split].reset_index(drop=True)
-        rows.attrs.update(table.attrs)
+        rows = split_rows(table, split, needed_for="to measure flips on (val: to choose the thresholds)")
         kept, images = resaved(absolute_paths(rows), size, None if variants else {})
         return rows["label"].to_numpy(int)[kept], rows["group"].astype(str).to_numpy()[kept], images
 
