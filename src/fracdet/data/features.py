@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from fracdet.data.decode import ImageReadError, decode_image
 from fracdet.data.embed import centre_disc, upright
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.hashing import sha256_file
-from fracdet.utils.progress import progress
+from fracdet.utils.progress import progress, progress_bar
 from fracdet.utils.workers import worker_count
 
 __all__ = ["THUMB_SIZE", "ContentFeatures", "compute_content_features", "hash_files", "load_thumbnail"]
@@ -34,6 +35,7 @@ _THUMB_KIND = "thumb-v1"
 _EMBED_KIND = "embed-v1"
 _UPRIGHT_KIND = "upright-v1"
 _DISC_KIND = "disc-v1"
+_EMBED_PIECE = 64  # images per embedding task
 
 
 @dataclass
@@ -159,14 +161,16 @@ def compute_content_features(
 
 
 class _LazyEmbedder:
-    """Builds the embedder on first use only, so a warm run never loads the network."""
+    """Builds the embedder on first use only, so a warm run never loads the network; safe to call from threads."""
 
     def __init__(self, factory: Callable[[], Callable[[Sequence[np.ndarray]], np.ndarray]]) -> None:
         self._factory, self._embed = factory, None
+        self._lock = threading.Lock()
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        if self._embed is None:
-            self._embed = self._factory()
+        with self._lock:
+            if self._embed is None:
+                self._embed = self._factory()
         return self._embed(images)
 
 
@@ -182,20 +186,24 @@ def _embeddings(
     blobs = cache.get_many(kind, [s for s in shas if s in thumbs])
     missing = [s for s in shas if s in thumbs and s not in blobs]
     if missing:
+
+        def embed_piece(piece: list[str]) -> np.ndarray:
+            images = [load_thumbnail(thumbs[s]) for s in piece]
+            return embed([turn(im) for im in images] if turn else images)
+
+        # Pieces run side by side, one per worker thread: PyTorch runs the forward of a thread it did not
+        # start on that thread alone, and small batches on one core each took 0.7 of the time of one batch
+        # at a time spread over both cores (``benchmarks/embedder.py``); the thumbnails' decoding and turns
+        # run in the threads too.
+        pieces = [missing[start : start + _EMBED_PIECE] for start in range(0, len(missing), _EMBED_PIECE)]
         new = []
-        step = 256
-        for start in progress(
-            range(0, len(missing), step),
-            desc=f"embedding ({kind.split('-')[0]})",
-            total=-(-len(missing) // step),
-            unit="batch",
-        ):
-            chunk = missing[start : start + step]
-            images = [load_thumbnail(thumbs[s]) for s in chunk]
-            vectors = embed([turn(im) for im in images] if turn else images)
-            for sha, vec in zip(chunk, vectors, strict=True):
-                blobs[sha] = vec.astype(np.float16).tobytes()
-                new.append((sha, blobs[sha]))
+        desc = f"embedding ({kind.split('-')[0]})"
+        with ThreadPoolExecutor(worker_count()) as pool, progress_bar(desc=desc, total=len(missing)) as bar:
+            for piece, vectors in zip(pieces, pool.map(embed_piece, pieces), strict=True):
+                for sha, vec in zip(piece, vectors, strict=True):
+                    blobs[sha] = vec.astype(np.float16).tobytes()
+                    new.append((sha, blobs[sha]))
+                bar.update(len(piece))
         cache.put_many(kind, new)
     dim = len(next(iter(blobs.values()))) // 2 if blobs else 1
     embeddings = np.zeros((len(shas), dim), np.float32)
