@@ -307,3 +307,32 @@ def test_each_content_gets_its_own_embeddings_however_many_threads_compute_them(
         for view, turn in zip(found.views, (None, upright, centre_disc), strict=True):
             alone = embedder([turn(thumbnail) if turn else thumbnail])[0]
             np.testing.assert_allclose(view[row], alone, atol=2e-3)  # stored as float16
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("angle", [0.0, 30.0])
+def test_a_keypoint_match_below_the_fewest_inliers_any_tier_uses_confirms_whatever_its_pixels(flipped, angle):
+    """Why the pixels of such a match are not measured: no mismatch, spread or overlap could make it a copy."""
+    config = NearDuplicateConfig()
+    for inliers in range(config.fewest_inliers):
+        perfect = GeometricMatch(inliers, inliers, 1.0, angle, flipped, 0.0, overlap=1.0, spread=0.0)
+        assert not perfect.confirms(config)
+    refined = GeometricMatch(config.fewest_inliers, 40, 1.0, angle, flipped, 0.0, 1.0, refined=True, spread=0.0)
+    assert refined.confirms(config)  # the fewest a tier uses: enough to be refined, and then a copy
+
+
+@pytest.mark.parametrize(("mismatch", "refined"), [(8.0, True), (40.0, False)])
+def test_only_a_keypoint_match_a_pixel_or_two_off_is_refined_on_the_pixels(sample_root, monkeypatch, mismatch, refined):
+    """The refinement repairs a small misalignment; a match whose pixels differ far more is left as it is."""
+    import fracdet.data.neardup as neardup
+
+    original = Image.open(sample_root / ORIGINAL).convert("L")
+    keypoints = KeypointCache({"a": _thumbnail_bytes(original), "b": _thumbnail_bytes(_augmented(original, 20, 0.9))})
+    config = NearDuplicateConfig()
+    unrefined = keypoints.match(keypoints.get("a"), keypoints.get("b"), flipped=False)
+    assert unrefined.inliers >= config.pixel_min_inliers  # enough keypoints to be refined at all
+    calls = []
+    monkeypatch.setattr(neardup, "_aligned_mismatch", lambda *args: (mismatch, 2 * mismatch, 0.9))
+    monkeypatch.setattr(neardup, "_refine", lambda *args: calls.append(args))
+    keypoints.match(keypoints.get("a"), keypoints.get("b"), flipped=False, config=config)
+    assert bool(calls) is refined

@@ -83,6 +83,11 @@ class NearDuplicateConfig:
         flipped_inliers: inliers needed for a mirrored copy (with ``max_mismatch``).
         pixel_min_inliers: RANSAC inliers a match needs for its alignment to be refined on the pixels and
             judged by the third tier.
+        refine_max_mismatch: the mismatch above which a keypoint match is not refined on the pixels. The
+            refinement repairs an alignment that RANSAC left a pixel or two off, which on thumbnails blurred
+            to the scale of anatomy costs a few grey levels; a match that far off is not one radiograph. On
+            the full multiregion and FracAtlas searches, every match that a refinement confirmed started at
+            12.3 or less (``docs/RELIABILITY.md``), and the refinement is most of the cost of a rejected pair.
         pixel_max_mismatch: the third tier's mismatch (median over tiles) once refined.
         pixel_max_spread: the third tier's 90th percentile of the tile mismatch once refined. On the 322
             pairs judged by eye (``docs/DATA.md``; ``scripts/near_duplicate_review.py score``), refined
@@ -115,6 +120,7 @@ class NearDuplicateConfig:
     strong_max_mismatch: float = 20.0
     flipped_inliers: int = 30
     pixel_min_inliers: int = 12
+    refine_max_mismatch: float = 15.0
     pixel_max_mismatch: float = 2.5
     pixel_max_spread: float = 4.5
     pixel_min_correlation: float = 0.95
@@ -122,6 +128,11 @@ class NearDuplicateConfig:
     min_inlier_ratio: float = 0.20
     min_overlap: float = 0.20
     max_scale: float = 3.0
+
+    @property
+    def fewest_inliers(self) -> int:
+        """The fewest RANSAC inliers with which any tier confirms a keypoint match or has it refined."""
+        return min(self.min_inliers, self.strong_inliers, self.flipped_inliers, self.pixel_min_inliers)
 
 
 @dataclass(frozen=True)
@@ -296,12 +307,14 @@ class KeypointCache:
     def match(self, a: tuple, b: tuple, flipped: bool, config: NearDuplicateConfig | None = None) -> GeometricMatch:
         """Ratio-test ORB matches, a RANSAC affine transform, then the aligned pixels' mismatch.
 
-        With ``config``, a match that the keypoint tiers do not confirm but that has ``pixel_min_inliers``
-        gets its transform refined on the pixels (:func:`_refine`; a refined transform that stretches one
-        axis more than ``_MAX_ANISOTROPY`` times the other is dropped) and is measured again: RANSAC on a few
-        dozen keypoints of a copy resampled by a rotation, or mirrored and rescaled, can leave the alignment
-        a pixel or two off, which on textured tiles reads as a difference. The refined match is kept when
-        it confirms (see :meth:`GeometricMatch.confirms` for what a refined match may count by) or its
+        With ``config``, a match with fewer inliers than any tier uses (:attr:`NearDuplicateConfig.fewest_inliers`)
+        is returned unmeasured (mismatch ``inf``), and a match that the keypoint tiers do not confirm but that has
+        ``pixel_min_inliers`` and a mismatch within ``refine_max_mismatch`` gets its transform refined on the
+        pixels (:func:`_refine`; a refined transform that stretches one axis more than ``_MAX_ANISOTROPY``
+        times the other is dropped) and is measured again: RANSAC on a few dozen keypoints of a copy resampled
+        by a rotation, or mirrored and rescaled, can leave the alignment a pixel or two off, which on textured
+        tiles reads as a difference. The refined match is kept when it confirms (see
+        :meth:`GeometricMatch.confirms` for what a refined match may count by) or its
         mismatch is lower.
         """
         cv2 = self.cv2
@@ -325,9 +338,13 @@ class KeypointCache:
         scale, angle = _scale(transform), _angle(transform)
         if _anisotropy(transform) > _MAX_ANISOTROPY:
             return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
+        if config is not None and mask.sum() < config.fewest_inliers:  # no tier would use the pixels' verdict
+            return GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped)
         mismatch, spread, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
         match = GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped, mismatch, overlap, spread=spread)
         if config is None or match.confirms(config) or match.inliers < config.pixel_min_inliers:
+            return match
+        if match.mismatch > config.refine_max_mismatch:  # not a pixel or two off: a different radiograph
             return match
         refined = _refine(cv2, image_a, image_b, transform)
         if refined is not None and _anisotropy(refined) <= _MAX_ANISOTROPY:

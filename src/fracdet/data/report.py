@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 from fracdet.data.audit import AuditReport
@@ -154,7 +155,7 @@ def closest_pairs_montage(report: AuditReport, *, limit: int = 50):
             feats.thumbnails.get(shas[r.i]),
             feats.thumbnails.get(shas[r.j]),
             f"{r.split_a}:{Path(r.path_a).name} | {r.split_b}:{Path(r.path_b).name}\n"
-            f"cos {r.similarity:.3f}, inliers {r.inliers}, mismatch {r.mismatch:.1f}",
+            f"cos {r.similarity:.3f}, inliers {r.inliers}, mismatch {_grey_levels(r.mismatch)}",
         )
         for r in report.closest_cross_split.head(limit).itertuples()
     ]
@@ -186,3 +187,8 @@ def write_html(report: AuditReport, path: str | Path) -> Path:
     parts += ["<h2>Full report</h2>", f"<pre>{text}</pre>", "</body></html>"]
     path.write_text("\n".join(parts))
     return path
+
+
+def _grey_levels(mismatch: float) -> str:
+    """A pair's mismatch for a caption: grey levels, or why there is none (too few keypoints agreed to align)."""
+    return f"{mismatch:.1f}" if math.isfinite(mismatch) else "not measured"
