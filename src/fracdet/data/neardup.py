@@ -87,7 +87,7 @@ class NearDuplicateConfig:
             refinement repairs an alignment that RANSAC left a pixel or two off, which on thumbnails blurred
             to the scale of anatomy costs a few grey levels; a match that far off is not one radiograph. On
             the full multiregion and FracAtlas searches, every match that a refinement confirmed started at
-            12.3 or less (``docs/RELIABILITY.md``), and the refinement is most of the cost of a rejected pair.
+            12.2 or less (``docs/RELIABILITY.md``), and the refinement is most of the cost of a rejected pair.
         pixel_max_mismatch: the third tier's mismatch (median over tiles) once refined.
         pixel_max_spread: the third tier's 90th percentile of the tile mismatch once refined. On the 322
             pairs judged by eye (``docs/DATA.md``; ``scripts/near_duplicate_review.py score``), refined
