@@ -190,5 +190,5 @@ def write_html(report: AuditReport, path: str | Path) -> Path:
 
 
 def _grey_levels(mismatch: float) -> str:
-    """A pair's mismatch for a caption: grey levels, or why there is none (too few keypoints agreed to align)."""
+    """A pair's mismatch for a caption: grey levels, or "not measured" (too few keypoints or shared pixels)."""
     return f"{mismatch:.1f}" if math.isfinite(mismatch) else "not measured"
