@@ -114,6 +114,25 @@ def test_centre_disc_puts_copies_turned_on_their_own_canvas_and_mirrored_in_one_
         assert np.corrcoef(reference.ravel(), disc.ravel())[0, 1] > 0.9, (degrees, mirror)
 
 
+def test_each_view_proposes_only_neighbours_above_its_own_floor():
+    """Pairs that only the plain view proposes are nearly all different radiographs (docs/BENCHMARKS.md),
+    so its floor is the highest; a copy below it is still proposed where the centre disc finds it."""
+    from fracdet.data.neardup import view_candidate_pairs
+
+    config = NearDuplicateConfig()
+    assert config.min_similarity > max(config.upright_min_similarity, config.disc_min_similarity)
+    between = (config.min_similarity + config.disc_min_similarity) / 2  # above the disc floor, below the plain
+
+    def at(*cosines: float) -> np.ndarray:  # content 0 and, for each cosine, a content that similar to it
+        return np.array([[1.0, 0.0]] + [[c, (1 - c * c) ** 0.5 * (-1) ** k] for k, c in enumerate(cosines)])
+
+    plain, disc = at(between, between, 0.95), at(0.95, 0.2, 0.2)  # 1: a copy the disc finds; 2: neither
+    pairs = view_candidate_pairs([plain, None, disc], None, config)
+    assert {(0, 1), (0, 3)} <= set(zip(pairs["i"], pairs["j"], strict=True))
+    assert (0, 2) not in set(zip(pairs["i"], pairs["j"], strict=True))
+    assert pairs.set_index(["i", "j"]).loc[(0, 1), "similarity"] == pytest.approx(0.95)
+
+
 def test_the_embedder_folds_its_batch_norms_without_changing_what_it_computes():
     import timm
     import torch
