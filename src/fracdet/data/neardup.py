@@ -68,9 +68,9 @@ class NearDuplicateConfig:
 
     Attributes:
         neighbours: candidates per content (nearest by embedding as it is).
-        min_similarity: cosine similarity below which a neighbour by the embedding as it is is not a
-            candidate. Higher than the other views' floors: a copy turned, mirrored or cropped out of this
-            view's reach meets its original in those, and the pairs that only this view proposes are
+        min_similarity: cosine similarity (embedding as it is) below which a neighbour is not a candidate.
+            Higher than the other views' floors: a copy turned, mirrored or cropped out of this view's
+            reach meets its original in those, and the pairs that only this view proposes are
             nearly all different radiographs (on the full searches, multiregion 3,152 rejected and 12
             confirmed, FracAtlas 18,045 and 29), over 40% of the geometric check's time. Every one of those
             confirmed pairs had a similarity of 0.807 or more; at 0.80 the groups of both datasets stay the
