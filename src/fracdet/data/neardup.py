@@ -501,12 +501,23 @@ def _log_polar_spectrum(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, 
     square = np.zeros((longest, longest), np.float32)
     square[(longest - h) // 2 : (longest - h) // 2 + h, (longest - w) // 2 : (longest - w) // 2 + w] = image
     square = cv2.resize(square, (side, side), interpolation=cv2.INTER_AREA)
-    window = cv2.createHanningWindow((side, side), cv2.CV_32F)
+    window, radius = _spectrum_weights(cv2, side)
     magnitude = np.fft.fftshift(np.abs(np.fft.fft2((square - square.mean()) * window)))
-    y, x = np.mgrid[:side, :side] - side / 2
-    magnitude *= np.clip(np.hypot(x, y) / (side / 2), 0, 1)
+    magnitude *= radius
     polar = ndimage.map_coordinates(np.log1p(magnitude), _log_polar_grid(side), order=1, cval=0.0)
     return polar.astype(np.float32), side / longest
+
+
+@functools.cache
+def _spectrum_weights(cv2, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Hanning window a ``side`` x ``side`` image is weighted by before its spectrum is taken, and the
+    weight of each frequency by its radius (1 from half the side out); the same for every thumbnail, so
+    computed once (read-only: threads share them)."""
+    window = cv2.createHanningWindow((side, side), cv2.CV_32F)
+    y, x = np.mgrid[:side, :side] - side / 2
+    radius = np.clip(np.hypot(x, y) / (side / 2), 0, 1)
+    window.flags.writeable = radius.flags.writeable = False
+    return window, radius
 
 
 @functools.cache
