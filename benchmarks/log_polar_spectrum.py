@@ -32,16 +32,10 @@ def reference_spectrum(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, n
     """The log-polar spectrum as first computed, and the log-magnitudes it sampled."""
     from scipy import ndimage
 
-    from fracdet.data.neardup import _spectrum_weights
+    from fracdet.data.neardup import _spectrum_weights, _windowed_square
 
-    h, w = image.shape
-    longest = max(h, w)
-    square = np.zeros((longest, longest), np.float32)
-    square[(longest - h) // 2 : (longest - h) // 2 + h, (longest - w) // 2 : (longest - w) // 2 + w] = image
-    square = cv2.resize(square, (side, side), interpolation=cv2.INTER_AREA)
-    window, radius = _spectrum_weights(cv2, side)
-    magnitude = np.fft.fftshift(np.abs(np.fft.fft2((square - square.mean()) * window)))
-    magnitude *= radius
+    magnitude = np.fft.fftshift(np.abs(np.fft.fft2(_windowed_square(cv2, image, side)[0])))
+    magnitude *= _spectrum_weights(cv2, side)[1]
     rows, cols = np.mgrid[:side, :side].astype(np.float64)
     angle, r = 2 * np.pi * rows / side, np.exp(cols * np.log(side / 2) / side)
     points = np.stack([side / 2 + r * np.sin(angle), side / 2 + r * np.cos(angle)])
