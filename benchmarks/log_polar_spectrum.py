@@ -7,7 +7,7 @@ The pixel-alone alignment of the duplicate search (:func:`fracdet.data.neardup._
 magnitude spectrum per thumbnail and orientation it meets (:func:`fracdet.data.neardup._log_polar_spectrum`).
 The reference here is the computation as first written: NumPy's FFT and ``scipy.ndimage.map_coordinates``
 (order 1) on the log-polar grid. fracdet's takes SciPy's FFT and gathers each cell from its four neighbours
-with weights computed once (:func:`fracdet.data.neardup._log_polar_grid`). Over the first ``--images``
+with weights computed once (:func:`fracdet.data.neardup._log_polar_sample`). Over the first ``--images``
 thumbnails of the dataset (the audit's own, from the feature cache), on one thread and on the search's
 workers side by side, rounds alternating the order: the median milliseconds of wall time per spectrum of
 each, whether the two interpolations agree to the bit on the same log-magnitudes, and the largest
@@ -32,15 +32,12 @@ def reference_spectrum(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, n
     """The log-polar spectrum as first computed, and the log-magnitudes it sampled."""
     from scipy import ndimage
 
-    from fracdet.data.neardup import _spectrum_weights, _windowed_square
+    from fracdet.data.neardup import _log_polar_points, _spectrum_weights, _windowed_square
 
     magnitude = np.fft.fftshift(np.abs(np.fft.fft2(_windowed_square(cv2, image, side)[0])))
     magnitude *= _spectrum_weights(cv2, side)[1]
-    rows, cols = np.mgrid[:side, :side].astype(np.float64)
-    angle, r = 2 * np.pi * rows / side, np.exp(cols * np.log(side / 2) / side)
-    points = np.stack([side / 2 + r * np.sin(angle), side / 2 + r * np.cos(angle)])
     logs = np.log1p(magnitude)
-    return ndimage.map_coordinates(logs, points, order=1, cval=0.0).astype(np.float32), logs
+    return ndimage.map_coordinates(logs, _log_polar_points(side), order=1, cval=0.0).astype(np.float32), logs
 
 
 def main() -> None:
@@ -55,17 +52,16 @@ def main() -> None:
 
     from fracdet.data import DuplicateConfig, find_duplicates, load_dataset
     from fracdet.data.features import load_thumbnail
-    from fracdet.data.neardup import _REGISTER_SIDE, _log_polar_grid, _log_polar_spectrum
+    from fracdet.data.neardup import _REGISTER_SIDE, _log_polar_sample, _log_polar_spectrum
     from fracdet.utils.workers import worker_count
 
     side = _REGISTER_SIDE
     found = find_duplicates(load_dataset(args.data), DuplicateConfig(near_duplicates=False))
     thumbs = [load_thumbnail(data) for data in list(found.features.thumbnails.values())[: args.images]]
-    cells, weights = _log_polar_grid(side)
     unequal_cells, largest = 0, 0.0
     for image in thumbs:
         reference, logs = reference_spectrum(cv2, image, side)
-        gathered = (logs.ravel()[cells] * weights).sum(axis=0).astype(np.float32)
+        gathered = _log_polar_sample(logs).astype(np.float32)
         unequal_cells += int((gathered != reference).sum())
         ours = _log_polar_spectrum(cv2, image, side)[0]
         largest = max(largest, float(np.abs(ours - reference).max() / np.abs(reference).max()))

@@ -495,14 +495,12 @@ def _log_polar_spectrum(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, 
     A translation leaves the magnitude unchanged; a rotation and a zoom shift it along the angle and the
     log-radius axes. The low frequencies (the overall shape of bright content on black, which the cut
     corners and crop change) are damped by weighting with the radius. SciPy's FFT, not NumPy's: the same
-    single precision, about a third of the time on a 256-px square.
+    single precision, faster here (``benchmarks/log_polar_spectrum.py``).
     """
     windowed, shrink = _windowed_square(cv2, image, side)
     magnitude = np.fft.fftshift(np.abs(scipy.fft.fft2(windowed)))
     magnitude *= _spectrum_weights(cv2, side)[1]
-    cells, weights = _log_polar_grid(side)
-    polar = (np.log1p(magnitude).ravel()[cells] * weights).sum(axis=0)  # bilinear interpolation
-    return polar.astype(np.float32), shrink
+    return _log_polar_sample(np.log1p(magnitude)).astype(np.float32), shrink
 
 
 def _windowed_square(cv2, image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -528,22 +526,27 @@ def _spectrum_weights(cv2, side: int) -> tuple[np.ndarray, np.ndarray]:
     return window, radius
 
 
+def _log_polar_points(side: int) -> np.ndarray:
+    """Where each log-polar cell samples a centred ``side`` x ``side`` spectrum: row ``i`` is the angle
+    ``2 pi i / side``, column ``j`` the radius ``(side / 2) ** (j / side)``; (2, side, side), (y, x), all
+    inside the spectrum (the largest radius is under ``side / 2``)."""
+    rows, cols = np.mgrid[:side, :side].astype(np.float64)
+    angle = 2 * np.pi * rows / side
+    radius = np.exp(cols * np.log(side / 2) / side)
+    return np.stack([side / 2 + radius * np.sin(angle), side / 2 + radius * np.cos(angle)])
+
+
 @functools.cache
 def _log_polar_grid(side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each log-polar cell samples a centred ``side`` x ``side`` spectrum: row ``i`` is the angle
-    ``2 pi i / side``, column ``j`` the radius ``(side / 2) ** (j / side)``. As the four neighbouring
-    spectrum cells of each (flat indices, (4, side, side)) and their bilinear weights (float64, the same
-    shape): the same for every thumbnail, so computed once (read-only: threads share them). Gathering
-    with them gives ``ndimage.map_coordinates``'s order-1 samples to the bit in a fraction of its time.
+    """The four spectrum cells around each of :func:`_log_polar_points` (flat indices, (4, side, side)) and
+    their bilinear weights (float64, the same shape): the same for every thumbnail, so computed once
+    (read-only: threads share them).
 
     Sampled in floating point rather than by ``cv2.warpPolar``: OpenCV 4 interpolates in fixed point, whose
     rounding is the same pattern in every spectrum. Phase correlation, which whitens the spectra, finds that
     shared pattern at no turn and no zoom before the true peak, and turned copies went unaligned.
     """
-    rows, cols = np.mgrid[:side, :side].astype(np.float64)
-    angle = 2 * np.pi * rows / side
-    radius = np.exp(cols * np.log(side / 2) / side)
-    y, x = side / 2 + radius * np.sin(angle), side / 2 + radius * np.cos(angle)  # inside: radius < side / 2
+    y, x = _log_polar_points(side)
     y0, x0 = np.floor(y), np.floor(x)
     fy, fx = y - y0, x - x0
     y0, x0 = y0.astype(np.intp), x0.astype(np.intp)
@@ -553,12 +556,20 @@ def _log_polar_grid(side: int) -> tuple[np.ndarray, np.ndarray]:
     return cells, weights
 
 
+def _log_polar_sample(values: np.ndarray) -> np.ndarray:
+    """A square ``values`` (a centred spectrum) in log-polar coordinates, interpolated bilinearly (float64):
+    ``ndimage.map_coordinates``'s order-1 samples at :func:`_log_polar_points`, to the bit, in a fraction of
+    its time (``benchmarks/log_polar_spectrum.py``)."""
+    cells, weights = _log_polar_grid(values.shape[0])
+    return (values.ravel()[cells] * weights).sum(axis=0)
+
+
 def _turn_and_zoom(
     cv2, spectrum_a: tuple[np.ndarray, float], spectrum_b: tuple[np.ndarray, float]
 ) -> tuple[float, float] | None:
     """The turn (degrees, up to a half-turn) and the zoom that take the image of ``spectrum_a`` to that of
     ``spectrum_b`` (:func:`_log_polar_spectrum`): phase correlation of the log-polar spectra, whose shift
-    along the rows is the turn and along the columns the log of the zoom (:func:`_log_polar_grid`).
+    along the rows is the turn and along the columns the log of the zoom (:func:`_log_polar_points`).
     ``None`` when the correlation has no peak inside the spectra (a featureless thumbnail)."""
     (polar_a, shrink_a), (polar_b, shrink_b) = spectrum_a, spectrum_b
     side = polar_a.shape[0]
