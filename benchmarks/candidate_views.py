@@ -62,7 +62,7 @@ def _against(data: Path, other: Path, config: DuplicateConfig, floors: list[floa
     features_only = replace(config, near_duplicates=False)
     ours = find_duplicates(load_dataset(data), features_only)
     theirs = find_duplicates(load_dataset(other), features_only)
-    matches = cross_dataset_matches(ours, theirs, config)
+    matches = cross_dataset_matches(ours, theirs, config, every_pair=True)
     near = _views(matches[matches["kind"] == "near"], ours.features.views, theirs.features.views, config.near)
     found = set(matches["i"])
     result = {

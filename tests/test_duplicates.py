@@ -5,11 +5,19 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
 from fracdet.data import DuplicateConfig, find_duplicates, load_dataset
-from fracdet.data.neardup import GeometricMatch, KeypointCache, NearDuplicateConfig, match_thumbnails
+from fracdet.data.duplicates import cross_dataset_matches
+from fracdet.data.neardup import (
+    GeometricMatch,
+    KeypointCache,
+    NearDuplicateConfig,
+    confirm_pairs,
+    match_thumbnails,
+)
 from fracdet.utils.cache import FeatureCache
 
 from .images import jpeg_bytes, rotated_crop, save
@@ -301,6 +309,34 @@ def test_groups_do_not_depend_on_the_number_of_matching_threads(copies_dataset, 
     monkeypatch.setenv("FRACDET_WORKERS", workers)
     again = find_duplicates(load_dataset(copies_dataset), DuplicateConfig(cache_dir=str(cache)))
     assert again.files["near_group"].tolist() == files["near_group"].tolist()
+
+
+def test_a_content_found_in_another_set_is_matched_once_and_its_later_pairs_are_skipped(copies_dataset, grouped):
+    """A search of another set asks whether each content is there: once one pair of a content confirms, the
+    batches after it do not check its other pairs, and its first confirmed pair is the one reported."""
+    _, cache = grouped
+    table = load_dataset(copies_dataset)
+    ours_rows = table["path"].isin(["fractured/rotated-13.jpg", "normal/other0.jpg"])
+    features_only = DuplicateConfig(cache_dir=str(cache), near_duplicates=False)
+    ours, theirs = (find_duplicates(part, features_only) for part in (table[ours_rows], table[~ours_rows]))
+    shas_a, shas_b = list(ours.features.props.index), list(theirs.features.props.index)
+    copy = ours.files["sha256"][table[ours_rows]["path"] == "fractured/rotated-13.jpg"].iloc[0]
+    i = shas_a.index(copy)
+    # More pairs of the copy than one batch holds (16 on one worker): its copies there, three times over.
+    candidates = pd.DataFrame({"i": i, "j": np.tile(np.arange(len(shas_b)), 3)})
+    assert len(candidates) > 16
+    thumbs = {**ours.features.thumbnails, **theirs.features.thumbnails}
+    near = DuplicateConfig().near
+    every = confirm_pairs(candidates, shas_a, shas_b, thumbs, near, workers=1)
+    first = confirm_pairs(candidates, shas_a, shas_b, thumbs, near, first_only=True, workers=1)
+    assert every["confirmed"].notna().all() and every["confirmed"][:16].any()
+    assert first["confirmed"][:16].tolist() == every["confirmed"][:16].tolist()
+    assert first["confirmed"][16:].isna().all()  # skipped: the copy was found in the first batch
+
+    matches = cross_dataset_matches(ours, theirs, DuplicateConfig(cache_dir=str(cache)))
+    all_pairs = cross_dataset_matches(ours, theirs, DuplicateConfig(cache_dir=str(cache)), every_pair=True)
+    assert matches["i"].tolist() == [i] and (all_pairs["i"] == i).sum() > 1  # the copy only, once
+    assert matches[["j", "kind"]].iloc[0].tolist() == all_pairs[["j", "kind"]].iloc[0].tolist()
 
 
 def _thumbnail_bytes(image: Image.Image) -> bytes:

@@ -112,12 +112,25 @@ def find_duplicates(table: pd.DataFrame, config: DuplicateConfig | None = None) 
     return Duplicates(files=files, features=features, pairs=pairs)
 
 
-def cross_dataset_matches(ours: Duplicates, theirs: Duplicates, config: DuplicateConfig | None = None) -> pd.DataFrame:
-    """Contents shared by two datasets: byte-identical ones and confirmed near-duplicates.
+def cross_dataset_matches(
+    ours: Duplicates, theirs: Duplicates, config: DuplicateConfig | None = None, *, every_pair: bool = False
+) -> pd.DataFrame:
+    """Contents of ``ours`` that ``theirs`` holds too: byte-identical ones and confirmed near-duplicates.
+
+    A content of ours is searched for until it is found: its candidate pairs are checked most similar first
+    and the rest are skipped once one confirms. What two sets share often looks typical of the other set,
+    so each such content is a candidate of hundreds of its radiographs, and those pairs, nearly all
+    rejected, would change no answer (multiregion against FracAtlas: 10,761 of the 36,598 pairs checked
+    before are skipped, with the same answers; ``docs/BENCHMARKS.md``).
+
+    Args:
+        every_pair: check every candidate pair and keep every confirmed one (to study the candidates, as
+            ``benchmarks/candidate_views.py`` does).
 
     Returns:
-        One row per matched content pair: ``i`` (row in ``ours.features``), ``j`` (row in
-        ``theirs.features``), ``kind`` (``exact`` or ``near``) and the geometric check columns.
+        One row per matched content of ours (every confirmed pair with ``every_pair``): ``i`` (row in
+        ``ours.features``), ``j`` (row in ``theirs.features``; a near match's first confirmed pair in
+        candidate order), ``kind`` (``exact`` or ``near``) and the geometric check columns.
     """
     config = config or DuplicateConfig()
     shas_a, shas_b = list(ours.features.props.index), list(theirs.features.props.index)
@@ -129,8 +142,11 @@ def cross_dataset_matches(ours: Duplicates, theirs: Duplicates, config: Duplicat
     candidates = view_candidate_pairs(ours.features.views, theirs.features.views, config.near)
     candidates = candidates[~candidates["i"].isin(exact["i"])].reset_index(drop=True)
     thumbs = {**ours.features.thumbnails, **theirs.features.thumbnails}
-    checked = confirm_pairs(candidates, shas_a, shas_b, thumbs, config.near)
-    near = checked[checked["confirmed"] == True].copy()  # noqa: E712 (nullable booleans)
+    checked = confirm_pairs(candidates, shas_a, shas_b, thumbs, config.near, first_only=not every_pair)
+    near = checked[checked["confirmed"] == True]  # noqa: E712 (nullable booleans)
+    if not every_pair:  # pairs checked in one batch with the first may confirm too
+        near = near.drop_duplicates("i")
+    near = near.copy()
     near["kind"] = "near"
     return pd.concat([exact, near], ignore_index=True)
 

@@ -714,20 +714,25 @@ def confirm_pairs(
     config: NearDuplicateConfig,
     *,
     union: UnionFind | None = None,
+    first_only: bool = False,
     workers: int | None = None,
 ) -> pd.DataFrame:
     """Check candidate pairs; adds the :class:`GeometricMatch` fields and ``confirmed``.
 
     With ``union`` (a within-set search), pairs whose contents are already joined through other
     confirmed pairs are not matched again: it changes no group and saves most of the work in big groups.
-    Their ``confirmed`` is NA ("implied"). Pairs are matched in batches on ``workers`` threads (OpenCV
-    releases the GIL); a pair is skipped only if it was joined before its batch began, so the groups are
-    the same whatever the number of workers.
+    With ``first_only`` (a search of another set, which asks only whether each content of ``shas_a`` is
+    there), the pairs of a content are not matched once one of its pairs has confirmed. Skipped pairs'
+    ``confirmed`` is NA ("implied"). Pairs are matched in batches on ``workers`` threads (OpenCV releases
+    the GIL); a pair is skipped only if it was joined (or its content matched) before its batch began, so the
+    groups, and each content's first confirmed pair in candidate order, are the same whatever the number of
+    workers.
     """
     keypoints = KeypointCache(thumbnails)
     workers = workers or worker_count()
     pairs = list(zip(candidates["i"], candidates["j"], strict=True))
     rows: list[tuple] = [()] * len(pairs)
+    matched: set[int] = set()  # contents of shas_a with a confirmed pair (``first_only``)
 
     def check(k: int) -> tuple:
         i, j = pairs[k]
@@ -742,7 +747,7 @@ def confirm_pairs(
                 i, j = pairs[k]
                 if shas_a[i] not in thumbnails or shas_b[j] not in thumbnails:
                     rows[k] = (0, 0, 0.0, 0.0, False, np.inf, 0.0, False)
-                elif union is not None and union.find(i) == union.find(j):
+                elif i in matched or (union is not None and union.find(i) == union.find(j)):
                     rows[k] = (-1, -1, np.nan, np.nan, False, np.nan, np.nan, pd.NA)
                 else:
                     todo.append(k)
@@ -750,6 +755,8 @@ def confirm_pairs(
                 rows[k] = row
                 if row[-1] and union is not None:
                     union.union(*pairs[k])
+                if row[-1] and first_only:
+                    matched.add(pairs[k][0])
             bar.update(min(batch, len(pairs) - start))
     columns = ["inliers", "matches", "scale", "angle", "flipped", "mismatch", "overlap", "confirmed"]
     extra = pd.DataFrame(rows, columns=columns, index=candidates.index)
