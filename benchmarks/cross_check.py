@@ -58,20 +58,23 @@ def main() -> None:
         next(checked)
         return match(*a, **k)
 
-    neardup.match_thumbnails = counted  # confirm_pairs looks it up in its module at each call
     runs: dict[str, list[dict]] = {"first_only": [], "every_pair": []}
     answers = {}
-    for r in range(args.rounds):
-        order = ["first_only", "every_pair"] if r % 2 == 0 else ["every_pair", "first_only"]
-        for name in order:
-            before = next(checked)
-            cpu, start = time.process_time(), time.perf_counter()
-            matches = cross_dataset_matches(ours, theirs, config, every_pair=name == "every_pair")
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-            runs[name].append({"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "checked": next(checked) - before - 1})
-            answers[name] = first_matches(matches)
-            print(name, runs[name][-1], file=sys.stderr, flush=True)
-    neardup.match_thumbnails = match
+    neardup.match_thumbnails = counted  # confirm_pairs looks it up in its module at each call
+    try:
+        for r in range(args.rounds):
+            order = ["first_only", "every_pair"] if r % 2 == 0 else ["every_pair", "first_only"]
+            for name in order:
+                before = next(checked)
+                cpu, start = time.process_time(), time.perf_counter()
+                matches = cross_dataset_matches(ours, theirs, config, every_pair=name == "every_pair")
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+                n = next(checked) - before - 1
+                runs[name].append({"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "checked": n})
+                answers[name] = first_matches(matches)
+                print(name, runs[name][-1], file=sys.stderr, flush=True)
+    finally:
+        neardup.match_thumbnails = match
 
     found = answers["first_only"]
     same = found == answers["every_pair"]
