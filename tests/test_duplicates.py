@@ -339,6 +339,22 @@ def test_a_content_found_in_another_set_is_matched_once_and_its_later_pairs_are_
     assert matches[["j", "kind"]].iloc[0].tolist() == all_pairs[["j", "kind"]].iloc[0].tolist()
 
 
+def test_an_exact_only_search_of_another_set_finds_byte_identical_contents_and_checks_no_pair(
+    copies_dataset, grouped, monkeypatch
+):
+    """``fracdet audit --exact-only --against``: the byte-identical contents, without a geometric check."""
+    _, cache = grouped
+    table = load_dataset(copies_dataset)
+    ours_rows = table["path"].isin(["fractured/exact.jpg", "fractured/rotated7.jpg", "normal/other0.jpg"])
+    exact_only = DuplicateConfig(cache_dir=str(cache), near_duplicates=False)
+    ours, theirs = (find_duplicates(part, exact_only) for part in (table[ours_rows], table[~ours_rows]))
+    monkeypatch.setattr("fracdet.data.duplicates.confirm_pairs", None)  # called, it would raise
+    matches = cross_dataset_matches(ours, theirs, exact_only)
+    shas_a = list(ours.features.props.index)
+    exact = ours.files["sha256"][table[ours_rows]["path"] == "fractured/exact.jpg"].iloc[0]
+    assert matches["i"].tolist() == [shas_a.index(exact)] and matches["kind"].tolist() == ["exact"]
+
+
 def _thumbnail_bytes(image: Image.Image) -> bytes:
     image = image.convert("L")
     image.thumbnail((256, 256))

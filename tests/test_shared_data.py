@@ -1,17 +1,22 @@
 """The audit and the splitter on the full shared datasets find what their READMEs document.
 
-These need ``$FRACDET_SHARED/data`` (skipped without it; a failure under ``CI=true``) and take a few
-minutes from a cold cache on two cores.
+These need ``$FRACDET_SHARED/data`` (skipped without it; a failure under ``CI=true``). The multiregion audit and
+FracAtlas's files, hashes and confounders take a few minutes from a cold cache on two cores and run in ``make
+test``. The near-duplicate searches over all of FracAtlas, within it and against multiregion, take about 20
+minutes more (35,000 and 26,000 candidate pairs, nearly all different radiographs, each checked geometrically):
+like the benchmarks, they are kept out of ``make test`` (marker ``full``) and run with ``pytest -m full``.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
-from fracdet.data import DuplicateConfig, audit_dataset, load_dataset, make_splits
+from fracdet.data import DuplicateConfig, audit_dataset, find_duplicates, load_dataset, make_splits
 from fracdet.data.confounders import CONTROL
+from fracdet.data.duplicates import cross_dataset_matches
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -32,25 +37,36 @@ def multiregion(shared_data):
 
 
 @pytest.fixture(scope="module")
+def fracatlas_files(fracatlas, config):
+    """FracAtlas audited without the near-duplicate search: files, hashes, byte-identical groups, confounders."""
+    return audit_dataset(fracatlas, config=replace(config, near_duplicates=False))
+
+
+@pytest.fixture(scope="module")
 def fracatlas_report(fracatlas, config):
     return audit_dataset(fracatlas, config=config)
 
 
 @pytest.fixture(scope="module")
-def multiregion_report(multiregion, fracatlas, config):
+def multiregion_report(multiregion, config):
+    return audit_dataset(multiregion, config=config)
+
+
+@pytest.fixture(scope="module")
+def multiregion_against_fracatlas(multiregion, fracatlas, config):
     return audit_dataset(multiregion, against=fracatlas, config=config)
 
 
-def test_fracatlas_truncated_files(fracatlas_report):
-    truncated = fracatlas_report.truncated
+def test_fracatlas_truncated_files(fracatlas_files):
+    truncated = fracatlas_files.truncated
     assert len(truncated) == 59
     assert all(p.startswith("images/Non_fractured/") for p in truncated)
     numbers = [int(re.search(r"IMG(\d+)", p).group(1)) for p in truncated]
     assert min(numbers) == 4028 and max(numbers) == 4347
 
 
-def test_fracatlas_exact_duplicate_groups(fracatlas_report):
-    groups = fracatlas_report.exact_groups
+def test_fracatlas_exact_duplicate_groups(fracatlas_files):
+    groups = fracatlas_files.exact_groups
     assert len(groups) == 12 and sum(map(len, groups)) == 27
     assert [
         "images/Non_fractured/IMG0000003.jpg",
@@ -60,10 +76,15 @@ def test_fracatlas_exact_duplicate_groups(fracatlas_report):
     ] in groups
 
 
-def test_fracatlas_label_conflicts(fracatlas_report):
-    conflicts = fracatlas_report.label_conflicts
+def test_fracatlas_label_disagrees_with_its_metadata_once(fracatlas_files):
+    conflicts = fracatlas_files.label_conflicts
     metadata = conflicts[conflicts["kind"] == "metadata"]
     assert metadata["paths"].tolist() == [["images/Fractured/IMG0003298.jpg"]]
+
+
+@pytest.mark.full
+def test_fracatlas_late_negatives_are_copies_of_fractures(fracatlas_report):
+    conflicts = fracatlas_report.label_conflicts
     # The last non-fractured files (IMG0004028-IMG0004347, where the truncated ones are) hold copies of
     # fractured radiographs: one radiograph, both labels.
     near = conflicts[conflicts["kind"] == "near"]
@@ -73,8 +94,8 @@ def test_fracatlas_label_conflicts(fracatlas_report):
     assert all(any(p.startswith("images/Fractured/") for p in paths) for paths in copies_of_fractures)
 
 
-def test_fracatlas_confounders(fracatlas_report):
-    table = fracatlas_report.confounders.set_index("property")
+def test_fracatlas_confounders(fracatlas_files):
+    table = fracatlas_files.confounders.set_index("property")
     truncated = table.loc["truncated"]
     assert truncated["flagged"] and truncated["auc"] > 0.5  # truncation predicts "no fracture"
     assert table.loc["width", "flagged"]  # fractured images are larger more often
@@ -97,14 +118,24 @@ def test_multiregion_is_few_hundred_radiographs(multiregion_report):
     assert len(multiregion_report.largest_group) >= 50
 
 
-def test_multiregion_contains_fracatlas(multiregion_report):
-    shared = multiregion_report.against
+def test_multiregion_holds_byte_identical_fracatlas_files(multiregion, fracatlas, config):
+    exact_only = replace(config, near_duplicates=False)  # the features are cached by the audits above
+    ours, theirs = find_duplicates(multiregion, exact_only), find_duplicates(fracatlas, exact_only)
+    shared = cross_dataset_matches(ours, theirs, exact_only)
+    assert (shared["kind"] == "exact").all()
+    assert ours.files["exact_group"].isin(shared["i"]).sum() == 18  # files identical after both were downscaled
+
+
+@pytest.mark.full
+def test_multiregion_contains_fracatlas(multiregion_against_fracatlas):
+    shared = multiregion_against_fracatlas.against
     exact = shared[shared["kind"] == "exact"]
     assert len(exact) == 18  # byte-identical after the downscaling of both copies (README)
     assert len(shared) >= 135  # the published files had 135 byte-identical copies
     assert shared["other_path"].str.startswith("images/").all()
 
 
+@pytest.mark.full
 def test_honest_fracatlas_split(fracatlas, fracatlas_report):
     result = make_splits(fracatlas, seed=0, duplicates=fracatlas_report.duplicates)
     assert len(result.excluded) == 59 and set(result.excluded["reason"]) == {"truncated"}
@@ -127,7 +158,7 @@ def test_honest_multiregion_split(multiregion, multiregion_report):
     assert leaked.empty and set(leakage["split"]) == {"train", "val", "test"}
 
 
-@pytest.mark.parametrize("name", ["fracatlas", "multiregion"])
+@pytest.mark.parametrize("name", [pytest.param("fracatlas", marks=pytest.mark.full), "multiregion"])
 def test_the_committed_repaired_manifests_have_no_leakage_by_todays_audit(name, request):
     import pandas as pd
 

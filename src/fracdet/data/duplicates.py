@@ -115,7 +115,8 @@ def find_duplicates(table: pd.DataFrame, config: DuplicateConfig | None = None) 
 def cross_dataset_matches(
     ours: Duplicates, theirs: Duplicates, config: DuplicateConfig | None = None, *, every_pair: bool = False
 ) -> pd.DataFrame:
-    """Contents of ``ours`` that ``theirs`` holds too: byte-identical ones and confirmed near-duplicates.
+    """Contents of ``ours`` that ``theirs`` holds too: byte-identical ones and confirmed near-duplicates (only
+    byte-identical ones when ``config.near_duplicates`` is off).
 
     A content of ours is searched for until it is found: its candidate pairs are checked most similar first
     and the rest are skipped once one confirms. What two sets share often looks typical of the other set,
@@ -139,6 +140,8 @@ def cross_dataset_matches(
         [(i, rows_b[s], 1.0) for i, s in enumerate(shas_a) if s in rows_b], columns=["i", "j", "similarity"]
     )
     exact["kind"] = "exact"
+    if not config.near_duplicates:  # ``fracdet audit --exact-only``: no geometric check, here either
+        return exact
     candidates = view_candidate_pairs(ours.features.views, theirs.features.views, config.near)
     candidates = candidates[~candidates["i"].isin(exact["i"])].reset_index(drop=True)
     thumbs = {**ours.features.thumbnails, **theirs.features.thumbnails}
