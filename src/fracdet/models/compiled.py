@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from fracdet.models.graph import GraphOutputs, graph_outputs
+from fracdet.models.predict import CPU_BATCH_SIZE
 
 if TYPE_CHECKING:
     from fracdet.models.release import TrainedModel
@@ -128,17 +129,19 @@ def compiled_outputs(
     model: TrainedModel,
     images: np.ndarray,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress_desc: str | None = None,
     runtime: OnnxRuntime | None = None,
 ) -> GraphOutputs:
     """Every output of a compiled ``model``'s graph for ``(N, H, W)`` uint8 images at its input size, in
-    batches (the appearance input made from the same images when the graph takes one), run by ``runtime``
+    batches of ``batch_size`` (``None``: :data:`fracdet.models.predict.CPU_BATCH_SIZE`, as ONNX Runtime runs on
+    the CPU; the appearance input made from the same images when the graph takes one), run by ``runtime``
     (default: the model's own)."""
     from fracdet.data.embed import embedder_input
     from fracdet.utils.progress import progress_bar
 
     runtime = runtime if runtime is not None else model.compiled_runtime()
+    batch_size = batch_size or CPU_BATCH_SIZE
     bar = progress_bar(desc=progress_desc, total=len(images)) if progress_desc else None
     parts: list[GraphOutputs] = []
     try:

@@ -33,8 +33,22 @@ __all__ = [
     "predict_scores",
     "read_outputs",
     "score_forward",
+    "scoring_batch_size",
     "select_device",
 ]
+
+#: Images per forward when scoring many on a CPU. A batch of 64 images at 320 px holds hundreds of MiB of
+#: activations per layer, so the layers that only move memory (batch norms, the "same" padding of timm's
+#: TF-ported convolutions) wait on it; batches of 8 took 0.53 (localiser), 0.60 (classifier) and 0.77 (int8
+#: graph) of the time of 64 on two cores, with the same margins (``benchmarks/score_batch.py``).
+CPU_BATCH_SIZE = 8
+#: Images per forward on an accelerator, which a large batch keeps busy.
+DEVICE_BATCH_SIZE = 64
+
+
+def scoring_batch_size(device: torch.device | str) -> int:
+    """How many images to score per forward on ``device`` (:data:`CPU_BATCH_SIZE` or :data:`DEVICE_BATCH_SIZE`)."""
+    return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else DEVICE_BATCH_SIZE
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -147,7 +161,7 @@ def predict_scores(
     images: np.ndarray,
     preprocess: PreprocessCfg,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: torch.device | str = "cpu",
     tta: bool = False,
     progress_desc: str | None = None,
@@ -155,6 +169,7 @@ def predict_scores(
     """Logit margins of ``(N, H, W)`` uint8 images and, for a localiser, its dense outputs ``(N, C, h, w)``.
 
     Args:
+        batch_size: images per forward (``None``: :func:`scoring_batch_size` of ``device``).
         tta: test-time augmentation: average the outputs of the image and its horizontal mirror (the
             mirror's map and boxes are flipped back first).
         progress_desc: show a progress bar with this label (``None``: silent).
@@ -162,6 +177,7 @@ def predict_scores(
     from fracdet.utils.progress import progress_bar
 
     device = torch.device(device)
+    batch_size = batch_size or scoring_batch_size(device)
     was_training = model.training
     model.eval()
     margins = np.zeros(len(images), np.float32)

@@ -86,7 +86,7 @@ def fit_fusion(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, float]:
@@ -144,7 +144,7 @@ def fit_box_relative(
     labels: np.ndarray,
     boxes: list[list[list[float]]],
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Choose where a localiser's boxes end: the edge that makes its strongest box fit the expert boxes best.
@@ -177,7 +177,7 @@ def calibrate(
     labels: np.ndarray,
     *,
     point: str = "sens90",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     boxes: list[list[list[float]]] | None = None,
     progress: bool = False,
