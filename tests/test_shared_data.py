@@ -3,7 +3,7 @@
 These need ``$FRACDET_SHARED/data`` (skipped without it; a failure under ``CI=true``). The multiregion audit and
 FracAtlas's files, hashes and confounders take a few minutes from a cold cache on two cores and run in ``make
 test``. The near-duplicate searches over all of FracAtlas, within it and against multiregion, take about 20
-minutes more (35,000 and 26,000 candidate pairs, nearly all different radiographs, each checked geometrically):
+minutes more (34,709 and 25,837 candidate pairs checked, nearly all different radiographs, each geometrically):
 like the benchmarks, they are kept out of ``make test`` (marker ``full``) and run with ``pytest -m full``.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from fracdet.data import DuplicateConfig, audit_dataset, find_duplicates, load_dataset, make_splits
+from fracdet.data import DuplicateConfig, audit_dataset, load_dataset, make_splits
 from fracdet.data.confounders import CONTROL
 from fracdet.data.duplicates import cross_dataset_matches
 
@@ -118,10 +118,9 @@ def test_multiregion_is_few_hundred_radiographs(multiregion_report):
     assert len(multiregion_report.largest_group) >= 50
 
 
-def test_multiregion_holds_byte_identical_fracatlas_files(multiregion, fracatlas, config):
-    exact_only = replace(config, near_duplicates=False)  # the features are cached by the audits above
-    ours, theirs = find_duplicates(multiregion, exact_only), find_duplicates(fracatlas, exact_only)
-    shared = cross_dataset_matches(ours, theirs, exact_only)
+def test_multiregion_holds_byte_identical_fracatlas_files(multiregion_report, fracatlas_files, config):
+    ours, theirs = multiregion_report.duplicates, fracatlas_files.duplicates
+    shared = cross_dataset_matches(ours, theirs, replace(config, near_duplicates=False))
     assert (shared["kind"] == "exact").all()
     assert ours.files["exact_group"].isin(shared["i"]).sum() == 18  # files identical after both were downscaled
 
