@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from fracdet.data import DuplicateConfig, find_duplicates, load_dataset
+from fracdet.data import DuplicateConfig, find_duplicates, load_dataset, neardup
 from fracdet.data.duplicates import cross_dataset_matches
 from fracdet.data.neardup import (
     GeometricMatch,
     KeypointCache,
     NearDuplicateConfig,
+    UnionFind,
     confirm_pairs,
     match_thumbnails,
 )
@@ -312,8 +314,9 @@ def test_groups_do_not_depend_on_the_number_of_matching_threads(copies_dataset, 
 
 
 def test_a_content_found_in_another_set_is_matched_once_and_its_later_pairs_are_skipped(copies_dataset, grouped):
-    """A search of another set asks whether each content is there: once one pair of a content confirms, the
-    batches after it do not check its other pairs, and its first confirmed pair is the one reported."""
+    """A search of another set asks whether each content is there: once one pair of a content has confirmed,
+    no pair of it submitted after that result was in is checked, and its first confirmed pair is the one
+    reported."""
     _, cache = grouped
     table = load_dataset(copies_dataset)
     ours_rows = table["path"].isin(["fractured/rotated-13.jpg", "normal/other0.jpg"])
@@ -322,21 +325,76 @@ def test_a_content_found_in_another_set_is_matched_once_and_its_later_pairs_are_
     shas_a, shas_b = list(ours.features.props.index), list(theirs.features.props.index)
     copy = ours.files["sha256"][table[ours_rows]["path"] == "fractured/rotated-13.jpg"].iloc[0]
     i = shas_a.index(copy)
-    # More pairs of the copy than one batch holds (16 on one worker): its copies there, three times over.
-    candidates = pd.DataFrame({"i": i, "j": np.tile(np.arange(len(shas_b)), 3)})
-    assert len(candidates) > 16
+    candidates = pd.DataFrame({"i": i, "j": np.tile(np.arange(len(shas_b)), 3)})  # its copies, three times over
     thumbs = {**ours.features.thumbnails, **theirs.features.thumbnails}
     near = DuplicateConfig().near
     every = confirm_pairs(candidates, shas_a, shas_b, thumbs, near, workers=1)
-    first = confirm_pairs(candidates, shas_a, shas_b, thumbs, near, first_only=True, workers=1)
-    assert every["confirmed"].notna().all() and every["confirmed"][:16].any()
-    assert first["confirmed"][:16].tolist() == every["confirmed"][:16].tolist()
-    assert first["confirmed"][16:].isna().all()  # skipped: the copy was found in the first batch
+    assert every["confirmed"].notna().all()
+    found = int(np.flatnonzero(every["confirmed"].to_numpy(bool))[0])  # the first pair that confirms
+    for window in (1, 4):
+        first = confirm_pairs(candidates, shas_a, shas_b, thumbs, near, first_only=True, workers=1, window=window)
+        in_flight = found + window  # pairs submitted before the first confirmation was known
+        assert first["confirmed"][:in_flight].tolist() == every["confirmed"][:in_flight].tolist()
+        assert first["confirmed"][in_flight:].isna().all() and len(first) > in_flight
 
     matches = cross_dataset_matches(ours, theirs, DuplicateConfig(cache_dir=str(cache)))
     all_pairs = cross_dataset_matches(ours, theirs, DuplicateConfig(cache_dir=str(cache)), every_pair=True)
     assert matches["i"].tolist() == [i] and (all_pairs["i"] == i).sum() > 1  # the copy only, once
     assert matches[["j", "kind"]].iloc[0].tolist() == all_pairs[["j", "kind"]].iloc[0].tolist()
+
+
+def test_which_pairs_a_search_skips_depends_on_their_order_not_on_which_thread_finishes_first(
+    copies_dataset, monkeypatch
+):
+    """Pairs run several at a time and finish in any order (here each is held up for a random while); the
+    rows (checked or implied, and what each found) are the same on every run, and the groups the same for
+    any number of workers."""
+    table = load_dataset(copies_dataset)
+    config = DuplicateConfig(use_cache=False)
+    dups = find_duplicates(table, config)
+    shas, thumbs = list(dups.features.props.index), dups.features.thumbnails
+    candidates = dups.pairs[["i", "j", "similarity"]]
+    match, delays = neardup.match_thumbnails, np.random.default_rng(0)
+
+    def held_up(*args, **kwargs):
+        time.sleep(delays.uniform(0, 0.02))
+        return match(*args, **kwargs)
+
+    monkeypatch.setattr(neardup, "match_thumbnails", held_up)
+    runs = [
+        confirm_pairs(candidates, shas, shas, thumbs, config.near, union=UnionFind(len(shas)), workers=workers,
+                      window=window)
+        for workers, window in ((3, 6), (3, 6), (3, 6), (1, 1))
+    ]  # fmt: skip
+    assert runs[0].equals(runs[1]) and runs[0].equals(runs[2])
+    assert runs[0]["confirmed"].isna().any()  # some pairs were implied by earlier ones: skipping mattered
+    assert all((_groups(run, len(shas)) == _groups(runs[0], len(shas))).all() for run in runs)
+
+
+def test_the_search_runs_opencv_on_its_own_workers_and_leaves_its_thread_pool_as_it_was(copies_dataset, monkeypatch):
+    """OpenCV's own pool would compete with the search's worker threads for the cores: it is off while
+    pairs are matched, and back at its size afterwards (other OpenCV users in the process keep it)."""
+    import cv2
+
+    seen, match = [], neardup.match_thumbnails
+
+    def watched(*args, **kwargs):
+        seen.append(cv2.getNumThreads())
+        return match(*args, **kwargs)
+
+    monkeypatch.setattr(neardup, "match_thumbnails", watched)
+    before = cv2.getNumThreads()
+    find_duplicates(load_dataset(copies_dataset), DuplicateConfig(use_cache=False))
+    assert seen and set(seen) == {1}
+    assert cv2.getNumThreads() == before
+
+
+def _groups(pairs: pd.DataFrame, contents: int) -> np.ndarray:
+    """The group of each content that a search's confirmed pairs join."""
+    union = UnionFind(contents)
+    for pair in pairs[pairs["confirmed"].eq(True)].itertuples():
+        union.union(pair.i, pair.j)
+    return union.labels()
 
 
 def test_an_exact_only_search_of_another_set_finds_byte_identical_contents_and_checks_no_pair(

@@ -3,7 +3,8 @@
 These need ``$FRACDET_SHARED/data`` (skipped without it; a failure under ``CI=true``). The multiregion audit and
 FracAtlas's files, hashes and confounders take a few minutes from a cold cache on two cores and run in ``make
 test``. The near-duplicate searches over all of FracAtlas, within it and against multiregion, take about 20
-minutes more (34,709 and 25,837 candidate pairs checked, nearly all different radiographs, each geometrically):
+minutes more (some 35,000 and 26,000 candidate pairs checked, nearly all different radiographs, each
+geometrically):
 like the benchmarks, they are kept out of ``make test`` (marker ``full``) and run with ``pytest -m full``.
 """
 

@@ -25,7 +25,7 @@ from fracdet.data.embed import centre_disc, upright
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.hashing import sha256_file
 from fracdet.utils.progress import progress, progress_bar
-from fracdet.utils.workers import worker_count
+from fracdet.utils.workers import opencv_on_calling_threads, worker_count
 
 __all__ = ["THUMB_SIZE", "ContentFeatures", "compute_content_features", "hash_files", "load_thumbnail"]
 
@@ -198,7 +198,11 @@ def _embeddings(
         pieces = [missing[start : start + _EMBED_PIECE] for start in range(0, len(missing), _EMBED_PIECE)]
         new = []
         desc = f"embedding ({kind.split('-')[0]})"
-        with ThreadPoolExecutor(worker_count()) as pool, progress_bar(desc=desc, total=len(missing)) as bar:
+        with (
+            opencv_on_calling_threads(),
+            ThreadPoolExecutor(worker_count()) as pool,
+            progress_bar(desc=desc, total=len(missing)) as bar,
+        ):
             for piece, vectors in zip(pieces, pool.map(embed_piece, pieces), strict=True):
                 for sha, vec in zip(piece, vectors, strict=True):
                     blobs[sha] = vec.astype(np.float16).tobytes()

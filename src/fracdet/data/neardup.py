@@ -21,7 +21,8 @@ Confirmed pairs are joined with union-find into groups.
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,7 +32,7 @@ import scipy.fft
 from fracdet.data.embed import FILL_LEVEL
 from fracdet.data.features import load_thumbnail
 from fracdet.utils.progress import progress_bar
-from fracdet.utils.workers import worker_count
+from fracdet.utils.workers import opencv_on_calling_threads, worker_count
 
 __all__ = [
     "GeometricMatch",
@@ -288,7 +289,6 @@ class KeypointCache:
 
         self.cv2 = cv2
         self._orb = cv2.ORB_create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
-        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._thumbs = thumbnails
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._spectra: dict[tuple, tuple[np.ndarray, float]] = {}
@@ -306,7 +306,7 @@ class KeypointCache:
                 image = np.ascontiguousarray(image[:, ::-1])
             # Keypoints on the equalised image: copies may differ in contrast and brightness.
             kps, des = self._orb.detectAndCompute(self.cv2.equalizeHist(image), None)
-            pts = np.array([kp.pt for kp in kps], np.float32).reshape(-1, 2)
+            pts = self.cv2.KeyPoint_convert(kps).reshape(-1, 2) if kps else np.zeros((0, 2), np.float32)
             self._memo[key] = (image, pts, des)
         return self._memo[key]
 
@@ -328,26 +328,24 @@ class KeypointCache:
         image_b, pts_b, des_b = b
         if des_a is None or des_b is None or len(des_a) < 3 or len(des_b) < 3:
             return NO_MATCH
-        pairs = self._matcher.knnMatch(des_a, des_b, k=2)
-        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.8 * p[1].distance]
-        if len(good) < 4:
-            return GeometricMatch(0, len(good), 0.0, 0.0, flipped)
-        src = pts_a[[m.queryIdx for m in good]]
-        dst = pts_b[[m.trainIdx for m in good]]
+        query, train = _ratio_matches(cv2, des_a, des_b)
+        if len(query) < 4:
+            return GeometricMatch(0, len(query), 0.0, 0.0, flipped)
+        src, dst = pts_a[query], pts_b[train]
         # A full affine transform: copies are rotated, cropped and often resized to a square, which
         # scales the two axes differently; a similarity transform would misalign them off-centre.
         transform, mask = cv2.estimateAffine2D(
             src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0, maxIters=2000, confidence=0.995
         )
         if transform is None:
-            return GeometricMatch(0, len(good), 0.0, 0.0, flipped)
+            return GeometricMatch(0, len(query), 0.0, 0.0, flipped)
         scale, angle = _scale(transform), _angle(transform)
         if _anisotropy(transform) > _MAX_ANISOTROPY:
-            return GeometricMatch(int(mask.sum()), len(good), 0.0, angle, flipped)
+            return GeometricMatch(int(mask.sum()), len(query), 0.0, angle, flipped)
         if config is not None and mask.sum() < config.fewest_inliers:  # no tier would use the pixels' verdict
-            return GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped)
+            return GeometricMatch(int(mask.sum()), len(query), scale, angle, flipped)
         mismatch, spread, overlap = _aligned_mismatch(cv2, image_a, image_b, transform)
-        match = GeometricMatch(int(mask.sum()), len(good), scale, angle, flipped, mismatch, overlap, spread=spread)
+        match = GeometricMatch(int(mask.sum()), len(query), scale, angle, flipped, mismatch, overlap, spread=spread)
         if config is None or match.confirms(config) or match.inliers < config.pixel_min_inliers:
             return match
         if match.mismatch > config.refine_max_mismatch:  # not a pixel or two off: a different radiograph
@@ -380,6 +378,20 @@ class KeypointCache:
         return GeometricMatch(evidence.inliers, evidence.matches, _scale(found.transform), _angle(found.transform),
                               flipped, found.mismatch, found.overlap, refined=True, spread=found.spread,
                               registered=True, correlation=found.correlation)  # fmt: skip
+
+
+def _ratio_matches(cv2, des_a: np.ndarray, des_b: np.ndarray, ratio: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """Lowe's ratio test on ORB descriptors: the rows of ``des_a`` whose nearest row of ``des_b`` (Hamming) is
+    closer than ``ratio`` times the second nearest, and those nearest rows.
+
+    The same matches as ``BFMatcher(NORM_HAMMING).knnMatch(des_a, des_b, k=2)`` followed by the test, which
+    computes them with this very ``cv2.batchDistance`` call, but as two arrays instead of a thousand Python
+    ``DMatch`` objects built while holding the GIL that the other worker threads wait for.
+    """
+    distance, nearest = cv2.batchDistance(des_a, des_b, cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2)
+    keep = (nearest[:, 1] >= 0) & (distance[:, 0] < ratio * distance[:, 1])
+    query = np.flatnonzero(keep)
+    return query, nearest[query, 0]
 
 
 _REFINE_MIN_ANGLE = 5.0  # degrees; below it a match's pixels were not resampled by a rotation
@@ -716,6 +728,7 @@ def confirm_pairs(
     union: UnionFind | None = None,
     first_only: bool = False,
     workers: int | None = None,
+    window: int | None = None,
 ) -> pd.DataFrame:
     """Check candidate pairs; adds the :class:`GeometricMatch` fields and ``confirmed``.
 
@@ -723,10 +736,16 @@ def confirm_pairs(
     confirmed pairs are not matched again: it changes no group and saves most of the work in big groups.
     With ``first_only`` (a search of another set, which asks only whether each content of ``shas_a`` is
     there), the pairs of a content are not matched once one of its pairs has confirmed. Skipped pairs'
-    ``confirmed`` is NA ("implied"). Pairs are matched in batches on ``workers`` threads (OpenCV releases
-    the GIL); a pair is skipped only if it was joined (or its content matched) before its batch began, so the
-    groups, and each content's first confirmed pair in candidate order, are the same whatever the number of
-    workers.
+    ``confirmed`` is NA ("implied").
+
+    Pairs are matched on ``workers`` threads (OpenCV releases the GIL), at most ``window`` at a time (default 4
+    per worker), taken in candidate order: whether a pair is skipped is decided when its turn comes, by the
+    results of every pair submitted before it except the last ``window - 1``, which may still be running. A
+    slow pair (a registration on the pixels) holds up no other worker until ``window - 1`` pairs have gone
+    past it, where fixed batches made every worker wait for each batch's slowest pair; and since what decides
+    a pair is its place in the order, not which thread finished first, a run gives the same rows every time.
+    The groups, and each content's first confirmed pair in candidate order, are the same whatever
+    ``workers`` and ``window`` are.
     """
     keypoints = KeypointCache(thumbnails)
     workers = workers or worker_count()
@@ -739,25 +758,36 @@ def confirm_pairs(
         m = match_thumbnails(keypoints, shas_a[i], shas_b[j], config)
         return (m.inliers, m.matches, m.scale, m.angle, m.flipped, m.mismatch, m.overlap, m.confirms(config))
 
-    batch = 16 * workers
-    with ThreadPoolExecutor(workers) as pool, progress_bar(total=len(pairs), desc="confirming", unit="pair") as bar:
-        for start in range(0, len(pairs), batch):
-            todo = []
-            for k in range(start, min(start + batch, len(pairs))):
-                i, j = pairs[k]
-                if shas_a[i] not in thumbnails or shas_b[j] not in thumbnails:
-                    rows[k] = (0, 0, 0.0, 0.0, False, np.inf, 0.0, False)
-                elif i in matched or (union is not None and union.find(i) == union.find(j)):
-                    rows[k] = (-1, -1, np.nan, np.nan, False, np.nan, np.nan, pd.NA)
-                else:
-                    todo.append(k)
-            for k, row in zip(todo, pool.map(check, todo), strict=True):
-                rows[k] = row
-                if row[-1] and union is not None:
-                    union.union(*pairs[k])
-                if row[-1] and first_only:
-                    matched.add(pairs[k][0])
-            bar.update(min(batch, len(pairs) - start))
+    window = window or 4 * workers
+    running: deque[tuple[int, Future]] = deque()
+    with (
+        opencv_on_calling_threads(),
+        ThreadPoolExecutor(workers) as pool,
+        progress_bar(total=len(pairs), desc="confirming", unit="pair") as bar,
+    ):
+
+        def settle() -> None:  # the oldest pair still in the window: wait for it and record what it found
+            k, future = running.popleft()
+            rows[k] = row = future.result()
+            if row[-1] and union is not None:
+                union.union(*pairs[k])
+            if row[-1] and first_only:
+                matched.add(pairs[k][0])
+            bar.update(1)
+
+        for k, (i, j) in enumerate(pairs):
+            if len(running) == window:
+                settle()
+            if shas_a[i] not in thumbnails or shas_b[j] not in thumbnails:
+                rows[k] = (0, 0, 0.0, 0.0, False, np.inf, 0.0, False)
+            elif i in matched or (union is not None and union.find(i) == union.find(j)):
+                rows[k] = (-1, -1, np.nan, np.nan, False, np.nan, np.nan, pd.NA)
+            else:
+                running.append((k, pool.submit(check, k)))
+                continue
+            bar.update(1)
+        while running:
+            settle()
     columns = ["inliers", "matches", "scale", "angle", "flipped", "mismatch", "overlap", "confirmed"]
     extra = pd.DataFrame(rows, columns=columns, index=candidates.index)
     return pd.concat([candidates, extra], axis=1)
