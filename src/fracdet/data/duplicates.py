@@ -121,8 +121,8 @@ def cross_dataset_matches(
     A content of ours is searched for until it is found: its candidate pairs are checked most similar first
     and the rest are skipped once one confirms. What two sets share often looks typical of the other set,
     so each such content is a candidate of hundreds of its radiographs, and those pairs, nearly all
-    rejected, would change no answer (multiregion against FracAtlas: 10,761 of 36,598 pairs skipped, with
-    the same answers, when this was measured with fixed batches of pairs; ``docs/BENCHMARKS.md``).
+    rejected, would change no answer (multiregion against FracAtlas: 10,759 of 36,598 pairs skipped, with
+    the same answers; ``docs/BENCHMARKS.md``).
 
     Args:
         every_pair: check every candidate pair and keep every confirmed one (to study the candidates, as
