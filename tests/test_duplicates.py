@@ -163,6 +163,68 @@ def test_the_embedder_folds_its_batch_norms_without_changing_what_it_computes():
         fold_batch_norms(reference.train())
 
 
+def test_ratio_matches_are_those_of_opencvs_brute_force_knn_match(sample_root):
+    """The popcount matcher keeps exactly the pairs that ``BFMatcher.knnMatch`` and Lowe's test keep, on real
+    keypoints: a copy (many matches), a mirrored copy and other radiographs (few), and descriptors with ties."""
+    import cv2
+
+    images = [np.asarray(Image.open(sample_root / p).convert("L")) for p in (ORIGINAL, SMOOTH)]
+    images += [np.asarray(rotated_crop(Image.open(sample_root / ORIGINAL).convert("L"), 7.0)), images[0][:, ::-1]]
+    orb = cv2.ORB_create(nfeatures=500, fastThreshold=10, edgeThreshold=15, patchSize=15)
+    descriptors = [orb.detectAndCompute(np.ascontiguousarray(im), None)[1] for im in images]
+    tied = np.repeat(descriptors[0][:5], 2, axis=0)  # every row twice: each nearest row has an equal twin
+    descriptors += [tied, descriptors[0][:1]]
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    kept = 0
+    for des_a in descriptors:
+        for des_b in descriptors:
+            expected = [(m.queryIdx, m.trainIdx) for m, *rest in matcher.knnMatch(des_a, des_b, k=2)
+                        if rest and m.distance < 0.8 * rest[0].distance]  # fmt: skip
+            query, train = neardup._ratio_matches(des_a, des_b)
+            assert list(zip(query.tolist(), train.tolist(), strict=True)) == expected
+            kept += len(expected)
+    assert kept > 500  # the copies matched: the comparison was not between empty lists
+    assert len(neardup._ratio_matches(descriptors[0], tied)[0]) == 0  # a tie at the nearest never passes
+
+
+@pytest.mark.parametrize("side", [128, 97])  # even and odd: "same" pads a strided convolution by one or by two
+def test_the_embedder_pads_its_strided_convolutions_in_its_own_layout_without_changing_a_bit(side):
+    import copy
+
+    import torch
+    from timm.layers import Conv2dSame
+
+    from fracdet.data.embed import ImageEmbedder
+
+    network = ImageEmbedder().network
+    as_timm = copy.deepcopy(network)
+    for module in as_timm.modules():
+        module.__dict__.pop("forward", None)  # timm's own forward: F.pad, then the convolution
+    assert sum(isinstance(m, Conv2dSame) and "forward" in m.__dict__ for m in network.modules()) == 5
+    x = (torch.rand(3, 3, side, side) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(network(x), as_timm(x))
+        assert torch.equal(network(x.contiguous()), as_timm(x.contiguous()))  # another layout: timm's way
+
+
+def test_an_exported_embedder_pads_as_timm_does():
+    import torch
+    from timm.layers import Conv2dSame
+
+    from fracdet.data.embed import pad_channels_last
+
+    conv = Conv2dSame(8, 8, 3, stride=2, groups=8).eval()
+    patched = pad_channels_last(torch.nn.Sequential(Conv2dSame(8, 8, 3, stride=2, groups=8).eval()))
+    x = torch.rand(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+
+    def ops(module: torch.nn.Module) -> list[str]:
+        graph = torch.export.export(module, (x,)).graph
+        return [str(node.target) for node in graph.nodes if node.op == "call_function"]
+
+    assert "forward" in patched[0].__dict__
+    assert ops(patched) == ops(torch.nn.Sequential(conv)) == ["aten.pad.default", "aten.conv2d.default"]
+
+
 @pytest.mark.parametrize(
     ("inliers", "flipped", "angle", "mismatch", "spread", "refined", "copy"),
     [
