@@ -6,9 +6,10 @@
 Each round runs ``fracdet audit DATA --splits SPLITS --json`` once with the baseline's code (a ``git worktree``
 of ``REV``) and once with this tree's, in alternating order, each in a fresh process with an empty feature
 cache, so both pay for decoding, embedding and the duplicate search; this machine's speed drifts over minutes,
-which alternation spreads over both. Records wall time, CPU time (user, system) and peak RSS of each run, the
-ratio of the medians, and whether the two reports agree: every key, every count and every file equal, floats
-within ``--tolerance`` (the embedder's outputs may move by float rounding). Exits 1 if they do not.
+which alternation spreads over both. Records wall time, CPU time (user, system), peak RSS, minor page faults
+and context switches of each run (what the system time may go to), the ratio of the medians, and whether the
+two reports agree: every key, every count and every file equal, floats within ``--tolerance`` (the embedder's
+outputs may move by float rounding). Exits 1 if they do not.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def run_audit(src: Path, data: str, splits: str, report: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"audit with {src} failed ({os.waitstatus_to_exitcode(status)})")
     return {"wall_s": round(wall, 1), "user_s": round(usage.ru_utime, 1), "system_s": round(usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024)}  # fmt: skip
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "minor_faults": usage.ru_minflt,
+            "context_switches": usage.ru_nvcsw + usage.ru_nivcsw}  # fmt: skip
 
 
 def differences(a, b, tolerance: float, path: str = "") -> list[str]:

@@ -11,7 +11,9 @@ disc), so its time per image is a large part of a cold audit's. Variants, each o
   one thread: PyTorch spreads each operation over the cores (until this change);
 - folded, pieces of 64 images on as many threads as the audit has workers, side by side, at batches of 8, 16
   and 32 (what :func:`fracdet.data.features.compute_content_features` does: each thread's forward runs on
-  the core it has).
+  the core it has);
+- the same at batch 16 with timm's own "same" padding (``F.pad``) instead of the channels-last buffer of
+  :func:`fracdet.data.embed.pad_channels_last` (until 2 Dec).
 
 Each variant runs in a process of its own, rounds alternating the order: in one process the first variant
 to run decides how fast the later ones are (after two threads had embedded side by side, one caller took 3.3
@@ -33,19 +35,22 @@ from pathlib import Path
 
 import numpy as np
 
-#: name -> (batch norms folded, batch size, threads side by side: 0 = one caller, -1 = the audit's workers)
+#: name -> (batch norms folded, batch size, threads side by side: 0 = one caller, -1 = the audit's workers,
+#: the strided convolutions padded as timm pads them)
 VARIANTS = {
-    "unfolded, batch 64, one caller": (False, 64, 0),
-    "folded, batch 16, one caller": (True, 16, 0),
-    "folded, batch 8, side by side": (True, 8, -1),
-    "folded, batch 16, side by side": (True, 16, -1),
-    "folded, batch 32, side by side": (True, 32, -1),
+    "unfolded, batch 64, one caller": (False, 64, 0, True),
+    "folded, batch 16, one caller": (True, 16, 0, False),
+    "folded, batch 8, side by side": (True, 8, -1, False),
+    "folded, batch 16, side by side": (True, 16, -1, False),
+    "folded, batch 32, side by side": (True, 32, -1, False),
+    "folded, batch 16, side by side, timm's padding": (True, 16, -1, True),
 }
 BEFORE, UNTIL_NOW, NOW = (
     "unfolded, batch 64, one caller",
     "folded, batch 16, one caller",
     "folded, batch 16, side by side",
 )
+TIMM_PADDING = "folded, batch 16, side by side, timm's padding"
 
 
 def child(name: str, images: int, out: Path) -> None:
@@ -59,7 +64,7 @@ def child(name: str, images: int, out: Path) -> None:
     from fracdet.utils.pretrained import efficientnet_lite_state_dict
     from fracdet.utils.workers import worker_count
 
-    folded, batch, threads = VARIANTS[name]
+    folded, batch, threads, timm_padding = VARIANTS[name]
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, (128, 128), np.uint8) for _ in range(images)]
     embedder = ImageEmbedder(batch_size=batch)
@@ -68,6 +73,9 @@ def child(name: str, images: int, out: Path) -> None:
         network.load_state_dict(efficientnet_lite_state_dict(0, network.state_dict()))
         network.reset_classifier(0)
         embedder._model = network.eval().to(memory_format=torch.channels_last)  # as before the fold
+    if timm_padding:
+        for module in embedder.network.modules():
+            module.__dict__.pop("forward", None)  # timm's Conv2dSame.forward: F.pad, then the convolution
     threads = worker_count() if threads < 0 else threads
 
     def run() -> np.ndarray:
@@ -119,11 +127,13 @@ def main() -> None:
         "ms_per_image_each_round": times,
         "ratio_now_to_before": round(ms[NOW] / ms[BEFORE], 3),
         "ratio_now_to_one_caller": round(ms[NOW] / ms[UNTIL_NOW], 3),
+        "ratio_channels_last_padding_to_timms": round(ms[NOW] / ms[TIMM_PADDING], 3),
         "max_abs_difference": {name: float(np.abs(v - reference).max()) for name, v in vectors.items()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("ms_per_image", "ratio_now_to_before", "ratio_now_to_one_caller", "max_abs_difference")
+    keys = ("ms_per_image", "ratio_now_to_before", "ratio_now_to_one_caller", "ratio_channels_last_padding_to_timms",
+            "max_abs_difference")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}))
 
 

@@ -386,10 +386,10 @@ def _ratio_matches(des_a: np.ndarray, des_b: np.ndarray, ratio: float = 0.8) -> 
 
     The same matches as ``BFMatcher(NORM_HAMMING).knnMatch(des_a, des_b, k=2)`` followed by the test (and as
     ``cv2.batchDistance(..., K=2)``, which ``knnMatch`` calls), as two arrays. The distances are counted
-    with numpy's popcount, one 64-bit word of the 256-bit descriptors at a time, in about half of
-    ``batchDistance``'s time (``benchmarks/ratio_matches.py``); matching was a third of the duplicate
-    search's thread time. Which of several equally near rows is "nearest" never matters: a tie at the
-    smallest distance fails the test.
+    with numpy's popcount, one 64-bit word of the 256-bit descriptors at a time, in two thirds of
+    ``batchDistance``'s time on the search's two threads (half on one; ``benchmarks/ratio_matches.py``);
+    matching was a third of the duplicate search's thread time. Which of several equally near rows is
+    "nearest" never matters: a tie at the smallest distance fails the test.
     """
     if len(des_b) < 2:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
