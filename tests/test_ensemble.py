@@ -200,3 +200,67 @@ def test_a_fused_localiser_holds_one_localiser_and_members_that_normalise_alike(
                          preprocess=PreprocessCfg(96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))  # fmt: skip
     with pytest.raises(ValueError, match="mean and std"):
         combine([localiser, other])
+
+
+# --- a fused localiser fine-tuned whole -------------------------------------------------------------
+
+
+def fused_tuning(start, **overrides):
+    from fracdet.training import load_config
+    from tests.conftest import REPO
+
+    settings = {"image_size": 96, "epochs": 2, "batch_size": 8, "pretrained": "false", "init_from": str(start),
+                "stability.weight": 1, **overrides}  # fmt: skip
+    return load_config(REPO / "configs" / "localiser.yaml", [f"{k}={v}" for k, v in settings.items()])
+
+
+@pytest.fixture(scope="module")
+def fused_start(tmp_path_factory):
+    """An untrained fused model whose fusion weighs every part (a part weighed 0 gets no gradient)."""
+    from fracdet.models import save_model
+
+    fused = combine(list(tiny_pair(seed=1)), name="start")
+    fused.module.fusion.copy_(torch.tensor([0.5, 0.3, 0.1, 0.7]))
+    return save_model(fused, tmp_path_factory.mktemp("fused") / "start")
+
+
+def test_a_fused_model_fine_tuned_whole_trains_every_part_and_is_refitted_on_val(fused_start, tmp_path, cache_dir):
+    from fracdet.models import FusedLocaliser
+    from fracdet.training.calibrate import fit_fusion
+
+    manifest, cache = sample_manifest(SAMPLE), FeatureCache(cache_dir)
+    result = train(fused_tuning(fused_start), manifest, tmp_path / "tuned", cache=cache)
+    assert "train_score_change" in result.history  # the stability loss, on the fused image logit
+    start, tuned = load(fused_start), load(tmp_path / "tuned")
+    assert isinstance(tuned.module, FusedLocaliser) and tuned.preprocess == start.preprocess
+    assert tuned.meta["fused"] == start.meta["fused"] and tuned.meta["init_from"] == str(fused_start)
+    before, after = start.module.state_dict(), tuned.module.state_dict()
+    for part in ("localiser.", "classifiers.0."):  # end to end: both networks learned
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part) and "weight" in k)
+    # The fusion and thresholds were fitted on validation to the trained weights, not carried over.
+    val = manifest[manifest["split"] == "val"]
+    val.attrs.update(manifest.attrs)
+    from fracdet.data.pixels import load_pixels
+
+    pixels = load_pixels(val, tuned.preprocess.input_size, cache=cache)
+    fitted = tuned.module.fusion.clone()
+    fit_fusion(tuned, pixels.images, pixels.table["label"].to_numpy(int))
+    torch.testing.assert_close(tuned.module.fusion, fitted, atol=1e-5, rtol=1e-4)
+    assert set(tuned.meta["fusion_val_auc"]) == {"classifier", "map_peak", "cls 9.9.9", "fused"}
+
+
+def test_a_fused_fine_tune_starts_from_its_weights_stops_and_resumes_as_one(fused_start, tmp_path, cache_dir):
+    manifest, cache = sample_manifest(SAMPLE), FeatureCache(cache_dir)
+    still = train(fused_tuning(fused_start, **{"optimizer.lr": 1e-12}), manifest, tmp_path / "still", cache=cache)
+    before, after = load(fused_start).module, load(still.out_dir).module
+    moved = {k: (before.state_dict()[k] - v).abs().max().item() for k, v in after.named_parameters()}
+    assert max(moved.values()) < 1e-3  # only batch-norm statistics moved
+    config = fused_tuning(fused_start)
+    train(config, manifest, tmp_path / "resumed", cache=cache, stop_after=1)
+    halfway = load(tmp_path / "resumed" / "checkpoints" / "last.pt")  # before model.json: described by run.json
+    assert type(halfway.module) is type(before) and halfway.preprocess.input_size == 96
+    resumed = train(config, manifest, tmp_path / "resumed", cache=cache, resume=True)
+    whole = train(config, manifest, tmp_path / "whole", cache=cache)
+    np.testing.assert_allclose(resumed.history["val_auc"], whole.history["val_auc"])
+    with pytest.raises(ValueError, match="set image_size: 96"):
+        train(fused_tuning(fused_start, image_size=64), manifest, tmp_path / "x", cache=cache)

@@ -160,7 +160,7 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
         "mean": list(first.preprocess.mean),
         "std": list(first.preprocess.std),
         "dropout": first.meta.get("dropout"),
-        "members": [_label(m) for m in models],
+        "members": [m.label for m in models],
         "selected_on": "test" if "test" in selected else "val",
         "monitor": first.meta.get("monitor"),
     }
@@ -189,7 +189,7 @@ def _fuse(models: Sequence[TrainedModel], *, name: str) -> TrainedModel:
     sizes = [m.preprocess.input_size for m in (localiser, *classifiers)]
     if max(sizes) % 32:
         raise ValueError(f"the largest member's input side ({max(sizes)} px) must be a multiple of 32")
-    labels = [_label(m) for m in models]
+    labels = [m.label for m in models]
     names = [f"{m.name} {m.version}" if m.meta.get("version") else m.name for m in classifiers]
     module = FusedLocaliser(localiser.network("join a fused model"), [m.module for m in classifiers], sizes=sizes,
                             names=names).eval()  # fmt: skip
@@ -210,14 +210,6 @@ def _fuse(models: Sequence[TrainedModel], *, name: str) -> TrainedModel:
         "monitor": localiser.meta.get("monitor"),
     }
     return TrainedModel(module=module, name=name, arch=localiser.arch, preprocess=preprocess, meta=meta)
-
-
-def _label(model: TrainedModel) -> str:
-    """How ``model.json`` names a member: a release by name and version (its folder is this machine's, not
-    the model's), anything else by the folder it was loaded from."""
-    if model.meta.get("version"):
-        return f"{model.name} {model.version}"
-    return model.name if model.folder is None else str(model.folder)
 
 
 def _manifest(model: TrainedModel) -> bytes | None:

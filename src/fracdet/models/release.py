@@ -132,6 +132,15 @@ class TrainedModel:
         return str(self.meta.get("version", "unversioned"))
 
     @property
+    def label(self) -> str:
+        """How another model's ``model.json`` names this one (an ensemble's member, a fine-tune's start): a
+        release by name and version (its folder is this machine's, not the model's), else the folder it was
+        loaded from."""
+        if self.meta.get("version"):
+            return f"{self.name} {self.version}"
+        return self.name if self.folder is None else str(self.folder)
+
+    @property
     def task(self) -> str:
         """``classify`` or ``localise`` (:attr:`fracdet.models.ModelSpec.task`)."""
         return get_spec(self.arch).task
@@ -446,5 +455,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     config = yaml.safe_load(config_path.read_text())
     spec = get_spec(config["model"]).preprocess
     size = config.get("image_size") or spec.input_size
+    run_path = folder / "run.json"  # a fused model fine-tuned whole: its composition is recorded there
+    run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+    composition = {k: run[k] for k in ("fused", "members", "init_from") if k in run}
     return {"model": config["model"], "input_size": size, "mean": spec.mean, "std": spec.std,
-            "dropout": config.get("dropout"), "selected_on": config.get("select_on", "val")}  # fmt: skip
+            "dropout": config.get("dropout"), "selected_on": config.get("select_on", "val"), **composition}  # fmt: skip

@@ -160,7 +160,9 @@ class TrainConfig:
         localise: masks and loss weight of a localiser.
         stability: stability training against re-encoding and rescaling (off by default).
         init_from: a model folder or release name whose weights the run starts from instead of ImageNet's
-            (fine-tuning, e.g. a released model with stability training); it must be a ``model``.
+            (fine-tuning, e.g. a released model with stability training); it must be a ``model``. A fused
+            localiser (``fracdet ensemble`` of a localiser and classifiers) is trained whole, at its own
+            ``image_size``, its fusion refitted on validation at the end.
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
     """
 

@@ -221,7 +221,9 @@ def train(
     for split, (images, _) in parts.items():
         if len(images) == 0:
             raise ValueError(f"no readable images in the {split!r} split")
+    model, composition = _initial_model(config, preprocess)
     info = {
+        **composition,  # what a run stopped before its end is loaded as (a fused model, not config.model)
         "data_root": manifest.attrs.get("root"),
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
@@ -236,11 +238,6 @@ def train(
     if ranks.main:
         write_json(out_dir / "run.json", info)
 
-    model = create_model(
-        config.model, pretrained=config.pretrained, input_size=preprocess.input_size, dropout=config.dropout
-    )
-    if config.init_from:
-        _start_from(model, config)
     model = model.to(device).to(memory_format=torch.channels_last)
     network = _wrap(model, ranks, device)  # what the training steps run; `model` is the plain module
     if config.compile:
@@ -386,7 +383,7 @@ def train(
     if ranks.main:  # calibration and thresholds on validation, once
         model.load_state_dict(best_state["model"])
         val_boxes = [b for b, _ in _annotations(pixels.table, "val")] if "boxes" in pixels.table else None
-        _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes)
+        _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes, composition)
     ranks.barrier()
     return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
 
@@ -415,16 +412,38 @@ def _batches(order: np.ndarray, batch_size: int, ranks: Ranks) -> list[list[tupl
     return [batch for batch in batches if len(batch) >= ranks.world]
 
 
-def _start_from(model: nn.Module, config: TrainConfig) -> None:
-    """Load the weights of ``config.init_from`` (a model folder or release) into ``model``."""
+def _initial_model(config: TrainConfig, preprocess: PreprocessCfg) -> tuple[nn.Module, dict]:
+    """The network a run trains, and what ``model.json`` needs beyond ``config.model`` to rebuild it.
+
+    Without ``init_from``: a new ``config.model`` (ImageNet weights if ``pretrained``). With it: the
+    source's weights. A fused localiser (a localiser and whole classifiers, :class:`fracdet.models.FusedLocaliser`)
+    is trained whole, end to end: the losses then act on the fused image logit the model answers with, and
+    its parts learn together what each alone did not (docs/RELIABILITY.md, *Why it flips*). Its fusion
+    weights stay fixed while it trains and are fitted again on validation at the end, with its thresholds.
+    """
+    if not config.init_from:
+        model = create_model(config.model, pretrained=config.pretrained, input_size=preprocess.input_size,
+                             dropout=config.dropout)  # fmt: skip
+        return model, {}
     from fracdet.models import load
 
     source = load(config.init_from)
     if source.arch != config.model:
         raise ValueError(f"init_from: {config.init_from} is a {source.arch}, the config trains a {config.model}")
-    weights = source.network(f"start a training run (init_from: {config.init_from})").state_dict()
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    network = source.network(f"start a training run (init_from: {config.init_from})").float()
     log.info("starting from the weights of %s %s", source.name, source.meta.get("version", ""))
+    if not (fused := source.meta.get("fused")):
+        model = create_model(config.model, pretrained=False, input_size=preprocess.input_size, dropout=config.dropout)
+        model.load_state_dict(network.state_dict())
+        return model, {}
+    if preprocess.input_size != source.preprocess.input_size:
+        raise ValueError(f"init_from: {config.init_from} is a fused model that reads {source.preprocess.input_size}"
+                         f"-px images (its largest part's side): set image_size: {source.preprocess.input_size}, "
+                         f"not {preprocess.input_size}")  # fmt: skip
+    if config.dropout is not None:
+        raise ValueError(f"init_from: {config.init_from} is a fused model whose parts keep their own dropout: "
+                         "leave dropout unset")  # fmt: skip
+    return network, {"fused": fused, "members": source.meta.get("members", []), "init_from": source.label}
 
 
 def _label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
@@ -465,10 +484,12 @@ def _export(
     best_state: dict,
     device: torch.device,
     val_boxes: list | None = None,
+    composition: dict | None = None,
 ) -> None:
-    """Write the best weights with what was fitted on validation: temperature and operating thresholds."""
+    """Write the best weights with what was fitted on validation: a fused model's fusion, the temperature and
+    the operating thresholds. ``composition``: how a fused model is made up (:func:`_initial_model`)."""
     meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
-            "selected_on": config.select_on, "monitor": config.monitor}  # fmt: skip
+            "selected_on": config.select_on, "monitor": config.monitor, **(composition or {})}  # fmt: skip
     trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
     calibrate(trained, *val, batch_size=2 * config.batch_size, device=device, boxes=val_boxes, progress=True)
     save_model(trained, out_dir)
