@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 #: mallopt's parameter numbers (glibc's <malloc.h>).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 #: Blocks up to this size come from the heap. glibc's own threshold adapts only up to 32 MiB, and blocks
-#: above it are mapped afresh every time (a 40 MiB block allocated and freed 20 times: 204,820 page faults,
-#: against 4,096 with this).
+#: above it are mapped afresh every time (a 40 MiB block allocated and freed 20 times on the main thread
+#: and 20 on a worker: 409,645 page faults, against 20,441 with this; docs/BENCHMARKS.md says how).
 MMAP_THRESHOLD = 64 * 1024 * 1024
 #: A heap keeps up to this much freed memory rather than returning it.
 TRIM_THRESHOLD = 1024 * 1024 * 1024
