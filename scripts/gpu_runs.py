@@ -5,7 +5,9 @@ returns at most 8 files of at most 16 MiB (64 MiB together). So training reads a
 runs go ``--parallel`` at a time (small convolutional networks leave most of one GPU idle, so several
 processes share it) until ``--deadline`` seconds have passed (a run still going is cut), and every run
 with a checkpoint becomes one ``NAME.tar.gz`` in ``--out``: float16 weights of its best epoch plus
-config, split manifest, history and log (about 9 MB for EfficientNet-Lite2). A finished run carries its
+config, split manifest, history and log (about 9 MB for EfficientNet-Lite2; a bundle over
+:data:`MAX_FILE`, such as a fused Lite1 + Lite2 model's 16.2 MiB, comes in parts ``NAME.tar.gz.0``,
+``.1``, ...: at most 8 files and 64 MiB come back, so three such runs a call). A finished run carries its
 validation calibration; a cut one is bundled from ``best.pt`` and is calibrated again by
 ``fracdet evaluate`` on the originals, as every evaluation does anyway.
 
@@ -27,7 +29,8 @@ Runs of one's own replace the default list, e.g. the localiser with and without 
         --config configs/localiser.yaml --set model=localiser_lite1 --set workers=3 --out $OUT --deadline 510 \\
         --parallel 5 --run stable-seed0 seed=0 stability.weight=1 --run plain-seed0 seed=0
 
-Back here: ``tar -xzf NAME.tar.gz -C runs/gpu`` and ``fracdet evaluate runs/gpu/NAME --data ORIGINAL``.
+Back here: ``tar -xzf NAME.tar.gz -C runs/gpu`` (in parts: ``cat NAME.tar.gz.? | tar -xz -C runs/gpu``) and
+``fracdet evaluate runs/gpu/NAME --data ORIGINAL``.
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ DEFAULT_RUNS = {
     "lever-260px-seed0": ["image_size=260"],
 }
 KEEP = ("config.yaml", "splits.csv", "metrics.csv", "run.json", "curves.png", "train.log")
+MAX_FILE = 15 * 2**20  # a file that comes back from the GPU machine is at most 16 MiB
 RUN_ENV = {**os.environ, "FRACDET_PROGRESS": "0", "OMP_NUM_THREADS": "2"}  # each run's own process
 FALLBACK_EPOCHS = 15  # when --fit-epochs cannot measure
 STARTUP_S = 60  # per wave: interpreter, imports, pixel cache, model build, final calibration and export
 
 
-def bundle(run: Path, out: Path) -> Path | None:
-    """``out/NAME.tar.gz`` with float16 weights of the run's best epoch and its records; ``None`` without any."""
+def bundle(run: Path, out: Path) -> list[Path]:
+    """``out/NAME.tar.gz`` (or its parts) with float16 weights of the run's best epoch and its records; none
+    without any."""
     from fracdet.models import load, save_model
 
     if (run / "model.json").is_file():
@@ -68,7 +73,7 @@ def bundle(run: Path, out: Path) -> Path | None:
         model = load(run / "checkpoints" / "best.pt")
         model.meta["cut_at_deadline"] = True
     else:
-        return None
+        return []
     staging = out / "staging" / run.name
     save_model(model, staging, half=True)
     for name in KEEP:
@@ -78,7 +83,20 @@ def bundle(run: Path, out: Path) -> Path | None:
     with tarfile.open(target, "w:gz") as tar:
         tar.add(staging, arcname=run.name)
     shutil.rmtree(out / "staging")
-    return target
+    return _split(target)
+
+
+def _split(path: Path) -> list[Path]:
+    """``[path]``, or when it is over :data:`MAX_FILE` the parts ``path.0``, ``path.1``, ... that replace it."""
+    if path.stat().st_size <= MAX_FILE:
+        return [path]
+    parts = []
+    with path.open("rb") as whole:
+        while chunk := whole.read(MAX_FILE):
+            parts.append(path.with_name(f"{path.name}.{len(parts)}"))
+            parts[-1].write_bytes(chunk)
+    path.unlink()
+    return parts
 
 
 def recipes(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -96,27 +114,30 @@ def _configs(args: argparse.Namespace, names: list[str]) -> dict:
 def training_rate(config, until: float, seconds: float = 8.0) -> float:
     """Training images per second of ``config``'s model on random batches, timed from ``until`` for ``seconds``.
 
+    The network is the one the run trains (:func:`fracdet.training.trainer.initial_model`: a fused model
+    holds all its parts), and with stability training each step scores every image twice, as the run does.
     Processes started together wait (warming up) until the same wall-clock time, so each one measures
     its rate while all the others train too: the GPU is shared as it will be by the real runs.
     """
     import torch
 
-    from fracdet.models import create_model, get_spec
-    from fracdet.models.predict import normalise
+    from fracdet.models import get_spec
+    from fracdet.models.predict import normalise, read_outputs
+    from fracdet.training.trainer import initial_model
 
+    preprocess = get_spec(config.model).preprocess  # its mean and std (the side is the config's)
     size, batch = config.input_size, config.batch_size
+    scored = batch * (2 if config.stability.weight > 0 else 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(config.model, pretrained=False, input_size=size)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = initial_model(config)[0].to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, device=device)
-    y = torch.randint(0, 2, (batch,), device=device)
-    preprocess = get_spec(config.model).preprocess
+    x = torch.randint(0, 256, (scored, 1, size, size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 2, (scored,), device=device).float()
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(normalise(x, preprocess))
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            margins = read_outputs(model(normalise(x, preprocess)))[0]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(margins, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -287,7 +308,7 @@ def main() -> int:
             if (runs_dir / name).is_dir():
                 shutil.copy2(runs_dir / f"{name}.log", runs_dir / name / "train.log")
             del running[name]
-            if bundled := bundle(runs_dir / name, out):
+            for bundled in bundle(runs_dir / name, out):
                 print(f"{name}: {bundled} ({bundled.stat().st_size / 2**20:.1f} MiB)", flush=True)
         time.sleep(1)
     print(summary(runs_dir, names), flush=True)

@@ -264,3 +264,83 @@ def test_a_fused_fine_tune_starts_from_its_weights_stops_and_resumes_as_one(fuse
     np.testing.assert_allclose(resumed.history["val_auc"], whole.history["val_auc"])
     with pytest.raises(ValueError, match="set image_size: 96"):
         train(fused_tuning(fused_start, image_size=64), manifest, tmp_path / "x", cache=cache)
+
+
+# --- a fused localiser trained as one, from ImageNet weights -------------------------------------------
+
+
+def fused_from_imagenet(**overrides):
+    from fracdet.training import load_config
+    from tests.conftest import REPO
+
+    settings = {"model": "localiser_lite0", "fused.classifiers": "[efficientnet_lite0]", "fused.sizes": "[64, 96]",
+                "image_size": "null", "epochs": 1, "batch_size": 8, "stability.weight": 1, **overrides}  # fmt: skip
+    return load_config(REPO / "configs" / "localiser.yaml", [f"{k}={v}" for k, v in settings.items()])
+
+
+def test_a_fused_config_names_a_localiser_classifiers_and_one_side_each():
+    from fracdet.training import ConfigError
+
+    config = fused_from_imagenet()
+    assert config.input_size == 96 and config.fused.sizes == [64, 96]  # read at the largest part's side
+    for overrides, problem in [
+        ({"fused.sizes": "[64]"}, "must hold 2 sides"),
+        ({"fused.sizes": "[48, 96]"}, "multiple of 32"),
+        ({"image_size": 64}, "image_size must be 96"),
+        ({"fused.classifiers": "[localiser_lite1]"}, "not a classifier"),
+        ({"fused.classifiers": "[resnet18]"}, "normalises its input otherwise"),
+        ({"fused.classifiers": "efficientnet_lite0"}, "must be a list"),
+        ({"model": "efficientnet_lite0"}, "is not one"),
+        ({"init_from": "fracatlas-localiser"}, "set one of them"),
+        ({"fused.classifiers": "[]"}, "fused.sizes needs fused.classifiers"),
+        ({"fused.classifiers": "[]", "fused.sizes": "[]", "fused.part_weight": 1}, "name fused.classifiers"),
+    ]:
+        with pytest.raises(ConfigError, match=problem):
+            fused_from_imagenet(**overrides)
+
+
+def test_a_part_the_fusion_weighs_zero_still_learns_from_its_own_loss():
+    from fracdet.training.losses import task_loss
+
+    localiser, classifier = tiny_pair()
+    fused = combine([localiser, classifier]).module.train()
+    x, labels = torch.randn(4, 3, 96, 96), torch.tensor([0, 1, 1, 0])
+    masks = torch.zeros(4, 96, 96, dtype=torch.long)
+    masks[1:3, 20:40, 30:50] = 1
+    outputs = fused(x)
+    assert len(outputs) == 3 and outputs[2].shape == (4, 2)  # in training: the head's and the classifier's logits
+    assert len(fused.eval()(x)) == 2  # as it answers: the fused logit and the map
+    fused.train()
+    stem = fused.classifiers[0].conv_stem.weight  # the fusion weighs the classifier 0 until it is fitted
+    for part_weight, learns in [(0.0, False), (1.0, True)]:
+        stem.grad = None
+        task_loss(fused(x), labels, masks, part_weight=part_weight).backward()
+        assert bool(stem.grad is not None and stem.grad.abs().sum() > 0) is learns
+    head, margin = outputs[2][:, 0], outputs[2][:, 1]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.stack([head, margin], 1),
+                                                                    labels.float()[:, None].expand(4, 2))  # fmt: skip
+    extra = task_loss(outputs, labels, masks, part_weight=2.0) - task_loss(outputs, labels, masks)
+    torch.testing.assert_close(extra, 2.0 * expected)
+
+
+def test_a_fused_model_trained_as_one_starts_from_imagenet_weights_and_is_fitted_on_val(tmp_path, cache_dir):
+    from fracdet.models import FusedLocaliser
+
+    manifest, cache = sample_manifest(SAMPLE), FeatureCache(cache_dir)
+    config = fused_from_imagenet(**{"fused.part_weight": 1, "optimizer.lr": 1e-12})
+    train(config, manifest, tmp_path / "run", cache=cache, stop_after=1)
+    halfway = load(tmp_path / "run" / "checkpoints" / "last.pt")  # before model.json: described by run.json
+    assert isinstance(halfway.module, FusedLocaliser) and halfway.preprocess.input_size == 96
+    torch.testing.assert_close(halfway.module.fusion, torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]))  # parts alike
+    imagenet = create_model("efficientnet_lite0", pretrained=True).conv_stem.weight
+    torch.testing.assert_close(halfway.module.classifiers[0].conv_stem.weight, imagenet)  # lr 1e-12: unmoved
+    assert halfway.module.localiser.state_dict().keys() == create_model("localiser_lite0").state_dict().keys()
+
+    result = train(config, manifest, tmp_path / "run", cache=cache, resume=True)
+    trained = load(result.out_dir)
+    assert [(p["model"], p["input_size"], p["name"]) for p in trained.meta["fused"]] == [
+        ("localiser_lite0", 64, "localiser_lite0"), ("efficientnet_lite0", 96, "efficientnet_lite0")]  # fmt: skip
+    assert set(trained.meta["fusion_val_auc"]) == {"classifier", "map_peak", "efficientnet_lite0", "fused"}
+    assert not torch.allclose(trained.module.fusion, halfway.module.fusion)  # refitted on validation
+    margins, maps = trained.outputs(random_images(2, 96))
+    assert margins.shape == (2,) and maps.shape[0] == 2

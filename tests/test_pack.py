@@ -140,3 +140,21 @@ def test_gpu_runs_script_trains_runs_side_by_side_from_a_pack_and_bundles_them_i
     assert back.threshold == trained.threshold
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
     np.testing.assert_allclose(back.margins(images), trained.margins(images), rtol=1e-2, atol=1e-2)
+
+
+def test_a_bundle_over_the_file_limit_of_the_trip_back_comes_in_parts_that_join_to_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_runs", repo / "scripts" / "gpu_runs.py")
+    gpu_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_runs)
+    monkeypatch.setattr(gpu_runs, "MAX_FILE", 1000)
+    whole = np.random.default_rng(0).bytes(2500)
+    (tmp_path / "small.tar.gz").write_bytes(whole[:1000])
+    assert gpu_runs._split(tmp_path / "small.tar.gz") == [tmp_path / "small.tar.gz"]  # at the limit: one file
+    (tmp_path / "run.tar.gz").write_bytes(whole)
+    parts = gpu_runs._split(tmp_path / "run.tar.gz")
+    assert [p.name for p in parts] == ["run.tar.gz.0", "run.tar.gz.1", "run.tar.gz.2"]
+    assert not (tmp_path / "run.tar.gz").exists() and max(p.stat().st_size for p in parts) == 1000
+    assert b"".join(p.read_bytes() for p in parts) == whole

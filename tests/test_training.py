@@ -41,7 +41,9 @@ def tiny_config(**overrides) -> TrainConfig:
 # --- configs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "default", "default-gpu", "localiser", "stability", "stability-fused"])
+@pytest.mark.parametrize(
+    "name", ["paper", "default", "default-gpu", "localiser", "stability", "stability-fused", "fused-gpu"]
+)
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert config.input_size > 0

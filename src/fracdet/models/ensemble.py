@@ -24,17 +24,18 @@ identical, so together they rank better than either)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from fracdet.models._registry import PreprocessCfg
+from fracdet.models._registry import PreprocessCfg, create_model
 from fracdet.models.predict import logit_margin, network_parts
 from fracdet.models.release import TrainedModel
 
-__all__ = ["Ensemble", "FusedLocaliser", "combine", "members_of"]
+__all__ = ["Ensemble", "FusedLocaliser", "combine", "create_fused", "members_of"]
 
 
 class Ensemble(nn.Module):
@@ -64,6 +65,11 @@ class FusedLocaliser(nn.Module):
     ``(1, 0, 0, 0, ...)`` until :func:`fracdet.training.calibrate.fit_fusion` fits it on validation. The
     localiser's own fusion is reset to its classifier head, so that each part enters once.
 
+    In training mode the forward pass also returns each part's own image logit (the classifier head's and
+    each classifier's margin, ``(B, 1 + classifiers)``), as Inception returns its auxiliary logits, so that
+    each part can learn the label beside the fused score (``part_weight`` of
+    :func:`fracdet.training.losses.task_loss`).
+
     Args:
         localiser: a :class:`fracdet.models.localiser.FractureLocaliser`.
         classifiers: two-class networks (``(B, 2)`` logits).
@@ -89,11 +95,24 @@ class FusedLocaliser(nn.Module):
         """The localiser's box head (a detector regresses its boxes; a map head grows them)."""
         return self.localiser.box_head
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_parts(x)[0]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts, dense, _ = self._parts(x)
+        if self.training:  # and each part's own image logit (not the map's peak, which the map loss teaches)
+            return parts @ self.fusion, dense, parts[:, [0, *range(3, parts.shape[1])]]
+        return parts @ self.fusion, dense
+
+    def weigh_parts_alike(self) -> FusedLocaliser:
+        """The mean of the classifier head, the map's peak and each classifier's margin, without bias: where a
+        fused model trained as one starts, so that every part gets a gradient from the fused score (a part
+        weighed 0 gets none)."""
+        with torch.no_grad():
+            weights = torch.ones_like(self.fusion)
+            weights[2] = 0.0
+            self.fusion.copy_(weights / weights.sum())
+        return self
 
     def forward_parts(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
-        """:meth:`forward`'s outputs and the localiser's CAM-layer activations (its map explains the model)."""
+        """The evaluation outputs and the localiser's CAM-layer activations (its map explains the model)."""
         parts, dense, activations = self._parts(x)
         return (parts @ self.fusion, dense), activations
 
@@ -108,6 +127,20 @@ class FusedLocaliser(nn.Module):
         columns = [head_logit, dense[:, 0].flatten(1).amax(dim=1), torch.ones_like(head_logit)]
         columns += [logit_margin(c(_resized(x, s))) for c, s in zip(self.classifiers, self.sizes[1:], strict=True)]
         return torch.stack(columns, dim=1), dense, activations
+
+
+def create_fused(parts: Sequence[Mapping[str, Any]], *, pretrained: bool = False) -> FusedLocaliser:
+    """The :class:`FusedLocaliser` that ``parts`` describe as ``model.json``'s ``fused`` does: the localiser,
+    then each classifier, each a mapping of its registry ``model``, ``input_size``, ``dropout`` and ``name``
+    (a classifier's key in the fusion).
+
+    ``pretrained``: every part starts from its ImageNet weights (a fused model trained as one); else the
+    parts are empty, for saved weights to fill.
+    """
+    networks = [create_model(p["model"], pretrained=pretrained, input_size=p["input_size"], dropout=p.get("dropout"))
+                for p in parts]  # fmt: skip
+    return FusedLocaliser(networks[0], networks[1:], sizes=[p["input_size"] for p in parts],
+                          names=[p.get("name", p["model"]) for p in parts[1:]])  # fmt: skip
 
 
 def _resized(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -428,11 +428,9 @@ def _build(meta: dict[str, Any], preprocess: PreprocessCfg) -> nn.Module:
         return create_model(meta["model"], input_size=preprocess.input_size, dropout=meta.get("dropout"))
 
     if fused := meta.get("fused"):  # a localiser and classifiers, each at its own input side
-        from fracdet.models.ensemble import FusedLocaliser
+        from fracdet.models.ensemble import create_fused
 
-        parts = [create_model(m["model"], input_size=m["input_size"], dropout=m.get("dropout")) for m in fused]
-        return FusedLocaliser(parts[0], parts[1:], sizes=[m["input_size"] for m in fused],
-                              names=[m.get("name", m["model"]) for m in fused[1:]])  # fmt: skip
+        return create_fused(fused)
     if members := meta.get("members"):
         from fracdet.models.ensemble import Ensemble
 
@@ -454,9 +452,9 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 
     config = yaml.safe_load(config_path.read_text())
     spec = get_spec(config["model"]).preprocess
-    size = config.get("image_size") or spec.input_size
-    run_path = folder / "run.json"  # a fused model fine-tuned whole: its composition is recorded there
+    run_path = folder / "run.json"  # a fused model trained whole: its composition is recorded there
     run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+    size = config.get("image_size") or run.get("input_size") or spec.input_size
     composition = {k: run[k] for k in ("fused", "members", "init_from") if k in run}
     return {"model": config["model"], "input_size": size, "mean": spec.mean, "std": spec.std,
             "dropout": config.get("dropout"), "selected_on": config.get("select_on", "val"), **composition}  # fmt: skip

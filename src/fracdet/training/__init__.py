@@ -12,6 +12,7 @@ from fracdet.training.checkpoint import RunExistsError
 from fracdet.training.config import (
     AugmentConfig,
     ConfigError,
+    FusedConfig,
     LocaliseConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -36,6 +37,7 @@ def __getattr__(name: str):  # PEP 562
 __all__ = [
     "AugmentConfig",
     "ConfigError",
+    "FusedConfig",
     "LocaliseConfig",
     "OptimizerConfig",
     "RunExistsError",

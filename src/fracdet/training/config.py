@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
 __all__ = [
     "AugmentConfig",
     "ConfigError",
+    "FusedConfig",
     "LocaliseConfig",
     "OptimizerConfig",
     "ScheduleConfig",
@@ -129,6 +130,70 @@ class StabilityConfig:
 
 
 @dataclass
+class FusedConfig:
+    """A fused localiser trained as one from ImageNet weights (:class:`fracdet.models.FusedLocaliser`): the
+    localiser ``model`` (its map, boxes and classifier head) and whole classifiers whose margins join its
+    image logit, each reading the image at its own side.
+
+    Fused after training (``fracdet ensemble``), each part had learned alone, and trained against re-saving
+    alone, none stopped the fused verdict from flipping (docs/RELIABILITY.md, *Why it flips*). Trained as
+    one, the task and stability losses act on the fused score from the first epoch. While it trains the
+    fusion weighs every part alike (the classifier head, the map's peak and each classifier's margin), so
+    every part gets a gradient; at the end it is fitted on validation, with the thresholds.
+
+    Attributes:
+        classifiers: registry names of the classifiers (empty: a single network, or ``init_from``'s parts).
+        sizes: the input side of the localiser, then of each classifier; the run reads images at the
+            largest (``image_size``, if set, must be that).
+        part_weight: weight of each part's own image loss (its logit against the label) beside the fused
+            one, so that each stays a ranker on its own (deep supervision); also for a fused ``init_from``.
+            0: the parts learn only through the fused score.
+    """
+
+    classifiers: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    part_weight: float = 0.0
+
+    def check(self, config: TrainConfig) -> None:
+        from fracdet.models import get_spec
+
+        if self.part_weight < 0:
+            raise ConfigError(f"fused.part_weight must not be negative, not {self.part_weight!r}")
+        if not self.classifiers:
+            if self.sizes:
+                raise ConfigError("fused.sizes needs fused.classifiers: the sizes are those of the fused parts")
+            if self.part_weight and not config.init_from:
+                raise ConfigError("fused.part_weight weighs the parts of a fused model: name fused.classifiers "
+                                  "or a fused init_from")  # fmt: skip
+            return
+        if config.init_from:
+            raise ConfigError("fused.classifiers builds a fused model from ImageNet weights; init_from starts from "
+                              "a saved one (which may be fused already): set one of them")  # fmt: skip
+        if get_spec(config.model).task != "localise":
+            raise ConfigError(f"a fused model's model is its localiser, and {config.model} is not one")
+        for name in self.classifiers:
+            try:
+                spec = get_spec(name)
+            except KeyError as exc:
+                raise ConfigError(f"fused.classifiers: {exc.args[0]}") from None
+            if spec.task != "classify":
+                raise ConfigError(f"fused.classifiers: {name} is not a classifier")
+            ours = get_spec(config.model).preprocess
+            if (spec.preprocess.mean, spec.preprocess.std) != (ours.mean, ours.std):
+                raise ConfigError(f"fused.classifiers: {name} normalises its input otherwise than {config.model}")
+        if len(self.sizes) != len(self.classifiers) + 1:
+            raise ConfigError(f"fused.sizes must hold {len(self.classifiers) + 1} sides (the localiser's, then each "
+                              f"classifier's), not {self.sizes!r}")  # fmt: skip
+        for size in self.sizes:
+            _positive("fused.sizes", size)
+        if self.sizes[0] % 32:
+            raise ConfigError(f"a localiser's side must be a multiple of 32, not fused.sizes[0] = {self.sizes[0]}")
+        if config.image_size is not None and config.image_size != max(self.sizes):
+            raise ConfigError(f"a fused model reads images at its largest part's side: image_size must be "
+                              f"{max(self.sizes)} (or unset), not {config.image_size}")  # fmt: skip
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run depends on besides the data.
 
@@ -163,6 +228,7 @@ class TrainConfig:
             (fine-tuning, e.g. a released model with stability training); it must be a ``model``. A fused
             localiser (``fracdet ensemble`` of a localiser and classifiers) is trained whole, at its own
             ``image_size``, its fusion refitted on validation at the end.
+        fused: a fused localiser trained as one from ImageNet weights (:class:`FusedConfig`).
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
     """
 
@@ -190,6 +256,7 @@ class TrainConfig:
     localise: LocaliseConfig = field(default_factory=LocaliseConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     init_from: str | None = None
+    fused: FusedConfig = field(default_factory=FusedConfig)
 
     def __post_init__(self) -> None:
         self.check()
@@ -216,6 +283,7 @@ class TrainConfig:
         self.schedule.check()
         self.localise.check()
         self.stability.check()
+        self.fused.check(self)
         if get_spec(self.model).task == "localise" and self.input_size % 32:
             raise ConfigError(f"a localiser's image_size must be a multiple of 32, not {self.input_size}")
 
@@ -223,6 +291,8 @@ class TrainConfig:
     def input_size(self) -> int:
         from fracdet.models import get_spec
 
+        if self.fused.classifiers:
+            return max(self.fused.sizes)
         return self.image_size or get_spec(self.model).preprocess.input_size
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,7 +366,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
-    """Check a scalar against its annotation; ints and numeric strings are accepted where floats are expected."""
+    """Check a value against its annotation; ints and numeric strings are accepted where floats are expected,
+    and a list's items are checked one by one."""
+    if get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, not {value!r}")
+        (item,) = get_args(kind)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     allowed = getattr(kind, "__args__", (kind,))
     if value is None:
         if type(None) in allowed:

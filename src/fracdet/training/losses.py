@@ -5,6 +5,9 @@
   loss (Lin et al. 2017, torchvision's ``sigmoid_focal_loss``) of the map against the fracture mask,
   normalised by the number of fracture cells as in RetinaNet. A map cell is a fracture cell when any pixel
   it covers is (max pooling of the mask), so a fracture smaller than a cell still has one.
+* A fused localiser (:class:`fracdet.models.FusedLocaliser`) trained as one also returns, while training,
+  each part's own image logit: with ``part_weight`` each learns the label beside the fused score (the mean
+  of their binary cross-entropies, class-weighted alike), so that each stays a ranker on its own.
 * A localiser with a box head (:data:`fracdet.models.scoring.BOX_CHANNELS` more map channels) also learns,
   in every fracture cell, the box of the fracture that covers it: the generalised IoU loss (Rezatofighi et
   al. 2019, torchvision's ``generalized_box_iou_loss``) of the decoded box against that fracture's box, read
@@ -68,16 +71,19 @@ def task_loss(
     class_weight: torch.Tensor | None = None,
     map_weight: float = 1.0,
     box_weight: float = 1.0,
+    part_weight: float = 0.0,
 ) -> torch.Tensor:
     """The loss of a batch for either task (see the module docstring).
 
     Args:
-        outputs: logits ``(B, 2)`` of a classifier, or ``(image_logit, map_logits (B, C, h, w))`` of a localiser.
+        outputs: logits ``(B, 2)`` of a classifier, or ``(image_logit, map_logits (B, C, h, w))`` of a localiser,
+            then, from a fused one in training, its parts' image logits ``(B, K)``.
         labels: ``(B,)`` 0/1.
         masks: ``(B, H, W)`` fracture instance masks (a localiser only).
         class_weight: ``(2,)`` weights of the classes (no fracture, fracture), or ``None``.
         map_weight: weight of a localiser's map loss.
         box_weight: weight of a box head's loss.
+        part_weight: weight of the parts' own image losses (a fused localiser in training only).
     """
     if not isinstance(outputs, tuple):
         return F.cross_entropy(outputs.float(), labels, weight=class_weight)
@@ -89,6 +95,11 @@ def task_loss(
     map_logits = dense[:, :1]
     targets = map_targets(masks, map_logits.shape[-2:])
     loss = image + map_weight * sigmoid_focal_loss(map_logits, targets, reduction="sum") / targets.sum().clamp_min(1.0)
+    if part_weight and len(outputs) > 2:
+        parts = outputs[2].float()
+        loss = loss + part_weight * F.binary_cross_entropy_with_logits(
+            parts, labels.float()[:, None].expand_as(parts), weight=None if weight is None else weight[:, None]
+        )
     if dense.shape[1] > 1:
         cells, wanted = box_targets(masks, dense.shape[-2:])
         if cells.any():

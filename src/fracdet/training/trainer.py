@@ -44,7 +44,7 @@ from fracdet.training.losses import split_views, stability_loss, task_loss
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.progress import progress_bar
 
-__all__ = ["RunExistsError", "TrainResult", "train"]
+__all__ = ["RunExistsError", "TrainResult", "initial_model", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def train(
     for split, (images, _) in parts.items():
         if len(images) == 0:
             raise ValueError(f"no readable images in the {split!r} split")
-    model, composition = _initial_model(config, preprocess)
+    model, composition = initial_model(config)
     info = {
         **composition,  # what a run stopped before its end is loaded as (a fused model, not config.model)
         "data_root": manifest.attrs.get("root"),
@@ -288,7 +288,8 @@ def train(
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
         )
         network.train()
-        loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight}
+        loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
+                        "part_weight": config.fused.part_weight}  # fmt: skip
         # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
         with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
@@ -412,17 +413,28 @@ def _batches(order: np.ndarray, batch_size: int, ranks: Ranks) -> list[list[tupl
     return [batch for batch in batches if len(batch) >= ranks.world]
 
 
-def _initial_model(config: TrainConfig, preprocess: PreprocessCfg) -> tuple[nn.Module, dict]:
-    """The network a run trains, and what ``model.json`` needs beyond ``config.model`` to rebuild it.
+def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
+    """The network a run trains, as it starts, and what ``model.json`` needs beyond ``config.model`` to rebuild it.
 
-    Without ``init_from``: a new ``config.model`` (ImageNet weights if ``pretrained``). With it: the
-    source's weights. A fused localiser (a localiser and whole classifiers, :class:`fracdet.models.FusedLocaliser`)
-    is trained whole, end to end: the losses then act on the fused image logit the model answers with, and
-    its parts learn together what each alone did not (docs/RELIABILITY.md, *Why it flips*). Its fusion
-    weights stay fixed while it trains and are fitted again on validation at the end, with its thresholds.
+    Without ``init_from``: a new ``config.model`` (ImageNet weights if ``pretrained``), or with
+    ``fused.classifiers`` a new fused localiser of it and them, whose fusion weighs its parts alike. With
+    ``init_from``: the source's weights. A fused localiser (a localiser and whole classifiers,
+    :class:`fracdet.models.FusedLocaliser`) is trained whole, end to end: the losses then act on the fused image
+    logit the model answers with, and its parts learn together what each alone did not (docs/RELIABILITY.md,
+    *Why it flips*). Its fusion weights stay fixed while it trains and are fitted again on validation at the
+    end, with its thresholds.
     """
+    if config.fused.classifiers:
+        from fracdet.models.ensemble import create_fused
+
+        classifiers = config.fused.classifiers  # each named in the fusion by its architecture (and place, if twice)
+        names = [n if classifiers.count(n) == 1 else f"{n} #{i}" for i, n in enumerate(classifiers, start=1)]
+        parts = [{"model": model, "input_size": size, "dropout": config.dropout, "name": name} for model, size, name
+                 in zip((config.model, *classifiers), config.fused.sizes, (config.model, *names),
+                        strict=True)]  # fmt: skip
+        return create_fused(parts, pretrained=config.pretrained).weigh_parts_alike(), {"fused": parts}
     if not config.init_from:
-        model = create_model(config.model, pretrained=config.pretrained, input_size=preprocess.input_size,
+        model = create_model(config.model, pretrained=config.pretrained, input_size=config.input_size,
                              dropout=config.dropout)  # fmt: skip
         return model, {}
     from fracdet.models import load
@@ -433,13 +445,15 @@ def _initial_model(config: TrainConfig, preprocess: PreprocessCfg) -> tuple[nn.M
     network = source.network(f"start a training run (init_from: {config.init_from})").float()
     log.info("starting from the weights of %s %s", source.name, source.meta.get("version", ""))
     if not (fused := source.meta.get("fused")):
-        model = create_model(config.model, pretrained=False, input_size=preprocess.input_size, dropout=config.dropout)
+        if config.fused.part_weight:
+            raise ValueError(f"fused.part_weight weighs the parts of a fused model, and {config.init_from} is not one")
+        model = create_model(config.model, pretrained=False, input_size=config.input_size, dropout=config.dropout)
         model.load_state_dict(network.state_dict())
         return model, {}
-    if preprocess.input_size != source.preprocess.input_size:
+    if config.input_size != source.preprocess.input_size:
         raise ValueError(f"init_from: {config.init_from} is a fused model that reads {source.preprocess.input_size}"
                          f"-px images (its largest part's side): set image_size: {source.preprocess.input_size}, "
-                         f"not {preprocess.input_size}")  # fmt: skip
+                         f"not {config.input_size}")  # fmt: skip
     if config.dropout is not None:
         raise ValueError(f"init_from: {config.init_from} is a fused model whose parts keep their own dropout: "
                          "leave dropout unset")  # fmt: skip
@@ -487,7 +501,7 @@ def _export(
     composition: dict | None = None,
 ) -> None:
     """Write the best weights with what was fitted on validation: a fused model's fusion, the temperature and
-    the operating thresholds. ``composition``: how a fused model is made up (:func:`_initial_model`)."""
+    the operating thresholds. ``composition``: how a fused model is made up (:func:`initial_model`)."""
     meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
             "selected_on": config.select_on, "monitor": config.monitor, **(composition or {})}  # fmt: skip
     trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
