@@ -169,8 +169,10 @@ class FusedConfig:
         if config.init_from:
             raise ConfigError("fused.classifiers builds a fused model from ImageNet weights; init_from starts from "
                               "a saved one (which may be fused already): set one of them")  # fmt: skip
-        if get_spec(config.model).task != "localise":
+        localiser = get_spec(config.model)
+        if localiser.task != "localise":
             raise ConfigError(f"a fused model's model is its localiser, and {config.model} is not one")
+        ours = localiser.preprocess
         for name in self.classifiers:
             try:
                 spec = get_spec(name)
@@ -178,7 +180,6 @@ class FusedConfig:
                 raise ConfigError(f"fused.classifiers: {exc.args[0]}") from None
             if spec.task != "classify":
                 raise ConfigError(f"fused.classifiers: {name} is not a classifier")
-            ours = get_spec(config.model).preprocess
             if (spec.preprocess.mean, spec.preprocess.std) != (ours.mean, ours.std):
                 raise ConfigError(f"fused.classifiers: {name} normalises its input otherwise than {config.model}")
         if len(self.sizes) != len(self.classifiers) + 1:
