@@ -167,7 +167,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not data:
             raise SystemExit("error: pass --data (the run folder does not record its data root)")
         table = _load_split_table(data, args.splits or str(out / "splits.csv"))
-        config = None
+        # What --config and --set ask is checked against the run's own config, never silently dropped: only
+        # what does not change the weights (TrainConfig.RESUMABLE_KEYS, such as workers) may differ.
+        config = load_config(args.config or out / "config.yaml", args.set) if args.config or args.set else None
     else:
         if not args.config or not args.data:
             raise SystemExit("error: --config and --data are required (or --resume with --out)")
@@ -621,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="split manifest from `fracdet split` (default: the dataset's own split)")
     p.add_argument("--out", help="run folder (default: runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (with --resume, only keys that leave the weights as they would be, "
+                   "such as workers)")  # fmt: skip
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop once this many epochs are done (a sitting); continue later with --resume")  # fmt: skip
     p.add_argument("--devices", type=int, default=1,

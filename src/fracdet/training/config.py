@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -308,6 +308,29 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _build(cls, data, "")
 
+    #: Keys that change how a run computes and not what it learns (augmentation is seeded per image and epoch,
+    #: not per loading process), so a run may resume with others: fewer loading processes on a machine with
+    #: less memory than the one it started on.
+    RESUMABLE_KEYS: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """The dotted keys whose values differ between this config and ``other``, in config order."""
+        ours, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return [key for key in ours if ours[key] != theirs[key]]
+
+    def resumed_with(self, other: TrainConfig) -> TrainConfig:
+        """This (saved) run's config, continued as ``other`` asks.
+
+        A resumed run must reach the weights an uninterrupted one would, so ``other`` may change only
+        :attr:`RESUMABLE_KEYS`; anything else is refused with the keys named, never silently ignored.
+        """
+        changed = [key for key in self.differences(other) if key not in self.RESUMABLE_KEYS]
+        if changed:
+            free = ", ".join(sorted(self.RESUMABLE_KEYS))
+            raise ConfigError(f"the config differs from the run's in {', '.join(changed)}: a run resumes with what "
+                              f"it learns unchanged; only {free} may change")  # fmt: skip
+        return dataclasses.replace(self, **{key: getattr(other, key) for key in self.RESUMABLE_KEYS})
+
     def with_overrides(self, overrides: list[str]) -> TrainConfig:
         """Apply ``key=value`` strings (dotted keys, YAML values), e.g. ``optimizer.lr=3e-4``."""
         data = self.to_dict()
@@ -325,6 +348,16 @@ class TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}")
             node[leaf] = yaml.safe_load(raw)
         return TrainConfig.from_dict(data)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

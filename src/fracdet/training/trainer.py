@@ -38,7 +38,7 @@ from fracdet.models.predict import normalise, predict_margins, read_outputs, sel
 from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin, epoch_indices
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import RunExistsError, load_checkpoint, save_checkpoint, write_json
-from fracdet.training.config import TrainConfig
+from fracdet.training.config import ConfigError, TrainConfig
 from fracdet.training.distributed import Ranks, current_ranks
 from fracdet.training.losses import split_views, stability_loss, task_loss
 from fracdet.utils.cache import FeatureCache
@@ -174,7 +174,7 @@ def train(
 
     Args:
         config: the run's config; with ``resume=True`` it may be ``None`` (read from the run folder),
-            and when given it must equal the saved one.
+            and when given it may differ from the saved one only in ``TrainConfig.RESUMABLE_KEYS``.
         manifest: a sample table with a ``split`` column (``train``, ``val``, optionally ``test``) and
             ``attrs["root"]``; rows of other splits are ignored.
         out_dir: the run folder (see the module docstring).
@@ -191,9 +191,12 @@ def train(
     out_dir = Path(out_dir)
     if resume:
         saved = TrainConfig.from_dict(_read_yaml(out_dir / "config.yaml"))
-        if config is not None and config.to_dict() != saved.to_dict():
-            raise ValueError(f"--resume: the config differs from the one saved in {out_dir / 'config.yaml'}")
-        config = saved
+        try:
+            config = saved if config is None else saved.resumed_with(config)
+        except ConfigError as exc:
+            raise ConfigError(f"--resume: {out_dir / 'config.yaml'}: {exc}") from None
+        if config.workers != saved.workers:
+            log.info("resuming with workers=%d (the run started with %d)", config.workers, saved.workers)
     assert config is not None
     if "split" not in manifest or not {"train", "val"} <= set(manifest["split"].dropna()):
         raise ValueError("the manifest needs rows in the 'train' and 'val' splits (make one with `fracdet split`)")
