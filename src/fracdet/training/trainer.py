@@ -195,8 +195,8 @@ def train(
             config = saved if config is None else saved.resumed_with(config)
         except ConfigError as exc:
             raise ConfigError(f"--resume: {out_dir / 'config.yaml'}: {exc}") from None
-        if config.workers != saved.workers:
-            log.info("resuming with workers=%d (the run started with %d)", config.workers, saved.workers)
+        for key in saved.differences(config):  # only what leaves the weights as they would be
+            log.info("resuming with %s changed (the run's config.yaml keeps what it started with)", key)
     assert config is not None
     if "split" not in manifest or not {"train", "val"} <= set(manifest["split"].dropna()):
         raise ValueError("the manifest needs rows in the 'train' and 'val' splits (make one with `fracdet split`)")
