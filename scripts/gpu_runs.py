@@ -8,8 +8,10 @@ with a checkpoint becomes one ``NAME.tar.gz`` in ``--out``: float16 weights of i
 config, split manifest, history and log (about 9 MB for EfficientNet-Lite2; a bundle over
 :data:`MAX_FILE`, such as a fused Lite1 + Lite2 model's 16.2 MiB, comes in parts ``NAME.tar.gz.0``,
 ``.1``, ...: at most 8 files and 64 MiB come back, so three such runs a call). A finished run carries its
-validation calibration; a cut one is bundled from ``best.pt`` and is calibrated again by
-``fracdet evaluate`` on the originals, as every evaluation does anyway.
+validation fit (fusion, box edge, temperature, thresholds), made on the pack's pixels; a cut one is bundled
+from ``best.pt`` and carries none. Either is judged only after ``fracdet calibrate RUN --data ORIGINALS
+--out NEW`` has fitted it on the original validation files (``fracdet evaluate --split val`` keeps what the
+model stores, and every split keeps a fused model's fusion).
 
 ``--fit-epochs`` sets one epoch count for all runs, the most that fits the deadline: every run of the
 first wave times training steps on random batches at the same time as the others (so the shared GPU is

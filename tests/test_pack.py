@@ -18,7 +18,7 @@ from fracdet.data.split import apply_manifest
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation import evaluate
 from fracdet.models import load
-from fracdet.training import train
+from fracdet.training import choose_thresholds, fit_temperature, probabilities, train
 from fracdet.utils.cache import FeatureCache
 from tests.test_training import sample_manifest, tiny_config
 
@@ -96,6 +96,34 @@ def test_a_run_trained_on_the_pack_is_evaluated_on_the_original_files(packed, tm
     # the run's own manifest has no test rows (none were packed): the command says how to bring them back
     with pytest.raises(SystemExit, match="pass --splits with the full manifest"):
         main(["evaluate", str(run), "--data", str(table.attrs["root"]), "--split", "test", "--no-heatmaps"])
+
+
+def test_a_run_trained_on_the_pack_is_fitted_again_on_the_original_validation_files(packed, tmp_path, cache_dir,
+                                                                                     capsys):  # fmt: skip
+    table, result = packed
+    run, refit, root = tmp_path / "run", tmp_path / "refit", str(table.attrs["root"])
+    train(tiny_config(epochs=1), load_dataset(result.manifest), run, cache=FeatureCache(cache_dir))
+    report = ["--split", "val", "--no-heatmaps", "--bootstrap", "10", "--out"]
+    main(["evaluate", str(run), "--data", root, *report, str(tmp_path / "before")])
+    assert "temperature and thresholds were fitted on the validation files of" in capsys.readouterr().out
+
+    assert main(["calibrate", str(run), "--data", root, "--out", str(refit)]) == 0
+    originals = apply_manifest(load_dataset(root), run / "splits.csv")
+    val = originals[originals["split"] == "val"].pipe(_with_attrs, originals)
+    pixels = load_pixels(val, load(run).preprocess.input_size, cache=FeatureCache(cache_dir))
+    labels, margins = pixels.table["label"].to_numpy(int), load(refit).margins(pixels.images)
+    np.testing.assert_array_equal(margins, load(run).margins(pixels.images))  # the same weights
+    temperature = fit_temperature(margins, labels)
+    assert load(refit).temperature == pytest.approx(temperature)
+    assert load(refit).thresholds == pytest.approx(choose_thresholds(labels, probabilities(margins, temperature)))
+    assert load(refit).thresholds != pytest.approx(load(run).thresholds)  # the pack's pixels chose others
+
+    # the new folder reads the originals by default, and nothing is left to refit
+    main(["evaluate", str(refit), *report, str(tmp_path / "after")])
+    assert "were fitted on the validation files" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "after" / "metrics.json").read_text())["thresholds"] == load(refit).thresholds
+    with pytest.raises(SystemExit, match="already holds a model"):
+        main(["calibrate", str(run), "--data", root, "--out", str(refit)])
 
 
 def test_bad_pack_arguments_are_refused(packed, tmp_path):

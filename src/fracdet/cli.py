@@ -224,6 +224,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attrs = dict(table.attrs)
         table = table[~shared].reset_index(drop=True)
         table.attrs.update(attrs)
+    if kept := _fitted_elsewhere(model, data, table, args.split):
+        print(
+            f"note: {model.name}'s {kept} were fitted on the validation files of {_data_root(None, model.folder)}, "
+            f"not on these: fit them here with `fracdet calibrate {args.run} --data {data} --out NEW_FOLDER`"
+        )
     try:
         result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta,
                           stability=args.stability)  # fmt: skip
@@ -267,6 +272,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fitted_elsewhere(model, data: str, table, split: str) -> str | None:
+    """What of ``model``'s validation fit ``evaluate`` keeps although it was fitted on other files than ``data``'s
+    (a run trained on a pack, evaluated on the originals), or ``None``."""
+    fitted_on = _data_root(None, model.folder)
+    if not fitted_on or Path(fitted_on).resolve() == Path(data).resolve():
+        return None
+    if not model.splits_path or table.attrs.get("split_source") != str(model.splits_path):
+        return None  # another dataset, judged by the thresholds chosen where the model was made
+    kept = ["temperature and thresholds"] if split in ("val", "all") else []  # others are refitted on val
+    if getattr(model.module, "fusion", None) is not None:
+        kept.insert(0, "fusion and box edge")
+    return " and ".join(kept) or None
+
+
 def _print_localisation(loc: dict) -> None:
     other = loc.get("compare")
     for name, part in (("heatmaps", loc), (f"compared: {other['model']}" if other else "", other)):
@@ -295,6 +314,30 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
           f"sens90 threshold {ensemble.threshold:.3f} (on val)")  # fmt: skip
     if fusion := ensemble.meta.get("fusion_val_auc"):
         print("val AUC of each part and fused: " + ", ".join(f"{k} {v:.3f}" for k, v in fusion.items()))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fracdet.models import load
+    from fracdet.training.checkpoint import RunExistsError
+    from fracdet.training.recalibrate import recalibrate
+
+    model = load(args.run)
+    splits = args.splits or (str(model.splits_path) if model.splits_path else None)
+    if not splits:
+        raise SystemExit(f"error: {args.run} carries no split manifest: pass --splits")
+    table = _load_split_table(args.data, splits)
+    before = model.temperature, model.threshold
+    try:
+        model = recalibrate(model, table, args.out)
+    except (RunExistsError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"{model.name}: fitted on {len(table[table['split'] == 'val'])} validation files of {args.data}: "
+          f"temperature {before[0]:.3f} -> {model.temperature:.3f}, {model.operating_point} threshold "
+          f"{before[1]:.3f} -> {model.threshold:.3f}")  # fmt: skip
+    if fusion := model.meta.get("fusion_val_auc"):
+        print("val AUC of each part and fused: " + ", ".join(f"{k} {v:.3f}" for k, v in fusion.items()))
+    print(f"model folder: {model.folder} (evaluate it with `fracdet evaluate {model.folder}`)")
     return 0
 
 
@@ -735,6 +778,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the first run's data root)")
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a finished model's fusion, box edge, temperature and thresholds again on the validation files "
+        "of --data (a run trained on a pack, fitted on the originals), into a new model folder",
+    )
+    p.add_argument("run", help="run folder (or release) with float weights")
+    p.add_argument("--data", required=True, help="the dataset it will be judged on (e.g. the originals of its pack)")
+    p.add_argument("--splits", help="split manifest (default: the one the model carries)")
+    p.add_argument("--out", required=True, help="new folder for the recalibrated model (same weights)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("models", help="list architectures and trained (released) models")
     p.set_defaults(func=cmd_models)

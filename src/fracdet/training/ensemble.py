@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from fracdet.data.pixels import load_pixels
 from fracdet.models import TrainedModel, combine, save_model
-from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import write_json
+from fracdet.training.recalibrate import fit_on_val
 from fracdet.utils.cache import FeatureCache
 
 __all__ = ["build_ensemble"]
@@ -42,18 +41,10 @@ def build_ensemble(
         half: store the weights as float16 (see :func:`fracdet.models.save_model`).
 
     Raises:
-        ValueError: see :func:`fracdet.models.combine`; or ``table`` has no validation rows.
+        ValueError: see :func:`fracdet.models.combine` and :func:`fracdet.training.recalibrate.fit_on_val`.
     """
     ensemble = combine(models, name=Path(out_dir).name)
-    val = table[table["split"] == "val"]
-    if val.empty:
-        raise ValueError("the table has no 'val' rows to calibrate the ensemble on")
-    val.attrs.update(table.attrs)
-    pixels = load_pixels(val, ensemble.preprocess.input_size, cache=cache, desc="decoding val")
-    boxes = None  # a fused localiser's box edge is fitted to the expert boxes again
-    if ensemble.task == "localise" and "boxes" in pixels.table:
-        boxes = [b if isinstance(b, list) else [] for b in pixels.table["boxes"]]
-    calibrate(ensemble, pixels.images, pixels.table["label"].to_numpy(int), boxes=boxes, progress=True)
+    pixels = fit_on_val(ensemble, table, cache=cache)
     out = save_model(ensemble, out_dir, half=half)
     if manifest := models[0].splits_path:
         shutil.copy2(manifest, out / "splits.csv")
