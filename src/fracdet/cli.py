@@ -224,11 +224,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attrs = dict(table.attrs)
         table = table[~shared].reset_index(drop=True)
         table.attrs.update(attrs)
-    if kept := _fitted_elsewhere(model, data, table, args.split):
-        print(
-            f"note: {model.name}'s {kept} were fitted on the validation files of {_data_root(None, model.folder)}, "
-            f"not on these: fit them here with `fracdet calibrate {args.run} --data {data} --out NEW_FOLDER`"
-        )
+    if note := _fitted_elsewhere(model, data, table, args.split):
+        print(f"{note}: fit them here with `fracdet calibrate {args.run} --data {data} --out NEW_FOLDER`")
     try:
         result = evaluate(model, table, split=args.split, n_boot=args.bootstrap, tta=args.tta,
                           stability=args.stability)  # fmt: skip
@@ -273,8 +270,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _fitted_elsewhere(model, data: str, table, split: str) -> str | None:
-    """What of ``model``'s validation fit ``evaluate`` keeps although it was fitted on other files than ``data``'s
-    (a run trained on a pack, evaluated on the originals), or ``None``."""
+    """A note naming what of ``model``'s validation fit ``evaluate`` keeps although it was fitted on other files
+    than ``data``'s (a run trained on a pack, evaluated on the originals), or ``None``."""
     fitted_on = _data_root(None, model.folder)
     if not fitted_on or Path(fitted_on).resolve() == Path(data).resolve():
         return None
@@ -283,7 +280,9 @@ def _fitted_elsewhere(model, data: str, table, split: str) -> str | None:
     kept = ["temperature and thresholds"] if split in ("val", "all") else []  # others are refitted on val
     if getattr(model.module, "fusion", None) is not None:
         kept.insert(0, "fusion and box edge")
-    return " and ".join(kept) or None
+    if not kept:
+        return None
+    return f"note: {model.name}'s {' and '.join(kept)} were fitted on the validation files of {fitted_on}, not on these"
 
 
 def _print_localisation(loc: dict) -> None:
@@ -332,9 +331,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         model = recalibrate(model, table, args.out)
     except (RunExistsError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(f"{model.name}: fitted on {len(table[table['split'] == 'val'])} validation files of {args.data}: "
-          f"temperature {before[0]:.3f} -> {model.temperature:.3f}, {model.operating_point} threshold "
-          f"{before[1]:.3f} -> {model.threshold:.3f}")  # fmt: skip
+    print(
+        f"{model.name}: fitted on the validation files of {args.data}: temperature {before[0]:.3f} -> "
+        f"{model.temperature:.3f}, {model.operating_point} threshold {before[1]:.3f} -> {model.threshold:.3f}"
+    )
     if fusion := model.meta.get("fusion_val_auc"):
         print("val AUC of each part and fused: " + ", ".join(f"{k} {v:.3f}" for k, v in fusion.items()))
     print(f"model folder: {model.folder} (evaluate it with `fracdet evaluate {model.folder}`)")

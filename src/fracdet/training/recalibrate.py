@@ -10,7 +10,6 @@ the same, and the first folder is left as it was.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from fracdet.training.checkpoint import RunExistsError, write_json
 from fracdet.utils.cache import FeatureCache
 
 __all__ = ["fit_on_val", "recalibrate"]
-
-log = logging.getLogger(__name__)
 
 #: What a recalibrated folder takes from its source as it was: how it was trained and what it was trained on.
 _KEPT = ("splits.csv", "config.yaml", "metrics.csv", "curves.png")
@@ -74,7 +71,6 @@ def recalibrate(
         raise RunExistsError(f"{out} already holds a model: choose another --out")
     if model.module is None:
         raise ValueError(f"{model.name} is a compiled graph: `fracdet quantize` fits it on validation itself")
-    before = (model.temperature, dict(model.thresholds))
     pixels = fit_on_val(model, table, cache=cache)
     model.meta.pop("name", None)  # named after its new folder, like any run
     save_model(model, out, half=model.meta.get("weights_dtype") == "float16")
@@ -93,7 +89,4 @@ def recalibrate(
         },
     )
     model.folder, model.name = out, out.name
-    log.info("recalibrated on %d validation images: temperature %.3f -> %.3f, %s threshold %.3f -> %.3f",
-             len(pixels.table), before[0], model.temperature, model.operating_point,
-             before[1].get(model.operating_point, float("nan")), model.threshold)  # fmt: skip
     return model
