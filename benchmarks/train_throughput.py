@@ -163,7 +163,7 @@ def _fracdet_batches(table, config, device: torch.device):
     ``device``, as the training loop does."""
     from fracdet.data.pixels import load_pixels
     from fracdet.models import get_spec
-    from fracdet.training.augment import AugmentedImages, build_augmentation, epoch_indices
+    from fracdet.training.augment import AugmentedImages, EpochLoader, build_augmentation, epoch_draws
 
     pixels = load_pixels(table, config.input_size, desc=f"decoding at {config.input_size} px (cached)")
     labels = pixels.table["label"].to_numpy(np.int64)
@@ -175,20 +175,18 @@ def _fracdet_batches(table, config, device: torch.device):
                               mask_target=config.localise.target, seed=config.seed,
                               defer=config.augment_on == "device")  # fmt: skip
     epoch = 0
-    while True:
-        dataset.epoch = epoch
-        order = list(enumerate(epoch_indices(labels, config.balance, config.seed, epoch).tolist()))
-        batches = [order[i : i + config.batch_size] for i in range(0, len(order) - config.batch_size + 1,
-                                                                    config.batch_size)]  # fmt: skip
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.workers,
-                                             pin_memory=torch.cuda.is_available())  # fmt: skip
-        for (x, y, *masks), batch in zip(loader, batches, strict=True):
-            mask = masks[0] if masks else None
-            if dataset.defer:
-                x, mask = x.to(device, non_blocking=True), None if mask is None else mask.to(device)
-                x, mask = dataset.augment_batch(x, mask, [position for position, _ in batch])
-            yield x, y, mask
-        epoch += 1
+    with EpochLoader(dataset, config.workers, pin_memory=torch.cuda.is_available()) as loader:
+        while True:
+            order = epoch_draws(labels, config.balance, config.seed, epoch)
+            batches = [order[i : i + config.batch_size] for i in range(0, len(order) - config.batch_size + 1,
+                                                                        config.batch_size)]  # fmt: skip
+            for (x, y, *masks), batch in zip(loader(batches), batches, strict=True):
+                mask = masks[0] if masks else None
+                if dataset.defer:
+                    x, mask = x.to(device, non_blocking=True), None if mask is None else mask.to(device)
+                    x, mask = dataset.augment_batch(x, mask, batch)
+                yield x, y, mask
+            epoch += 1
 
 
 def _measure(batches, config, device: torch.device, args: argparse.Namespace, *, plain: bool) -> float:

@@ -120,20 +120,18 @@ def test_each_process_takes_its_share_of_every_batch_and_together_they_take_it_a
 
 
 def test_an_image_is_augmented_the_same_whoever_scores_it():
-    from fracdet.training.augment import AugmentedImages, build_augmentation
+    from fracdet.training.augment import AugmentedImages, Draw, build_augmentation
     from fracdet.training.config import AugmentConfig
 
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8)
     augment = build_augmentation(AugmentConfig(hflip=0.5, rotation=20, contrast=0.3))
     dataset = AugmentedImages(images, np.zeros(4), augment, seed=3)
-    dataset.epoch = 2
-    first = dataset[(5, 1)][0]
+    first = dataset[Draw(epoch=2, position=5, index=1)][0]
     torch.manual_seed(123)  # whatever was drawn before
-    dataset[(6, 2)]
-    assert torch.equal(dataset[(5, 1)][0], first)
-    assert not torch.equal(dataset[(7, 1)][0], first)  # another position, another augmentation
-    dataset.epoch = 3
-    assert not torch.equal(dataset[(5, 1)][0], first)
+    dataset[Draw(2, 6, 2)]
+    assert torch.equal(dataset[Draw(2, 5, 1)][0], first)
+    assert not torch.equal(dataset[Draw(2, 7, 1)][0], first)  # another position, another augmentation
+    assert not torch.equal(dataset[Draw(3, 5, 1)][0], first)  # another epoch, another augmentation
 
 
 def test_two_processes_train_the_same_weights_as_one(sample_root, cache_dir, tmp_path):

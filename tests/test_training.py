@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -183,9 +184,12 @@ def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_d
         if epoch == 1:
             raise SimulatedCrashError
 
-    with pytest.raises(SimulatedCrashError):
-        train(config, manifest, tmp_path / "broken", cache=cache, on_epoch_end=stop_after_second)
+    with pytest.raises(SimulatedCrashError) as crash:  # made on 2 loading processes, straight on none
+        train(config.with_overrides(["workers=2"]), manifest, tmp_path / "broken", cache=cache,
+              on_epoch_end=stop_after_second)  # fmt: skip
     assert not (tmp_path / "broken" / "model.json").exists()
+    # the crash stopped them, even while its traceback (which holds the loader) is still at hand
+    assert crash.traceback and not multiprocessing.active_children()
     # resumed on a machine with less memory: another number of loading processes, the same weights
     elsewhere = config.with_overrides(["workers=1"])
     result = train(elsewhere, manifest, tmp_path / "broken", resume=True, cache=cache)
@@ -195,6 +199,21 @@ def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_d
     with pytest.raises(ValueError, match=r"config differs from the run's in epochs, optimizer\.lr"):
         train(config.with_overrides(["epochs=5", "optimizer.lr=0.5"]), manifest, tmp_path / "broken", resume=True,
               cache=cache)  # fmt: skip
+
+
+def test_loading_processes_start_once_a_run_and_are_gone_when_it_ends(sample_root, cache_dir, tmp_path):
+    # Forked anew every epoch, they were copies of a training process grown by what training allocates: two
+    # of them ran a 24 GB machine out of memory (docs/RELIABILITY.md). They now serve every epoch of a run.
+    loading = []
+
+    def note_the_loading_processes(epoch: int, row: dict) -> None:
+        loading.append(sorted(child.pid for child in multiprocessing.active_children()))
+
+    config = tiny_config(epochs=3, workers=2, **{"augment.hflip": 0.5, "augment.rotation": 10})
+    train(config, sample_manifest(sample_root), tmp_path / "run", cache=FeatureCache(cache_dir),
+          on_epoch_end=note_the_loading_processes)  # fmt: skip
+    assert len(loading[0]) == 2 and loading == [loading[0]] * 3
+    assert not multiprocessing.active_children()
 
 
 KILLABLE = """
@@ -431,7 +450,7 @@ def test_compiled_training_steps_train_the_weights_of_eager_ones(sample_root, ca
 
 
 def test_augmenting_on_the_device_gives_the_batches_the_loader_gives():
-    from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin
+    from fracdet.training.augment import AugmentedImages, Draw, build_augmentation, build_twin
     from fracdet.training.config import StabilityConfig
 
     recipe = load_config(REPO / "configs" / "localiser.yaml")  # flips, affine, contrast, JPEG/WebP, rescaling
@@ -443,12 +462,11 @@ def test_augmenting_on_the_device_gives_the_batches_the_loader_gives():
                                twin=build_twin(StabilityConfig(weight=1.0)), seed=4, defer=defer)  # fmt: skip
 
     loader, deferred = dataset(False), dataset(True)
-    loader.epoch = deferred.epoch = 2
-    items = [(position, (3 * position) % 6) for position in range(6)]
+    items = [Draw(epoch=2, position=position, index=(3 * position) % 6) for position in range(6)]
     expected = torch.utils.data.default_collate([loader[item] for item in items])
     raw = torch.utils.data.default_collate([deferred[item] for item in items])
     assert raw[0].shape == (6, 1, 64, 64)  # as stored: one view, not augmented yet
-    x, mask = deferred.augment_batch(raw[0], raw[2], [position for position, _ in items])
+    x, mask = deferred.augment_batch(raw[0], raw[2], items)
     assert x.shape == expected[0].shape == (6, 2, 64, 64)
     assert torch.equal(x, expected[0]) and torch.equal(mask, expected[2])
     assert not torch.equal(x[:, :1], raw[0])  # it did augment

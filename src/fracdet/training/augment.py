@@ -5,7 +5,8 @@ interruption draws the same images in the same order with the same augmentations
 derives from ``(seed, epoch, its position in the epoch)``, never from what was drawn before it, so it is
 the same whichever process, data-loading worker or device scores it: training on several devices
 (:mod:`fracdet.training.distributed`) sees exactly the images one process would, and a run resumes on
-another device count.
+another device count. Each item of a batch is a :class:`Draw` that names its epoch, so the loading
+processes need no state of their own: :class:`EpochLoader` starts them once a run.
 
 Images travel as ``tv_tensors.Image`` and fracture masks as ``tv_tensors.Mask``, so torchvision's
 ``transforms.v2`` moves a mask with its pixels (nearest-neighbour) and leaves it out of what only changes
@@ -17,19 +18,41 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from fracdet.data.masks import fracture_mask
 from fracdet.training.config import AugmentConfig, StabilityConfig
 
-__all__ = ["AugmentedImages", "Reencode", "build_augmentation", "build_twin", "epoch_indices"]
+__all__ = [
+    "AugmentedImages",
+    "Draw",
+    "EpochLoader",
+    "Reencode",
+    "build_augmentation",
+    "build_twin",
+    "epoch_draws",
+    "epoch_indices",
+]
+
+
+class Draw(NamedTuple):
+    """Image ``index`` as drawn at ``position`` of ``epoch``: what a batch is made of.
+
+    Its augmentation derives from ``(seed, epoch, position)`` alone. The epoch travels with the item because
+    the loading processes keep their own copy of the dataset from the moment they start: set on the training
+    process's copy, it would not reach them.
+    """
+
+    epoch: int
+    position: int
+    index: int
 
 
 class Reencode(v2.Transform):
@@ -110,9 +133,8 @@ class AugmentedImages(Dataset):
     With ``twin`` (:func:`build_twin`), each image comes as ``(2, H, W)``: the augmented image and a copy of
     it passed through ``twin`` (only pixels change, so the mask holds for both).
 
-    Items are asked for as ``(position, index)``: image ``index``, augmented with the random numbers of
-    ``position`` in epoch :attr:`epoch` (see the module docstring). A plain ``index`` draws from the global
-    random state instead.
+    Items are asked for as :class:`Draw`: the image, augmented with the random numbers of its place in its
+    epoch (see the module docstring). A plain ``index`` draws from the global random state instead.
 
     With ``defer``, items come as they are stored (the mask drawn, nothing moved) and the training loop
     augments the batch where it trains, on the GPU (:meth:`augment_batch`): the same transforms with the
@@ -140,36 +162,35 @@ class AugmentedImages(Dataset):
         self.twin = twin
         self.seed = seed
         self.defer = defer
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, item: int | Draw) -> tuple[torch.Tensor, ...]:
         if isinstance(item, int | np.integer):
             return self._item(int(item))
-        position, index = item
-        with self._random_numbers_of(position):
-            return self._item(index)
+        with self._random_numbers_of(item):
+            return self._item(item.index)
 
     def augment_batch(
-        self, images: torch.Tensor, masks: torch.Tensor | None, positions: Sequence[int]
+        self, images: torch.Tensor, masks: torch.Tensor | None, draws: Sequence[Draw]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Augment a deferred batch on its own device: ``(B, 1, H, W)`` images (and ``(B, H, W)`` masks) of
-        the epoch's ``positions`` -> what :meth:`__getitem__` would have given without ``defer``."""
+        ``draws`` -> what :meth:`__getitem__` would have given without ``defer``."""
         views, moved = [], []
-        for k, position in enumerate(positions):
-            with self._random_numbers_of(position):
+        for k, draw in enumerate(draws):
+            with self._random_numbers_of(draw):
                 x, mask = self._augment(images[k], None if masks is None else masks[k])
             views.append(x)
             moved.append(mask)
         return torch.stack(views), None if masks is None else torch.stack(moved)
 
     @contextmanager
-    def _random_numbers_of(self, position: int) -> Iterator[None]:
-        """The global random state of ``position`` in :attr:`epoch`, restored afterwards."""
+    def _random_numbers_of(self, draw: Draw) -> Iterator[None]:
+        """The global random state of ``draw``'s place in its epoch, restored afterwards."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0]))
+            key = [self.seed, draw.epoch, draw.position]
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
             yield
 
     def _item(self, index: int) -> tuple[torch.Tensor, ...]:
@@ -199,6 +220,70 @@ class AugmentedImages(Dataset):
         if self.twin is not None:
             x = torch.cat([x, self.twin(x)])
         return x.as_subclass(torch.Tensor), mask
+
+
+class EpochLoader:
+    """The batches of one epoch after another, from ``workers`` loading processes started once for them all.
+
+    Forked anew for every epoch, the processes were copies of a training process that had grown by all that
+    training allocates, and at 192/224 px two of them ran a 24 GB machine out of memory (docs/RELIABILITY.md).
+    Now they start with the first epoch's batches and stay until the ``with`` block ends, however it ends. They
+    need nothing of an epoch but its batches, since every item is a :class:`Draw`. With ``workers=0`` the
+    batches are made in this process. ``pin_memory``: batches in page-locked memory, for copies to a GPU that
+    do not wait.
+
+    Example::
+
+        with EpochLoader(dataset, workers=2) as loader:
+            for epoch in range(epochs):
+                for x, y, *masks in loader(batches_of(epoch)):
+                    ...
+    """
+
+    def __init__(self, dataset: AugmentedImages, workers: int = 0, *, pin_memory: bool = False) -> None:
+        self._batches = _Batches()
+        # Its own generator: each pass draws a seed from it, which would otherwise move the global random
+        # state that dropout uses.
+        self._loader = DataLoader(dataset, batch_sampler=self._batches, num_workers=workers,
+                                  persistent_workers=workers > 0, pin_memory=pin_memory,
+                                  generator=torch.Generator())  # fmt: skip
+
+    def __call__(self, batches: Sequence[Sequence[Draw]]) -> Iterator[Any]:
+        """The collated ``batches``, in order."""
+        self._batches.batches = batches
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the loading processes (what the loader does when it is garbage-collected, now)."""
+        iterator = getattr(self._loader, "_iterator", None)  # where the DataLoader keeps persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self._loader._iterator = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Batches:
+    """The batch sampler of :class:`EpochLoader`: the current epoch's batches, read as each epoch begins."""
+
+    def __init__(self) -> None:
+        self.batches: Sequence[Sequence[Draw]] = ()
+
+    def __iter__(self) -> Iterator[list[Draw]]:
+        return (list(batch) for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def epoch_draws(labels: np.ndarray, balance: str, seed: int, epoch: int) -> list[Draw]:
+    """:func:`epoch_indices` as the epoch's :class:`Draw` items."""
+    order = epoch_indices(labels, balance, seed, epoch).tolist()
+    return [Draw(epoch, position, index) for position, index in enumerate(order)]
 
 
 def epoch_indices(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:

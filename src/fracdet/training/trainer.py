@@ -35,7 +35,15 @@ from fracdet.data.pixels import PixelSet, load_pixels
 from fracdet.models import TrainedModel, create_model, get_spec, save_model
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.predict import normalise, predict_margins, read_outputs, select_device
-from fracdet.training.augment import AugmentedImages, build_augmentation, build_twin, epoch_indices
+from fracdet.training.augment import (
+    AugmentedImages,
+    Draw,
+    EpochLoader,
+    build_augmentation,
+    build_twin,
+    epoch_draws,
+    epoch_indices,
+)
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import RunExistsError, load_checkpoint, save_checkpoint, write_json
 from fracdet.training.config import ConfigError, TrainConfig
@@ -273,114 +281,111 @@ def train(
 
     use_amp = config.amp and device.type == "cuda"
     stopped_early = False
-    for epoch in range(start_epoch, config.epochs):
-        if config.early_stopping and bad_epochs >= config.early_stopping:
-            stopped_early = True
-            break
-        if stop_after is not None and epoch >= stop_after:
-            log.info("stopping after epoch %d as asked; continue with --resume", epoch)
-            return TrainResult(out_dir, pd.DataFrame(history), 0, False)
-        started = time.perf_counter()
-        torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
-        dataset.epoch = epoch
-        batches = _batches(epoch_indices(train_labels, config.balance, config.seed, epoch), config.batch_size, ranks)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=[ranks.shard(batch) for batch in batches],
-            num_workers=config.workers,
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-        )
-        network.train()
-        loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
-                        "part_weight": config.fused.part_weight}  # fmt: skip
-        # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
-        with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
-            for step, ((x, y, *masks), batch) in enumerate(zip(loader, batches, strict=True)):
-                x, y = x.to(device, non_blocking=True), y.to(device)
-                mask = masks[0].to(device, non_blocking=True) if masks else None
-                if dataset.defer:  # augmented here, on the device, as the loader would have
-                    x, mask = dataset.augment_batch(x, mask, [position for position, _ in ranks.shard(batch)])
-                if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
-                    x = torch.cat([x[:, :1], x[:, 1:]])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    outputs = network(normalise(x, preprocess))
-                if stable:
-                    outputs, copies = split_views(outputs, len(y))
-                loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
-                change = torch.zeros((), device=device)
-                if stable:
-                    change = stability_loss(outputs, copies, relative=config.stability.relative)
-                    loss = loss + config.stability.weight * change
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if config.schedule.name == "onecycle":
-                    schedule.step()
-                correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
-                sums += torch.stack([loss.detach() * len(y), change.detach() * len(y), correct,
-                                     torch.full((), len(y), device=device)]).double()  # fmt: skip
-                bar.update(len(batch))
-                if step % POSTFIX_EVERY == 0:  # the one read of the device in the loop
-                    loss_sum, change_sum, _, count = sums.tolist()
-                    bar.set_postfix(loss=f"{loss_sum / count:.4f}",
-                                    **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
+    # the loading processes start with the first epoch and stop when the loop ends, however it ends
+    with EpochLoader(dataset, config.workers, pin_memory=device.type == "cuda") as loader:
+        for epoch in range(start_epoch, config.epochs):
+            if config.early_stopping and bad_epochs >= config.early_stopping:
+                stopped_early = True
+                break
+            if stop_after is not None and epoch >= stop_after:
+                log.info("stopping after epoch %d as asked; continue with --resume", epoch)
+                return TrainResult(out_dir, pd.DataFrame(history), 0, False)
+            started = time.perf_counter()
+            torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
+            batches = _batches(epoch_draws(train_labels, config.balance, config.seed, epoch), config.batch_size, ranks)
+            shards = [ranks.shard(batch) for batch in batches]
+            network.train()
+            loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
+                            "part_weight": config.fused.part_weight}  # fmt: skip
+            # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
+            with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
+                batched = zip(loader(shards), batches, shards, strict=True)
+                for step, ((x, y, *masks), batch, shard) in enumerate(batched):
+                    x, y = x.to(device, non_blocking=True), y.to(device)
+                    mask = masks[0].to(device, non_blocking=True) if masks else None
+                    if dataset.defer:  # augmented here, on the device, as the loader would have
+                        x, mask = dataset.augment_batch(x, mask, shard)
+                    if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
+                        x = torch.cat([x[:, :1], x[:, 1:]])
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        outputs = network(normalise(x, preprocess))
+                    if stable:
+                        outputs, copies = split_views(outputs, len(y))
+                    loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
+                    change = torch.zeros((), device=device)
+                    if stable:
+                        change = stability_loss(outputs, copies, relative=config.stability.relative)
+                        loss = loss + config.stability.weight * change
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if config.schedule.name == "onecycle":
+                        schedule.step()
+                    correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
+                    sums += torch.stack([loss.detach() * len(y), change.detach() * len(y), correct,
+                                         torch.full((), len(y), device=device)]).double()  # fmt: skip
+                    bar.update(len(batch))
+                    if step % POSTFIX_EVERY == 0:  # the one read of the device in the loop
+                        loss_sum, change_sum, _, count = sums.tolist()
+                        bar.set_postfix(loss=f"{loss_sum / count:.4f}",
+                                        **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
 
-        total_loss, total_change, correct, seen = ranks.sum(*sums.tolist())
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total_loss / seen,
-            "train_accuracy": correct / seen,
-        }
-        if stable:  # mean stability loss (Huber of the score change) between images and their re-saved copies
-            row["train_score_change"] = total_change / seen
-        ranks.broadcast_buffers(model)  # every rank scores with rank 0's batch-norm statistics
-        for split in wanted[1:]:
-            images, labels = parts[split]
-            margins = predict_margins(model, images[ranks.rank :: ranks.world], preprocess,
-                                      batch_size=2 * config.batch_size, device=device)  # fmt: skip
-            margins = ranks.gather(margins, len(images))
-            row.update({f"{split}_{k}": v for k, v in _score(margins, labels).items()})
-        value = row[f"{config.select_on}_{config.monitor}"]
-        improved = _improved(value, best, config.monitor)
-        row["best"] = improved
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        history.append(row)
-        if improved:
-            best, bad_epochs = value, 0
+            total_loss, total_change, correct, seen = ranks.sum(*sums.tolist())
+            row = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": total_loss / seen,
+                "train_accuracy": correct / seen,
+            }
+            if stable:  # mean stability loss (Huber of the score change) between images and their re-saved copies
+                row["train_score_change"] = total_change / seen
+            ranks.broadcast_buffers(model)  # every rank scores with rank 0's batch-norm statistics
+            for split in wanted[1:]:
+                images, labels = parts[split]
+                margins = predict_margins(model, images[ranks.rank :: ranks.world], preprocess,
+                                          batch_size=2 * config.batch_size, device=device)  # fmt: skip
+                margins = ranks.gather(margins, len(images))
+                row.update({f"{split}_{k}": v for k, v in _score(margins, labels).items()})
+            value = row[f"{config.select_on}_{config.monitor}"]
+            improved = _improved(value, best, config.monitor)
+            row["best"] = improved
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            history.append(row)
+            if improved:
+                best, bad_epochs = value, 0
+                if ranks.main:
+                    save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": model.state_dict(), **row})
+            else:
+                bad_epochs += 1
+            if config.schedule.name == "plateau":
+                schedule.step(value)
+            elif config.schedule.name != "onecycle":
+                schedule.step()
             if ranks.main:
-                save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": model.state_dict(), **row})
-        else:
-            bad_epochs += 1
-        if config.schedule.name == "plateau":
-            schedule.step(value)
-        elif config.schedule.name != "onecycle":
-            schedule.step()
-        if ranks.main:
-            save_checkpoint(
-                last_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best": best,
-                    "bad": bad_epochs,
-                },
-            )
-            frame = pd.DataFrame(history)
-            frame.to_csv(out_dir / "metrics.csv", index=False)
-            plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
-        ranks.barrier()  # the epoch's checkpoint is written before any rank goes on
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f acc %.3f auc %.3f%s",
-            epoch + 1, row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_auc"],
-            " (best)" if improved else "",
-        )  # fmt: skip
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
+                save_checkpoint(
+                    last_path,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "best": best,
+                        "bad": bad_epochs,
+                    },
+                )
+                frame = pd.DataFrame(history)
+                frame.to_csv(out_dir / "metrics.csv", index=False)
+                plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
+            ranks.barrier()  # the epoch's checkpoint is written before any rank goes on
+            log.info(
+                "epoch %d: train loss %.4f, val loss %.4f acc %.3f auc %.3f%s",
+                epoch + 1, row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_auc"],
+                " (best)" if improved else "",
+            )  # fmt: skip
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
 
     history_frame = pd.DataFrame(history)
     best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
@@ -405,13 +410,12 @@ def _wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model)
 
 
-def _batches(order: np.ndarray, batch_size: int, ranks: Ranks) -> list[list[tuple[int, int]]]:
-    """The epoch's batches, as ``(position, image index)`` items; each rank takes its :meth:`Ranks.shard`.
+def _batches(items: list[Draw], batch_size: int, ranks: Ranks) -> list[list[Draw]]:
+    """The epoch's batches; each rank takes its :meth:`Ranks.shard`.
 
     They are those of one process; with several, a last batch smaller than the number of processes is left
     out (every rank must take part in every step): at most ``world - 1`` images an epoch.
     """
-    items = list(enumerate(order.tolist()))
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     return [batch for batch in batches if len(batch) >= ranks.world]
 
