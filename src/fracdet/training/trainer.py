@@ -22,7 +22,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,7 +279,6 @@ def train(
         start_epoch, history, best, bad_epochs = state["epoch"] + 1, state["history"], state["best"], state["bad"]
         log.info("resuming %s after epoch %d", out_dir, state["epoch"])
 
-    use_amp = config.amp and device.type == "cuda"
     stopped_early = False
     # the loading processes start with the first epoch and stop when the loop ends, however it ends
     with EpochLoader(dataset, config.workers, pin_memory=device.type == "cuda") as loader:
@@ -294,44 +293,10 @@ def train(
             torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
             batches = _batches(epoch_draws(train_labels, config.balance, config.seed, epoch), config.batch_size, ranks)
             shards = [ranks.shard(batch) for batch in batches]
-            network.train()
-            loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
-                            "part_weight": config.fused.part_weight}  # fmt: skip
-            # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
-            with progress_bar(desc=f"epoch {epoch + 1}/{config.epochs}", total=sum(map(len, batches))) as bar:
-                batched = zip(loader(shards), batches, shards, strict=True)
-                for step, ((x, y, *masks), batch, shard) in enumerate(batched):
-                    x, y = x.to(device, non_blocking=True), y.to(device)
-                    mask = masks[0].to(device, non_blocking=True) if masks else None
-                    if dataset.defer:  # augmented here, on the device, as the loader would have
-                        x, mask = dataset.augment_batch(x, mask, shard)
-                    if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
-                        x = torch.cat([x[:, :1], x[:, 1:]])
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        outputs = network(normalise(x, preprocess))
-                    if stable:
-                        outputs, copies = split_views(outputs, len(y))
-                    loss = task_loss(outputs, y, mask, class_weight=loss_weight, **loss_weights)
-                    change = torch.zeros((), device=device)
-                    if stable:
-                        change = stability_loss(outputs, copies, relative=config.stability.relative)
-                        loss = loss + config.stability.weight * change
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if config.schedule.name == "onecycle":
-                        schedule.step()
-                    correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
-                    sums += torch.stack([loss.detach() * len(y), change.detach() * len(y), correct,
-                                         torch.full((), len(y), device=device)]).double()  # fmt: skip
-                    bar.update(len(batch))
-                    if step % POSTFIX_EVERY == 0:  # the one read of the device in the loop
-                        loss_sum, change_sum, _, count = sums.tolist()
-                        bar.set_postfix(loss=f"{loss_sum / count:.4f}",
-                                        **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
-
-            total_loss, total_change, correct, seen = ranks.sum(*sums.tolist())
+            sums = _train_epoch(network, loader(shards), batches, shards, dataset=dataset, optimizer=optimizer,
+                                schedule=schedule, config=config, preprocess=preprocess, device=device,
+                                class_weight=loss_weight, desc=f"epoch {epoch + 1}/{config.epochs}")  # fmt: skip
+            total_loss, total_change, correct, seen = ranks.sum(*sums)
             row = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -395,6 +360,63 @@ def train(
         _export(model, config, preprocess, parts["val"], out_dir, best_state, device, val_boxes, composition)
     ranks.barrier()
     return TrainResult(out_dir, history_frame, int(best_state["epoch"]), stopped_early)
+
+
+def _train_epoch(
+    network: nn.Module,
+    loaded: Iterator[tuple[torch.Tensor, ...]],
+    batches: list[list[Draw]],
+    shards: list[list[Draw]],
+    *,
+    dataset: AugmentedImages,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    preprocess: PreprocessCfg,
+    device: torch.device,
+    class_weight: torch.Tensor | None,
+    desc: str,
+) -> list[float]:
+    """The training steps of one epoch: ``loaded`` are the collated ``shards`` (this process's part of each of
+    ``batches``). Returns this process's sums of the loss, the score change, correct verdicts and images."""
+    stable = config.stability.weight > 0
+    use_amp = config.amp and device.type == "cuda"
+    loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
+                    "part_weight": config.fused.part_weight}  # fmt: skip
+    network.train()
+    # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
+    with progress_bar(desc=desc, total=sum(map(len, batches))) as bar:
+        for step, ((x, y, *masks), batch, shard) in enumerate(zip(loaded, batches, shards, strict=True)):
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            mask = masks[0].to(device, non_blocking=True) if masks else None
+            if dataset.defer:  # augmented here, on the device, as the loader would have
+                x, mask = dataset.augment_batch(x, mask, shard)
+            if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
+                x = torch.cat([x[:, :1], x[:, 1:]])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = network(normalise(x, preprocess))
+            if stable:
+                outputs, copies = split_views(outputs, len(y))
+            loss = task_loss(outputs, y, mask, class_weight=class_weight, **loss_weights)
+            change = torch.zeros((), device=device)
+            if stable:
+                change = stability_loss(outputs, copies, relative=config.stability.relative)
+                loss = loss + config.stability.weight * change
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if config.schedule.name == "onecycle":
+                schedule.step()
+            correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
+            sums += torch.stack([loss.detach() * len(y), change.detach() * len(y), correct,
+                                 torch.full((), len(y), device=device)]).double()  # fmt: skip
+            bar.update(len(batch))
+            if step % POSTFIX_EVERY == 0:  # the one read of the device in the loop
+                loss_sum, change_sum, _, count = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}",
+                                **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
+    return sums.tolist()
 
 
 def _wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
