@@ -22,3 +22,13 @@ def checkout(revision: str) -> Iterator[Path]:
             yield tree / "src"
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+
+
+def revisions(baseline: str) -> tuple[str, str]:
+    """``baseline`` as a short commit, and this tree as ``git describe`` names it (``-dirty`` if edited):
+    what a side-by-side result records of its two sides."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", baseline), git("describe", "--always", "--dirty")

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _checkout import checkout
+from _checkout import checkout, revisions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,10 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results-audit-speed.json")
     args = parser.parse_args()
 
-    revision = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-    tree = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    revision, tree = revisions(args.baseline)
     runs: dict[str, list[dict]] = {"baseline": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="fracdet-reports-") as scratch, checkout(revision) as baseline_src:
         sources = {"baseline": baseline_src, "this": ROOT / "src"}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _checkout import checkout
+from _checkout import checkout, revisions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,10 +122,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results-train-memory.json")
     args = parser.parse_args()
 
-    revision = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-    tree = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    revision, tree = revisions(args.baseline)
     runs, weights = {}, {}
     with tempfile.TemporaryDirectory(prefix="fracdet-memory-") as scratch, checkout(revision) as baseline_src:
         manifest = subset(args.splits, args.train_images, args.val_images, Path(scratch) / "splits.csv")
