@@ -1,0 +1,134 @@
+"""Do a model's verdict flips come from how radiographs were exported, or from where its threshold sits?
+
+    python scripts/export_signature.py MODEL --data DATASET [--split val] [--out FILE.json]
+    python scripts/export_signature.py --census --data DATASET
+
+``--census`` only counts, over the whole dataset, the files and the fractured among them per export.
+
+A dataset's files come out of export pipelines, and each leaves its JPEG quality in the file's quantisation
+tables. Where the pipeline goes with the label (FracAtlas: most files were saved at quality 89, fewer than
+one in six of them fractured; the files saved at 90, 92 or 94 are fractured one time in three or more), a
+network can learn the pipeline's traces instead of the bone, and a re-save, which replaces those traces,
+would then move scores systematically. Two questions, answered on validation (no test image is needed):
+
+1. Per export (JPEG quality and colour mode of the file as read): how many files, how many fractured, and
+   for every re-saved variant of :data:`fracdet.evaluation.stability.VARIANTS` the mean signed change of
+   the calibrated logit (a systematic shift), its median absolute change, the verdict flips at the model's
+   threshold, and how many files score within ``--near`` logits of that threshold (where a change of that
+   size can flip a verdict). Flips that follow the exports point at the pipeline; flips that follow the
+   files near the threshold in every export point at the threshold's place and the size of the changes.
+2. Does the score follow the quality itself? Every file is also re-saved as a grey JPEG at each quality the
+   split's exports used (at least ``--min-files`` files), and the mean logit change between the lowest and
+   the highest of those qualities is reported per export. Were the network reading the quality, it would
+   not be near zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.special import logit
+
+from fracdet.data import load_dataset
+from fracdet.data.split import apply_manifest
+from fracdet.data.table import absolute_paths
+from fracdet.evaluation.stability import VARIANTS, reencode, resaved
+from fracdet.models import load
+
+
+@functools.cache
+def _quality_of_table() -> dict[tuple[int, ...], int]:
+    """libjpeg's luminance table at each quality 1-100, as the encoder Pillow links writes it."""
+    tables = {}
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        Image.new("L", (8, 8)).save(buffer, format="JPEG", quality=quality)
+        with Image.open(buffer) as image:
+            tables.setdefault(tuple(image.quantization[0]), quality)
+    return tables
+
+
+def jpeg_quality(path: str | Path) -> int | None:
+    """The libjpeg quality a JPEG file was saved at (from its luminance table); ``None`` for other files."""
+    with Image.open(path) as image:
+        tables = getattr(image, "quantization", None)
+        return _quality_of_table().get(tuple(tables[0])) if tables else None
+
+
+def export_of(path: str | Path) -> str:
+    """``"q89 RGB"``: the JPEG quality and colour mode of a file (``"other"`` for a table no quality makes)."""
+    with Image.open(path) as image:
+        mode = image.mode
+    quality = jpeg_quality(path)
+    return f"q{quality} {mode}" if quality else f"other {mode}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--census", action="store_true", help="only count files and fractured per export")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--near", type=float, default=0.5, help="logits either side of the threshold")
+    parser.add_argument("--min-files", type=int, default=10, help="files an export needs for its quality")
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if args.census:
+        table = load_dataset(args.data)
+        census = pd.DataFrame({"export": [export_of(p) for p in absolute_paths(table)], "label": table["label"]})
+        counts = census.groupby("export")["label"].agg(files="size", fractured="sum").sort_values("files")
+        print(json.dumps(counts[::-1].to_dict(orient="index"), indent=2, default=int))
+        return
+    if args.model is None:
+        parser.error("a MODEL is needed unless --census")
+    model = load(args.model)
+    table = apply_manifest(load_dataset(args.data), str(model.splits_path))
+    rows = table[table["split"] == args.split].reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    paths = list(absolute_paths(rows))
+    exports = pd.Series([export_of(p) for p in paths])
+    counts = pd.Series([jpeg_quality(p) for p in paths]).value_counts()
+    qualities = sorted(int(q) for q, n in counts.items() if n >= args.min_files)
+    saved_at = {f"jpeg{q}": functools.partial(reencode, fmt="JPEG", quality=q) for q in qualities}
+    kept, images = resaved(paths, model.preprocess.input_size, {**VARIANTS, **saved_at})
+    # The verdict compares the calibrated probability with the threshold: in logits, margin / T >= logit(t).
+    z = {name: model.margins(stack).astype(np.float64) / model.temperature for name, stack in images.items()}
+    cut = float(logit(model.threshold))
+    frame = pd.DataFrame({"export": exports[kept].to_numpy(), "label": rows["label"].to_numpy()[kept],
+                          "z": z["original"]})  # fmt: skip
+    frame["near"] = (frame["z"] - cut).abs() < args.near
+    out = {"model": f"{model.name} {model.version}", "split": args.split, "images": len(frame),
+           "threshold": model.threshold, "near_logits": args.near, "qualities": qualities, "exports": {}}  # fmt: skip
+    for export, part in [*frame.groupby("export"), ("all", frame)]:
+        where = part.index.to_numpy()
+        figures = {"files": len(part), "fractured": int(part["label"].sum()), "near_threshold": int(part["near"].sum()),
+                   "variants": {}}  # fmt: skip
+        for name in VARIANTS:
+            before, near = part["z"].to_numpy(), part["near"].to_numpy()
+            change = z[name][where] - before
+            flipped = (z[name][where] >= cut) != (before >= cut)
+            figures["variants"][name] = {
+                "mean_change": float(change.mean()),
+                "median_abs_change": float(np.median(np.abs(change))),
+                "flips": int(flipped.sum()),
+                "flips_near_threshold": int((flipped & near).sum()),
+            }
+        if len(qualities) > 1:
+            low, high = f"jpeg{qualities[0]}", f"jpeg{qualities[-1]}"
+            figures["quality_effect"] = float((z[high][where] - z[low][where]).mean())
+        out["exports"][export] = figures
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Does a verdict flip as often when a radiograph moves by a pixel as when it is re-saved?
+
+    python scripts/shift_flips.py MODEL --data DATASET [--split val] [--out FILE.json]
+
+A re-save changes an image's finest detail without changing what it shows; so does moving it by a pixel
+or two. A network whose downsampling aliases (strided convolutions that sample without first removing what
+the coarser grid cannot hold) answers both with changes of its score that look like noise, and training
+against one kind of change would not make it steady under the other. Each file of the split is scored as
+read, moved right and down by 1 and by 2 pixels at its own resolution (the row and column uncovered repeat
+the edge; nothing is blurred or rescaled), and re-saved as :data:`fracdet.evaluation.stability.VARIANTS`
+does (JPEG q75, WebP q80, half size), all in one run, with the figures of ``fracdet evaluate --stability``:
+probability changes and verdict flips at the model's threshold with 95% group-bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fracdet.data import load_dataset
+from fracdet.data.split import apply_manifest
+from fracdet.data.table import absolute_paths
+from fracdet.evaluation.stability import VARIANTS, verdict_stability
+from fracdet.models import load
+
+
+def shifted(pixels: np.ndarray, by: int) -> np.ndarray:
+    """The image moved right and down by ``by`` pixels, the uncovered rows and columns repeating the edge."""
+    pad = ((by, 0), (by, 0)) + ((0, 0),) * (pixels.ndim - 2)
+    return np.pad(pixels, pad, mode="edge")[: pixels.shape[0], : pixels.shape[1]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    model = load(args.model)
+    table = apply_manifest(load_dataset(args.data), str(model.splits_path))
+    rows = table[table["split"] == args.split].reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    variants = {"shift1": functools.partial(shifted, by=1), "shift2": functools.partial(shifted, by=2)}
+    variants |= {name: VARIANTS[name] for name in ("jpeg75", "webp80", "half")}
+    figures = verdict_stability(model, list(absolute_paths(rows)), rows["group"].astype(str).tolist(),
+                                threshold=model.threshold, variants=variants)  # fmt: skip
+    out = {"model": f"{model.name} {model.version}", "split": args.split, **figures}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
