@@ -363,6 +363,37 @@ def test_each_training_image_comes_with_a_resaved_copy_when_stability_training_i
     assert isinstance(pair, torch.Tensor) and not isinstance(pair, tv_tensors.Image)
 
 
+def test_the_stability_copy_can_also_be_moved_by_a_few_whole_pixels():
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from fracdet.training.augment import AugmentedImages, Reencode, Shift, build_twin
+    from fracdet.training.config import ConfigError, StabilityConfig, TrainConfig
+
+    assert TrainConfig().with_overrides(["stability.shift=2"]).stability.shift == 2
+    assert isinstance(build_twin(StabilityConfig(weight=1.0)), Reencode)  # not asked: the re-saved copy, as before
+    twin = build_twin(StabilityConfig(weight=1.0, shift=2))
+    assert isinstance(twin, v2.Compose) and isinstance(twin.transforms[0], Shift)
+    with pytest.raises(ConfigError, match=r"stability\.shift"):
+        StabilityConfig(weight=1.0, shift=-1).check()
+    data = AugmentedImages(np.zeros((1, 16, 16), np.uint8), np.array([1]), twin=twin)
+    assert data[0][0].shape == (2, 16, 16)
+
+    image = tv_tensors.Image(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 12, 10), dtype=np.uint8)))
+    shift, moves = Shift(2), set()
+    for _ in range(60):
+        params = shift.make_params([image])
+        down, right = params["down"], params["right"]
+        moves.add((down, right))
+        moved = shift.transform(image, params)
+        # what np.pad with the edge repeated gives: the pixels moved, the uncovered rows and columns the edge's
+        padded = np.pad(image[0].numpy(), ((max(down, 0), max(-down, 0)), (max(right, 0), max(-right, 0))), "edge")
+        expected = padded[max(-down, 0) : max(-down, 0) + 12, max(-right, 0) : max(-right, 0) + 10]
+        assert isinstance(moved, tv_tensors.Image) and moved.dtype == torch.uint8
+        assert np.array_equal(moved[0].numpy(), expected)
+    assert {d for d, _ in moves} == {-2, -1, 0, 1, 2} and {r for _, r in moves} == {-2, -1, 0, 1, 2}
+
+
 def test_the_stability_loss_is_the_change_of_the_verdicts_scores_squared_up_to_a_logit():
     from fracdet.training.losses import split_views, stability_loss, verdict_scores
 

@@ -35,6 +35,7 @@ __all__ = [
     "Draw",
     "EpochLoader",
     "Reencode",
+    "Shift",
     "build_augmentation",
     "build_twin",
     "epoch_draws",
@@ -97,6 +98,40 @@ class Reencode(v2.Transform):
         return tv_tensors.wrap(torch.from_numpy(np.asarray(decoded).copy()).unsqueeze(0).to(inpt.device), like=inpt)
 
 
+class Shift(v2.Transform):
+    """Move the image by a few whole pixels; the rows and columns it uncovers repeat its edge.
+
+    Moved by one pixel at its own resolution, a radiograph meets the network's sampling grids at another
+    phase, and the released model's verdict flipped as often as after a JPEG q75 re-save (docs/RELIABILITY.md,
+    *Is it how the files were exported?*). Only images change: it is for stability training's copy, whose
+    score must then match the image's at every phase, not for the image the task loss sees.
+
+    Args:
+        pixels: the largest move along each axis; each move is drawn uniformly from ``[-pixels, pixels]``.
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, pixels: int) -> None:
+        super().__init__()
+        self.pixels = pixels
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        down, right = torch.randint(-self.pixels, self.pixels + 1, (2,)).tolist()
+        return {"down": down, "right": right}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        down, right = params["down"], params["right"]
+        if down == right == 0:
+            return inpt
+        height, width = inpt.shape[-2:]
+        padding = (max(right, 0), max(-right, 0), max(down, 0), max(-down, 0))  # left, right, top, bottom
+        padded = torch.nn.functional.pad(inpt.as_subclass(torch.Tensor).float(), padding, mode="replicate")
+        top, left = max(-down, 0), max(-right, 0)
+        moved = padded[..., top : top + height, left : left + width].to(inpt.dtype)
+        return tv_tensors.wrap(moved, like=inpt)
+
+
 def build_augmentation(config: AugmentConfig) -> v2.Transform | None:
     """Flip, rotation + scale + shift (one affine warp), contrast/brightness, re-encoding; ``None`` when all off."""
     steps: list[v2.Transform] = []
@@ -119,8 +154,12 @@ def build_augmentation(config: AugmentConfig) -> v2.Transform | None:
 
 
 def build_twin(config: StabilityConfig) -> v2.Transform | None:
-    """The re-saved copy of stability training (always a round trip), or ``None`` when it is off."""
-    return Reencode(p=1.0, rescale=config.rescale) if config.weight > 0 else None
+    """The copy of stability training: always a round trip, moved first by up to ``shift`` pixels when asked;
+    ``None`` when stability training is off."""
+    if config.weight <= 0:
+        return None
+    resave = Reencode(p=1.0, rescale=config.rescale)
+    return v2.Compose([Shift(config.shift), resave]) if config.shift > 0 else resave
 
 
 class AugmentedImages(Dataset):

@@ -116,17 +116,23 @@ class StabilityConfig:
         rescale: the copy's side shrinks by a factor drawn from ``[1 - rescale, 1]`` before the round trip.
         relative: measure the change against the spread of the batch's scores, not in logits (see
             :func:`fracdet.training.losses.stability_loss`).
+        shift: also move the copy by up to this many whole pixels along each axis (0: never), so that the
+            score must hold at every phase of the network's sampling grids: the released model's verdict
+            flipped as often for a radiograph moved by one pixel as for one re-saved (docs/RELIABILITY.md).
     """
 
     weight: float = 0.0
     rescale: float = 0.5
     relative: bool = False
+    shift: int = 0
 
     def check(self) -> None:
         if self.weight < 0:
             raise ConfigError(f"stability.weight must not be negative, not {self.weight!r}")
         if not 0 <= self.rescale < 1:
             raise ConfigError(f"stability.rescale must be in [0, 1), not {self.rescale!r}")
+        if self.shift < 0:
+            raise ConfigError(f"stability.shift must not be negative, not {self.shift!r}")
 
 
 @dataclass
