@@ -25,10 +25,8 @@ would then move scores systematically. Two questions, answered on validation (no
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +34,10 @@ import pandas as pd
 from PIL import Image
 from scipy.special import logit
 
+from _split_scripts import model_and_rows, report, split_parser
 from fracdet.data import load_dataset
-from fracdet.data.split import apply_manifest
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.stability import VARIANTS, reencode, resaved
-from fracdet.models import load
 
 
 @functools.cache
@@ -71,27 +68,20 @@ def export_of(path: str | Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?")
-    parser.add_argument("--data", required=True)
+    parser = split_parser(__doc__, model_optional=True)
     parser.add_argument("--census", action="store_true", help="only count files and fractured per export")
-    parser.add_argument("--split", default="val")
     parser.add_argument("--near", type=float, default=0.5, help="logits either side of the threshold")
     parser.add_argument("--min-files", type=int, default=10, help="files an export needs for its quality")
-    parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.census:
         table = load_dataset(args.data)
         census = pd.DataFrame({"export": [export_of(p) for p in absolute_paths(table)], "label": table["label"]})
         counts = census.groupby("export")["label"].agg(files="size", fractured="sum").sort_values("files")
-        print(json.dumps(counts[::-1].to_dict(orient="index"), indent=2, default=int))
+        report({export: {k: int(v) for k, v in row.items()} for export, row in counts[::-1].iterrows()}, None)
         return
     if args.model is None:
         parser.error("a MODEL is needed unless --census")
-    model = load(args.model)
-    table = apply_manifest(load_dataset(args.data), str(model.splits_path))
-    rows = table[table["split"] == args.split].reset_index(drop=True)
-    rows.attrs.update(table.attrs)
+    model, rows = model_and_rows(args, needed_for="to score")
     paths = list(absolute_paths(rows))
     exports = pd.Series([export_of(p) for p in paths])
     counts = pd.Series([jpeg_quality(p) for p in paths]).value_counts()
@@ -124,10 +114,7 @@ def main() -> None:
             low, high = f"jpeg{qualities[0]}", f"jpeg{qualities[-1]}"
             figures["quality_effect"] = float((z[high][where] - z[low][where]).mean())
         out["exports"][export] = figures
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,14 @@ test image is needed to find where a fix must go.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from scipy.special import logit
 
-from fracdet.data import load_dataset
-from fracdet.data.split import apply_manifest
+from _split_scripts import model_and_rows, report, split_parser
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.stability import VARIANTS, resaved
-from fracdet.models import FusedLocaliser, load
+from fracdet.models import FusedLocaliser
 from fracdet.models.predict import normalise
 
 
@@ -40,19 +35,11 @@ def fusion_parts(net: FusedLocaliser, images: np.ndarray, preprocess, batch: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--out", help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    model = load(args.model)
+    args = split_parser(__doc__).parse_args()
+    model, rows = model_and_rows(args, needed_for="to re-save")
     net = model.module.eval()
     if not isinstance(net, FusedLocaliser):
         raise SystemExit(f"{args.model} is not a fused localiser: it has no parts to weigh")
-    table = apply_manifest(load_dataset(args.data), str(model.splits_path))
-    rows = table[table["split"] == args.split].reset_index(drop=True)
-    rows.attrs.update(table.attrs)
     _, images = resaved(list(absolute_paths(rows)), model.preprocess.input_size)
     parts = {name: fusion_parts(net, stack, model.preprocess) for name, stack in images.items()}
     weights = net.fusion.detach().double().numpy()
@@ -82,10 +69,7 @@ def main() -> None:
                 "flip_rate_if_still": float(np.mean((held >= cut) != (before >= cut))),
             }
         out["variants"][name] = figures
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":

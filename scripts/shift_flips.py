@@ -14,18 +14,13 @@ probability changes and verdict flips at the model's threshold with 95% group-bo
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-from pathlib import Path
 
 import numpy as np
 
-from fracdet.data import load_dataset
-from fracdet.data.split import apply_manifest
+from _split_scripts import model_and_rows, report, split_parser
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.stability import VARIANTS, verdict_stability
-from fracdet.models import load
 
 
 def shifted(pixels: np.ndarray, by: int) -> np.ndarray:
@@ -35,25 +30,13 @@ def shifted(pixels: np.ndarray, by: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--out", help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    model = load(args.model)
-    table = apply_manifest(load_dataset(args.data), str(model.splits_path))
-    rows = table[table["split"] == args.split].reset_index(drop=True)
-    rows.attrs.update(table.attrs)
+    args = split_parser(__doc__).parse_args()
+    model, rows = model_and_rows(args, needed_for="to move and re-save")
     variants = {"shift1": functools.partial(shifted, by=1), "shift2": functools.partial(shifted, by=2)}
     variants |= {name: VARIANTS[name] for name in ("jpeg75", "webp80", "half")}
     figures = verdict_stability(model, list(absolute_paths(rows)), rows["group"].astype(str).tolist(),
                                 threshold=model.threshold, variants=variants)  # fmt: skip
-    out = {"model": f"{model.name} {model.version}", "split": args.split, **figures}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report({"model": f"{model.name} {model.version}", "split": args.split, **figures}, args.out)
 
 
 if __name__ == "__main__":
