@@ -6,10 +6,10 @@
 ``--census`` only counts, over the whole dataset, the files and the fractured among them per export.
 
 A dataset's files come out of export pipelines, and each leaves its JPEG quality in the file's quantisation
-tables. Where the pipeline goes with the label (FracAtlas: most files were saved at quality 89, fewer than
-one in six of them fractured; the files saved at 90, 92 or 94 are fractured one time in three or more), a
-network can learn the pipeline's traces instead of the bone, and a re-save, which replaces those traces,
-would then move scores systematically. Two questions, answered on validation (no test image is needed):
+tables. Where the pipeline goes with the label (FracAtlas: most files were saved at quality 89, one in
+seven of them fractured; of those saved at 90, 92 or 94, one in five to all), a network can learn the
+pipeline's traces instead of the bone, and a re-save, which replaces those traces, would then move scores
+systematically. Two questions, answered on validation (no test image is needed):
 
 1. Per export (JPEG quality and colour mode of the file as read): how many files, how many fractured, and
    for every re-saved variant of :data:`fracdet.evaluation.stability.VARIANTS` the mean signed change of
