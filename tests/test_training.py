@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -175,7 +176,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_dir, tmp_path):
+def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_dir, tmp_path, caplog):
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     config = tiny_config(epochs=4, **{"augment.hflip": 0.5, "augment.rotation": 10, "balance": "sampler"})
     train(config, manifest, tmp_path / "straight", cache=cache)
@@ -192,7 +193,9 @@ def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_d
     assert crash.traceback and not multiprocessing.active_children()
     # resumed on a machine with less memory: another number of loading processes, the same weights
     elsewhere = config.with_overrides(["workers=1"])
-    result = train(elsewhere, manifest, tmp_path / "broken", resume=True, cache=cache)
+    with caplog.at_level(logging.INFO, logger="fracdet.training.trainer"):
+        result = train(elsewhere, manifest, tmp_path / "broken", resume=True, cache=cache)
+    assert "after epoch 2" in caplog.text  # the two that finished, counted as the history counts them
     assert list(result.history["epoch"]) == [1, 2, 3, 4]
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -277,7 +277,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, history, best, bad_epochs = state["epoch"] + 1, state["history"], state["best"], state["bad"]
-        log.info("resuming %s after epoch %d", out_dir, state["epoch"])
+        log.info("resuming %s after epoch %d", out_dir, start_epoch)  # epochs count from 1 where people read them
 
     stopped_early = False
     # the loading processes start with the first epoch and stop when the loop ends, however it ends
