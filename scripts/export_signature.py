@@ -52,18 +52,15 @@ def _quality_of_table() -> dict[tuple[int, ...], int]:
     return tables
 
 
-def jpeg_quality(path: str | Path) -> int | None:
-    """The libjpeg quality a JPEG file was saved at (from its luminance table); ``None`` for other files."""
+def read_export(path: str | Path) -> tuple[int | None, str]:
+    """The libjpeg quality a file was saved at (from its luminance table; ``None`` for other files) and its mode."""
     with Image.open(path) as image:
         tables = getattr(image, "quantization", None)
-        return _quality_of_table().get(tuple(tables[0])) if tables else None
+        return (_quality_of_table().get(tuple(tables[0])) if tables else None), image.mode
 
 
-def export_of(path: str | Path) -> str:
-    """``"q89 RGB"``: the JPEG quality and colour mode of a file (``"other"`` for a table no quality makes)."""
-    with Image.open(path) as image:
-        mode = image.mode
-    quality = jpeg_quality(path)
+def export_name(quality: int | None, mode: str) -> str:
+    """``"q89 RGB"``; ``"other RGB"`` for a file that is not a JPEG or has a table no quality makes."""
     return f"q{quality} {mode}" if quality else f"other {mode}"
 
 
@@ -75,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.census:
         table = load_dataset(args.data)
-        census = pd.DataFrame({"export": [export_of(p) for p in absolute_paths(table)], "label": table["label"]})
+        exports = [export_name(*read_export(p)) for p in absolute_paths(table)]
+        census = pd.DataFrame({"export": exports, "label": table["label"]})
         counts = census.groupby("export")["label"].agg(files="size", fractured="sum").sort_values("files")
         report({export: {k: int(v) for k, v in row.items()} for export, row in counts[::-1].iterrows()}, None)
         return
@@ -83,8 +81,9 @@ def main() -> None:
         parser.error("a MODEL is needed unless --census")
     model, rows = model_and_rows(args, needed_for="to score")
     paths = list(absolute_paths(rows))
-    exports = pd.Series([export_of(p) for p in paths])
-    counts = pd.Series([jpeg_quality(p) for p in paths]).value_counts()
+    read = [read_export(p) for p in paths]
+    exports = pd.Series([export_name(*r) for r in read])
+    counts = pd.Series([quality for quality, _ in read]).value_counts()
     qualities = sorted(int(q) for q, n in counts.items() if n >= args.min_files)
     saved_at = {f"jpeg{q}": functools.partial(reencode, fmt="JPEG", quality=q) for q in qualities}
     kept, images = resaved(paths, model.preprocess.input_size, {**VARIANTS, **saved_at})

@@ -17,16 +17,20 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
+from torchvision import tv_tensors
 
 from _split_scripts import model_and_rows, report, split_parser
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.stability import VARIANTS, verdict_stability
+from fracdet.training.augment import Shift
 
 
 def shifted(pixels: np.ndarray, by: int) -> np.ndarray:
-    """The image moved right and down by ``by`` pixels, the uncovered rows and columns repeating the edge."""
-    pad = ((by, 0), (by, 0)) + ((0, 0),) * (pixels.ndim - 2)
-    return np.pad(pixels, pad, mode="edge")[: pixels.shape[0], : pixels.shape[1]]
+    """The image moved right and down by ``by`` pixels, as stability training's :class:`Shift` moves its copy."""
+    channels_first = torch.from_numpy(np.ascontiguousarray(np.atleast_3d(pixels).transpose(2, 0, 1)))
+    moved = Shift(by).transform(tv_tensors.Image(channels_first), {"down": by, "right": by})
+    return moved.numpy().transpose(1, 2, 0).reshape(pixels.shape)
 
 
 def main() -> None:
