@@ -10,6 +10,8 @@
 #                           (LITE="2" by default, the GPU recipe's; LITE=1 for the localiser's Lite1; LITE="1 2"
 #                           for a fused model of both, configs/fused-gpu.yaml), its weights stored in float16
 #                           (10-12 MiB each instead of 21-24: a starting point, read into float32 parameters)
+#   .device/timm.zip        the timm installed here (about 2.5 MiB), which scripts/gpu_runs.py imports before
+#                           the machine's own (antialias needs timm>=1.0.7)
 # The tracked files include the released models (about 55 MiB), so with a pack and weights the tree is over
 # 64 MiB: this script says so, and the models then stay here for the call (they are not needed there):
 #   mkdir -p ~/fracdet-runs/trip && mv models/fracatlas-* ~/fracdet-runs/trip/   # before the call
@@ -24,7 +26,7 @@ F="${FRACDET:-.venv/bin/fracdet}"
 PY="${PYTHON:-.venv/bin/python}"
 SIZE="${SIZE:-384}"
 QUALITY="${QUALITY:-90}"
-rm -rf ".device/fracatlas-$SIZE" .device/site
+rm -rf ".device/fracatlas-$SIZE" .device/site .device/timm.zip
 "$F" pack "$SHARED/data/fracatlas" --splits splits/fracatlas_seed0.csv --only train val --size "$SIZE" --quality "$QUALITY" \
     --out ".device/fracatlas-$SIZE"
 mkdir -p .device/site
@@ -33,6 +35,18 @@ for lite in ${LITE:-2}; do
     cp -r "$site" .device/site/
 done
 rm -rf .device/site/*/__pycache__
+# the timm installed here, as one zip that Python imports from (scripts/gpu_runs.py puts it first on the path)
+"$PY" - <<'PY'
+import pathlib, zipfile
+
+import timm
+
+root = pathlib.Path(timm.__file__).parent
+with zipfile.ZipFile(".device/timm.zip", "w", zipfile.ZIP_DEFLATED) as out:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:  # the machine's Python compiles its own
+            out.write(path, path.relative_to(root.parent))
+PY
 "$PY" - <<'PY'
 import pathlib
 

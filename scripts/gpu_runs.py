@@ -59,6 +59,12 @@ DEFAULT_RUNS = {
 }
 KEEP = ("config.yaml", "splits.csv", "metrics.csv", "run.json", "curves.png", "train.log")
 MAX_FILE = 15 * 2**20  # a file that comes back from the GPU machine is at most 16 MiB
+# The timm fracdet was tested with, zipped by scripts/gpu_prepare.sh, goes before the machine's own: the
+# anti-aliased networks need timm>=1.0.7 (BlurPool2d's zero padding), and the machine's may be older.
+CARRIED_TIMM = Path(__file__).resolve().parents[1] / ".device" / "timm.zip"
+if CARRIED_TIMM.exists():
+    sys.path.insert(0, str(CARRIED_TIMM))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(CARRIED_TIMM), os.environ.get("PYTHONPATH"))))
 RUN_ENV = {**os.environ, "FRACDET_PROGRESS": "0", "OMP_NUM_THREADS": "2"}  # each run's own process
 FALLBACK_EPOCHS = 15  # when --fit-epochs cannot measure
 STARTUP_S = 60  # per wave: interpreter, imports, pixel cache, model build, final calibration and export

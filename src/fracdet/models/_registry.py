@@ -8,14 +8,25 @@ read it here instead of restating it.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["TASKS", "ModelSpec", "PreprocessCfg", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = [
+    "BUILD_OPTIONS",
+    "TASKS",
+    "ModelSpec",
+    "PreprocessCfg",
+    "build_options",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "register_model",
+]
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,8 @@ class ModelSpec:
     Attributes:
         name: registry name.
         build: ``build(pretrained, num_classes, **options) -> nn.Module``; options are ``input_size`` and
-            ``dropout`` (each builder uses what applies to its architecture).
+            the :data:`BUILD_OPTIONS` (each builder uses what applies to its architecture and refuses an
+            anti-aliasing it does not have).
         preprocess: the input the model expects.
         cam_layer: dotted name of the module whose activations Grad-CAM uses (``model.get_submodule``).
         description: one line for ``fracdet models``.
@@ -68,6 +80,16 @@ class ModelSpec:
 TASKS = ("classify", "localise")
 
 _REGISTRY: dict[str, ModelSpec] = {}
+
+#: What a network is built with besides its name and input side. A trained model's ``model.json`` (and
+#: each part of a fused one) records them, so that loading it builds the network its weights were trained in.
+BUILD_OPTIONS = ("dropout", "antialias")
+
+
+def build_options(described: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`BUILD_OPTIONS` that a ``model.json``, a fused part or a training config records, as
+    :func:`create_model` takes them (one recorded before an option existed gets its default)."""
+    return {"dropout": described.get("dropout"), "antialias": bool(described.get("antialias", False))}
 
 
 def register_model(
@@ -113,6 +135,7 @@ def create_model(
     weights: str | Path | None = None,
     input_size: int | None = None,
     dropout: float | None = None,
+    antialias: bool = False,
 ) -> nn.Module:
     """Build a registered model.
 
@@ -126,9 +149,12 @@ def create_model(
         input_size: side of the square input when not the registered one (only ``paper_cnn``, whose
             dense layer depends on it, needs to know; the others pool globally).
         dropout: dropout before the classifier; ``None`` keeps the architecture's default.
+        antialias: a low-pass before each subsampling of the backbone (EfficientNet-Lite only; see
+            :mod:`fracdet.models.backbones`). It holds no weights, so ImageNet's and saved ones load as ever.
     """
     spec = get_spec(name)
-    model = spec.build(pretrained, num_classes, input_size=input_size or spec.preprocess.input_size, dropout=dropout)
+    model = spec.build(pretrained, num_classes, input_size=input_size or spec.preprocess.input_size, dropout=dropout,
+                       antialias=antialias)  # fmt: skip
     if weights is not None:
         model.load_state_dict(_read_state_dict(Path(weights)))
     return model

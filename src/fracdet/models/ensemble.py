@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from fracdet.models._registry import PreprocessCfg, create_model
+from fracdet.models._registry import PreprocessCfg, build_options, create_model
 from fracdet.models.predict import logit_margin, network_parts
 from fracdet.models.release import TrainedModel
 
@@ -131,13 +131,13 @@ class FusedLocaliser(nn.Module):
 
 def create_fused(parts: Sequence[Mapping[str, Any]], *, pretrained: bool = False) -> FusedLocaliser:
     """The :class:`FusedLocaliser` that ``parts`` describe as ``model.json``'s ``fused`` does: the localiser,
-    then each classifier, each a mapping of its registry ``model``, ``input_size``, ``dropout`` and ``name``
-    (a classifier's key in the fusion).
+    then each classifier, each a mapping of its registry ``model``, ``input_size``, build options
+    (:data:`fracdet.models.BUILD_OPTIONS`) and ``name`` (a classifier's key in the fusion).
 
     ``pretrained``: every part starts from its ImageNet weights (a fused model trained as one); else the
     parts are empty, for saved weights to fill.
     """
-    networks = [create_model(p["model"], pretrained=pretrained, input_size=p["input_size"], dropout=p.get("dropout"))
+    networks = [create_model(p["model"], pretrained=pretrained, input_size=p["input_size"], **build_options(p))
                 for p in parts]  # fmt: skip
     return FusedLocaliser(networks[0], networks[1:], sizes=[p["input_size"] for p in parts],
                           names=[p.get("name", p["model"]) for p in parts[1:]])  # fmt: skip
@@ -174,10 +174,12 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
         return _fuse(models, name=name)
     first = models[0]
     for other in models[1:]:
-        if (other.arch, other.preprocess) != (first.arch, first.preprocess):
+        if (other.arch, other.preprocess, build_options(other.meta)) != (first.arch, first.preprocess,
+                                                                          build_options(first.meta)):  # fmt: skip
             raise ValueError(
-                f"{other.name} ({other.arch}, {other.preprocess}) differs from {first.name} "
-                f"({first.arch}, {first.preprocess}): members must share architecture and preprocessing"
+                f"{other.name} ({other.arch}, {other.preprocess}, {build_options(other.meta)}) differs from "
+                f"{first.name} ({first.arch}, {first.preprocess}, {build_options(first.meta)}): members must share "
+                "architecture and preprocessing"
             )
         if _manifest(other) != _manifest(first):
             raise ValueError(
@@ -192,7 +194,7 @@ def combine(models: Sequence[TrainedModel], *, name: str = "ensemble") -> Traine
         "input_size": first.preprocess.input_size,
         "mean": list(first.preprocess.mean),
         "std": list(first.preprocess.std),
-        "dropout": first.meta.get("dropout"),
+        **build_options(first.meta),
         "members": [m.label for m in models],
         "selected_on": "test" if "test" in selected else "val",
         "monitor": first.meta.get("monitor"),
@@ -233,10 +235,10 @@ def _fuse(models: Sequence[TrainedModel], *, name: str) -> TrainedModel:
         "input_size": preprocess.input_size,
         "mean": list(preprocess.mean),
         "std": list(preprocess.std),
-        "dropout": localiser.meta.get("dropout"),
+        **build_options(localiser.meta),
         "members": labels,
         "fused": [
-            {"model": m.arch, "input_size": m.preprocess.input_size, "dropout": m.meta.get("dropout"), "name": n}
+            {"model": m.arch, "input_size": m.preprocess.input_size, **build_options(m.meta), "name": n}
             for m, n in zip((localiser, *classifiers), (localiser.name, *names), strict=True)
         ],
         "selected_on": "test" if "test" in selected else "val",

@@ -35,6 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from fracdet.models._registry import PreprocessCfg, register_model
+from fracdet.models.backbones import efficientnet_lite_body
 from fracdet.models.scoring import BOX_CHANNELS
 
 __all__ = ["FractureLocaliser"]
@@ -60,6 +61,8 @@ class FractureLocaliser(nn.Module):
         dropout: dropout before the image-level linear layer (``None``: timm's default for the variant).
         width: channels of the feature pyramid and map head.
         box_head: add the box head (a detector).
+        antialias: a low-pass before each of the backbone's subsamplings
+            (:func:`fracdet.models.backbones.efficientnet_lite_body`).
 
     ``forward(x)`` returns ``(image_logit (B,), dense (B, C, H/8, W/8))``: ``C`` is 1 (the map logits) or,
     with a box head, ``1 + BOX_CHANNELS``. The input side must be a multiple of 32.
@@ -75,15 +78,10 @@ class FractureLocaliser(nn.Module):
         dropout: float | None = None,
         width: int = 64,
         box_head: bool = False,
+        antialias: bool = False,
     ):
         super().__init__()
-        import timm
-
-        body = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
-        if pretrained:
-            from fracdet.utils.pretrained import efficientnet_lite_state_dict
-
-            body.load_state_dict(efficientnet_lite_state_dict(variant, body.state_dict()))
+        body = efficientnet_lite_body(variant, pretrained=pretrained, antialias=antialias)
         # The last block of each stride feeds the pyramid (timm's feature_info names them).
         last_of_stride = {info["reduction"]: int(info["module"].split(".")[1]) for info in body.feature_info}
         channels = {info["reduction"]: info["num_chs"] for info in body.feature_info}
@@ -142,6 +140,6 @@ for _variant in (0, 1, 2):
             task="localise",
         )(
             lambda pretrained, num_classes, v=_variant, b=_box_head, **o: FractureLocaliser(
-                v, pretrained=pretrained, dropout=o.get("dropout"), box_head=b
+                v, pretrained=pretrained, dropout=o.get("dropout"), box_head=b, antialias=o.get("antialias", False)
             )
         )

@@ -73,7 +73,11 @@ class PaperCNN(nn.Module):
     cam_layer="features.3.2",  # ReLU of the last block, 18x18, before its pooling
     description="the paper's CNN from scratch: 4 conv blocks, 2 dense layers, 150 px",
 )
-def paper_cnn(pretrained: bool, num_classes: int, *, input_size: int = 150, dropout: float | None = None) -> nn.Module:
+def paper_cnn(
+    pretrained: bool, num_classes: int, *, input_size: int = 150, dropout: float | None = None, antialias: bool = False
+) -> nn.Module:
+    if antialias:
+        raise ValueError("antialias is built for the EfficientNet-Lite backbones, not paper_cnn")
     if pretrained:
         raise ValueError("paper_cnn has no pretrained weights: it is trained from scratch")
     return PaperCNN(num_classes, input_size=input_size, dropout=0.5 if dropout is None else dropout)

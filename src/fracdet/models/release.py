@@ -16,6 +16,7 @@ the same way::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fracdet.models._registry import PreprocessCfg, create_model, get_spec
+from fracdet.models._registry import BUILD_OPTIONS, PreprocessCfg, build_options, create_model, get_spec
 from fracdet.models.predict import predict_scores
 from fracdet.models.scoring import Scores, level_thresholds, scores_from_outputs
 from fracdet.utils.atomic import write_json
@@ -38,16 +39,21 @@ __all__ = [
     "list_releases",
     "load",
     "package_release",
+    "rebuilt",
     "releases_dir",
     "save_model",
 ]
 
 #: Version of the ``model.json`` layout. 1: fracdet <= 0.3.0 releases (no ``schema_version`` key, classify
 #: only); 2: adds ``task``, ``schema_version`` and, for localisers, ``fusion``; 3: adds ``graph``, a compiled
-#: model without PyTorch weights (:mod:`fracdet.models.compiled`). Every version still loads.
-SCHEMA_VERSION = 3
-#: What a model with weights is written as: its layout has not changed since 2, so older fracdet still reads it.
+#: model without PyTorch weights (:mod:`fracdet.models.compiled`); 4: adds the build option ``antialias``
+#: (:data:`fracdet.models.BUILD_OPTIONS`), in the model or any fused part. Every version still loads.
+SCHEMA_VERSION = 4
+#: What a model with weights is written as: its layout has not changed since 2, so older fracdet still reads it;
+#: an anti-aliased one is written as 4, so that older fracdet refuses it instead of building it without its
+#: low-pass (the weights would load, and score otherwise).
 WEIGHTS_SCHEMA_VERSION = 2
+ANTIALIASED_SCHEMA_VERSION = 4
 
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
@@ -402,7 +408,7 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
     meta = {
         "model": model.arch,
         **model.meta,
-        "schema_version": WEIGHTS_SCHEMA_VERSION,
+        "schema_version": ANTIALIASED_SCHEMA_VERSION if _antialiased(model.meta) else WEIGHTS_SCHEMA_VERSION,
         "task": model.task,
         "input_size": model.preprocess.input_size,
         "mean": list(model.preprocess.mean),
@@ -421,11 +427,36 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
     return target
 
 
+def _antialiased(meta: dict[str, Any]) -> bool:
+    return any(build_options(part)["antialias"] for part in (meta, *meta.get("fused", ())))
+
+
+def rebuilt(model: TrainedModel, **options: Any) -> TrainedModel:
+    """``model``'s weights in the network built with other :data:`fracdet.models.BUILD_OPTIONS`, every fused
+    part's too: ``rebuilt(model, antialias=True)`` adds the low-pass, which holds no weights. The scores change,
+    so its fusion, temperature and thresholds are to be fitted again (``fracdet.training.recalibrate``).
+
+    Raises:
+        NoWeightsError: ``model`` is a compiled graph.
+        ValueError: an option that is not a build option.
+    """
+    if unknown := set(options) - set(BUILD_OPTIONS):
+        raise ValueError(f"not build options: {', '.join(sorted(unknown))}; they are {', '.join(BUILD_OPTIONS)}")
+    network = model.network("be rebuilt")
+    kept = {"model": model.arch} | {k: v for k, v in model.meta.items() if k not in ("version", "name")}
+    meta = kept | options | {"rebuilt_from": model.label}
+    if fused := meta.get("fused"):
+        meta["fused"] = [{**part, **options} for part in fused]
+    module = _build(meta, model.preprocess)
+    module.load_state_dict(network.state_dict())
+    return dataclasses.replace(model, module=module.eval(), meta=meta, graph=None)
+
+
 def _build(meta: dict[str, Any], preprocess: PreprocessCfg) -> nn.Module:
     """The empty network ``model.json`` describes: one registry model, an ensemble of them, or a fused localiser."""
 
     def one() -> nn.Module:
-        return create_model(meta["model"], input_size=preprocess.input_size, dropout=meta.get("dropout"))
+        return create_model(meta["model"], input_size=preprocess.input_size, **build_options(meta))
 
     if fused := meta.get("fused"):  # a localiser and classifiers, each at its own input side
         from fracdet.models.ensemble import create_fused
@@ -457,4 +488,4 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     size = config.get("image_size") or run.get("input_size") or spec.input_size
     composition = {k: run[k] for k in ("fused", "members", "init_from") if k in run}
     return {"model": config["model"], "input_size": size, "mean": spec.mean, "std": spec.std,
-            "dropout": config.get("dropout"), "selected_on": config.get("select_on", "val"), **composition}  # fmt: skip
+            **build_options(config), "selected_on": config.get("select_on", "val"), **composition}  # fmt: skip

@@ -209,6 +209,9 @@ class TrainConfig:
         pretrained: start from ImageNet weights.
         image_size: input side in pixels; ``None`` uses the model's registered size.
         dropout: dropout before the classifier; ``None`` keeps the architecture's default.
+        antialias: a low-pass before each subsampling of an EfficientNet-Lite backbone, every part's in a
+            fused model (:mod:`fracdet.models.backbones`): steadier scores when a radiograph moves by a
+            fraction of a pixel or is re-saved, without blurring the input.
         epochs: upper bound; early stopping may end sooner.
         batch_size: images per optimiser step.
         monitor: validation metric that picks the best checkpoint and drives early stopping and the
@@ -243,6 +246,7 @@ class TrainConfig:
     pretrained: bool = False
     image_size: int | None = None
     dropout: float | None = None
+    antialias: bool = False
     epochs: int = 49
     batch_size: int = 32
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from fracdet.data.pixels import PixelSet, load_pixels
-from fracdet.models import TrainedModel, create_model, get_spec, save_model
-from fracdet.models._registry import PreprocessCfg
+from fracdet.models import TrainedModel, create_model, get_spec, rebuilt, save_model
+from fracdet.models._registry import PreprocessCfg, build_options
 from fracdet.models.predict import normalise, predict_margins, read_outputs, select_device
 from fracdet.training.augment import (
     AugmentedImages,
@@ -451,21 +451,21 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
     :class:`fracdet.models.FusedLocaliser`) is trained whole, end to end: the losses then act on the fused image
     logit the model answers with, and its parts learn together what each alone did not (docs/RELIABILITY.md,
     *Why it flips*). Its fusion weights stay fixed while it trains and are fitted again on validation at the
-    end, with its thresholds.
+    end, with its thresholds. ``antialias`` anti-aliases the network the run trains, a source's too (its weights
+    load as they are); a source trained anti-aliased stays so.
     """
+    options = build_options(vars(config))
     if config.fused.classifiers:
         from fracdet.models.ensemble import create_fused
 
         classifiers = config.fused.classifiers  # each named in the fusion by its architecture (and place, if twice)
         names = [n if classifiers.count(n) == 1 else f"{n} #{i}" for i, n in enumerate(classifiers, start=1)]
-        parts = [{"model": model, "input_size": size, "dropout": config.dropout, "name": name} for model, size, name
+        parts = [{"model": model, "input_size": size, **options, "name": name} for model, size, name
                  in zip((config.model, *classifiers), config.fused.sizes, (config.model, *names),
                         strict=True)]  # fmt: skip
         return create_fused(parts, pretrained=config.pretrained).weigh_parts_alike(), {"fused": parts}
     if not config.init_from:
-        model = create_model(config.model, pretrained=config.pretrained, input_size=config.input_size,
-                             dropout=config.dropout)  # fmt: skip
-        return model, {}
+        return create_model(config.model, pretrained=config.pretrained, input_size=config.input_size, **options), {}
     from fracdet.models import load
 
     source = load(config.init_from)
@@ -473,12 +473,17 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
         raise ValueError(f"init_from: {config.init_from} is a {source.arch}, the config trains a {config.model}")
     network = source.network(f"start a training run (init_from: {config.init_from})").float()
     log.info("starting from the weights of %s %s", source.name, source.meta.get("version", ""))
+    origin = source.label
+    if config.antialias:  # a source trained anti-aliased stays so either way
+        source = rebuilt(source, antialias=True)
+        network = source.network("start a training run").float()
     if not (fused := source.meta.get("fused")):
         if config.fused.part_weight:
             raise ValueError(f"fused.part_weight weighs the parts of a fused model, and {config.init_from} is not one")
-        model = create_model(config.model, pretrained=False, input_size=config.input_size, dropout=config.dropout)
+        options["antialias"] = build_options(source.meta)["antialias"]
+        model = create_model(config.model, pretrained=False, input_size=config.input_size, **options)
         model.load_state_dict(network.state_dict())
-        return model, {}
+        return model, {"antialias": options["antialias"]}  # the source's, where the config leaves it off
     if config.input_size != source.preprocess.input_size:
         raise ValueError(f"init_from: {config.init_from} is a fused model that reads {source.preprocess.input_size}"
                          f"-px images (its largest part's side): set image_size: {source.preprocess.input_size}, "
@@ -486,7 +491,7 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
     if config.dropout is not None:
         raise ValueError(f"init_from: {config.init_from} is a fused model whose parts keep their own dropout: "
                          "leave dropout unset")  # fmt: skip
-    return network, {"fused": fused, "members": source.meta.get("members", []), "init_from": source.label}
+    return network, {"fused": fused, "members": source.meta.get("members", []), "init_from": origin}
 
 
 def _label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
@@ -531,7 +536,7 @@ def _export(
 ) -> None:
     """Write the best weights with what was fitted on validation: a fused model's fusion, the temperature and
     the operating thresholds. ``composition``: how a fused model is made up (:func:`initial_model`)."""
-    meta = {"model": config.model, "dropout": config.dropout, "epoch": int(best_state["epoch"]),
+    meta = {"model": config.model, **build_options(vars(config)), "epoch": int(best_state["epoch"]),
             "selected_on": config.select_on, "monitor": config.monitor, **(composition or {})}  # fmt: skip
     trained = TrainedModel(module=model, name=out_dir.name, arch=config.model, preprocess=preprocess, meta=meta)
     calibrate(trained, *val, batch_size=2 * config.batch_size, device=device, boxes=val_boxes, progress=True)
