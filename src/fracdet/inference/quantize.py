@@ -34,7 +34,7 @@ import pandas as pd
 from fracdet.data.pixels import PixelSet, load_pixels
 from fracdet.data.split import split_rows
 from fracdet.models.compiled import seal_graph
-from fracdet.models.release import SCHEMA_VERSION, TrainedModel, load
+from fracdet.models.release import GRAPH_SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
 
 __all__ = [
@@ -281,7 +281,7 @@ def _describe(model: TrainedModel, stage: Path, graph: dict[str, Any], *, name: 
     from fracdet.utils.atomic import write_json
 
     meta = {k: v for k, v in model.meta.items() if k not in _REFITTED}
-    meta.update(name=name, version=version, schema_version=SCHEMA_VERSION, task=model.task,
+    meta.update(name=name, version=version, schema_version=GRAPH_SCHEMA_VERSION, task=model.task,
                 input_size=model.preprocess.input_size, mean=list(model.preprocess.mean),
                 std=list(model.preprocess.std), tta=model.tta, peak_weight=model.peak_weight,
                 operating_point=model.operating_point, graph=graph)  # fmt: skip

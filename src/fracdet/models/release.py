@@ -33,6 +33,7 @@ from fracdet.models.scoring import Scores, level_thresholds, scores_from_outputs
 from fracdet.utils.atomic import write_json
 
 __all__ = [
+    "GRAPH_SCHEMA_VERSION",
     "SCHEMA_VERSION",
     "NoWeightsError",
     "TrainedModel",
@@ -54,6 +55,8 @@ SCHEMA_VERSION = 4
 #: low-pass (the weights would load, and score otherwise).
 WEIGHTS_SCHEMA_VERSION = 2
 ANTIALIASED_SCHEMA_VERSION = 4
+#: What a compiled model is written as: its graph holds the low-pass, if any, so fracdet that reads 3 runs it.
+GRAPH_SCHEMA_VERSION = 3
 
 #: Files of a run folder that travel with a release (weights, calibration, and how it was made).
 RELEASE_FILES = (
