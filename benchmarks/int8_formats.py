@@ -27,7 +27,6 @@ from sklearn.metrics import roc_auc_score
 
 
 def main() -> None:
-    import onnx
     from int8_cpu import cpu_flags  # run as a script: benchmarks/ is on the path
 
     from fracdet.data import load_dataset
@@ -36,7 +35,7 @@ def main() -> None:
     from fracdet.data.split import apply_manifest
     from fracdet.inference.gate import InputGate
     from fracdet.inference.onnx import export_onnx
-    from fracdet.inference.quantize import INT8_FORMATS, _map_head, _quiet_quantiser, _score_head, quantize_graph
+    from fracdet.inference.quantize import INT8_FORMATS, _quiet_quantiser, float_nodes, quantize_graph
     from fracdet.models import load
     from fracdet.models.compiled import OnnxRuntime
 
@@ -67,9 +66,7 @@ def main() -> None:
         source = Path(folder) / "float.onnx"
         with _quiet_quantiser():
             export_onnx(model, source, embedder=InputGate.of(model).embedder().network)
-        graph = onnx.load(str(source)).graph
-        keep = _score_head(graph) + _map_head(graph)
-        del graph
+        keep = float_nodes(source)
         for name in args.formats:
             target = quantize_graph(source, Path(folder) / f"{name}.onnx", calib, keep_float=keep, int8_format=name)
             fused = OnnxRuntime(target, spin="never")

@@ -113,3 +113,28 @@ def test_a_run_trains_anti_aliased_from_scratch_or_from_a_model_and_stays_so(sam
     assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-3) for k in before)  # its weights
     again = train(tiny_config(**lite, init_from=str(tuned)), manifest, tmp_path / "again", cache=cache).out_dir
     assert low_passes(load(again).module) == 5  # a model trained anti-aliased is not silently stripped of it
+
+
+def test_an_anti_aliased_model_quantises_to_an_int8_graph_that_keeps_its_low_pass(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from fracdet.inference.quantize import quantize_model
+    from fracdet.models._registry import PreprocessCfg
+    from fracdet.models.release import GRAPH_SCHEMA_VERSION, TrainedModel
+
+    torch.manual_seed(0)
+    module = create_model("localiser_lite0", input_size=64, antialias=True).eval()
+    steady = TrainedModel(module=module, name="steady", arch="localiser_lite0", preprocess=PreprocessCfg(64),
+                          thresholds={"sens90": 0.3}, threshold=0.3, operating_point="sens90",
+                          meta={"version": "0.1.0", "antialias": True})  # fmt: skip
+    # an untrained network ranks the sample by chance: the AUC rule is test_quantize's to specify
+    int8 = quantize_model(load(save_model(steady, tmp_path / "steady")), sample_manifest(SAMPLE),
+                          tmp_path / "steady-int8", calibration=8, max_auc_drop=1).model  # fmt: skip
+    meta = json.loads((tmp_path / "steady-int8" / "model.json").read_text())
+    assert meta["schema_version"] == GRAPH_SCHEMA_VERSION and meta["antialias"] is True  # the graph holds it
+    graph = onnx.load(str(int8.graph)).graph
+    strided = [n for n in graph.node if n.op_type == "Conv"
+               and any(a.name == "strides" and list(a.ints) == [2, 2] for a in n.attribute)]  # fmt: skip
+    groups = [next(a.i for a in n.attribute if a.name == "group") for n in strided]
+    assert len(strided) == 5 and all(g > 1 for g in groups)  # every subsampling is the low-pass, channel by channel
+    images = random_images(2, 64, seed=4)
+    assert np.isfinite(int8.margins(images)).all()

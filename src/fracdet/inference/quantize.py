@@ -42,6 +42,7 @@ __all__ = [
     "MAX_KERNEL_CHANGE",
     "QUANTISATION",
     "Quantized",
+    "float_nodes",
     "kernel_change",
     "quantize_graph",
     "quantize_model",
@@ -123,7 +124,6 @@ def quantize_model(
 
     Returns: the model and what was measured on validation.
     """
-    import onnx
     from sklearn.metrics import roc_auc_score
 
     from fracdet.inference.gate import InputGate, fit_gate_on_splits, save_gate
@@ -152,11 +152,8 @@ def quantize_model(
         stage.mkdir()
         with _quiet_quantiser():
             float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
-        graph_proto = onnx.load(str(float_graph)).graph  # 48 MiB for the fused localiser: read once
-        map_head = _map_head(graph_proto) if float_map_head else []
-        kept_float = _score_head(graph_proto) + map_head
-        del graph_proto
-        heads = "the score head" + (" and the map head" if map_head else "")
+        kept_float = float_nodes(float_graph, map_head=float_map_head)
+        heads = "the score head" + (" and the map head" if float_map_head and model.task == "localise" else "")
         quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
         graph = {"file": "model.onnx", "precision": "int8", "sha256": sha256_file(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
@@ -273,6 +270,16 @@ def quantize_graph(
                         activation_type=QuantType[activations], weight_type=QuantType[weights],
                         reduce_range=seven_bits, nodes_to_exclude=list(keep_float))  # fmt: skip
     return Path(target)
+
+
+def float_nodes(graph: str | Path, *, map_head: bool = True) -> list[str]:
+    """Names of the nodes of the exported graph at ``graph`` that an int8 graph keeps in float, to pass to
+    :func:`quantize_graph` as ``keep_float``: the score head, and with ``map_head`` a localiser's map head
+    (:func:`quantize_model`'s ``float_map_head`` says why each)."""
+    import onnx
+
+    proto = onnx.load(str(graph)).graph  # 48 MiB for the fused localiser: read once
+    return _score_head(proto) + (_map_head(proto) if map_head else [])
 
 
 def _describe(model: TrainedModel, stage: Path, graph: dict[str, Any], *, name: str, version: str) -> None:

@@ -471,19 +471,19 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
     source = load(config.init_from)
     if source.arch != config.model:
         raise ValueError(f"init_from: {config.init_from} is a {source.arch}, the config trains a {config.model}")
-    network = source.network(f"start a training run (init_from: {config.init_from})").float()
     log.info("starting from the weights of %s %s", source.name, source.meta.get("version", ""))
     origin = source.label
-    if config.antialias:  # a source trained anti-aliased stays so either way
-        source = rebuilt(source, antialias=True)
-        network = source.network("start a training run").float()
-    if not (fused := source.meta.get("fused")):
+    if not source.meta.get("fused"):
         if config.fused.part_weight:
             raise ValueError(f"fused.part_weight weighs the parts of a fused model, and {config.init_from} is not one")
-        options["antialias"] = build_options(source.meta)["antialias"]
+        # the low-pass holds no weights, so the source's load into either network; one trained anti-aliased stays so
+        options["antialias"] = config.antialias or build_options(source.meta)["antialias"]
         model = create_model(config.model, pretrained=False, input_size=config.input_size, **options)
-        model.load_state_dict(network.state_dict())
-        return model, {"antialias": options["antialias"]}  # the source's, where the config leaves it off
+        model.load_state_dict(source.network(f"start a training run (init_from: {config.init_from})").state_dict())
+        return model, {"antialias": options["antialias"]}
+    if config.antialias:  # every part of a fused source, as it describes them
+        source = rebuilt(source, antialias=True)
+    network = source.network(f"start a training run (init_from: {config.init_from})").float()
     if config.input_size != source.preprocess.input_size:
         raise ValueError(f"init_from: {config.init_from} is a fused model that reads {source.preprocess.input_size}"
                          f"-px images (its largest part's side): set image_size: {source.preprocess.input_size}, "
@@ -491,7 +491,7 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
     if config.dropout is not None:
         raise ValueError(f"init_from: {config.init_from} is a fused model whose parts keep their own dropout: "
                          "leave dropout unset")  # fmt: skip
-    return network, {"fused": fused, "members": source.meta.get("members", []), "init_from": origin}
+    return network, {"fused": source.meta["fused"], "members": source.meta.get("members", []), "init_from": origin}
 
 
 def _label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
