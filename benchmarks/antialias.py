@@ -90,7 +90,8 @@ def main() -> None:
         flops[name] = counter.get_total_flops() / 2  # multiply-adds
     result["gmacs"] = {name: round(v / 1e9, 3) for name, v in flops.items()}
 
-    embedder = InputGate.of(built).embedder().network if InputGate.of(built).fitted else None
+    gate = InputGate.of(built)
+    embedder = gate.embedder().network if gate.fitted else None
     with tempfile.TemporaryDirectory() as folder:
         graphs: dict[str, dict[str, OnnxRuntime]] = {"onnxruntime float": {}, "onnxruntime int8": {}}
         for k, (name, model) in enumerate(models.items()):
