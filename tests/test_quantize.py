@@ -150,6 +150,35 @@ def test_an_int8_graph_whose_kernels_here_stray_from_its_arithmetic_is_not_writt
     assert not out.exists()
 
 
+def test_the_layers_that_read_the_finest_detail_can_stay_float(float_model, tmp_path):
+    # int8 rounding of the first layers' activations adds verdict flips under re-saves (docs/RELIABILITY.md).
+    import onnx
+
+    from fracdet.inference.onnx import export_onnx
+    from fracdet.inference.quantize import fine_nodes, quantize_model
+
+    model = load(float_model)
+    graph = export_onnx(model, tmp_path / "float.onnx", embedder=InputGate.of(model).embedder().network)
+    by_stride = {stride: set(fine_nodes(graph, stride=stride)) for stride in (1, 2, 4, 8)}
+    assert by_stride[1] < by_stride[2] < by_stride[4] < by_stride[8], "a coarser stride keeps more layers float"
+    with pytest.raises(ValueError, match="stride"):
+        fine_nodes(graph, stride=0)
+
+    made = quantize_model(model, sample_manifest(SAMPLE), tmp_path / "fine", calibration=4, max_auc_drop=1.0,
+                          float_stride=2).model  # fmt: skip
+    assert made.meta["graph"]["float_nodes"].endswith("and every layer at stride 2 or finer)")
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(made.graph))).graph
+    side = {v.name: v.type.tensor_type.shape.dim[2].dim_value for v in [*proto.value_info, *proto.output]
+            if len(v.type.tensor_type.shape.dim) == 4}  # fmt: skip
+    quantised = {node.output[0] for node in proto.node if node.op_type == "DequantizeLinear"}
+    convs = {node.name: (side.get(node.output[0]), node.input[1] in quantised) for node in proto.node
+             if node.op_type == "Conv"}  # fmt: skip
+    fine = {name: convs[name] for name in by_stride[2] if name in convs}
+    assert fine and {s for s, _ in fine.values()} == {32}, "the 64-px network's stem, at stride 2"
+    assert not any(q for _, q in fine.values()), "they keep float weights"
+    assert any(q for name, (s, q) in convs.items() if name not in fine and s == 16), "the stages after are int8"
+
+
 def test_model_json_of_a_compiled_model_says_which_graph_and_how_it_was_made(int8_folder):
     meta = json.loads((int8_folder / "model.json").read_text())
     assert meta["schema_version"] == 3

@@ -398,7 +398,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     extra = [_load_split_table(*(spec.split("=", 1) if "=" in spec else (spec, None))) for spec in args.extra]
     result = quantize_model(model, table, args.out, name=args.name, version=args.version,
                             calibration=args.calibration, extra=extra, max_auc_drop=args.max_auc_drop,
-                            float_map_head=not args.int8_map_head)  # fmt: skip
+                            float_map_head=not args.int8_map_head, float_stride=args.float_stride)  # fmt: skip
     made = result.model
     auc = result.val_auc
     print(f"{made.name} {made.version}: int8 graph of {model.name} {model.version} in {made.folder} "
@@ -822,6 +822,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-map-head",
         action="store_true",
         help="quantise a localiser's map head too (by default it stays float: its boxes hit more)",
+    )
+    p.add_argument(
+        "--float-stride",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the layers at stride N or finer in float too (2: the stem; 4: also the first stages); "
+        "int8 rounding of the finest detail adds verdict flips under re-saves",
     )
     p.add_argument("--max-auc-drop", type=float, default=0.005,
                    help="write nothing when validation AUC falls by more than this")  # fmt: skip

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_KERNEL_CHANGE",
     "QUANTISATION",
     "Quantized",
+    "fine_nodes",
     "float_nodes",
     "kernel_change",
     "quantize_graph",
@@ -101,6 +102,7 @@ def quantize_model(
     max_auc_drop: float = 0.005,
     max_kernel_change: float = MAX_KERNEL_CHANGE,
     float_map_head: bool = True,
+    float_stride: int = 0,
     seed: int = 0,
 ) -> Quantized:
     """Quantise ``model`` to int8 and write it, refitted, as a compiled model folder ``out``.
@@ -121,6 +123,7 @@ def quantize_model(
             sensitivity 0.454 against float's 0.481; 0.472 with the head in float, for 0.2% more time).
             The score head (what makes the margin from pooled features and the map's peak) always stays
             float: quantised, the margin came in 256 steps, clipped to probabilities 0.003-0.975.
+        float_stride: keep in float, too, the layers at this stride or finer (:func:`fine_nodes`); 0: none.
 
     Returns: the model and what was measured on validation.
     """
@@ -154,6 +157,9 @@ def quantize_model(
             float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
         kept_float = float_nodes(float_graph, map_head=float_map_head)
         heads = "the score head" + (" and the map head" if float_map_head and model.task == "localise" else "")
+        if float_stride:
+            kept_float += [name for name in fine_nodes(float_graph, stride=float_stride) if name not in kept_float]
+            heads += f", and every layer at stride {float_stride} or finer"
         quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
         graph = {"file": "model.onnx", "precision": "int8", "sha256": sha256_file(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
@@ -280,6 +286,44 @@ def float_nodes(graph: str | Path, *, map_head: bool = True) -> list[str]:
 
     proto = onnx.load(str(graph)).graph  # 48 MiB for the fused localiser: read once
     return _score_head(proto) + (_map_head(proto) if map_head else [])
+
+
+def fine_nodes(graph: str | Path, *, stride: int) -> list[str]:
+    """Names of the nodes of the exported graph at ``graph`` that make the margin from images at ``stride`` or
+    finer (an output at least ``1/stride`` of the side of the input its network reads), to keep in float.
+
+    Rounding each activation to 256 levels turns a small change of a radiograph into an occasional step in
+    the margin: int8 added about 0.01 to the mean verdict flips under re-saves (docs/RELIABILITY.md,
+    *Anti-aliasing*, measurement 5), and a re-save changes the finest detail, which the first layers carry.
+    A network's input is the graph's ``image`` or a ``Resize`` of it (a part of a fused model reads the
+    radiograph squashed to its own side; a map upsampled keeps its network's); sides come from ONNX shape
+    inference, so ``stride`` 2 keeps the stem of an EfficientNet-Lite, 4 its first two stages too. Nodes
+    that only feed the input gate's embedding are left to quantise."""
+    import onnx
+
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, not {stride}")
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(graph))).graph
+    sides: dict[str, int] = {}
+    for value in [*proto.input, *proto.value_info, *proto.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].dim_value:
+            sides[value.name] = dims[2].dim_value
+    _, reach = _reach(proto)
+    network_side = {name: side for name, side in sides.items() if name in {i.name for i in proto.input}}
+    kept = []
+    for node in proto.node:  # topologically sorted, as ONNX requires
+        bases = [network_side[name] for name in node.input if name in network_side]
+        if node.op_type == "Resize" and bases and sides.get(node.input[0]) == bases[0]:  # the image, resized
+            network_side.update({name: sides[name] for name in node.output if name in sides})
+            continue
+        if not bases:
+            continue
+        network_side.update(dict.fromkeys(node.output, bases[0]))
+        side = sides.get(node.output[0])
+        if side and side * stride >= bases[0] and "margin" in reach.get(node.name, ()):
+            kept.append(node.name)
+    return kept
 
 
 def _describe(model: TrainedModel, stage: Path, graph: dict[str, Any], *, name: str, version: str) -> None:
