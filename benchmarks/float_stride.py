@@ -23,6 +23,12 @@ from pathlib import Path
 import numpy as np
 
 
+def home_relative(name: str) -> str:
+    """A model folder under the home directory as ``~/...``, so results name no one's account."""
+    home = str(Path.home())
+    return "~" + name[len(home) :] if name == home or name.startswith(home + "/") else name
+
+
 def main() -> None:
     from _graphs import served_graph  # run as a script: benchmarks/ is on the path
     from antialias import alternating
@@ -61,7 +67,7 @@ def main() -> None:
     base = medians[args.models[0]]
     result = {
         "cpu": {"machine": platform.machine(), "flags": cpu_flags()}, "runs": args.runs, "images": args.images,
-        "models": {name: {"version": f"{model.name} {model.version}",
+        "models": {home_relative(name): {"version": f"{model.name} {model.version}",
                           "float_nodes": (model.meta.get("graph") or {}).get("float_nodes", "all (float graph)"),
                           "median_ms": round(medians[name], 2), "ratio": round(medians[name] / base, 3)}
                    for name, model in models.items()},
