@@ -257,6 +257,58 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(sample_root,
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+KILLED_WITHIN = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_training import sample_manifest, tiny_config
+from fracdet.training import trainer
+from fracdet.utils.cache import FeatureCache
+
+def save_then_hang(path, state, save=trainer.save_checkpoint):
+    save(path, state)
+    if path.name == "partial.pt" and state["step"] == 2:
+        Path({marker!r}).write_text("two batches of the first epoch saved")
+        time.sleep(60)  # killed here, midway through the epoch
+
+trainer.save_checkpoint = save_then_hang
+trainer.train(tiny_config(**{config!r}), sample_manifest(Path({sample!r})), Path({run!r}),
+              cache=FeatureCache({cache!r}))
+"""
+
+
+def test_a_training_process_killed_within_an_epoch_resumes_there_to_the_same_weights(
+    sample_root, cache_dir, tmp_path, caplog
+):
+    # An epoch at full size takes an hour on two CPU cores: a sitting that ends midway must not lose it.
+    config = {"epochs": 2, "dropout": 0.5, "augment.hflip": 0.5, "checkpoint_minutes": 1e-9}  # saved every batch
+    marker, run = tmp_path / "marker", tmp_path / "killed"
+    script = KILLED_WITHIN.format(tests=str(REPO / "tests"), marker=str(marker), sample=str(sample_root),
+                                  run=str(run), cache=str(cache_dir), config=config)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "FRACDET_PROGRESS": "0"})
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the training process did not save within its first epoch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints" / "last.pt").exists() and (run / "checkpoints" / "partial.pt").is_file()
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    with pytest.raises(RunExistsError):  # started again by mistake: the saved batches are not overwritten
+        train(tiny_config(**config), manifest, run, cache=cache)
+    with caplog.at_level(logging.INFO, logger="fracdet.training.trainer"):
+        resumed = train(None, manifest, run, resume=True, cache=cache)
+    assert "in epoch 1, after 2 of its batches" in caplog.text
+    assert not (run / "checkpoints" / "partial.pt").exists()  # gone once its epoch ended
+    # saving within epochs changes nothing learnt: a run that never did reaches the same weights and losses
+    straight = train(tiny_config(**{**config, "checkpoint_minutes": 0}), manifest, tmp_path / "straight", cache=cache)
+    assert not (tmp_path / "straight" / "checkpoints" / "partial.pt").exists()
+    weights, resumed_weights = _weights(tmp_path / "straight"), _weights(run)
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss"]
+    pd.testing.assert_frame_equal(straight.history[columns], resumed.history[columns])
+
+
 # --- the hyper-parameter study -------------------------------------------------------------------
 
 

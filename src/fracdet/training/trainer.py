@@ -8,12 +8,16 @@ A run folder holds everything needed to trace a result::
     metrics.csv        one row per epoch: train loss/accuracy, validation loss/accuracy/AUC, lr, seconds
     curves.png         the same as pictures
     checkpoints/last.pt   full state after the last finished epoch (model, optimiser, schedule, history)
+    checkpoints/partial.pt  the same within the epoch under way, every ``checkpoint_minutes``, with the
+                       batches done, their running sums and the random state (gone when the epoch ends)
     checkpoints/best.pt   weights of the best epoch by the monitored validation metric
     model.safetensors + model.json   the best weights, with preprocessing, the temperature and the
                        operating thresholds fitted on validation: what evaluation and serving load
 
-Randomness is re-seeded from ``(seed, epoch)`` at the start of every epoch, so a run interrupted at any
-point and resumed with ``--resume`` reaches the same weights as an uninterrupted one.
+Randomness is re-seeded from ``(seed, epoch)`` at the start of every epoch, every augmentation from its
+image's draw, and a checkpoint within an epoch keeps the random state it reached, so a run interrupted at
+any point and resumed with ``--resume`` reaches the same weights as an uninterrupted one, losing at most
+``checkpoint_minutes`` of work.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -128,10 +134,10 @@ def _improved(value: float, best: float | None, monitor: str) -> bool:
 
 
 def _prepare_run_folder(config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, resume: bool) -> None:
-    last = out_dir / "checkpoints" / "last.pt"
+    checkpoints = out_dir / "checkpoints"
     if resume:
         return
-    if last.exists() or (out_dir / "model.json").exists():
+    if any(path.exists() for path in (checkpoints / "last.pt", checkpoints / "partial.pt", out_dir / "model.json")):
         raise RunExistsError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config.save(out_dir / "config.yaml")
@@ -270,14 +276,25 @@ def train(
     stable = config.stability.weight > 0
 
     start_epoch, history, best, bad_epochs = 0, [], None, 0
-    last_path = out_dir / "checkpoints" / "last.pt"
+    last_path, partial_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "partial.pt"
+    within = None  # the state saved within the epoch a resumed run starts in, if any
     if resume:
-        state = load_checkpoint(last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, history, best, bad_epochs = state["epoch"] + 1, state["history"], state["best"], state["bad"]
-        log.info("resuming %s after epoch %d", out_dir, start_epoch)  # epochs count from 1 where people read them
+        within = load_checkpoint(partial_path) if partial_path.is_file() else None
+        state = load_checkpoint(last_path) if last_path.is_file() or within is None else None
+        if state is not None:
+            start_epoch, history, best, bad_epochs = state["epoch"] + 1, state["history"], state["best"], state["bad"]
+        if within is not None and within["epoch"] != start_epoch:  # its epoch ended before the run stopped
+            within = None
+        state = within or state
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+        if within is not None:
+            log.info("resuming %s in epoch %d, after %d of its batches", out_dir, start_epoch + 1, within["step"])
+        else:  # epochs count from 1 where people read them
+            log.info("resuming %s after epoch %d", out_dir, start_epoch)
+    every_s = config.checkpoint_minutes * 60 if config.checkpoint_minutes and not ranks.distributed else None
 
     stopped_early = False
     # the loading processes start with the first epoch and stop when the loop ends, however it ends
@@ -289,13 +306,22 @@ def train(
             if stop_after is not None and epoch >= stop_after:
                 log.info("stopping after epoch %d as asked; continue with --resume", epoch)
                 return TrainResult(out_dir, pd.DataFrame(history), 0, False)
-            started = time.perf_counter()
+            started = time.perf_counter() - (within["seconds"] if within else 0.0)
             torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
+            if within:  # where the interrupted sitting left the dropout's random numbers
+                _set_random_state(within["random"])
             batches = _batches(epoch_draws(train_labels, config.balance, config.seed, epoch), config.batch_size, ranks)
             shards = [ranks.shard(batch) for batch in batches]
-            sums = _train_epoch(network, loader(shards), batches, shards, dataset=dataset, optimizer=optimizer,
+            done = within["step"] if within else 0
+            stateful = {"model": model, "optimizer": optimizer, "schedule": schedule}
+            before = {"epoch": epoch, "history": history, "best": best, "bad": bad_epochs}
+            save_within = partial(_save_within, partial_path, stateful, before, started) if every_s else None
+            sums = _train_epoch(network, loader(shards[done:]), batches, shards, dataset=dataset, optimizer=optimizer,
                                 schedule=schedule, config=config, preprocess=preprocess, device=device,
-                                class_weight=loss_weight, desc=f"epoch {epoch + 1}/{config.epochs}")  # fmt: skip
+                                class_weight=loss_weight, desc=f"epoch {epoch + 1}/{config.epochs}",
+                                start=done, sums=within["sums"] if within else None,
+                                save=save_within, every_s=every_s or 0.0)  # fmt: skip
+            within = None
             total_loss, total_change, correct, seen = ranks.sum(*sums)
             row = {
                 "epoch": epoch + 1,
@@ -340,6 +366,7 @@ def train(
                         "bad": bad_epochs,
                     },
                 )
+                partial_path.unlink(missing_ok=True)  # the epoch is in last.pt now
                 frame = pd.DataFrame(history)
                 frame.to_csv(out_dir / "metrics.csv", index=False)
                 plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
@@ -376,18 +403,27 @@ def _train_epoch(
     device: torch.device,
     class_weight: torch.Tensor | None,
     desc: str,
+    start: int = 0,
+    sums: list[float] | None = None,
+    save: Callable[[int, list[float]], None] | None = None,
+    every_s: float = 0.0,
 ) -> list[float]:
     """The training steps of one epoch: ``loaded`` are the collated ``shards`` (this process's part of each of
-    ``batches``). Returns this process's sums of the loss, the score change, correct verdicts and images."""
+    ``batches``) from batch ``start`` on, those before it done in an earlier sitting whose ``sums`` go on.
+    Returns this process's sums of the loss, the score change, correct verdicts and images. ``save(step,
+    sums)`` is called with the batches done so far every ``every_s`` seconds of training."""
     stable = config.stability.weight > 0
     use_amp = config.amp and device.type == "cuda"
     loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
                     "part_weight": config.fused.part_weight}  # fmt: skip
     network.train()
     # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, score change, correct, seen
-    with progress_bar(desc=desc, total=sum(map(len, batches))) as bar:
-        for step, ((x, y, *masks), batch, shard) in enumerate(zip(loaded, batches, shards, strict=True)):
+    # loss, score change, correct, seen
+    sums = torch.tensor(sums or [0.0] * 4, dtype=torch.float64, device=device)
+    saved = time.monotonic()
+    todo = zip(loaded, batches[start:], shards[start:], strict=True)
+    with progress_bar(desc=desc, total=sum(map(len, batches)), initial=sum(map(len, batches[:start]))) as bar:
+        for step, ((x, y, *masks), batch, shard) in enumerate(todo, start=start):
             x, y = x.to(device, non_blocking=True), y.to(device)
             mask = masks[0].to(device, non_blocking=True) if masks else None
             if dataset.defer:  # augmented here, on the device, as the loader would have
@@ -416,7 +452,32 @@ def _train_epoch(
                 loss_sum, change_sum, _, count = sums.tolist()
                 bar.set_postfix(loss=f"{loss_sum / count:.4f}",
                                 **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
+            if save is not None and step + 1 < len(batches) and time.monotonic() - saved >= every_s:
+                save(step + 1, sums.tolist())
+                saved = time.monotonic()
     return sums.tolist()
+
+
+def _save_within(
+    path: Path, stateful: dict[str, Any], before: dict[str, Any], started: float, step: int, sums: list[float]
+) -> None:
+    """Save what ``last.pt`` holds (``stateful``'s state dicts, and the run's history ``before`` this epoch)
+    after ``step`` batches of the epoch, with their ``sums``, the random state and the epoch's seconds since
+    ``started``: what resuming within the epoch needs."""
+    states = {name: part.state_dict() for name, part in stateful.items()}
+    within = {"step": step, "sums": sums, "random": _random_state(), "seconds": time.perf_counter() - started}
+    save_checkpoint(path, {**states, **before, **within})
+
+
+def _random_state() -> dict:
+    """The random state a training step draws from (dropout's): the CPU's and every GPU's."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_random_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:

@@ -17,16 +17,17 @@ __all__ = ["progress", "progress_bar"]
 LOG_INTERVAL_S = 60.0
 
 
-def progress_bar(*, desc: str, total: int | None = None, unit: str = "img"):
+def progress_bar(*, desc: str, total: int | None = None, unit: str = "img", initial: int = 0):
     """A tqdm bar on stderr to ``update()`` by hand; ``FRACDET_PROGRESS=0`` switches bars off.
 
     On a terminal the bar redraws in place; elsewhere it writes a line at most every :data:`LOG_INTERVAL_S`.
+    ``initial``: what was done before (a resumed epoch), counted in the position, not in the rate.
     """
     from tqdm.auto import tqdm
 
     disable = os.environ.get("FRACDET_PROGRESS", "1") == "0"
     terminal = sys.stderr.isatty()
-    return tqdm(desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=terminal,
+    return tqdm(desc=desc, total=total, unit=unit, initial=initial, disable=disable, dynamic_ncols=terminal,
                 mininterval=0.1 if terminal else LOG_INTERVAL_S, ncols=None if terminal else 100)  # fmt: skip
 
 
