@@ -237,17 +237,22 @@ train(tiny_config(epochs=4), sample_manifest(Path({sample!r})), Path({run!r}), c
 """
 
 
-def test_a_killed_training_process_resumes_from_its_last_checkpoint(sample_root, cache_dir, tmp_path):
-    marker, run = tmp_path / "marker", tmp_path / "killed"
-    script = KILLABLE.format(tests=str(REPO / "tests"), marker=str(marker), sample=str(sample_root), run=str(run),
-                             cache=str(cache_dir))  # fmt: skip
+def kill_when_marked(script: str, marker: Path, failure: str) -> None:
+    """Run ``script`` in a Python process and kill it (SIGKILL) once it has written ``marker``."""
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "FRACDET_PROGRESS": "0"})
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), "the training process did not reach its second epoch"
+    assert marker.exists(), failure
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_a_killed_training_process_resumes_from_its_last_checkpoint(sample_root, cache_dir, tmp_path):
+    marker, run = tmp_path / "marker", tmp_path / "killed"
+    script = KILLABLE.format(tests=str(REPO / "tests"), marker=str(marker), sample=str(sample_root), run=str(run),
+                             cache=str(cache_dir))  # fmt: skip
+    kill_when_marked(script, marker, "the training process did not reach its second epoch")
     assert not list((run / "checkpoints").glob("*.tmp")), "a checkpoint was left half-written"
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     result = train(None, manifest, run, resume=True, cache=cache)
@@ -285,13 +290,7 @@ def test_a_training_process_killed_within_an_epoch_resumes_there_to_the_same_wei
     marker, run = tmp_path / "marker", tmp_path / "killed"
     script = KILLED_WITHIN.format(tests=str(REPO / "tests"), marker=str(marker), sample=str(sample_root),
                                   run=str(run), cache=str(cache_dir), config=config)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "FRACDET_PROGRESS": "0"})
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the training process did not save within its first epoch"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_marked(script, marker, "the training process did not save within its first epoch")
     assert not (run / "checkpoints" / "last.pt").exists() and (run / "checkpoints" / "partial.pt").is_file()
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     with pytest.raises(RunExistsError):  # started again by mistake: the saved batches are not overwritten
