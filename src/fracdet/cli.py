@@ -829,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="keep the layers at stride N or finer in float too (2: the stem; 4: also the first stages); "
-        "their margins then follow the float model's 3-7x closer, for up to 10%% more time",
+        "their margins then follow the float model's 3-7x closer, for up to 10%% more time (try 2 when an "
+        "anti-aliased model's int8 graph fails --max-auc-drop)",
     )
     p.add_argument("--max-auc-drop", type=float, default=0.005,
                    help="write nothing when validation AUC falls by more than this")  # fmt: skip
