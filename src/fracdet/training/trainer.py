@@ -279,17 +279,16 @@ def train(
     last_path, partial_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "partial.pt"
     within = None  # the state saved within the epoch a resumed run starts in, if any
     if resume:
+        finished = load_checkpoint(last_path) if last_path.is_file() else None
         within = load_checkpoint(partial_path) if partial_path.is_file() else None
-        state = load_checkpoint(last_path) if last_path.is_file() or within is None else None
-        if state is not None:
-            start_epoch, history, best, bad_epochs = state["epoch"] + 1, state["history"], state["best"], state["bad"]
-        if within is not None and within["epoch"] != start_epoch:  # its epoch ended before the run stopped
-            within = None
-        state = within or state
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
+        if within is not None and within["epoch"] != (finished["epoch"] + 1 if finished else 0):
+            within = None  # its epoch ended (and is in last.pt) before the run stopped
+        state = within or finished or load_checkpoint(last_path)  # neither: "checkpoint not found"
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad"]
+        start_epoch = state["epoch"] if within else state["epoch"] + 1
         if within is not None:
             log.info("resuming %s in epoch %d, after %d of its batches", out_dir, start_epoch + 1, within["step"])
         else:  # epochs count from 1 where people read them
@@ -355,16 +354,7 @@ def train(
                 schedule.step()
             if ranks.main:
                 save_checkpoint(
-                    last_path,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "best": best,
-                        "bad": bad_epochs,
-                    },
+                    last_path, _run_state(stateful, epoch=epoch, history=history, best=best, bad=bad_epochs)
                 )
                 partial_path.unlink(missing_ok=True)  # the epoch is in last.pt now
                 frame = pd.DataFrame(history)
@@ -458,15 +448,20 @@ def _train_epoch(
     return sums.tolist()
 
 
+def _run_state(stateful: dict[str, Any], **run: Any) -> dict[str, Any]:
+    """What a checkpoint to resume from holds: ``stateful``'s state dicts (model, optimiser, schedule) and
+    the ``run``'s counters. One builder for ``last.pt`` and ``partial.pt``, so the two cannot drift apart."""
+    return {**{name: part.state_dict() for name, part in stateful.items()}, **run}
+
+
 def _save_within(
     path: Path, stateful: dict[str, Any], before: dict[str, Any], started: float, step: int, sums: list[float]
 ) -> None:
-    """Save what ``last.pt`` holds (``stateful``'s state dicts, and the run's history ``before`` this epoch)
-    after ``step`` batches of the epoch, with their ``sums``, the random state and the epoch's seconds since
+    """Save what ``last.pt`` holds (``stateful``'s state, and the run's history ``before`` this epoch) after
+    ``step`` batches of the epoch, with their ``sums``, the random state and the epoch's seconds since
     ``started``: what resuming within the epoch needs."""
-    states = {name: part.state_dict() for name, part in stateful.items()}
     within = {"step": step, "sums": sums, "random": _random_state(), "seconds": time.perf_counter() - started}
-    save_checkpoint(path, {**states, **before, **within})
+    save_checkpoint(path, _run_state(stateful, **before, **within))
 
 
 def _random_state() -> dict:
