@@ -155,10 +155,9 @@ def quantize_model(
         stage.mkdir()
         with _quiet_quantiser():
             float_graph = export_onnx(model, Path(work) / "float.onnx", embedder=embedder)
-        kept_float = float_nodes(float_graph, map_head=float_map_head)
+        kept_float = float_nodes(float_graph, map_head=float_map_head, stride=float_stride)
         heads = "the score head" + (" and the map head" if float_map_head and model.task == "localise" else "")
         if float_stride:
-            kept_float += [name for name in fine_nodes(float_graph, stride=float_stride) if name not in kept_float]
             heads += f", and every layer at stride {float_stride} or finer"
         quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
         graph = {"file": "model.onnx", "precision": "int8", "sha256": sha256_file(stage / "model.onnx"),
@@ -278,14 +277,16 @@ def quantize_graph(
     return Path(target)
 
 
-def float_nodes(graph: str | Path, *, map_head: bool = True) -> list[str]:
+def float_nodes(graph: str | Path, *, map_head: bool = True, stride: int = 0) -> list[str]:
     """Names of the nodes of the exported graph at ``graph`` that an int8 graph keeps in float, to pass to
-    :func:`quantize_graph` as ``keep_float``: the score head, and with ``map_head`` a localiser's map head
-    (:func:`quantize_model`'s ``float_map_head`` says why each)."""
+    :func:`quantize_graph` as ``keep_float``: the score head, with ``map_head`` a localiser's map head
+    (:func:`quantize_model`'s ``float_map_head`` says why each), and with ``stride`` the layers at that stride
+    or finer (:func:`fine_nodes`)."""
     import onnx
 
-    proto = onnx.load(str(graph)).graph  # 48 MiB for the fused localiser: read once
-    return _score_head(proto) + (_map_head(proto) if map_head else [])
+    loaded = onnx.load(str(graph))  # 48 MiB for the fused localiser: read once
+    kept = _score_head(loaded.graph) + (_map_head(loaded.graph) if map_head else [])
+    return kept + [name for name in (_fine_nodes(loaded, stride) if stride else []) if name not in kept]
 
 
 def fine_nodes(graph: str | Path, *, stride: int) -> list[str]:
@@ -304,9 +305,16 @@ def fine_nodes(graph: str | Path, *, stride: int) -> list[str]:
     that only feed the input gate's embedding are left to quantise."""
     import onnx
 
+    return _fine_nodes(onnx.load(str(graph)), stride)
+
+
+def _fine_nodes(loaded: Any, stride: int) -> list[str]:
+    """:func:`fine_nodes` of an ONNX model already ``loaded``."""
+    import onnx
+
     if stride < 1:
         raise ValueError(f"stride must be at least 1, not {stride}")
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(graph))).graph
+    proto = onnx.shape_inference.infer_shapes(loaded).graph
     sides: dict[str, int] = {}
     for value in [*proto.input, *proto.value_info, *proto.output]:
         dims = value.type.tensor_type.shape.dim
