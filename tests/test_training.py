@@ -20,6 +20,7 @@ import torch
 from fracdet.data import load_dataset
 from fracdet.training import ConfigError, RunExistsError, TrainConfig, load_config, train
 from fracdet.training.augment import epoch_indices
+from fracdet.training.checkpoint import load_checkpoint, save_checkpoint
 from fracdet.utils.cache import FeatureCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,6 +296,12 @@ def test_a_training_process_killed_within_an_epoch_resumes_there_to_the_same_wei
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     with pytest.raises(RunExistsError):  # started again by mistake: the saved batches are not overwritten
         train(tiny_config(**config), manifest, run, cache=cache)
+    # a partial.pt of a later epoch whose last.pt is gone: refused, never silently trained from scratch
+    shutil.copytree(run, orphan := tmp_path / "orphan")
+    partial = load_checkpoint(orphan / "checkpoints" / "partial.pt")
+    save_checkpoint(orphan / "checkpoints" / "partial.pt", {**partial, "epoch": 1})
+    with pytest.raises(FileNotFoundError, match=r"last\.pt"):
+        train(None, manifest, orphan, resume=True, cache=cache)
     with caplog.at_level(logging.INFO, logger="fracdet.training.trainer"):
         resumed = train(None, manifest, run, resume=True, cache=cache)
     assert "in epoch 1, after 2 of its batches" in caplog.text
