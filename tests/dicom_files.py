@@ -165,6 +165,22 @@ def jpeg_lossless(g):  # DCMTK's encoder (pydicom encodes no JPEG Lossless)
     return ("dcmcjpeg", "+e1", mono2_8bit(g))
 
 
+def deflated(g):  # the whole dataset deflated (PS3.5 A.5): lossless, as some archives send it
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = mono2_8bit(g)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return ds
+
+
+def deflate_bomb(g, inflated: int) -> bytes:
+    """A deflated radiograph with ``inflated`` bytes of zeros in a private element ahead of its pixels: the
+    file is a thousandth of what it inflates to."""
+    ds = deflated(g)
+    ds.add_new(0x00091010, "OB", bytes(inflated))
+    return write_bytes(ds)
+
+
 def no_preamble(g):  # a bare dataset stream (implicit VR little endian), as some archives store
     from pydicom import dcmwrite
 
@@ -191,6 +207,7 @@ READABLE = (
     Variant("jpeg_2000_lossless", _compressed("JPEG2000Lossless")),
     Variant("jpeg_lossless", jpeg_lossless, needs="dcmcjpeg"),
     Variant("no_preamble", no_preamble),
+    Variant("deflated", deflated),
     Variant("jpeg_baseline", jpeg_baseline, lossy=True),
     Variant("jpeg_2000_lossy", _compressed("JPEG2000", j2k_cr=[15]), lossy=True),
 )
@@ -223,6 +240,19 @@ def truncated(g):
     return write_bytes(mono2_8bit(g))[:-5000]
 
 
+def larger_frame(syntax_name: str):
+    """A frame compressed at twice the size the DICOM header gives: its codec would allocate what the frame
+    says (a few kilobytes of JPEG-LS can ask for gigabytes)."""
+
+    def build(g):
+        big = np.kron(g, np.ones((2, 2), np.uint8))
+        ds = jpeg_baseline(big) if syntax_name == "JPEGBaseline8Bit" else _compressed(syntax_name)(big)
+        ds.Rows, ds.Columns = g.shape
+        return ds
+
+    return build
+
+
 #: (variant, the reason the refusal must name)
 REFUSED = (
     (Variant("multi_frame", multi_frame), "multi-frame"),
@@ -230,6 +260,9 @@ REFUSED = (
     (Variant("no_pixel_data", no_pixel_data), "no Pixel Data"),
     (Variant("colour", colour), "a radiograph is grey"),
     (Variant("truncated", truncated), "truncated"),
+    (Variant("larger_jpeg_ls_frame", larger_frame("JPEGLSLossless")), "compressed frame is"),
+    (Variant("larger_jpeg_2000_frame", larger_frame("JPEG2000Lossless")), "compressed frame is"),
+    (Variant("larger_jpeg_frame", larger_frame("JPEGBaseline8Bit")), "compressed frame is"),
 )
 
 

@@ -26,6 +26,7 @@ from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
 from fracdet.serve import ServeConfig, create_app
 from tests.conftest import SAMPLE
+from tests.dicom_files import deflated, larger_frame, write_bytes
 
 RADIOGRAPH = (SAMPLE / "images" / "Fractured" / "IMG0000261.jpg").read_bytes()
 GREY = np.asarray(Image.open(io.BytesIO(RADIOGRAPH)).convert("L"))
@@ -73,6 +74,18 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
     ("tga", lambda: saved(GREY, "TGA"), 415, "not an image"),
     ("ppm", lambda: saved(GREY, "PPM"), 415, "not an image"),
     ("dicom", b"\0" * 128 + b"DICM" + b"\0" * 200, 415, "DICOM"),
+    (
+        "dicom: jpeg-ls frame larger than its header",
+        lambda: write_bytes(larger_frame("JPEGLSLossless")(GREY)),
+        415,
+        "compressed frame is",
+    ),
+    (
+        "dicom: jpeg 2000 frame larger than its header",
+        lambda: write_bytes(larger_frame("JPEG2000Lossless")(GREY)),
+        415,
+        "compressed frame is",
+    ),
     # damaged images
     ("jpeg truncated to 60%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.6)], 422, "truncated"),
     ("jpeg truncated to 10%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.1)], 422, "truncated"),
@@ -137,6 +150,7 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
     ("as TIFF", lambda: saved(GREY, "TIFF"), 200, ""),
     ("as compressed TIFF", lambda: saved(GREY, "TIFF", compression="tiff_deflate"), 200, ""),
     ("as WebP", lambda: saved(GREY, "WEBP"), 200, ""),
+    ("as deflated DICOM", lambda: write_bytes(deflated(GREY)), 200, ""),
     ("as RGB JPEG", lambda: saved(Image.fromarray(GREY).convert("RGB"), "JPEG"), 200, ""),
     ("as RGBA PNG", lambda: saved(Image.fromarray(GREY).convert("RGBA"), "PNG"), 200, ""),
     ("as palette PNG", lambda: saved(Image.fromarray(GREY).convert("P"), "PNG"), 200, ""),

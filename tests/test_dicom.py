@@ -17,13 +17,23 @@ pytest.importorskip("pydicom")
 
 from fracdet.cli import main
 from fracdet.data import load_dataset
-from fracdet.data.decode import ImageReadError, decode_image
-from fracdet.data.dicom import is_dicom, keyed_hash
+from fracdet.data.decode import ImageReadError, ImageTooLargeError, decode_image
+from fracdet.data.dicom import codestream_size, is_dicom, keyed_hash, read_dicom_header
 from fracdet.data.pixels import load_pixels
 from fracdet.inference import Predictor, study_summary
 from fracdet.models import load
 from fracdet.utils.cache import FeatureCache
-from tests.dicom_files import PHI, READABLE, REFUSED, available, ct_slice, mono2_8bit, write_bytes
+from tests.dicom_files import (
+    PHI,
+    READABLE,
+    REFUSED,
+    available,
+    ct_slice,
+    deflate_bomb,
+    larger_frame,
+    mono2_8bit,
+    write_bytes,
+)
 
 RADIOGRAPH = "images/Fractured/IMG0000261.jpg"
 OTHER = "images/Non_fractured/IMG0000003.jpg"
@@ -155,6 +165,68 @@ def test_an_unknown_compression_names_what_would_decode_it(grey):
         decode_image(write_bytes(ds))
 
 
+# --- memory is bounded by the pixel limit before any decoder runs ------------------------------------------
+
+
+def test_a_deflated_dataset_inflates_no_further_than_its_pixel_limit_allows(grey):
+    import tracemalloc
+
+    def peak_while(read):
+        tracemalloc.start()
+        try:
+            read()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    bomb = deflate_bomb(grey, inflated=64 << 20)  # 270 KB on disk; pydicom alone inflates it whole (142 MiB)
+
+    def refused():
+        with pytest.raises(ImageTooLargeError, match="inflates to more than"):
+            decode_image(bomb, max_pixels=grey.size)  # allows 4 bytes a pixel and 16 MiB of header
+
+    assert peak_while(refused) < 8 << 20  # counted a mebibyte at a time, never held
+    bomb = bomb[132:]  # and without the preamble, as pydicom reads it too
+    assert peak_while(refused) < 8 << 20
+    assert peak_while(lambda: read_dicom_header(bomb)) < 40 << 20  # the header alone, within 16 MiB
+    assert decode_image(bomb).pixels.shape == grey.shape  # within the default limit it is a radiograph
+
+
+def test_a_deflated_stream_followed_by_a_padding_byte_is_read_not_spun_on(grey):
+    """PS3.5 A.5 pads a deflated stream of odd length with a byte, which zlib leaves unconsumed at its end
+    when the stream is inflated in pieces (here 4 MiB, inflated a mebibyte at a time)."""
+    import threading
+
+    data = deflate_bomb(grey, inflated=4 << 20)
+    for extra in (b"", b"\0"):
+        read: list = []
+        worker = threading.Thread(target=lambda d=data + extra, out=read: out.append(decode_image(d)), daemon=True)
+        worker.start()
+        worker.join(60)  # a daemon thread: a decoder spinning for ever fails the test instead of hanging it
+        assert read and read[0].pixels.shape == grey.shape, f"not read within 60 s with {len(extra)} byte(s) after"
+
+
+def test_the_size_a_codestream_declares_is_read_from_its_header(grey):
+    from pydicom.encaps import get_frame
+
+    def frame(ds) -> bytes:
+        return get_frame(ds.PixelData, 0, number_of_frames=1)
+
+    height, width = grey.shape
+    for build in (larger_frame("JPEGLSLossless"), larger_frame("JPEG2000Lossless"), larger_frame("JPEGBaseline8Bit")):
+        assert codestream_size(frame(build(grey))) == (2 * width, 2 * height)
+    j2k = frame(readable("jpeg_2000_lossless").build(grey))
+    box = len(j2k) + 8
+    jp2 = (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x14ftypjp2 \x00\x00\x00\x00jp2 "
+           + box.to_bytes(4, "big") + b"jp2c" + j2k)  # fmt: skip
+    assert codestream_size(jp2) == (width, height)  # a JP2 file: its codestream box
+    jpeg = frame(readable("jpeg_baseline").build(grey))
+    padded = jpeg[:2] + b"\xff\xee\x00\x04ab" + b"\xff\xff" + jpeg[2:]  # an APP segment, fill bytes
+    assert codestream_size(padded) == (width, height)
+    for junk in (b"", b"\xff\xd8", b"\xff\xd8\xff\xda\x00\x02", b"\x89PNG\r\n", jpeg[:5], j2k[:10]):
+        assert codestream_size(junk) is None
+
+
 # --- no identifier leaves fracdet -------------------------------------------------------------------------
 
 
@@ -256,7 +328,7 @@ def test_the_web_app_reads_a_dicom_upload_and_refuses_a_ct_by_name(grey):
     from fastapi.testclient import TestClient
 
     from fracdet.models import PreprocessCfg, TrainedModel, create_model
-    from fracdet.serve import create_app
+    from fracdet.serve import ServeConfig, create_app
 
     model = TrainedModel(module=create_model("paper_cnn", input_size=32).eval(), name="t", arch="paper_cnn",
                          preprocess=PreprocessCfg(32), meta={"version": "0"})  # fmt: skip
@@ -267,6 +339,13 @@ def test_the_web_app_reads_a_dicom_upload_and_refuses_a_ct_by_name(grey):
     refused = client.post("/api/v1/predict", files={"file": ("x.dcm", ct, "application/dicom")})
     assert refused.status_code in (415, 422) and "not a projection radiograph" in refused.json()["detail"]
     assert all(value not in refused.text for value in PHI.values())
+    larger = write_bytes(larger_frame("JPEGLSLossless")(grey))
+    refused = client.post("/api/v1/predict", files={"file": ("x.dcm", larger, "application/dicom")})
+    assert refused.status_code == 415 and "compressed frame is" in refused.json()["detail"]
+    small = TestClient(create_app(model, ServeConfig(max_pixels=grey.size)))
+    bomb = small.post("/api/v1/predict", files={"file": ("x.dcm", deflate_bomb(grey, 64 << 20), "application/dicom")})
+    assert bomb.status_code == 413 and "inflates to more than" in bomb.json()["detail"]
+    assert small.get("/api/v1/health").json()["status"] == "ok"
 
 
 # --- DICOM results: SR, presentation state, secondary capture ---------------------------------------------

@@ -181,6 +181,45 @@ def test_bad_datasets_and_an_aborted_association_are_survived(orthanc, model, gr
     assert len([i for i in instances_of(good) if i.get("Manufacturer") == "fracdet"]) == 3
 
 
+def test_a_deflated_store_is_read_no_further_than_its_header_inside_the_association(orthanc, model, grey, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """A deflated dataset (PS3.5 A.5) is a thousandth of what it inflates to; pynetdicom's own decoding inflates
+    it whole inside the association. The node reads its header alone there, and the workers decode it within
+    the pixel limit, as every image."""
+    import tracemalloc
+
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    study = "1.2.826.0.1.3680043.8.498.911"
+    ds = dcmread(io.BytesIO(radiograph(grey, study, study + ".1.1")))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.add_new(0x00091010, "OB", bytes(128 << 20))  # 128 MiB of zeros ahead of the pixels: 0.5 MB deflated
+    (tmp_path / "deflated.dcm").write_bytes(write_bytes(ds))
+    del ds
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sent as the file holds it
+    hold = threading.Event()
+    with PacsNode(model, config(tmp_path / "spool"), hold=hold) as node:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, [DeflatedExplicitVRLittleEndian])
+        tracemalloc.start()
+        try:
+            assoc = ae.associate("127.0.0.1", NODE_PORT, ae_title="FRACDET")
+            assert assoc.is_established
+            status = int(assoc.send_c_store(tmp_path / "deflated.dcm").Status)
+            assoc.release()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert status == SUCCESS
+        assert peak < 48 << 20  # inflated whole, it took more than 128 MiB
+        hold.set()
+        assert node.wait_idle(120)
+    assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 3
+
+
 def test_a_full_queue_answers_out_of_resources_and_nothing_is_lost(orthanc, model, grey, tmp_path):
     hold = threading.Event()  # the workers wait: images stay queued
     study = "1.2.826.0.1.3680043.8.498.903"

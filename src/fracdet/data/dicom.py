@@ -19,6 +19,12 @@ states), several frames, a modality that is not a projection radiograph (:data:`
 unless ``force_modality``), colour, malformed or truncated data, and a transfer syntax no installed decoder
 reads (the message names the package that would).
 
+Memory is bounded by the pixel limit before any decoder runs, as for every other format. Two DICOM
+encodings would otherwise let a few kilobytes claim gigabytes: a *deflated* dataset (PS3.5 A.5) is inflated
+here, at most to what the pixel limit allows (pydicom would inflate all of it), and a compressed frame must
+declare, in its own JPEG, JPEG-LS or JPEG 2000 header, the size the DICOM header gives (the codecs allocate
+what the codestream declares, and one of them aborts the process when that fails).
+
 Identifiers: names, IDs, birth dates, accession numbers and UIDs never appear in a message, a log line or
 a table. Where a study or patient must be told apart (per-study summaries, splits grouped by patient),
 :func:`keyed_hash` gives a stable pseudonym under a site key (``FRACDET_PHI_KEY``, else a random key made
@@ -38,7 +44,9 @@ import io
 import logging
 import os
 import secrets
+import sys
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +58,12 @@ __all__ = [
     "DICOM_HINT",
     "RADIOGRAPH_MODALITIES",
     "DicomInfo",
+    "codestream_size",
     "decode_dicom",
     "is_dicom",
     "keyed_hash",
     "quiet_pydicom",
+    "read_dicom_header",
     "read_dicom_info",
 ]
 
@@ -85,6 +95,11 @@ _LOSSY_SYNTAXES = frozenset({
 #: The first group of a DICOM stream without its 128-byte preamble: file meta (0002), or a dataset's
 #: identifying (0008) group.
 _FIRST_GROUPS = (0x0002, 0x0008)
+
+#: What a deflated dataset may inflate to besides its pixels (4 bytes each at most): the rest of its header.
+_HEADER_ALLOWANCE = 16 << 20
+#: Explicit VR whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others take 2.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
 class _RefusedError(Exception):
@@ -155,18 +170,89 @@ def _pydicom() -> Any:
     return pydicom
 
 
-def _parse(data: bytes, *, pixels: bool) -> Any:
+def _parse(data: bytes, *, pixels: bool, max_bytes: int) -> Any:
+    """The dataset of ``data``; a deflated one inflated to at most ``max_bytes``."""
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=not pixels)
+        data, deflated = _inflated(data, max_bytes=max_bytes, whole=pixels)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=not pixels)
+        if deflated is not None:  # as it came: the name in messages, and lossless
+            ds.file_meta.TransferSyntaxUID = deflated
+        return ds
+    except _RefusedError:
+        raise
     except InvalidDicomError as exc:
         raise _RefusedError("not a readable DICOM file") from exc
     except EOFError as exc:
         raise _RefusedError("truncated DICOM file (the data ends inside an element)", truncated=True) from exc
     except Exception as exc:  # a damaged header fails in many ways; the message must not echo it
         raise _RefusedError(f"malformed DICOM header ({type(exc).__name__})") from exc
+
+
+def _meta_start(data: bytes) -> int | None:
+    """Where the file meta group (0002) begins: after the preamble and ``DICM``, or at the start of a stream
+    without them (pydicom reads both); ``None`` without one."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return 132
+    return 0 if data[:2] == b"\x02\x00" else None
+
+
+def _meta_end(data: bytes, start: int) -> int:
+    """Where the file meta group (0002) beginning at ``start`` ends: after its last element, walked as PS3.10
+    7.1 writes it (explicit VR little endian), without trusting its group length."""
+    offset = start
+    while offset + 8 <= len(data) and int.from_bytes(data[offset : offset + 2], "little") == 0x0002:
+        vr = data[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            offset += 12 + int.from_bytes(data[offset + 8 : offset + 12], "little")
+        else:
+            offset += 8 + int.from_bytes(data[offset + 6 : offset + 8], "little")
+    return offset
+
+
+def _inflated(data: bytes, *, max_bytes: int, whole: bool) -> tuple[bytes, Any]:
+    """A deflated Part 10 file as the same file in explicit VR little endian, inflated to at most
+    ``max_bytes`` (``whole``: all of it or refused as too large; else as much as the bound allows, enough for
+    a header read that stops before the pixels), and its original transfer syntax; other files as they are.
+    """
+    from pydicom import dcmread
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if (start := _meta_start(data)) is None:
+        return data, None  # a deflated dataset needs its file meta to say so
+    end = _meta_end(data, start)
+    meta = dcmread(io.BytesIO(data[:end]), force=True).file_meta
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_deflated:
+        return data, None
+    try:
+        if whole and _inflated_size(data[end:], stop_after=max_bytes) > max_bytes:
+            raise _RefusedError(f"deflated DICOM dataset inflates to more than {max_bytes:,} bytes, beyond what "
+                                "the pixel limit allows", too_large=True)  # fmt: skip
+        dataset = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[end:], max_bytes)
+    except zlib.error as exc:
+        raise _RefusedError("damaged deflated DICOM dataset (it does not inflate)") from exc
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(data[:start])
+    write_file_meta_info(head, meta, enforce_standard=False)
+    return head.getvalue() + dataset, syntax
+
+
+def _inflated_size(deflated: bytes, *, stop_after: int) -> int:
+    """How many bytes ``deflated`` inflates to, counted a mebibyte at a time and not kept, up to the first
+    count beyond ``stop_after``: a bomb is refused having held a mebibyte, not what it inflates to."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, rest = 0, deflated
+    while size <= stop_after:
+        chunk = inflater.decompress(rest, 1 << 20)
+        size, rest = size + len(chunk), inflater.unconsumed_tail
+        if inflater.eof or not chunk:  # the end (a padding byte to an even length may follow), or no progress
+            return size
+    return size
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -187,17 +273,30 @@ def _transfer_syntax(ds: Any) -> Any:
     return syntax
 
 
-def read_dicom_info(data: bytes, *, name: str = "<bytes>") -> DicomInfo:
-    """The non-identifying header of a DICOM file, without decoding its pixels.
+def read_dicom_header(data: bytes, *, name: str = "<bytes>") -> Any:
+    """The header of a DICOM file as a pydicom dataset, without its pixels; a deflated one is inflated no
+    further than a header may reach (16 MiB), so a few kilobytes cannot claim gigabytes before anything is
+    known of them. It holds the file's identifiers: what leaves fracdet goes through :class:`DicomInfo`.
 
     Raises:
         fracdet.data.decode.ImageReadError: not readable as DICOM.
     """
     try:
         with quiet_pydicom():
-            return _info(_parse(data, pixels=False))
+            return _parse(data, pixels=False, max_bytes=_HEADER_ALLOWANCE)
     except _RefusedError as exc:
         raise _error(name, exc) from None
+
+
+def read_dicom_info(data: bytes, *, name: str = "<bytes>") -> DicomInfo:
+    """The non-identifying header of a DICOM file, without decoding its pixels.
+
+    Raises:
+        fracdet.data.decode.ImageReadError: not readable as DICOM.
+    """
+    ds = read_dicom_header(data, name=name)
+    with quiet_pydicom():
+        return _info(ds)
 
 
 def _info(ds: Any) -> DicomInfo:
@@ -234,7 +333,7 @@ def decode_dicom(
     """
     try:
         with quiet_pydicom():
-            ds = _parse(data, pixels=True)
+            ds = _parse(data, pixels=True, max_bytes=min(4 * max_pixels + _HEADER_ALLOWANCE, sys.maxsize))
             info = _info(ds)
             _check(ds, info, max_pixels=max_pixels, force_modality=force_modality)
             return _display(ds, info), info
@@ -290,6 +389,8 @@ def _decoded(ds: Any, info: DicomInfo) -> np.ndarray:
             hint = f"install {package}, or " if package else ""
             raise _RefusedError(f"no decoder for transfer syntax {info.transfer_syntax} ({hint}"
                            'pip install "fracdet[dicom]")')  # fmt: skip
+        if syntax != _RLE:
+            _check_codestream(ds, info)
     if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) is None:  # a bare stream: say what it is
         from pydicom.dataset import FileMetaDataset
 
@@ -306,6 +407,84 @@ def _decoded(ds: Any, info: DicomInfo) -> np.ndarray:
         raise _RefusedError(f"{reason} ({info.transfer_syntax})", truncated=truncated) from exc
     except Exception as exc:  # each codec fails its own way
         raise _RefusedError(f"cannot decode the pixel data ({type(exc).__name__}, {info.transfer_syntax})") from exc
+
+
+_RLE = "1.2.840.10008.1.2.5"  # its decoder writes into the size the DICOM header gives: nothing to check
+
+
+def _check_codestream(ds: Any, info: DicomInfo) -> None:
+    """Refuse a compressed frame whose own header declares another size than the DICOM header: the codecs
+    allocate what the codestream declares (a 3 KB JPEG-LS frame can ask for gigabytes), and a mismatch
+    is damage anyway (pydicom would otherwise keep a corner of the decoded pixels without a word)."""
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception as exc:  # the fragments themselves are damaged
+        raise _RefusedError(f"damaged encapsulated pixel data ({type(exc).__name__}, {info.transfer_syntax})") from exc
+    size = codestream_size(frame)
+    if size is None:
+        raise _RefusedError(f"its compressed frame has no JPEG, JPEG-LS or JPEG 2000 header ({info.transfer_syntax})")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if size != (columns, rows):
+        raise _RefusedError(f"its compressed frame is {size[0]}x{size[1]} pixels but the DICOM header says "
+                            f"{columns}x{rows} ({info.transfer_syntax})")  # fmt: skip
+
+
+#: Start-of-frame markers of JPEG (ISO 10918-1 B.1.1.3: C0-CF but DHT C4, JPG C8, DAC CC) and JPEG-LS (F7).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+#: Markers without a length (ISO 10918-1 B.1.1.2): TEM and the restart markers.
+_BARE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) as a JPEG, JPEG-LS or JPEG 2000 codestream (or JP2 file) declares it in its header,
+    before any pixel is decoded; ``None`` when ``frame`` begins with none of them or declares no size."""
+    if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: the codestream is its jp2c box
+        frame = _jp2_codestream(frame)
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # SOC then SIZ (ISO 15444-1 A.5.1)
+        x, y, x0, y0 = (int.from_bytes(frame[k : k + 4], "big") for k in (8, 12, 16, 20))
+        return (x - x0, y - y0) if x > x0 and y > y0 else None
+    if frame[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 4 <= len(frame):
+        if frame[offset] != 0xFF:
+            return None
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker in _BARE_MARKERS:
+            offset += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if offset + 9 > len(frame):
+                return None
+            height, width = (int.from_bytes(frame[k : k + 2], "big") for k in (offset + 5, offset + 7))
+            return (width, height) if width and height else None  # a height of 0 comes later (DNL): unknown
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        offset += 2 + int.from_bytes(frame[offset + 2 : offset + 4], "big")
+    return None
+
+
+def _jp2_codestream(data: bytes) -> bytes:
+    """The contiguous codestream box (jp2c) of a JP2 file (ISO 15444-1 I.5), or ``b""``."""
+    offset = 0
+    while offset + 8 <= len(data):
+        length, kind = int.from_bytes(data[offset : offset + 4], "big"), data[offset + 4 : offset + 8]
+        start = offset + 8
+        if length == 1:  # an 8-byte length follows
+            length, start = int.from_bytes(data[offset + 8 : offset + 16], "big"), offset + 16
+        elif length == 0:  # to the end of the file
+            length = len(data) - offset
+        if kind == b"jp2c":
+            return data[start : offset + length]
+        if length < start - offset:
+            return b""
+        offset += length
+    return b""
 
 
 def _display(ds: Any, info: DicomInfo) -> np.ndarray:

@@ -9,8 +9,9 @@ Design, so that a hospital can leave it running:
 
 * **The store handler only spools.** A received dataset is written atomically (temporary file, fsync,
   rename) into ``SPOOL/queue`` and queued; analysis happens in worker threads, so a slow model never stalls
-  an association. The queue is bounded: beyond ``queue_size`` waiting images the handler answers
-  *Out of Resources* (0xA700) and the PACS retries later.
+  an association. It reads the header alone, as sent (a deflated dataset is inflated no further than a
+  header reaches: a few kilobytes cannot claim gigabytes of the node). The queue is bounded: beyond
+  ``queue_size`` waiting images the handler answers *Out of Resources* (0xA700) and the PACS retries later.
 * **Nothing is lost.** A spooled file leaves ``queue/`` only when its results were sent (to ``done/``) or it
   failed (to ``quarantine/``, with ``NAME.reason.txt`` saying why without identifiers). Files still in
   ``queue/`` at start-up, left by a crash or a stop, are analysed first.
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fracdet.data.decode import ImageReadError
-from fracdet.data.dicom import DICOM_HINT, keyed_hash
+from fracdet.data.dicom import DICOM_HINT, keyed_hash, read_dicom_header
 from fracdet.dicom.results import is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
@@ -236,9 +237,9 @@ class PacsNode:
 
     def _on_store(self, event: Any) -> int:
         """Spool and queue; never analyse here (an association must not wait for the model)."""
-        try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+        try:  # the header only, read within bounds (pynetdicom's own decoding inflates a deflated one whole)
+            encoded = event.encoded_dataset()
+            ds = read_dicom_header(encoded)
         except Exception:  # a dataset that does not decode: the peer sent something malformed
             log.warning("a received dataset could not be decoded: refused")
             return CANNOT_UNDERSTAND
@@ -257,7 +258,7 @@ class PacsNode:
             log.warning("queue full (%d waiting): store refused with Out of Resources", self.config.queue_size)
             return OUT_OF_RESOURCES
         try:
-            path = self._spool(event.encoded_dataset(), key)
+            path = self._spool(encoded, key)
         except OSError:
             self._slots.release()
             log.exception("could not spool a received image")
