@@ -31,6 +31,7 @@ from tests.dicom_files import (
     ct_slice,
     deflate_bomb,
     larger_frame,
+    many_elements,
     mono2_8bit,
     write_bytes,
 )
@@ -190,6 +191,13 @@ def test_a_deflated_dataset_inflates_no_further_than_its_pixel_limit_allows(grey
     assert peak_while(refused) < 8 << 20
     assert peak_while(lambda: read_dicom_header(bomb)) < 40 << 20  # the header alone, within 16 MiB
     assert decode_image(bomb).pixels.shape == grey.shape  # within the default limit it is a radiograph
+
+
+def test_a_header_of_too_many_elements_is_refused_before_pydicom_builds_them(grey):
+    data = many_elements(grey, 250_000)  # 2 MB; pydicom alone builds them into 71 MiB of objects
+    with pytest.raises(ImageReadError, match="header too long to read"):
+        decode_image(data)
+    assert decode_image(many_elements(grey, 1_000)).pixels.shape == grey.shape
 
 
 def test_a_deflated_stream_followed_by_a_padding_byte_is_read_not_spun_on(grey):

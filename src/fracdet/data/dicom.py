@@ -96,6 +96,8 @@ _LOSSY_SYNTAXES = frozenset({
 #: identifying (0008) group.
 _FIRST_GROUPS = (0x0002, 0x0008)
 
+#: Reads of a file's elements beyond which its header is refused (:class:`_CountedReads`).
+_MAX_READS = 200_000
 #: What a deflated dataset may inflate to besides its pixels (4 bytes each at most): the rest of its header.
 _HEADER_ALLOWANCE = 16 << 20
 #: Explicit VR whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others take 2.
@@ -177,7 +179,7 @@ def _parse(data: bytes, *, pixels: bool, max_bytes: int) -> Any:
 
     try:
         data, deflated = _inflated(data, max_bytes=max_bytes, whole=pixels)
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(_CountedReads(data), force=True, stop_before_pixels=not pixels)
         if deflated is not None:  # as it came: the name in messages, and lossless
             ds.file_meta.TransferSyntaxUID = deflated
         return ds
@@ -189,6 +191,24 @@ def _parse(data: bytes, *, pixels: bool, max_bytes: int) -> Any:
         raise _RefusedError("truncated DICOM file (the data ends inside an element)", truncated=True) from exc
     except Exception as exc:  # a damaged header fails in many ways; the message must not echo it
         raise _RefusedError(f"malformed DICOM header ({type(exc).__name__})") from exc
+
+
+class _CountedReads(io.BytesIO):
+    """The file as pydicom reads it, refused after :data:`_MAX_READS` reads. pydicom builds a header element
+    by element in Python (about 7 microseconds and 300 bytes each) with a few reads per element, nested ones
+    too, so 20 MB of empty elements would take 18 s and a gigabyte; a radiograph's header takes a few hundred
+    reads, and the largest of pydicom's own test files 3,597."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._left = _MAX_READS
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise _RefusedError(f"DICOM header too long to read (over {_MAX_READS:,} reads of its elements; a "
+                                "radiograph's takes hundreds)")  # fmt: skip
+        return super().read(size)
 
 
 def _meta_start(data: bytes) -> int | None:
