@@ -265,6 +265,23 @@ def larger_frame(syntax_name: str):
     return build
 
 
+def multi_valued_rows(g):  # Rows written with two values: pydicom reads it as a list
+    ds = mono2_8bit(g)
+    ds.Rows = [g.shape[0], 1]
+    return ds
+
+
+def unknown_vr(g):  # Bits Stored with a VR no standard has: pydicom fails only when the value is read
+    data = write_bytes(mono2_8bit(g))
+    return data.replace(b"\x28\x00\x01\x01US", b"\x28\x00\x01\x01VS", 1)
+
+
+def odd_length_value(g):  # Bits Stored (US, 2 bytes a value) given 3 bytes; the next element keeps its place
+    data = write_bytes(mono2_8bit(g))
+    at = data.index(b"\x28\x00\x01\x01US")
+    return data[:at] + b"\x28\x00\x01\x01US\x03\x00\x08\x00\x00" + data[at + 10 :]
+
+
 #: (variant, the reason the refusal must name)
 REFUSED = (
     (Variant("multi_frame", multi_frame), "multi-frame"),
@@ -275,6 +292,9 @@ REFUSED = (
     (Variant("larger_jpeg_ls_frame", larger_frame("JPEGLSLossless")), "compressed frame is"),
     (Variant("larger_jpeg_2000_frame", larger_frame("JPEG2000Lossless")), "compressed frame is"),
     (Variant("larger_jpeg_frame", larger_frame("JPEGBaseline8Bit")), "compressed frame is"),
+    (Variant("multi_valued_rows", multi_valued_rows), "malformed DICOM header"),
+    (Variant("unknown_vr", unknown_vr), "malformed DICOM header"),
+    (Variant("odd_length_value", odd_length_value), "malformed DICOM header"),
 )
 
 

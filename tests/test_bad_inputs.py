@@ -8,6 +8,7 @@ however unusual its container, and must be read.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -26,7 +27,7 @@ from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
 from fracdet.serve import ServeConfig, create_app
 from tests.conftest import SAMPLE
-from tests.dicom_files import deflated, larger_frame, write_bytes
+from tests.dicom_files import deflated, larger_frame, mono2_8bit, write_bytes
 
 RADIOGRAPH = (SAMPLE / "images" / "Fractured" / "IMG0000261.jpg").read_bytes()
 GREY = np.asarray(Image.open(io.BytesIO(RADIOGRAPH)).convert("L"))
@@ -220,6 +221,20 @@ def test_the_decoder_either_reads_or_raises_its_own_error_on_any_bytes(data):
     except ImageReadError:
         return
     assert decoded.pixels.dtype == np.float32 and decoded.pixels.ndim == 2  # non-finite values: the gate's job
+
+
+SMALL = np.asarray(Image.fromarray(GREY).resize((48, 40)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from([mono2_8bit, deflated]), edits=st.lists(st.tuples(st.integers(0, 599),
+       st.integers(0, 255)), min_size=1, max_size=6))  # fmt: skip
+def test_the_dicom_decoder_either_reads_or_raises_its_own_error_on_a_damaged_header(kind, edits):
+    data = bytearray(write_bytes(kind(SMALL)))
+    for at, value in edits:  # the preamble, file meta and the first elements
+        data[at] = value
+    with contextlib.suppress(ImageReadError):  # anything else escaping is a 500 in the server
+        decode_image(bytes(data))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

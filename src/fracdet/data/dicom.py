@@ -315,8 +315,16 @@ def read_dicom_info(data: bytes, *, name: str = "<bytes>") -> DicomInfo:
         fracdet.data.decode.ImageReadError: not readable as DICOM.
     """
     ds = read_dicom_header(data, name=name)
-    with quiet_pydicom():
-        return _info(ds)
+    try:
+        with quiet_pydicom():
+            return _info(ds)
+    except Exception as exc:  # as in decode_dicom: a malformed value fails only when read
+        raise _error(name, _malformed(exc)) from None
+
+
+def _malformed(exc: Exception) -> _RefusedError:
+    """Any other failure reading a header's values, named by its type only (its message may quote a value)."""
+    return _RefusedError(f"malformed DICOM header ({type(exc).__name__})")
 
 
 def _info(ds: Any) -> DicomInfo:
@@ -359,6 +367,8 @@ def decode_dicom(
             return _display(ds, info), info
     except _RefusedError as exc:
         raise _error(name, exc) from None
+    except Exception as exc:  # a value pydicom converts only when read: a list for Rows, an unknown VR, ...
+        raise _error(name, _malformed(exc)) from None
 
 
 def _error(name: str, refused: _RefusedError) -> Exception:
