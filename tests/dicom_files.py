@@ -282,6 +282,16 @@ def odd_length_value(g):  # Bits Stored (US, 2 bytes a value) given 3 bytes; the
     return data[:at] + b"\x28\x00\x01\x01US\x03\x00\x08\x00\x00" + data[at + 10 :]
 
 
+def jpeg_frame_of_many_scans(g):  # a progressive frame of 101 scans: libjpeg decodes each over the whole image
+    from pydicom.encaps import encapsulate
+
+    from tests.structure_files import progressive_jpeg_with_scans
+
+    ds = jpeg_baseline(g)
+    ds.PixelData = encapsulate([progressive_jpeg_with_scans(101, g.shape[1], g.shape[0])])
+    return ds
+
+
 #: (variant, the reason the refusal must name)
 REFUSED = (
     (Variant("multi_frame", multi_frame), "multi-frame"),
@@ -295,6 +305,7 @@ REFUSED = (
     (Variant("multi_valued_rows", multi_valued_rows), "malformed DICOM header"),
     (Variant("unknown_vr", unknown_vr), "malformed DICOM header"),
     (Variant("odd_length_value", odd_length_value), "malformed DICOM header"),
+    (Variant("jpeg_frame_of_many_scans", jpeg_frame_of_many_scans), "more than 100 scans"),
 )
 
 

@@ -3,7 +3,9 @@
 Radiographs arrive as DICOM (:mod:`fracdet.data.dicom`, recognised by its content, with or without a
 preamble or a ``.dcm`` name), or as JPEG, PNG (8 or 16 bit), GIF, BMP, TIFF or WebP in any mode; no other
 container is opened (:data:`IMAGE_FORMATS`). The pixel limit is fracdet's own (``max_pixels``), checked on the header
-before any pixel is decoded; Pillow's smaller built-in guard does not override it. Decoding is strict on
+before any pixel is decoded; Pillow's smaller built-in guard does not override it. So is the structure of
+JPEG, PNG and GIF files (:mod:`fracdet.data.containers`): a flood of segments or scans is refused before a
+decoder spends minutes on it. Decoding is strict on
 purpose: a truncated JPEG decoded leniently gets a grey band at the bottom, and in FracAtlas only
 negatives have one, so a model can learn "grey band = no fracture". Loading such a file must be an
 explicit choice (``allow_truncated=True``), never a silent default.
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from fracdet.data.containers import StructureError, check_structure
 from fracdet.data.dicom import DicomInfo, is_dicom
 
 __all__ = [
@@ -183,6 +186,10 @@ def decode_image(
             pixels = np.repeat(pixels[..., None], 3, axis=2)
         return DecodedImage(pixels, "DICOM", f"{info.photometric} {info.bits_stored}-bit", truncated=False,
                             colour_fraction=0.0 if measure_colour else None, dicom=info)  # fmt: skip
+    try:
+        check_structure(data)  # before Pillow walks it: a flood of segments or scans would hold it for minutes
+    except StructureError as exc:
+        raise UnsupportedImageError(f"{name}: {exc}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
         try:

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from fracdet.data.containers import StructureError, check_structure, walk_structure
+
 __all__ = [
     "DICOM_HINT",
     "RADIOGRAPH_MODALITIES",
@@ -452,6 +454,10 @@ def _check_codestream(ds: Any, info: DicomInfo) -> None:
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
     except Exception as exc:  # the fragments themselves are damaged
         raise _RefusedError(f"damaged encapsulated pixel data ({type(exc).__name__}, {info.transfer_syntax})") from exc
+    try:
+        check_structure(frame)  # a JPEG frame of a thousand scans would hold libjpeg for minutes
+    except StructureError as exc:
+        raise _RefusedError(f"its compressed frame has {exc} ({info.transfer_syntax})") from None
     size = codestream_size(frame)
     if size is None:
         raise _RefusedError(f"its compressed frame has no JPEG, JPEG-LS or JPEG 2000 header ({info.transfer_syntax})")
@@ -459,12 +465,6 @@ def _check_codestream(ds: Any, info: DicomInfo) -> None:
     if size != (columns, rows):
         raise _RefusedError(f"its compressed frame is {size[0]}x{size[1]} pixels but the DICOM header says "
                             f"{columns}x{rows} ({info.transfer_syntax})")  # fmt: skip
-
-
-#: Start-of-frame markers of JPEG (ISO 10918-1 B.1.1.3: C0-CF but DHT C4, JPG C8, DAC CC) and JPEG-LS (F7).
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
-#: Markers without a length (ISO 10918-1 B.1.1.2): TEM and the restart markers.
-_BARE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
 def codestream_size(frame: bytes) -> tuple[int, int] | None:
@@ -475,28 +475,8 @@ def codestream_size(frame: bytes) -> tuple[int, int] | None:
     if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # SOC then SIZ (ISO 15444-1 A.5.1)
         x, y, x0, y0 = (int.from_bytes(frame[k : k + 4], "big") for k in (8, 12, 16, 20))
         return (x - x0, y - y0) if x > x0 and y > y0 else None
-    if frame[:2] != b"\xff\xd8":
-        return None
-    offset = 2
-    while offset + 4 <= len(frame):
-        if frame[offset] != 0xFF:
-            return None
-        marker = frame[offset + 1]
-        if marker == 0xFF:  # fill byte
-            offset += 1
-            continue
-        if marker in _BARE_MARKERS:
-            offset += 2
-            continue
-        if marker in _SOF_MARKERS:
-            if offset + 9 > len(frame):
-                return None
-            height, width = (int.from_bytes(frame[k : k + 2], "big") for k in (offset + 5, offset + 7))
-            return (width, height) if width and height else None  # a height of 0 comes later (DNL): unknown
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        offset += 2 + int.from_bytes(frame[offset + 2 : offset + 4], "big")
-    return None
+    structure = walk_structure(frame) if frame[:2] == b"\xff\xd8" else None
+    return structure.size if structure else None
 
 
 def _jp2_codestream(data: bytes) -> bytes:

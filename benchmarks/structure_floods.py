@@ -1,0 +1,154 @@
+"""How long can a small, valid image file keep the decoder busy with structure rather than pixels?
+
+    python benchmarks/structure_floods.py [--megabytes 50] [--baseline REV] [--real DIR ...] [--out FILE]
+
+Pillow walks the segments of JPEG, PNG and GIF files in Python, one at a time, and libjpeg decodes each
+scan of a progressive JPEG over the whole image, so a file of millions of empty segments, or of a
+thousand tiny scans, is read slowly however few pixels it has. Each case (built with
+``tests/structure_files.py``) is decoded by :func:`fracdet.data.decode.decode_image`, the path of the web
+app, ``fracdet predict`` and the PACS node, in a process of its own under an address-space cap, with this
+tree's code and, with ``--baseline``, side by side with a checkout of another revision. Controls at the
+limits of :mod:`fracdet.data.containers` must be read by both.
+
+``--real`` walks every image file under the folders given and reports the largest count of each kind,
+which is what the limits must stay far above (none may be refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from benchmarks._checkout import checkout, revisions  # noqa: E402
+from tests.structure_files import (  # noqa: E402
+    gif_with_blocks,
+    jpeg_with_segments,
+    jpeg_with_stray_bytes,
+    png_with_chunks,
+    png_with_data_chunks,
+    progressive_jpeg_with_scans,
+)
+
+#: Run in the child: cap the address space, decode, print what happened, the time and the peak RSS as JSON.
+CHILD = """
+import json, resource, sys, time
+cap = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+from fracdet.data.decode import decode_image
+data = open(sys.argv[1], "rb").read()
+start = time.perf_counter()
+try:
+    outcome = "read %dx%d" % decode_image(data, name="case").pixels.shape[::-1][-2:]
+except BaseException as exc:
+    outcome = "%s: %s" % (type(exc).__name__, str(exc).replace("case: ", "")[:110])
+seconds = round(time.perf_counter() - start, 3)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_rss_mb": peak // 1024}))
+"""
+
+
+def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
+    """Floods of about ``megabytes`` each, the scan flood at 4000 x 4000, and controls at the limits."""
+    size = int(megabytes * 1e6)
+    return {
+        "JPEG, 1,000 segments before its scan (control)": lambda: jpeg_with_segments(1_000),
+        f"JPEG, empty comments ({megabytes:g} MB)": lambda: jpeg_with_segments(size // 4),
+        f"JPEG, fill bytes before its first marker ({megabytes:g} MB)": lambda: jpeg_with_stray_bytes(size),
+        "progressive JPEG 4000x4000, 100 scans (control)": lambda: progressive_jpeg_with_scans(100, 4000),
+        "progressive JPEG 4000x4000, 1,000 scans": lambda: progressive_jpeg_with_scans(1_000, 4000),
+        "PNG, 1,000 chunks (control)": lambda: png_with_chunks(1_000),
+        f"PNG, empty chunks before its image data ({megabytes:g} MB)": lambda: png_with_chunks(size // 12),
+        f"PNG, empty chunks after its image data ({megabytes:g} MB)": lambda: png_with_chunks(size // 12,
+                                                                                            after_data=True),
+        "PNG, 100,000 IDAT chunks (control)": lambda: png_with_data_chunks(100_000),
+        f"PNG, IDAT chunks of a few bytes ({megabytes:g} MB)": lambda: png_with_data_chunks(size // 14),
+        "GIF, 10,000 extension blocks (control)": lambda: gif_with_blocks(10_000),
+        f"GIF, one-byte comment blocks ({megabytes:g} MB)": lambda: gif_with_blocks(size // 2),
+    }  # fmt: skip
+
+
+def run_case(data: bytes, cap: int, src: Path) -> dict:
+    with tempfile.NamedTemporaryFile() as fh:
+        fh.write(data)
+        fh.flush()
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        try:
+            run = subprocess.run([sys.executable, "-c", CHILD, fh.name, str(cap)], capture_output=True, text=True,
+                                 env=env, check=False, timeout=900)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"outcome": "still decoding after 900 s"}
+    if run.returncode < 0:
+        return {"outcome": f"process killed by {signal.Signals(-run.returncode).name}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def real_counts(folders: list[Path]) -> dict:
+    """The largest count of each kind over every image file under ``folders``, and the files refused."""
+    from fracdet.data.containers import LIMITS, StructureLimits, walk_structure
+    from fracdet.data.decode import is_image_file
+
+    unlimited = StructureLimits(*(None,) * 6)
+    largest: dict[str, list] = {}
+    files, refused = 0, []
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if is_image_file(p)):
+            structure = walk_structure(path.read_bytes(), unlimited)
+            files += 1
+            if structure is None:
+                continue
+            if structure.excess(LIMITS):
+                refused.append(str(path))
+            for name, count in structure.counts.items():
+                if count > largest.get(name, [-1])[0]:
+                    largest[name] = [count, str(path.relative_to(folder.parent))]
+    return {"folders": [str(f) for f in folders], "files": files, "largest": largest, "refused": refused}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=float, default=50.0, help="size of each flood (the upload limit: 50)")
+    parser.add_argument("--baseline", help="also decode each case with this revision's code, side by side")
+    parser.add_argument("--real", type=Path, nargs="*", default=[], help="folders of real images to count")
+    parser.add_argument("--cap-gb", type=float, default=3.0, help="address-space cap of each decoding process")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    cap = int(args.cap_gb * 2**30)
+    result: dict = {"cap_bytes": cap, "megabytes": args.megabytes}
+    if args.real:
+        result["real"] = real_counts(args.real)
+        print(json.dumps(result["real"]["largest"]), f"{len(result['real']['refused'])} refused", flush=True)
+    sides = {"now": REPO / "src"}
+    with checkout(args.baseline) if args.baseline else contextlib.nullcontext() as baseline_src:
+        if args.baseline:
+            result["baseline"], result["now"] = revisions(args.baseline)
+            sides["baseline"] = baseline_src
+        print("| case | file | " + " | ".join(f"{s}: outcome | {s}: s | {s}: peak" for s in sides) + " |")
+        rows = []
+        for name, build in cases(args.megabytes).items():
+            data = build()
+            row = {"case": name, "file_bytes": len(data), **{side: run_case(data, cap, src)
+                                                               for side, src in sides.items()}}  # fmt: skip
+            rows.append(row)
+            cells = " | ".join(f"{row[s]['outcome']} | {row[s].get('seconds', '-')} | "
+                               f"{row[s].get('peak_rss_mb', '-')} MB" for s in sides)  # fmt: skip
+            print(f"| {name} | {len(data):,} B | {cells} |", flush=True)
+    result["cases"] = rows
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Small valid images padded with structure: many JPEG segments, stray bytes or scans, PNG chunks, GIF
+blocks. The tests build them just past and just within fracdet's limits; ``benchmarks/structure_floods.py``
+builds them at the size of an upload, to time what they cost a decoder without the limits."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import re
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def _image(side: int = 64) -> np.ndarray:
+    """A grey test pattern (not noise: it compresses, so padding dominates the file)."""
+    grey = np.zeros((side, side), np.uint8)
+    grey[::3] = 200
+    grey[:, ::5] = 90
+    return grey
+
+
+def _saved(array: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def jpeg_with_segments(count: int) -> bytes:
+    """A JPEG with ``count`` marker segments before its first scan: its own (JFIF, tables, frame header)
+    and empty comments (COM, 4 bytes each) before them."""
+    jpeg = _saved(_image(), "JPEG")
+    own, offset = 0, 2
+    while jpeg[offset + 1] != 0xDA:  # a Pillow-written JPEG: segment after segment up to its scan
+        own += 1
+        offset += 2 + int.from_bytes(jpeg[offset + 2 : offset + 4], "big")
+    return jpeg[:2] + b"\xff\xfe\x00\x02" * (count - own) + jpeg[2:]
+
+
+def jpeg_with_stray_bytes(count: int) -> bytes:
+    """A JPEG with ``count`` fill bytes (0xFF, which ISO 10918-1 allows before any marker) after its SOI."""
+    jpeg = _saved(_image(), "JPEG")
+    return jpeg[:2] + b"\xff" * count + jpeg[2:]
+
+
+def progressive_jpeg_with_scans(count: int, width: int = 64, height: int | None = None) -> bytes:
+    """A flat progressive JPEG whose smallest scan is repeated until it has ``count`` scans: every scan is
+    decoded over the whole image, and a flat image's scans are a few dozen bytes each."""
+    flat = np.full((height or width, width), 128, np.uint8)
+    jpeg = _saved(flat, "JPEG", progressive=True, quality=50)
+    starts = [m.start() for m in re.finditer(b"\xff\xda", jpeg)]
+    scans = [jpeg[a:b] for a, b in zip(starts, [*starts[1:], len(jpeg) - 2], strict=True)]
+    smallest = min(scans[1:], key=len)
+    return jpeg[: starts[0]] + b"".join(scans) + smallest * (count - len(scans)) + b"\xff\xd9"
+
+
+def png_with_chunks(count: int, *, after_data: bool = False) -> bytes:
+    """A PNG with ``count`` chunks in all other than image data: empty private ones (``prVt``) before or
+    after its IDAT, besides IHDR and IEND."""
+    png = _saved(_image(), "PNG")
+    filler = png_chunk(b"prVt", b"") * (count - 2)
+    at = png.index(b"IEND") - 4 if after_data else 8 + 25  # after IHDR, or before IEND
+    return png[:at] + filler + png[at:]
+
+
+def png_with_data_chunks(count: int) -> bytes:
+    """A PNG whose compressed image data is split into ``count`` IDAT chunks (a legal PNG)."""
+    side = 64
+    while True:
+        rows = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
+        stream = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows), 0)
+        if len(stream) >= count:
+            break
+        side *= 2
+    bounds = np.linspace(0, len(stream), count + 1).astype(int)
+    idat = b"".join(png_chunk(b"IDAT", stream[a:b]) for a, b in itertools.pairwise(bounds))
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + idat + png_chunk(b"IEND", b"")
+
+
+def gif_with_blocks(count: int) -> bytes:
+    """A GIF with one comment extension of ``count - 1`` one-byte sub-blocks before its image."""
+    gif = _saved(_image(), "GIF")
+    at = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)
+    return gif[:at] + b"\x21\xfe" + b"\x01x" * (count - 1) + b"\x00" + gif[at:]

@@ -1,0 +1,147 @@
+"""A file's structure is counted before a decoder walks it: a flood of segments, stray bytes, scans, chunks
+or blocks is refused by name; everything encoders write, and every radiograph we have, is read."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fracdet.data.containers import LIMITS, StructureError, StructureLimits, check_structure, walk_structure
+from fracdet.data.decode import UnsupportedImageError, decode_image
+from tests.conftest import SAMPLE
+from tests.structure_files import (
+    gif_with_blocks,
+    jpeg_with_segments,
+    jpeg_with_stray_bytes,
+    png_with_chunks,
+    png_with_data_chunks,
+    progressive_jpeg_with_scans,
+)
+
+#: Each limit, and a file with a given count of what it limits.
+BUILDERS: dict[str, Callable[[int], bytes]] = {
+    "jpeg_segments": jpeg_with_segments,
+    "jpeg_stray_bytes": jpeg_with_stray_bytes,
+    "jpeg_scans": progressive_jpeg_with_scans,
+    "png_chunks": png_with_chunks,
+    "png_data_chunks": png_with_data_chunks,
+    "gif_blocks": gif_with_blocks,
+}
+UNLIMITED = StructureLimits(*(None,) * len(BUILDERS))
+RADIOGRAPH = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
+
+
+def test_every_limit_has_a_file_that_reaches_it():
+    assert set(BUILDERS) == set(LIMITS.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_a_file_at_a_limit_is_read_and_one_past_it_is_refused_by_name(name):
+    limit = getattr(LIMITS, name)
+    at_limit, past_it = BUILDERS[name](limit), BUILDERS[name](limit + 1)
+    assert walk_structure(at_limit, UNLIMITED).counts[name] == limit
+    assert decode_image(at_limit).pixels.ndim == 2
+    with pytest.raises(UnsupportedImageError, match=f"more than {limit:,} "):
+        decode_image(past_it, name="upload")
+
+
+@pytest.mark.parametrize("name", ["jpeg_segments", "jpeg_stray_bytes", "png_chunks", "png_data_chunks", "gif_blocks"])
+def test_a_walk_stops_one_past_its_limit_so_a_flood_costs_no_more_than_the_limit(name):
+    small = StructureLimits(**dict.fromkeys(BUILDERS, 10))
+    structure = walk_structure(BUILDERS[name](1_000), small)
+    assert structure.counts[name] == 11
+    assert structure.excess(small).startswith("more than 10 ")
+
+
+def test_the_words_of_a_refusal_say_what_was_counted():
+    with pytest.raises(StructureError, match="more than 100 scans in a progressive JPEG"):
+        check_structure(progressive_jpeg_with_scans(101))
+
+
+def encoded(fmt: str, mode: str = "L", **options) -> bytes:
+    grey = np.asarray(Image.open(RADIOGRAPH).convert("L"))
+    buffer = io.BytesIO()
+    image = Image.fromarray(grey).convert(mode)
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    exif[0x010F] = "camera"
+    return exif.tobytes()
+
+
+#: What encoders write, with the extras cameras and viewers add: all far within the limits.
+ENCODED = {
+    "baseline JPEG": lambda: RADIOGRAPH.read_bytes(),
+    "progressive colour JPEG": lambda: encoded("JPEG", "RGB", progressive=True),
+    "optimised JPEG with EXIF and a comment": lambda: encoded(
+        "JPEG", optimize=True, exif=_exif(), comment=b"a radiograph"
+    ),
+    "JPEG with restart markers": lambda: encoded("JPEG", restart_marker_rows=1),
+    "JPEG with an ICC profile": lambda: encoded("JPEG", "RGB", icc_profile=b"\0" * 200_000),
+    "16-bit PNG with text": lambda: encoded("PNG", "I;16", pnginfo=_png_text()),
+    "animated GIF": lambda: _animated_gif(),
+}
+
+
+def _png_text():
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for k in range(20):
+        info.add_text(f"key{k}", "value" * 20)
+    return info
+
+
+def _animated_gif() -> bytes:
+    grey = Image.open(RADIOGRAPH).convert("L")
+    buffer = io.BytesIO()
+    grey.save(buffer, "GIF", save_all=True, append_images=[grey.rotate(90)] * 3, loop=0, comment=b"x" * 1000)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ENCODED)
+def test_what_encoders_write_is_far_within_the_limits(kind):
+    structure = walk_structure(ENCODED[kind](), UNLIMITED)
+    assert structure is not None
+    for name, count in structure.counts.items():
+        assert count <= getattr(LIMITS, name) / 10, (name, count)
+
+
+def test_every_bundled_radiograph_is_within_the_limits():
+    files = [p for p in SAMPLE.rglob("*") if p.suffix.lower() in (".jpg", ".png")]
+    assert files
+    for path in files:
+        check_structure(path.read_bytes())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    source=st.sampled_from(["jpeg", "png", "gif", "progressive"]),
+    cut=st.integers(0, 4000),
+    flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=6),
+)
+def test_a_damaged_file_is_counted_without_an_error(source, cut, flips):
+    """The walk leaves damage to the decoder: truncated or scribbled-on files are counted, never raised on."""
+    data = bytearray(SOURCES[source])
+    for at, value in flips:
+        data[at % len(data)] = value
+    structure = walk_structure(bytes(data[: max(cut, 8)]))
+    assert structure is None or all(count >= 0 for count in structure.counts.values())
+
+
+SOURCES = {
+    "jpeg": jpeg_with_segments(20),
+    "png": png_with_chunks(20),
+    "gif": gif_with_blocks(20),
+    "progressive": progressive_jpeg_with_scans(20),
+}
