@@ -2,9 +2,9 @@
 
     python benchmarks/structure_floods.py [--megabytes 50] [--baseline REV] [--real DIR ...] [--out FILE]
 
-Pillow walks the segments of JPEG, PNG and GIF files in Python, one at a time, and libjpeg decodes each
-scan of a progressive JPEG over the whole image, so a file of millions of empty segments, or of a
-thousand tiny scans, is read slowly however few pixels it has. Each case (built with
+Pillow walks the segments of JPEG, PNG and GIF files, and the tiles of TIFF files, in Python, one at a
+time, and libjpeg decodes each scan of a progressive JPEG over the whole image, so a file of millions of
+empty segments, or of a thousand tiny scans, is read slowly however few pixels it has. Each case (built with
 ``tests/structure_files.py``) is decoded by :func:`fracdet.data.decode.decode_image`, the path of the web
 app, ``fracdet predict`` and the PACS node, in a process of its own under an address-space cap, with this
 tree's code and, with ``--baseline``, side by side with a checkout of another revision. Controls at the
@@ -39,6 +39,7 @@ from tests.structure_files import (  # noqa: E402
     png_with_chunks,
     png_with_data_chunks,
     progressive_jpeg_with_scans,
+    tiff_with_tiles,
 )
 
 #: Run in the child: cap the address space, decode, print what happened, the time and the peak RSS as JSON.
@@ -76,6 +77,9 @@ def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
         f"PNG, IDAT chunks of a few bytes ({megabytes:g} MB)": lambda: png_with_data_chunks(size // 14),
         "GIF, 10,000 extension blocks (control)": lambda: gif_with_blocks(10_000),
         f"GIF, one-byte comment blocks ({megabytes:g} MB)": lambda: gif_with_blocks(size // 2),
+        "TIFF, 100,000 tiles of 16x16 (control)": lambda: tiff_with_tiles(100_000),
+        "TIFF, 390,000 tiles of 16x16 (100 M pixels)": lambda: tiff_with_tiles(390_000),
+        f"TIFF, tiles of 2x2 ({megabytes:g} MB)": lambda: tiff_with_tiles(size // 8, side=2),
     }  # fmt: skip
 
 
@@ -99,7 +103,7 @@ def real_counts(folders: list[Path]) -> dict:
     from fracdet.data.containers import LIMITS, StructureLimits, walk_structure
     from fracdet.data.decode import is_image_file
 
-    unlimited = StructureLimits(*(None,) * 6)
+    unlimited = StructureLimits(*(None,) * len(LIMITS.__dataclass_fields__))
     largest: dict[str, list] = {}
     files, refused = 0, []
     for folder in folders:

@@ -1,5 +1,5 @@
 """Small valid images padded with structure: many JPEG segments, stray bytes or scans, PNG chunks, GIF
-blocks. The tests build them just past and just within fracdet's limits; ``benchmarks/structure_floods.py``
+blocks, TIFF tiles. The tests build them just past and just within fracdet's limits; ``benchmarks/structure_floods.py``
 builds them at the size of an upload, to time what they cost a decoder without the limits."""
 
 from __future__ import annotations
@@ -89,3 +89,16 @@ def gif_with_blocks(count: int) -> bytes:
     gif = _saved(_image(), "GIF")
     at = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)
     return gif[:at] + b"\x21\xfe" + b"\x01x" * (count - 1) + b"\x00" + gif[at:]
+
+
+def tiff_with_tiles(count: int, side: int = 16) -> bytes:
+    """An uncompressed grey TIFF cut into ``count`` tiles of ``side`` x ``side`` pixels (TIFF 6.0 asks for
+    multiples of 16; Pillow reads any) in one row, each pointing at the same bytes: 8 bytes a tile."""
+    width, tile = side * count, bytes(k % 256 for k in range(side * side))
+    entries = [(256, 4, 1, width), (257, 4, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (277, 3, 1, 1), (322, 3, 1, side), (323, 3, 1, side), (324, 4, count, 8 + len(tile)),
+               (325, 4, count, 8 + len(tile) + 4 * count)]  # fmt: skip
+    directory = 8 + len(tile) + 8 * count
+    return (b"II*\0" + struct.pack("<I", directory) + tile + struct.pack("<I", 8) * count
+            + struct.pack("<I", len(tile)) * count + struct.pack("<H", len(entries))
+            + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0")  # fmt: skip

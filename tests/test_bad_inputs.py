@@ -35,6 +35,7 @@ from tests.structure_files import (
     png_with_chunks,
     png_with_data_chunks,
     progressive_jpeg_with_scans,
+    tiff_with_tiles,
 )
 
 RADIOGRAPH = (SAMPLE / "images" / "Fractured" / "IMG0000261.jpg").read_bytes()
@@ -109,6 +110,7 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
     ("png with 1,001 chunks after its data", lambda: png_with_chunks(1_001, after_data=True), 415, "PNG chunks"),
     ("png of 100,001 IDAT chunks", lambda: png_with_data_chunks(100_001), 415, "IDAT"),
     ("gif with 10,001 extension blocks", lambda: gif_with_blocks(10_001), 415, "GIF extension blocks"),
+    ("tiff of 100,001 tiles", lambda: tiff_with_tiles(100_001), 415, "strips or tiles"),
     # damaged images
     ("jpeg truncated to 60%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.6)], 422, "truncated"),
     ("jpeg truncated to 10%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.1)], 422, "truncated"),

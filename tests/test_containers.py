@@ -22,6 +22,7 @@ from tests.structure_files import (
     png_with_chunks,
     png_with_data_chunks,
     progressive_jpeg_with_scans,
+    tiff_with_tiles,
 )
 
 #: Each limit, and a file with a given count of what it limits.
@@ -32,6 +33,7 @@ BUILDERS: dict[str, Callable[[int], bytes]] = {
     "png_chunks": png_with_chunks,
     "png_data_chunks": png_with_data_chunks,
     "gif_blocks": gif_with_blocks,
+    "tiff_pieces": tiff_with_tiles,
 }
 UNLIMITED = StructureLimits(*(None,) * len(BUILDERS))
 RADIOGRAPH = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
@@ -90,6 +92,8 @@ ENCODED = {
     "JPEG with an ICC profile": lambda: encoded("JPEG", "RGB", icc_profile=b"\0" * 200_000),
     "16-bit PNG with text": lambda: encoded("PNG", "I;16", pnginfo=_png_text()),
     "animated GIF": lambda: _animated_gif(),
+    "TIFF in strips": lambda: encoded("TIFF"),
+    "deflated 16-bit TIFF": lambda: encoded("TIFF", "I;16", compression="tiff_deflate"),
 }
 
 
@@ -124,9 +128,19 @@ def test_every_bundled_radiograph_is_within_the_limits():
         check_structure(path.read_bytes())
 
 
+SOURCES = {
+    "jpeg": jpeg_with_segments(20),
+    "png": png_with_chunks(20),
+    "gif": gif_with_blocks(20),
+    "progressive": progressive_jpeg_with_scans(20),
+    "tiff": tiff_with_tiles(20),
+    "bigtiff": encoded("TIFF", big_tiff=True),
+}
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    source=st.sampled_from(["jpeg", "png", "gif", "progressive"]),
+    source=st.sampled_from(sorted(SOURCES)),
     cut=st.integers(0, 4000),
     flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=6),
 )
@@ -137,11 +151,3 @@ def test_a_damaged_file_is_counted_without_an_error(source, cut, flips):
         data[at % len(data)] = value
     structure = walk_structure(bytes(data[: max(cut, 8)]))
     assert structure is None or all(count >= 0 for count in structure.counts.values())
-
-
-SOURCES = {
-    "jpeg": jpeg_with_segments(20),
-    "png": png_with_chunks(20),
-    "gif": gif_with_blocks(20),
-    "progressive": progressive_jpeg_with_scans(20),
-}

@@ -1,11 +1,12 @@
-"""Bounded walks of a JPEG, PNG or GIF file's structure, before any decoder sees its bytes.
+"""Bounded walks of a JPEG, PNG, GIF or TIFF file's structure, before any decoder sees its bytes.
 
 A small valid file can keep a decoder busy for minutes with structure rather than pixels. Pillow parses
-the segments of JPEG, PNG and GIF files in Python, one at a time, and skips stray bytes between JPEG
-markers one by one; libjpeg decodes every scan of a progressive JPEG over the whole image. So 50 MB of empty
-JPEG comments, PNG chunks, GIF blocks or fill bytes each took 12-63 s to read, and a 94 KB progressive JPEG
-of 1,000 scans 17 s (``python benchmarks/structure_floods.py``; the libjpeg-turbo authors call the last
-"LJT-01-003" and advise a limit on scans). In a server that is its inference worker held past the
+the segments of JPEG, PNG and GIF files and the strips or tiles of uncompressed TIFF files in Python, one
+at a time, and skips stray bytes between JPEG markers one by one; libjpeg decodes every scan of a
+progressive JPEG over the whole image. So 50 MB of empty JPEG comments, PNG chunks, GIF blocks or fill
+bytes each took 12-63 s to read, a TIFF of a million 2 x 2 tiles (8 MB) 10 s, and a 94 KB progressive
+JPEG of 1,000 scans 17 s (``python benchmarks/structure_floods.py``; the libjpeg-turbo authors call the
+last "LJT-01-003" and advise a limit on scans). In a server that is its inference worker held past the
 timeout by one upload, and a timed-out decode cannot be stopped.
 
 Each walk here reads headers only, stops one past its limit and says what it counted. The limits are
@@ -38,6 +39,9 @@ class StructureLimits:
         png_chunks: PNG chunks other than image data (text, colour, gamma, EXIF ...).
         png_data_chunks: image-data (IDAT) chunks: an encoder writes one per 8-64 KiB of compressed data.
         gif_blocks: extension blocks and their sub-blocks before a GIF's first image.
+        tiff_pieces: strips or tiles of a TIFF's first image. Pillow reads uncompressed ones one at a time in
+            Python; encoders cut an image into pieces of 8 KiB or more (about 25,000 for 100 M 16-bit pixels),
+            and a tile is at least 16 x 16 pixels.
     """
 
     jpeg_segments: int | None = 1_000
@@ -46,6 +50,7 @@ class StructureLimits:
     png_chunks: int | None = 1_000
     png_data_chunks: int | None = 100_000
     gif_blocks: int | None = 10_000
+    tiff_pieces: int | None = 100_000
 
 
 #: The limits fracdet applies to every file it decodes.
@@ -58,6 +63,7 @@ _WORDS = {
     "png_chunks": "PNG chunks other than image data",
     "png_data_chunks": "PNG image-data (IDAT) chunks",
     "gif_blocks": "GIF extension blocks before its first image",
+    "tiff_pieces": "strips or tiles in a TIFF image",
 }
 #: Start-of-frame markers of JPEG (ISO 10918-1 B.1.1.3: C0-CF but DHT C4, JPG C8, DAC CC) and JPEG-LS (F7).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
@@ -65,6 +71,7 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 _BARE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 _SOS, _EOI = 0xDA, b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_OFFSETS = (273, 324)  # StripOffsets, TileOffsets (TIFF 6.0): one value per piece
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Structure:
     """What a walk counted.
 
     Attributes:
-        format: ``JPEG`` (JPEG-LS too), ``PNG`` or ``GIF``.
+        format: ``JPEG`` (JPEG-LS too), ``PNG``, ``GIF`` or ``TIFF``.
         counts: each count by its :class:`StructureLimits` name; a count past its limit stopped the walk
             there (it is then the limit plus one, and later counts are partial).
         size: (width, height) from a JPEG's frame header, when the walk reached one before the first scan.
@@ -92,7 +99,7 @@ class Structure:
 
 
 def walk_structure(data: bytes, limits: StructureLimits = LIMITS) -> Structure | None:
-    """Count the structure of a JPEG (or JPEG-LS), PNG or GIF file; ``None`` for any other bytes.
+    """Count the structure of a JPEG (or JPEG-LS), PNG, GIF or TIFF file; ``None`` for any other bytes.
 
     The walk never raises on damage: where the structure stops making sense it stops counting and leaves
     the verdict to the decoder.
@@ -103,6 +110,8 @@ def walk_structure(data: bytes, limits: StructureLimits = LIMITS) -> Structure |
         return _walk_png(data, limits)
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return _walk_gif(data, limits)
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return _walk_tiff(data)
     return None
 
 
@@ -179,3 +188,22 @@ def _walk_gif(data: bytes, limits: StructureLimits) -> Structure:
             offset += 1 + data[offset]
         offset += 1  # the block terminator
     return Structure("GIF", {"gif_blocks": blocks})
+
+
+def _walk_tiff(data: bytes) -> Structure:
+    """The pieces of the first image: the count of its strip or tile offsets, read from its directory."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\0", b"\0+")  # BigTIFF: 8-byte counts and offsets
+    entry, count_format, value_format = (20, "Q", "Q") if big else (12, "H", "I")
+    pieces = 0
+    try:
+        (first,) = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)
+        (entries,) = struct.unpack_from(order + count_format, data, first)
+        start = first + struct.calcsize(count_format)
+        for k in range(min(entries, (len(data) - start) // entry)):
+            tag, _, count = struct.unpack_from(order + "HH" + value_format, data, start + k * entry)
+            if tag in _TIFF_OFFSETS:
+                pieces = max(pieces, count)
+    except struct.error:  # a directory past the end of the file: the decoder will say so
+        pass
+    return Structure("TIFF", {"tiff_pieces": pieces})
