@@ -4,8 +4,8 @@ Radiographs arrive as DICOM (:mod:`fracdet.data.dicom`, recognised by its conten
 preamble or a ``.dcm`` name), or as JPEG, PNG (8 or 16 bit), GIF, BMP, TIFF or WebP in any mode; no other
 container is opened (:data:`IMAGE_FORMATS`). The pixel limit is fracdet's own (``max_pixels``), checked on the header
 before any pixel is decoded; Pillow's smaller built-in guard does not override it. So is the structure of
-JPEG, PNG and GIF files (:mod:`fracdet.data.containers`): a flood of segments or scans is refused before a
-decoder spends minutes on it. Decoding is strict on
+JPEG, PNG, GIF and TIFF files (:mod:`fracdet.data.containers`): a flood of segments, scans or tiles is
+refused before a decoder spends minutes on it. Decoding is strict on
 purpose: a truncated JPEG decoded leniently gets a grey band at the bottom, and in FracAtlas only
 negatives have one, so a model can learn "grey band = no fracture". Loading such a file must be an
 explicit choice (``allow_truncated=True``), never a silent default.
@@ -187,7 +187,7 @@ def decode_image(
         return DecodedImage(pixels, "DICOM", f"{info.photometric} {info.bits_stored}-bit", truncated=False,
                             colour_fraction=0.0 if measure_colour else None, dicom=info)  # fmt: skip
     try:
-        check_structure(data)  # before Pillow walks it: a flood of segments or scans would hold it for minutes
+        check_structure(data)  # before Pillow walks it: a flood of segments, scans or tiles would hold it for minutes
     except StructureError as exc:
         raise UnsupportedImageError(f"{name}: {exc}") from None
     with warnings.catch_warnings():
