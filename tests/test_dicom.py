@@ -32,7 +32,10 @@ from tests.dicom_files import (
     deflate_bomb,
     larger_frame,
     many_elements,
+    mono1_12bit,
     mono2_8bit,
+    mono2_12bit_window,
+    mono2_16bit_rescale,
     write_bytes,
 )
 
@@ -98,8 +101,6 @@ def test_lossy_encodings_are_read_and_said_to_be_lossy(grey):
 def test_monochrome1_is_inverted_once_whether_or_not_it_says_inverse(grey):
     from pydicom import dcmread
 
-    from tests.dicom_files import mono1_12bit
-
     with_shape = decode_image(write_bytes(mono1_12bit(grey))).pixels
     ds = mono1_12bit(grey)
     del ds.PresentationLUTShape
@@ -109,6 +110,49 @@ def test_monochrome1_is_inverted_once_whether_or_not_it_says_inverse(grey):
     ds = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
     ds.PresentationLUTShape = "INVERSE"  # MONOCHROME2 shown inverse: the presentation LUT is honoured
     np.testing.assert_allclose(decode_image(write_bytes(ds)).pixels, 1 - grey / 255.0, atol=1e-6)
+
+
+#: PS3.3 C.11.2.1.2-3, in float64: each VOI LUT function with the window it is tried at (stored 16 g, 12 bits).
+WINDOWS = {
+    "LINEAR": (2040.5, 4081, lambda x, c, w: (x - (c - 0.5)) / (w - 1) + 0.5),
+    "LINEAR, width 1 (a threshold)": (2000.5, 1, lambda x, c, w: (x > c - 0.5).astype(np.float64)),
+    "LINEAR_EXACT": (2000.0, 1500.0, lambda x, c, w: (x - c) / w + 0.5),
+    "SIGMOID": (2000.0, 10.0, lambda x, c, w: 1 / (1 + np.exp(np.minimum(-4 * (x - c) / w, 700)))),
+}
+
+
+@pytest.mark.parametrize("function", WINDOWS)
+def test_each_voi_lut_function_maps_the_window_as_the_standard_says(grey, function):
+    import warnings
+
+    centre, width, formula = WINDOWS[function]
+    ds = mono2_12bit_window(grey)
+    ds.WindowCenter, ds.WindowWidth = str(centre), str(width)
+    ds.VOILUTFunction = function.split(",")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a narrow sigmoid overflows exp far from its centre: never a warning
+        pixels = decode_image(write_bytes(ds)).pixels
+    expected = np.clip(formula(grey.astype(np.float64) * 16, centre, width), 0, 1)
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+
+
+def test_a_dicom_is_displayed_in_float32_without_float64_copies():
+    """A 100 M-pixel radiograph is within the pixel limit: float64 copies of it (pydicom's rescale makes two)
+    would take 3 GB more than its float32 display."""
+    import tracemalloc
+
+    side = 1000
+    g = (np.arange(side * side) % 251).astype(np.uint8).reshape(side, side)
+    for build in (mono2_16bit_rescale, mono2_12bit_window, mono1_12bit):
+        data = write_bytes(build(g))
+        tracemalloc.start()
+        try:
+            pixels = decode_image(data).pixels
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert pixels.dtype == np.float32
+        assert peak / g.size <= 10, build.__name__  # the stored values twice (decoder and copy) and the display
 
 
 def test_the_sniffer_knows_dicom_with_and_without_preamble_and_nothing_else(grey, sample_root):

@@ -498,32 +498,50 @@ def _jp2_codestream(data: bytes) -> bytes:
 
 
 def _display(ds: Any, info: DicomInfo) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    """Stored values -> display values in [0, 1], in float32 and in place where it can: a 100 M-pixel
+    image costs 4 bytes a pixel beyond its stored values, not the 30 of float64 temporaries."""
+    from pydicom.pixels import apply_voi
 
     stored = _decoded(ds, info)
     if stored.ndim != 2:
         raise _RefusedError(f"expected one grey frame, got pixel data of shape {stored.shape}")
     padding = _padding_mask(ds, stored)
-    modality = np.asarray(apply_modality_lut(stored, ds))
-    values = modality.astype(np.float64)
+    values = _modality(ds, stored)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
-        entries = modality if modality.dtype.kind in "iu" else np.rint(values).astype(np.int64)  # a LUT is indexed
-        out = np.asarray(apply_voi(entries, ds, index=0), np.float64)
+        entries = values if values.dtype.kind in "iu" else np.rint(values).astype(np.int64)  # a LUT is indexed
         bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        display = out / float(2**bits - 1)
-    elif (window := _first_window(ds)) is not None:
-        display = _windowed(values, *window, function=_text(ds, "VOILUTFunction").upper() or "LINEAR")
+        display = np.asarray(apply_voi(entries, ds, index=0), np.float32)
+        display /= float(2**bits - 1)
     else:
-        low, high = _modality_range(ds, stored)
-        display = (values - low) / max(high - low, 1e-12)
-    display = np.clip(display, 0.0, 1.0)
-    inverse = info.photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape").upper() == "INVERSE"
-    if inverse:
-        display = 1.0 - display
+        display = values.astype(np.float32, copy=False)  # the rescaled values, or the stored ones in float32
+        if (window := _first_window(ds)) is not None:
+            _window(display, *window, function=_text(ds, "VOILUTFunction").upper() or "LINEAR")
+        else:
+            low, high = _modality_range(ds, stored)
+            display -= low
+            display /= max(high - low, 1e-12)
+    np.clip(display, 0.0, 1.0, out=display)
+    if info.photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape").upper() == "INVERSE":
+        np.subtract(1.0, display, out=display)
     if padding is not None:
         display[padding] = 0.0
-    return display.astype(np.float32)
+    return display
+
+
+def _modality(ds: Any, stored: np.ndarray) -> np.ndarray:
+    """The Modality LUT (PS3.3 C.11.1): a lookup table as pydicom applies it, a rescale in float32 (pydicom's
+    makes two float64 copies), or the stored values themselves."""
+    from pydicom.pixels import apply_modality_lut
+
+    if ds.get("ModalityLUTSequence"):
+        return np.asarray(apply_modality_lut(stored, ds))
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        values = stored.astype(np.float32)
+        values *= float(ds.RescaleSlope)
+        values += float(ds.RescaleIntercept)
+        return values
+    return stored
 
 
 def _first_window(ds: Any) -> tuple[float, float] | None:
@@ -543,15 +561,25 @@ def _first_window(ds: Any) -> tuple[float, float] | None:
     return (centre, width) if width >= 1 else None
 
 
-def _windowed(x: np.ndarray, centre: float, width: float, *, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2-3: the window as a map onto [0, 1]."""
+def _window(x: np.ndarray, centre: float, width: float, *, function: str) -> None:
+    """PS3.3 C.11.2.1.2-3: the window as a map onto [0, 1], in place."""
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (x - centre) / width))
-    if function == "LINEAR_EXACT":
-        return (x - centre) / width + 0.5
-    if width <= 1:  # LINEAR with width 1 is a threshold at the centre
-        return (x >= centre - 0.5).astype(np.float64)
-    return (x - (centre - 0.5)) / (width - 1) + 0.5
+        x -= centre
+        x *= -4.0 / width
+        with np.errstate(over="ignore"):  # far below the centre: exp overflows to inf, and 1 / inf is 0
+            np.exp(x, out=x)
+        x += 1.0
+        np.reciprocal(x, out=x)
+    elif function == "LINEAR_EXACT":
+        x -= centre
+        x /= width
+        x += 0.5
+    elif width <= 1:  # LINEAR with width 1 is a threshold: x <= c - 0.5 is the lowest value, above it the highest
+        np.greater(x, centre - 0.5, out=x, casting="unsafe")
+    else:
+        x -= centre - 0.5
+        x /= width - 1
+        x += 0.5
 
 
 def _modality_range(ds: Any, stored: np.ndarray) -> tuple[float, float]:
