@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import signal
 import subprocess
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -32,25 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._decode_case import decode_case  # noqa: E402
 from tests.dicom_files import _compressed, deflated, many_elements, write_bytes  # noqa: E402
-
-#: Run in the child: cap the address space, decode, print what happened and the peak RSS as JSON.
-CHILD = """
-import json, resource, sys, time
-cap = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-from fracdet.data.decode import decode_image
-data = open(sys.argv[1], "rb").read()
-start = time.perf_counter()
-try:
-    outcome = "read %dx%d" % decode_image(data, name="case.dcm").pixels.shape[::-1]
-except BaseException as exc:
-    outcome = "%s: %s" % (type(exc).__name__, str(exc).replace("case.dcm: ", "")[:160])
-seconds = round(time.perf_counter() - start, 2)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent, VmHWM is this image's own
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_rss_mb": peak // 1024}))
-"""
 
 
 def _grey() -> np.ndarray:
@@ -111,18 +92,6 @@ CASES: dict[str, Callable[[], bytes]] = {
 }
 
 
-def run_case(data: bytes, cap: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as fh:
-        fh.write(data)
-        fh.flush()
-        run = subprocess.run([sys.executable, "-c", CHILD, fh.name, str(cap)], capture_output=True, text=True,
-                             cwd=REPO, check=False, timeout=600)  # fmt: skip
-    if run.returncode < 0:
-        return {"outcome": f"process killed by {signal.Signals(-run.returncode).name}",
-                "stderr": run.stderr.strip()[-200:]}  # fmt: skip
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cap-gb", type=float, default=3.0, help="address-space cap of each decoding process")
@@ -135,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| case | file | outcome | peak RSS | seconds |\n|---|---|---|---|---|")
     for name, build in CASES.items():
         data = build()
-        row = {"case": name, "file_bytes": len(data), **run_case(data, cap)}
+        row = {"case": name, "file_bytes": len(data), **decode_case(data, cap, timeout=600)}
         rows.append(row)
         peak = f"{row['peak_rss_mb']} MB" if "peak_rss_mb" in row else "-"
         print(f"| {name} | {len(data):,} B | {row['outcome']} | {peak} | {row.get('seconds', '-')} |", flush=True)

@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
 from benchmarks._checkout import checkout, revisions  # noqa: E402
+from benchmarks._decode_case import decode_case  # noqa: E402
 from tests.structure_files import (  # noqa: E402
     gif_with_blocks,
     jpeg_with_segments,
@@ -41,23 +38,6 @@ from tests.structure_files import (  # noqa: E402
     progressive_jpeg_with_scans,
     tiff_with_tiles,
 )
-
-#: Run in the child: cap the address space, decode, print what happened, the time and the peak RSS as JSON.
-CHILD = """
-import json, resource, sys, time
-cap = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-from fracdet.data.decode import decode_image
-data = open(sys.argv[1], "rb").read()
-start = time.perf_counter()
-try:
-    outcome = "read %dx%d" % decode_image(data, name="case").pixels.shape[::-1][-2:]
-except BaseException as exc:
-    outcome = "%s: %s" % (type(exc).__name__, str(exc).replace("case: ", "")[:110])
-seconds = round(time.perf_counter() - start, 3)
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_rss_mb": peak // 1024}))
-"""
 
 
 def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
@@ -81,21 +61,6 @@ def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
         "TIFF, 390,000 tiles of 16x16 (100 M pixels)": lambda: tiff_with_tiles(390_000),
         f"TIFF, tiles of 2x2 ({megabytes:g} MB)": lambda: tiff_with_tiles(size // 8, side=2),
     }  # fmt: skip
-
-
-def run_case(data: bytes, cap: int, src: Path) -> dict:
-    with tempfile.NamedTemporaryFile() as fh:
-        fh.write(data)
-        fh.flush()
-        env = {**os.environ, "PYTHONPATH": str(src)}
-        try:
-            run = subprocess.run([sys.executable, "-c", CHILD, fh.name, str(cap)], capture_output=True, text=True,
-                                 env=env, check=False, timeout=900)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {"outcome": "still decoding after 900 s"}
-    if run.returncode < 0:
-        return {"outcome": f"process killed by {signal.Signals(-run.returncode).name}"}
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def real_counts(folders: list[Path]) -> dict:
@@ -142,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name, build in cases(args.megabytes).items():
             data = build()
-            row = {"case": name, "file_bytes": len(data), **{side: run_case(data, cap, src)
+            row = {"case": name, "file_bytes": len(data), **{side: decode_case(data, cap, src=src)
                                                                for side, src in sides.items()}}  # fmt: skip
             rows.append(row)
             cells = " | ".join(f"{row[s]['outcome']} | {row[s].get('seconds', '-')} | "
