@@ -29,37 +29,29 @@ sys.path.insert(0, str(REPO / "src"))
 
 from benchmarks._checkout import checkout, revisions  # noqa: E402
 from benchmarks._decode_case import decode_case  # noqa: E402
-from tests.structure_files import (  # noqa: E402
-    gif_with_blocks,
-    jpeg_with_segments,
-    jpeg_with_stray_bytes,
-    png_with_chunks,
-    png_with_data_chunks,
-    progressive_jpeg_with_scans,
-    tiff_with_tiles,
-)
+from tests import structure_files as flood  # noqa: E402
 
 
 def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
     """Floods of about ``megabytes`` each, the scan flood at 4000 x 4000, and controls at the limits."""
     size = int(megabytes * 1e6)
     return {
-        "JPEG, 1,000 segments before its scan (control)": lambda: jpeg_with_segments(1_000),
-        f"JPEG, empty comments ({megabytes:g} MB)": lambda: jpeg_with_segments(size // 4),
-        f"JPEG, fill bytes before its first marker ({megabytes:g} MB)": lambda: jpeg_with_stray_bytes(size),
-        "progressive JPEG 4000x4000, 100 scans (control)": lambda: progressive_jpeg_with_scans(100, 4000),
-        "progressive JPEG 4000x4000, 1,000 scans": lambda: progressive_jpeg_with_scans(1_000, 4000),
-        "PNG, 1,000 chunks (control)": lambda: png_with_chunks(1_000),
-        f"PNG, empty chunks before its image data ({megabytes:g} MB)": lambda: png_with_chunks(size // 12),
-        f"PNG, empty chunks after its image data ({megabytes:g} MB)": lambda: png_with_chunks(size // 12,
+        "JPEG, 1,000 segments before its scan (control)": lambda: flood.jpeg_with_segments(1_000),
+        f"JPEG, empty comments ({megabytes:g} MB)": lambda: flood.jpeg_with_segments(size // 4),
+        f"JPEG, fill bytes before its first marker ({megabytes:g} MB)": lambda: flood.jpeg_with_stray_bytes(size),
+        "progressive JPEG 4000x4000, 100 scans (control)": lambda: flood.progressive_jpeg_with_scans(100, 4000),
+        "progressive JPEG 4000x4000, 1,000 scans": lambda: flood.progressive_jpeg_with_scans(1_000, 4000),
+        "PNG, 1,000 chunks (control)": lambda: flood.png_with_chunks(1_000),
+        f"PNG, empty chunks before its image data ({megabytes:g} MB)": lambda: flood.png_with_chunks(size // 12),
+        f"PNG, empty chunks after its image data ({megabytes:g} MB)": lambda: flood.png_with_chunks(size // 12,
                                                                                             after_data=True),
-        "PNG, 100,000 IDAT chunks (control)": lambda: png_with_data_chunks(100_000),
-        f"PNG, IDAT chunks of a few bytes ({megabytes:g} MB)": lambda: png_with_data_chunks(size // 14),
-        "GIF, 10,000 extension blocks (control)": lambda: gif_with_blocks(10_000),
-        f"GIF, one-byte comment blocks ({megabytes:g} MB)": lambda: gif_with_blocks(size // 2),
-        "TIFF, 100,000 tiles of 16x16 (control)": lambda: tiff_with_tiles(100_000),
-        "TIFF, 390,000 tiles of 16x16 (100 M pixels)": lambda: tiff_with_tiles(390_000),
-        f"TIFF, tiles of 2x2 ({megabytes:g} MB)": lambda: tiff_with_tiles(size // 8, side=2),
+        "PNG, 100,000 IDAT chunks (control)": lambda: flood.png_with_data_chunks(100_000),
+        f"PNG, IDAT chunks of a few bytes ({megabytes:g} MB)": lambda: flood.png_with_data_chunks(size // 14),
+        "GIF, 10,000 extension blocks (control)": lambda: flood.gif_with_blocks(10_000),
+        f"GIF, one-byte comment blocks ({megabytes:g} MB)": lambda: flood.gif_with_blocks(size // 2),
+        "TIFF, 100,000 tiles of 16x16 (control)": lambda: flood.tiff_with_tiles(100_000),
+        "TIFF, 390,000 tiles of 16x16 (100 M pixels)": lambda: flood.tiff_with_tiles(390_000),
+        f"TIFF, tiles of 2x2 ({megabytes:g} MB)": lambda: flood.tiff_with_tiles(size // 8, side=2),
     }  # fmt: skip
 
 

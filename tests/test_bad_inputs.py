@@ -26,17 +26,9 @@ from fracdet.models import create_model
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
 from fracdet.serve import ServeConfig, create_app
+from tests import structure_files as flood
 from tests.conftest import SAMPLE
 from tests.dicom_files import deflated, jpeg_frame_of_many_scans, larger_frame, mono2_8bit, write_bytes
-from tests.structure_files import (
-    gif_with_blocks,
-    jpeg_with_segments,
-    jpeg_with_stray_bytes,
-    png_with_chunks,
-    png_with_data_chunks,
-    progressive_jpeg_with_scans,
-    tiff_with_tiles,
-)
 
 RADIOGRAPH = (SAMPLE / "images" / "Fractured" / "IMG0000261.jpg").read_bytes()
 GREY = np.asarray(Image.open(io.BytesIO(RADIOGRAPH)).convert("L"))
@@ -103,14 +95,14 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
         "more than 100 scans",
     ),
     # small valid images padded with structure a decoder walks one piece at a time
-    ("jpeg with 1,001 segments", lambda: jpeg_with_segments(1_001), 415, "JPEG marker segments"),
-    ("jpeg with 65,537 fill bytes", lambda: jpeg_with_stray_bytes(65_537), 415, "stray bytes"),
-    ("progressive jpeg of 101 scans", lambda: progressive_jpeg_with_scans(101), 415, "scans"),
-    ("png with 1,001 chunks", lambda: png_with_chunks(1_001), 415, "PNG chunks"),
-    ("png with 1,001 chunks after its data", lambda: png_with_chunks(1_001, after_data=True), 415, "PNG chunks"),
-    ("png of 100,001 IDAT chunks", lambda: png_with_data_chunks(100_001), 415, "IDAT"),
-    ("gif with 10,001 extension blocks", lambda: gif_with_blocks(10_001), 415, "GIF extension blocks"),
-    ("tiff of 100,001 tiles", lambda: tiff_with_tiles(100_001), 415, "strips or tiles"),
+    ("jpeg with 1,001 segments", lambda: flood.jpeg_with_segments(1_001), 415, "JPEG marker segments"),
+    ("jpeg with 65,537 fill bytes", lambda: flood.jpeg_with_stray_bytes(65_537), 415, "stray bytes"),
+    ("progressive jpeg of 101 scans", lambda: flood.progressive_jpeg_with_scans(101), 415, "scans"),
+    ("png with 1,001 chunks", lambda: flood.png_with_chunks(1_001), 415, "PNG chunks"),
+    ("png with 1,001 chunks after its data", lambda: flood.png_with_chunks(1_001, after_data=True), 415, "PNG chunks"),
+    ("png of 100,001 IDAT chunks", lambda: flood.png_with_data_chunks(100_001), 415, "IDAT"),
+    ("gif with 10,001 extension blocks", lambda: flood.gif_with_blocks(10_001), 415, "GIF extension blocks"),
+    ("tiff of 100,001 tiles", lambda: flood.tiff_with_tiles(100_001), 415, "strips or tiles"),
     # damaged images
     ("jpeg truncated to 60%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.6)], 422, "truncated"),
     ("jpeg truncated to 10%", RADIOGRAPH[: int(len(RADIOGRAPH) * 0.1)], 422, "truncated"),

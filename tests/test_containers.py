@@ -14,26 +14,18 @@ from PIL import Image
 
 from fracdet.data.containers import LIMITS, StructureError, StructureLimits, check_structure, walk_structure
 from fracdet.data.decode import UnsupportedImageError, decode_image
+from tests import structure_files as flood
 from tests.conftest import SAMPLE
-from tests.structure_files import (
-    gif_with_blocks,
-    jpeg_with_segments,
-    jpeg_with_stray_bytes,
-    png_with_chunks,
-    png_with_data_chunks,
-    progressive_jpeg_with_scans,
-    tiff_with_tiles,
-)
 
 #: Each limit, and a file with a given count of what it limits.
 BUILDERS: dict[str, Callable[[int], bytes]] = {
-    "jpeg_segments": jpeg_with_segments,
-    "jpeg_stray_bytes": jpeg_with_stray_bytes,
-    "jpeg_scans": progressive_jpeg_with_scans,
-    "png_chunks": png_with_chunks,
-    "png_data_chunks": png_with_data_chunks,
-    "gif_blocks": gif_with_blocks,
-    "tiff_pieces": tiff_with_tiles,
+    "jpeg_segments": flood.jpeg_with_segments,
+    "jpeg_stray_bytes": flood.jpeg_with_stray_bytes,
+    "jpeg_scans": flood.progressive_jpeg_with_scans,
+    "png_chunks": flood.png_with_chunks,
+    "png_data_chunks": flood.png_with_data_chunks,
+    "gif_blocks": flood.gif_with_blocks,
+    "tiff_pieces": flood.tiff_with_tiles,
 }
 UNLIMITED = StructureLimits(*(None,) * len(BUILDERS))
 RADIOGRAPH = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
@@ -63,7 +55,7 @@ def test_a_walk_stops_one_past_its_limit_so_a_flood_costs_no_more_than_the_limit
 
 def test_the_words_of_a_refusal_say_what_was_counted():
     with pytest.raises(StructureError, match="more than 100 scans in a progressive JPEG"):
-        check_structure(progressive_jpeg_with_scans(101))
+        check_structure(flood.progressive_jpeg_with_scans(101))
 
 
 def encoded(fmt: str, mode: str = "L", **options) -> bytes:
@@ -129,11 +121,11 @@ def test_every_bundled_radiograph_is_within_the_limits():
 
 
 SOURCES = {
-    "jpeg": jpeg_with_segments(20),
-    "png": png_with_chunks(20),
-    "gif": gif_with_blocks(20),
-    "progressive": progressive_jpeg_with_scans(20),
-    "tiff": tiff_with_tiles(20),
+    "jpeg": flood.jpeg_with_segments(20),
+    "png": flood.png_with_chunks(20),
+    "gif": flood.gif_with_blocks(20),
+    "progressive": flood.progressive_jpeg_with_scans(20),
+    "tiff": flood.tiff_with_tiles(20),
     "bigtiff": encoded("TIFF", big_tiff=True),
 }
 
