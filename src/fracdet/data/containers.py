@@ -6,8 +6,8 @@ at a time, and skips stray bytes between JPEG markers one by one; libjpeg decode
 progressive JPEG over the whole image. So 50 MB of empty JPEG comments, PNG chunks, GIF blocks or fill
 bytes each took 12-63 s to read, a TIFF of a million 2 x 2 tiles (8 MB) 10 s, and a 94 KB progressive
 JPEG of 1,000 scans 17 s (``python benchmarks/structure_floods.py``; the libjpeg-turbo authors call the
-last "LJT-01-003" and advise a limit on scans). In a server that is its inference worker held past the
-timeout by one upload, and a timed-out decode cannot be stopped.
+last "LJT-01-003" and advise a limit on scans). In a server each such upload holds an inference worker (one per
+core) that long, past the timeout for some, and a timed-out decode cannot be stopped.
 
 Each walk here reads headers only, stops one past its limit and says what it counted. The limits are
 far beyond what encoders write (the largest counts in FracAtlas, the multiregion set and the bundled
