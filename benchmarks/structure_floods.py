@@ -1,10 +1,12 @@
 """How long can a small, valid image file keep the decoder busy with structure rather than pixels?
 
-    python benchmarks/structure_floods.py [--megabytes 50] [--baseline REV] [--real DIR ...] [--out FILE]
+    python benchmarks/structure_floods.py [--megabytes 50] [--baseline REV] [--real DIR ...] [--cases TEXT]
+                                          [--out FILE]
 
 Pillow walks the segments of JPEG, PNG and GIF files, and the tiles of TIFF files, in Python, one at a
-time, and libjpeg decodes each scan of a progressive JPEG over the whole image, so a file of millions of
-empty segments, or of a thousand tiny scans, is read slowly however few pixels it has. Each case (built with
+time, libjpeg decodes each scan of a progressive JPEG over the whole image, and OpenJPEG sets up each tile
+of JPEG 2000, so a file of millions of empty segments, or of a thousand tiny scans, is read slowly however
+few pixels it has. Each case (built with
 ``tests/structure_files.py``) is decoded by :func:`fracdet.data.decode.decode_image`, the path of the web
 app, ``fracdet predict`` and the PACS node, in a process of its own under an address-space cap, with this
 tree's code and, with ``--baseline``, side by side with a checkout of another revision. Controls at the
@@ -52,6 +54,10 @@ def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
         "TIFF, 100,000 tiles of 16x16 (control)": lambda: flood.tiff_with_tiles(100_000),
         "TIFF, 390,000 tiles of 16x16 (100 M pixels)": lambda: flood.tiff_with_tiles(390_000),
         f"TIFF, tiles of 2x2 ({megabytes:g} MB)": lambda: flood.tiff_with_tiles(size // 8, side=2),
+        "DICOM, JPEG 2000 1020x1020 in one tile (control)": lambda: flood.in_dicom(flood.j2k_tiled(1020, 1020, 1020)),
+        "DICOM, JPEG 2000 1024x1024 in 4,096 tiles of 16x16 (control)": lambda: flood.in_dicom(
+            flood.j2k_tiled(1024, 1024, 16)),
+        "DICOM, JPEG 2000 1020x1020 in 65,025 tiles of 4x4": lambda: flood.in_dicom(flood.j2k_tiled(1020, 1020, 4)),
     }  # fmt: skip
 
 
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="also decode each case with this revision's code, side by side")
     parser.add_argument("--real", type=Path, nargs="*", default=[], help="folders of real images to count")
     parser.add_argument("--cap-gb", type=float, default=3.0, help="address-space cap of each decoding process")
+    parser.add_argument("--cases", default="", help="only the cases whose name holds this text")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     cap = int(args.cap_gb * 2**30)
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             sides["baseline"] = baseline_src
         print("| case | file | " + " | ".join(f"{s}: outcome | {s}: s | {s}: peak" for s in sides) + " |")
         rows = []
-        for name, build in cases(args.megabytes).items():
+        for name, build in ((n, b) for n, b in cases(args.megabytes).items() if args.cases in n):
             data = build()
             row = {"case": name, "file_bytes": len(data), **{side: decode_case(data, cap, src=src)
                                                                for side, src in sides.items()}}  # fmt: skip

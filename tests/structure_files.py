@@ -102,3 +102,34 @@ def tiff_with_tiles(count: int, side: int = 16) -> bytes:
     return (b"II*\0" + struct.pack("<I", directory) + tile + struct.pack("<I", 8) * count
             + struct.pack("<I", len(tile)) * count + struct.pack("<H", len(entries))
             + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0")  # fmt: skip
+
+
+def j2k_tiled(width: int, height: int, tile: int) -> bytes:
+    """A lossless JPEG 2000 codestream cut into tiles of ``tile`` pixels a side (OpenJPEG, through Pillow)."""
+    grey = np.resize(_image(), (height, width))
+    return _saved(grey, "JPEG2000", tile_size=(tile, tile), irreversible=False, no_jp2=True)
+
+
+def j2k_declaring_tiles(count: int) -> bytes:
+    """A one-tile JPEG 2000 codestream whose SIZ segment is rewritten to lay ``count`` tiles of 16 x 16 over
+    it (its size is the nearest-to-square grid of them): what the tile count is read from, quickly built.
+    Damaged for a decoder, so only for files refused before decoding."""
+    rows = max(k for k in range(1, int(count**0.5) + 1) if count % k == 0)
+    codestream = bytearray(j2k_tiled(16 * (count // rows), 16 * rows, 16 * max(count // rows, rows)))
+    codestream[24:32] = struct.pack(">II", 16, 16)  # XTsiz, YTsiz (ISO 15444-1 A.5.1)
+    return bytes(codestream)
+
+
+def in_dicom(codestream: bytes) -> bytes:
+    """A JPEG 2000 codestream as the frame of a DICOM radiograph of its size (JPEG 2000 Lossless)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    from tests.dicom_files import _dataset, write_bytes
+
+    width, height = struct.unpack_from(">II", codestream, 8)
+    ds = _dataset(np.zeros((height, width), np.uint8), bits=8)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    return write_bytes(ds)

@@ -94,6 +94,12 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
         415,
         "more than 100 scans",
     ),
+    (
+        "dicom: jpeg 2000 frame of 4,097 tiles",
+        lambda: flood.in_dicom(flood.j2k_declaring_tiles(4_097)),
+        415,
+        "tiles in a JPEG 2000",
+    ),
     # small valid images padded with structure a decoder walks one piece at a time
     ("jpeg with 1,001 segments", lambda: flood.jpeg_with_segments(1_001), 415, "JPEG marker segments"),
     ("jpeg with 65,537 fill bytes", lambda: flood.jpeg_with_stray_bytes(65_537), 415, "stray bytes"),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fracdet.data.containers import LIMITS, StructureError, StructureLimits, check_structure, walk_structure
-from fracdet.data.decode import UnsupportedImageError, decode_image
+from fracdet.data.decode import ImageReadError, UnsupportedImageError, decode_image
 from tests import structure_files as flood
 from tests.conftest import SAMPLE
 
@@ -32,7 +32,16 @@ RADIOGRAPH = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
 
 
 def test_every_limit_has_a_file_that_reaches_it():
-    assert set(BUILDERS) == set(LIMITS.__dataclass_fields__)
+    assert set(BUILDERS) | {"j2k_tiles"} == set(LIMITS.__dataclass_fields__)  # JPEG 2000: in DICOM, below
+
+
+def test_a_jpeg_2000_frame_is_read_tile_by_tile_within_the_limit_and_refused_beyond_it():
+    tiled = flood.j2k_tiled(128, 128, 16)
+    assert walk_structure(tiled).counts == {"j2k_tiles": 64}
+    assert decode_image(flood.in_dicom(tiled)).pixels.shape == (128, 128)
+    check_structure(flood.j2k_declaring_tiles(LIMITS.j2k_tiles))
+    with pytest.raises(ImageReadError, match=f"more than {LIMITS.j2k_tiles:,} tiles in a JPEG 2000 codestream"):
+        decode_image(flood.in_dicom(flood.j2k_declaring_tiles(LIMITS.j2k_tiles + 1)), name="upload.dcm")
 
 
 @pytest.mark.parametrize("name", BUILDERS)
@@ -127,6 +136,7 @@ SOURCES = {
     "progressive": flood.progressive_jpeg_with_scans(20),
     "tiff": flood.tiff_with_tiles(20),
     "bigtiff": encoded("TIFF", big_tiff=True),
+    "jpeg 2000": flood.j2k_tiled(64, 64, 16),
 }
 
 

@@ -1,13 +1,16 @@
-"""Bounded walks of a JPEG, PNG, GIF or TIFF file's structure, before any decoder sees its bytes.
+"""Bounded walks of a JPEG, PNG, GIF or TIFF file's structure (or a JPEG 2000 codestream's), before any
+decoder sees its bytes.
 
 A small valid file can keep a decoder busy for minutes with structure rather than pixels. Pillow parses
 the segments of JPEG, PNG and GIF files and the strips or tiles of uncompressed TIFF files in Python, one
 at a time, and skips stray bytes between JPEG markers one by one; libjpeg decodes every scan of a
-progressive JPEG over the whole image. So 50 MB of empty JPEG comments, PNG chunks, GIF blocks or fill
-bytes each took 12-63 s to read, a TIFF of a million 2 x 2 tiles (8 MB) 10 s, and a 94 KB progressive
-JPEG of 1,000 scans 17 s (``python benchmarks/structure_floods.py``; the libjpeg-turbo authors call the
-last "LJT-01-003" and advise a limit on scans). In a server each such upload holds an inference worker (one per
-core) that long, past the timeout for some, and a timed-out decode cannot be stopped.
+progressive JPEG over the whole image; OpenJPEG sets up every tile of a JPEG 2000 codestream. So 50 MB of
+empty JPEG comments, PNG chunks, GIF blocks or fill bytes each took 12-63 s to read, a TIFF of a million
+2 x 2 tiles (8 MB) 10 s, a DICOM frame of JPEG 2000 in 65,025 tiles (2.5 MB) 11 s, and a 94 KB
+progressive JPEG of 1,000 scans 17 s (``python benchmarks/structure_floods.py``; the libjpeg-turbo
+authors call the last "LJT-01-003" and advise a limit on scans). In a server each such upload holds an
+inference worker (one per core) that long, past the timeout for some, and a timed-out decode cannot be
+stopped.
 
 Each walk here reads headers only, stops one past its limit and says what it counted. The limits are
 far beyond what encoders write (the largest counts in FracAtlas, the multiregion set and the bundled
@@ -42,6 +45,8 @@ class StructureLimits:
         tiff_pieces: strips or tiles of a TIFF's first image. Pillow reads uncompressed ones one at a time in
             Python; encoders cut an image into pieces of 8 KiB or more (about 25,000 for 100 M 16-bit pixels),
             and a tile is at least 16 x 16 pixels.
+        j2k_tiles: tiles of a JPEG 2000 codestream (a DICOM frame): OpenJPEG decodes each with its own
+            set-up. Encoders write one tile, or tiles of 256 pixels a side and more (1,526 for 100 M pixels).
     """
 
     jpeg_segments: int | None = 1_000
@@ -51,6 +56,7 @@ class StructureLimits:
     png_data_chunks: int | None = 100_000
     gif_blocks: int | None = 10_000
     tiff_pieces: int | None = 100_000
+    j2k_tiles: int | None = 4_096
 
 
 #: The limits fracdet applies to every file it decodes.
@@ -64,6 +70,7 @@ _WORDS = {
     "png_data_chunks": "PNG image-data (IDAT) chunks",
     "gif_blocks": "GIF extension blocks before its first image",
     "tiff_pieces": "strips or tiles in a TIFF image",
+    "j2k_tiles": "tiles in a JPEG 2000 codestream",
 }
 #: Start-of-frame markers of JPEG (ISO 10918-1 B.1.1.3: C0-CF but DHT C4, JPG C8, DAC CC) and JPEG-LS (F7).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
@@ -79,7 +86,7 @@ class Structure:
     """What a walk counted.
 
     Attributes:
-        format: ``JPEG`` (JPEG-LS too), ``PNG``, ``GIF`` or ``TIFF``.
+        format: ``JPEG`` (JPEG-LS too), ``PNG``, ``GIF``, ``TIFF`` or ``JPEG 2000``.
         counts: each count by its :class:`StructureLimits` name; a count past its limit stopped the walk
             there (it is then the limit plus one, and later counts are partial).
         size: (width, height) from a JPEG's frame header, when the walk reached one before the first scan.
@@ -99,7 +106,8 @@ class Structure:
 
 
 def walk_structure(data: bytes, limits: StructureLimits = LIMITS) -> Structure | None:
-    """Count the structure of a JPEG (or JPEG-LS), PNG, GIF or TIFF file; ``None`` for any other bytes.
+    """Count the structure of a JPEG (or JPEG-LS), PNG, GIF or TIFF file or a JPEG 2000 codestream;
+    ``None`` for any other bytes.
 
     The walk never raises on damage: where the structure stops making sense it stops counting and leaves
     the verdict to the decoder.
@@ -112,6 +120,8 @@ def walk_structure(data: bytes, limits: StructureLimits = LIMITS) -> Structure |
         return _walk_gif(data, limits)
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
         return _walk_tiff(data)
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 40:  # SOC then SIZ (ISO 15444-1 A.5.1)
+        return _walk_j2k(data)
     return None
 
 
@@ -207,3 +217,12 @@ def _walk_tiff(data: bytes) -> Structure:
     except struct.error:  # a directory past the end of the file: the decoder will say so
         pass
     return Structure("TIFF", {"tiff_pieces": pieces})
+
+
+def _walk_j2k(data: bytes) -> Structure:
+    """The tiles a JPEG 2000 codestream's SIZ segment lays over its image (ISO 15444-1 B.3)."""
+    width, height, _, _, tile_width, tile_height, tile_x, tile_y = struct.unpack_from(">8I", data, 8)
+    tiles = 0
+    if tile_width and tile_height and width > tile_x and height > tile_y:
+        tiles = -(-(width - tile_x) // tile_width) * -(-(height - tile_y) // tile_height)
+    return Structure("JPEG 2000", {"j2k_tiles": tiles})

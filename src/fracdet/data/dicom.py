@@ -454,8 +454,10 @@ def _check_codestream(ds: Any, info: DicomInfo) -> None:
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
     except Exception as exc:  # the fragments themselves are damaged
         raise _RefusedError(f"damaged encapsulated pixel data ({type(exc).__name__}, {info.transfer_syntax})") from exc
+    if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: its codestream is what is decoded
+        frame = _jp2_codestream(frame)
     try:
-        check_structure(frame)  # a JPEG frame of a thousand scans would hold libjpeg for minutes
+        check_structure(frame)  # a JPEG of a thousand scans, or JPEG 2000 of 65,000 tiles, holds its decoder
     except StructureError as exc:
         raise _RefusedError(f"its compressed frame has {exc} ({info.transfer_syntax})") from None
     size = codestream_size(frame)
