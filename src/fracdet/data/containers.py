@@ -89,7 +89,8 @@ class Structure:
         format: ``JPEG`` (JPEG-LS too), ``PNG``, ``GIF``, ``TIFF`` or ``JPEG 2000``.
         counts: each count by its :class:`StructureLimits` name; a count past its limit stopped the walk
             there (it is then the limit plus one, and later counts are partial).
-        size: (width, height) from a JPEG's frame header, when the walk reached one before the first scan.
+        size: (width, height) as the header declares it, before any pixel is decoded: a JPEG's frame header
+            when the walk reached one before the first scan, a JPEG 2000 codestream's SIZ segment.
     """
 
     format: str
@@ -103,6 +104,11 @@ class Structure:
             if limit is not None and count > limit:
                 return f"more than {limit:,} {_WORDS[name]}"
         return None
+
+    def check(self, limits: StructureLimits = LIMITS) -> None:
+        """Raise :class:`StructureError` when a count is over its limit."""
+        if excess := self.excess(limits):
+            raise StructureError(f"{excess}: no encoder writes that many, and each costs the decoder time")
 
 
 def walk_structure(data: bytes, limits: StructureLimits = LIMITS) -> Structure | None:
@@ -127,10 +133,8 @@ def walk_structure(data: bytes, limits: StructureLimits = LIMITS) -> Structure |
 
 def check_structure(data: bytes, limits: StructureLimits = LIMITS) -> None:
     """Raise :class:`StructureError` when a file has more of some structure than ``limits`` allow."""
-    structure = walk_structure(data, limits)
-    excess = structure.excess(limits) if structure else None
-    if excess:
-        raise StructureError(f"{excess}: no encoder writes that many, and each costs the decoder time")
+    if structure := walk_structure(data, limits):
+        structure.check(limits)
 
 
 def _over(count: int, limit: int | None) -> bool:
@@ -138,10 +142,9 @@ def _over(count: int, limit: int | None) -> bool:
 
 
 def _walk_jpeg(data: bytes, limits: StructureLimits) -> Structure:
-    segments = stray = 0
+    segments = stray = scans = 0
     size = None
     offset, end = 2, len(data)
-    counts = {"jpeg_segments": 0, "jpeg_stray_bytes": 0, "jpeg_scans": 0}
     while offset + 2 <= end:
         if data[offset] != 0xFF or data[offset + 1] in (0x00, 0xFF):  # junk, or fill before a marker
             stray += 1
@@ -155,7 +158,7 @@ def _walk_jpeg(data: bytes, limits: StructureLimits) -> Structure:
             continue
         if marker == _SOS:
             eoi = data.find(_EOI, offset)  # entropy-coded data stuffs 0xFF, so markers are real markers
-            counts["jpeg_scans"] = data.count(b"\xff\xda", offset, eoi if eoi >= 0 else end)
+            scans = data.count(b"\xff\xda", offset, eoi if eoi >= 0 else end)
             break
         segments += 1
         if _over(segments, limits.jpeg_segments) or offset + 4 > end:
@@ -164,8 +167,7 @@ def _walk_jpeg(data: bytes, limits: StructureLimits) -> Structure:
             height, width = struct.unpack_from(">HH", data, offset + 5)
             size = (width, height) if width and height else None  # a height of 0 comes later (DNL): unknown
         offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
-    counts.update(jpeg_segments=segments, jpeg_stray_bytes=stray)
-    return Structure("JPEG", counts, size)
+    return Structure("JPEG", {"jpeg_segments": segments, "jpeg_stray_bytes": stray, "jpeg_scans": scans}, size)
 
 
 def _walk_png(data: bytes, limits: StructureLimits) -> Structure:
@@ -220,9 +222,11 @@ def _walk_tiff(data: bytes) -> Structure:
 
 
 def _walk_j2k(data: bytes) -> Structure:
-    """The tiles a JPEG 2000 codestream's SIZ segment lays over its image (ISO 15444-1 B.3)."""
-    width, height, _, _, tile_width, tile_height, tile_x, tile_y = struct.unpack_from(">8I", data, 8)
+    """The image size and the tiles a JPEG 2000 codestream's SIZ segment lays over the image (ISO 15444-1
+    B.3): the image spans (x0, y0) to (width, height) on the reference grid."""
+    width, height, x0, y0, tile_width, tile_height, tile_x, tile_y = struct.unpack_from(">8I", data, 8)
     tiles = 0
     if tile_width and tile_height and width > tile_x and height > tile_y:
         tiles = -(-(width - tile_x) // tile_width) * -(-(height - tile_y) // tile_height)
-    return Structure("JPEG 2000", {"j2k_tiles": tiles})
+    size = (width - x0, height - y0) if width > x0 and height > y0 else None
+    return Structure("JPEG 2000", {"j2k_tiles": tiles}, size)

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from fracdet.data.containers import StructureError, check_structure, walk_structure
+from fracdet.data.containers import Structure, StructureError, walk_structure
 
 __all__ = [
     "DICOM_HINT",
@@ -454,13 +454,13 @@ def _check_codestream(ds: Any, info: DicomInfo) -> None:
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
     except Exception as exc:  # the fragments themselves are damaged
         raise _RefusedError(f"damaged encapsulated pixel data ({type(exc).__name__}, {info.transfer_syntax})") from exc
-    if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: its codestream is what is decoded
-        frame = _jp2_codestream(frame)
+    structure = _codestream_structure(frame)
     try:
-        check_structure(frame)  # a JPEG of a thousand scans, or JPEG 2000 of 65,000 tiles, holds its decoder
+        if structure:
+            structure.check()  # a JPEG of a thousand scans, or JPEG 2000 of 65,000 tiles, holds its decoder
     except StructureError as exc:
         raise _RefusedError(f"its compressed frame has {exc} ({info.transfer_syntax})") from None
-    size = codestream_size(frame)
+    size = structure.size if structure else None
     if size is None:
         raise _RefusedError(f"its compressed frame has no JPEG, JPEG-LS or JPEG 2000 header ({info.transfer_syntax})")
     rows, columns = int(ds.Rows), int(ds.Columns)
@@ -472,13 +472,17 @@ def _check_codestream(ds: Any, info: DicomInfo) -> None:
 def codestream_size(frame: bytes) -> tuple[int, int] | None:
     """(width, height) as a JPEG, JPEG-LS or JPEG 2000 codestream (or JP2 file) declares it in its header,
     before any pixel is decoded; ``None`` when ``frame`` begins with none of them or declares no size."""
+    structure = _codestream_structure(frame)
+    return structure.size if structure else None
+
+
+def _codestream_structure(frame: bytes) -> Structure | None:
+    """The structure of a JPEG, JPEG-LS or JPEG 2000 frame as decoded (a JP2 file's codestream box); the
+    size of anything else is not a codestream's."""
     if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: the codestream is its jp2c box
         frame = _jp2_codestream(frame)
-    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # SOC then SIZ (ISO 15444-1 A.5.1)
-        x, y, x0, y0 = (int.from_bytes(frame[k : k + 4], "big") for k in (8, 12, 16, 20))
-        return (x - x0, y - y0) if x > x0 and y > y0 else None
-    structure = walk_structure(frame) if frame[:2] == b"\xff\xd8" else None
-    return structure.size if structure else None
+    structure = walk_structure(frame)
+    return structure if structure and structure.format in ("JPEG", "JPEG 2000") else None
 
 
 def _jp2_codestream(data: bytes) -> bytes:
