@@ -241,11 +241,13 @@ def _inflated(data: bytes, *, max_bytes: int, whole: bool) -> tuple[bytes, Any]:
     """
     from pydicom import dcmread
     from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
     if (start := _meta_start(data)) is None:
         return data, None  # a deflated dataset needs its file meta to say so
     end = _meta_end(data, start)
+    if DeflatedExplicitVRLittleEndian.encode() not in data[start:end]:  # its transfer syntax, in the file meta
+        return data, None
     meta = dcmread(io.BytesIO(data[:end]), force=True).file_meta
     syntax = meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_deflated:
