@@ -35,7 +35,8 @@ from tests import structure_files as flood  # noqa: E402
 
 
 def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
-    """Floods of about ``megabytes`` each, the scan flood at 4000 x 4000, and controls at the limits."""
+    """Floods of about ``megabytes`` each, the scan floods at 4000 x 4000 and 100 M pixels, and controls at the
+    limits."""
     size = int(megabytes * 1e6)
     return {
         "JPEG, 1,000 segments before its scan (control)": lambda: flood.jpeg_with_segments(1_000),
@@ -43,6 +44,9 @@ def cases(megabytes: float) -> dict[str, Callable[[], bytes]]:
         f"JPEG, fill bytes before its first marker ({megabytes:g} MB)": lambda: flood.jpeg_with_stray_bytes(size),
         "progressive JPEG 4000x4000, 100 scans (control)": lambda: flood.progressive_jpeg_with_scans(100, 4000),
         "progressive JPEG 4000x4000, 1,000 scans": lambda: flood.progressive_jpeg_with_scans(1_000, 4000),
+        "progressive JPEG 5000x4000, 100 scans (control: 2 G pixels over its scans)": lambda: (
+            flood.progressive_jpeg_with_scans(100, 5000, 4000)),
+        "progressive JPEG 10000x10000, 100 scans": lambda: flood.progressive_jpeg_with_scans(100, 10_000),
         "PNG, 1,000 chunks (control)": lambda: flood.png_with_chunks(1_000),
         f"PNG, empty chunks before its image data ({megabytes:g} MB)": lambda: flood.png_with_chunks(size // 12),
         f"PNG, empty chunks after its image data ({megabytes:g} MB)": lambda: flood.png_with_chunks(size // 12,

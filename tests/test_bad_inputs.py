@@ -104,6 +104,7 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], int, str]] = [
     ("jpeg with 1,001 segments", lambda: flood.jpeg_with_segments(1_001), 415, "JPEG marker segments"),
     ("jpeg with 65,537 fill bytes", lambda: flood.jpeg_with_stray_bytes(65_537), 415, "stray bytes"),
     ("progressive jpeg of 101 scans", lambda: flood.progressive_jpeg_with_scans(101), 415, "scans"),
+    ("progressive jpeg 10000x10000, 100 scans", lambda: flood.progressive_jpeg_with_scans(100, 10**4), 415, "pixels"),
     ("png with 1,001 chunks", lambda: flood.png_with_chunks(1_001), 415, "PNG chunks"),
     ("png with 1,001 chunks after its data", lambda: flood.png_with_chunks(1_001, after_data=True), 415, "PNG chunks"),
     ("png of 100,001 IDAT chunks", lambda: flood.png_with_data_chunks(100_001), 415, "IDAT"),

@@ -27,12 +27,25 @@ BUILDERS: dict[str, Callable[[int], bytes]] = {
     "gif_blocks": flood.gif_with_blocks,
     "tiff_pieces": flood.tiff_with_tiles,
 }
-UNLIMITED = StructureLimits(*(None,) * len(BUILDERS))
+UNLIMITED = StructureLimits(**dict.fromkeys(LIMITS.__dataclass_fields__))
 RADIOGRAPH = SAMPLE / "images" / "Fractured" / "IMG0000261.jpg"
 
 
 def test_every_limit_has_a_file_that_reaches_it():
-    assert set(BUILDERS) | {"j2k_tiles"} == set(LIMITS.__dataclass_fields__)  # JPEG 2000: in DICOM, below
+    below = {"j2k_tiles", "jpeg_scan_pixels"}  # a JPEG 2000 frame in DICOM; a product of two counts
+    assert set(BUILDERS) | below == set(LIMITS.__dataclass_fields__)
+
+
+def test_a_progressive_jpeg_is_refused_by_the_pixels_its_scans_decode_in_all():
+    scans = LIMITS.jpeg_scans  # each scan is decoded over the whole image: 100 of 20 M pixels reach the limit
+    width, height = 5_000, LIMITS.jpeg_scan_pixels // (scans * 5_000)
+    at_limit = flood.progressive_jpeg_with_scans(scans, width, height)
+    assert walk_structure(at_limit).counts["jpeg_scan_pixels"] == LIMITS.jpeg_scan_pixels
+    check_structure(at_limit)
+    past_it = flood.progressive_jpeg_with_scans(scans, width, height + 1)
+    with pytest.raises(UnsupportedImageError, match=f"more than {LIMITS.jpeg_scan_pixels:,} pixels decoded over"):
+        decode_image(past_it, name="upload")
+    assert walk_structure(flood.jpeg_with_segments(3)).counts["jpeg_scan_pixels"] == 64 * 64  # one scan
 
 
 def test_a_jpeg_2000_frame_is_read_tile_by_tile_within_the_limit_and_refused_beyond_it():

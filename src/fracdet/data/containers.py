@@ -39,6 +39,9 @@ class StructureLimits:
         jpeg_stray_bytes: fill and junk bytes between those segments (Pillow skips them one at a time).
         jpeg_scans: scans up to the end of the image; baseline JPEG has one, libjpeg's progressive
             scripts six (grey) to ten (colour). Each is decoded over the whole image.
+        jpeg_scan_pixels: scans times the pixels of the image, what libjpeg decodes in all: 100 scans of
+            100 M pixels, each count within its own limit, held a decoder for 10.5 s; 2 G allows 20 scans at
+            the pixel limit, or 100 scans of 20 M pixels (2.1 s).
         png_chunks: PNG chunks other than image data (text, colour, gamma, EXIF ...).
         png_data_chunks: image-data (IDAT) chunks: an encoder writes one per 8-64 KiB of compressed data.
         gif_blocks: extension blocks and their sub-blocks before a GIF's first image.
@@ -52,6 +55,7 @@ class StructureLimits:
     jpeg_segments: int | None = 1_000
     jpeg_stray_bytes: int | None = 65_536
     jpeg_scans: int | None = 100
+    jpeg_scan_pixels: int | None = 2_000_000_000
     png_chunks: int | None = 1_000
     png_data_chunks: int | None = 100_000
     gif_blocks: int | None = 10_000
@@ -66,6 +70,7 @@ _WORDS = {
     "jpeg_segments": "JPEG marker segments before its first scan",
     "jpeg_stray_bytes": "stray bytes between JPEG markers",
     "jpeg_scans": "scans in a progressive JPEG",
+    "jpeg_scan_pixels": "pixels decoded over the scans of a JPEG (scans x width x height)",
     "png_chunks": "PNG chunks other than image data",
     "png_data_chunks": "PNG image-data (IDAT) chunks",
     "gif_blocks": "GIF extension blocks before its first image",
@@ -167,7 +172,9 @@ def _walk_jpeg(data: bytes, limits: StructureLimits) -> Structure:
             height, width = struct.unpack_from(">HH", data, offset + 5)
             size = (width, height) if width and height else None  # a height of 0 comes later (DNL): unknown
         offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
-    return Structure("JPEG", {"jpeg_segments": segments, "jpeg_stray_bytes": stray, "jpeg_scans": scans}, size)
+    counts = {"jpeg_segments": segments, "jpeg_stray_bytes": stray, "jpeg_scans": scans}
+    counts["jpeg_scan_pixels"] = scans * size[0] * size[1] if size else 0  # no size before a scan: Pillow refuses it
+    return Structure("JPEG", counts, size)
 
 
 def _walk_png(data: bytes, limits: StructureLimits) -> Structure:
