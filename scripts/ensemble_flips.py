@@ -33,7 +33,7 @@ from fracdet.data import load_dataset
 from fracdet.data.split import apply_manifest, split_rows
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.metrics import group_bootstrap
-from fracdet.evaluation.stability import resaved
+from fracdet.evaluation.stability import flip_figures, resaved
 from fracdet.models import TrainedModel, load
 from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
 
@@ -64,16 +64,8 @@ def setting_figures(margins: dict[str, np.ndarray], temperature: float, val: tup
     figures = {"temperature": temperature, "auc": float(roc_auc_score(labels, reference)),
                "auc_ci95": list(auc["auc"]), "sens90_threshold": threshold,
                "small_flagged": int((reference[small] >= threshold).sum()), "small": int(small.sum())}  # fmt: skip
-    for variant, m in margins.items():
-        if variant == "original":
-            continue
-        p = probabilities(m, temperature)
-        flipped = (p >= threshold) != (reference >= threshold)
-        change = np.abs(p - reference)
-        interval = group_bootstrap(lambda i, f=flipped: {"rate": float(f[i].mean())}, len(flipped), groups=groups)
-        figures[variant] = {"flip_rate": float(flipped.mean()), "flip_rate_ci95": list(interval["rate"]),
-                            "flips": int(flipped.sum()), "median_dp": float(np.median(change)),
-                            "p90_dp": float(np.percentile(change, 90)), "max_dp": float(change.max())}  # fmt: skip
+    resaves = {k: probabilities(m, temperature) for k, m in margins.items() if k != "original"}
+    figures |= flip_figures(reference, resaves, threshold, groups)
     mean_flips = float(np.mean([figures[v]["flip_rate"] for v in MEAN_OF if v in figures]))
     figures["mean_flips"] = mean_flips
     figures["rule"] = {"a": figures["auc"] >= RULE["auc"], "b": figures["small_flagged"] >= RULE["small_flagged"],

@@ -27,7 +27,7 @@ from fracdet.evaluation.metrics import group_bootstrap
 from fracdet.models.release import TrainedModel
 from fracdet.utils.progress import progress
 
-__all__ = ["VARIANTS", "reencode", "resaved", "verdict_stability"]
+__all__ = ["VARIANTS", "flip_figures", "reencode", "resaved", "verdict_stability"]
 
 
 def _grey8(pixels: np.ndarray) -> np.ndarray:
@@ -124,13 +124,32 @@ def verdict_stability(
                    for name, stack in images.items()}  # fmt: skip
     reference = probability.pop("original") if reference is None else np.asarray(reference, np.float64)
     group_of = np.asarray(groups, dtype=object)[kept].astype(str) if groups is not None else None
-    out: dict[str, Any] = {"threshold": float(threshold), "images": len(kept), "variants": {}}
-    for name, p in probability.items():
+    figures = flip_figures(reference, probability, threshold, group_of, n_boot=n_boot, seed=seed)
+    return {"threshold": float(threshold), "images": len(kept), "variants": figures}
+
+
+def flip_figures(
+    reference: np.ndarray,
+    variants: dict[str, np.ndarray],
+    threshold: float,
+    groups: np.ndarray | None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Per variant: how far its probabilities moved from ``reference`` (median, 90th percentile, largest) and how
+    many verdicts at ``threshold`` flipped (rate, 95% group-bootstrap interval, count).
+
+    Apart from :func:`verdict_stability` so that scores a model does not make alone (the mean of several,
+    ``scripts/ensemble_flips.py``) are read by the same yardstick.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in variants.items():
         change = np.abs(p - reference)
         flipped = (p >= threshold) != (reference >= threshold)
         ci = group_bootstrap(lambda idx, f=flipped: {"flip_rate": float(f[idx].mean())}, len(flipped),
-                             groups=group_of, n_boot=n_boot, seed=seed)["flip_rate"]  # fmt: skip
-        out["variants"][name] = {
+                             groups=groups, n_boot=n_boot, seed=seed)["flip_rate"]  # fmt: skip
+        out[name] = {
             "median_abs_change": float(np.median(change)),
             "p90_abs_change": float(np.quantile(change, 0.9)),
             "max_abs_change": float(change.max()),
