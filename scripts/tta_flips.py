@@ -14,7 +14,8 @@ margins, what ``tta=True`` computes) and *mirror* (the mirror alone: is the mirr
 setting gets its own *suspicious* threshold (sens90), chosen on the validation originals scored the same way;
 a verdict flips when the original and the re-saved file fall on different sides of it. Reported per setting:
 validation ROC AUC, the threshold, and per variant the flip rate (95% group-bootstrap interval), the number
-of flips and the median and 90th percentile change of the probability.
+of flips and the median, 90th percentile and largest change of the probability
+(:func:`fracdet.evaluation.stability.flip_figures`, the yardstick ``fracdet evaluate --stability`` uses).
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from sklearn.metrics import roc_auc_score
 from fracdet.data import load_dataset
 from fracdet.data.split import apply_manifest, split_rows
 from fracdet.data.table import absolute_paths
-from fracdet.evaluation.metrics import group_bootstrap
-from fracdet.evaluation.stability import resaved
+from fracdet.evaluation.stability import flip_figures, resaved
 from fracdet.models import load
 from fracdet.training.calibrate import choose_thresholds
 
@@ -82,17 +82,8 @@ def main() -> None:
         reference = probability(per_variant["original"])
         row = {"val_auc": float(roc_auc_score(val_labels, probability(val_margins[setting]["original"]))),
                "sens90_threshold": threshold}  # fmt: skip
-        for variant, m in per_variant.items():
-            if variant == "original":
-                continue
-            p = probability(m)
-            flipped = (p >= threshold) != (reference >= threshold)
-            change = np.abs(p - reference)
-            interval = group_bootstrap(lambda idx, f=flipped: {"rate": float(f[idx].mean())}, len(flipped),
-                                       groups=groups)["rate"]  # fmt: skip
-            row[variant] = {"flip_rate": float(flipped.mean()), "flip_rate_ci95": list(interval),
-                            "flips": int(flipped.sum()), "median_dp": float(np.median(change)),
-                            "p90_dp": float(np.percentile(change, 90))}  # fmt: skip
+        row |= flip_figures(reference, {v: probability(m) for v, m in per_variant.items() if v != "original"},
+                            threshold, groups)  # fmt: skip
         results[setting] = row
         print(setting, json.dumps(row), flush=True)
     if args.out:
