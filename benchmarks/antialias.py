@@ -5,7 +5,7 @@
 
 ``MODEL`` (default ``fracatlas-localiser``: 1.0.0, the float model whose int8 graph is the default 1.1.1) and
 ``fracdet.models.rebuilt(MODEL, antialias=True)``, the same weights in networks whose strided steps run at
-stride 1 and are followed by the 3x3 low-pass (docs/RELIABILITY.md, *Anti-aliasing*). Each is scored in the
+stride 1 and are followed by the 3x3 low-pass (docs/STABILITY.md, *Anti-aliasing*). Each is scored in the
 three forms fracdet runs a model in: PyTorch in float, its exported graph (with the input gate's embedder, as
 ``fracdet quantize`` exports it) in ONNX Runtime in float, and that graph quantised to int8 as ``fracdet
 quantize`` quantises it (:data:`fracdet.inference.quantize.QUANTISATION`; ``--calibration`` training

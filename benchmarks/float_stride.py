@@ -10,7 +10,7 @@ serves it: a compiled model's own graph, a float model's export with its gate's 
 model's split (seeded draw), the models taking turns call by call so that the machine's load falls on all
 alike; the median time of each, its ratio to the first, and the nodes each graph keeps in float (from its
 card). Only time is compared: the flips and AUC of each come from ``fracdet evaluate --stability``
-(docs/RELIABILITY.md, *Anti-aliasing*). No test split is read.
+(docs/STABILITY.md, *Anti-aliasing*). No test split is read.
 """
 
 from __future__ import annotations

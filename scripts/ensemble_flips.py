@@ -4,7 +4,7 @@
 
 Mirror TTA did not steady the verdicts (``scripts/tta_flips.py``): a re-save leaves the same artefacts in a
 radiograph and in its mirror, and one set of weights answers both alike. Networks trained apart alias
-differently (the flips follow the sampling grid of their strided layers, docs/RELIABILITY.md), so what a
+differently (the flips follow the sampling grid of their strided layers, docs/STABILITY.md), so what a
 re-save does to one model's score may be partly independent of what it does to another's, and their mean
 would move less: the paper's ensembles, asked of the flips before any ensemble format is built for them.
 
@@ -37,7 +37,7 @@ from fracdet.evaluation.stability import flip_figures, resaved
 from fracdet.models import TrainedModel, load
 from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
 
-#: The rule every candidate of issue 16 is judged by, on validation (docs/RELIABILITY.md, written before the runs).
+#: The rule every candidate of issue 16 is judged by, on validation (docs/STABILITY.md, written before the runs).
 RULE = {"auc": 0.931, "small_flagged": 19, "mean_flips": 0.030}
 MEAN_OF = ("jpeg75", "webp80", "half")
 

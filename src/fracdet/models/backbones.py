@@ -9,7 +9,7 @@ convolution and the first depthwise convolution of four stages) then runs at str
 binomial low-pass that subsamples (timm's ``BlurPool2d``, padding with zeros as the convolutions do; Zhang,
 *Making Convolutional Networks Shift-Invariant Again*, 2019). A strided convolution samples its output
 without first removing what the coarser grid cannot hold, so a radiograph moved by a fraction of a pixel,
-or re-saved, meets it at another phase and its score moves (docs/RELIABILITY.md, *Is it how the files were
+or re-saved, meets it at another phase and its score moves (docs/STABILITY.md, *Is it how the files were
 exported?*). The low-pass adds no weights: ImageNet's load as they are, and the input is never blurred.
 """
 
@@ -54,7 +54,7 @@ def _zero_padded_blur_pool() -> Callable[..., nn.Module]:
     """timm's ``BlurPool2d`` (3x3 binomial) padding with zeros, as TensorFlow's 'same' convolutions it follows
     do. Its default, reflected edges, steadies ImageNet's Lite0 far less: a 1-px move changed the pooled
     features of 48 FracAtlas radiographs by 0.152 of their norm on average, against 0.090 with zeros and 0.189
-    without a low-pass (``python scripts/antialias_features.py``, docs/RELIABILITY.md, *Anti-aliasing*)."""
+    without a low-pass (``python scripts/antialias_features.py``, docs/STABILITY.md, *Anti-aliasing*)."""
     from timm.layers import BlurPool2d
 
     if "pad_mode" not in inspect.signature(BlurPool2d).parameters:

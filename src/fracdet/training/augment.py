@@ -102,7 +102,7 @@ class Shift(v2.Transform):
     """Move the image by a few whole pixels; the rows and columns it uncovers repeat its edge.
 
     Moved by one pixel at its own resolution, a radiograph meets the network's sampling grids at another
-    phase, and the released model's verdict flipped as often as after a JPEG q75 re-save (docs/RELIABILITY.md,
+    phase, and the released model's verdict flipped as often as after a JPEG q75 re-save (docs/STABILITY.md,
     *Is it how the files were exported?*). Only images change: it is for stability training's copy, whose
     score must then match the image's at every phase, not for the image the task loss sees.
 

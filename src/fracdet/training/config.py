@@ -118,7 +118,7 @@ class StabilityConfig:
             :func:`fracdet.training.losses.stability_loss`).
         shift: also move the copy by up to this many whole pixels along each axis (0: never), so that the
             score must hold at every phase of the network's sampling grids: the released model's verdict
-            flipped as often for a radiograph moved by one pixel as for one re-saved (docs/RELIABILITY.md).
+            flipped as often for a radiograph moved by one pixel as for one re-saved (docs/STABILITY.md).
     """
 
     weight: float = 0.0
@@ -142,7 +142,7 @@ class FusedConfig:
     image logit, each reading the image at its own side.
 
     Fused after training (``fracdet ensemble``), each part had learned alone, and trained against re-saving
-    alone, none stopped the fused verdict from flipping (docs/RELIABILITY.md, *Why it flips*). Trained as
+    alone, none stopped the fused verdict from flipping (docs/STABILITY.md, *Why it flips*). Trained as
     one, the task and stability losses act on the fused score from the first epoch. While it trains the
     fusion weighs every part alike (the classifier head, the map's peak and each classifier's margin), so
     every part gets a gradient; at the end it is fitted on validation, with the thresholds.

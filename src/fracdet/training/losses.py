@@ -137,7 +137,7 @@ def stability_loss(outputs: Outputs, copies: Outputs, *, relative: bool = False)
     over both views), so the loss cannot be lowered by shrinking every score towards the others. A verdict
     flips when the change is large against the density of scores at the threshold, a ratio; in logits
     (``relative=False``) a fine-tuned model lowered the changes by 40% while compressing its scores, and its
-    flips fell by only 15% (``docs/RELIABILITY.md``).
+    flips fell by only 15% (``docs/STABILITY.md``).
     """
     a, b = verdict_scores(outputs), verdict_scores(copies)
     if relative:

@@ -505,7 +505,7 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, dict]:
     ``fused.classifiers`` a new fused localiser of it and them, whose fusion weighs its parts alike. With
     ``init_from``: the source's weights. A fused localiser (a localiser and whole classifiers,
     :class:`fracdet.models.FusedLocaliser`) is trained whole, end to end: the losses then act on the fused image
-    logit the model answers with, and its parts learn together what each alone did not (docs/RELIABILITY.md,
+    logit the model answers with, and its parts learn together what each alone did not (docs/STABILITY.md,
     *Why it flips*). Its fusion weights stay fixed while it trains and are fitted again on validation at the
     end, with its thresholds. ``antialias`` anti-aliases the network the run trains, a source's too (its weights
     load as they are); a source trained anti-aliased stays so.
