@@ -186,7 +186,9 @@ cp runs/localiser-lite1-256-seed0/{config.yaml,metrics.csv,curves.png} runs/rele
 # integers), refitted on its own validation outputs (models/README.md), released with its test report; then its
 # kernels against its reference arithmetic on this CPU, beside 1.1.0 (8-bit weights; made by the same commands
 # with "--version 1.1.0" at commit 0f38307), and the real-time run against 0.3.0 as main served it (docs/BENCHMARKS.md).
-"$F" quantize fracatlas-localiser --data "$FA" --extra "$MR=splits/multiregion_seed0.csv" \
+# (--calibration-batch 0: its 64 calibration radiographs at once, as it was made; the default now runs them one
+# at a time, in a twentieth of the memory: docs/BENCHMARKS.md, "What int8 calibration holds in memory")
+"$F" quantize fracatlas-localiser --data "$FA" --extra "$MR=splits/multiregion_seed0.csv" --calibration-batch 0 \
     --name fracatlas-default --version 1.1.1 --out runs/int8/fracatlas-default-1.1.1
 "$F" evaluate runs/int8/fracatlas-default-1.1.1 --data "$FA" --split val --out runs/eval/default-1.1.1-val
 "$F" evaluate runs/int8/fracatlas-default-1.1.1 --data "$FA" --split test --stability --out runs/eval/default-1.1.1-test

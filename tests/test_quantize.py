@@ -150,6 +150,35 @@ def test_an_int8_graph_whose_kernels_here_stray_from_its_arithmetic_is_not_writt
     assert not out.exists()
 
 
+def test_calibration_runs_in_rounds_whose_histograms_merge_to_ranges_near_the_one_shot_ones(float_model, tmp_path):
+    # All 64 radiographs at once held every activation of each: 24 GB for a fused model at 320 px. Rounds
+    # hold one round's (benchmarks/quantize_memory.py); one round of all is the one-shot calibration exactly.
+    import onnx
+    from onnx import numpy_helper
+
+    from fracdet.inference.onnx import export_onnx
+    from fracdet.inference.quantize import float_nodes, quantize_graph
+
+    model = load(float_model)
+    source = export_onnx(model, tmp_path / "float.onnx", embedder=InputGate.of(model).embedder().network)
+    images = load_pixels(sample_manifest(SAMPLE).head(6), 64).images
+
+    def scales(batch: int) -> dict[str, float]:
+        graph = onnx.load(str(quantize_graph(source, tmp_path / f"int8-{batch}.onnx", images,
+                                             keep_float=float_nodes(source), calibration_batch=batch)))  # fmt: skip
+        init = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+        return {node.input[0]: float(init[node.input[1]].ravel()[0]) for node in graph.graph.node
+                if node.op_type == "QuantizeLinear" and node.input[1] in init}  # fmt: skip
+
+    at_once, one_round, singly = scales(0), scales(6), scales(1)
+    assert at_once and one_round == at_once
+    assert singly.keys() == at_once.keys() and singly != at_once, "merged histograms are not the one-shot's"
+    ratio = np.array([singly[k] / at_once[k] for k in at_once])
+    assert np.median(np.abs(np.log(ratio))) < 0.01, "most ranges within a percent of one-shot's"
+    with pytest.raises(ValueError, match="must divide the 6 calibration radiographs"):
+        quantize_graph(source, tmp_path / "int8-4.onnx", images, calibration_batch=4)
+
+
 def test_the_layers_that_read_the_finest_detail_can_stay_float(float_model, tmp_path):
     # The first layers carry the finest detail; kept float, the int8 margins follow the float model's closely
     # (docs/STABILITY.md, *Anti-aliasing*, measurement 6).

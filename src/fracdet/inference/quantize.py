@@ -103,6 +103,7 @@ def quantize_model(
     max_kernel_change: float = MAX_KERNEL_CHANGE,
     float_map_head: bool = True,
     float_stride: int = 0,
+    calibration_batch: int = 1,
     seed: int = 0,
 ) -> Quantized:
     """Quantise ``model`` to int8 and write it, refitted, as a compiled model folder ``out``.
@@ -124,6 +125,8 @@ def quantize_model(
             The score head (what makes the margin from pooled features and the map's peak) always stays
             float: quantised, the margin came in 256 steps, clipped to probabilities 0.003-0.975.
         float_stride: keep in float, too, the layers at this stride or finer (:func:`fine_nodes`); 0: none.
+        calibration_batch: calibration radiographs whose activations are held at once (:func:`quantize_graph`;
+            0: all, as 1.1.1 was made).
 
     Returns: the model and what was measured on validation.
     """
@@ -159,10 +162,13 @@ def quantize_model(
         heads = "the score head" + (" and the map head" if float_map_head and model.task == "localise" else "")
         if float_stride:
             heads += f", and every layer at stride {float_stride} or finer"
-        quantize_graph(float_graph, stage / "model.onnx", calib, keep_float=kept_float)
+        quantize_graph(
+            float_graph, stage / "model.onnx", calib, keep_float=kept_float, calibration_batch=calibration_batch
+        )
         graph = {"file": "model.onnx", "precision": "int8", "sha256": sha256_file(stage / "model.onnx"),
                  "quantised_from": f"{model.name} {model.version}", "method": QUANTISATION,
-                 "calibration": f"{len(calib)} training radiographs (seed {seed})",
+                 "calibration": f"{len(calib)} training radiographs (seed {seed})"
+                                + (f", {calibration_batch} at a time" if calibration_batch else ""),
                  "float_nodes": f"{len(kept_float)} ({heads})"}  # fmt: skip
         _describe(model, stage, graph, name=name or f"{model.name}-int8", version=version or f"{model.version}+int8")
         compiled = load(stage)
@@ -219,13 +225,27 @@ def kernel_change(model: TrainedModel, images: np.ndarray) -> dict[str, float]:
 
 
 def quantize_graph(
-    source: Path, target: Path, images: np.ndarray, *, keep_float: Sequence[str] = (), int8_format: str = "u8s7"
+    source: Path,
+    target: Path,
+    images: np.ndarray,
+    *,
+    keep_float: Sequence[str] = (),
+    int8_format: str = "u8s7",
+    calibration_batch: int = 1,
 ) -> Path:
     """Quantise the exported :class:`~fracdet.models.graph.ScoringGraph` at ``source`` into ``target`` (see
     :data:`QUANTISATION`), its activation ranges read from ``images`` (``(N, S, S)`` uint8 at the graph's
     input side; the appearance input made from each when the graph takes one); ``keep_float`` names nodes
     left in float; ``int8_format`` is a key of :data:`INT8_FORMATS`. Only the graph: :func:`quantize_model`
     makes a model of it.
+
+    ``calibration_batch`` radiographs are run at a time and their activations merged into each tensor's
+    histogram before the next ones run (0: all at once). ONNX Runtime keeps every activation of every
+    radiograph of a round, about 0.34 GiB each for an anti-aliased fused model at 320 px, so all 64 at once
+    (as 1.1.1 was made) took 24 GB; one at a time 1.4 GiB, whatever the count. The merged histograms
+    are not the one-shot ones (each round's values are binned on the edges the first round set), and the
+    margins they give differ from one-shot's by about as much as another draw of calibration radiographs
+    does, no further from the float model's (``benchmarks/quantize_memory.py``, ``docs/BENCHMARKS.md``).
 
     An activation's range is the 99.999th percentile of its values, not their extremes: a few outlying
     values would otherwise stretch the range that every other value is rounded to. On validation, 1.0.0's
@@ -252,28 +272,39 @@ def quantize_graph(
     if int8_format not in INT8_FORMATS:
         raise ValueError(f"int8_format must be one of {', '.join(INT8_FORMATS)}, not {int8_format!r}")
     activations, weights, seven_bits = INT8_FORMATS[int8_format]
+    if calibration_batch < 0 or (calibration_batch and len(images) % calibration_batch):
+        raise ValueError(f"calibration_batch must divide the {len(images)} calibration radiographs (or be 0: all "
+                         f"at once), not {calibration_batch}")  # fmt: skip
     appearance = any(i.name == "appearance" for i in onnx.load(str(source), load_external_data=False).graph.input)
 
     class Calibration(CalibrationDataReader):
-        """The calibration radiographs, one at a time, as the graph takes them."""
+        """The calibration radiographs, one at a time, as the graph takes them; ``set_range`` picks the round."""
 
         def __init__(self) -> None:
-            self.images = iter(images)
+            self.next, self.end = 0, len(images)
+
+        def __len__(self) -> int:
+            return len(images)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.next, self.end = start_index, end_index
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            image = next(self.images, None)
-            if image is None:
+            if self.next >= self.end:
                 return None
+            image, self.next = images[self.next], self.next + 1
             feed = {"image": image[None, None]}
             if appearance:
                 feed["appearance"] = embedder_input([image])[:, None]
             return feed
 
+    rounds = {"CalibStridedMinMax": calibration_batch} if calibration_batch else {}  # set_range, one round each
     with _quiet_quantiser():
         quantize_static(str(source), str(target), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
                         calibrate_method=CalibrationMethod.Percentile,
                         activation_type=QuantType[activations], weight_type=QuantType[weights],
-                        reduce_range=seven_bits, nodes_to_exclude=list(keep_float))  # fmt: skip
+                        reduce_range=seven_bits, nodes_to_exclude=list(keep_float),
+                        extra_options=rounds)  # fmt: skip
     return Path(target)
 
 
