@@ -35,7 +35,13 @@ def main() -> None:
     from fracdet.data.split import apply_manifest
     from fracdet.inference.gate import InputGate
     from fracdet.inference.onnx import export_onnx
-    from fracdet.inference.quantize import INT8_FORMATS, _quiet_quantiser, float_nodes, quantize_graph
+    from fracdet.inference.quantize import (
+        INT8_FORMATS,
+        _quiet_quantiser,
+        calibration_draw,
+        float_nodes,
+        quantize_graph,
+    )
     from fracdet.models import load
     from fracdet.models.compiled import OnnxRuntime
 
@@ -51,7 +57,7 @@ def main() -> None:
     table = apply_manifest(load_dataset(args.data), model.splits_path)
     size = model.preprocess.input_size
     train = table[table["split"] == "train"]
-    chosen = train.iloc[np.sort(np.random.default_rng(0).choice(len(train), 64, replace=False))]
+    chosen = train.iloc[np.sort(calibration_draw(len(train), 64))]
     calib = load_pixels(chosen.reset_index(drop=True), size, desc="calibration").images
     val = load_pixels(table[table["split"] == "val"].reset_index(drop=True), size, desc="val")
     labels = val.table["label"].to_numpy(int)

@@ -30,19 +30,15 @@ from pathlib import Path
 import numpy as np
 
 
-def calibration_images(model, data: str, count: int, skip: int = 0) -> np.ndarray:
+def calibration_images(train, size: int, count: int, skip: int = 0) -> np.ndarray:
     """Radiographs ``skip`` to ``skip + count`` of the 64 training radiographs ``fracdet quantize`` draws."""
-    from fracdet.data import load_dataset
     from fracdet.data.pixels import load_pixels
-    from fracdet.data.split import apply_manifest
+    from fracdet.inference.quantize import calibration_draw
 
     if skip + count > 64:
         raise SystemExit(f"fracdet quantize draws 64 calibration radiographs: {skip} + {count} is more")
-    table = apply_manifest(load_dataset(data), model.splits_path)
-    train = table[table["split"] == "train"]
-    drawn = np.random.default_rng(0).choice(len(train), min(64, len(train)), replace=False)
-    return load_pixels(train.iloc[np.sort(drawn[skip : skip + count])].reset_index(drop=True),
-                       model.preprocess.input_size, desc="calibration").images  # fmt: skip
+    drawn = calibration_draw(len(train), 64)[skip : skip + count]
+    return load_pixels(train.iloc[np.sort(drawn)].reset_index(drop=True), size, desc="calibration").images
 
 
 def child(args: argparse.Namespace) -> None:
@@ -114,6 +110,7 @@ def main() -> None:
     settings = [tuple(int(v) for v in s.split(":")) for s in args.settings]
     table = apply_manifest(load_dataset(args.data), model.splits_path)
     val = table[table["split"] == "val"].reset_index(drop=True)
+    train = table[table["split"] == "train"]
     chosen = val.iloc[np.sort(np.random.default_rng(0).choice(len(val), min(args.val, len(val)), replace=False))]
     val_images = load_pixels(chosen, model.preprocess.input_size, desc="val").images
     source = served_graph(model)
@@ -138,7 +135,7 @@ def main() -> None:
         for name, n, k, skip in runs:
             images = Path(folder) / f"calib-{n}-{skip}.npy"
             if not images.exists():
-                np.save(images, calibration_images(model, args.data, n, skip))
+                np.save(images, calibration_images(train, model.preprocess.input_size, n, skip))
             target = Path(folder) / f"{name.replace(':', '-')}.onnx"
             done = subprocess.run([sys.executable, __file__, "--child", "--source", str(source), "--target",
                                    str(target), "--images", str(images), "--keep", str(keep), "--batch", str(k)],

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_KERNEL_CHANGE",
     "QUANTISATION",
     "Quantized",
+    "calibration_draw",
     "fine_nodes",
     "float_nodes",
     "kernel_change",
@@ -144,8 +145,7 @@ def quantize_model(
                   for split in ("train", "val"))  # fmt: skip
     gate = InputGate.of(model)
     embedder = gate.embedder().network if gate.fitted else None  # the refitted gate needs the embedding
-    rng = np.random.default_rng(seed)
-    chosen = train.iloc[np.sort(rng.choice(len(train), min(calibration, len(train)), replace=False))]
+    chosen = train.iloc[np.sort(calibration_draw(len(train), calibration, seed))]
     calib = load_pixels(chosen.reset_index(drop=True), size, cache=cache, desc="calibration").images
     val_set = load_pixels(val, size, cache=cache, desc="decoding val")
     labels = val_set.table["label"].to_numpy(int)
@@ -200,6 +200,12 @@ def quantize_model(
     change = np.abs(int8_margins - float_margins)
     margins = {"median": float(np.median(change)), "max": float(change.max())}
     return Quantized(load(out), val_auc, margins, kernels, summary)
+
+
+def calibration_draw(train_size: int, count: int, seed: int = 0) -> np.ndarray:
+    """Positions, among ``train_size`` training radiographs, of the ``count`` that :func:`quantize_model`
+    calibrates on (a seeded draw, in the order drawn: its first radiographs are a smaller calibration set)."""
+    return np.random.default_rng(seed).choice(train_size, min(count, train_size), replace=False)
 
 
 def kernel_change(model: TrainedModel, images: np.ndarray) -> dict[str, float]:
