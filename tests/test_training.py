@@ -73,6 +73,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         TrainConfig(model="no_such_net")
     with pytest.raises(ConfigError, match="key=value"):
         TrainConfig().with_overrides(["epochs"])
+    with pytest.raises(ConfigError, match="micro_batch"):
+        TrainConfig(batch_size=16, micro_batch=32)
 
 
 def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
@@ -539,6 +541,40 @@ def test_compiled_training_steps_train_the_weights_of_eager_ones(sample_root, ca
     # Adam turns the float rounding of a near-zero gradient into a step of up to the learning rate: at most
     # one per step (4 steps of 8 of the 27 training images) apart
     assert difference.max() <= 4 * 0.001
+
+
+def test_a_batch_run_in_micro_batches_takes_the_whole_batchs_gradient_step():
+    # A batch too large for memory runs in parts: without batch norm, the summed gradients are the batch's.
+    from fracdet.training.trainer import _batch_gradients, _micro_batches, _preprocess
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 14 * 14, 2))  # fmt: skip
+    x, y = torch.randint(0, 256, (7, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 1, 0, 1, 0, 0])
+
+    def gradients(micro_batch: int) -> tuple[list[torch.Tensor], list[float]]:
+        config = TrainConfig(model="paper_cnn", image_size=16, batch_size=7, micro_batch=micro_batch)
+        network.zero_grad()
+        sums = _batch_gradients(network, x, y, None, config=config, preprocess=_preprocess(config),
+                                use_amp=False, class_weight=None)  # fmt: skip
+        return [p.grad.clone() for p in network.parameters()], sums.tolist()
+
+    assert [(p.start, p.stop) for p in _micro_batches(7, 3)] == [(0, 3), (3, 6), (6, 7)]
+    whole, whole_sums = gradients(0)
+    for micro_batch in (1, 3, 7):
+        parts, sums = gradients(micro_batch)
+        for a, b in zip(parts, whole, strict=True):
+            torch.testing.assert_close(a, b)
+        np.testing.assert_allclose(sums, whole_sums, rtol=1e-6)  # the epoch's loss, verdicts and count
+
+
+def test_a_micro_batch_of_the_whole_batch_trains_the_run_without_micro_batches(sample_root, cache_dir, tmp_path):
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    settings = {"epochs": 1, "dropout": 0}
+    train(tiny_config(**settings), manifest, tmp_path / "whole", cache=cache)
+    train(tiny_config(**settings, micro_batch=8), manifest, tmp_path / "parts", cache=cache)
+    whole, parts = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
 
 
 def test_augmenting_on_the_device_gives_the_batches_the_loader_gives():

@@ -214,6 +214,12 @@ class TrainConfig:
             fraction of a pixel or is re-saved, without blurring the input.
         epochs: upper bound; early stopping may end sooner.
         batch_size: images per optimiser step.
+        micro_batch: run each batch forward and backward in parts of this many images, their gradients
+            summed before the step (0: the whole batch at once): a batch that does not fit in memory (the
+            fused recipe's 32 at 320 px, each with its re-saved copy, on a CPU) trained in less. The step
+            is the whole batch's except for batch-norm statistics, taken per part, and for losses
+            normalised over the batch rather than per image (class-weighted means, the map loss's fracture
+            cells), which become the parts' means weighted by their sizes.
         monitor: validation metric that picks the best checkpoint and drives early stopping and the
             plateau schedule: ``auc`` (default), ``accuracy`` or ``loss``.
         early_stopping: stop after this many epochs without improvement (0: never).
@@ -253,6 +259,7 @@ class TrainConfig:
     antialias: bool = False
     epochs: int = 49
     batch_size: int = 32
+    micro_batch: int = 0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -288,6 +295,9 @@ class TrainConfig:
             raise ConfigError("paper_cnn is trained from scratch: set pretrained: false")
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
+        if not 0 <= self.micro_batch <= self.batch_size:
+            raise ConfigError(f"micro_batch must be 0 (the whole batch) to batch_size ({self.batch_size}), "
+                              f"not {self.micro_batch}")  # fmt: skip
         if self.checkpoint_minutes < 0:
             raise ConfigError(f"checkpoint_minutes must be 0 (off) or more, not {self.checkpoint_minutes}")
         if self.image_size is not None:

@@ -27,6 +27,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -404,8 +405,6 @@ def _train_epoch(
     sums)`` is called with the batches done so far every ``every_s`` seconds of training."""
     stable = config.stability.weight > 0
     use_amp = config.amp and device.type == "cuda"
-    loss_weights = {"map_weight": config.localise.map_weight, "box_weight": config.localise.box_weight,
-                    "part_weight": config.fused.part_weight}  # fmt: skip
     network.train()
     # Sums stay on the device: reading one waits for the GPU, so they are read only now and then.
     # loss, score change, correct, seen
@@ -418,25 +417,12 @@ def _train_epoch(
             mask = masks[0].to(device, non_blocking=True) if masks else None
             if dataset.defer:  # augmented here, on the device, as the loader would have
                 x, mask = dataset.augment_batch(x, mask, shard)
-            if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
-                x = torch.cat([x[:, :1], x[:, 1:]])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = network(normalise(x, preprocess))
-            if stable:
-                outputs, copies = split_views(outputs, len(y))
-            loss = task_loss(outputs, y, mask, class_weight=class_weight, **loss_weights)
-            change = torch.zeros((), device=device)
-            if stable:
-                change = stability_loss(outputs, copies, relative=config.stability.relative)
-                loss = loss + config.stability.weight * change
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            sums += _batch_gradients(network, x, y, mask, config=config, preprocess=preprocess, use_amp=use_amp,
+                                     class_weight=class_weight)  # fmt: skip
             optimizer.step()
             if config.schedule.name == "onecycle":
                 schedule.step()
-            correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
-            sums += torch.stack([loss.detach() * len(y), change.detach() * len(y), correct,
-                                 torch.full((), len(y), device=device)]).double()  # fmt: skip
             bar.update(len(batch))
             if step % POSTFIX_EVERY == 0:  # the one read of the device in the loop
                 loss_sum, change_sum, _, count = sums.tolist()
@@ -446,6 +432,62 @@ def _train_epoch(
                 save(step + 1, sums.tolist())
                 saved = time.monotonic()
     return sums.tolist()
+
+
+def _micro_batches(size: int, micro_batch: int) -> list[slice]:
+    """The parts of a batch of ``size`` images run forward and backward one at a time (``micro_batch`` images
+    each; 0: the whole batch at once)."""
+    step = micro_batch or size
+    return [slice(i, min(i + step, size)) for i in range(0, size, step)]
+
+
+def _batch_gradients(
+    network: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, **step: Any
+) -> torch.Tensor:
+    """Accumulate one batch's gradients, ``config.micro_batch`` images forward and backward at a time, each
+    part's loss weighted by its share of the batch. Returns the batch's sums (see :func:`_backward`)."""
+    parts = _micro_batches(len(y), step["config"].micro_batch)
+    no_sync = getattr(network, "no_sync", None)  # DDP's (through torch.compile's wrapper too)
+    sums = []
+    for part in parts:  # DDP averages the gradients across processes once, after the batch's last part
+        with nullcontext() if part is parts[-1] or no_sync is None else no_sync():
+            sums.append(_backward(network, x[part], y[part], None if mask is None else mask[part],
+                                  share=(part.stop - part.start) / len(y), **step))  # fmt: skip
+    return torch.stack(sums).sum(0)
+
+
+def _backward(
+    network: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    share: float,
+    config: TrainConfig,
+    preprocess: PreprocessCfg,
+    use_amp: bool,
+    class_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run one (micro-)batch forward and its loss, scaled by its ``share`` of the batch, backward: the
+    gradients accumulate until the optimiser steps. Returns its sums of loss, score change, correct verdicts
+    and images (float64, on the device)."""
+    stable = config.stability.weight > 0
+    if stable:  # (B, 2, H, W): each image and its re-saved copy, scored in one batch of 2B
+        x = torch.cat([x[:, :1], x[:, 1:]])
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        outputs = network(normalise(x, preprocess))
+    if stable:
+        outputs, copies = split_views(outputs, len(y))
+    loss = task_loss(outputs, y, mask, class_weight=class_weight, map_weight=config.localise.map_weight,
+                     box_weight=config.localise.box_weight, part_weight=config.fused.part_weight)  # fmt: skip
+    change = torch.zeros((), device=x.device)
+    if stable:
+        change = stability_loss(outputs, copies, relative=config.stability.relative)
+        loss = loss + config.stability.weight * change
+    (loss * share).backward()
+    correct = ((read_outputs(outputs)[0].detach() >= 0).long() == y).sum()
+    count = torch.full((), len(y), device=x.device)
+    return torch.stack([loss.detach() * len(y), change.detach() * len(y), correct, count]).double()
 
 
 def _run_state(stateful: dict[str, Any], **run: Any) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""What a training step holds in memory, whole or in micro-batches (issue 16): ``micro_batch`` in a config.
+
+    python benchmarks/micro_batch_memory.py [--config configs/fused-gpu.yaml] [--settings 16:0 32:16 32:0]
+        [--set antialias=true ...] [--out benchmarks/results-micro-batch-memory.json]
+
+The fused recipe at 320 px with stability training runs each image with its re-saved copy: a batch of 32 is
+64 radiographs forward and backward at once, more than two CPU cores' machine holds beside anything else.
+Each setting ``B:M`` trains one epoch of the bundled sample (35 of its radiographs in training, 6 in
+validation, the config's own size and recipe) at batch ``B``, ``M`` images forward and backward at a time
+(0: the whole batch), in a process of its own whose peak resident memory is read when it ends; its epoch's
+training loss is recorded beside it (runs that differ only in ``M`` differ only through batch-norm
+statistics). Writes the JSON and a picture beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "samples" / "fracatlas"
+
+
+def child(args: argparse.Namespace) -> None:
+    """One setting: an epoch of the sample, in this process alone."""
+    import numpy as np
+
+    from fracdet.data import load_dataset
+    from fracdet.training import load_config, train
+
+    batch, micro = (int(v) for v in args.setting.split(":"))
+    overrides = [*args.set, "epochs=1", f"batch_size={batch}", f"micro_batch={micro}", "workers=0",
+                 "checkpoint_minutes=0", "early_stopping=0"]  # fmt: skip
+    config = load_config(Path(args.config), overrides)
+    table = load_dataset(SAMPLE)
+    table = table.assign(split=np.where(np.arange(len(table)) % 8 == 0, "val", "train"))
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(config, table, Path(folder) / "run")
+    print(json.dumps({"train_loss": float(result.history["train_loss"].iloc[-1]),
+                      "train_images": int((table["split"] == "train").sum())}))  # fmt: skip
+
+
+def measure(setting: str, args: argparse.Namespace) -> dict:
+    """Run one setting in a child process; its own peak resident memory comes from ``wait4``."""
+    command = [sys.executable, __file__, "--child", setting, "--config", args.config,
+               *(["--set", *args.set] if args.set else [])]  # fmt: skip
+    began = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        return {"error": f"exit {process.returncode} (killed for memory if -9)"}
+    row = json.loads(out.strip().splitlines()[-1])
+    batch, micro = (int(v) for v in setting.split(":"))
+    return {"batch": batch, "micro_batch": micro, "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "seconds": time.perf_counter() - began, **row}  # fmt: skip
+
+
+def picture(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {name: row for name, row in result["settings"].items() if "peak_rss_gib" in row}
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.5 * len(rows)))
+    ax.barh(list(rows), [r["peak_rss_gib"] for r in rows.values()],
+            color=["#c44" if r["micro_batch"] == 0 else "#48a" for r in rows.values()])  # fmt: skip
+    ax.set_xlabel("peak resident memory of the training process (GiB)")
+    ax.set_ylabel("batch : micro-batch (0: whole)")
+    ax.invert_yaxis()
+    ax.set_title(f"{result['config']} {' '.join(result['set'])}: one epoch of the sample", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fused-gpu.yaml")
+    parser.add_argument("--settings", nargs="+", default=["16:0", "32:16", "32:0"], help="BATCH:MICRO_BATCH")
+    parser.add_argument("--set", nargs="*", default=[], help="further config overrides, key=value")
+    parser.add_argument("--out", default="benchmarks/results-micro-batch-memory.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.setting = args.child
+        return child(args)
+    result = {"config": args.config, "set": args.set, "cpu_threads": os.cpu_count(), "settings": {}}
+    for setting in args.settings:
+        result["settings"][setting] = row = measure(setting, args)
+        print(setting, json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    picture(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
