@@ -5,7 +5,7 @@
 
 The fused recipe at 320 px with stability training runs each image with its re-saved copy: a batch of 32 is
 64 radiographs forward and backward at once, more than two CPU cores' machine holds beside anything else.
-Each setting ``B:M`` trains one epoch of the bundled sample (35 of its radiographs in training, 6 in
+Each setting ``B:M`` trains one epoch of the bundled sample (36 of its radiographs in training, 6 in
 validation, the config's own size and recipe) at batch ``B``, ``M`` images forward and backward at a time
 (0: the whole batch), in a process of its own whose peak resident memory is read when it ends; its epoch's
 training loss is recorded beside it (runs that differ only in ``M`` differ only through batch-norm
@@ -69,14 +69,24 @@ def picture(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {name: row for name, row in result["settings"].items() if "peak_rss_gib" in row}
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.5 * len(rows)))
-    ax.barh(list(rows), [r["peak_rss_gib"] for r in rows.values()],
-            color=["#c44" if r["micro_batch"] == 0 else "#48a" for r in rows.values()])  # fmt: skip
+    rows = result["settings"]
+    total = result["memory_gib"]
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.5 * len(rows)))
+    for y, row in enumerate(rows.values()):
+        if "peak_rss_gib" in row:
+            ax.barh(y, row["peak_rss_gib"], color="#c44" if row["micro_batch"] == 0 else "#48a")
+            ax.text(row["peak_rss_gib"], y, f" {row['peak_rss_gib']:.1f}", va="center", fontsize=8)
+        else:  # a setting that did not finish: drawn to the machine's memory, hatched
+            ax.barh(y, total, color="none", edgecolor="#c44", hatch="//")
+            ax.text(total / 2, y, row["error"], va="center", ha="center", fontsize=8, backgroundcolor="w")
+    ax.axvline(total, color="k", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xlim(0, total * 1.1)
     ax.set_xlabel("peak resident memory of the training process (GiB)")
-    ax.set_ylabel("batch : micro-batch (0: whole)")
+    ax.set_ylabel("batch : micro-batch\n(0: whole batch)", fontsize=8)
     ax.invert_yaxis()
-    ax.set_title(f"{result['config']} {' '.join(result['set'])}: one epoch of the sample", fontsize=9)
+    title = f"{result['config']} {' '.join(result['set'])}: one epoch of the sample"
+    ax.set_title(f"{title}\ndashed: the machine's {total:.1f} GiB", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -93,7 +103,9 @@ def main() -> None:
     if args.child:
         args.setting = args.child
         return child(args)
-    result = {"config": args.config, "set": args.set, "cpu_threads": os.cpu_count(), "settings": {}}
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    result = {"config": args.config, "set": args.set, "cpu_threads": os.cpu_count(), "memory_gib": memory,
+              "settings": {}}  # fmt: skip
     for setting in args.settings:
         result["settings"][setting] = row = measure(setting, args)
         print(setting, json.dumps(row), flush=True)
