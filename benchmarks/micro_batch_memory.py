@@ -43,6 +43,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, table, Path(folder) / "run")
     print(json.dumps({"train_loss": float(result.history["train_loss"].iloc[-1]),
+                      "epoch_s": float(result.history["seconds"].iloc[-1]),
                       "train_images": int((table["split"] == "train").sum())}))  # fmt: skip
 
 

@@ -875,10 +875,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher repeats in each process
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs a COCO table per mAP at INFO
-    if argv is None and args.func in (cmd_audit, cmd_split):  # run from a shell, the command owns its process
-        from fracdet.utils.memory import keep_freed_memory
+    if argv is None and args.func in (cmd_audit, cmd_split, cmd_train):  # from a shell: it owns its process
+        from fracdet.utils.memory import TRAINING_THRESHOLDS, keep_freed_memory
 
-        keep_freed_memory()  # the duplicate search's temporaries reused, not faulted in again
+        # the duplicate search's temporaries, or a training step's activations, reused, not faulted in again
+        keep_freed_memory(**(TRAINING_THRESHOLDS if args.func is cmd_train else {}))
     from fracdet.data import DatasetLayoutError
     from fracdet.models.release import NoWeightsError
     from fracdet.training import ConfigError, RunExistsError

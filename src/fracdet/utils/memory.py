@@ -9,8 +9,9 @@ keeps that much free memory instead of returning it) lets those blocks be reused
 higher resident size while the command runs.
 
 The setting belongs to the whole process and cannot be undone (glibc then stops adapting its mmap
-threshold), so only a command that owns its process applies it (``fracdet audit`` and ``fracdet split`` run
-from a shell, not ``fracdet.cli.main`` called from Python), never the library on import and never a server.
+threshold), so only a command that owns its process applies it (``fracdet audit``, ``fracdet split`` and
+``fracdet train`` run from a shell, not ``fracdet.cli.main`` called from Python), never the library on
+import and never a server.
 Elsewhere than glibc it does nothing.
 """
 
@@ -21,7 +22,7 @@ import logging
 import os
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["TRAINING_THRESHOLDS", "keep_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 64 * 1024 * 1024
 #: A heap keeps up to this much freed memory rather than returning it.
 TRIM_THRESHOLD = 1024 * 1024 * 1024
+#: The thresholds for training on a CPU, whose activations and gradients are single blocks of hundreds of
+#: MiB (the fused recipe at 320 px: 32 radiographs and their copies at once): below 64 MiB they would still
+#: be mapped and zero-filled afresh every step (300,000 page faults a second, half the run's time in the
+#: kernel; docs/BENCHMARKS.md, *Training on a CPU keeps the memory it frees*). mallopt takes a C int.
+TRAINING_THRESHOLDS = {"mmap_threshold": 1024 * 1024 * 1024, "trim_threshold": 2**31 - 1}
 #: The variables with which a user sets these thresholds: theirs are then kept.
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
