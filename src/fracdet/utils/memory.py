@@ -53,5 +53,5 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     libc = ctypes.CDLL(None)
     # mmap first: setting the trim threshold alone would freeze the mmap threshold at its 128 KiB start.
     done = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
-    log.debug("malloc keeps freed memory: %s", done)
+    log.debug("malloc keeps freed memory: %s (blocks up to %d MiB from the heap)", done, mmap_threshold >> 20)
     return done
