@@ -177,10 +177,9 @@ def run(data: Path, step: float, seed: int, near: dict | None = None) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from _figures import pyplot, save  # run as a script: benchmarks/ is on the path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     angles = [float(a) for a in result["recall_per_angle"]]
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -188,8 +187,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set(xlabel="rotation of the copy (degrees)", ylabel="copies grouped with original", ylim=(0, 1.05))
     ax.set_title(f"audit on rotated copies: group recall {result['group_recall']:.3f}, precision "
                  f"{result['group_precision']:.3f}")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

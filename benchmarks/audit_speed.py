@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _checkout import checkout, revisions
+from _child import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +34,12 @@ def run_audit(src: Path, data: str, splits: str, report: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="fracdet-cache-") as cache:
         env = {**os.environ, "PYTHONPATH": str(src), "FRACDET_CACHE": cache, "FRACDET_PROGRESS": "0"}
         command = [sys.executable, "-m", "fracdet", "audit", data, "--splits", splits, "--json", str(report)]
-        start = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"audit with {src} failed ({os.waitstatus_to_exitcode(status)})")
-    return {"wall_s": round(wall, 1), "user_s": round(usage.ru_utime, 1), "system_s": round(usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024), "minor_faults": usage.ru_minflt,
-            "context_switches": usage.ru_nvcsw + usage.ru_nivcsw}  # fmt: skip
+        done = run_measured(command, env=env, cwd=ROOT, stderr=True)
+    if done.exit_code != 0:
+        raise SystemExit(f"audit with {src} failed ({done.exit_code})")
+    return {"wall_s": round(done.wall_s, 1), "user_s": round(done.user_s, 1), "system_s": round(done.kernel_s, 1),
+            "peak_rss_mib": round(done.peak_rss_gib * 1024), "minor_faults": done.minor_faults,
+            "context_switches": done.context_switches}  # fmt: skip
 
 
 def differences(a, b, tolerance: float, path: str = "") -> list[str]:

@@ -373,10 +373,9 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from _figures import pyplot, save  # run as a script: benchmarks/ is on the path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [(k, r) for part in ("non_radiographs", "radiographs") for k, r in result[part].items()]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
@@ -390,8 +389,7 @@ def plot(result: dict, path: Path) -> None:
            title=f"input gate of {result['model']}")  # fmt: skip
     ax.axvline(0.99, color="black", lw=0.6, ls="--")
     ax.axvline(0.01, color="black", lw=0.6, ls="--")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import run_measured  # run as a script: benchmarks/ is on the path
+from _figures import pyplot, save
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "fracatlas"
@@ -48,28 +49,19 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(setting: str, args: argparse.Namespace) -> dict:
-    """Run one setting in a child process; its own peak resident memory comes from ``wait4``."""
+    """Run one setting in a process of its own, whose peak resident memory is then its own."""
     command = [sys.executable, __file__, "--child", setting, "--config", args.config,
                *(["--set", *args.set] if args.set else [])]  # fmt: skip
-    began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        return {"error": f"exit {process.returncode} (killed for memory if -9)"}
-    row = json.loads(out.strip().splitlines()[-1])
+    done = run_measured(command)
+    if done.exit_code:
+        return {"error": f"exit {done.exit_code} (killed for memory if -9)"}
     batch, micro = (int(v) for v in setting.split(":"))
-    return {"batch": batch, "micro_batch": micro, "peak_rss_gib": usage.ru_maxrss / 2**20,
-            "seconds": time.perf_counter() - began, **row}  # fmt: skip
+    return {"batch": batch, "micro_batch": micro, "peak_rss_gib": done.peak_rss_gib, "seconds": done.wall_s,
+            **done.reported()}  # fmt: skip
 
 
 def picture(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["settings"]
     total = result["memory_gib"]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.5 * len(rows)))
@@ -88,9 +80,7 @@ def picture(result: dict, path: Path) -> None:
     ax.invert_yaxis()
     title = f"{result['config']} {' '.join(result['set'])}: one epoch of the sample"
     ax.set_title(f"{title}\ndashed: the machine's {total:.1f} GiB", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

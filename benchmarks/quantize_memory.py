@@ -54,10 +54,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def picture(result: dict, path: Path) -> None:
-    import matplotlib
+    from _figures import pyplot, save  # run as a script: benchmarks/ is on the path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(result["settings"])
     rows = [result["settings"][n] for n in names]
@@ -74,9 +73,7 @@ def picture(result: dict, path: Path) -> None:
     moved.set_title(f"{result['val_images']} validation radiographs", fontsize=9)
     moved.invert_yaxis()
     fig.suptitle(f"int8 calibration of {result['model']}: memory and what it changes", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

@@ -28,12 +28,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _child import run_measured  # run as a script: benchmarks/ is on the path
+from _figures import pyplot, save
+
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 SETTINGS = ("glibc", "audit", "train", "tcmalloc")
 
@@ -46,28 +46,22 @@ def child(args: argparse.Namespace) -> None:
         assert keep_freed_memory()
     elif args.child == "train":
         assert keep_freed_memory(**TRAINING_THRESHOLDS)
-    sys.path.insert(0, str(HERE))
     from micro_batch_memory import child as epoch
 
     epoch(argparse.Namespace(setting=args.batch, config=args.config, set=args.set))
 
 
 def measure(setting: str, args: argparse.Namespace) -> dict:
-    """Run one setting in a child process; its CPU times, faults and peak memory come from ``wait4``."""
+    """Run one setting in a process of its own: its CPU times, faults and peak memory are then its own."""
     command = [sys.executable, __file__, "--child", setting, "--batch", args.batch, "--config", args.config,
                "--set", *args.set]  # fmt: skip
     env = dict(os.environ)
     if setting == "tcmalloc":
         env["LD_PRELOAD"] = str(TCMALLOC)
-    began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        return {"error": f"exit {os.waitstatus_to_exitcode(status)}"}
-    row = json.loads(out.strip().splitlines()[-1])
-    return {"wall_s": time.perf_counter() - began, "user_s": usage.ru_utime, "kernel_s": usage.ru_stime,
-            "minor_faults": usage.ru_minflt, "peak_rss_gib": usage.ru_maxrss / 2**20, **row}  # fmt: skip
+    done = run_measured(command, env=env)
+    if done.exit_code:
+        return {"error": f"exit {done.exit_code}"}
+    return {**done.counts(), **done.reported()}
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -84,11 +78,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def picture(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     medians = result["medians"]
     names = list(medians)
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.9 + 0.45 * len(names)), sharey=True)
@@ -104,9 +94,7 @@ def picture(result: dict, path: Path) -> None:
     axes[0].invert_yaxis()
     fig.suptitle(f"{result['config']} {' '.join(result['set'])}, batch:micro {result['batch']}: "
                  f"median of {result['rounds']} rounds", fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:
