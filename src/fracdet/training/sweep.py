@@ -54,12 +54,14 @@ def plot_sweep(histories: dict[str, pd.DataFrame], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, metric in zip(axes, ("loss", "accuracy", "auc"), strict=True):
         for name, history in histories.items():
             ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", ms=3, label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"validation {metric}")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8)
