@@ -6,8 +6,9 @@ Each ``RUN`` is a run folder (its ``metrics.csv``, written after every epoch, so
 drawn as far as it has gone) or a ``metrics.csv`` itself: CPU runs of issue 16 take several sittings and a
 run folder can go with its machine, so the figures of a finished arm are kept in ``docs/evidence`` and drawn
 from there beside a run in progress. The picture is the sweep's (:func:`fracdet.training.sweep.plot_sweep`);
-``--table`` also writes each run's validation AUC by epoch (the kept epoch marked) as a markdown table, the
-rows docs/STABILITY.md quotes. The curves come before any refit and read only validation files.
+``--table`` also writes each run's validation AUC by epoch (the kept epoch in bold) as a markdown table: the
+by-epoch figures docs/STABILITY.md quotes for its arms. They are the trainer's, before any refit, on
+validation files only.
 """
 
 from __future__ import annotations
