@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -305,6 +306,46 @@ def test_predict_picks_up_webp_and_dicom_files_in_folders_and_names_what_it_cann
     assert [p.name for p in paths] == ["a.webp", "b.dcm"]
     table = Predictor(model, heatmaps=False).predict_files(paths)
     assert table["error"].isna().tolist() == [True, False] and "DICOM" in table["error"].iloc[1]
+
+
+def test_what_is_named_like_an_image_but_is_no_file_gets_a_row_saying_so_and_never_blocks(model, tmp_path,
+                                                                                          sample_root):  # fmt: skip
+    from fracdet.inference import collect_inputs
+
+    (tmp_path / "ok.jpg").write_bytes((sample_root / FRACTURED).read_bytes())
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # read to the end, it would fill memory
+    os.mkfifo(tmp_path / "pipe.tif")  # opened for reading, it would wait for a writer forever
+    (tmp_path / "folder.jpg").mkdir()
+    paths = collect_inputs([tmp_path])
+    assert [p.name for p in paths] == ["broken.jpg", "ok.jpg", "pipe.tif", "zero.png"]
+
+    result: list = []
+    reader = threading.Thread(target=lambda: result.append(Predictor(model, heatmaps=False).predict_files(paths)),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "a named pipe blocked the reader"
+    errors = dict(zip(result[0]["path"].map(lambda p: Path(p).name), result[0]["error"], strict=True))
+    assert pd.isna(errors["ok.jpg"])
+    assert "a link to nothing" in errors["broken.jpg"]
+    assert "a named pipe" in errors["pipe.tif"]
+    assert "a character device" in errors["zero.png"]
+
+
+def test_a_file_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):
+    from fracdet.data.decode import DEFAULT_MAX_FILE_BYTES, ImageTooLargeError, read_file
+
+    huge = tmp_path / "disk-image.dcm"
+    with huge.open("wb") as fh:  # sparse: nothing is written, the size is what it claims
+        fh.truncate(DEFAULT_MAX_FILE_BYTES + 1)
+    with pytest.raises(ImageTooLargeError, match="larger than the 1024 MiB limit"):
+        read_file(huge)
+    small = tmp_path / "small.png"
+    small.write_bytes(b"x" * 11)
+    assert read_file(small, max_bytes=11) == b"x" * 11
+    with pytest.raises(ImageTooLargeError, match="limit"):
+        read_file(small, max_bytes=10)
 
 
 def test_audit_and_split_fail_on_a_dataset_with_no_readable_file(tmp_path, cache_dir, capsys):

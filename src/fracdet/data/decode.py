@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import struct
 import threading
 import warnings
@@ -28,6 +30,7 @@ from fracdet.data.containers import StructureError, check_structure
 from fracdet.data.dicom import DicomInfo, is_dicom
 
 __all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
     "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
     "DecodedImage",
@@ -38,6 +41,7 @@ __all__ = [
     "colour_fraction",
     "decode_image",
     "is_image_file",
+    "read_file",
     "read_image",
 ]
 
@@ -47,6 +51,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".t
 #: PSD, ICO, ...) are attack surface a radiograph never needs.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 DEFAULT_MAX_PIXELS = 100_000_000  # a 10k x 10k radiograph; anything larger is refused as a bomb
+#: The largest file read from disk: far above any radiograph (100 M pixels at 16 bits are 200 MB stored
+#: raw), far below what would exhaust memory when a disk image or a video is named like one.
+DEFAULT_MAX_FILE_BYTES = 2**30
 #: A pixel whose channels differ by more than this (0-255) is coloured (JPEG chroma noise stays well below).
 CHROMA = 32
 
@@ -68,7 +75,8 @@ class UnsupportedImageError(ImageReadError):
 
 
 class ImageTooLargeError(ImageReadError):
-    """The header promises more pixels than allowed (a decompression bomb guard)."""
+    """The header promises more pixels than allowed (a decompression bomb guard), or the file on disk is
+    larger than any radiograph (:data:`DEFAULT_MAX_FILE_BYTES`)."""
 
 
 @dataclass(frozen=True)
@@ -260,10 +268,49 @@ def read_image(
         ImageReadError: with a subclass naming the reason (truncated, unsupported, too large).
     """
     path = Path(path)
+    return decode_image(
+        read_file(path), channels=channels, allow_truncated=allow_truncated, max_pixels=max_pixels, name=str(path)
+    ).pixels
+
+
+_NOT_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def read_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file no larger than ``max_bytes``: what every reader of images on disk uses.
+
+    A named pipe would block its reader until something writes to it, and a device (``/dev/zero`` linked as
+    ``scan.jpg``) or a huge file named like an image would be read until memory runs out. So the file is
+    opened without blocking, its kind and size are taken from the open descriptor (no race with a rename),
+    and no more than ``max_bytes + 1`` bytes are read (a file that grows while it is read is caught too).
+
+    Raises:
+        ImageReadError: the file cannot be opened (the system's reason), is not a regular file
+            (:class:`UnsupportedImageError`) or is larger than ``max_bytes`` (:class:`ImageTooLargeError`).
+    """
+    path = Path(path)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError as exc:
+        reason = "a link to nothing" if path.is_symlink() else "no such file"
+        raise ImageReadError(f"{path}: cannot read file ({reason})") from exc
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return decode_image(
-        data, channels=channels, allow_truncated=allow_truncated, max_pixels=max_pixels, name=str(path)
-    ).pixels
+    try:
+        info = os.fstat(fd)
+        kind = next((name for test, name in _NOT_FILES if test(info.st_mode)), None)
+        if kind is not None:
+            raise UnsupportedImageError(f"{path}: not a file but {kind}")
+        too_large = f"{path}: the file is larger than the {max_bytes / 2**20:g} MiB limit"
+        if info.st_size > max_bytes:
+            raise ImageTooLargeError(too_large)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(too_large)
+    return data

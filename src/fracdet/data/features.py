@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fracdet.data.decode import ImageReadError, decode_image
+from fracdet.data.decode import ImageReadError, decode_image, read_file
 from fracdet.data.embed import centre_disc, upright
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.hashing import sha256_file
@@ -88,7 +88,7 @@ def _analyse(path: Path) -> tuple[dict, bytes | None]:
     """Decode one file leniently and summarise it; strictness is recorded, not enforced, here."""
     props: dict = {"readable": False, "error": None, "truncated": False}
     try:
-        data = path.read_bytes()
+        data = read_file(path)
         decoded = decode_image(data, allow_truncated=True, name=path.name)
     except (OSError, ImageReadError) as exc:
         props["error"] = str(exc)

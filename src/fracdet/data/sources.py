@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fracdet.data.decode import IMAGE_SUFFIXES, ImageReadError, is_image_file
+from fracdet.data.decode import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_file
 from fracdet.data.table import new_table
 
 __all__ = [
@@ -159,7 +159,7 @@ def _dicom_groups(path: Path) -> dict[str, str]:
         if not is_dicom(fh.read(132)):
             return {}
     try:
-        info = read_dicom_info(path.read_bytes(), name=str(path))
+        info = read_dicom_info(read_file(path), name=str(path))
     except ImageReadError:
         return {}  # unreadable: the audit reports it
     groups = {"patient_id": info.patient, "study_id": info.study} if info.patient else {"study_id": info.study}

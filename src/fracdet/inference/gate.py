@@ -406,7 +406,7 @@ def fit_gate_on_splits(
     Returns the distance, the limits, a summary of what the choice saw (validation distance quantiles) and
     the appearance distance.
     """
-    from fracdet.data.decode import decode_image
+    from fracdet.data.decode import decode_image, read_file
     from fracdet.data.pixels import load_pixels
     from fracdet.data.split import split_rows
     from fracdet.data.table import absolute_paths
@@ -426,7 +426,7 @@ def fit_gate_on_splits(
     colour = []
     for v in val_sets:
         for path in absolute_paths(v.table):
-            colour.append(decode_image(Path(path).read_bytes(), name=str(path), measure_colour=True).colour_fraction)
+            colour.append(decode_image(read_file(path), name=str(path), measure_colour=True).colour_fraction)
     names = [Path(str(t.attrs.get("root", "dataset"))).name for t in (table, *extra)]
     fitted_on = f"train split of {names[0]} ({len(train_pixels)} radiographs)"
     if other_pixels is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fracdet.data.decode import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError
+from fracdet.data.decode import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_file
 from fracdet.data.embed import embedder_input
 from fracdet.data.pixels import resize_display, resize_square
 from fracdet.explain import Explainer, draw_boxes, heatmap_box, heatmaps_from_cams, overlay
@@ -356,7 +356,7 @@ class Predictor:
         """A file's bytes and decoded image, or the error that stops it (kept: it is that file's row)."""
         data = b""
         try:
-            data = reader(str(path)) if reader is not None else Path(path).read_bytes()
+            data = reader(str(path)) if reader is not None else read_file(path)
             image = read_input_image(data, str(path), max_pixels=self.max_pixels, force_modality=self.force_modality)
         except ImageReadError as exc:
             return _Read(data, error=exc, study=_study_of(data))

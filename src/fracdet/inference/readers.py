@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fracdet.data.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, is_image_file
+from fracdet.data.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodedImage, decode_image, is_image_file
 
 __all__ = ["collect_inputs", "read_input", "read_input_image"]
 
@@ -38,6 +38,10 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Files named directly, every image under a folder (recursively; DICOM without a suffix too), and glob
     patterns, in order, once each.
 
+    What is named like an image but is not a readable file (a broken link, a named pipe, a link to a device)
+    is listed too, so that its row says what it is rather than it vanishing from the results;
+    :func:`fracdet.data.decode.read_file` refuses it without blocking.
+
     Raises:
         FileNotFoundError: an input matches nothing.
     """
@@ -45,13 +49,18 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if is_image_file(p))
+            matches = sorted(p for p in path.rglob("*") if is_image_file(p) or _named_like_image(p))
         elif path.exists():
             matches = [path]
         else:
             # a pattern such as xrays/**/*.png (pathlib's glob does not take absolute patterns)
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())  # noqa: PTH207
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if not Path(p).is_dir())  # noqa: PTH207
         if not matches:
             raise FileNotFoundError(f"no input files at {item}")
         found.update(dict.fromkeys(matches))
     return list(found)
+
+
+def _named_like_image(path: Path) -> bool:
+    """An image's suffix on something that is no folder (it may be no regular file: never opened here)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir()
