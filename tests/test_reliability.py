@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -283,6 +286,91 @@ def test_only_radiograph_containers_are_opened_and_eps_never_reaches_ghostscript
     webp = io.BytesIO()
     Image.new("L", (50, 40), 128).save(webp, "WEBP")
     assert decode_image(webp.getvalue()).format == "WEBP"
+
+
+def _edit_json(folder: Path, **changes) -> None:
+    meta = json.loads((folder / "model.json").read_text())
+    meta.update(changes)
+    (folder / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+def _flip_a_byte(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF  # inside the tensors, past the header: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGED_MODELS = [  # (what happened to the folder, how, words the error must hold)
+    ("model.json is not JSON", lambda f: (f / "model.json").write_text("{not json"), "not valid JSON"),
+    ("model.json lost a key", lambda f: _edit_json(f, input_size=None), "no 'input_size'"),
+    ("model.json names no known network", lambda f: _edit_json(f, model="resnet9000"), "resnet9000"),
+    ("a weight's bytes changed", lambda f: _flip_a_byte(f / "model.safetensors"), "SHA-256"),
+    ("the weights cut short", lambda f: _cut(f / "model.safetensors"), "SHA-256"),
+    ("the weights cut short, from before checksums",
+     lambda f: (_edit_json(f, weights_sha256=None), _cut(f / "model.safetensors")), "cannot be read"),
+    ("another network's weights", lambda f: _edit_json(f, input_size=64, model="paper_cnn", weights_sha256=None,
+                                                       dropout=0.9), "do not fit"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("damage", "how", "words"), DAMAGED_MODELS, ids=[d[0] for d in DAMAGED_MODELS])
+def test_a_damaged_model_folder_is_refused_by_name_not_loaded_and_not_a_traceback(tmp_path, model, damage, how,
+                                                                                  words, capsys):  # fmt: skip
+    from fracdet.cli import main
+    from fracdet.models import ModelLoadError, save_model
+
+    folder = save_model(model, tmp_path / "model")
+    if damage == "another network's weights":  # a model.json that describes another network than the weights
+        other = create_model("efficientnet_lite0", input_size=64).eval()
+        save_model(TrainedModel(module=other, name="other", arch="efficientnet_lite0", preprocess=PreprocessCfg(64)),
+                   tmp_path / "other")  # fmt: skip
+        (folder / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    how(folder)
+    with pytest.raises(ModelLoadError, match=re.escape(words)):
+        load(folder)
+    assert main(["predict", str(SAMPLE_RADIOGRAPH), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err
+
+
+def test_the_shipped_models_know_their_own_bytes(tmp_path):
+    from fracdet.models import ModelLoadError
+    from fracdet.models.release import releases_dir
+
+    for name in ("fracatlas-classifier", "fracatlas-localiser"):  # the compiled default checks its graph
+        copy = tmp_path / name
+        shutil.copytree(releases_dir() / name, copy)
+        _flip_a_byte(copy / "model.safetensors")
+        with pytest.raises(ModelLoadError, match="SHA-256"):
+            load(copy)
+    shutil.copytree(releases_dir() / "fracatlas-classifier", tmp_path / "gate")
+    _flip_a_byte(tmp_path / "gate" / "gate.safetensors")
+    with pytest.raises(ModelLoadError, match=r"gate\.safetensors: its SHA-256"):
+        create_app(load(tmp_path / "gate"))
+
+
+def test_a_checkpoint_cut_short_is_refused_by_name(tmp_path, model):
+    from fracdet.models import ModelLoadError, save_model
+
+    folder = save_model(model, tmp_path / "run")
+    checkpoint = folder / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"model": model.module.state_dict()}, checkpoint)
+    _cut(checkpoint)
+    with pytest.raises(ModelLoadError, match=r"last\.pt: cannot be read"):
+        load(checkpoint)
+
+
+@pytest.mark.parametrize("limit", ["max_upload_mb", "max_pixels", "timeout_s", "queue_size", "upload_idle_s",
+                                   "workers", "threads"])  # fmt: skip
+def test_a_server_limit_that_would_serve_nothing_is_refused_when_it_starts(limit):
+    for value in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match=f"must be positive: {limit} "):
+            ServeConfig(**{limit: value})
 
 
 def test_the_advertised_pixel_limit_is_the_one_that_holds():

@@ -588,17 +588,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fracdet.models import load
     from fracdet.serve import ServeConfig, create_app
 
-    model = load(args.model)
     token = None
     if args.token_file:  # from a file or the environment, never the command line (other users see argv)
         token = Path(args.token_file).read_text().strip() or None
     token = token or os.environ.get("FRACDET_TOKEN") or None
-    config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size,
-                         workers=args.workers, threads=args.threads, backend=args.backend,
-                         access_token=token)  # fmt: skip
+    try:
+        config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size,
+                             workers=args.workers, threads=args.threads, backend=args.backend,
+                             access_token=token)  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = load(args.model)
+    app = create_app(model, config)  # reads the model's gate: a damaged one stops here, before "serving"
     print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}"
           f"{' (uploads need the access token)' if token else ''}")  # fmt: skip
-    uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -881,13 +886,16 @@ def main(argv: list[str] | None = None) -> int:
         # the duplicate search's temporaries, or a training step's activations, reused, not faulted in again
         keep_freed_memory(**(TRAINING_THRESHOLDS if args.func is cmd_train else {}))
     from fracdet.data import DatasetLayoutError
-    from fracdet.models.release import NoWeightsError
+    from fracdet.models.release import ModelLoadError, NoWeightsError
     from fracdet.training import ConfigError, RunExistsError
 
     try:
         return args.func(args)
-    except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError, NoWeightsError) as exc:
+    except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError, NoWeightsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError) as exc:  # an output folder named where a file is
+        print(f"error: cannot write under {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in NO_SPACE:

@@ -42,7 +42,7 @@ import torch
 
 from fracdet.data.decode import ImageReadError
 from fracdet.models.predict import network_parts, normalise, pooled_features
-from fracdet.models.release import TrainedModel
+from fracdet.models.release import ModelLoadError, TrainedModel, check_sha256
 from fracdet.utils.cache import FeatureCache
 
 __all__ = [
@@ -202,9 +202,14 @@ class InputGate:
         path = model.folder / GATE_FILE if model.folder else None
         if not meta or path is None or not path.is_file():
             return cls(model, None, None)
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(path)
+        check_sha256(path, model.meta.get("gate_sha256"))
+        try:
+            tensors = load_file(path)
+        except SafetensorError as exc:
+            raise ModelLoadError(f"{path}: cannot be read as the model's input gate ({exc})") from None
         own = {k: v for k, v in tensors.items() if "." not in k}
         looks = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("appearance.")}
         appearance = FeatureDistance.from_tensors(looks) if looks else None
@@ -370,6 +375,7 @@ def save_gate(
     from safetensors.torch import save_file
 
     from fracdet.utils.atomic import write_json
+    from fracdet.utils.hashing import sha256_file
 
     folder = Path(folder)
     tensors = distance.tensors()
@@ -378,12 +384,13 @@ def save_gate(
     save_file(tensors, str(folder / GATE_FILE))
     meta = json.loads((folder / "model.json").read_text())
     meta["gate"] = limits.to_dict()
+    meta["gate_sha256"] = sha256_file(folder / GATE_FILE)
     write_json(folder / "model.json", meta)
     if "graph" in meta:
         from fracdet.models.compiled import seal_graph
 
         seal_graph(folder)
-    model.meta["gate"] = limits.to_dict()
+    model.meta.update(gate=limits.to_dict(), gate_sha256=meta["gate_sha256"])
     return folder / GATE_FILE
 
 

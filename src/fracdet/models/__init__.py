@@ -24,6 +24,7 @@ from fracdet.models._registry import (
 )
 from fracdet.models.ensemble import Ensemble, FusedLocaliser, combine, members_of
 from fracdet.models.release import (
+    ModelLoadError,
     NoWeightsError,
     TrainedModel,
     list_releases,
@@ -37,6 +38,7 @@ __all__ = [
     "BUILD_OPTIONS",
     "Ensemble",
     "FusedLocaliser",
+    "ModelLoadError",
     "ModelSpec",
     "NoWeightsError",
     "PreprocessCfg",

@@ -16,9 +16,12 @@ the same way::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,10 @@ from fracdet.utils.atomic import write_json
 __all__ = [
     "GRAPH_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "ModelLoadError",
     "NoWeightsError",
     "TrainedModel",
+    "check_sha256",
     "list_releases",
     "load",
     "package_release",
@@ -99,6 +104,11 @@ def list_releases() -> list[str]:
 
 class NoWeightsError(ValueError):
     """A compiled model (an ONNX graph, no PyTorch weights) was asked for what only weights can do."""
+
+
+class ModelLoadError(ValueError):
+    """A model folder or checkpoint that exists but cannot be what it says: damaged, half copied, replaced,
+    or written by something else. The message names the file and why, never with a traceback's detail."""
 
 
 @dataclass
@@ -259,9 +269,9 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     path = Path(name_or_path)
     state: dict[str, torch.Tensor] | None = None
     if path.suffix == ".pt" and path.is_file():
-        # A checkpoint of `fracdet train` (our own file, hence weights_only=False).
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
         folder = path.parent.parent
+        with _loading(path):  # a checkpoint of `fracdet train` (our own file, hence weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=False)["model"]
     elif path.is_dir():
         folder = path
     elif (releases_dir() / str(name_or_path)).is_dir():
@@ -269,28 +279,67 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     else:
         known = ", ".join(list_releases()) or "none found"
         raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a folder, checkpoint or release ({known})")
-    meta = _read_meta(folder)
-    if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
-        raise ValueError(f"{folder}: model.json schema {meta['schema_version']} is newer than this fracdet "
-                         f"reads ({SCHEMA_VERSION}): upgrade fracdet")  # fmt: skip
-    preprocess = PreprocessCfg(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
-    if "graph" in meta:
-        return _load_compiled(folder, meta, preprocess)
-    module = _build(meta, preprocess)
-    if state is None:
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: training may not have finished (try its checkpoints/)")
-        from safetensors.torch import load_file
+    with _loading(folder):
+        meta = _read_meta(folder)
+        if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
+            raise ModelLoadError(f"{folder}: model.json schema {meta['schema_version']} is newer than this "
+                                 f"fracdet reads ({SCHEMA_VERSION}): upgrade fracdet")  # fmt: skip
+        preprocess = PreprocessCfg(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+        if "graph" in meta:
+            return _load_compiled(folder, meta, preprocess)
+        module = _build(meta, preprocess)
+        if state is None:
+            weights = folder / "model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"{weights} not found: training may not have finished (try its checkpoints/)")
+            check_sha256(weights, meta.get("weights_sha256"))
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights))
+            with _loading(weights):
+                state = load_file(str(weights))
+        try:
+            module.load_state_dict(state)  # casts half-precision stored weights back to float32
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{folder}: the weights do not fit the {meta['model']} that model.json "
+                                 f"describes ({str(exc).splitlines()[-1].strip()[:160]})") from None  # fmt: skip
     from_checkpoint = path.suffix == ".pt"
-    module.load_state_dict(state)  # casts half-precision stored weights back to float32
     module.to(device).eval()
     if from_checkpoint:  # model.json calibrates the best weights, not necessarily these: nothing fitted yet
         fitted = ("temperature", "thresholds", "threshold", "operating_point", "tta", "box_relative")
         meta = {k: v for k, v in meta.items() if k not in fitted}
     return _described(module, meta, folder, preprocess)
+
+
+@contextlib.contextmanager
+def _loading(where: Path) -> Iterator[None]:
+    """Turn what a damaged or foreign model file raises while it is read into one :class:`ModelLoadError`.
+
+    A half-copied ``model.safetensors``, a ``model.json`` edited by hand or a truncated checkpoint would
+    otherwise surface as a parser's own exception (``SafetensorError``, ``JSONDecodeError``, ``KeyError``,
+    ``UnpicklingError``) and a traceback, where hospital IT needs the file and the reason."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (ModelLoadError, FileNotFoundError):
+        raise
+    except KeyError as exc:
+        missing = exc.args[0]
+        raise ModelLoadError(f"{where}: no {missing!r} where fracdet writes one: damaged, or not fracdet's") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{where}: model.json is not valid JSON (line {exc.lineno}): damaged") from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelLoadError(f"{where}: cannot be read as a fracdet model ({reason})") from None
+
+
+def check_sha256(path: Path, expected: str | None) -> None:
+    """Refuse a file whose bytes are not those its ``model.json`` recorded: a damaged copy still parses when
+    the damage misses its header, and would answer with weights its calibration was never fitted to."""
+    from fracdet.utils.hashing import sha256_file
+
+    if expected and sha256_file(path) != expected:
+        raise ModelLoadError(f"{path}: its SHA-256 is not the one model.json records: damaged or replaced")
 
 
 def _described(
@@ -316,13 +365,10 @@ def _described(
 def _load_compiled(folder: Path, meta: dict[str, Any], preprocess: PreprocessCfg) -> TrainedModel:
     """A compiled model: its graph file, checked against the SHA-256 ``model.json`` records (a damaged or
     swapped graph would score with calibration fitted on another)."""
-    from fracdet.utils.hashing import sha256_file
-
     graph = folder / meta["graph"]["file"]
     if not graph.is_file():
         raise FileNotFoundError(f"{graph} not found: the compiled graph model.json names is missing")
-    if (expected := meta["graph"].get("sha256")) and sha256_file(graph) != expected:
-        raise ValueError(f"{graph}: its SHA-256 is not the one model.json records: damaged or replaced")
+    check_sha256(graph, meta["graph"].get("sha256"))
     return _described(None, meta, folder, preprocess, graph)
 
 
@@ -403,6 +449,8 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
     """
     from safetensors.torch import save_file
 
+    from fracdet.utils.hashing import sha256_file
+
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu()
@@ -422,6 +470,7 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
         "threshold": model.threshold,
         "tta": model.tta,
         "weights_dtype": "float16" if half else "float32",
+        "weights_sha256": sha256_file(target / "model.safetensors"),
     }
     if (fusion := getattr(model.module, "fusion", None)) is not None:  # also in the weights; here for readers
         names = getattr(model.module, "fusion_names", ("classifier", "map_peak", "bias"))

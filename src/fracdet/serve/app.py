@@ -87,6 +87,16 @@ class ServeConfig:
     threads: int | None = None
     access_token: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        """Refuse a limit that would serve nothing (a negative upload limit refuses every upload, a queue of
+        none every request) when the server starts, not at its first request."""
+        limits = {"max_upload_mb": self.max_upload_mb, "max_pixels": self.max_pixels, "timeout_s": self.timeout_s,
+                  "queue_size": self.queue_size, "upload_idle_s": self.upload_idle_s,
+                  "workers": self.workers, "threads": self.threads}  # fmt: skip
+        wrong = [f"{name} {value}" for name, value in limits.items() if value is not None and not value > 0]
+        if wrong:  # `not > 0` so that NaN is refused too
+            raise ValueError(f"the server's limits must be positive: {', '.join(wrong)}")
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
