@@ -233,6 +233,13 @@ def test_no_file_two_files_and_wrong_field_names_are_4xx(client):
     )
 
 
+def test_a_refused_form_names_the_field_but_never_quotes_what_was_sent(client):
+    sent = "Doe^Jane PID-0042-7731 " * 100  # a text field where the file should be, holding identifiers
+    response = client.post("/api/v1/predict", data={"file": sent})
+    assert response.status_code == 422
+    assert "Doe^Jane" not in response.text and response.json()["detail"][0]["loc"] == ["body", "file"]
+
+
 # --- property-based fuzzing ---------------------------------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -246,6 +248,14 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.executor = None
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 without the values that were sent (its default quotes them back): a form field can
+        hold what a patient's file held, and replies end up in proxies' and clients' logs."""
+        errors = [{k: v for k, v in error.items() if k not in ("input", "ctx")} for error in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+
     # the multipart envelope around the file takes a few hundred bytes; 64 KiB of slack is generous
     app.add_middleware(UploadGuard, max_bytes=config.max_upload_bytes + 64 * 1024,
                        idle_timeout_s=config.upload_idle_s, limit_text=f"{config.max_upload_mb:g} MB")  # fmt: skip
