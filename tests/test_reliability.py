@@ -421,6 +421,18 @@ def test_what_is_named_like_an_image_but_is_no_file_gets_a_row_saying_so_and_nev
     assert "a character device" in errors["zero.png"]
 
 
+def test_a_table_that_could_not_be_written_is_refused_before_any_prediction(tmp_path, monkeypatch):
+    from fracdet.cli import main
+
+    monkeypatch.setattr("fracdet.models.load", lambda *a, **k: pytest.fail("predicted before checking --out"))
+    (tmp_path / "a-file").write_text("")
+    for option, target, words in [("--out", tmp_path, "is a folder"),
+                                  ("--out", tmp_path / "a-file" / "x.csv", "is not a folder fracdet may write in"),
+                                  ("--studies", tmp_path, "is a folder")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=re.escape(words)):
+            main(["predict", str(SAMPLE_RADIOGRAPH), option, str(target)])
+
+
 def test_a_file_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):
     from fracdet.data.decode import DEFAULT_MAX_FILE_BYTES, ImageTooLargeError, read_file
 

@@ -147,3 +147,17 @@ def test_apply_manifest_takes_split_and_copy_groups_and_keeps_metadata(sample_ro
     stranger = pd.DataFrame({"path": ["elsewhere/x.jpg"], "label": [0], "split": ["train"]})
     with pytest.raises(ValueError, match="not in the dataset"):
         apply_manifest(table, stranger)
+
+
+@pytest.mark.parametrize("shares", [("-1", "1", "1"), ("nan", "0.5", "0.5"), ("1", "0", "0"), ("x", "1", "1")])
+def test_shares_that_are_not_positive_numbers_are_refused_before_any_work(grouped_labels, sample_root, tmp_path,
+                                                                          capsys, shares):  # fmt: skip
+    from fracdet.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["split", str(sample_root), "--out", str(tmp_path / "s.csv"), "--fractions", *shares])
+    assert stopped.value.code == 2 and "a share must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+    labels, groups = grouped_labels
+    with pytest.raises(ValueError, match="must be positive"):
+        assign_splits(labels, groups, [float(s) if s != "x" else -1.0 for s in shares])

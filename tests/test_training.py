@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,12 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         TrainConfig().with_overrides(["epochs"])
     with pytest.raises(ConfigError, match="micro_batch"):
         TrainConfig(batch_size=16, micro_batch=32)
+    wrong = [("early_stopping=-1", "early_stopping must be 0"), ("workers=-3", "workers must be 0"),
+             ("optimizer.weight_decay=-0.1", "weight_decay"), ("augment.hflip=2", "augment.hflip"),
+             ("augment.scale=1.5", "augment.scale"), ("augment.rotation=nan", "augment.rotation")]  # fmt: skip
+    for override, words in wrong:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            TrainConfig().with_overrides([override])
 
 
 def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):

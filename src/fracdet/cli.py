@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -459,6 +460,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_archive(args)
     if not args.inputs and not args.manifest:
         raise SystemExit("error: give images (files, folders, globs) or --manifest FILE")
+    for option, table_path in (("--out", args.out), ("--studies", args.studies)):
+        _check_table_path(option, table_path)
     model = load(args.model)
     paths: list = collect_inputs(args.inputs) if args.inputs else []
     reader = None
@@ -573,6 +576,18 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _check_table_path(option: str, path: str | None) -> None:
+    """Refuse a table path that cannot be written before the work, not after it (a folder takes hours)."""
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise SystemExit(f"error: {option} {out} is a folder: name the table's file, e.g. {out / 'results.csv'}")
+    folder = next(p for p in out.absolute().parents if p.exists())  # the table's folder is made if missing
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {option} {out}: {folder} is not a folder fracdet may write in")
+
+
 def _write_table(table, out: Path) -> None:
     """Whole or not at all: a run killed midway leaves no half-written table to trust."""
     from fracdet.utils.atomic import atomic_write_bytes
@@ -605,6 +620,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{' (uploads need the access token)' if token else ''}")  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _share(text: str) -> float:
+    """A split's share: refused before the audit it follows runs (minutes on a full dataset), not after."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a share must be a positive number, not {text}")
+    return value
 
 
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -641,7 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="write a grouped, stratified, leakage-free split manifest")
     p.add_argument("path", help="dataset folder or CSV manifest")
     p.add_argument("--out", required=True, help="manifest CSV to write")
-    p.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument(
+        "--fractions",
+        type=_share,
+        nargs=3,
+        default=(0.7, 0.15, 0.15),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="shares of the three splits, scaled to sum to 1 (default: 0.7 0.15 0.15)",
+    )
     p.add_argument("--keep-truncated", action="store_true", help="keep truncated files (left out by default)")
     how = p.add_mutually_exclusive_group()
     how.add_argument(
@@ -894,8 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError, NoWeightsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FileExistsError, NotADirectoryError) as exc:  # an output folder named where a file is
-        print(f"error: cannot write under {exc.filename}: {exc.strerror}", file=sys.stderr)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:  # an output where a file or folder is
+        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in NO_SPACE:

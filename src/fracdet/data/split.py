@@ -98,7 +98,7 @@ def assign_splits(
     if len(fractions) != len(names):
         raise ValueError(f"{len(fractions)} fractions for {len(names)} splits")
     frac = np.asarray(fractions, float)
-    if (frac <= 0).any():
+    if not (np.isfinite(frac) & (frac > 0)).all():
         raise ValueError(f"fractions must be positive, got {list(fractions)}")
     frac = frac / frac.sum()
     labels = np.asarray(labels, int)

@@ -43,6 +43,8 @@ class OptimizerConfig:
     def check(self) -> None:
         _one_of("optimizer.name", self.name, ("adam", "adamw", "sgd"))
         _positive("optimizer.lr", self.lr)
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optimizer.weight_decay must be 0 or more, not {self.weight_decay!r}")
 
 
 @dataclass
@@ -74,6 +76,15 @@ class AugmentConfig:
 
     def enabled(self) -> bool:
         return any(v > 0 for v in asdict(self).values())
+
+    def check(self) -> None:
+        """Probabilities within [0, 1]; ranges that keep an image an image (``1 - scale`` above zero)."""
+        bounds = {"hflip": 1.0, "reencode": 1.0, "rotation": 360.0, "translate": 1.0, "scale": 0.99,
+                  "contrast": 0.99, "rescale": 0.99}  # fmt: skip
+        for name, most in bounds.items():
+            value = getattr(self, name)
+            if not 0 <= value <= most:  # NaN fails too
+                raise ConfigError(f"augment.{name} must be 0 to {most:g}, not {value!r}")
 
 
 @dataclass
@@ -298,8 +309,9 @@ class TrainConfig:
         if not 0 <= self.micro_batch <= self.batch_size:
             raise ConfigError(f"micro_batch must be 0 (the whole batch) to batch_size ({self.batch_size}), "
                               f"not {self.micro_batch}")  # fmt: skip
-        if self.checkpoint_minutes < 0:
-            raise ConfigError(f"checkpoint_minutes must be 0 (off) or more, not {self.checkpoint_minutes}")
+        for name in ("checkpoint_minutes", "early_stopping", "workers"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be 0 (off) or more, not {getattr(self, name)!r}")
         if self.image_size is not None:
             _positive("image_size", self.image_size)
         _one_of("monitor", self.monitor, ("auc", "accuracy", "loss"))
@@ -308,6 +320,7 @@ class TrainConfig:
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("augment_on", self.augment_on, ("loader", "device"))
         self.optimizer.check()
+        self.augment.check()
         self.schedule.check()
         self.localise.check()
         self.stability.check()
