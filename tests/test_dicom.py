@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import stat
 
 import numpy as np
@@ -520,6 +521,32 @@ def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_loc
         PacsNode(tiny_localiser, NodeConfig(spool=tmp_path, allowed_callers=(), send_to=node.config.send_to))
     with pytest.raises(ValueError, match="AE@HOST:PORT"):
         Destination.parse("PACS:104")
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ({"ae_title": "THIS_AE_TITLE_IS_TOO_LONG"}, "not a DICOM AE title"),
+    ({"allowed_callers": ("PACS", "BAD\\TITLE")}, "not a DICOM AE title"),
+    ({"send_to": "PACS@127.0.0.1:99999"}, "destination's port must be 1 to 65535"),
+    ({"port": 99999}, "port must be 1 to 65535"),
+    ({"workers": 0}, "at least one worker"),
+    ({"queue_size": 0}, "one queue slot"),
+    ({"retention_days": -1}, "retention_days"),
+    ({"retention_days": float("nan")}, "retention_days"),
+])  # fmt: skip
+def test_a_node_that_could_not_work_is_refused_when_it_starts_not_at_its_first_store(tmp_path, setting, words):
+    from fracdet.cli import main
+    from fracdet.dicom.node import Destination, NodeConfig
+
+    config = {"spool": tmp_path, "allowed_callers": ("PACS",), "send_to": "PACS@127.0.0.1:104", **setting}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        NodeConfig(**{**config, "send_to": Destination.parse(config["send_to"])})
+    flags = {"ae_title": "--ae-title", "port": "--port", "workers": "--workers", "queue_size": "--queue-size",
+             "retention_days": "--retention-days", "send_to": "--send-to"}  # fmt: skip
+    if (key := next(iter(setting))) in flags:  # the command says so in one line, before loading a model
+        argv = ["pacs", "listen", "--allow", "PACS", "--spool", str(tmp_path), "--send-to", config["send_to"],
+                flags[key], str(setting[key]), "--model", str(tmp_path / "no-model")]  # fmt: skip
+        with pytest.raises(SystemExit, match=re.escape(words)):
+            main(argv)
 
 
 def test_an_invalid_value_is_not_quoted_in_any_warning_or_log(grey, capsys, caplog, recwarn, tiny_localiser):

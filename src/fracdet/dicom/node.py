@@ -100,6 +100,24 @@ class NodeConfig:
     workers: int = 1
     retention_days: float = 7.0
 
+    def __post_init__(self) -> None:
+        """Refuse at start what pynetdicom would refuse with a traceback (an AE title of 17 characters, port
+        99999) or what would run without working: no worker, a queue that refuses every store, a negative
+        retention that deletes every result and quarantined file as it lands."""
+        titles = [("the node's AE title", self.ae_title), *(("an allowed caller", t) for t in self.allowed_callers)]
+        if self.send_to is not None:
+            titles.append(("the destination's AE title", self.send_to.ae_title))
+        for what, title in titles:
+            if not (0 < len(title.strip()) <= 16 and title.isascii() and title.isprintable() and "\\" not in title):
+                raise ValueError(f"{what} {title!r} is not a DICOM AE title (1 to 16 characters, no backslash)")
+        for what, port in (("port", self.port), ("the destination's port", self.send_to and self.send_to.port)):
+            if port is not None and not 0 < port < 65536:
+                raise ValueError(f"{what} must be 1 to 65535, not {port}")
+        if not (self.queue_size >= 1 and self.workers >= 1):
+            raise ValueError(f"need at least one worker and one queue slot, not {self.workers} and {self.queue_size}")
+        if not self.retention_days >= 0:  # NaN fails too
+            raise ValueError(f"retention_days must be 0 (keep nothing) or more, not {self.retention_days}")
+
 
 @dataclass
 class _Study:
