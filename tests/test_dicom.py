@@ -518,7 +518,7 @@ def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_loc
     assert node.sweep() == 2
     assert sorted(p.name for d in ("done", "quarantine") for p in node.dirs[d].iterdir()) == ["new.dcm", "new.dcm"]
     with pytest.raises(ValueError, match="calling AE titles"):
-        PacsNode(tiny_localiser, NodeConfig(spool=tmp_path, allowed_callers=(), send_to=node.config.send_to))
+        NodeConfig(spool=tmp_path, allowed_callers=(), send_to=node.config.send_to)
     with pytest.raises(ValueError, match="AE@HOST:PORT"):
         Destination.parse("PACS:104")
 

@@ -104,6 +104,10 @@ class NodeConfig:
         """Refuse at start what pynetdicom would refuse with a traceback (an AE title of 17 characters, port
         99999) or what would run without working: no worker, a queue that refuses every store, a negative
         retention that deletes every result and quarantined file as it lands."""
+        if not self.allowed_callers:
+            raise ValueError("name the calling AE titles to accept (the PACS and its routers): none given")
+        if self.send_to is None and self.stow_url is None:
+            raise ValueError("give a destination for the results: send_to (C-STORE) or stow_url (STOW-RS)")
         titles = [("the node's AE title", self.ae_title), *(("an allowed caller", t) for t in self.allowed_callers)]
         if self.send_to is not None:
             titles.append(("the destination's AE title", self.send_to.ae_title))
@@ -156,10 +160,6 @@ class PacsNode:
     """
 
     def __init__(self, model: TrainedModel, config: NodeConfig, *, hold: threading.Event | None = None) -> None:
-        if not config.allowed_callers:
-            raise ValueError("name the calling AE titles to accept (the PACS and its routers): none given")
-        if config.send_to is None and config.stow_url is None:
-            raise ValueError("give a destination for the results: send_to (C-STORE) or stow_url (STOW-RS)")
         self.model, self.config = model, config
         self.predictor = Predictor(model, heatmaps=True)
         self.stats = NodeStats()
