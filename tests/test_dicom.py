@@ -532,6 +532,9 @@ def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_loc
     ({"queue_size": 0}, "one queue slot"),
     ({"retention_days": -1}, "retention_days"),
     ({"retention_days": float("nan")}, "retention_days"),
+    ({"max_store_mb": 0}, "max_store_mb must be more than 0"),
+    ({"max_associations": 0}, "max_associations must be more than 0"),
+    ({"network_timeout_s": float("nan")}, "network_timeout_s must be more than 0"),
 ])  # fmt: skip
 def test_a_node_that_could_not_work_is_refused_when_it_starts_not_at_its_first_store(tmp_path, setting, words):
     from fracdet.cli import main
@@ -541,7 +544,8 @@ def test_a_node_that_could_not_work_is_refused_when_it_starts_not_at_its_first_s
     with pytest.raises(ValueError, match=re.escape(words)):
         NodeConfig(**{**config, "send_to": Destination.parse(config["send_to"])})
     flags = {"ae_title": "--ae-title", "port": "--port", "workers": "--workers", "queue_size": "--queue-size",
-             "retention_days": "--retention-days", "send_to": "--send-to"}  # fmt: skip
+             "retention_days": "--retention-days", "send_to": "--send-to", "max_store_mb": "--max-store-mb",
+             "max_associations": "--max-associations"}  # fmt: skip
     if (key := next(iter(setting))) in flags:  # the command says so in one line, before loading a model
         argv = ["pacs", "listen", "--allow", "PACS", "--spool", str(tmp_path), "--send-to", config["send_to"],
                 flags[key], str(setting[key]), "--model", str(tmp_path / "no-model")]  # fmt: skip
@@ -570,3 +574,61 @@ def test_an_invalid_value_is_not_quoted_in_any_warning_or_log(grey, capsys, capl
     out = capsys.readouterr()
     shown = out.out + out.err + caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "Jane" not in shown and "1947" not in shown
+
+
+def test_a_peer_can_make_the_node_hold_no_more_than_its_limits_and_the_node_serves_on(grey, tmp_path, tiny_localiser):
+    """Before its AE title is known a peer could make the node read a PDU of up to 4 GiB, or hold a thread by
+    stalling inside one; an allowed caller could send an image of any size. Each is refused on the wire."""
+    import socket
+    import struct
+    import threading
+
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = NodeConfig(spool=tmp_path, allowed_callers=("PACS",), port=port, max_store_mb=1, network_timeout_s=1,
+                        send_to=Destination.parse("DEST@127.0.0.1:9"))  # fmt: skip
+    small = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
+    large = dcmread(io.BytesIO(write_bytes(mono2_8bit(np.tile(grey, (2, 2))))))  # 4 x the pixels, over 1 MiB
+    assert len(small.PixelData) < 2**20 < len(large.PixelData)
+
+    def closed_by_the_node(first: bytes, then: bytes = b"") -> bool:
+        with socket.create_connection(("127.0.0.1", port)) as peer:
+            peer.settimeout(20)
+            peer.sendall(first)
+            try:
+                peer.sendall(then)
+                return peer.recv(16) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            except TimeoutError:  # still reading what it was sent, or still waiting for the rest
+                return False
+
+    with PacsNode(tiny_localiser, config, hold=threading.Event()) as node:  # held: what is stored stays queued
+        # a PDU announced at 4 GiB (type: association request): refused at its header, its body never read
+        assert closed_by_the_node(b"\x01\x00" + struct.pack(">L", 2**32 - 16), b"\x00" * 2**20)
+        assert node.stats.refused_peers == 1
+        # a PDU begun and never finished: let go once the timeout passes
+        assert closed_by_the_node(b"\x01\x00" + struct.pack(">L", 100) + b"\x00" * 10)
+        assert node.stats.refused_peers == 2
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, small.file_meta.TransferSyntaxUID)
+        ae.add_requested_context(Verification)
+        # an allowed caller's image over max_store_mb: the association ends as it passes the limit
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACDET")
+        assert assoc.is_established
+        status = assoc.send_c_store(large)
+        assert not status or int(status.Status) != 0
+        assoc.abort()
+        assert node.stats.refused_peers == 3 and not list(node.dirs["queue"].iterdir())
+        # and the node serves on: an echo and a store of an image within the limit
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACDET")
+        assert int(assoc.send_c_echo().Status) == 0 and int(assoc.send_c_store(small).Status) == 0
+        assoc.release()
+        assert len(list(node.dirs["queue"].glob("*.dcm"))) == 1 and node.stats.refused_peers == 3

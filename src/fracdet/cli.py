@@ -547,7 +547,8 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
                             host=args.host, port=args.port,
                             send_to=Destination.parse(args.send_to) if args.send_to else None, stow_url=args.stow,
                             queue_size=args.queue_size, workers=args.workers,
-                            retention_days=args.retention_days)  # fmt: skip
+                            retention_days=args.retention_days, max_store_mb=args.max_store_mb,
+                            max_associations=args.max_associations)  # fmt: skip
         node = PacsNode(load(args.model), config)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -773,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=32, help="waiting images beyond which stores get 0xA700")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--retention-days", type=float, default=7.0, help="how long done/ and quarantine/ keep files")
+    p.add_argument("--max-store-mb", type=float, default=256.0,
+                   help="the largest image a caller may send; a larger one ends its association")  # fmt: skip
+    p.add_argument("--max-associations", type=int, default=4, help="associations at once; more are rejected")
     p.set_defaults(func=cmd_pacs_listen)
     p = pacs.add_parser("pull", help="analyse studies in a PACS over DICOMweb (QIDO, WADO) and STOW the results")
     p.add_argument("--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs/dicom-web")

@@ -16,6 +16,10 @@ Design, so that a hospital can leave it running:
   failed (to ``quarantine/``, with ``NAME.reason.txt`` saying why without identifiers). Files still in
   ``queue/`` at start-up, left by a crash or a stop, are analysed first.
 * **Only known callers**: associations from calling AE titles outside ``allowed_callers`` are rejected.
+* **Bounded on the wire** (:class:`fracdet.dicom.guard.PeerGuard`): any peer, before its AE title is known,
+  can make the node hold at most one PDU of 1 MiB per connection, and only for ``network_timeout_s``; an
+  allowed caller at most ``max_store_mb`` per image (about twice that while it is spooled) on each of at
+  most ``max_associations`` associations. Beyond them the connection is closed and the refusal logged.
 * **Its own objects are ignored**: results routed back to it (by a rule that sends everything) are
   accepted and dropped, never analysed again.
 * **Each image once**: a radiograph whose SOP Instance UID is already queued or done (a PACS that retries a
@@ -43,6 +47,7 @@ from typing import Any
 
 from fracdet.data.decode import ImageReadError
 from fracdet.data.dicom import DICOM_HINT, keyed_hash, read_dicom_header
+from fracdet.dicom.guard import PeerGuard
 from fracdet.dicom.results import is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
@@ -55,6 +60,9 @@ log = logging.getLogger(__name__)
 #: C-STORE status: stored; refused for lack of resources (the queue is full), which a PACS retries.
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 _LEVELS = ("definite", "suspicious")
+#: The longest PDU read from any peer: the node advertises pynetdicom's 16 KiB, this leaves room for peers
+#: that ignore it, and an association request of many presentation contexts is a few kilobytes.
+MAX_PDU_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,10 @@ class NodeConfig:
         queue_size: images waiting for analysis beyond which stores are refused (Out of Resources).
         workers: analysis threads (one keeps a 2-core server responsive).
         retention_days: how long ``done/`` and ``quarantine/`` keep their files.
+        max_store_mb: the largest image (its encoded dataset) a caller may send; a larger one ends the
+            association as soon as it passes the limit (a DX of 43 x 43 cm at 0.1 mm is about 37 MB).
+        max_associations: associations at once; more are rejected (transiently: the PACS retries).
+        network_timeout_s: the longest a peer may take over one PDU, or stay silent in an association.
     """
 
     spool: Path
@@ -99,6 +111,9 @@ class NodeConfig:
     queue_size: int = 32
     workers: int = 1
     retention_days: float = 7.0
+    max_store_mb: float = 256.0
+    max_associations: int = 4
+    network_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         """Refuse at start what pynetdicom would refuse with a traceback (an AE title of 17 characters, port
@@ -121,6 +136,10 @@ class NodeConfig:
             raise ValueError(f"need at least one worker and one queue slot, not {self.workers} and {self.queue_size}")
         if not self.retention_days >= 0:  # NaN fails too
             raise ValueError(f"retention_days must be 0 (keep nothing) or more, not {self.retention_days}")
+        for what, value in (("max_store_mb", self.max_store_mb), ("max_associations", self.max_associations),
+                            ("network_timeout_s", self.network_timeout_s)):  # fmt: skip
+            if not value > 0:
+                raise ValueError(f"{what} must be more than 0, not {value}")
 
 
 @dataclass
@@ -136,6 +155,7 @@ class NodeStats:
 
     received: int = 0
     refused_full: int = 0
+    refused_peers: int = 0  # connections closed by the guard: a PDU or image too large, a peer too slow
     ignored_own: int = 0
     duplicates: int = 0
     analysed: int = 0
@@ -216,6 +236,8 @@ class PacsNode:
         for sop_class in (*radiographs, *routed_back):
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        ae.maximum_associations = self.config.max_associations
+        ae.network_timeout = self.config.network_timeout_s
         self._ae = ae
         for k in range(self.config.workers):
             thread = threading.Thread(target=self._work, name=f"fracdet-worker-{k}", daemon=True)
@@ -224,7 +246,8 @@ class PacsNode:
         sweeper = threading.Thread(target=self._sweep, name="fracdet-retention", daemon=True)
         sweeper.start()
         self._threads.append(sweeper)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connect), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_C_ECHO, lambda event: SUCCESS)]  # fmt: skip
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         log.info("%s listening on %s:%d (pynetdicom %s), results to %s", self.config.ae_title, self.config.host,
                  self.config.port, pynetdicom.__version__, self.config.send_to or self.config.stow_url)  # fmt: skip
@@ -252,6 +275,15 @@ class PacsNode:
         return False
 
     # --- receiving ----------------------------------------------------------------------------------------
+
+    def _on_connect(self, event: Any) -> None:
+        """Bound the new connection's reads before its first byte is read (its AE title is not known yet)."""
+        PeerGuard.install(event.assoc, max_pdu=MAX_PDU_BYTES, max_message=int(self.config.max_store_mb * 2**20),
+                          timeout_s=self.config.network_timeout_s, on_refusal=self._on_refusal)  # fmt: skip
+
+    def _on_refusal(self, reason: str) -> None:
+        self._count("refused_peers")
+        log.warning("%s", reason)
 
     def _on_store(self, event: Any) -> int:
         """Spool and queue; never analyse here (an association must not wait for the model)."""

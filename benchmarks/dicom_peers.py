@@ -1,0 +1,179 @@
+"""What can a DICOM peer make ``fracdet pacs listen`` hold, and for how long?
+
+    python benchmarks/dicom_peers.py [--baseline REV] [--model fracatlas-default]
+        [--out benchmarks/results-dicom-peers.json]
+
+Starts the node of this tree (and, with ``--baseline``, the node of an earlier commit, checked out beside
+it) as a real process on a free local port, and tries it as a peer on the hospital network could:
+
+* ``pdu-4gib``: a connection that announces an association request of 4 GiB and streams 1 GiB of it; no
+  AE title has been read, so any peer that reaches the port can do this;
+* ``stalled-pdu``: a PDU's header and ten bytes of its body, then nothing;
+* ``silent``: a connection that sends nothing at all;
+* ``store-512mb``: an allowed caller (DCMTK's ``storescu``) storing a 512 MB DX;
+* ``store-small``: the control, a 2 MB DX, which must be stored.
+
+Each case reports what happened (the connection closed by the node and after how long, or a store's
+status) and the node's resident memory before and at its peak (``VmHWM``, reset between cases through
+``/proc/PID/clear_refs``). An echo after all of them says whether the node still serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _checkout import checkout, revisions  # noqa: E402
+
+
+def _dx(path: Path, side: int) -> Path:
+    """A DX of ``side`` x ``side`` 16-bit pixels (noise: its content does not matter here)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DX"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.random.default_rng(0).integers(0, 4096, (side, side), dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _memory(pid: int) -> dict[str, float]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def _closed_after(port: int, first: bytes, then: int = 0, wait_s: float = 120.0) -> dict:
+    """Send ``first``, then ``then`` zero bytes; how long until the node closes the connection (if it does)."""
+    start = time.monotonic()
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port)) as peer:
+        peer.settimeout(wait_s)
+        try:
+            peer.sendall(first)
+            chunk = bytes(1 << 20)
+            while sent < then:
+                peer.sendall(chunk)
+                sent += len(chunk)
+            closed = peer.recv(16) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            closed = True
+        except TimeoutError:
+            closed = False
+    return {"closed_by_node": closed, "after_s": round(time.monotonic() - start, 1), "sent_mib": sent >> 20}
+
+
+def _store(port: int, path: Path) -> dict:
+    run = subprocess.run(["storescu", "-aet", "PACS", "-aec", "FRACDET", "127.0.0.1", str(port), str(path)],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    return {"storescu_exit": run.returncode, "stored": run.returncode == 0}
+
+
+def _echo(port: int) -> bool:
+    run = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "FRACDET", "127.0.0.1", str(port)],
+                         capture_output=True, timeout=60, check=False)  # fmt: skip
+    return run.returncode == 0
+
+
+def run_node(src: Path, model: str, folder: Path, files: dict[str, Path]) -> dict:
+    """Start the node whose package is under ``src``, try every case on it, stop it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(src), "FRACDET_PHI_KEY": "benchmark"}
+    argv = [sys.executable, "-m", "fracdet", "pacs", "listen", "--allow", "PACS", "--port", str(port),
+            "--spool", str(folder / "spool"), "--send-to", "DEST@127.0.0.1:9", "--model", model]  # fmt: skip
+    log = (folder / "node.log").open("w")
+    node = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(600):
+            if "listening on" in (folder / "node.log").read_text() or node.poll() is not None:
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("the node did not start")
+        cases = {
+            "pdu-4gib": lambda: _closed_after(port, b"\x01\x00" + struct.pack(">L", 2**32 - 16), 1 << 30, 30),
+            "store-512mb": lambda: _store(port, files["large"]),
+            "store-small": lambda: _store(port, files["small"]),
+        }
+        results: dict[str, dict] = {}
+        for name, case in cases.items():
+            Path(f"/proc/{node.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            before = _memory(node.pid)
+            results[name] = {**case(), "rss_before_mb": round(before["VmRSS"]),
+                             "peak_mb": round(_memory(node.pid)["VmHWM"])}  # fmt: skip
+        slow: dict[str, dict] = {}  # the two waits side by side: each is the node's timer, not memory
+        waits = {"stalled-pdu": b"\x01\x00" + struct.pack(">L", 100) + bytes(10), "silent": b""}
+        threads = [threading.Thread(target=lambda n=n, f=f: slow.__setitem__(n, _closed_after(port, f)))
+                   for n, f in waits.items()]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results.update(slow)
+        results["echo_after"] = {"answered": _echo(port)}
+        return results
+    finally:
+        node.terminate()
+        node.wait(60)
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="also try the node of this earlier commit")
+    parser.add_argument("--model", default="fracatlas-default")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-dicom-peers.json")
+    args = parser.parse_args()
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (Debian: apt-get install dcmtk)")
+    with tempfile.TemporaryDirectory(prefix="fracdet-peers-") as tmp:
+        folder = Path(tmp)
+        files = {"large": _dx(folder / "large.dcm", 16000), "small": _dx(folder / "small.dcm", 1024)}
+        report: dict = {"command": " ".join(["python", "benchmarks/dicom_peers.py", *sys.argv[1:]]),
+                        "sizes_mb": {k: round(p.stat().st_size / 1e6, 1) for k, p in files.items()}}  # fmt: skip
+        sides = [("this tree", REPO / "src")]
+        if args.baseline:
+            base, this = revisions(args.baseline)
+            report["revisions"] = {"baseline": base, "this": this}
+        for name, src in sides:
+            (folder / name).mkdir()
+            report[name] = run_node(src, args.model, folder / name, files)
+            print(json.dumps({name: report[name]}, indent=1), flush=True)
+        if args.baseline:
+            with checkout(args.baseline) as src:
+                (folder / "baseline").mkdir()
+                report["baseline"] = run_node(src, args.model, folder / "baseline", files)
+                print(json.dumps({"baseline": report["baseline"]}, indent=1), flush=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
