@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -161,3 +163,27 @@ def test_shares_that_are_not_positive_numbers_are_refused_before_any_work(groupe
     labels, groups = grouped_labels
     with pytest.raises(ValueError, match="must be positive"):
         assign_splits(labels, groups, [float(s) if s != "x" else -1.0 for s in shares])
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"a,b\n1,2\n", "not a split manifest: it has no path"),  # another table passed by mistake
+    (b"\x00\x01binary", "not a split manifest"),
+    (b"", "No columns to parse"),
+    (b"\xff\xfe\xfa\n", "can't decode"),
+    (b"path,label,split\nimages/Fractured/IMG0000261.jpg,1,tset\n", "splits other than"),
+])  # fmt: skip
+def test_a_table_that_is_not_a_split_manifest_is_refused_by_name_before_any_work(sample_root, tmp_path, content,
+                                                                                  words):  # fmt: skip
+    """A KeyError deep in a merge before (`--splits` of evaluate, train and quantize; `split --repair`, there
+    only after the duplicate search, minutes on a full dataset)."""
+    from fracdet.cli import main
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(content)
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        main(["split", str(sample_root), "--repair", str(manifest), "--out", str(tmp_path / "s.csv")])
+    assert not (tmp_path / "s.csv").exists()
+    if "splits other than" not in words:  # there, evaluate finds no test rows, and says so
+        with pytest.raises(SystemExit, match=re.escape(words)):
+            main(["evaluate", "fracatlas-default", "--data", str(sample_root), "--splits", str(manifest),
+                  "--split", "test", "--out", str(tmp_path / "eval")])  # fmt: skip

@@ -72,13 +72,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from fracdet.data import audit_dataset, find_duplicates, load_dataset, make_splits, report_text
-    from fracdet.data.split import SplitResult, repair_splits
+    from fracdet.data.split import SplitResult, read_split_manifest, repair_splits
 
+    if args.repair:  # refused now, not after the duplicate search (minutes on a full dataset)
+        try:
+            read_split_manifest(args.repair, needs=("path", "label", "split"))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"error: {args.repair}: {exc}") from None
     table = load_dataset(args.path)
     config = _duplicate_config(args)
     dups = find_duplicates(table, config)
     if args.repair:
-        result = repair_splits(table, args.repair, duplicates=dups)
+        try:
+            result = repair_splits(table, args.repair, duplicates=dups)
+        except ValueError as exc:  # a manifest of another dataset, or splits it does not know
+            raise SystemExit(f"error: {args.repair}: {exc}") from None
         moved = result.manifest[result.manifest["moved_from"] != ""]
         print(f"{len(moved)} files of groups that straddled splits moved to the first of their splits:")
         if len(moved):

@@ -28,6 +28,7 @@ __all__ = [
     "apply_manifest",
     "assign_splits",
     "make_splits",
+    "read_split_manifest",
     "repair_splits",
     "split_groups",
     "split_rows",
@@ -204,7 +205,7 @@ def repair_splits(
         beside = Path(manifest).with_suffix(".excluded.csv")
         if excluded is None and beside.exists():
             excluded = pd.read_csv(beside)
-        manifest = pd.read_csv(manifest, dtype={"path": str, "split": str, "group": str})
+        manifest = read_split_manifest(manifest, needs=("path", "label", "split"))
     unknown = set(manifest["path"]) - set(table["path"])
     if unknown:
         raise ValueError(f"the manifest names {len(unknown)} files not in the dataset, e.g. {sorted(unknown)[0]}")
@@ -238,7 +239,8 @@ def apply_manifest(table: pd.DataFrame, manifest: str | Path | pd.DataFrame) -> 
     manifest names files the dataset does not have (a manifest of another dataset, or a moved folder).
     """
     if not isinstance(manifest, pd.DataFrame):
-        manifest = pd.read_csv(manifest, dtype={"path": str, "split": str, "group": str})
+        manifest = read_split_manifest(manifest)
+    _check_columns(manifest, ("path", "split"))
     unknown = set(manifest["path"]) - set(table["path"])
     if unknown:
         raise ValueError(f"the manifest names {len(unknown)} files not in the dataset, e.g. {sorted(unknown)[0]}")
@@ -249,6 +251,24 @@ def apply_manifest(table: pd.DataFrame, manifest: str | Path | pd.DataFrame) -> 
         out["group"] = out["path"]
     out.attrs.update(table.attrs)
     return out
+
+
+def read_split_manifest(path: str | Path, *, needs: tuple[str, ...] = ("path", "split")) -> pd.DataFrame:
+    """A split manifest as written by ``fracdet split``, refused by name (``ValueError``) when it is not one:
+    an empty file or text that is not UTF-8 (pandas' own errors say so), or a CSV without the ``needs``
+    columns (another table passed by mistake), before a ``KeyError`` deep in a merge."""
+    manifest = pd.read_csv(path, dtype={"path": str, "split": str, "group": str})
+    _check_columns(manifest, needs)
+    return manifest
+
+
+def _check_columns(manifest: pd.DataFrame, needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in manifest.columns]
+    if missing:
+        raise ValueError(
+            f"not a split manifest: it has no {', '.join(missing)} column (`fracdet split` writes one; "
+            f"its columns: {', '.join(repr(str(c)[:40]) for c in manifest.columns[:8])})"
+        )
 
 
 def split_rows(table: pd.DataFrame, split: str, *, needed_for: str) -> pd.DataFrame:
