@@ -99,3 +99,24 @@ def test_a_manifest_table_names_its_paths_in_a_path_column(tmp_path):
     pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="'path' column"):
         read_manifest(tmp_path / "bad.csv")
+
+
+def test_a_manifest_may_mix_files_and_urls_and_one_that_is_no_manifest_is_refused_by_name(sample_root, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """Before, one URL in a manifest sent every entry to the DICOMweb reader, so its files failed as "not a
+    DICOMweb instance URL"; a table without a 'path' column, an empty or non-UTF-8 file ended in tracebacks."""
+    monkeypatch.setenv("FRACDET_PROGRESS", "0")
+    image = sample_root / "images" / "Fractured" / "IMG0000261.jpg"
+    url = "http://127.0.0.1:9/dicom-web/studies/1.2/series/1.3/instances/1.4"  # nothing listens on port 9
+    (tmp_path / "mixed.txt").write_text(f"{image}\n{url}\n")
+    assert main(["predict", "--manifest", str(tmp_path / "mixed.txt"), "--out", str(tmp_path / "rows.csv")]) == 1
+    rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False, na_values=[""]).set_index("path")
+    assert rows.loc[str(image), "probability"] > 0 and pd.isna(rows.loc[str(image), "error"])
+    assert rows.loc[url, "error"].startswith("DICOMweb retrieval failed")
+    for name, content, words in [("table.csv", b"file,label\na.png,0\n", "needs a 'path' column"),
+                                 ("empty.csv", b"", "No columns to parse"),
+                                 ("latin.csv", b"\xff\xfe\n", "can't decode")]:  # fmt: skip
+        (tmp_path / name).write_bytes(content)
+        for engine in ("local", "dask"):
+            with pytest.raises(SystemExit, match=f"--manifest .*{name}: .*{words}"):
+                main(["predict", "--manifest", str(tmp_path / name), "--engine", engine, "--out", str(tmp_path / "o")])

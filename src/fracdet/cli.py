@@ -470,14 +470,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise SystemExit("error: give images (files, folders, globs) or --manifest FILE")
     for option, table_path in (("--out", args.out), ("--studies", args.studies)):
         _check_table_path(option, table_path)
+    sources = _read_manifest(args.manifest) if args.manifest else []
     model = load(args.model)
-    paths: list = collect_inputs(args.inputs) if args.inputs else []
-    reader = None
-    if args.manifest:
-        from fracdet.inference.archive import read_manifest
-
-        sources = read_manifest(args.manifest)
-        paths, reader = paths + sources, _url_reader(sources)
+    paths: list = [*(collect_inputs(args.inputs) if args.inputs else []), *sources]
+    reader = _url_reader(sources)
     heatmaps = args.heatmaps is not None or args.dicom_out is not None
     # A folder keeps every core busy on its own: in ONNX Runtime, one single-threaded pass per core beats one
     # pass on all of them (their threads wait on each other between layers). PyTorch keeps one pass at a time.
@@ -505,20 +501,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_archive(args: argparse.Namespace) -> int:
     """``fracdet predict --manifest FILE --engine dask --out FOLDER``: partitioned Parquet, resumable."""
-    from fracdet.inference.archive import predict_archive, read_manifest
+    from fracdet.inference.archive import predict_archive
 
     if not args.manifest or not args.out or args.inputs:
         raise SystemExit("error: --engine dask reads --manifest FILE and writes Parquet into --out FOLDER")
     if args.heatmaps or args.dicom_out or args.studies:
         raise SystemExit("error: --engine dask writes rows only (no --heatmaps, --dicom-out or --studies)")
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's own start and stop
-    sources = read_manifest(args.manifest)
+    sources = _read_manifest(args.manifest)
     result = predict_archive(args.model, sources, args.out, scheduler=args.scheduler, workers=args.workers,
                              partition_size=args.partition_size, backend=args.backend,
                              reader=_url_reader(sources))  # fmt: skip
     print(f"{result.partitions} partitions in {result.out_dir}: {result.scored} scored now "
           f"({result.images} images, {result.images_per_second:.1f} images/s), {result.kept} kept")  # fmt: skip
     return 0
+
+
+def _read_manifest(path: str) -> list[str]:
+    """``--manifest``'s entries, or one line saying why the file is not a manifest (before any model loads)."""
+    from fracdet.inference.archive import read_manifest
+
+    try:
+        return read_manifest(path)
+    except (OSError, ValueError) as exc:  # missing, a folder, not UTF-8, no 'path' column, an empty table
+        raise SystemExit(f"error: --manifest {path}: {exc}") from None
 
 
 def _url_reader(sources: list[str]):

@@ -74,7 +74,8 @@ def read_manifest(path: str | Path) -> list[str]:
     if path.suffix.lower() in (".csv", ".parquet"):
         table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
         if "path" not in table:
-            raise ValueError(f"{path}: a manifest table needs a 'path' column (it has {', '.join(table.columns)})")
+            columns = ", ".join(repr(str(c)[:40]) for c in table.columns[:8])
+            raise ValueError(f"{path}: a manifest table needs a 'path' column (it has {columns})")
         return table["path"].astype(str).tolist()
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 

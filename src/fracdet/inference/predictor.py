@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -44,6 +45,8 @@ ROW_COLUMNS = {"path": "string", "probability": "float64", "label": "string", "t
                "study": "string"}  # fmt: skip
 
 LABELS = {0: "no fracture", 1: "fracture"}
+#: What ``predict_files``' ``reader`` fetches (``http://``, ``https://``, ...); every other entry is a file.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Cancelled(Exception):  # noqa: N818 - it is what happened, not an error
@@ -323,7 +326,8 @@ class Predictor:
         for a classifier. ``study`` is a DICOM file's hashed study (:func:`study_summary` reads studies).
         ``then(path, data, prediction)`` is called after each file read (e.g. to write DICOM results); what it
         raises becomes that file's error, as a read failure would. ``reader(path) -> bytes`` fetches what is
-        not a local file (e.g. a DICOMweb URL); an ``OSError`` it raises is that file's error.
+        a URL (``scheme://...``, e.g. a DICOMweb instance), every other entry being read as a file, so one
+        list may mix both; an ``OSError`` it raises is that entry's error.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -356,7 +360,7 @@ class Predictor:
         """A file's bytes and decoded image, or the error that stops it (kept: it is that file's row)."""
         data = b""
         try:
-            data = reader(str(path)) if reader is not None else read_file(path)
+            data = reader(str(path)) if reader is not None and _URL.match(str(path)) else read_file(path)
             image = read_input_image(data, str(path), max_pixels=self.max_pixels, force_modality=self.force_modality)
         except ImageReadError as exc:
             return _Read(data, error=exc, study=_study_of(data))
