@@ -632,3 +632,38 @@ def test_a_peer_can_make_the_node_hold_no_more_than_its_limits_and_the_node_serv
         assert int(assoc.send_c_echo().Status) == 0 and int(assoc.send_c_store(small).Status) == 0
         assoc.release()
         assert len(list(node.dirs["queue"].glob("*.dcm"))) == 1 and node.stats.refused_peers == 3
+
+
+def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_naming_no_url(tmp_path, capsys):
+    """Before, each of these ended `fracdet pacs pull` in a traceback from requests whose message quoted the
+    URL, and with it a study's UID; `--since yesterday` was sent to the PACS as it was."""
+    import http.server
+    import threading
+    from functools import partial
+
+    (tmp_path / "www" / "dicom-web").mkdir(parents=True)
+    (tmp_path / "www" / "dicom-web" / "studies").write_text("not JSON")  # a web server, not a DICOMweb one
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        root = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            for url, words in [(f"{root}/dicom-web", "did not answer the study search (JSONDecodeError)"),
+                               ("http://127.0.0.1:9/dicom-web", "did not answer the study search (ConnectionError)"),
+                               ("pacs.local/dicom-web", "is not a DICOMweb root URL")]:  # fmt: skip
+                with pytest.raises(SystemExit, match=re.escape(words)) as stopped:
+                    main(["pacs", "pull", "--dicomweb", url, "--since", "2020-01-01"])
+                assert "127.0.0.1" not in str(stopped.value)
+            with pytest.raises(SystemExit) as stopped:
+                main(["pacs", "pull", "--dicomweb", f"{root}/dicom-web", "--since", "yesterday"])
+            assert stopped.value.code == 2 and "not a date (YYYY-MM-DD)" in capsys.readouterr().err
+            # a study the server does not know: its row says so, by its keyed hash, and the run ends normally
+            out = tmp_path / "rows.csv"
+            assert main(["pacs", "pull", "--dicomweb", f"{root}/dicom-web", "--study", "1.2.840.99",
+                         "--out", str(out)]) == 1  # fmt: skip
+            assert "1 studies could not be listed" in capsys.readouterr().out
+            text = out.read_text()
+            assert "the series search failed (HTTP 404)" in text and "1.2.840.99" not in text
+        finally:
+            server.shutdown()

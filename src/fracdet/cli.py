@@ -577,18 +577,36 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_pull(args: argparse.Namespace) -> int:
-    from fracdet.dicom.pull import connect, pull
+    from fracdet.dicom.pull import PullError, connect, pull
     from fracdet.models import load
 
-    table = pull(connect(args.dicomweb), load(args.model), study=args.study, since=args.since)
+    try:
+        client = connect(args.dicomweb)
+        table = pull(client, load(args.model), study=args.study, since=args.since)
+    except (PullError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.out:
         _write_table(table, Path(args.out))
     else:
         print(table.to_string(index=False))
-    failed = int(table["error"].notna().sum())
-    print(f"{len(table)} radiographs in {table['study'].nunique()} studies: "
-          f"{int((table['label'] == 'fracture').sum())} flagged, {failed} failed; results stored back")  # fmt: skip
-    return 1 if failed else 0
+    images, unlisted = table[table["image"] > 0], int((table["image"] == 0).sum())
+    failed = int(images["error"].notna().sum())
+    print(
+        f"{len(images)} radiographs in {images['study'].nunique()} studies: "
+        f"{int((images['label'] == 'fracture').sum())} flagged, {failed} failed, results stored back for "
+        f"{int((images['stored'] > 0).sum())}" + (f"; {unlisted} studies could not be listed" if unlisted else "")
+    )
+    return 1 if failed or unlisted else 0
+
+
+def _iso_date(text: str) -> str:
+    """An argparse type: a calendar date as ``YYYY-MM-DD`` (``yesterday`` was sent to the PACS as it was)."""
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _check_table_path(option: str, path: str | None) -> None:
@@ -796,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs/dicom-web")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", metavar="UID", help="one study")
-    which.add_argument("--since", metavar="YYYY-MM-DD", help="every study from this date on")
+    which.add_argument("--since", metavar="YYYY-MM-DD", type=_iso_date, help="every study from this date on")
     p.add_argument("--model", default="fracatlas-default")
     p.add_argument("--out", help="the table (.csv or .json); studies appear as keyed hashes")
     p.set_defaults(func=cmd_pacs_pull)

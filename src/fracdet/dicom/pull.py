@@ -9,6 +9,7 @@ of their study and their position, never by an identifier.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import re
@@ -24,7 +25,7 @@ from fracdet.inference.predictor import Predictor
 from fracdet.models.release import TrainedModel
 from fracdet.utils.progress import progress
 
-__all__ = ["connect", "pull", "read_instance"]
+__all__ = ["PullError", "connect", "pull", "read_instance"]
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,30 @@ _STUDY, _SERIES, _INSTANCE = "0020000D", "0020000E", "00080018"
 _MODALITY, _DESCRIPTION = "00080060", "0008103E"
 
 
+class PullError(RuntimeError):
+    """The DICOMweb server could not be searched at all; the message names neither the URL nor identifiers."""
+
+
 def connect(url: str) -> Any:
-    """A DICOMweb client for ``url`` (the server's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``)."""
+    """A DICOMweb client for ``url`` (the server's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``).
+
+    Raises:
+        ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host.
+    """
     try:
         from dicomweb_client.api import DICOMwebClient
     except ImportError as exc:
         raise ImportError(DICOM_HINT) from exc
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{url!r} is not a DICOMweb root URL (http://HOST[:PORT]/PATH)")
     return DICOMwebClient(url=url)
+
+
+def _failure(exc: Exception) -> str:
+    """What went wrong talking to the server, in words without the URL (requests' messages quote it, and a
+    study's URL holds its UID): the HTTP status, or the kind of error (no connection, not JSON, ...)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP {status}" if status else type(exc).__name__
 
 
 #: A WADO-RS instance URL: ``ROOT/studies/S/series/R/instances/I``.
@@ -58,8 +76,7 @@ def read_instance(url: str) -> bytes:
     try:
         dataset = _client(match["root"]).retrieve_instance(match["study"], match["series"], match["instance"])
     except OSError as exc:  # requests' errors are OSErrors; their text holds the URL
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise OSError(f"DICOMweb retrieval failed ({f'HTTP {status}' if status else type(exc).__name__})") from None
+        raise OSError(f"DICOMweb retrieval failed ({_failure(exc)})") from None
     return dataset_bytes(dataset)
 
 
@@ -77,8 +94,11 @@ def _value(item: dict, tag: str) -> str:
 def _studies(client: Any, *, study: str | None, since: str | None) -> list[str]:
     if study:
         return [study]
-    found = client.search_for_studies(search_filters={"StudyDate": f"{since.replace('-', '')}-"})
-    return [_value(item, _STUDY) for item in found]
+    try:
+        found = client.search_for_studies(search_filters={"StudyDate": f"{since.replace('-', '')}-"})
+        return [_value(item, _STUDY) for item in found]
+    except Exception as exc:  # nothing to do without it: the run's end, in one line
+        raise PullError(f"the DICOMweb server did not answer the study search ({_failure(exc)})") from None
 
 
 def _radiographs(client: Any, study: str) -> list[tuple[str, str]]:
@@ -98,15 +118,29 @@ def pull(client: Any, model: TrainedModel, *, study: str | None = None, since: s
     """Analyse the radiographs of one study (``study``) or of every study since a date (``since``,
     ``YYYY-MM-DD``) and store the results back; one row per radiograph.
 
-    Columns: ``study`` (keyed hash), ``image`` (its position in the study), ``probability``, ``label``,
-    ``level``, ``boxes`` (count), ``stored`` (result objects sent back), ``error``.
+    Columns: ``study`` (keyed hash), ``image`` (its position in the study; 0 for a study whose series
+    could not be listed), ``probability``, ``label``, ``level``, ``boxes`` (count), ``stored`` (result objects
+    sent back), ``error``.
+
+    Raises:
+        PullError: the study search (``since``) failed: there is nothing to analyse.
+        ValueError: ``since`` is not a date.
     """
     if (study is None) == (since is None):
         raise ValueError("give one of study or since")
+    if since is not None:
+        datetime.date.fromisoformat(since)  # a ValueError that names it, before the server is asked
     predictor = Predictor(model, heatmaps=True)
-    work = [(s, series, instance) for s in _studies(client, study=study, since=since)
-            for series, instance in _radiographs(client, s)]  # fmt: skip
     rows = []
+    work = []
+    for study_uid in _studies(client, study=study, since=since):
+        try:
+            work += [(study_uid, series, instance) for series, instance in _radiographs(client, study_uid)]
+        except Exception as exc:  # this study's row says so (an unknown UID: HTTP 404); the others go on
+            rows.append({"study": keyed_hash(study_uid), "image": 0, "probability": None, "label": None,
+                         "level": None, "boxes": 0, "stored": 0,
+                         "error": f"the series search failed ({_failure(exc)})"})  # fmt: skip
+            log.warning("study %s: the series search failed (%s)", keyed_hash(study_uid), _failure(exc))
     position: dict[str, int] = {}
     for study_uid, series_uid, instance_uid in progress(work, desc="pulling", total=len(work)):
         hashed = keyed_hash(study_uid)
