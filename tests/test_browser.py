@@ -190,9 +190,9 @@ def test_a_guarded_server_asks_for_its_token_once_and_a_dicom_upload_is_read(bro
 
     def answer(dialog) -> None:
         asked.append(dialog.message)
-        dialog.accept("ward-7-token")
+        dialog.accept("ward-7-token-0123")
 
-    for url in _serve(model, ServeConfig(access_token="ward-7-token")):
+    for url in _serve(model, ServeConfig(access_token="ward-7-token-0123")):
         page = browser.new_page()
         page.on("dialog", answer)
         page.goto(url)

@@ -373,6 +373,41 @@ def test_a_server_limit_that_would_serve_nothing_is_refused_when_it_starts(limit
             ServeConfig(**{limit: value})
 
 
+def test_a_server_setting_that_cannot_work_or_leaves_uploads_open_is_refused_when_it_starts(tmp_path, capsys,
+                                                                                             monkeypatch):  # fmt: skip
+    """Found trying `fracdet serve` as hospital IT would: an empty token file served with no token at all
+    (uploads of patient data open to anyone who reached the port); `--workers 100000` started threads until
+    the system refused one, then hung; `--port 99999` ended in a traceback from the event loop."""
+    from fracdet.cli import main
+    from fracdet.utils.workers import worker_count
+
+    most = 4 * worker_count()
+    for setting in ({"workers": most + 1}, {"threads": most + 1}):
+        with pytest.raises(ValueError, match=f"at most 4 per core the process may use \\({most} here\\)"):
+            ServeConfig(**setting)
+    with pytest.raises(ValueError, match="at least 16 characters") as refused:
+        ServeConfig(access_token="hunter2")
+    assert "hunter2" not in str(refused.value)
+    assert ServeConfig(workers=most, access_token="a" * 16).worker_count == most
+
+    (tmp_path / "token").write_text("\n")
+    monkeypatch.delenv("FRACDET_TOKEN", raising=False)
+    assert main(["serve", "--token-file", str(tmp_path / "token"), "--model", str(tmp_path / "no-model")]) == 2
+    assert "is empty: write the access token into it" in capsys.readouterr().err
+    (tmp_path / "token").write_bytes(b"\xff\xfe")
+    for where in (tmp_path / "token", tmp_path):  # bytes that are not text; a folder
+        assert main(["serve", "--token-file", str(where), "--model", str(tmp_path / "no-model")]) == 2
+        assert "cannot read the token file" in capsys.readouterr().err
+    monkeypatch.setenv("FRACDET_TOKEN", "")
+    assert main(["serve", "--model", str(tmp_path / "no-model")]) == 2
+    assert "FRACDET_TOKEN is set but empty" in capsys.readouterr().err
+    monkeypatch.delenv("FRACDET_TOKEN")
+    assert main(["serve", "--workers", str(most + 1), "--model", str(tmp_path / "no-model")]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--port", "99999"])
+    assert stopped.value.code == 2 and "a port is 1 to 65535" in capsys.readouterr().err
+
+
 def test_the_advertised_pixel_limit_is_the_one_that_holds():
     from fracdet.data.decode import ImageTooLargeError, decode_image
 

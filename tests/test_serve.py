@@ -192,7 +192,7 @@ def test_predict_command_writes_csv_json_and_exit_codes(tmp_path, sample_root, m
 
 
 def test_an_access_token_guards_uploads_and_leaves_health_open(model, sample_root):
-    guarded = TestClient(create_app(model, ServeConfig(access_token="s3cret-token")))
+    guarded = TestClient(create_app(model, ServeConfig(access_token="s3cret-ward-7-token")))
     data = (sample_root / FRACTURED).read_bytes()
     missing = post(guarded, data)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
@@ -200,10 +200,10 @@ def test_an_access_token_guards_uploads_and_leaves_health_open(model, sample_roo
                          headers={"Authorization": "Bearer nope"})  # fmt: skip
     assert wrong.status_code == 401
     right = guarded.post("/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")},
-                         headers={"Authorization": "Bearer s3cret-token"})  # fmt: skip
+                         headers={"Authorization": "Bearer s3cret-ward-7-token"})  # fmt: skip
     assert right.status_code == 200
     assert guarded.get("/api/v1/health").status_code == 200
-    assert "s3cret" not in repr(ServeConfig(access_token="s3cret-token"))
+    assert "s3cret" not in repr(ServeConfig(access_token="s3cret-ward-7-token"))
 
 
 @pytest.mark.parametrize(("size", "expected"), [((2048, 2560), (51, 64)), ((3000, 600), (160, 32)),

@@ -636,10 +636,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fracdet.models import load
     from fracdet.serve import ServeConfig, create_app
 
-    token = None
-    if args.token_file:  # from a file or the environment, never the command line (other users see argv)
-        token = Path(args.token_file).read_text().strip() or None
-    token = token or os.environ.get("FRACDET_TOKEN") or None
+    token = None  # from a file or the environment, never the command line (other users see argv)
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, bytes that are not text
+            print(f"error: cannot read the token file {args.token_file} ({type(exc).__name__})", file=sys.stderr)
+            return 2
+        if not token:  # it served without a token before: a secret not yet written left the uploads open
+            print(f"error: {args.token_file} is empty: write the access token into it (or serve without "
+                  "--token-file)", file=sys.stderr)  # fmt: skip
+            return 2
+    elif "FRACDET_TOKEN" in os.environ:
+        token = os.environ["FRACDET_TOKEN"].strip()
+        if not token:
+            print("error: FRACDET_TOKEN is set but empty: set the access token (or unset it)", file=sys.stderr)
+            return 2
     try:
         config = ServeConfig(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size,
                              workers=args.workers, threads=args.threads, backend=args.backend,
@@ -653,6 +665,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{' (uploads need the access token)' if token else ''}")  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port to listen on (99999 ended in a traceback from the event loop's bind)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {text!r}")
+    return port
 
 
 def _share(text: str) -> float:
@@ -831,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the web application and JSON API")
     p.add_argument("--model", default="fracatlas-default", help="release name, run folder or checkpoint")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=50.0)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a prediction may take, waiting included")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait (503 + Retry-After beyond)")

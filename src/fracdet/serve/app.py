@@ -54,6 +54,13 @@ from fracdet.utils.workers import worker_count as cores_available
 __all__ = ["ServeConfig", "create_app"]
 
 
+#: Workers (and ONNX Runtime threads) per core the process may use, at most: CPU-bound predictions beyond
+#: it only wait on each other, and each worker may hold an image at the pixel limit.
+PER_CORE = 4
+#: The shortest access token accepted: a bearer token guarding uploads of patient data must not be guessable.
+MIN_TOKEN_LENGTH = 16
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Limits of the web application.
@@ -98,6 +105,19 @@ class ServeConfig:
         wrong = [f"{name} {value}" for name, value in limits.items() if value is not None and not value > 0]
         if wrong:  # `not > 0` so that NaN is refused too
             raise ValueError(f"the server's limits must be positive: {', '.join(wrong)}")
+        most = PER_CORE * cores_available()
+        beyond = [f"{name} {value}" for name, value in (("workers", self.workers), ("threads", self.threads))
+                  if value is not None and value > most]  # fmt: skip
+        if beyond:  # 100,000 workers started threads until the system refused one, then hung
+            raise ValueError(
+                f"at most {PER_CORE} per core the process may use ({most} here), not "
+                f"{', '.join(beyond)}: more only wait on each other and each holds an image's memory"
+            )
+        if self.access_token is not None and len(self.access_token) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"the access token must be at least {MIN_TOKEN_LENGTH} characters (it guards patient "
+                "data): make one with python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
 
     @property
     def max_upload_bytes(self) -> int:

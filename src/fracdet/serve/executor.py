@@ -66,11 +66,15 @@ class InferenceExecutor:
         self._lock = threading.Lock()
         self._running: set[_Job] = set()
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "refused": 0}
-        self._threads = [
-            threading.Thread(target=self._work, name=f"fracdet-inference-{k}", daemon=True) for k in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = []
+        try:
+            for k in range(workers):
+                thread = threading.Thread(target=self._work, name=f"fracdet-inference-{k}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        except RuntimeError:  # the system refused a thread: end those started rather than leave them waiting
+            self.close()
+            raise
 
     def __enter__(self) -> InferenceExecutor:
         return self
