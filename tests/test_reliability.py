@@ -725,6 +725,24 @@ def test_a_full_disk_stops_training_with_a_clear_error_and_nothing_half_written(
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0
 
 
+def test_a_full_disk_leaves_no_half_written_heatmap_figure_or_table(sample_root, tmp_path):
+    """Found 6 Dec (stop 74): `fracdet predict --heatmaps` on a full disk left a truncated PNG while the error
+    said nothing was left half-written; figures, reports, tables, packs and split manifests were written in
+    place too. Every file fracdet keeps now goes through `fracdet.utils.atomic`."""
+    heatmaps, rows = tmp_path / "heatmaps", tmp_path / "rows.csv"
+    full = _cli("predict", str(sample_root / "images"), "--heatmaps", str(heatmaps), "--out", str(rows),
+                limit=48 * 1024, cache=tmp_path / "cache")  # fmt: skip
+    assert full.returncode == 74 and "no space left to write" in full.stderr, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr and str(heatmaps) in full.stderr
+    assert not list(tmp_path.rglob("*.tmp"))
+    for kept in heatmaps.iterdir():  # what is there is whole
+        Image.open(kept).load()
+    split = _cli("split", str(sample_root), "--out", str(tmp_path / "splits.csv"), limit=1024,
+                 cache=tmp_path / "cache")  # fmt: skip
+    assert split.returncode == 74 and "Traceback" not in split.stderr, split.stderr[-2000:]
+    assert not list(tmp_path.glob("*.csv")) and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_a_full_disk_under_the_cache_slows_an_audit_down_but_neither_stops_nor_corrupts_it(sample_root, tmp_path):
     import sqlite3
 

@@ -59,8 +59,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if report.closest_cross_split.empty:
             print("no cross-split pairs to draw (the table has no split column)")
         else:
-            Path(args.montage).parent.mkdir(parents=True, exist_ok=True)
-            closest_pairs_montage(report).save(args.montage)
+            from PIL import Image
+
+            from fracdet.utils.atomic import atomic_file
+
+            kind = Image.registered_extensions().get(Path(args.montage).suffix.lower(), "PNG")
+            with atomic_file(args.montage) as tmp:
+                closest_pairs_montage(report).save(tmp, format=kind)
             print(f"closest cross-split pairs: {args.montage}")
     if len(report.unreadable) == len(report.files):
         print(f"error: none of the {len(report.files)} files could be decoded: nothing was audited")

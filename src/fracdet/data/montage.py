@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from fracdet.data.features import load_thumbnail
+from fracdet.utils.atomic import atomic_file
 
 __all__ = ["pair_montage", "save_pair_montage"]
 
@@ -56,7 +57,6 @@ def pair_montage(
 
 def save_pair_montage(path: str | Path, pairs: Sequence[tuple[bytes | None, bytes | None, str]], **kwargs) -> Path:
     """Write :func:`pair_montage` to ``path`` (PNG) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pair_montage(pairs, **kwargs).save(path)
-    return path
+    with atomic_file(path) as tmp:
+        pair_montage(pairs, **kwargs).save(tmp, format="PNG")
+    return Path(path)

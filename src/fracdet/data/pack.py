@@ -30,6 +30,7 @@ from PIL import Image
 from fracdet.data.decode import ImageReadError, read_image
 from fracdet.data.sources import ANNOTATION_COLUMNS
 from fracdet.data.table import absolute_paths
+from fracdet.utils.atomic import atomic_file, atomic_write_bytes, atomic_write_text
 from fracdet.utils.progress import progress_bar
 from fracdet.utils.workers import worker_count
 
@@ -77,8 +78,7 @@ def _pack_one(source: Path, target: Path, size: int, fmt: str, quality: int) -> 
     Image.fromarray(grey).save(buffer, FORMATS[fmt], quality=quality)
     data = buffer.getvalue()
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+    atomic_write_bytes(target, data)
     return len(data), float(np.abs(decoded - grey).mean())
 
 
@@ -137,7 +137,8 @@ def pack_dataset(
             kept[column] = [json.dumps(v if isinstance(v, list) else []) for v in kept[column]]
     scalar = [c for c in kept.columns if not kept[c].map(lambda v: isinstance(v, list | dict | tuple)).any()]
     manifest = root / "manifest.csv"
-    kept[scalar].to_csv(manifest, index=False)
+    with atomic_file(manifest) as tmp:
+        kept[scalar].to_csv(tmp, index=False)
     result = PackResult(root, manifest, len(written), int(sum(sizes)), float(np.mean(errors)) if errors else 0.0,
                         pd.DataFrame(skipped, columns=["path", "reason"]))  # fmt: skip
     info = {
@@ -153,5 +154,5 @@ def pack_dataset(
         "columns_left_out": sorted(set(kept.columns) - set(scalar)),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
-    (root / "PACK.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(root / "PACK.json", json.dumps(info, indent=2) + "\n")
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fracdet.data.audit import AuditReport
 from fracdet.data.montage import pair_montage
+from fracdet.utils.atomic import atomic_write_text
 
 __all__ = ["closest_pairs_montage", "report_dict", "report_text", "write_html", "write_json"]
 
@@ -46,10 +47,7 @@ def report_dict(report: AuditReport) -> dict:
 
 
 def write_json(report: AuditReport, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report_dict(report), indent=2, default=str))
-    return path
+    return atomic_write_text(path, json.dumps(report_dict(report), indent=2, default=str))
 
 
 def _leakage_lines(report: AuditReport) -> list[str]:
@@ -185,8 +183,7 @@ def write_html(report: AuditReport, path: str | Path) -> Path:
             f"<img alt='closest pairs' src='data:image/png;base64,{_png(closest_pairs_montage(report))}'>",
         ]
     parts += ["<h2>Full report</h2>", f"<pre>{text}</pre>", "</body></html>"]
-    path.write_text("\n".join(parts))
-    return path
+    return atomic_write_text(path, "\n".join(parts))
 
 
 def _grey_levels(mismatch: float) -> str:

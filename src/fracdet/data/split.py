@@ -21,6 +21,7 @@ import pandas as pd
 
 from fracdet.data.duplicates import DuplicateConfig, Duplicates, find_duplicates
 from fracdet.data.neardup import UnionFind
+from fracdet.utils.atomic import atomic_file
 
 __all__ = [
     "SPLIT_ORDER",
@@ -52,9 +53,10 @@ class SplitResult:
     def write(self, path: str | Path) -> Path:
         """Write the manifest as CSV, and the excluded files beside it (``NAME.excluded.csv``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.manifest.to_csv(path, index=False)
-        self.excluded.to_csv(path.with_suffix(".excluded.csv"), index=False)
+        with atomic_file(path) as tmp:
+            self.manifest.to_csv(tmp, index=False)
+        with atomic_file(path.with_suffix(".excluded.csv")) as tmp:
+            self.excluded.to_csv(tmp, index=False)
         return path
 
     def class_fractions(self) -> pd.DataFrame:

@@ -52,6 +52,7 @@ from fracdet.dicom.results import is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
 from fracdet.models.release import TrainedModel
+from fracdet.utils.atomic import atomic_write_text
 
 __all__ = ["Destination", "NodeConfig", "PacsNode"]
 
@@ -411,7 +412,7 @@ class PacsNode:
             self._seen.discard(_key_of(path))
         target = self.dirs["quarantine"] / path.name
         path.replace(target)
-        (target.parent / f"{target.name}.reason.txt").write_text(reason + "\n")
+        atomic_write_text(target.parent / f"{target.name}.reason.txt", reason + "\n")
         self._count("quarantined")
         log.warning("quarantined %s: %s", path.name, reason)
 

@@ -40,6 +40,7 @@ from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import ScoredBox, level_thresholds, scores_from_outputs, shown_boxes
 from fracdet.training.calibrate import OPERATING_POINTS, choose_thresholds, fit_temperature, probabilities
 from fracdet.training.checkpoint import write_json
+from fracdet.utils.atomic import atomic_file, atomic_write_text
 from fracdet.utils.cache import FeatureCache
 
 __all__ = ["Evaluation", "evaluate", "lesion_summary", "write_report"]
@@ -340,8 +341,9 @@ def write_report(result: Evaluation, out_dir: str | Path, *, curves: Path | None
     table = result.predictions.drop(columns=["boxes"], errors="ignore")
     if result.boxes is not None:  # the boxes a reader is shown at the suspicious level, as JSON per image
         table["shown_boxes"] = [json.dumps([b.to_dict() for b in shown_boxes(bs)]) for bs in result.boxes]
-    table.to_csv(out / "predictions.csv", index=False)
-    (out / "report.html").write_text(_html(result))
+    with atomic_file(out / "predictions.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    atomic_write_text(out / "report.html", _html(result))
     return out / "report.html"
 
 

@@ -14,15 +14,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from fracdet.utils.atomic import save_figure
+
 __all__ = ["plot_box_gallery", "plot_confusion", "plot_froc", "plot_gallery", "plot_pr", "plot_reliability", "plot_roc"]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, points: dict[str, dict], path: Path, *, title: str) -> Path:
@@ -186,7 +185,4 @@ def plot_box_gallery(
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

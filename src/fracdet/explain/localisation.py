@@ -18,6 +18,7 @@ import pandas as pd
 
 from fracdet.explain.cam import Explainer, heatmap_box, overlay
 from fracdet.models.scoring import box_iou
+from fracdet.utils.atomic import save_figure
 
 __all__ = [
     "box_iou",
@@ -109,10 +110,7 @@ def plot_localisation(
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _heatmaps(model, rows: pd.DataFrame, method: str, cache) -> tuple[np.ndarray, np.ndarray, list[list[Box]]]:

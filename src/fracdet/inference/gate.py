@@ -43,6 +43,7 @@ import torch
 from fracdet.data.decode import ImageReadError
 from fracdet.models.predict import network_parts, normalise, pooled_features
 from fracdet.models.release import ModelLoadError, TrainedModel, check_sha256
+from fracdet.utils.atomic import atomic_file
 from fracdet.utils.cache import FeatureCache
 
 __all__ = [
@@ -381,7 +382,8 @@ def save_gate(
     tensors = distance.tensors()
     if appearance is not None:
         tensors.update({f"appearance.{k}": v for k, v in appearance.tensors().items()})
-    save_file(tensors, str(folder / GATE_FILE))
+    with atomic_file(folder / GATE_FILE) as tmp:
+        save_file(tensors, str(tmp))
     meta = json.loads((folder / "model.json").read_text())
     meta["gate"] = limits.to_dict()
     meta["gate_sha256"] = sha256_file(folder / GATE_FILE)

@@ -31,6 +31,7 @@ import torch
 from fracdet.models.compiled import GRAPH_META_KEY, ONNX_HINT, OnnxRuntime
 from fracdet.models.graph import APPEARANCE_SIDE, Runtime, ScoringGraph, TorchRuntime
 from fracdet.models.release import TrainedModel
+from fracdet.utils.atomic import atomic_file
 from fracdet.utils.hashing import sha256_file
 
 __all__ = ["BACKENDS", "OnnxRuntime", "cached_export", "export_onnx", "onnxruntime_available", "runtime_for"]
@@ -99,7 +100,8 @@ def export_onnx(
             "inputs": graph.input_names, "outputs": graph.output_names}  # fmt: skip
     entry = proto.metadata_props.add()
     entry.key, entry.value = GRAPH_META_KEY, json.dumps(meta)
-    onnx.save(proto, str(path))
+    with atomic_file(path) as tmp:
+        onnx.save(proto, str(tmp))
     return path
 
 

@@ -33,6 +33,7 @@ from fracdet.inference.readers import read_input_image
 from fracdet.models.graph import GraphOutputs, has_cams
 from fracdet.models.release import TrainedModel
 from fracdet.models.scoring import MAX_SHOWN_BOXES, ScoredBox, Scores, level_of, shown_boxes
+from fracdet.utils.atomic import atomic_write_bytes
 from fracdet.utils.progress import progress
 from fracdet.utils.workers import worker_count
 
@@ -394,7 +395,7 @@ class Predictor:
                    boxes=json.dumps([b.to_dict() for b in prediction.boxes]), warning=prediction.warning)  # fmt: skip
         if heatmap_dir is not None and prediction.heatmap is not None:
             target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
-            target.write_bytes(prediction.overlay_png())
+            atomic_write_bytes(target, prediction.overlay_png())
             row["heatmap"] = str(target)
         return row
 

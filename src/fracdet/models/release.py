@@ -33,7 +33,7 @@ from torch import nn
 from fracdet.models._registry import BUILD_OPTIONS, PreprocessCfg, build_options, create_model, get_spec
 from fracdet.models.predict import predict_scores
 from fracdet.models.scoring import Scores, level_thresholds, scores_from_outputs
-from fracdet.utils.atomic import write_json
+from fracdet.utils.atomic import atomic_file, atomic_write_text, write_json
 
 __all__ = [
     "GRAPH_SCHEMA_VERSION",
@@ -432,7 +432,7 @@ def package_release(
     for file in RELEASE_FILES:
         if (run / file).is_file():
             shutil.copy2(run / file, target / file)
-    (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(target / "model.json", json.dumps(meta, indent=2) + "\n")
     if "graph" in meta:  # a compiled model's graph carries the released description (name, version, report)
         from fracdet.models.compiled import seal_graph
 
@@ -455,7 +455,8 @@ def save_model(model: TrainedModel, folder: str | Path, *, half: bool = False) -
     target.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu()
              for k, v in model.module.state_dict().items()}  # fmt: skip
-    save_file(state, str(target / "model.safetensors"))
+    with atomic_file(target / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     meta = {
         "model": model.arch,
         **model.meta,

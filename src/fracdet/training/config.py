@@ -14,6 +14,8 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fracdet.utils.atomic import atomic_write_text
+
 __all__ = [
     "AugmentConfig",
     "ConfigError",
@@ -340,9 +342,7 @@ class TrainConfig:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from fracdet.training.config import TrainConfig
 from fracdet.training.trainer import train
+from fracdet.utils.atomic import atomic_write_text, save_figure
 from fracdet.utils.cache import FeatureCache
 
 __all__ = ["epochs_share_a_run", "plot_sweep", "run_sweep", "sweep_name"]
@@ -66,9 +67,7 @@ def plot_sweep(histories: dict[str, pd.DataFrame], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_sweep(
@@ -110,7 +109,7 @@ def run_sweep(
                  "seconds": float(prefix["seconds"].sum()), "run": run.name}
             )  # fmt: skip
         table = pd.DataFrame(rows)
-        table.to_csv(out / "sweep.csv", index=False)
-        (out / "sweep.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+        atomic_write_text(out / "sweep.csv", table.to_csv(index=False))
+        atomic_write_text(out / "sweep.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
         plot_sweep(curves, out / "sweep.png")
     return pd.DataFrame(rows)

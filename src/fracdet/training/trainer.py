@@ -56,6 +56,7 @@ from fracdet.training.checkpoint import RunExistsError, load_checkpoint, save_ch
 from fracdet.training.config import ConfigError, TrainConfig
 from fracdet.training.distributed import Ranks, current_ranks
 from fracdet.training.losses import split_views, stability_loss, task_loss
+from fracdet.utils.atomic import atomic_file, save_figure
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.progress import progress_bar
 
@@ -143,7 +144,8 @@ def _prepare_run_folder(config: TrainConfig, manifest: pd.DataFrame, out_dir: Pa
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config.save(out_dir / "config.yaml")
     keep = [c for c in ("path", "label", "group", "split", "region", "view") if c in manifest.columns]
-    manifest[keep].to_csv(out_dir / "splits.csv", index=False)
+    with atomic_file(out_dir / "splits.csv") as tmp:
+        manifest[keep].to_csv(tmp, index=False)
 
 
 def plot_curves(history: pd.DataFrame, path: Path, *, selected_on: str = "val") -> Path:
@@ -169,9 +171,7 @@ def plot_curves(history: pd.DataFrame, path: Path, *, selected_on: str = "val") 
     if selected_on == "test":
         fig.suptitle("checkpoint selected on TEST (paper reproduction only; not an honest estimate)", color="red")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def train(
@@ -359,7 +359,8 @@ def train(
                 )
                 partial_path.unlink(missing_ok=True)  # the epoch is in last.pt now
                 frame = pd.DataFrame(history)
-                frame.to_csv(out_dir / "metrics.csv", index=False)
+                with atomic_file(out_dir / "metrics.csv") as tmp:
+                    frame.to_csv(tmp, index=False)
                 plot_curves(frame, out_dir / "curves.png", selected_on=config.select_on)
             ranks.barrier()  # the epoch's checkpoint is written before any rank goes on
             log.info(

@@ -1,6 +1,7 @@
 """Files written atomically (temporary file, fsync, rename): an interrupted write never leaves half a file.
 
-Used for checkpoints, run records and model folders alike, so it sits below every package.
+Used for every file fracdet keeps (checkpoints, run records, tables, figures, reports, heatmaps, model
+folders, packs), so it sits below every package.
 """
 
 from __future__ import annotations
@@ -8,30 +9,60 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "write_json"]
+__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "save_figure", "write_json"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode())
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a library that writes files itself (matplotlib, Pillow, pandas):
+    flushed to disk and renamed over ``path`` when the block ends, removed if it raises. Its name ends in
+    ``.tmp`` (what a sweep for leftovers looks for), so a writer that picks its format by the suffix is told
+    the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        Path(tmp).chmod(0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        yield tmp
+        with tmp.open("rb+") as f:
             os.fsync(f.fileno())
-        Path(tmp).replace(path)
+        tmp.replace(path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file: name it
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp), tmp):  # name the file meant, not ours
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
-    return path
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically, in the format its suffix names, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _umask() -> int:
