@@ -456,16 +456,40 @@ def test_what_is_named_like_an_image_but_is_no_file_gets_a_row_saying_so_and_nev
     assert "a character device" in errors["zero.png"]
 
 
-def test_a_table_that_could_not_be_written_is_refused_before_any_prediction(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("command", "option", "kind"), [
+    (["predict", str(SAMPLE_RADIOGRAPH)], "--out", "file"),
+    (["predict", str(SAMPLE_RADIOGRAPH)], "--studies", "file"),
+    (["audit", "DATA"], "--json", "file"),
+    (["audit", "DATA"], "--html", "file"),
+    (["audit", "DATA"], "--montage", "file"),
+    (["split", "DATA"], "--out", "file"),
+    (["export", "fracatlas-classifier"], "--out", "file"),
+    (["pacs", "pull", "--dicomweb", "http://pacs/dicom-web", "--study", "1.2"], "--out", "file"),
+    (["evaluate", "fracatlas-default", "--data", "DATA", "--split", "test"], "--out", "folder"),
+    (["pack", "DATA"], "--out", "folder"),
+])  # fmt: skip
+def test_an_output_that_could_not_be_written_is_refused_before_any_work(tmp_path, monkeypatch, command, option,
+                                                                        kind):  # fmt: skip
+    """Found 6 Dec (stops 73-74): each wrote its output only after its work (a folder's predictions, an audit's
+    or a split's duplicate search, an evaluation, an export: minutes to hours), then failed on the path."""
     from fracdet.cli import main
 
-    monkeypatch.setattr("fracdet.models.load", lambda *a, **k: pytest.fail("predicted before checking --out"))
+    def too_late(*args, **kwargs):
+        pytest.fail("the work began before the output was checked")
+
+    for target in ("fracdet.models.load", "fracdet.data.load_dataset", "fracdet.dicom.pull.connect"):
+        monkeypatch.setattr(target, too_late)
     (tmp_path / "a-file").write_text("")
-    for option, target, words in [("--out", tmp_path, "is a folder"),
-                                  ("--out", tmp_path / "a-file" / "x.csv", "is not a folder fracdet may write in"),
-                                  ("--studies", tmp_path, "is a folder")]:  # fmt: skip
-        with pytest.raises(SystemExit, match=re.escape(words)):
-            main(["predict", str(SAMPLE_RADIOGRAPH), option, str(target)])
+    argv = [str(tmp_path) if word == "DATA" else word for word in command]
+    cases = [(tmp_path, "is a folder"), (tmp_path / "a-file" / "x.out", "is not a folder fracdet may write in")]
+    if kind == "folder":
+        cases = [
+            (tmp_path / "a-file", "is a file"),
+            (tmp_path / "a-file" / "x", "is not a folder fracdet may write in"),
+        ]
+    for target, words in cases:
+        with pytest.raises(SystemExit, match=re.escape(f"{option} {target}") + ".*" + re.escape(words)):
+            main([*argv, option, str(target)])
 
 
 def test_a_file_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):

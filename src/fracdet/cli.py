@@ -45,6 +45,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fracdet.data import audit_dataset, load_dataset, report_text, write_html, write_json
     from fracdet.data.report import closest_pairs_montage
 
+    for option in ("json", "html", "montage"):
+        _check_output(f"--{option}", getattr(args, option))
     table = load_dataset(args.path)
     if args.splits:
         table = _with_manifest_splits(table, Path(args.splits))
@@ -79,6 +81,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from fracdet.data import audit_dataset, find_duplicates, load_dataset, make_splits, report_text
     from fracdet.data.split import SplitResult, read_split_manifest, repair_splits
 
+    _check_output("--out", args.out)
     if args.repair:  # refused now, not after the duplicate search (minutes on a full dataset)
         try:
             read_split_manifest(args.repair, needs=("path", "label", "split"))
@@ -152,6 +155,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from fracdet.data import load_dataset
     from fracdet.data.pack import pack_dataset
 
+    _check_output("--out", args.out, folder=True)
     table = _load_split_table(args.path, args.splits) if args.splits or args.only else load_dataset(args.path)
     try:
         result = pack_dataset(table, args.out, size=args.size, fmt=args.format, quality=args.quality, splits=args.only)
@@ -223,6 +227,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fracdet.evaluation.evaluate import TEST_SELECTION_WARNING
     from fracdet.models import load
 
+    _check_output("--out", args.out, folder=True)
     model = load(args.run)
     data = _data_root(args.data, model.folder)
     if not data:
@@ -390,6 +395,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     name = args.model or args.model_option
     if not name:
         raise SystemExit("fracdet export: name the model (MODEL or --model MODEL)")
+    _check_output("--out", args.out)
     model = load(name)
     gate = InputGate.of(model)
     # A compiled model's graph runs its gate's embedder already.
@@ -474,7 +480,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.inputs and not args.manifest:
         raise SystemExit("error: give images (files, folders, globs) or --manifest FILE")
     for option, table_path in (("--out", args.out), ("--studies", args.studies)):
-        _check_table_path(option, table_path)
+        _check_output(option, table_path)
     sources = _read_manifest(args.manifest) if args.manifest else []
     model = load(args.model)
     paths: list = [*(collect_inputs(args.inputs) if args.inputs else []), *sources]
@@ -585,6 +591,7 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
     from fracdet.dicom.pull import PullError, connect, pull
     from fracdet.models import load
 
+    _check_output("--out", args.out)
     try:
         client = connect(args.dicomweb)
         table = pull(client, load(args.model), study=args.study, since=args.since)
@@ -614,16 +621,20 @@ def _iso_date(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
-def _check_table_path(option: str, path: str | None) -> None:
-    """Refuse a table path that cannot be written before the work, not after it (a folder takes hours)."""
+def _check_output(option: str, path: str | Path | None, *, folder: bool = False) -> None:
+    """Refuse an output that cannot be written before the work, not after it (an audit, a duplicate search,
+    an evaluation or a folder's predictions take minutes to hours): a file's path that names a folder, a
+    folder's path that names a file, or a place under a file or where fracdet may not write."""
     if path is None:
         return
     out = Path(path)
-    if out.is_dir():
-        raise SystemExit(f"error: {option} {out} is a folder: name the table's file, e.g. {out / 'results.csv'}")
-    folder = next(p for p in out.absolute().parents if p.exists())  # the table's folder is made if missing
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: {option} {out}: {folder} is not a folder fracdet may write in")
+    if folder and out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {option} {out} is a file: name a folder for the results")
+    if not folder and out.is_dir():
+        raise SystemExit(f"error: {option} {out} is a folder: name a file (in it, or elsewhere)")
+    parent = next(p for p in out.absolute().parents if p.exists())  # missing folders are made
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {option} {out}: {parent} is not a folder fracdet may write in")
 
 
 def _write_table(table, out: Path) -> None:
