@@ -365,6 +365,25 @@ def test_a_checkpoint_cut_short_is_refused_by_name(tmp_path, model):
         load(checkpoint)
 
 
+def test_resuming_a_folder_that_is_no_run_or_a_damaged_checkpoint_says_so_in_one_line(tmp_path, sample_root, capsys):
+    """Found 6 Dec (stop 74): `--resume` on a mistyped folder said `[Errno 2] ... splits.csv`, and on a run
+    whose last.pt was damaged ended in pickle's UnpicklingError traceback."""
+    from fracdet.cli import main
+
+    from .test_training import sample_manifest
+
+    resume = ["train", "--resume", "--data", str(sample_root), "--out"]
+    with pytest.raises(SystemExit, match=r"not a run folder \(no config.yaml or splits.csv\)"):
+        main([*resume, str(tmp_path / "typo")])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text((REPO / "configs" / "paper.yaml").read_text())
+    sample_manifest(sample_root).to_csv(run / "splits.csv", index=False)
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    assert main([*resume, str(run)]) == 2
+    assert "last.pt: cannot be read as a checkpoint (UnpicklingError): it is damaged" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("limit", ["max_upload_mb", "max_pixels", "timeout_s", "queue_size", "upload_idle_s",
                                    "workers", "threads"])  # fmt: skip
 def test_a_server_limit_that_would_serve_nothing_is_refused_when_it_starts(limit):

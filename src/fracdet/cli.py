@@ -181,6 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if out is None:
             raise SystemExit("error: --resume needs --out RUN_FOLDER")
+        missing = [name for name in ("config.yaml", "splits.csv") if not (out / name).is_file()]
+        if missing:  # an [Errno 2] about splits.csv before, for a typo in the folder's name
+            raise SystemExit(f"error: --resume --out {out}: not a run folder (no {' or '.join(missing)}); "
+                             "to start a run there, leave out --resume")  # fmt: skip
         data = _data_root(args.data, out)
         if not data:
             raise SystemExit("error: pass --data (the run folder does not record its data root)")
