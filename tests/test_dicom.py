@@ -667,3 +667,25 @@ def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_nam
             assert "the series search failed (HTTP 404)" in text and "1.2.840.99" not in text
         finally:
             server.shutdown()
+
+
+def test_a_node_whose_port_is_taken_says_so_and_leaves_nothing_running(tmp_path, tiny_localiser):
+    """Found 6 Dec (stop 74): `fracdet pacs listen` on a port another program holds ended in a traceback,
+    its workers already started."""
+    import socket
+    import threading
+
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = NodeConfig(spool=tmp_path, allowed_callers=("PACS",), port=port,
+                            send_to=Destination.parse("DEST@127.0.0.1:9"))  # fmt: skip
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"), PacsNode(tiny_localiser, config):
+            pass
+        assert not [t for t in threading.enumerate() if t.name.startswith(("fracdet-worker", "fracdet-retention"))]
+        with pytest.raises(SystemExit, match=f"the node cannot listen on 127.0.0.1:{port}"):
+            main(["pacs", "listen", "--allow", "PACS", "--send-to", "DEST@127.0.0.1:9", "--port", str(port),
+                  "--spool", str(tmp_path / "spool")])  # fmt: skip

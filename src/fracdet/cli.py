@@ -583,11 +583,14 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {exc}") from None
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    with node:
-        print(f"{config.ae_title} listening on {config.host}:{config.port}; results to "
-              f"{args.send_to or args.stow}; spool {config.spool} (Ctrl-C or SIGTERM stops)", flush=True)  # fmt: skip
-        with contextlib.suppress(KeyboardInterrupt):
-            stopped.wait()
+    try:
+        with node:  # starting it raises OSError when it cannot listen (a port already taken was a traceback)
+            where = f"{config.host}:{config.port}; results to {args.send_to or args.stow}; spool {config.spool}"
+            print(f"{config.ae_title} listening on {where} (Ctrl-C or SIGTERM stops)", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                stopped.wait()
+    except OSError as exc:
+        raise SystemExit(f"error: the node {exc.strerror}") from None
     return 0
 
 

@@ -206,7 +206,11 @@ class PacsNode:
         self.stop()
 
     def start(self) -> None:
-        """Create the spool, queue what a previous run left, start the workers and the listener."""
+        """Create the spool, queue what a previous run left, start the workers and the listener.
+
+        Raises:
+            OSError: the node cannot listen on its address (the port is taken); nothing is left running.
+        """
         pynetdicom = _pynetdicom()
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.sop_class import (
@@ -249,7 +253,13 @@ class PacsNode:
         self._threads.append(sweeper)
         handlers = [(evt.EVT_CONN_OPEN, self._on_connect), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, lambda event: SUCCESS)]  # fmt: skip
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        try:
+            self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        except OSError as exc:  # the port is taken, or the address is not this machine's: end the workers too
+            self.stop()
+            raise OSError(
+                exc.errno, f"cannot listen on {self.config.host}:{self.config.port} ({exc.strerror})"
+            ) from None
         log.info("%s listening on %s:%d (pynetdicom %s), results to %s", self.config.ae_title, self.config.host,
                  self.config.port, pynetdicom.__version__, self.config.send_to or self.config.stow_url)  # fmt: skip
 
