@@ -511,6 +511,35 @@ def test_an_output_that_could_not_be_written_is_refused_before_any_work(tmp_path
             main([*argv, option, str(target)])
 
 
+@pytest.mark.parametrize(("argv", "words"), [
+    (["predict", "IMAGE", "--batch-size", "0"], "must be a whole number of 1 or more"),
+    (["predict", "IMAGE", "--batch-size", "-3"], "must be a whole number of 1 or more"),
+    (["predict", "--manifest", "M", "--engine", "dask", "--out", "O", "--workers", "0"], "1 or more"),
+    (["predict", "--manifest", "M", "--engine", "dask", "--out", "O", "--partition-size", "0"], "1 or more"),
+    (["pack", "DATA", "--out", "O", "--quality", "0"], "a quality is 1 to 100"),
+    (["evaluate", "fracatlas-default", "--bootstrap", "0"], "1 or more"),
+    (["train", "--resume", "--out", "O", "--stop-after", "0"], "1 or more"),
+    (["sweep", "--config", "C", "--data", "DATA", "--epochs", "0"], "1 or more"),
+])  # fmt: skip
+def test_a_count_that_is_not_one_or_more_is_refused_before_any_work(argv, words, capsys):
+    """Found 6 Dec (stop 74): `predict --batch-size 0` scored none of a folder and said "0 images", -3 was a
+    traceback, and a Dask cluster of `--workers 0` waited for ever."""
+    from fracdet.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(SAMPLE_RADIOGRAPH) if word == "IMAGE" else word for word in argv])
+    assert stopped.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_the_library_refuses_counts_that_would_do_nothing(model):
+    from fracdet.inference.archive import predict_archive
+
+    with pytest.raises(ValueError, match="batch_size, scorers and decoders must be 1 or more"):
+        Predictor(model, heatmaps=False).predict_files([SAMPLE_RADIOGRAPH], batch_size=0)
+    with pytest.raises(ValueError, match="workers and partition_size must be 1 or more"):
+        predict_archive("fracatlas-default", [str(SAMPLE_RADIOGRAPH)], "out", workers=0)
+
+
 def test_a_file_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):
     from fracdet.data.decode import DEFAULT_MAX_FILE_BYTES, ImageTooLargeError, read_file
 

@@ -701,6 +701,29 @@ def _port(text: str) -> int:
     return port
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of one or more (`predict --batch-size 0` scored nothing and said
+    "0 images", -3 was a traceback, and a Dask cluster of `--workers 0` waited for ever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def _quality(text: str) -> int:
+    """An argparse type: a JPEG or WebP quality, 1 to 100."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a quality is 1 to 100, not {text!r}")
+    return value
+
+
 def _share(text: str) -> float:
     """A split's share: refused before the audit it follows runs (minutes on a full dataset), not after."""
     try:
@@ -773,9 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the copy (manifest.csv, PACK.json, images)")
     p.add_argument("--splits", help="split manifest whose split column travels with the copy")
     p.add_argument("--only", nargs="+", metavar="SPLIT", help="pack only these splits (e.g. train val)")
-    p.add_argument("--size", type=int, default=384, help="shrink until the shorter side is at most this")
+    p.add_argument("--size", type=_count, default=384, help="shrink until the shorter side is at most this")
     p.add_argument("--format", default="webp", choices=["webp", "jpeg"])
-    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--quality", type=_quality, default=90)
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("train", help="train a model from a YAML config into a run folder (resumable)")
@@ -787,11 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (with --resume, only keys that leave the weights as they would be, "
                    "such as workers)")  # fmt: skip
-    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+    p.add_argument("--stop-after", type=_count, metavar="EPOCHS",
                    help="stop once this many epochs are done (a sitting); continue later with --resume")  # fmt: skip
-    p.add_argument("--devices", type=int, default=1,
+    p.add_argument("--devices", type=_count, default=1,
                    help="training processes per machine (GPUs or CPU processes); >1 runs torchrun")  # fmt: skip
-    p.add_argument("--nodes", type=int, default=1, help="machines; run the same command on each (docs/SCALE.md)")
+    p.add_argument("--nodes", type=_count, default=1, help="machines; run the same command on each (docs/SCALE.md)")
     p.add_argument("--rendezvous", metavar="HOST:PORT", help="with --nodes > 1: one machine's address, the same on all")
     p.set_defaults(func=cmd_train)
 
@@ -801,9 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="split manifest (default: the dataset's own split)")
     p.add_argument("--out", help="sweep folder (default: runs/sweep-CONFIG_NAME); rerun to continue")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
-    p.add_argument("--batch-size", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--batch-size", type=_count, nargs="+", default=[16, 32, 64])
     p.add_argument(
-        "--epochs", type=int, nargs="+", default=[10, 25, 49],
+        "--epochs", type=_count, nargs="+", default=[10, 25, 49],
         help="epoch counts; when the schedule ignores the total (none, step, plateau) one run per learning rate"
         " x batch size trains to the largest and the shorter counts are read off its history",
     )  # fmt: skip
@@ -823,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-modality", action="store_true",
                    help="analyse DICOM that is not a projection radiograph (CT, MR, ...): never validated")  # fmt: skip
     _add_backend_option(p)
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass; one pass per core runs at "
+    p.add_argument("--batch-size", type=_count, default=2, help="images per forward pass; one pass per core runs at "
                    "once, one thread each (on 2 cores the fastest; an int8 graph gains from pairs, a float one "
                    "neither gains nor loses: docs/BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--manifest", metavar="FILE", help="paths or DICOMweb instance URLs to score: a text file (one "
@@ -833,8 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "docs/SCALE.md)")  # fmt: skip
     p.add_argument("--scheduler", metavar="ADDRESS", help="with --engine dask: a running Dask scheduler "
                    "(tcp://host:8786); default: a local cluster of --workers processes")  # fmt: skip
-    p.add_argument("--workers", type=int, default=2, help="with --engine dask and no --scheduler: worker processes")
-    p.add_argument("--partition-size", type=int, default=256, help="with --engine dask: manifest entries per file")
+    p.add_argument("--workers", type=_count, default=2, help="with --engine dask and no --scheduler: worker processes")
+    p.add_argument("--partition-size", type=_count, default=256, help="with --engine dask: manifest entries per file")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("pacs", help="a DICOM node: radiographs in from a PACS, results back")
@@ -938,7 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the compiled model's folder (e.g. models/fracatlas-default)")
     p.add_argument("--name", help="its name (default: MODEL-int8)")
     p.add_argument("--version", help="its version (default: the model's version +int8)")
-    p.add_argument("--calibration", type=int, default=64, help="training radiographs that set the int8 ranges")
+    p.add_argument("--calibration", type=_count, default=64, help="training radiographs that set the int8 ranges")
     p.add_argument("--calibration-batch", type=int, default=1, metavar="K",
                    help="calibration radiographs whose activations are held in memory at once; must divide "
                    "--calibration (default 1: 1.4 GiB in all at 320 px; 0: all at once, as 1.1.1 was made, "
@@ -969,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="split manifest (default: the one saved with the run or model)")
     p.add_argument("--split", default="test", help="split to measure: train, val, test or all (default: test)")
     p.add_argument("--out", help="report folder (default: runs/eval/MODEL-SPLIT)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,

@@ -106,6 +106,8 @@ def predict_archive(
 
     A progress bar counts the images scored (rate, ETA; ``FRACDET_PROGRESS=0`` switches it off).
     """
+    if workers < 1 or partition_size < 1:  # a cluster of no workers waited for ever
+        raise ValueError(f"workers and partition_size must be 1 or more, not {workers} and {partition_size}")
     try:
         from distributed import as_completed
     except ImportError as exc:

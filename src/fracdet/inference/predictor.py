@@ -332,6 +332,9 @@ class Predictor:
         """
         from concurrent.futures import ThreadPoolExecutor
 
+        if batch_size < 1 or scorers < 1 or (decoders is not None and decoders < 1):  # 0 scored nothing, silently
+            raise ValueError(f"batch_size, scorers and decoders must be 1 or more, not {batch_size}, {scorers}, "
+                             f"{decoders}")  # fmt: skip
         if heatmap_dir is not None:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = []
