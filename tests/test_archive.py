@@ -105,11 +105,23 @@ def test_a_manifest_may_mix_files_and_urls_and_one_that_is_no_manifest_is_refuse
                                                                                          monkeypatch):  # fmt: skip
     """Before, one URL in a manifest sent every entry to the DICOMweb reader, so its files failed as "not a
     DICOMweb instance URL"; a table without a 'path' column, an empty or non-UTF-8 file ended in tracebacks."""
+    import http.server
+    import threading
+    from functools import partial
+
     monkeypatch.setenv("FRACDET_PROGRESS", "0")
     image = sample_root / "images" / "Fractured" / "IMG0000261.jpg"
-    url = "http://127.0.0.1:9/dicom-web/studies/1.2/series/1.3/instances/1.4"  # nothing listens on port 9
-    (tmp_path / "mixed.txt").write_text(f"{image}\n{url}\n")
-    assert main(["predict", "--manifest", str(tmp_path / "mixed.txt"), "--out", str(tmp_path / "rows.csv")]) == 1
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))  # a web server: 404s
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web/studies/1.2/series/1.3/instances/1.4"
+        (tmp_path / "mixed.txt").write_text(f"{image}\n{url}\n")
+        try:
+            code = main(["predict", "--manifest", str(tmp_path / "mixed.txt"), "--out", str(tmp_path / "rows.csv")])
+        finally:
+            server.shutdown()
+    assert code == 1
     rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False, na_values=[""]).set_index("path")
     assert rows.loc[str(image), "probability"] > 0 and pd.isna(rows.loc[str(image), "error"])
     assert rows.loc[url, "error"].startswith("DICOMweb retrieval failed")
