@@ -512,8 +512,8 @@ def test_an_output_that_could_not_be_written_is_refused_before_any_work(tmp_path
 
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["predict", "IMAGE", "--batch-size", "0"], "must be a whole number of 1 or more"),
-    (["predict", "IMAGE", "--batch-size", "-3"], "must be a whole number of 1 or more"),
+    (["predict", "IMAGE", "--batch-size", "0"], "a whole number is 1 or more"),
+    (["predict", "IMAGE", "--batch-size", "-3"], "a whole number is 1 or more"),
     (["predict", "--manifest", "M", "--engine", "dask", "--out", "O", "--workers", "0"], "1 or more"),
     (["predict", "--manifest", "M", "--engine", "dask", "--out", "O", "--partition-size", "0"], "1 or more"),
     (["pack", "DATA", "--out", "O", "--quality", "0"], "a quality is 1 to 100"),

@@ -690,38 +690,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    """An argparse type: a TCP port to listen on (99999 ended in a traceback from the event loop's bind)."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {text!r}")
-    return port
+def _whole(low: int, high: int | None = None, *, says: str = "a whole number"):
+    """An argparse type: a whole number from ``low`` (to ``high``). Counts of 0 or less did harm before:
+    `predict --batch-size 0` scored nothing and said "0 images", -3 was a traceback, a Dask cluster of
+    `--workers 0` waited for ever; `serve --port 99999` was a traceback from the event loop's bind."""
+    span = f"{low} or more" if high is None else f"{low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{says} is {span}, not {text!r}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    """An argparse type: a whole number of one or more (`predict --batch-size 0` scored nothing and said
-    "0 images", -3 was a traceback, and a Dask cluster of `--workers 0` waited for ever)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
-    return value
-
-
-def _quality(text: str) -> int:
-    """An argparse type: a JPEG or WebP quality, 1 to 100."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"a quality is 1 to 100, not {text!r}")
-    return value
+_count, _quality, _port = _whole(1), _whole(1, 100, says="a quality"), _whole(1, 65535, says="a port")
 
 
 def _share(text: str) -> float:
