@@ -365,8 +365,8 @@ class PacsNode:
         try:
             prediction = self.predictor.predict_bytes(data, path.name)
             results = results_for(data, prediction, self.model)
-        except (ImageReadError, NotARadiographError) as exc:
-            self._quarantine(path, str(exc))
+        except (ImageReadError, NotARadiographError) as exc:  # the reason file is named after it already
+            self._quarantine(path, str(exc).removeprefix(f"{path.name}: "))
             return
         except Exception as exc:  # logged without its message or traceback: a library's may quote a value
             self._quarantine(path, f"analysis failed ({type(exc).__name__})")
