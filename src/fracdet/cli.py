@@ -595,13 +595,14 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_pull(args: argparse.Namespace) -> int:
-    from fracdet.dicom.pull import PullError, connect, pull
+    from fracdet.dicom.dicomweb import DicomWeb
+    from fracdet.dicom.pull import PullError, pull
     from fracdet.models import load
 
     _check_output("--out", args.out)
     try:
-        client = connect(args.dicomweb)
-        table = pull(client, load(args.model), study=args.study, since=args.since)
+        with DicomWeb(args.dicomweb, max_mb=args.max_image_mb) as server:
+            table = pull(server, load(args.model), study=args.study, since=args.since)
     except (PullError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     if args.out:
@@ -873,6 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--since", metavar="YYYY-MM-DD", type=_iso_date, help="every study from this date on")
     p.add_argument("--model", default="fracatlas-default")
     p.add_argument("--out", help="the table (.csv or .json); studies appear as keyed hashes")
+    p.add_argument("--max-image-mb", type=float, default=256.0,
+                   help="the largest image fetched; a larger one is that image's error row")  # fmt: skip
     p.set_defaults(func=cmd_pacs_pull)
 
     p = sub.add_parser("gate", help="fit a model's input gate (what is not a radiograph gets no verdict)")

@@ -276,18 +276,19 @@ def test_unknown_callers_are_rejected_and_its_own_results_are_not_analysed_again
 
 def test_pull_analyses_a_study_in_the_pacs_over_dicomweb_and_stores_the_results_back(orthanc, model, grey):
     from fracdet.data.dicom import keyed_hash
-    from fracdet.dicom.pull import connect, pull
+    from fracdet.dicom.dicomweb import DicomWeb
+    from fracdet.dicom.pull import pull
 
     study = "1.2.826.0.1.3680043.8.498.906"
     for k in (1, 2):
         data = radiograph(grey, study, f"{study}.1.{k}", StudyDate="20261128")
         request = urllib.request.Request(f"http://127.0.0.1:{ORTHANC_HTTP}/instances", data=data)
         urllib.request.urlopen(request, timeout=10).close()
-    client = connect(f"http://127.0.0.1:{ORTHANC_HTTP}/dicom-web")
-    table = pull(client, model, study=study)
-    assert len(table) == 2 and table["error"].isna().all() and set(table["study"]) == {keyed_hash(study)}
-    assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 6
-    again = pull(client, model, since="2026-11-28")  # its own results are in the study now: not analysed
+    with DicomWeb(f"http://127.0.0.1:{ORTHANC_HTTP}/dicom-web") as server:
+        table = pull(server, model, study=study)
+        assert len(table) == 2 and table["error"].isna().all() and set(table["study"]) == {keyed_hash(study)}
+        assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 6
+        again = pull(server, model, since="2026-11-28")  # its own results are in the study now: not analysed
     assert len(again[again["study"] == keyed_hash(study)]) == 2
     assert study not in again.to_csv()
 

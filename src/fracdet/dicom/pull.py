@@ -18,14 +18,15 @@ from typing import Any
 import pandas as pd
 
 from fracdet.data.decode import ImageReadError
-from fracdet.data.dicom import DICOM_HINT, RADIOGRAPH_MODALITIES, keyed_hash
-from fracdet.dicom.results import SERIES_DESCRIPTION, dataset_bytes, is_fracdet_result, results_for
+from fracdet.data.dicom import RADIOGRAPH_MODALITIES, keyed_hash, read_dicom_header
+from fracdet.dicom.dicomweb import DicomWeb, RetrievalError, failure
+from fracdet.dicom.results import SERIES_DESCRIPTION, is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
 from fracdet.models.release import TrainedModel
 from fracdet.utils.progress import progress
 
-__all__ = ["PullError", "connect", "pull", "read_instance"]
+__all__ = ["PullError", "pull", "read_instance"]
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +38,6 @@ class PullError(RuntimeError):
     """The DICOMweb server could not be searched at all; the message names neither the URL nor identifiers."""
 
 
-def connect(url: str) -> Any:
-    """A DICOMweb client for ``url`` (the server's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``).
-
-    Raises:
-        ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host.
-    """
-    try:
-        from dicomweb_client.api import DICOMwebClient
-    except ImportError as exc:
-        raise ImportError(DICOM_HINT) from exc
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise ValueError(f"{url!r} is not a DICOMweb root URL (http://HOST[:PORT]/PATH)")
-    return DICOMwebClient(url=url)
-
-
-def _failure(exc: Exception) -> str:
-    """What went wrong talking to the server, in words without the URL (requests' messages quote it, and a
-    study's URL holds its UID): the HTTP status, or the kind of error (no connection, not JSON, ...)."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    return f"HTTP {status}" if status else type(exc).__name__
-
-
 #: A WADO-RS instance URL: ``ROOT/studies/S/series/R/instances/I``.
 _INSTANCE_URL = re.compile(r"^(?P<root>https?://.+?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)"
                            r"/instances/(?P<instance>[^/?#]+)/?$")  # fmt: skip
@@ -68,22 +47,19 @@ def read_instance(url: str) -> bytes:
     """The DICOM file that a DICOMweb (WADO-RS) instance URL names: how archive manifests list PACS images.
 
     Raises ``OSError`` (a manifest row's error, never the job's end) when ``url`` is not an instance URL or
-    the server does not deliver; the message names neither the URL nor its identifiers.
+    the server does not deliver within the limits of :class:`DicomWeb`; the message names neither the URL
+    nor its identifiers.
     """
     match = _INSTANCE_URL.match(url)
     if match is None:
         raise OSError("not a DICOMweb instance URL (ROOT/studies/S/series/R/instances/I)")
-    try:
-        dataset = _client(match["root"]).retrieve_instance(match["study"], match["series"], match["instance"])
-    except OSError as exc:  # requests' errors are OSErrors; their text holds the URL
-        raise OSError(f"DICOMweb retrieval failed ({_failure(exc)})") from None
-    return dataset_bytes(dataset)
+    return _server(match["root"]).instance(match["study"], match["series"], match["instance"])
 
 
 @functools.lru_cache(maxsize=8)
-def _client(root: str) -> Any:
-    """One DICOMweb client (and its connection pool) per server and process."""
-    return connect(root)
+def _server(root: str) -> DicomWeb:
+    """One server (and its connection pool) per root and process."""
+    return DicomWeb(root)
 
 
 def _value(item: dict, tag: str) -> str:
@@ -98,7 +74,7 @@ def _studies(client: Any, *, study: str | None, since: str | None) -> list[str]:
         found = client.search_for_studies(search_filters={"StudyDate": f"{since.replace('-', '')}-"})
         return [_value(item, _STUDY) for item in found]
     except Exception as exc:  # nothing to do without it: the run's end, in one line
-        raise PullError(f"the DICOMweb server did not answer the study search ({_failure(exc)})") from None
+        raise PullError(f"the DICOMweb server did not answer the study search ({failure(exc)})") from None
 
 
 def _radiographs(client: Any, study: str) -> list[tuple[str, str]]:
@@ -114,9 +90,10 @@ def _radiographs(client: Any, study: str) -> list[tuple[str, str]]:
     return out
 
 
-def pull(client: Any, model: TrainedModel, *, study: str | None = None, since: str | None = None) -> pd.DataFrame:
+def pull(server: DicomWeb, model: TrainedModel, *, study: str | None = None, since: str | None = None) -> pd.DataFrame:
     """Analyse the radiographs of one study (``study``) or of every study since a date (``since``,
-    ``YYYY-MM-DD``) and store the results back; one row per radiograph.
+    ``YYYY-MM-DD``) on ``server`` and store the results back; one row per radiograph, each fetched within the
+    server's limits and read by fracdet's own bounded reader.
 
     Columns: ``study`` (keyed hash), ``image`` (its position in the study; 0 for a study whose series
     could not be listed), ``probability``, ``label``, ``level``, ``boxes`` (count), ``stored`` (result objects
@@ -133,32 +110,36 @@ def pull(client: Any, model: TrainedModel, *, study: str | None = None, since: s
     predictor = Predictor(model, heatmaps=True)
     rows = []
     work = []
+    client = server.client
     for study_uid in _studies(client, study=study, since=since):
         try:
             work += [(study_uid, series, instance) for series, instance in _radiographs(client, study_uid)]
         except Exception as exc:  # this study's row says so (an unknown UID: HTTP 404); the others go on
             rows.append({"study": keyed_hash(study_uid), "image": 0, "probability": None, "label": None,
                          "level": None, "boxes": 0, "stored": 0,
-                         "error": f"the series search failed ({_failure(exc)})"})  # fmt: skip
-            log.warning("study %s: the series search failed (%s)", keyed_hash(study_uid), _failure(exc))
+                         "error": f"the series search failed ({failure(exc)})"})  # fmt: skip
+            log.warning("study %s: the series search failed (%s)", keyed_hash(study_uid), failure(exc))
     position: dict[str, int] = {}
     for study_uid, series_uid, instance_uid in progress(work, desc="pulling", total=len(work)):
         hashed = keyed_hash(study_uid)
         position[hashed] = position.get(hashed, 0) + 1
         row: dict[str, Any] = {"study": hashed, "image": position[hashed], "probability": None, "label": None,
                                "level": None, "boxes": 0, "stored": 0, "error": None}  # fmt: skip
+        name = f"{hashed}/{position[hashed]}"
         try:
-            ds = client.retrieve_instance(study_uid, series_uid, instance_uid)
-            if is_fracdet_result(ds):  # a series description someone changed: the manufacturer still says so
-                continue
-            data = dataset_bytes(ds)
-            prediction = predictor.predict_bytes(data, f"{hashed}/{position[hashed]}")
+            data = server.instance(study_uid, series_uid, instance_uid)
+            if is_fracdet_result(read_dicom_header(data, name=name)):  # a series description someone changed:
+                continue  # the manufacturer still says so
+            prediction = predictor.predict_bytes(data, name)
             results = results_for(data, prediction, model)
             client.store_instances(results.all())
         except (ImageReadError, NotARadiographError) as exc:
             row["error"] = str(exc)
+        except RetrievalError as exc:  # too large, too slow, not DICOM: said without URL or identifier
+            row["error"] = f"{name}: {exc}"
+            log.warning("image %d of study %s: %s", position[hashed], hashed, exc)
         except Exception as exc:  # a server or network failure: this image's error, not the run's end
-            row["error"] = f"{hashed}/{position[hashed]}: {type(exc).__name__}"
+            row["error"] = f"{name}: {type(exc).__name__}"
             log.warning("image %d of study %s failed: %s", position[hashed], hashed, type(exc).__name__)
         else:
             row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,

@@ -1,0 +1,211 @@
+"""What can a DICOMweb server's answer make ``fracdet pacs pull`` hold, and for how long?
+
+    python benchmarks/dicomweb_answers.py [--baseline REV] [--gib 1] [--model fracatlas-default]
+        [--out benchmarks/results-dicomweb-answers.json]
+
+Serves one study of one DX instance from a local DICOMweb server (QIDO-RS, WADO-RS, STOW-RS) and runs
+``fracdet pacs pull --study`` of this tree (and, with ``--baseline``, of an earlier commit checked out beside
+it) against it, once for each answer the server gives for the instance:
+
+* ``radiograph``: the control, a FracAtlas sample radiograph as a DX, which must be analysed;
+* ``deflated``: a deflated dataset (PS3.5 A.5) of about 1 MB that inflates to ``--gib`` GiB, as any modality
+  could store in the PACS;
+* ``endless``: a ``multipart/related`` answer of ``--gib`` GiB, sent as fast as it is read;
+* ``drip``: an answer that sends a byte every half second and never ends (each pull is stopped after 150 s).
+
+Each pull runs as its own process; the table reports its peak resident memory (``wait4``'s ``ru_maxrss``),
+its time and its row's error. Run it with memory to spare: the baseline's ``deflated`` and ``endless`` each
+held about 5 GB at ``--gib 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _checkout import checkout, revisions  # noqa: E402
+
+STUDY, SERIES = "1.2.826.0.1.3680043.8.498.75", "1.2.826.0.1.3680043.8.498.75.1"
+BOUNDARY = "fracdet-benchmark"
+DRIP_LIMIT_S = 150
+
+
+def _dx(pixels: np.ndarray, **extra) -> tuple[bytes, bytes]:
+    """A DX of 8-bit ``pixels``: (file meta with preamble, the dataset in explicit VR little endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = extra.pop("syntax", ExplicitVRLittleEndian)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = STUDY, SERIES, "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    for tag, (vr, value) in extra.items():
+        ds.add_new(int(tag, 16), vr, value)
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    return head.getvalue(), body.getvalue()
+
+
+def radiograph() -> bytes:
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(REPO / "samples/fracatlas/images/Fractured/IMG0000261.jpg").convert("L"))
+    return b"".join(_dx(pixels))
+
+
+def deflated(inflated: int) -> bytes:
+    """A deflated DX with ``inflated`` bytes of zeros in a private element, deflated as it is made (never
+    held whole): about a thousandth of what it inflates to."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    mark = b"fracdet-deflated-mark"[:20]
+    head, body = _dx(np.zeros((64, 64), np.uint8), syntax=DeflatedExplicitVRLittleEndian,
+                     **{"00091010": ("OB", mark)})  # fmt: skip
+    at = body.index(mark)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate, as PS3.5 A.5 has it
+    out = [packer.compress(body[: at - 4] + struct.pack("<I", inflated))]
+    zeros = bytes(1 << 20)
+    out += [packer.compress(zeros) for _ in range(inflated >> 20)]
+    out += [packer.compress(body[at + len(mark) :]), packer.flush()]
+    data = b"".join(out)
+    return head + data + (b"\0" if len(data) % 2 else b"")
+
+
+class _Pacs(http.server.BaseHTTPRequestHandler):
+    """One study, one DX series, one instance; what the instance is comes from the server's ``answer``."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _reply(self, kind: str, pieces, pause: float = 0.0) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.end_headers()
+        try:
+            for piece in pieces:
+                self.wfile.write(piece)
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:  # the client stopped reading
+            pass
+
+    def do_GET(self) -> None:
+        last = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        if last == "series":
+            found = [{"0020000E": {"vr": "UI", "Value": [SERIES]}, "00080060": {"vr": "CS", "Value": ["DX"]}}]
+            return self._reply("application/dicom+json", [json.dumps(found).encode()])
+        if last == "instances":
+            found = [{"00080018": {"vr": "UI", "Value": [f"{SERIES}.1"]}}]
+            return self._reply("application/dicom+json", [json.dumps(found).encode()])
+        kind = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+        head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        tail = f"\r\n--{BOUNDARY}--\r\n".encode()
+        answer, gib = self.server.answer, self.server.gib
+        if answer == "endless":
+            block = bytes(1 << 20)
+            return self._reply(kind, [head, *(block for _ in range(gib << 10)), tail])
+        if answer == "drip":
+            return self._reply(kind, [head, *(b"-" for _ in range(10 * DRIP_LIMIT_S))], pause=0.5)
+        self._reply(kind, [head, self.server.files[answer], tail])
+
+    def do_POST(self) -> None:  # STOW-RS: the results are taken
+        if "Content-Length" in self.headers:
+            self.rfile.read(int(self.headers["Content-Length"]))
+        else:
+            while size := int(self.rfile.readline().strip() or b"0", 16):
+                self.rfile.read(size + 2)
+            self.rfile.readline()
+        self._reply("application/dicom+json", [b"{}"])
+
+
+def _pull(src: Path, url: str, model: str, out: Path) -> dict:
+    """One ``fracdet pacs pull`` of the tree at ``src``: its peak memory, time and row."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [sys.executable, "-m", "fracdet", "pacs", "pull", "--dicomweb", url, "--study", STUDY,
+               "--model", model, "--out", str(out)]  # fmt: skip
+    started = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stopped = threading.Timer(DRIP_LIMIT_S, child.kill)
+    stopped.start()
+    _, status, usage = os.wait4(child.pid, 0)
+    stopped.cancel()
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    row = json.loads(out.read_text())[0] if out.exists() else None
+    return {"peak_rss_mb": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1),
+            "exit": child.returncode, "killed_after_s": DRIP_LIMIT_S if child.returncode == -9 else None,
+            "error": row and row["error"], "probability": row and row["probability"]}  # fmt: skip
+
+
+def run(src: Path, server: http.server.ThreadingHTTPServer, model: str, folder: Path) -> dict:
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    results = {}
+    for answer in ("radiograph", "deflated", "endless", "drip"):
+        server.answer = answer
+        out = folder / f"{answer}.json"
+        out.unlink(missing_ok=True)
+        results[answer] = _pull(src, url, model, out)
+        print(f"  {answer:10s} {results[answer]}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="an earlier commit to run side by side")
+    parser.add_argument("--gib", type=int, default=1, help="what the deflated and endless answers amount to")
+    parser.add_argument("--model", default="fracatlas-default")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-dicomweb-answers.json"))
+    args = parser.parse_args()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pacs)
+    server.answer, server.gib = "radiograph", args.gib
+    server.files = {"radiograph": radiograph(), "deflated": deflated(args.gib << 30)}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    report = {"gib": args.gib, "deflated_file_bytes": len(server.files["deflated"]), "model": args.model,
+              "command": " ".join(sys.argv), "trees": {}}  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            if args.baseline:
+                base, here = revisions(args.baseline)
+                with checkout(args.baseline) as src:
+                    print(f"baseline {base}", flush=True)
+                    report["trees"][f"baseline {base}"] = run(src, server, args.model, Path(folder))
+            else:
+                here = revisions("HEAD")[1]
+            print(f"this tree {here}", flush=True)
+            report["trees"][f"this tree {here}"] = run(REPO / "src", server, args.model, Path(folder))
+    finally:
+        server.shutdown()
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

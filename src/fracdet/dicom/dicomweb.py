@@ -1,0 +1,159 @@
+"""A DICOMweb server, within limits: each instance fetched as the bytes of its file, read no further than a
+size and a time limit, so that fracdet's own reader is the first to parse it.
+
+Searches (QIDO-RS) and stores (STOW-RS) go through dicomweb-client. Its ``retrieve_instance`` does not
+suit an image of unknown origin: it reads the whole answer into memory and hands it to pydicom, which
+inflates a deflated dataset whole, before fracdet's bounded reader (pixel limit, inflation limit, element
+count) sees a byte. An image that any modality stored in the PACS, or a server answering without end, could
+so make ``fracdet pacs pull`` or a manifest of DICOMweb URLs hold gigabytes: an answer of 1 GiB took a pull
+to 4.9 GB, and so did 1 MB of deflated data inflating to 1 GiB (``benchmarks/dicomweb_answers.py``).
+:meth:`DicomWeb.instance` streams the answer (``multipart/related`` parsed by python-multipart as it
+arrives, or a bare ``application/dicom`` from servers that send one), stops at ``max_mb`` and at
+``timeout_s`` (a watchdog shuts the socket for reading, so a server that sends a byte a minute cannot hold
+it), and returns bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.message
+import re
+import threading
+import time
+from typing import Any
+
+from fracdet.data.dicom import DICOM_HINT
+
+__all__ = ["MAX_INSTANCE_MB", "RETRIEVE_TIMEOUT_S", "DicomWeb", "RetrievalError", "failure"]
+
+#: The largest instance fetched, as the PACS node's ``max_store_mb``: a radiograph is tens of megabytes.
+MAX_INSTANCE_MB = 256
+#: How long one instance may take to arrive, whole: 256 MB at 20 Mbit/s would take about 100 s.
+RETRIEVE_TIMEOUT_S = 120.0
+_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_CHUNK = 1 << 20
+
+
+class RetrievalError(OSError):
+    """An instance could not be fetched within the limits; the message names neither URL nor identifier.
+
+    An ``OSError``, as the archive reader expects of a file it cannot read: the row's error, not the job's end.
+    """
+
+
+def failure(exc: Exception) -> str:
+    """What went wrong talking to the server, in words without the URL (requests' messages quote it, and a
+    study's URL holds its UID): the HTTP status, or the kind of error (no connection, not JSON, ...)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP {status}" if status else type(exc).__name__
+
+
+class DicomWeb:
+    """One DICOMweb server (``url``: its root, e.g. ``http://pacs:8042/dicom-web``).
+
+    ``client`` is dicomweb-client's, for searches and stores, sharing this object's HTTP session (and so its
+    connections); :meth:`instance` fetches files within ``max_mb`` and ``timeout_s``. Close it (or use it in
+    a ``with`` block) to release the connections.
+
+    Raises:
+        ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host, or a limit is not positive.
+    """
+
+    def __init__(self, url: str, *, max_mb: float = MAX_INSTANCE_MB, timeout_s: float = RETRIEVE_TIMEOUT_S):
+        try:
+            import requests
+            from dicomweb_client.api import DICOMwebClient
+        except ImportError as exc:
+            raise ImportError(DICOM_HINT) from exc
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"{url!r} is not a DICOMweb root URL (http://HOST[:PORT]/PATH)")
+        if not (max_mb > 0 and timeout_s > 0):  # `not >` so that NaN is refused too
+            raise ValueError(f"the retrieval limits must be positive: max_mb {max_mb}, timeout_s {timeout_s}")
+        self.url = url.rstrip("/")
+        self.max_bytes = int(max_mb * (1 << 20))
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        self.client = DICOMwebClient(url=self.url, session=self.session)
+
+    def instance(self, study: str, series: str, instance: str) -> bytes:
+        """The DICOM file of one instance (WADO-RS), as bytes, never parsed here.
+
+        Raises:
+            RetrievalError: the server refused or failed, answered something that is not DICOM, or sent more
+                than ``max_mb`` or for longer than ``timeout_s``.
+        """
+        import requests
+
+        url = f"{self.url}/studies/{study}/series/{series}/instances/{instance}"
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            with self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.timeout_s) as answer:
+                answer.raise_for_status()
+                watchdog = threading.Timer(self.timeout_s, _shut, args=(answer.raw,))
+                watchdog.start()
+                try:
+                    return self._body(answer, deadline)
+                finally:
+                    watchdog.cancel()
+        except RetrievalError:
+            raise
+        except (requests.RequestException, OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise RetrievalError(f"the instance did not arrive within {self.timeout_s:g} s") from None
+            raise RetrievalError(f"DICOMweb retrieval failed ({failure(exc)})") from None
+
+    def _body(self, answer: Any, deadline: float) -> bytes:
+        header = email.message.Message()
+        header["content-type"] = answer.headers.get("Content-Type", "")
+        kind, boundary = header.get_content_type(), header.get_param("boundary")
+        declared = answer.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise RetrievalError(self._too_large())
+        if kind == "application/dicom":  # not the standard's multipart, but some servers answer so
+            body = bytearray()
+            for chunk in answer.iter_content(_CHUNK):
+                body += chunk
+                self._check(len(body), deadline)
+            return bytes(body)
+        if kind != "multipart/related" or not isinstance(boundary, str):
+            raise RetrievalError(f"the server answered {kind}, not DICOM")
+        from python_multipart.multipart import MultipartParser
+
+        parts: list[bytearray] = []
+        ended, received = [], 0
+        parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": lambda: parts.append(bytearray()),
+            "on_part_data": lambda data, start, end: parts[-1].extend(data[start:end]),
+            "on_part_end": lambda: ended.append(True),
+        })  # fmt: skip
+        for chunk in answer.iter_content(_CHUNK):
+            received += len(chunk)
+            self._check(received, deadline)  # the whole answer: a preamble or headers count too
+            parser.write(chunk)
+            if ended:  # one instance is one part: the rest is not read
+                return bytes(parts[0])
+        raise RetrievalError("the answer ended before its first part did")
+
+    def _check(self, size: int, deadline: float) -> None:
+        if size > self.max_bytes:
+            raise RetrievalError(self._too_large())
+        if time.monotonic() >= deadline:
+            raise RetrievalError(f"the instance did not arrive within {self.timeout_s:g} s")
+
+    def _too_large(self) -> str:
+        return f"the answer is larger than {self.max_bytes / (1 << 20):g} MB (the retrieval limit)"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> DicomWeb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shut(raw: Any) -> None:
+    """Shut a response's socket for reading from the watchdog thread: the blocked read returns or raises."""
+    with contextlib.suppress(ValueError, RuntimeError, OSError):  # released or closed: nothing reads it
+        raw.shutdown()
