@@ -536,6 +536,7 @@ def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_loc
     ({"max_store_mb": 0}, "max_store_mb must be more than 0"),
     ({"max_associations": 0}, "max_associations must be more than 0"),
     ({"network_timeout_s": float("nan")}, "network_timeout_s must be more than 0"),
+    ({"stow_url": "pacs.local/dicom-web"}, "is not a STOW-RS URL"),  # each image analysed, then quarantined
 ])  # fmt: skip
 def test_a_node_that_could_not_work_is_refused_when_it_starts_not_at_its_first_store(tmp_path, setting, words):
     from fracdet.cli import main
@@ -546,7 +547,7 @@ def test_a_node_that_could_not_work_is_refused_when_it_starts_not_at_its_first_s
         NodeConfig(**{**config, "send_to": Destination.parse(config["send_to"])})
     flags = {"ae_title": "--ae-title", "port": "--port", "workers": "--workers", "queue_size": "--queue-size",
              "retention_days": "--retention-days", "send_to": "--send-to", "max_store_mb": "--max-store-mb",
-             "max_associations": "--max-associations"}  # fmt: skip
+             "max_associations": "--max-associations", "stow_url": "--stow"}  # fmt: skip
     if (key := next(iter(setting))) in flags:  # the command says so in one line, before loading a model
         argv = ["pacs", "listen", "--allow", "PACS", "--spool", str(tmp_path), "--send-to", config["send_to"],
                 flags[key], str(setting[key]), "--model", str(tmp_path / "no-model")]  # fmt: skip

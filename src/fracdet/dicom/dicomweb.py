@@ -24,7 +24,7 @@ from typing import Any
 
 from fracdet.data.dicom import DICOM_HINT
 
-__all__ = ["MAX_INSTANCE_MB", "RETRIEVE_TIMEOUT_S", "DicomWeb", "RetrievalError", "failure"]
+__all__ = ["MAX_INSTANCE_MB", "RETRIEVE_TIMEOUT_S", "DicomWeb", "RetrievalError", "check_url", "failure"]
 
 #: The largest instance fetched, as the PACS node's ``max_store_mb``: a radiograph is tens of megabytes.
 MAX_INSTANCE_MB = 256
@@ -39,6 +39,14 @@ class RetrievalError(OSError):
 
     An ``OSError``, as the archive reader expects of a file it cannot read: the row's error, not the job's end.
     """
+
+
+def check_url(url: str, what: str = "a DICOMweb root URL") -> str:
+    """``url`` when it is an ``http://`` or ``https://`` URL with a host; a ``ValueError`` naming ``what``
+    otherwise (requests would fail on it only at the first request: a node at its first result)."""
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{url!r} is not {what} (http://HOST[:PORT]/PATH)")
+    return url
 
 
 def failure(exc: Exception) -> str:
@@ -65,8 +73,7 @@ class DicomWeb:
             from dicomweb_client.api import DICOMwebClient
         except ImportError as exc:
             raise ImportError(DICOM_HINT) from exc
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError(f"{url!r} is not a DICOMweb root URL (http://HOST[:PORT]/PATH)")
+        check_url(url)
         if not (max_mb > 0 and timeout_s > 0):  # `not >` so that NaN is refused too
             raise ValueError(f"the retrieval limits must be positive: max_mb {max_mb}, timeout_s {timeout_s}")
         self.url = url.rstrip("/")

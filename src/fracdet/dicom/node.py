@@ -47,6 +47,7 @@ from typing import Any
 
 from fracdet.data.decode import ImageReadError
 from fracdet.data.dicom import DICOM_HINT, keyed_hash, read_dicom_header
+from fracdet.dicom.dicomweb import check_url
 from fracdet.dicom.guard import PeerGuard
 from fracdet.dicom.results import is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
@@ -119,11 +120,13 @@ class NodeConfig:
     def __post_init__(self) -> None:
         """Refuse at start what pynetdicom would refuse with a traceback (an AE title of 17 characters, port
         99999) or what would run without working: no worker, a queue that refuses every store, a negative
-        retention that deletes every result and quarantined file as it lands."""
+        retention that deletes every result and quarantined file as it lands, a STOW-RS URL that is none."""
         if not self.allowed_callers:
             raise ValueError("name the calling AE titles to accept (the PACS and its routers): none given")
         if self.send_to is None and self.stow_url is None:
             raise ValueError("give a destination for the results: send_to (C-STORE) or stow_url (STOW-RS)")
+        if self.stow_url is not None:  # without a scheme, every image was analysed, then quarantined
+            check_url(self.stow_url, "a STOW-RS URL")
         titles = [("the node's AE title", self.ae_title), *(("an allowed caller", t) for t in self.allowed_callers)]
         if self.send_to is not None:
             titles.append(("the destination's AE title", self.send_to.ae_title))
