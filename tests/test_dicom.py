@@ -467,6 +467,11 @@ def test_results_are_valid_dicom_linked_to_the_study_and_leave_the_original_alon
         assert ds.Manufacturer == "fracdet" and is_fracdet_result(ds)
     assert not is_fracdet_result(dcmread(original))
     assert len({ds.SeriesInstanceUID for ds in made.values()}) == 1  # one new series
+    uids = {ds.SOPInstanceUID for ds in made.values()}
+    assert {ds.SOPInstanceUID for ds in results_for(data, prediction, tiny_localiser).all()} == uids  # made again:
+    other = dcmread(io.BytesIO(data))  # the same instances, so a PACS files no second copy; another image's differ
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234"
+    assert not uids & {ds.SOPInstanceUID for ds in results_for(write_bytes(other), prediction, tiny_localiser).all()}
 
     gsps = made["Grayscale Softcopy Presentation State Storage"]
     assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == PHI["SOPInstanceUID"]

@@ -289,6 +289,8 @@ def test_pull_analyses_a_study_in_the_pacs_over_dicomweb_and_stores_the_results_
         assert len(table) == 2 and table["error"].isna().all() and set(table["study"]) == {keyed_hash(study)}
         assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 6
         again = pull(server, model, since="2026-11-28")  # its own results are in the study now: not analysed
+        assert len([i for i in instances_of(study) if i.get("Manufacturer") == "fracdet"]) == 6  # nor filed twice
+        assert again["error"].isna().all()  # stored again as the same instances: the PACS takes them
     assert len(again[again["study"] == keyed_hash(study)]) == 2
     assert study not in again.to_csv()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,11 +103,11 @@ def build_results(
         series_number: of the new series (a high number keeps it after the original's in viewers).
     """
     hd = _highdicom()
-    series_uid = hd.UID()
-    common = {"series_instance_uid": series_uid, "series_number": series_number, "manufacturer": MANUFACTURER}
-    sr = _structured_report(hd, source, prediction, model, common)
-    gsps = _presentation_state(hd, source, prediction, model, common)
-    sc = _secondary_capture(hd, source, prediction, model, common, display)
+    uid = _uids(source, model)
+    common = {"series_instance_uid": uid("series"), "series_number": series_number, "manufacturer": MANUFACTURER}
+    sr = _structured_report(hd, source, prediction, model, common, uid)
+    gsps = _presentation_state(source, prediction, model, common, uid)
+    sc = _secondary_capture(hd, source, prediction, model, common, display, uid)
     for ds in (sr, gsps, sc):
         ds.SeriesDescription = SERIES_DESCRIPTION
     laterality = source.get("Laterality", "") or source.get("ImageLaterality", "")
@@ -188,13 +189,27 @@ def _code(value: str, meaning: str) -> Any:
     return CodedConcept(value=value, scheme_designator=_SCHEME, meaning=meaning)
 
 
-def _structured_report(hd: Any, source: Any, prediction: Prediction, model: TrainedModel, common: dict) -> Any:
+def _uids(source: Any, model: TrainedModel) -> Callable[[str], str]:
+    """UIDs derived from the analysed image, the model and fracdet's version, one per role: a name-based UUID
+    (RFC 4122 version 5) in the 2.25 form of PS3.5 B.2. Results made again for the same image by the same
+    model and code are the same instances, so a pull run twice, or an image sent again after its retention,
+    files no second copy in the PACS. (pydicom's ``generate_uid`` ignores its entropy under the 2.25 root.)"""
+    import uuid
+
+    from fracdet import __version__
+
+    key = "|".join([str(source.SOPInstanceUID), model.name, str(model.version), __version__])
+    return lambda role: f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'{key}|{role}').int}"
+
+
+def _structured_report(hd: Any, source: Any, prediction: Prediction, model: TrainedModel, common: dict,
+                       uid: Callable[[str], str]) -> Any:  # fmt: skip
     from pydicom.sr.codedict import codes
 
     sr = hd.sr
     algorithm = sr.AlgorithmIdentification(name=model.name, version=model.version, manufacturer=MANUFACTURER)
     device = sr.DeviceObserverIdentifyingAttributes(
-        uid=hd.UID(), name=f"{MANUFACTURER} {model.name}", manufacturer_name=MANUFACTURER, model_name=model.name
+        uid=uid("device"), name=f"{MANUFACTURER} {model.name}", manufacturer_name=MANUFACTURER, model_name=model.name
     )
     observer = sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
     context = sr.ObservationContext(observer_device_context=observer)
@@ -215,7 +230,7 @@ def _structured_report(hd: Any, source: Any, prediction: Prediction, model: Trai
         measurements.append(number(f"T-{level.upper()}", f"Probability threshold, {level}", threshold))
     groups: list[Any] = [
         sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=sr.TrackingIdentifier(uid=hd.UID(), identifier="image-level finding"),
+            tracking_identifier=sr.TrackingIdentifier(uid=uid("finding"), identifier="image-level finding"),
             finding_type=fracture,
             algorithm_id=algorithm,
             measurements=measurements,
@@ -232,7 +247,7 @@ def _structured_report(hd: Any, source: Any, prediction: Prediction, model: Trai
         )
         groups.append(
             sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=sr.TrackingIdentifier(uid=hd.UID(), identifier=f"suspected fracture {k}"),
+                tracking_identifier=sr.TrackingIdentifier(uid=uid(f"box {k}"), identifier=f"suspected fracture {k}"),
                 referenced_region=region,
                 finding_type=fracture,
                 algorithm_id=algorithm,
@@ -247,7 +262,7 @@ def _structured_report(hd: Any, source: Any, prediction: Prediction, model: Trai
         title=codes.DCM.ImagingMeasurementReport,
     )
     document = sr.ComprehensiveSR(
-        evidence=[source], content=report, sop_instance_uid=hd.UID(), instance_number=1, is_complete=True, **common
+        evidence=[source], content=report, sop_instance_uid=uid("sr"), instance_number=1, is_complete=True, **common
     )
     from pydicom.dataset import Dataset
 
@@ -267,7 +282,8 @@ def _outline(box: Any, rows: int, columns: int) -> np.ndarray:
 # --- the presentation state -------------------------------------------------------------------------------
 
 
-def _presentation_state(hd: Any, source: Any, prediction: Prediction, model: TrainedModel, common: dict) -> Any:
+def _presentation_state(source: Any, prediction: Prediction, model: TrainedModel, common: dict,
+                        uid: Callable[[str], str]) -> Any:  # fmt: skip
     from highdicom import PresentationLUTShapeValues, PresentationLUTTransformation
     from highdicom.pr import (
         AnnotationUnitsValues,
@@ -306,7 +322,7 @@ def _presentation_state(hd: Any, source: Any, prediction: Prediction, model: Tra
     shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
     return GrayscaleSoftcopyPresentationState(  # modality and VOI LUT: the original's, copied by highdicom
         referenced_images=[source],
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uid("gsps"),
         instance_number=1,
         manufacturer_model_name=model.name,
         software_versions=model.version,
@@ -324,7 +340,7 @@ def _presentation_state(hd: Any, source: Any, prediction: Prediction, model: Tra
 
 
 def _secondary_capture(hd: Any, source: Any, prediction: Prediction, model: TrainedModel, common: dict,
-                       display: np.ndarray) -> Any:  # fmt: skip
+                       display: np.ndarray, uid: Callable[[str], str]) -> Any:  # fmt: skip
     picture = burned_in(display, prediction, model)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -333,7 +349,7 @@ def _secondary_capture(hd: Any, source: Any, prediction: Prediction, model: Trai
         bits_allocated=8,
         coordinate_system="PATIENT",
         patient_orientation=("L", "F"),  # replaced below: highdicom wants one, the source's is what holds
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uid("sc"),
         instance_number=1,
         **common,
     )
