@@ -21,7 +21,6 @@ held about 5 GB at ``--gib 1``.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import struct
@@ -31,6 +30,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkout import checkout, revisions  # noqa: E402
 
-STUDY, SERIES = "1.2.826.0.1.3680043.8.498.75", "1.2.826.0.1.3680043.8.498.75.1"
-BOUNDARY = "fracdet-benchmark"
+sys.path.insert(0, str(REPO))
+from tests.dicomweb_server import MULTIPART, SERIES, Answer, file, multipart, serving  # noqa: E402
+
+STUDY = "1.2.826.0.1.3680043.8.498.75"
 DRIP_LIMIT_S = 150
 
 
@@ -99,53 +101,6 @@ def deflated(inflated: int) -> bytes:
     return head + data + (b"\0" if len(data) % 2 else b"")
 
 
-class _Pacs(http.server.BaseHTTPRequestHandler):
-    """One study, one DX series, one instance; what the instance is comes from the server's ``answer``."""
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _reply(self, kind: str, pieces, pause: float = 0.0) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.end_headers()
-        try:
-            for piece in pieces:
-                self.wfile.write(piece)
-                self.wfile.flush()
-                time.sleep(pause)
-        except OSError:  # the client stopped reading
-            pass
-
-    def do_GET(self) -> None:
-        last = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        if last == "series":
-            found = [{"0020000E": {"vr": "UI", "Value": [SERIES]}, "00080060": {"vr": "CS", "Value": ["DX"]}}]
-            return self._reply("application/dicom+json", [json.dumps(found).encode()])
-        if last == "instances":
-            found = [{"00080018": {"vr": "UI", "Value": [f"{SERIES}.1"]}}]
-            return self._reply("application/dicom+json", [json.dumps(found).encode()])
-        kind = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
-        head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        tail = f"\r\n--{BOUNDARY}--\r\n".encode()
-        answer, gib = self.server.answer, self.server.gib
-        if answer == "endless":
-            block = bytes(1 << 20)
-            return self._reply(kind, [head, *(block for _ in range(gib << 10)), tail])
-        if answer == "drip":
-            return self._reply(kind, [head, *(b"-" for _ in range(10 * DRIP_LIMIT_S))], pause=0.5)
-        self._reply(kind, [head, self.server.files[answer], tail])
-
-    def do_POST(self) -> None:  # STOW-RS: the results are taken
-        if "Content-Length" in self.headers:
-            self.rfile.read(int(self.headers["Content-Length"]))
-        else:
-            while size := int(self.rfile.readline().strip() or b"0", 16):
-                self.rfile.read(size + 2)
-            self.rfile.readline()
-        self._reply("application/dicom+json", [b"{}"])
-
-
 def _pull(src: Path, url: str, model: str, out: Path) -> dict:
     """One ``fracdet pacs pull`` of the tree at ``src``: its peak memory, time and row."""
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -165,16 +120,31 @@ def _pull(src: Path, url: str, model: str, out: Path) -> dict:
             "error": row and row["error"], "probability": row and row["probability"]}  # fmt: skip
 
 
-def run(src: Path, server: http.server.ThreadingHTTPServer, model: str, folder: Path) -> dict:
-    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+def run(src: Path, url: str, state: dict, model: str, folder: Path) -> dict:
     results = {}
     for answer in ("radiograph", "deflated", "endless", "drip"):
-        server.answer = answer
+        state["answer"] = answer
         out = folder / f"{answer}.json"
         out.unlink(missing_ok=True)
         results[answer] = _pull(src, url, model, out)
         print(f"  {answer:10s} {results[answer]}", flush=True)
     return results
+
+
+def _answers(gib: int) -> tuple[dict, Callable[[str], Answer]]:
+    """The server's state (which answer it gives now) and what it sends for the instance."""
+    files = {"radiograph": radiograph(), "deflated": deflated(gib << 30)}
+    state = {"answer": "radiograph", "deflated_file_bytes": len(files["deflated"])}
+
+    def answer(_: str) -> Answer:
+        if state["answer"] == "endless":
+            block = bytes(1 << 20)
+            return MULTIPART, multipart(*(block for _ in range(gib << 10))), 0.0
+        if state["answer"] == "drip":
+            return MULTIPART, (b"-" for _ in range(10 * DRIP_LIMIT_S)), 0.5
+        return file(files[state["answer"]])
+
+    return state, answer
 
 
 def main() -> None:
@@ -184,25 +154,19 @@ def main() -> None:
     parser.add_argument("--model", default="fracatlas-default")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-dicomweb-answers.json"))
     args = parser.parse_args()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pacs)
-    server.answer, server.gib = "radiograph", args.gib
-    server.files = {"radiograph": radiograph(), "deflated": deflated(args.gib << 30)}
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    report = {"gib": args.gib, "deflated_file_bytes": len(server.files["deflated"]), "model": args.model,
+    state, answer = _answers(args.gib)
+    report = {"gib": args.gib, "deflated_file_bytes": state["deflated_file_bytes"], "model": args.model,
               "command": " ".join(sys.argv), "trees": {}}  # fmt: skip
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            if args.baseline:
-                base, here = revisions(args.baseline)
-                with checkout(args.baseline) as src:
-                    print(f"baseline {base}", flush=True)
-                    report["trees"][f"baseline {base}"] = run(src, server, args.model, Path(folder))
-            else:
-                here = revisions("HEAD")[1]
-            print(f"this tree {here}", flush=True)
-            report["trees"][f"this tree {here}"] = run(REPO / "src", server, args.model, Path(folder))
-    finally:
-        server.shutdown()
+    with serving([f"{SERIES}.1"], answer) as url, tempfile.TemporaryDirectory() as folder:
+        if args.baseline:
+            base, here = revisions(args.baseline)
+            with checkout(args.baseline) as src:
+                print(f"baseline {base}", flush=True)
+                report["trees"][f"baseline {base}"] = run(src, url, state, args.model, Path(folder))
+        else:
+            here = revisions("HEAD")[1]
+        print(f"this tree {here}", flush=True)
+        report["trees"][f"this tree {here}"] = run(REPO / "src", url, state, args.model, Path(folder))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.out}")
 

@@ -680,81 +680,33 @@ def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_nam
 def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracdet(grey, tiny_localiser):
     """Found 6 Dec (stop 75): dicomweb-client read a whole answer and pydicom inflated a deflated dataset whole
     before fracdet's reader saw it: an answer of 1 GiB took `fracdet pacs pull` to 4.9 GB, and so did 1 MB
-    deflated to 1 GiB (`benchmarks/dicomweb_answers.py`). Now no answer is read beyond `max_mb` or `timeout_s`,
-    fracdet's bounded reader is the only parser, and each image that fails is its own row, saying why without
-    a URL or identifier."""
-    import http.server
-    import threading
-    import time
+    deflated to 1 GiB (`benchmarks/dicomweb_answers.py`). Now no answer is read beyond `max_mb` or
+    `timeout_s`, fracdet's bounded reader is the only parser, and each image that fails is its own row,
+    saying why without a URL or identifier."""
     import tracemalloc
 
     from fracdet.dicom.dicomweb import DicomWeb, RetrievalError
     from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import MULTIPART, file, multipart, serving
 
-    boundary = "fracdet-test"
-    good, mebibyte = write_bytes(mono2_8bit(grey)), bytes(1 << 20)
-    order = ["good", "deflated", "large", "slow", "page"]
-
-    class Pacs(http.server.BaseHTTPRequestHandler):  # HTTP/1.0: a body without a length ends at the close
-        def log_message(self, *args):
-            pass
-
-        def reply(self, kind: str, *pieces: bytes, pause: float = 0) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.end_headers()
-            try:
-                for piece in pieces:
-                    self.wfile.write(piece)
-                    self.wfile.flush()
-                    time.sleep(pause)
-            except OSError:  # the client stopped reading: what it is meant to do
-                pass
-
-        def do_GET(self):
-            last = self.path.rstrip("/").rsplit("/", 1)[-1]
-            if last in ("series", "instances"):
-                series = [{"0020000E": {"vr": "UI", "Value": ["1.2.3.1"]}, "00080060": {"vr": "CS", "Value": ["DX"]}}]
-                found = series if last == "series" else [{"00080018": {"vr": "UI", "Value": [n]}} for n in order]
-                return self.reply("application/dicom+json", json.dumps(found).encode())
-            if last == "page":
-                return self.reply("text/html", b"<html>a login page</html>")
-            kind = f'multipart/related; type="application/dicom"; boundary={boundary}'
-            head, tail = (
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
-                f"\r\n--{boundary}--".encode(),
-            )
-            if last == "slow":  # a byte every 0.2 s: never idle for a read timeout, never done
-                return self.reply(kind, head, *[b"-"] * 150, pause=0.2)
-            if last == "large":  # 64 MiB sent without a length: counted as it arrives
-                return self.reply(kind, head, *[mebibyte] * 64, tail)
-            body = write_bytes(deflated(grey)) if last == "deflated" else good
-            self.reply(kind, head, body, tail)
-
-        def do_POST(self):  # STOW-RS: the results are taken (dicomweb-client chunks what is over 1 MB)
-            if "Content-Length" in self.headers:
-                self.rfile.read(int(self.headers["Content-Length"]))
-            else:
-                while size := int(self.rfile.readline().strip() or b"0", 16):
-                    self.rfile.read(size + 2)
-                self.rfile.readline()
-            self.reply("application/dicom+json", b"{}")
-
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pacs) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    mebibyte = bytes(1 << 20)
+    answers = {
+        "good": file(write_bytes(mono2_8bit(grey))),
+        "deflated": file(write_bytes(deflated(grey))),
+        "large": (MULTIPART, multipart(*[mebibyte] * 64), 0.0),  # 64 MiB without a length: counted as it comes
+        "slow": (MULTIPART, [b"-"] * 150, 0.2),  # a byte every 0.2 s: never idle for a read timeout, never done
+        "page": ("text/html", [b"<html>a login page</html>"], 0.0),
+    }
+    with serving(list(answers), answers.__getitem__) as root, DicomWeb(root, max_mb=2, timeout_s=2) as pacs:
+        table = pull(pacs, tiny_localiser, study="1.2.3")
+        tracemalloc.start()
         try:
-            with DicomWeb(f"http://127.0.0.1:{server.server_address[1]}/dicom-web", max_mb=2, timeout_s=2) as pacs:
-                table = pull(pacs, tiny_localiser, study="1.2.3")
-                tracemalloc.start()
-                try:
-                    with pytest.raises(RetrievalError, match="larger than 2 MB"):
-                        pacs.instance("1.2.3", "1.2.3.1", "large")
-                    peak = tracemalloc.get_traced_memory()[1]
-                finally:
-                    tracemalloc.stop()
+            with pytest.raises(RetrievalError, match="larger than 2 MB"):
+                pacs.instance("1.2.3", "1.2.3.1", "large")
+            peak = tracemalloc.get_traced_memory()[1]
         finally:
-            server.shutdown()
-    rows = dict(zip(order, table.to_dict("records"), strict=True))
+            tracemalloc.stop()
+    rows = dict(zip(answers, table.to_dict("records"), strict=True))
     assert rows["good"]["stored"] == 3 and rows["deflated"]["stored"] == 3  # a deflated one is read by fracdet
     assert rows["good"]["probability"] == pytest.approx(rows["deflated"]["probability"], abs=1e-6)
     assert "larger than 2 MB (the retrieval limit)" in rows["large"]["error"]

@@ -1,0 +1,78 @@
+"""A DICOMweb server small enough to read, for the pull's tests and ``benchmarks/dicomweb_answers.py``: one
+study of one DX series holding the instances it is given. QIDO-RS lists them, WADO-RS answers each as
+``answer(instance)`` says (a content type, the pieces of the body, a pause between pieces), STOW-RS takes
+whatever it is sent. HTTP/1.0, so that a body without a length ends when the connection closes."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+SERIES = "1.2.826.0.1.3680043.8.498.75.1"
+BOUNDARY = "fracdet-test"
+MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+#: What the server sends for an instance: its content type, the pieces of its body, and a pause after each.
+Answer = tuple[str, Iterable[bytes], float]
+
+
+def multipart(*pieces: bytes) -> list[bytes]:
+    """The pieces of a one-part ``multipart/related`` body around ``pieces`` (a DICOM file, or parts of one)."""
+    head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    return [head, *pieces, f"\r\n--{BOUNDARY}--\r\n".encode()]
+
+
+def file(data: bytes) -> Answer:
+    """The standard answer: ``data`` as the one part of a ``multipart/related`` body."""
+    return MULTIPART, multipart(data), 0.0
+
+
+@contextmanager
+def serving(instances: list[str], answer: Callable[[str], Answer]) -> Iterator[str]:
+    """A server on a free local port for as long as the block runs; yields its DICOMweb root URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def reply(self, kind: str, pieces: Iterable[bytes], pause: float = 0.0) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            try:
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except OSError:  # the client stopped reading: what a bounded client is meant to do
+                pass
+
+        def do_GET(self) -> None:
+            last = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+            if last == "series":
+                found = [{"0020000E": {"vr": "UI", "Value": [SERIES]}, "00080060": {"vr": "CS", "Value": ["DX"]}}]
+            elif last == "instances":
+                found = [{"00080018": {"vr": "UI", "Value": [name]}} for name in instances]
+            else:
+                return self.reply(*answer(last))
+            self.reply("application/dicom+json", [json.dumps(found).encode()])
+
+        def do_POST(self) -> None:  # STOW-RS: dicomweb-client chunks what is over a megabyte
+            if "Content-Length" in self.headers:
+                self.rfile.read(int(self.headers["Content-Length"]))
+            else:
+                while size := int(self.rfile.readline().strip() or b"0", 16):
+                    self.rfile.read(size + 2)
+                self.rfile.readline()
+            self.reply("application/dicom+json", [b"{}"])
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        finally:
+            server.shutdown()
