@@ -496,7 +496,7 @@ def test_an_output_that_could_not_be_written_is_refused_before_any_work(tmp_path
     def too_late(*args, **kwargs):
         pytest.fail("the work began before the output was checked")
 
-    for target in ("fracdet.models.load", "fracdet.data.load_dataset", "fracdet.dicom.pull.connect"):
+    for target in ("fracdet.models.load", "fracdet.data.load_dataset", "fracdet.dicom.dicomweb.DicomWeb"):
         monkeypatch.setattr(target, too_late)
     (tmp_path / "a-file").write_text("")
     argv = [str(tmp_path) if word == "DATA" else word for word in command]
