@@ -96,7 +96,8 @@ class DicomWeb:
         try:
             with self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.timeout_s) as answer:
                 answer.raise_for_status()
-                watchdog = threading.Timer(self.timeout_s, _shut, args=(answer.raw,))
+                # the deadline counts from the request: headers that came slowly leave the body less time
+                watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(answer.raw,))
                 watchdog.start()
                 try:
                     return self._body(answer, deadline)
