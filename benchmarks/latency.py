@@ -73,7 +73,7 @@ def concurrent_clients(model_name: str, files: list[Path], clients: int, request
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(load(model_name)), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(create_app(load(model_name)), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -79,13 +79,13 @@ def sample_root_module():
 def _serve(model, config=None):
     import uvicorn
 
-    from fracdet.serve import create_app
+    from fracdet.serve import create_app, uvicorn_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(model, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, port=port, log_level="warning"))  # as `fracdet serve` runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

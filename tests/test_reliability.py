@@ -35,7 +35,7 @@ from fracdet.inference import Cancelled, Predictor
 from fracdet.models import create_model, load
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
-from fracdet.serve import ServeConfig, create_app
+from fracdet.serve import ServeConfig, create_app, uvicorn_config
 from fracdet.serve.executor import InferenceExecutor, ServerBusyError
 from fracdet.serve.guard import SECURITY_HEADERS
 
@@ -190,7 +190,7 @@ def test_every_response_carries_security_headers_and_docs_need_no_cdn(model):
 
 @contextmanager
 def live_server(model: TrainedModel, config: ServeConfig) -> Iterator[int]:
-    server = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=0, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(create_app(model, config), port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started and server.servers)
@@ -245,6 +245,74 @@ def test_a_stalled_upload_is_closed_with_408(model):
                   b"Content-Type: multipart/form-data; boundary=b0\r\n\r\n" + head)  # fmt: skip
         reply = read_reply(s)  # the client sends nothing more
     assert reply.startswith(b"HTTP/1.1 408") and b"upload stalled" in reply
+
+
+def send_slowly(s: socket.socket, pieces: list[bytes], gap_s: float) -> bytes:
+    """Send ``pieces`` ``gap_s`` apart until the server answers or closes; all it answered until it closed
+    the connection (a ``TimeoutError`` if it has not closed it within 30 s)."""
+    for piece in pieces:
+        try:
+            s.sendall(piece)
+        except OSError:  # closed by the server before this piece
+            break
+        if select.select([s], [], [], gap_s)[0]:
+            break
+    s.settimeout(30)
+    reply = b""
+    with contextlib.suppress(ConnectionResetError):
+        while piece := s.recv(65536):
+            reply += piece
+    return reply
+
+
+def test_an_upload_that_trickles_gets_408_and_its_connection_is_closed_though_no_chunk_came_late(model):
+    with live_server(model, ServeConfig(upload_idle_s=0.5)) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b0\r\n\r\n" + multipart_head("b0"))  # fmt: skip
+        # a byte every 0.1 s: never idle for 0.5 s, but far under 500 bytes/s; its bytes must not keep it open
+        reply = send_slowly(s, [b"a"] * 100, 0.1)
+    assert reply.startswith(b"HTTP/1.1 408") and b"upload too slow: under 500 bytes/s" in reply
+
+
+def test_a_request_whose_headers_trickle_gets_408_and_its_connection_is_closed(model):
+    headers = [b"GET /api/v1/health HTTP/1.1\r\n"] + [b"X-Slow: %d\r\n" % i for i in range(200)]
+    with live_server(model, ServeConfig(header_timeout_s=0.5)) as port:
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a header line every 0.1 s, never the end
+            reply = send_slowly(s, headers, 0.1)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request headers took over 0.5 s" in reply
+        with socket.create_connection(("127.0.0.1", port)) as s:  # opened, and nothing sent: closed, no reply
+            s.settimeout(30)
+            assert s.recv(1) == b""
+        with socket.create_connection(("127.0.0.1", port)) as s:  # the server still answers whole requests
+            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_reply(s).startswith(b"HTTP/1.1 200")
+
+
+def test_a_kept_alive_connection_gets_a_new_header_deadline_for_each_request(model):
+    request = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    config = ServeConfig(header_timeout_s=1.0)
+    with live_server(model, config) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        for _ in range(3):  # each within its own second, 0.6 s apart: longer than one deadline in all
+            time.sleep(0.6)
+            s.sendall(request)
+            assert read_reply(s).startswith(b"HTTP/1.1 200")
+        s.sendall(request[:20])  # then part of a fourth, and nothing more
+        assert send_slowly(s, [], 0).startswith(b"HTTP/1.1 408")
+
+
+def test_a_server_raises_its_open_file_limit_to_the_hard_one():
+    import resource
+
+    from fracdet.serve.server import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        assert raise_open_file_limit()[0] == low
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # --- memory ---------------------------------------------------------------------------------------------

@@ -655,10 +655,8 @@ def _write_table(table, out: Path) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from fracdet.models import load
-    from fracdet.serve import ServeConfig, create_app
+    from fracdet.serve import ServeConfig, create_app, run
 
     token = None  # from a file or the environment, never the command line (other users see argv)
     if args.token_file:
@@ -687,7 +685,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, config)  # reads the model's gate: a damaged one stops here, before "serving"
     print(f"serving {model.name} {model.version} ({model.arch}) on http://{args.host}:{args.port}"
           f"{' (uploads need the access token)' if token else ''}")  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    run(app, host=args.host, port=args.port)
     return 0
 
 

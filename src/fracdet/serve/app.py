@@ -48,7 +48,7 @@ from fracdet.data.decode import ImageReadError, ImageTooLargeError, TruncatedIma
 from fracdet.inference import Cancelled, NotARadiographError, Prediction, Predictor
 from fracdet.models.release import TrainedModel
 from fracdet.serve.executor import InferenceExecutor, ServerBusyError
-from fracdet.serve.guard import SecurityHeaders, UploadGuard
+from fracdet.serve.guard import HEADER_TIMEOUT_S, SecurityHeaders, UploadGuard
 from fracdet.utils.workers import worker_count as cores_available
 
 __all__ = ["ServeConfig", "create_app"]
@@ -71,7 +71,10 @@ class ServeConfig:
         timeout_s: longest a prediction may take, waiting included (HTTP 504 after it).
         heatmaps: compute Grad-CAM heatmaps.
         queue_size: requests that may wait for inference (HTTP 503 with ``Retry-After`` beyond them).
-        upload_idle_s: longest an upload may pause between two chunks (HTTP 408 after it).
+        upload_idle_s: longest an upload may pause between two chunks (HTTP 408 after it); after it, the
+            upload must also keep to ``fracdet.serve.guard.MIN_UPLOAD_RATE`` on average.
+        header_timeout_s: longest a request's line and headers may take to arrive (HTTP 408 after it, or the
+            connection closed if nothing came); kept by :func:`fracdet.serve.server.uvicorn_config`.
         workers: predictions run at once (``None``: one per CPU core the process may use). The back end
             is thread-safe, so they share one model; memory stays bounded by the pixel limit times this.
         backend: ``auto`` (ONNX Runtime when installed, else PyTorch), ``onnxruntime`` or ``pytorch``.
@@ -91,6 +94,7 @@ class ServeConfig:
     heatmaps: bool = True
     queue_size: int = 64
     upload_idle_s: float = 10.0
+    header_timeout_s: float = HEADER_TIMEOUT_S
     workers: int | None = None
     backend: str = "auto"
     threads: int | None = None
@@ -101,7 +105,8 @@ class ServeConfig:
         none every request) when the server starts, not at its first request."""
         limits = {"max_upload_mb": self.max_upload_mb, "max_pixels": self.max_pixels, "timeout_s": self.timeout_s,
                   "queue_size": self.queue_size, "upload_idle_s": self.upload_idle_s,
-                  "workers": self.workers, "threads": self.threads}  # fmt: skip
+                  "header_timeout_s": self.header_timeout_s, "workers": self.workers,
+                  "threads": self.threads}  # fmt: skip
         wrong = [f"{name} {value}" for name, value in limits.items() if value is not None and not value > 0]
         if wrong:  # `not > 0` so that NaN is refused too
             raise ValueError(f"the server's limits must be positive: {', '.join(wrong)}")
@@ -268,6 +273,7 @@ def create_app(model: TrainedModel, config: ServeConfig | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.executor = None
+    app.state.config = config  # what fracdet.serve.server puts on the socket reads its deadline here
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
