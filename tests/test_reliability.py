@@ -783,7 +783,12 @@ def test_a_server_killed_during_requests_comes_back_on_the_same_port_and_answers
 
     def start() -> subprocess.Popen:
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: _healthy(base), seconds=60)
+        try:  # a start takes about 25 s on two cores busy with other work: the limit is for a server that hangs
+            wait_until(lambda: _healthy(base), seconds=180)
+        except AssertionError:
+            server.kill()  # never left running after the test
+            server.wait(30)
+            raise
         return server
 
     server = start()
