@@ -27,7 +27,7 @@ import torch
 
 from fracdet.inference import Predictor, collect_inputs
 from fracdet.models import load
-from fracdet.serve import create_app
+from fracdet.serve import create_app, uvicorn_config
 from fracdet.serve.app import _response
 
 
