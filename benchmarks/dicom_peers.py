@@ -10,6 +10,8 @@ it) as a real process on a free local port, and tries it as a peer on the hospit
   AE title has been read, so any peer that reaches the port can do this;
 * ``stalled-pdu``: a PDU's header and ten bytes of its body, then nothing;
 * ``silent``: a connection that sends nothing at all;
+* ``silent-slots``: eight connections from another address (127.0.0.2) that send nothing, then three
+  echoes from 127.0.0.1 while they wait (the node allows 4 associations): answered or rejected;
 * ``store-512mb``: an allowed caller (DCMTK's ``storescu``) storing a 512 MB DX;
 * ``store-small``: the control, a 2 MB DX, which must be stored.
 
@@ -21,6 +23,7 @@ status) and the node's resident memory before and at its peak (``VmHWM``, reset 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +96,21 @@ def _store(port: int, path: Path) -> dict:
     return {"storescu_exit": run.returncode, "stored": run.returncode == 0}
 
 
+def _silent_slots(port: int, connections: int = 8, echoes: int = 3) -> dict:
+    """Connections that send nothing, from another address, and echoes from this one while they wait."""
+    with contextlib.ExitStack() as opened:
+        silent = [opened.enter_context(socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)))
+                  for _ in range(connections)]  # fmt: skip
+        time.sleep(1)
+        closed = 0
+        for peer in silent:
+            peer.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                closed += peer.recv(1) == b""
+        answered = sum(_echo(port) for _ in range(echoes))
+    return {"silent_connections": connections, "closed_at_once": closed, "echoes_answered": f"{answered}/{echoes}"}
+
+
 def _echo(port: int) -> bool:
     run = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "FRACDET", "127.0.0.1", str(port)],
                          capture_output=True, timeout=60, check=False)  # fmt: skip
@@ -120,6 +138,7 @@ def run_node(src: Path, model: str, folder: Path, files: dict[str, Path]) -> dic
             "pdu-4gib": lambda: _closed_after(port, b"\x01\x00" + struct.pack(">L", 2**32 - 16), 1 << 30, 30),
             "store-512mb": lambda: _store(port, files["large"]),
             "store-small": lambda: _store(port, files["small"]),
+            "silent-slots": lambda: _silent_slots(port),
         }
         results: dict[str, dict] = {}
         for name, case in cases.items():

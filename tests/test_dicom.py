@@ -3,6 +3,7 @@ the same image read as PNG; what cannot be analysed is refused by name; no ident
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -639,6 +640,47 @@ def test_a_peer_can_make_the_node_hold_no_more_than_its_limits_and_the_node_serv
         assert int(assoc.send_c_echo().Status) == 0 and int(assoc.send_c_store(small).Status) == 0
         assoc.release()
         assert len(list(node.dirs["queue"].glob("*.dcm"))) == 1 and node.stats.refused_peers == 3
+
+
+def test_connections_that_send_nothing_take_no_association_from_the_modalities(tmp_path, tiny_localiser):
+    """pynetdicom counted each open connection against the associations allowed, request or not: four
+    sockets that sent nothing, from any host, made the node reject every modality for as long as they waited.
+    Now they take no association, and one address may keep no more than four waiting."""
+    import socket
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from fracdet.dicom.guard import MAX_WAITING_PER_ADDRESS
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = NodeConfig(spool=tmp_path, allowed_callers=("PACS",), port=port, max_associations=2,
+                        send_to=Destination.parse("DEST@127.0.0.1:9"))  # fmt: skip
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    with PacsNode(tiny_localiser, config, hold=threading.Event()) as node, contextlib.ExitStack() as opened:
+        silent = [opened.enter_context(socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)))
+                  for _ in range(MAX_WAITING_PER_ADDRESS + 2)]  # fmt: skip
+        for peer in silent:
+            peer.settimeout(0.5)
+
+        def closed(peer: socket.socket) -> bool:
+            try:
+                return peer.recv(1) == b""
+            except TimeoutError:
+                return False
+
+        assert [closed(peer) for peer in silent] == [False] * MAX_WAITING_PER_ADDRESS + [True, True]
+        assert node.stats.refused_peers == 2
+        # the modalities, from their own addresses, still get every association the node allows
+        assocs = [ae.associate("127.0.0.1", port, ae_title="FRACDET") for _ in range(config.max_associations)]
+        assert all(assoc.is_established and int(assoc.send_c_echo().Status) == 0 for assoc in assocs)
+        for assoc in assocs:
+            assoc.release()
 
 
 def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_naming_no_url(tmp_path, capsys):

@@ -18,6 +18,13 @@ opens, before a byte is read) and holds, per connection:
 A refusal ends the read short, which pynetdicom treats as a closed connection: it logs the short PDU and
 ends the association (a PACS sees it aborted and retries by its own policy). The guard reports each refusal
 through ``on_refusal`` in words without identifiers.
+
+Connections that have not yet sent their association request hold no association slot
+(:func:`node_ae`): pynetdicom counted every open connection against ``maximum_associations``, so four
+sockets that sent nothing, from any host that reaches the port, made the node reject every modality's
+association (*Local Limit Exceeded*) for the 30 s it waits for a request, again each time they were opened
+(``benchmarks/dicom_peers.py``). Such connections are bounded apart: :data:`MAX_WAITING_PER_ADDRESS` from
+one address, :data:`MAX_WAITING` in all; beyond them a new connection is closed at once.
 """
 
 from __future__ import annotations
@@ -29,8 +36,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PeerGuard"]
+__all__ = ["MAX_WAITING", "MAX_WAITING_PER_ADDRESS", "PeerGuard", "awaiting_request", "node_ae"]
 
+#: Connections from one address that may wait, at once, before sending their association request: a modality
+#: or PACS opens its associations one after another and sends each request at once.
+MAX_WAITING_PER_ADDRESS = 4
+#: Connections from all addresses that may wait at once (each is a thread of pynetdicom's until its request
+#: arrives or its 30 s pass).
+MAX_WAITING = 64
 _P_DATA = 0x04
 _HEADER = 6  # PDU type, reserved, 4-byte big-endian length
 
@@ -69,10 +82,10 @@ class PeerGuard:
         pdu_type, length = self._next
         self._next = None
         if length > self.max_pdu:
-            return self._refuse(f"a peer announced a PDU of {length:,} bytes, more than the {self.max_pdu:,} read")
+            return self.refuse(f"a peer announced a PDU of {length:,} bytes, more than the {self.max_pdu:,} read")
         if pdu_type == _P_DATA and self.message_bytes + length > self.max_message:
             self.message_bytes = 0
-            return self._refuse(f"a peer sent a DICOM message of more than {self.max_message / 2**20:g} MiB")
+            return self.refuse(f"a peer sent a DICOM message of more than {self.max_message / 2**20:g} MiB")
         body = self._read(nr_bytes)
         if pdu_type == _P_DATA and len(body) == length:
             self.message_bytes += length
@@ -91,7 +104,7 @@ class PeerGuard:
             while len(data) < nr_bytes:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
-                    return self._refuse(f"a peer did not send a whole PDU within {self.timeout_s:g} s")
+                    return self.refuse(f"a peer did not send a whole PDU within {self.timeout_s:g} s")
                 raw.settimeout(left)
                 try:
                     chunk = raw.recv(min(nr_bytes - len(data), 1 << 16))
@@ -105,13 +118,35 @@ class PeerGuard:
                 raw.settimeout(previous)
         return data
 
-    def _refuse(self, reason: str) -> bytearray:
+    def refuse(self, reason: str) -> bytearray:
         """Report, and end the connection: nothing more is read from it (the short read ends the association)."""
         self.refused = True
         self._on_refusal(f"{reason}: connection closed")
         with contextlib.suppress(OSError, AttributeError):  # already closed
             self._sock.socket.shutdown(socket.SHUT_RDWR)
         return bytearray()
+
+
+def awaiting_request(assoc: Any) -> bool:
+    """Whether an acceptor association's peer has connected but not yet sent its association request: its
+    thread not started yet, or running with its state machine in Sta2 (PS3.8 9.2: transport open, awaiting
+    the A-ASSOCIATE-RQ) or still in Sta1 (its reactor has not yet seen the connection)."""
+    if assoc.ident is None:
+        return True
+    return assoc.is_alive() and assoc.dul.state_machine.current_state in ("Sta1", "Sta2")
+
+
+def node_ae(ae_title: str) -> Any:
+    """A pynetdicom ``AE`` whose ``maximum_associations`` counts only associations whose peers have sent
+    their request (pynetdicom counts each connection from the moment it opens; see the module's docstring)."""
+    from pynetdicom import AE
+
+    class NodeAE(AE):
+        @property
+        def active_associations(self) -> list[Any]:
+            return [assoc for assoc in super().active_associations if not awaiting_request(assoc)]
+
+    return NodeAE(ae_title=ae_title)
 
 
 def _ends_a_message(body: bytes | bytearray) -> bool:

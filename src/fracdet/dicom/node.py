@@ -20,6 +20,9 @@ Design, so that a hospital can leave it running:
   can make the node hold at most one PDU of 1 MiB per connection, and only for ``network_timeout_s``; an
   allowed caller at most ``max_store_mb`` per image (about twice that while it is spooled) on each of at
   most ``max_associations`` associations. Beyond them the connection is closed and the refusal logged.
+  A connection that has not sent its association request takes none of those associations, and at most
+  four such wait from one address (sixty-four in all), so sockets that send nothing cannot keep the
+  modalities out.
 * **Its own objects are ignored**: results routed back to it (by a rule that sends everything) are
   accepted and dropped, never analysed again.
 * **Each image once**: a radiograph whose SOP Instance UID is already queued or done (a PACS that retries a
@@ -48,7 +51,7 @@ from typing import Any
 from fracdet.data.decode import ImageReadError
 from fracdet.data.dicom import DICOM_HINT, keyed_hash, read_dicom_header
 from fracdet.dicom.dicomweb import check_url
-from fracdet.dicom.guard import PeerGuard
+from fracdet.dicom.guard import MAX_WAITING, MAX_WAITING_PER_ADDRESS, PeerGuard, awaiting_request, node_ae
 from fracdet.dicom.results import is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
@@ -198,6 +201,7 @@ class PacsNode:
         self._server: Any = None
         self.dirs = {name: Path(config.spool) / name for name in ("incoming", "queue", "done", "quarantine")}
         self._seen: set[str] = set()  # keyed hashes of the SOP Instance UIDs queued or done
+        self._waiting: dict[Any, str] = {}  # connections yet to send their association request: their address
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -215,7 +219,7 @@ class PacsNode:
             OSError: the node cannot listen on its address (the port is taken); nothing is left running.
         """
         pynetdicom = _pynetdicom()
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.sop_class import (
             ComprehensiveSRStorage,
             ComputedRadiographyImageStorage,
@@ -236,7 +240,7 @@ class PacsNode:
             self._queue.put((path, False))
         if left:
             log.info("picked up %d spooled images left by a previous run", len(left))
-        ae = AE(ae_title=self.config.ae_title)
+        ae = node_ae(self.config.ae_title)
         ae.require_calling_aet = list(self.config.allowed_callers)
         radiographs = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                        DigitalXRayImageStorageForProcessing)  # fmt: skip
@@ -291,9 +295,21 @@ class PacsNode:
     # --- receiving ----------------------------------------------------------------------------------------
 
     def _on_connect(self, event: Any) -> None:
-        """Bound the new connection's reads before its first byte is read (its AE title is not known yet)."""
-        PeerGuard.install(event.assoc, max_pdu=MAX_PDU_BYTES, max_message=int(self.config.max_store_mb * 2**20),
-                          timeout_s=self.config.network_timeout_s, on_refusal=self._on_refusal)  # fmt: skip
+        """Bound the new connection's reads before its first byte is read (its AE title is not known yet), and
+        close it at once if its address, or every address, already has as many connections waiting to send
+        their association request as may wait."""
+        guard = PeerGuard.install(event.assoc, max_pdu=MAX_PDU_BYTES, max_message=int(self.config.max_store_mb * 2**20),
+                                  timeout_s=self.config.network_timeout_s, on_refusal=self._on_refusal)  # fmt: skip
+        host = event.address[0]
+        with self._lock:
+            self._waiting = {assoc: peer for assoc, peer in self._waiting.items() if awaiting_request(assoc)}
+            from_here, in_all = sum(peer == host for peer in self._waiting.values()), len(self._waiting)
+            admitted = from_here < MAX_WAITING_PER_ADDRESS and in_all < MAX_WAITING
+            if admitted:
+                self._waiting[event.assoc] = host
+        if not admitted:  # outside the lock: the refusal is counted under it
+            guard.refuse(f"{from_here} connections from one address, {in_all} in all, already wait to send their "
+                         "association request")  # fmt: skip
 
     def _on_refusal(self, reason: str) -> None:
         self._count("refused_peers")
