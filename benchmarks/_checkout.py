@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,3 +34,21 @@ def revisions(baseline: str) -> tuple[str, str]:
         return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
 
     return git("rev-parse", "--short", baseline), git("describe", "--always", "--dirty")
+
+
+def side_by_side(baseline: str | None, folder: Path, run: Callable[[Path, Path], dict]) -> dict:
+    """``run(src, out)`` on this tree, then, with ``baseline``, on that commit checked out beside it; each side
+    gets its own empty folder under ``folder`` and is printed as it ends. The report: ``this tree``,
+    ``baseline`` and the ``revisions`` of both."""
+    report: dict = {}
+    if baseline:
+        report["revisions"] = dict(zip(("baseline", "this"), revisions(baseline), strict=True))
+    sides = [("this tree", contextlib.nullcontext(REPO / "src"))]
+    if baseline:
+        sides.append(("baseline", checkout(baseline)))
+    for name, tree in sides:
+        with tree as src:
+            (folder / name).mkdir()
+            report[name] = run(src, folder / name)
+        print(json.dumps({name: report[name]}, indent=1), flush=True)
+    return report

@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _checkout import checkout, revisions  # noqa: E402
+from _checkout import side_by_side  # noqa: E402
 
 
 def _dx(path: Path, side: int) -> Path:
@@ -175,21 +175,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fracdet-peers-") as tmp:
         folder = Path(tmp)
         files = {"large": _dx(folder / "large.dcm", 16000), "small": _dx(folder / "small.dcm", 1024)}
-        report: dict = {"command": " ".join(["python", "benchmarks/dicom_peers.py", *sys.argv[1:]]),
-                        "sizes_mb": {k: round(p.stat().st_size / 1e6, 1) for k, p in files.items()}}  # fmt: skip
-        sides = [("this tree", REPO / "src")]
-        if args.baseline:
-            base, this = revisions(args.baseline)
-            report["revisions"] = {"baseline": base, "this": this}
-        for name, src in sides:
-            (folder / name).mkdir()
-            report[name] = run_node(src, args.model, folder / name, files)
-            print(json.dumps({name: report[name]}, indent=1), flush=True)
-        if args.baseline:
-            with checkout(args.baseline) as src:
-                (folder / "baseline").mkdir()
-                report["baseline"] = run_node(src, args.model, folder / "baseline", files)
-                print(json.dumps({"baseline": report["baseline"]}, indent=1), flush=True)
+        report = {"command": " ".join(["python", "benchmarks/dicom_peers.py", *sys.argv[1:]]),
+                  "sizes_mb": {k: round(p.stat().st_size / 1e6, 1) for k, p in files.items()}}  # fmt: skip
+        report |= side_by_side(args.baseline, folder, lambda src, out: run_node(src, args.model, out, files))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
 

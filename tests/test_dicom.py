@@ -4,6 +4,7 @@ the same image read as PNG; what cannot be analysed is refused by name; no ident
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -542,6 +543,7 @@ def test_retention_removes_only_what_is_older_than_its_period(tmp_path, tiny_loc
     ({"max_store_mb": 0}, "max_store_mb must be more than 0"),
     ({"max_associations": 0}, "max_associations must be more than 0"),
     ({"network_timeout_s": float("nan")}, "network_timeout_s must be more than 0"),
+    ({"delivery_give_up_h": 0}, "delivery_give_up_h must be more than 0"),
     ({"stow_url": "pacs.local/dicom-web"}, "is not a STOW-RS URL"),  # each image analysed, then quarantined
 ])  # fmt: skip
 def test_a_node_that_could_not_work_is_refused_when_it_starts_not_at_its_first_store(tmp_path, setting, words):
@@ -681,6 +683,171 @@ def test_connections_that_send_nothing_take_no_association_from_the_modalities(t
         assert all(assoc.is_established and int(assoc.send_c_echo().Status) == 0 for assoc in assocs)
         for assoc in assocs:
             assoc.release()
+
+
+# --- delivery: a destination that is away -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def storescp(port: int, folder):
+    """DCMTK's storage SCP as the PACS the results go to, on ``port``, writing into ``folder``."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if shutil.which("storescp") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("storescp is missing under CI (.ci/run installs dcmtk)")
+        pytest.skip("storescp (Debian dcmtk) is not installed")
+    folder.mkdir(exist_ok=True)
+    process = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(folder), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline and process.poll() is None, "storescp did not start"
+            time.sleep(0.1)
+        yield folder
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def store_into(port: int, *datasets) -> list[int]:
+    """C-STORE each dataset into the node on ``port`` over one association, as the PACS; the statuses."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACDET")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def eventually(condition, seconds: float = 60.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def radiograph_dataset(grey, instance: str):
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(write_bytes(mono2_8bit(grey))))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = instance
+    return ds
+
+
+def test_results_wait_in_the_outbox_while_the_pacs_is_away_and_are_delivered_when_it_is_back(
+    tmp_path, tiny_localiser, grey
+):
+    """Before, the node sent results once: a PACS away for a minute (a restart, a patch, the network) had the
+    radiograph quarantined and its results never delivered. Now they wait on disk and go when it is back."""
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    port, pacs_port = free_port(), free_port()
+    config = NodeConfig(spool=tmp_path / "spool", allowed_callers=("PACS",), port=port, delivery_retry_s=0.2,
+                        send_to=Destination("PACS", "127.0.0.1", pacs_port))  # fmt: skip
+    with PacsNode(tiny_localiser, config) as node:
+        assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.71")) == [0]
+        assert node.wait_idle(120)
+        assert [len(list(entry.iterdir())) for entry in node.outbox.pending()] == [3]  # SR, GSPS, SC
+        assert node.outbox.failed_rounds >= 1 and node.stats.quarantined == 0 and node.stats.sent == 0
+        assert len(list(node.dirs["done"].iterdir())) == 1  # analysed: the radiograph is done with
+        with storescp(pacs_port, tmp_path / "pacs") as received:
+            assert eventually(lambda: not node.outbox.pending(), 30), "not delivered after the PACS came back"
+            assert len(list(received.iterdir())) == 3 and node.stats.sent == 3
+            assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.72")) == [0]
+            assert eventually(lambda: len(list(received.iterdir())) == 6), "the next image waited for a retry"
+
+
+def test_results_left_in_the_outbox_go_at_the_next_start_and_are_quarantined_after_their_time(
+    tmp_path, tiny_localiser, grey
+):
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    port, pacs_port = free_port(), free_port()
+    config = NodeConfig(spool=tmp_path / "spool", allowed_callers=("PACS",), port=port, delivery_retry_s=0.2,
+                        send_to=Destination("PACS", "127.0.0.1", pacs_port))  # fmt: skip
+    with PacsNode(tiny_localiser, config) as node:
+        assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.73")) == [0]
+        assert node.wait_idle(120) and len(node.outbox.pending()) == 1
+    with storescp(pacs_port, tmp_path / "pacs") as received, PacsNode(tiny_localiser, config) as node:
+        assert eventually(lambda: len(list(received.iterdir())) == 3) and not node.outbox.pending()
+        assert node.stats.analysed == 0  # delivered as written, not analysed again
+    patience = dataclasses.replace(config, delivery_give_up_h=0.5 / 3600)  # half a second
+    with PacsNode(tiny_localiser, patience) as node:
+        assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.74")) == [0]
+        assert eventually(lambda: node.outbox.given_up == 1) and not node.outbox.pending()
+        given_up = list(node.dirs["quarantine"].glob("*.results"))
+        assert len(given_up) == 1 and len(list(given_up[0].iterdir())) == 3
+        reason = given_up[0].with_name(given_up[0].name + ".reason.txt").read_text()
+        assert reason.startswith("not delivered within")
+        assert node.sweep(now=4e9) == 4  # two radiographs, the results given up on and their reason
+
+
+@pytest.mark.parametrize(("status", "kept"), [(0xA700, True), (0xA900, False), (0xC000, False), (0xB000, None)])
+def test_a_refusal_that_may_pass_keeps_the_results_and_one_about_the_objects_quarantines_them(
+    tmp_path, tiny_localiser, grey, status, kept
+):
+    """Out of Resources (0xA7xx) passes once the PACS has room: kept and tried again. A refusal of the objects
+    themselves (0xA9xx, 0xCxxx) would come back every time: quarantined with its reason. A warning (0xBxxx) is
+    stored: delivered."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import (
+        ComprehensiveSRStorage,
+        GrayscaleSoftcopyPresentationStateStorage,
+        SecondaryCaptureImageStorage,
+    )
+
+    from fracdet.dicom.outbox import Outbox, c_store
+    from fracdet.dicom.results import results_for
+
+    pacs = AE(ae_title="PACS")
+    for sop_class in (ComprehensiveSRStorage, GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage):
+        pacs.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: status)])
+    try:
+        data = write_bytes(mono2_8bit(grey))
+        results = results_for(data, Predictor(tiny_localiser, heatmaps=True).predict_bytes(data, "x.dcm"),
+                              tiny_localiser)  # fmt: skip
+        outbox = Outbox(tmp_path / "outbox", c_store("FRACDET", "PACS", "127.0.0.1", port),
+                        quarantine=tmp_path / "quarantine", retry_s=60)  # fmt: skip
+        (tmp_path / "quarantine").mkdir()
+        outbox.open()
+        outbox.put("0001-x", results.all())
+        wait = outbox.deliver()
+    finally:
+        server.shutdown()
+    if kept is None:
+        assert wait is None and outbox.delivered == 1 and not outbox.pending()
+    elif kept:
+        assert wait == 60 and len(outbox.pending()) == 1 and outbox.given_up == 0
+    else:
+        assert wait is None and not outbox.pending() and outbox.given_up == 1
+        reason = (tmp_path / "quarantine" / "0001-x.results.reason.txt").read_text()
+        assert f"0x{status:04X}" in reason and "refused" in reason
 
 
 def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_naming_no_url(tmp_path, capsys):

@@ -577,7 +577,8 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
                             send_to=Destination.parse(args.send_to) if args.send_to else None, stow_url=args.stow,
                             queue_size=args.queue_size, workers=args.workers,
                             retention_days=args.retention_days, max_store_mb=args.max_store_mb,
-                            max_associations=args.max_associations)  # fmt: skip
+                            max_associations=args.max_associations,
+                            delivery_give_up_h=args.deliver_within_hours)  # fmt: skip
         node = PacsNode(load(args.model), config)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -856,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a calling AE title to accept (repeat; associations from others are rejected)")  # fmt: skip
     p.add_argument("--send-to", metavar="AE@HOST:PORT", help="C-STORE destination of the results")
     p.add_argument("--stow", metavar="URL", help="DICOMweb STOW-RS endpoint of the results")
-    p.add_argument("--spool", default="fracdet-spool", help="working folder (queue, done, quarantine)")
+    p.add_argument("--spool", default="fracdet-spool", help="working folder (queue, done, outbox, quarantine)")
     p.add_argument("--model", default="fracatlas-default")
     p.add_argument("--queue-size", type=int, default=32, help="waiting images beyond which stores get 0xA700")
     p.add_argument("--workers", type=int, default=1)
@@ -864,6 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-store-mb", type=float, default=256.0,
                    help="the largest image a caller may send; a larger one ends its association")  # fmt: skip
     p.add_argument("--max-associations", type=int, default=4, help="associations at once; more are rejected")
+    p.add_argument("--deliver-within-hours", type=float, default=24.0,
+                   help="how long results wait in outbox/ for a destination that is away")  # fmt: skip
     p.set_defaults(func=cmd_pacs_listen)
     p = pacs.add_parser("pull", help="analyse studies in a PACS over DICOMweb (QIDO, WADO) and STOW the results")
     p.add_argument("--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs/dicom-web")

@@ -12,9 +12,12 @@ Design, so that a hospital can leave it running:
   an association. It reads the header alone, as sent (a deflated dataset is inflated no further than a
   header reaches: a few kilobytes cannot claim gigabytes of the node). The queue is bounded: beyond
   ``queue_size`` waiting images the handler answers *Out of Resources* (0xA700) and the PACS retries later.
-* **Nothing is lost.** A spooled file leaves ``queue/`` only when its results were sent (to ``done/``) or it
-  failed (to ``quarantine/``, with ``NAME.reason.txt`` saying why without identifiers). Files still in
-  ``queue/`` at start-up, left by a crash or a stop, are analysed first.
+* **Nothing is lost.** A spooled file leaves ``queue/`` only when its results were written to ``outbox/``
+  (to ``done/``) or it failed (to ``quarantine/``, with ``NAME.reason.txt`` saying why without identifiers).
+  Files still in ``queue/`` at start-up, left by a crash or a stop, are analysed first.
+* **Results wait for a destination that is away** (:mod:`fracdet.dicom.outbox`): they stay in ``outbox/``,
+  across restarts, and are delivered when it is back, oldest first; after ``delivery_give_up_h`` they are
+  quarantined. Analysis goes on meanwhile.
 * **Only known callers**: associations from calling AE titles outside ``allowed_callers`` are rejected.
 * **Bounded on the wire** (:class:`fracdet.dicom.guard.PeerGuard`): any peer, before its AE title is known,
   can make the node hold at most one PDU of 1 MiB per connection, and only for ``network_timeout_s``; an
@@ -41,6 +44,7 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -52,6 +56,7 @@ from fracdet.data.decode import ImageReadError
 from fracdet.data.dicom import DICOM_HINT, keyed_hash, read_dicom_header
 from fracdet.dicom.dicomweb import check_url
 from fracdet.dicom.guard import MAX_WAITING, MAX_WAITING_PER_ADDRESS, PeerGuard, awaiting_request, node_ae
+from fracdet.dicom.outbox import SUCCESS, Outbox, c_store, stow_rs
 from fracdet.dicom.results import is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
@@ -62,8 +67,8 @@ __all__ = ["Destination", "NodeConfig", "PacsNode"]
 
 log = logging.getLogger(__name__)
 
-#: C-STORE status: stored; refused for lack of resources (the queue is full), which a PACS retries.
-SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+#: C-STORE status: refused for lack of resources (the queue is full), which a PACS retries; not understood.
+OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0xA700, 0xC000
 _LEVELS = ("definite", "suspicious")
 #: The longest PDU read from any peer: the node advertises pynetdicom's 16 KiB, this leaves room for peers
 #: that ignore it, and an association request of many presentation contexts is a few kilobytes.
@@ -104,6 +109,9 @@ class NodeConfig:
             association as soon as it passes the limit (a DX of 43 x 43 cm at 0.1 mm is about 37 MB).
         max_associations: associations at once; more are rejected (transiently: the PACS retries).
         network_timeout_s: the longest a peer may take over one PDU, or stay silent in an association.
+        delivery_retry_s: the wait after a delivery the destination did not take, doubled after each failed
+            round up to thirty times this.
+        delivery_give_up_h: how long results wait for the destination before they are quarantined.
     """
 
     spool: Path
@@ -119,6 +127,8 @@ class NodeConfig:
     max_store_mb: float = 256.0
     max_associations: int = 4
     network_timeout_s: float = 60.0
+    delivery_retry_s: float = 10.0
+    delivery_give_up_h: float = 24.0
 
     def __post_init__(self) -> None:
         """Refuse at start what pynetdicom would refuse with a traceback (an AE title of 17 characters, port
@@ -144,7 +154,9 @@ class NodeConfig:
         if not self.retention_days >= 0:  # NaN fails too
             raise ValueError(f"retention_days must be 0 (keep nothing) or more, not {self.retention_days}")
         for what, value in (("max_store_mb", self.max_store_mb), ("max_associations", self.max_associations),
-                            ("network_timeout_s", self.network_timeout_s)):  # fmt: skip
+                            ("network_timeout_s", self.network_timeout_s),
+                            ("delivery_retry_s", self.delivery_retry_s),
+                            ("delivery_give_up_h", self.delivery_give_up_h)):  # fmt: skip
             if not value > 0:
                 raise ValueError(f"{what} must be more than 0, not {value}")
 
@@ -167,7 +179,7 @@ class NodeStats:
     duplicates: int = 0
     analysed: int = 0
     quarantined: int = 0
-    sent: int = 0
+    sent: int = 0  # result objects delivered
     studies: dict[str, _Study] = field(default_factory=dict)
 
 
@@ -199,7 +211,14 @@ class PacsNode:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: Any = None
-        self.dirs = {name: Path(config.spool) / name for name in ("incoming", "queue", "done", "quarantine")}
+        self.dirs = {name: Path(config.spool) / name
+                     for name in ("incoming", "queue", "done", "quarantine", "outbox")}  # fmt: skip
+        senders = [c_store(config.ae_title, d.ae_title, d.host, d.port) for d in [config.send_to] if d is not None]
+        senders += [stow_rs(url) for url in [config.stow_url] if url is not None]
+        self.outbox = Outbox(self.dirs["outbox"], lambda datasets: self._send(senders, datasets),
+                             quarantine=self.dirs["quarantine"], retry_s=config.delivery_retry_s,
+                             give_up_s=config.delivery_give_up_h * 3600)  # fmt: skip
+        self._wake = threading.Event()  # results written, or the node stopping: the delivery thread looks
         self._seen: set[str] = set()  # keyed hashes of the SOP Instance UIDs queued or done
         self._waiting: dict[Any, str] = {}  # connections yet to send their association request: their address
 
@@ -234,6 +253,9 @@ class PacsNode:
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.dirs["incoming"].iterdir():  # half-written when a previous run died: never queued
             stale.unlink(missing_ok=True)
+        self.outbox.open()
+        for analysed in [p for p in self.dirs["queue"].glob("*.dcm") if p.stem in self.outbox]:
+            analysed.replace(self.dirs["done"] / analysed.name)  # stopped between its results and its move
         self._seen = {_key_of(p) for folder in ("queue", "done") for p in self.dirs[folder].glob("*.dcm")}
         left = sorted(self.dirs["queue"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
         for path in left:
@@ -255,9 +277,10 @@ class PacsNode:
             thread = threading.Thread(target=self._work, name=f"fracdet-worker-{k}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        sweeper = threading.Thread(target=self._sweep, name="fracdet-retention", daemon=True)
-        sweeper.start()
-        self._threads.append(sweeper)
+        for target, name in ((self._sweep, "fracdet-retention"), (self._deliver, "fracdet-delivery")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         handlers = [(evt.EVT_CONN_OPEN, self._on_connect), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, lambda event: SUCCESS)]  # fmt: skip
         try:
@@ -277,6 +300,7 @@ class PacsNode:
             self._server = None
         self._stop.set()
         self.go.set()
+        self._wake.set()
         for _ in range(self.config.workers):
             self._queue.put(None)
         for thread in self._threads:
@@ -284,10 +308,11 @@ class PacsNode:
         self._threads.clear()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until every queued image was analysed (for tests and graceful shutdown)."""
+        """Block until every queued image was analysed and its results delivered, or wait in ``outbox/`` for a
+        destination that is away (for tests and graceful shutdown)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
+            if self._queue.unfinished_tasks == 0 and (not self.outbox.pending() or self.outbox.due_in() > 0):
                 return True
             time.sleep(0.05)
         return False
@@ -392,49 +417,26 @@ class PacsNode:
             return
         self._count("analysed")
         try:
-            self._send(results.all())
-        except Exception as exc:
-            self._quarantine(path, f"results not delivered ({type(exc).__name__}: {exc})")
+            self.outbox.put(path.stem, results.all())
+        except Exception as exc:  # a full disk: the radiograph is quarantined, to be sent again
+            self._quarantine(path, f"results not written ({type(exc).__name__})")
             return
         path.replace(self.dirs["done"] / path.name)
+        self._wake.set()
         self._summarise(keyed_hash(str(results.sr.StudyInstanceUID)), prediction)
 
-    def _send(self, datasets: list[Any]) -> None:
-        if self.config.send_to is not None:
-            self._c_store(datasets, self.config.send_to)
-        if self.config.stow_url is not None:
-            from dicomweb_client.api import DICOMwebClient
+    # --- delivering ---------------------------------------------------------------------------------------
 
-            DICOMwebClient(url=self.config.stow_url).store_instances(datasets)
+    def _deliver(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()  # before the round: results written during it wake the next one
+            wait = self.outbox.deliver()
+            self._wake.wait(3600 if wait is None else wait)
+
+    def _send(self, senders: list[Any], datasets: list[Any]) -> None:
+        for send in senders:
+            send(datasets)
         self._count("sent", len(datasets))
-
-    def _c_store(self, datasets: list[Any], destination: Destination) -> None:
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import AE
-        from pynetdicom.sop_class import (
-            ComprehensiveSRStorage,
-            GrayscaleSoftcopyPresentationStateStorage,
-            SecondaryCaptureImageStorage,
-        )
-
-        ae = AE(ae_title=self.config.ae_title)
-        for sop_class in (
-            ComprehensiveSRStorage,
-            GrayscaleSoftcopyPresentationStateStorage,
-            SecondaryCaptureImageStorage,
-        ):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-        if not assoc.is_established:
-            raise ConnectionError(f"association with {destination.ae_title} was not accepted")
-        try:
-            for ds in datasets:
-                status = assoc.send_c_store(ds)
-                code = getattr(status, "Status", None)
-                if code != SUCCESS:
-                    raise ConnectionError(f"{destination.ae_title} answered status {code} to a C-STORE")
-        finally:
-            assoc.release()
 
     def _quarantine(self, path: Path, reason: str) -> None:
         with self._lock:  # sent again (fixed, or once the destination is back), it is analysed again
@@ -470,7 +472,10 @@ class PacsNode:
             for path in folder.iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     if path.stat().st_mtime < limit:
-                        path.unlink()
+                        if path.is_dir():  # results given up on (NAME.results/)
+                            shutil.rmtree(path)
+                        else:
+                            path.unlink()
                         removed += 1
                         if folder == self.dirs["done"]:
                             with self._lock:
