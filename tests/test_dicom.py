@@ -806,6 +806,27 @@ def test_results_left_in_the_outbox_go_at_the_next_start_and_are_quarantined_aft
         assert node.sweep(now=4e9) == 4  # two radiographs, the results given up on and their reason
 
 
+def test_a_second_node_on_a_spool_in_use_is_refused_and_touches_nothing(tmp_path, tiny_localiser, grey):
+    """Two nodes on one spool (a test run beside the service) would both analyse what is queued there, and the
+    second would delete the first's half-received images as left by a crash."""
+    import threading
+
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+    from fracdet.utils.lock import FolderInUseError
+
+    first = NodeConfig(spool=tmp_path / "spool", allowed_callers=("PACS",), port=free_port(),
+                       send_to=Destination("PACS", "127.0.0.1", free_port()))  # fmt: skip
+    second = dataclasses.replace(first, port=free_port())
+    with PacsNode(tiny_localiser, first, hold=threading.Event()) as node:  # held: the image stays queued
+        assert store_into(first.port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.75")) == [0]
+        (node.dirs["incoming"] / "receiving.dcm").write_bytes(b"half an image")
+        with pytest.raises(FolderInUseError, match="in use by another process"):
+            PacsNode(tiny_localiser, second).start()
+        assert len(list(node.dirs["queue"].glob("*.dcm"))) == 1 and (node.dirs["incoming"] / "receiving.dcm").exists()
+    with PacsNode(tiny_localiser, second) as node:  # the first has stopped: the spool is free
+        assert node.wait_idle(120) and node.stats.analysed == 1
+
+
 @pytest.mark.parametrize(("status", "kept"), [(0xA700, True), (0xA900, False), (0xC000, False), (0xB000, None)])
 def test_a_refusal_that_may_pass_keeps_the_results_and_one_about_the_objects_quarantines_them(
     tmp_path, tiny_localiser, grey, status, kept

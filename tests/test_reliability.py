@@ -870,6 +870,52 @@ def test_a_full_disk_stops_training_with_a_clear_error_and_nothing_half_written(
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0
 
 
+def test_a_second_training_in_a_run_folder_that_is_training_is_refused_and_the_run_goes_on(sample_root, tmp_path,
+                                                                                            monkeypatch):  # fmt: skip
+    """Found 6 Dec (stop 77): a second `fracdet train --resume` of a run still training trained beside it in
+    the same folder, each overwriting the other's checkpoints, and both ended with exit 0."""
+    from fracdet.cli import EXIT_IN_USE, main
+
+    from .test_training import sample_manifest
+
+    monkeypatch.setenv("FRACDET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FRACDET_PROGRESS", "0")
+    run = tmp_path / "run"
+    second: list[int] = []
+
+    def meanwhile(epoch: int, row: dict) -> None:  # the run is training: its folder is held
+        if epoch == 1:
+            second.append(main(["train", "--resume", "--out", str(run), "--data", str(sample_root)]))
+
+    from fracdet.training import train
+    from fracdet.training.config import load_config
+
+    config = load_config(REPO / "configs" / "paper.yaml", ["image_size=32", "batch_size=8", "epochs=2"])
+    result = train(config, sample_manifest(sample_root), run, on_epoch_end=meanwhile)
+    assert second == [EXIT_IN_USE]
+    assert list(result.history["epoch"]) == [1, 2] and (run / "model.json").is_file()
+    assert main(["train", "--resume", "--out", str(run), "--data", str(sample_root)]) != EXIT_IN_USE  # released
+
+
+def test_a_folder_held_by_a_process_killed_with_sigkill_is_free_at_once(tmp_path):
+    """The lock is the kernel's (``flock``): nothing is left behind to clear by hand when a run is killed."""
+    from fracdet.utils.lock import FolderInUseError, exclusive
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fracdet.utils.lock import exclusive\n"
+                               f"with exclusive({str(tmp_path)!r}, 'a test'):\n print('held', flush=True)\n"
+                               " time.sleep(600)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUseError, match="in use by another process"), exclusive(tmp_path, "a test"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(30)
+    with exclusive(tmp_path, "a test"):
+        assert list(tmp_path.iterdir()) == []  # and nothing was written into the folder
+
+
 def test_a_full_disk_leaves_no_half_written_heatmap_figure_or_table(sample_root, tmp_path):
     """Found 6 Dec (stop 74): `fracdet predict --heatmaps` on a full disk left a truncated PNG while the error
     said nothing was left half-written; figures, reports, tables, packs and split manifests were written in

@@ -1017,12 +1017,16 @@ def main(argv: list[str] | None = None) -> int:
     from fracdet.data import DatasetLayoutError
     from fracdet.models.release import ModelLoadError, NoWeightsError
     from fracdet.training import ConfigError, RunExistsError
+    from fracdet.utils.lock import FolderInUseError
 
     try:
         return args.func(args)
     except (FileNotFoundError, DatasetLayoutError, ConfigError, RunExistsError, NoWeightsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FolderInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:  # an output where a file or folder is
         print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -1043,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
 #: errno values of a write that found no room: a full disk, a full quota, a file-size limit.
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 EXIT_NO_SPACE = 74  # EX_IOERR of sysexits.h
+EXIT_IN_USE = 75  # EX_TEMPFAIL: another process works in the folder; the same command works once it ends
 
 
 if __name__ == "__main__":

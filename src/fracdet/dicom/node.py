@@ -18,6 +18,8 @@ Design, so that a hospital can leave it running:
 * **Results wait for a destination that is away** (:mod:`fracdet.dicom.outbox`): they stay in ``outbox/``,
   across restarts, and are delivered when it is back, oldest first; after ``delivery_give_up_h`` they are
   quarantined. Analysis goes on meanwhile.
+* **One node per spool**: a second node started on a spool in use is refused before it touches anything
+  (it would analyse the same queued files, and delete the first's half-received images as stale).
 * **Only known callers**: associations from calling AE titles outside ``allowed_callers`` are rejected.
 * **Bounded on the wire** (:class:`fracdet.dicom.guard.PeerGuard`): any peer, before its AE title is known,
   can make the node hold at most one PDU of 1 MiB per connection, and only for ``network_timeout_s``; an
@@ -62,6 +64,7 @@ from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
 from fracdet.models.release import TrainedModel
 from fracdet.utils.atomic import atomic_write_text
+from fracdet.utils.lock import exclusive
 
 __all__ = ["Destination", "NodeConfig", "PacsNode"]
 
@@ -218,6 +221,7 @@ class PacsNode:
         self.outbox = Outbox(self.dirs["outbox"], lambda datasets: self._send(senders, datasets),
                              quarantine=self.dirs["quarantine"], retry_s=config.delivery_retry_s,
                              give_up_s=config.delivery_give_up_h * 3600)  # fmt: skip
+        self._held = contextlib.ExitStack()  # the spool's lock, from start to stop
         self._wake = threading.Event()  # results written, or the node stopping: the delivery thread looks
         self._seen: set[str] = set()  # keyed hashes of the SOP Instance UIDs queued or done
         self._waiting: dict[Any, str] = {}  # connections yet to send their association request: their address
@@ -236,6 +240,8 @@ class PacsNode:
 
         Raises:
             OSError: the node cannot listen on its address (the port is taken); nothing is left running.
+            FolderInUseError: another node works in the spool (it would analyse the same files, and delete
+                the other's half-received images as left by a crash).
         """
         pynetdicom = _pynetdicom()
         from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
@@ -249,6 +255,8 @@ class PacsNode:
             Verification,
         )
 
+        Path(self.config.spool).mkdir(parents=True, exist_ok=True)
+        self._held.enter_context(exclusive(self.config.spool, "a PACS node"))  # before anything in it is touched
         for folder in self.dirs.values():
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.dirs["incoming"].iterdir():  # half-written when a previous run died: never queued
@@ -306,6 +314,7 @@ class PacsNode:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        self._held.close()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until every queued image was analysed and its results delivered, or wait in ``outbox/`` for a

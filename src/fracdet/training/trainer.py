@@ -58,6 +58,7 @@ from fracdet.training.distributed import Ranks, current_ranks
 from fracdet.training.losses import split_views, stability_loss, task_loss
 from fracdet.utils.atomic import atomic_file, save_figure
 from fracdet.utils.cache import FeatureCache
+from fracdet.utils.lock import exclusive
 from fracdet.utils.progress import progress_bar
 
 __all__ = ["RunExistsError", "TrainResult", "initial_model", "train"]
@@ -201,9 +202,31 @@ def train(
             run folder to ``resume`` later (a sitting on a shared machine); no model is written yet.
         ranks: this process's place among training processes (:mod:`fracdet.training.distributed`);
             default: the process group this process is in, or one process.
+
+    Raises:
+        FolderInUseError: another process trains in ``out_dir`` (a second ``--resume`` of a run still
+            training would interleave their checkpoints).
     """
     ranks = ranks or current_ranks()
     out_dir = Path(out_dir)
+    if ranks.main and not resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir, "a training run") if ranks.main else nullcontext():
+        return _train(config, manifest, out_dir, resume=resume, cache=cache, on_epoch_end=on_epoch_end,
+                      stop_after=stop_after, ranks=ranks)  # fmt: skip
+
+
+def _train(
+    config: TrainConfig | None,
+    manifest: pd.DataFrame,
+    out_dir: Path,
+    *,
+    resume: bool,
+    cache: FeatureCache | None,
+    on_epoch_end: EpochHook | None,
+    stop_after: int | None,
+    ranks: Ranks,
+) -> TrainResult:
     if resume:
         saved = TrainConfig.from_dict(_read_yaml(out_dir / "config.yaml"))
         try:
