@@ -1,7 +1,8 @@
 """A DICOMweb server small enough to read, for the pull's tests and ``benchmarks/dicomweb_answers.py``: one
 study of one DX series holding the instances it is given. QIDO-RS lists them, WADO-RS answers each as
 ``answer(instance)`` says (a content type, the pieces of the body, a pause between pieces), STOW-RS takes
-whatever it is sent. HTTP/1.0, so that a body without a length ends when the connection closes."""
+whatever it is sent and answers as ``stow()`` says (an HTTP status and a JSON body). HTTP/1.0, so that a
+body without a length ends when the connection closes."""
 
 from __future__ import annotations
 
@@ -32,15 +33,16 @@ def file(data: bytes) -> Answer:
 
 
 @contextmanager
-def serving(instances: list[str], answer: Callable[[str], Answer]) -> Iterator[str]:
+def serving(instances: list[str], answer: Callable[[str], Answer],
+            stow: Callable[[], tuple[int, object]] = lambda: (200, {})) -> Iterator[str]:  # fmt: skip
     """A server on a free local port for as long as the block runs; yields its DICOMweb root URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-        def reply(self, kind: str, pieces: Iterable[bytes], pause: float = 0.0) -> None:
-            self.send_response(200)
+        def reply(self, kind: str, pieces: Iterable[bytes], pause: float = 0.0, status: int = 200) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.end_headers()
             try:
@@ -68,7 +70,8 @@ def serving(instances: list[str], answer: Callable[[str], Answer]) -> Iterator[s
                 while size := int(self.rfile.readline().strip() or b"0", 16):
                     self.rfile.read(size + 2)
                 self.rfile.readline()
-            self.reply("application/dicom+json", [b"{}"])
+            status, body = stow()
+            self.reply("application/dicom+json", [json.dumps(body).encode()], status=status)
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -871,6 +871,54 @@ def test_a_refusal_that_may_pass_keeps_the_results_and_one_about_the_objects_qua
         assert f"0x{status:04X}" in reason and "refused" in reason
 
 
+def failed_sop(*reasons: int) -> dict:
+    """A STOW-RS answer's body (DICOM JSON) listing one Failed SOP Sequence item per reason."""
+    return {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [r]}} for r in reasons]}}
+
+
+@pytest.mark.parametrize(("answer", "kept"), [
+    ((202, failed_sop(0xA700)), True),  # some not stored for lack of room: tried again
+    ((202, failed_sop(0xC000)), False),  # not understood: would fail every time
+    ((500, {}), True),
+    ((400, {}), False),
+    ((200, {}), None),
+])  # fmt: skip
+def test_a_stow_answer_that_lists_objects_not_stored_is_not_counted_as_delivered(tmp_path, tiny_localiser, grey,
+                                                                                 answer, kept):  # fmt: skip
+    """dicomweb-client returns a 202 listing failed objects as a success, only logging it: the node deleted
+    results the PACS had not kept. Read now, as C-STORE statuses are."""
+    from fracdet.dicom.outbox import Outbox, stow_rs
+    from fracdet.dicom.results import results_for
+    from tests.dicomweb_server import serving
+
+    data = write_bytes(mono2_8bit(grey))
+    results = results_for(data, Predictor(tiny_localiser).predict_bytes(data, "x.dcm"), tiny_localiser)
+    (tmp_path / "quarantine").mkdir()
+    with serving([], lambda name: ("", [], 0.0), stow=lambda: answer) as root:
+        outbox = Outbox(tmp_path / "outbox", stow_rs(root), quarantine=tmp_path / "quarantine", retry_s=60)
+        outbox.open()
+        outbox.put("0001-x", results.all())
+        wait = outbox.deliver()
+    if kept is None:
+        assert wait is None and outbox.delivered == 1
+    elif kept:
+        assert wait == 60 and len(outbox.pending()) == 1 and outbox.given_up == 0
+    else:
+        assert wait is None and not outbox.pending() and outbox.given_up == 1
+
+
+def test_a_pull_counts_only_the_results_the_pacs_kept(tiny_localiser, grey):
+    from fracdet.dicom.dicomweb import DicomWeb
+    from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import file, serving
+
+    image = file(write_bytes(mono2_8bit(grey)))
+    with serving(["a"], lambda name: image, stow=lambda: (202, failed_sop(0xC000))) as root, DicomWeb(root) as pacs:
+        row = pull(pacs, tiny_localiser, study="1.2.3").iloc[0]
+    assert row["stored"] == 2 and "STOW-RS did not store 1 of 3 results (0xC000)" in row["error"]
+    assert row["probability"] is not None  # the analysis stands; the table says what the PACS did not keep
+
+
 def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_naming_no_url(tmp_path, capsys):
     """Before, each of these ended `fracdet pacs pull` in a traceback from requests whose message quoted the
     URL, and with it a study's UID; `--since yesterday` was sent to the PACS as it was."""

@@ -24,7 +24,15 @@ from typing import Any
 
 from fracdet.data.dicom import DICOM_HINT
 
-__all__ = ["MAX_INSTANCE_MB", "RETRIEVE_TIMEOUT_S", "DicomWeb", "RetrievalError", "check_url", "failure"]
+__all__ = [
+    "MAX_INSTANCE_MB",
+    "RETRIEVE_TIMEOUT_S",
+    "DicomWeb",
+    "RetrievalError",
+    "check_url",
+    "failure",
+    "refused_by_stow",
+]
 
 #: The largest instance fetched, as the PACS node's ``max_store_mb``: a radiograph is tens of megabytes.
 MAX_INSTANCE_MB = 256
@@ -54,6 +62,17 @@ def failure(exc: Exception) -> str:
     study's URL holds its UID): the HTTP status, or the kind of error (no connection, not JSON, ...)."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return f"HTTP {status}" if status else type(exc).__name__
+
+
+def refused_by_stow(answer: Any) -> list[int]:
+    """The failure reason of each instance a STOW-RS answer (the dataset dicomweb-client's ``store_instances``
+    returns) lists as not stored; empty when all were stored.
+
+    A STOW-RS server that stores some instances and not others answers 202 with a *Failed SOP Sequence*
+    (PS3.18 10.5.3): a success to requests and to dicomweb-client, which only logs it. Read here, so that
+    results a PACS did not keep are not counted as delivered.
+    """
+    return [int(getattr(item, "FailureReason", 0x0110)) for item in getattr(answer, "FailedSOPSequence", None) or []]
 
 
 class DicomWeb:

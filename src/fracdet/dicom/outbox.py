@@ -11,7 +11,8 @@ temporary folder, then renamed) and :class:`Outbox` delivers them, oldest first:
   are not tried either. The next round waits ``retry_s``, doubling up to thirty times that, and each failed
   round is logged once. While it waits, analysis goes on and its results join the queue on disk.
 * a delivery the destination refuses for the objects themselves (a DIMSE failure status other than *Out of
-  Resources*, HTTP 4xx) will not pass: that entry is quarantined with its reason, and the round goes on.
+  Resources*, HTTP 4xx, a STOW-RS answer listing objects not stored for such a reason) will not pass: that
+  entry is quarantined with its reason, and the round goes on.
 * an entry still undelivered ``give_up_s`` after it was written is quarantined, with the reason.
 
 An entry is deleted only when all of its objects were delivered; one sent again keeps its UIDs, so a PACS
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from fracdet.dicom.dicomweb import refused_by_stow
 from fracdet.utils.atomic import atomic_write_text
 
 __all__ = ["SUCCESS", "DeliveryError", "Outbox", "Sender", "c_store", "stow_rs"]
@@ -208,12 +210,19 @@ def stow_rs(url: str) -> Sender:
 
         with requests.Session() as session:
             try:
-                DICOMwebClient(url=url, session=session).store_instances(datasets)
+                client = DICOMwebClient(url=url, session=session)
+                client.set_http_retry_params(retry=False)  # the outbox's rounds are the one retry policy
+                answer = client.store_instances(datasets)
             except requests.HTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 500
                 raise DeliveryError(f"STOW-RS answered HTTP {status}",
                                     transient=status >= 500 or status in (408, 429)) from None  # fmt: skip
             except (requests.RequestException, OSError) as exc:  # requests' message quotes the URL
                 raise DeliveryError(f"STOW-RS failed ({type(exc).__name__})", transient=True) from None
+        reasons = refused_by_stow(answer)
+        if reasons:  # 0xA7xx: out of resources; 0x0110: a processing failure, the server's own
+            codes = ", ".join(f"0x{reason:04X}" for reason in reasons)
+            raise DeliveryError(f"STOW-RS did not store {len(reasons)} of {len(datasets)} objects ({codes})",
+                                transient=all(0xA700 <= r <= 0xA7FF or r == 0x0110 for r in reasons))  # fmt: skip
 
     return send

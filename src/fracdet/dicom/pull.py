@@ -19,7 +19,7 @@ import pandas as pd
 
 from fracdet.data.decode import ImageReadError
 from fracdet.data.dicom import RADIOGRAPH_MODALITIES, keyed_hash, read_dicom_header
-from fracdet.dicom.dicomweb import DicomWeb, RetrievalError, failure
+from fracdet.dicom.dicomweb import DicomWeb, RetrievalError, failure, refused_by_stow
 from fracdet.dicom.results import SERIES_DESCRIPTION, is_fracdet_result, results_for
 from fracdet.inference.gate import NotARadiographError
 from fracdet.inference.predictor import Predictor
@@ -132,7 +132,7 @@ def pull(server: DicomWeb, model: TrainedModel, *, study: str | None = None, sin
                 continue  # the manufacturer still says so
             prediction = predictor.predict_bytes(data, name)
             results = results_for(data, prediction, model)
-            client.store_instances(results.all())
+            refused = refused_by_stow(client.store_instances(results.all()))
         except (ImageReadError, NotARadiographError) as exc:
             row["error"] = str(exc)
         except RetrievalError as exc:  # too large, too slow, not DICOM: said without URL or identifier
@@ -143,6 +143,10 @@ def pull(server: DicomWeb, model: TrainedModel, *, study: str | None = None, sin
             log.warning("image %d of study %s failed: %s", position[hashed], hashed, type(exc).__name__)
         else:
             row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
-                       boxes=len(prediction.boxes), stored=3)  # fmt: skip
+                       boxes=len(prediction.boxes), stored=3 - len(refused))  # fmt: skip
+            if refused:  # a 202: the PACS kept some and said which it did not
+                said = f"STOW-RS did not store {len(refused)} of 3 results ({', '.join(f'0x{r:04X}' for r in refused)})"
+                row["error"] = f"{name}: {said}"
+                log.warning("image %d of study %s: %s", position[hashed], hashed, said)
         rows.append(row)
     return pd.DataFrame(rows, columns=["study", "image", "probability", "label", "level", "boxes", "stored", "error"])
