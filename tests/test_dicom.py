@@ -806,6 +806,38 @@ def test_results_left_in_the_outbox_go_at_the_next_start_and_are_quarantined_aft
         assert node.sweep(now=4e9) == 4  # two radiographs, the results given up on and their reason
 
 
+def test_a_disk_that_fills_while_the_node_works_costs_that_image_never_the_worker(tmp_path, tiny_localiser, grey,
+                                                                                  monkeypatch, caplog):  # fmt: skip
+    """Before, a full disk while an image's results and then its quarantine reason were written ended the
+    worker thread: the node went on accepting images and never analysed another until restarted. The kernel's
+    ENOSPC is raised at those two writes here (a full file system for one folder needs mount privileges)."""
+    import errno
+    import threading
+
+    import fracdet.dicom.node as node_module
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+    from fracdet.dicom.outbox import Outbox
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    port, pacs_port = free_port(), free_port()
+    config = NodeConfig(spool=tmp_path / "spool", allowed_callers=("PACS",), port=port,
+                        send_to=Destination("PACS", "127.0.0.1", pacs_port))  # fmt: skip
+    with storescp(pacs_port, tmp_path / "pacs") as received, PacsNode(tiny_localiser, config) as node:
+        with monkeypatch.context() as disk:
+            disk.setattr(Outbox, "put", full)
+            disk.setattr(node_module, "atomic_write_text", full)
+            assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.76")) == [0]
+            assert node.wait_idle(120)
+        assert len(list(node.dirs["quarantine"].glob("*.dcm"))) == 1  # kept, its reason in the log alone
+        assert "reason for" in caplog.text and "ENOSPC" in caplog.text
+        # space again: the same worker analyses the next image and its results arrive
+        assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.77")) == [0]
+        assert eventually(lambda: len(list(received.iterdir())) == 3), "the worker did not survive the full disk"
+        assert [t.name for t in threading.enumerate()].count("fracdet-worker-0") == 1
+
+
 def test_a_second_node_on_a_spool_in_use_is_refused_and_touches_nothing(tmp_path, tiny_localiser, grey):
     """Two nodes on one spool (a test run beside the service) would both analyse what is queued there, and the
     second would delete the first's half-received images as left by a crash."""

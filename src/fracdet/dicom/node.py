@@ -43,6 +43,7 @@ Needs the ``dicom`` extra (pynetdicom, pydicom, highdicom).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -182,6 +183,7 @@ class NodeStats:
     duplicates: int = 0
     analysed: int = 0
     quarantined: int = 0
+    failed: int = 0  # images not handled (a full disk): left where the failure found them
     sent: int = 0  # result objects delivered
     studies: dict[str, _Study] = field(default_factory=dict)
 
@@ -407,6 +409,9 @@ class PacsNode:
                 path, admitted = item
                 try:
                     self._process(path)
+                except Exception as exc:  # a full disk, a folder removed under it: this image, not the worker
+                    self._count("failed")
+                    log.error("image %s was not handled (%s); the worker goes on", path.name, _kind(exc))
                 finally:
                     if admitted:
                         self._slots.release()
@@ -439,7 +444,11 @@ class PacsNode:
     def _deliver(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()  # before the round: results written during it wake the next one
-            wait = self.outbox.deliver()
+            try:
+                wait = self.outbox.deliver()
+            except Exception as exc:  # the outbox unreadable, a quarantine not writable: the next round, later
+                log.error("a delivery round failed (%s); the next in %g s", _kind(exc), self.config.delivery_retry_s)
+                wait = self.config.delivery_retry_s
             self._wake.wait(3600 if wait is None else wait)
 
     def _send(self, senders: list[Any], datasets: list[Any]) -> None:
@@ -452,9 +461,12 @@ class PacsNode:
             self._seen.discard(_key_of(path))
         target = self.dirs["quarantine"] / path.name
         path.replace(target)
-        atomic_write_text(target.parent / f"{target.name}.reason.txt", reason + "\n")
         self._count("quarantined")
         log.warning("quarantined %s: %s", path.name, reason)
+        try:
+            atomic_write_text(target.parent / f"{target.name}.reason.txt", reason + "\n")
+        except OSError as exc:  # a full disk: the image is kept; the log holds its reason
+            log.error("the reason for %s was not written (%s)", path.name, _kind(exc))
 
     def _count(self, counter: str, n: int = 1) -> None:
         """Add to a counter of :attr:`stats`; stores and workers run on several threads at once."""
@@ -493,7 +505,16 @@ class PacsNode:
 
     def _sweep(self) -> None:
         while not self._stop.wait(3600):
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception as exc:  # a file it may not delete: the next sweep tries again
+                log.error("the retention sweep failed (%s)", _kind(exc))
+
+
+def _kind(exc: Exception) -> str:
+    """An error in words without its message (a library's may quote a path or a value): ENOSPC, not the file."""
+    code = getattr(exc, "errno", None)
+    return f"{type(exc).__name__}, {errno.errorcode.get(code, code)}" if code else type(exc).__name__
 
 
 def _key_of(path: Path) -> str:
