@@ -433,7 +433,7 @@ class PacsNode:
         try:
             self.outbox.put(path.stem, results.all())
         except Exception as exc:  # a full disk: the radiograph is quarantined, to be sent again
-            self._quarantine(path, f"results not written ({type(exc).__name__})")
+            self._quarantine(path, f"results not written ({_kind(exc)})")
             return
         path.replace(self.dirs["done"] / path.name)
         self._wake.set()
