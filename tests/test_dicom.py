@@ -793,7 +793,7 @@ def test_results_left_in_the_outbox_go_at_the_next_start_and_are_quarantined_aft
         assert store_into(port, radiograph_dataset(grey, "1.2.826.0.1.3680043.8.498.73")) == [0]
         assert node.wait_idle(120) and len(node.outbox.pending()) == 1
     with storescp(pacs_port, tmp_path / "pacs") as received, PacsNode(tiny_localiser, config) as node:
-        assert eventually(lambda: len(list(received.iterdir())) == 3) and not node.outbox.pending()
+        assert eventually(lambda: len(list(received.iterdir())) == 3 and not node.outbox.pending())
         assert node.stats.analysed == 0  # delivered as written, not analysed again
     patience = dataclasses.replace(config, delivery_give_up_h=0.5 / 3600)  # half a second
     with PacsNode(tiny_localiser, patience) as node:
