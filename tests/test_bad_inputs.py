@@ -240,6 +240,40 @@ def test_a_refused_form_names_the_field_but_never_quotes_what_was_sent(client):
     assert "Doe^Jane" not in response.text and response.json()["detail"][0]["loc"] == ["body", "file"]
 
 
+def _form(*parts: tuple[bytes, bytes], end: bool = True) -> bytes:
+    """A multipart/form-data body with boundary ``B`` from (part headers, part body) pairs."""
+    body = b"".join(b"--B\r\n" + headers + b"\r\n\r\n" + data + b"\r\n" for headers, data in parts)
+    return body + (b"--B--\r\n" if end else b"")
+
+
+FILE_PART = (b'Content-Disposition: form-data; name="file"; filename="x.jpg"\r\nContent-Type: image/jpeg', RADIOGRAPH)
+FORM = "multipart/form-data; boundary=B"
+FORMS = [
+    ("5,000 text fields", FORM, lambda: _form(*[(f'Content-Disposition: form-data; name="f{i}"'.encode(), b"v")
+                                               for i in range(5000)], FILE_PART), 400, "Too many fields"),
+    ("5,000 file parts", FORM, lambda: _form(*[(f'Content-Disposition: form-data; name="g{i}"; filename="a"'.encode(),
+                                                b"v") for i in range(5000)], FILE_PART), 400, "Too many files"),
+    ("a part header of 1 MB", FORM, lambda: _form((FILE_PART[0] + b"\r\nX-Long: " + b"a" * (1 << 20), RADIOGRAPH)),
+     400, "Invalid multipart"),
+    ("5,000 header lines in a part", FORM, lambda: _form((FILE_PART[0] + b"".join(f"\r\nX-{i}: y".encode()
+                                                                                  for i in range(5000)), RADIOGRAPH)),
+     400, "Invalid multipart"),
+    ("5 MB in which the boundary never appears", FORM, lambda: bytes(5 << 20), 400, "Invalid multipart"),
+    ("a form cut before its closing boundary", FORM, lambda: _form(FILE_PART, end=False), 422, "file"),
+    ("a form without a boundary", "multipart/form-data", lambda: _form(FILE_PART), 400, "Missing boundary"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "content_type", "body", "status", "words"), FORMS, ids=[f[0] for f in FORMS])
+def test_a_malformed_form_gets_a_4xx_naming_it_and_the_server_stays_healthy(client, kind, content_type, body, status,
+                                                                            words):  # fmt: skip
+    """Limits of the form parser itself (Starlette's: 1,000 fields, 1,000 files), kept so by this table."""
+    response = client.post("/api/v1/predict", content=body(), headers={"content-type": content_type})
+    assert response.status_code == status, response.text[:300]
+    assert words in str(response.json()["detail"])
+    assert client.get("/api/v1/health").status_code == 200
+
+
 # --- property-based fuzzing ---------------------------------------------------------------------------------
 
 
