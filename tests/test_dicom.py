@@ -838,6 +838,18 @@ def test_a_disk_that_fills_while_the_node_works_costs_that_image_never_the_worke
         assert [t.name for t in threading.enumerate()].count("fracdet-worker-0") == 1
 
 
+def test_results_that_cannot_be_written_leave_no_entry_and_nothing_half_written(tmp_path):
+    from pydicom.dataset import Dataset
+
+    from fracdet.dicom.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox", lambda datasets: None, quarantine=tmp_path / "quarantine")
+    outbox.open()
+    with pytest.raises(ValueError, match="Transfer Syntax"):  # no file meta: pydicom cannot write it as a file
+        outbox.put("0001-x", [Dataset()])
+    assert not list((tmp_path / "outbox").iterdir()) and "0001-x" not in outbox
+
+
 def test_a_second_node_on_a_spool_in_use_is_refused_and_touches_nothing(tmp_path, tiny_localiser, grey):
     """Two nodes on one spool (a test run beside the service) would both analyse what is queued there, and the
     second would delete the first's half-received images as left by a crash."""

@@ -87,18 +87,22 @@ class Outbox:
             shutil.rmtree(stale, ignore_errors=True)
 
     def put(self, name: str, datasets: Iterable[Any]) -> Path:
-        """Write one radiograph's results as entry ``name``, atomically, and make the next round due now
-        unless the destination is away."""
+        """Write one radiograph's results as entry ``name``: whole (written in a temporary folder, then
+        renamed) or, when a write fails (a full disk), not at all."""
         from pydicom import dcmwrite
 
         temporary = self.folder / f"{_TEMPORARY}{name}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-        for k, ds in enumerate(datasets):
-            with (temporary / f"{k}.dcm").open("wb") as fh:
-                dcmwrite(fh, ds, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
+        try:
+            for k, ds in enumerate(datasets):
+                with (temporary / f"{k}.dcm").open("wb") as fh:
+                    dcmwrite(fh, ds, enforce_file_format=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
         target = self.folder / name
         temporary.replace(target)
         return target
