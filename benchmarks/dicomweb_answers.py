@@ -1,6 +1,6 @@
 """What can a DICOMweb server's answer make ``fracdet pacs pull`` hold, and for how long?
 
-    python benchmarks/dicomweb_answers.py [--baseline REV] [--gib 1] [--model fracatlas-default]
+    python benchmarks/dicomweb_answers.py [--baseline REV] [--gib 1] [--search-mb 280] [--model fracatlas-default]
         [--out benchmarks/results-dicomweb-answers.json]
 
 Serves one study of one DX instance from a local DICOMweb server (QIDO-RS, WADO-RS, STOW-RS) and runs
@@ -11,11 +11,18 @@ it) against it, once for each answer the server gives for the instance:
 * ``deflated``: a deflated dataset (PS3.5 A.5) of about 1 MB that inflates to ``--gib`` GiB, as any modality
   could store in the PACS;
 * ``endless``: a ``multipart/related`` answer of ``--gib`` GiB, sent as fast as it is read;
-* ``drip``: an answer that sends a byte every half second and never ends (each pull is stopped after 150 s).
+* ``drip``: an answer that sends a byte every half second and never ends;
+
+and then for the series search (QIDO-RS), which comes before any instance:
+
+* ``search-endless``: a JSON answer of ``--search-mb`` MB, sent as fast as it is read;
+* ``search-drip``: a JSON answer that sends a byte every half second and never ends.
+
+Each pull is stopped after 240 s.
 
 Each pull runs as its own process; the table reports its peak resident memory (``wait4``'s ``ru_maxrss``),
 its time and its row's error. Run it with memory to spare: the baseline's ``deflated`` and ``endless`` each
-held about 5 GB at ``--gib 1``.
+held about 5 GB at ``--gib 1``, and its ``search-endless`` as much at ``--search-mb 280``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from tests.dicomweb_server import MULTIPART, SERIES, Answer, file, multipart, serving  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.8.498.75"
-DRIP_LIMIT_S = 150
+DRIP_LIMIT_S = 240
 
 
 def _dx(pixels: np.ndarray, **extra) -> tuple[bytes, bytes]:
@@ -122,7 +129,7 @@ def _pull(src: Path, url: str, model: str, out: Path) -> dict:
 
 def run(src: Path, url: str, state: dict, model: str, folder: Path) -> dict:
     results = {}
-    for answer in ("radiograph", "deflated", "endless", "drip"):
+    for answer in ("radiograph", "deflated", "endless", "drip", "search-endless", "search-drip"):
         state["answer"] = answer
         out = folder / f"{answer}.json"
         out.unlink(missing_ok=True)
@@ -131,8 +138,8 @@ def run(src: Path, url: str, state: dict, model: str, folder: Path) -> dict:
     return results
 
 
-def _answers(gib: int) -> tuple[dict, Callable[[str], Answer]]:
-    """The server's state (which answer it gives now) and what it sends for the instance."""
+def _answers(gib: int, search_mb: int) -> tuple[dict, Callable[[str], Answer], Callable[[str], Answer | None]]:
+    """The server's state (which answer it gives now), what it sends for the instance and for a search."""
     files = {"radiograph": radiograph(), "deflated": deflated(gib << 30)}
     state = {"answer": "radiograph", "deflated_file_bytes": len(files["deflated"])}
 
@@ -144,20 +151,30 @@ def _answers(gib: int) -> tuple[dict, Callable[[str], Answer]]:
             return MULTIPART, (b"-" for _ in range(10 * DRIP_LIMIT_S)), 0.5
         return file(files[state["answer"]])
 
-    return state, answer
+    def search(level: str) -> Answer | None:
+        if level != "series" or not state["answer"].startswith("search-"):
+            return None
+        if state["answer"] == "search-drip":
+            return "application/dicom+json", (b"[" if i == 0 else b" " for i in range(10 * DRIP_LIMIT_S)), 0.5
+        item = b'{"0020000E": {"vr": "UI", "Value": ["1.2.3"]}, "00080060": {"vr": "CS", "Value": ["DX"]}}, '
+        block = item * ((1 << 20) // len(item))
+        return "application/dicom+json", [b"[", *(block for _ in range(search_mb)), item[:-2], b"]"], 0.0
+
+    return state, answer, search
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="an earlier commit to run side by side")
     parser.add_argument("--gib", type=int, default=1, help="what the deflated and endless answers amount to")
+    parser.add_argument("--search-mb", type=int, default=280, help="what the endless search answer amounts to")
     parser.add_argument("--model", default="fracatlas-default")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-dicomweb-answers.json"))
     args = parser.parse_args()
-    state, answer = _answers(args.gib)
-    report = {"gib": args.gib, "deflated_file_bytes": state["deflated_file_bytes"], "model": args.model,
-              "command": " ".join(sys.argv), "trees": {}}  # fmt: skip
-    with serving([f"{SERIES}.1"], answer) as url, tempfile.TemporaryDirectory() as folder:
+    state, answer, search = _answers(args.gib, args.search_mb)
+    report = {"gib": args.gib, "search_mb": args.search_mb, "deflated_file_bytes": state["deflated_file_bytes"],
+              "model": args.model, "command": " ".join(sys.argv), "trees": {}}  # fmt: skip
+    with serving([f"{SERIES}.1"], answer, search=search) as url, tempfile.TemporaryDirectory() as folder:
         if args.baseline:
             base, here = revisions(args.baseline)
             with checkout(args.baseline) as src:

@@ -1,12 +1,14 @@
 """A DICOMweb server small enough to read, for the pull's tests and ``benchmarks/dicomweb_answers.py``: one
 study of one DX series holding the instances it is given. QIDO-RS lists them, WADO-RS answers each as
-``answer(instance)`` says (a content type, the pieces of the body, a pause between pieces), STOW-RS takes
-whatever it is sent and answers as ``stow()`` says (an HTTP status and a JSON body). HTTP/1.0, so that a
+``answer(instance)`` says (a content type, the pieces of the body, a pause between pieces), or each search
+as ``search(level)`` says where it says anything; STOW-RS takes whatever it is sent and answers as
+``stow()`` says (an HTTP status and a JSON body, or an :data:`Answer`). HTTP/1.0, so that a
 body without a length ends when the connection closes."""
 
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import threading
 import time
@@ -32,9 +34,16 @@ def file(data: bytes) -> Answer:
     return MULTIPART, multipart(data), 0.0
 
 
+def endless(pause: float) -> Answer:
+    """A JSON answer that never ends: ``[`` and then a space every ``pause`` seconds (or as fast as it is read,
+    at 0, in pieces of 64 KiB)."""
+    return "application/dicom+json", itertools.chain([b"["], itertools.repeat(b" " if pause else b" " * 65536)), pause
+
+
 @contextmanager
 def serving(instances: list[str], answer: Callable[[str], Answer],
-            stow: Callable[[], tuple[int, object]] = lambda: (200, {})) -> Iterator[str]:  # fmt: skip
+            stow: Callable[[], tuple[int, object]] = lambda: (200, {}),
+            search: Callable[[str], Answer | None] = lambda level: None) -> Iterator[str]:  # fmt: skip
     """A server on a free local port for as long as the block runs; yields its DICOMweb root URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -55,6 +64,8 @@ def serving(instances: list[str], answer: Callable[[str], Answer],
 
         def do_GET(self) -> None:
             last = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+            if last in ("studies", "series", "instances") and (given := search(last)) is not None:
+                return self.reply(*given)
             if last == "series":
                 found = [{"0020000E": {"vr": "UI", "Value": [SERIES]}, "00080060": {"vr": "CS", "Value": ["DX"]}}]
             elif last == "instances":
@@ -71,6 +82,8 @@ def serving(instances: list[str], answer: Callable[[str], Answer],
                     self.rfile.read(size + 2)
                 self.rfile.readline()
             status, body = stow()
+            if isinstance(body, tuple):  # an Answer
+                return self.reply(*body, status=status)
             self.reply("application/dicom+json", [json.dumps(body).encode()], status=status)
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:

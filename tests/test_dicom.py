@@ -42,6 +42,7 @@ from tests.dicom_files import (
     mono2_16bit_rescale,
     write_bytes,
 )
+from tests.dicomweb_server import endless
 
 RADIOGRAPH = "images/Fractured/IMG0000261.jpg"
 OTHER = "images/Non_fractured/IMG0000003.jpg"
@@ -1036,6 +1037,67 @@ def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracd
     assert "answered text/html, not DICOM" in rows["page"]["error"]
     assert peak < 16 << 20  # the 64 MiB answer was not read past the limit
     assert "127.0.0.1" not in table.to_csv() and "1.2.3" not in table.to_csv()
+
+
+@pytest.mark.parametrize(("searched", "words"), [
+    (endless(0), "the answer is larger than 1 MB (the retrieval limit)"),
+    (endless(0.1), "the answer did not arrive within 0.5 s"),
+    (None, None),  # answers within the limits: as before
+])  # fmt: skip
+def test_a_search_answer_is_read_within_its_limits_and_its_study_says_why(grey, tiny_localiser, searched, words):
+    """Found 6 Dec (stop 78): dicomweb-client reads a search's answer whole, 20 s at most between reads. A
+    series search answered with 280 MB of JSON took a pull to 4.8 GB; one that sent a byte every half second
+    held it for as long as it went on. Now every search answer stops at `answer_mb` and `answer_timeout_s`
+    (dicomweb-client still tries five times), and the study's row says which limit it passed."""
+    import tracemalloc
+
+    from fracdet.dicom.dicomweb import DicomWeb, RetrievalError
+    from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import file, serving
+
+    image = file(write_bytes(mono2_8bit(grey)))
+    answers = {"series": searched}
+    with (serving(["a"], lambda name: image, search=answers.get) as root,
+          DicomWeb(root, answer_mb=1, answer_timeout_s=0.5) as pacs):  # fmt: skip
+        pacs.client.set_http_retry_params(retry=False)  # its five tries, 30 s of waits, are not what is tested
+        row = pull(pacs, tiny_localiser, study="1.2.3").iloc[0]
+        tracemalloc.start()
+        try:
+            with contextlib.suppress(RetrievalError):
+                pacs.client.search_for_series("1.2.3")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    if words is None:
+        assert row["stored"] == 3 and row["error"] is None
+    else:
+        assert row["error"] == f"the series search failed ({words})" and row["probability"] is None
+    assert peak < 16 << 20  # an endless answer was read no further than its megabyte
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    ((200, endless(0.1)), "STOW-RS failed (the answer did not arrive within 0.5 s)"),
+    ((200, endless(0)), "STOW-RS failed (the answer is larger than 32 MB (the retrieval limit))"),
+])  # fmt: skip
+def test_a_stow_answer_that_never_ends_fails_the_round_and_keeps_the_results(tmp_path, tiny_localiser, grey,
+                                                                            answer, words, caplog):  # fmt: skip
+    """Before, the node's delivery thread read a STOW-RS answer for as long as the server sent it: a server
+    that never ended one held every later result in the outbox."""
+    from fracdet.dicom.outbox import Outbox, stow_rs
+    from fracdet.dicom.results import results_for
+    from tests.dicomweb_server import serving
+
+    data = write_bytes(mono2_8bit(grey))
+    results = results_for(data, Predictor(tiny_localiser).predict_bytes(data, "x.dcm"), tiny_localiser)
+    (tmp_path / "quarantine").mkdir()
+    with serving([], lambda name: ("", [], 0.0), stow=lambda: answer) as root, caplog.at_level("WARNING"):
+        outbox = Outbox(tmp_path / "outbox", stow_rs(root, answer_timeout_s=0.5), quarantine=tmp_path / "quarantine",
+                        retry_s=60)  # fmt: skip
+        outbox.open()
+        outbox.put("0001-x", results.all())
+        assert outbox.deliver() == 60  # a failure that may pass: the round ends, the results wait
+    assert len(outbox.pending()) == 1 and outbox.given_up == 0
+    assert words in caplog.text and "127.0.0.1" not in caplog.text
 
 
 def test_a_node_whose_port_is_taken_says_so_and_leaves_nothing_running(tmp_path, tiny_localiser):

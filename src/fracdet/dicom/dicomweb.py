@@ -1,7 +1,11 @@
 """A DICOMweb server, within limits: each instance fetched as the bytes of its file, read no further than a
 size and a time limit, so that fracdet's own reader is the first to parse it.
 
-Searches (QIDO-RS) and stores (STOW-RS) go through dicomweb-client. Its ``retrieve_instance`` does not
+Searches (QIDO-RS) and stores (STOW-RS) go through dicomweb-client, on a session (:func:`bounded_session`)
+that reads every answer no further than ``MAX_ANSWER_MB`` and ``ANSWER_TIMEOUT_S``: dicomweb-client reads an
+answer whole and its 20 s timeout is between reads, so a search answered with 280 MB of JSON took a pull to
+4.8 GB, and one that sent a byte every half second held it (or the node's delivery thread, for a store's
+answer) for as long as it went on. Its ``retrieve_instance`` does not
 suit an image of unknown origin: it reads the whole answer into memory and hands it to pydicom, which
 inflates a deflated dataset whole, before fracdet's bounded reader (pixel limit, inflation limit, element
 count) sees a byte. An image that any modality stored in the PACS, or a server answering without end, could
@@ -25,10 +29,13 @@ from typing import Any
 from fracdet.data.dicom import DICOM_HINT
 
 __all__ = [
+    "ANSWER_TIMEOUT_S",
+    "MAX_ANSWER_MB",
     "MAX_INSTANCE_MB",
     "RETRIEVE_TIMEOUT_S",
     "DicomWeb",
     "RetrievalError",
+    "bounded_session",
     "check_url",
     "failure",
     "refused_by_stow",
@@ -36,7 +43,13 @@ __all__ = [
 
 #: The largest instance fetched, as the PACS node's ``max_store_mb``: a radiograph is tens of megabytes.
 MAX_INSTANCE_MB = 256
-#: How long one instance may take to arrive, whole: 256 MB at 20 Mbit/s would take about 100 s.
+#: The largest answer to a search or a store: a study search lists about 1 kB a study, and the answer is
+#: parsed whole (about 17 times its size in memory), so 32 MB is some 30,000 studies and 0.6 GB at the peak.
+MAX_ANSWER_MB = 32
+#: How long such an answer may take once its headers came: 32 MB at 20 Mbit/s takes 13 s. dicomweb-client
+#: tries a search five times when it fails, so a server that never ends its answers holds a pull 2.5 min.
+ANSWER_TIMEOUT_S = 30.0
+#: How long one instance (or any other answer) may take to arrive, whole: 256 MB at 20 Mbit/s would take about 100 s.
 RETRIEVE_TIMEOUT_S = 120.0
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
@@ -59,9 +72,46 @@ def check_url(url: str, what: str = "a DICOMweb root URL") -> str:
 
 def failure(exc: Exception) -> str:
     """What went wrong talking to the server, in words without the URL (requests' messages quote it, and a
-    study's URL holds its UID): the HTTP status, or the kind of error (no connection, not JSON, ...)."""
+    study's URL holds its UID): the HTTP status, a limit the answer passed, or the kind of error (no
+    connection, not JSON, ...)."""
+    if isinstance(exc, RetrievalError):  # fracdet's own words, which name no URL
+        return str(exc)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return f"HTTP {status}" if status else type(exc).__name__
+
+
+def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_TIMEOUT_S) -> Any:
+    """A ``requests.Session`` that reads no answer beyond ``max_mb`` or ``timeout_s`` after its headers.
+
+    For the answers others read whole (dicomweb-client's searches and stores): a response hook reads the body
+    before requests would, within the limits, and a watchdog shuts the socket at the time limit so that a
+    server sending a byte now and then cannot hold the caller. An answer over a limit raises
+    :class:`RetrievalError` from the request. Streamed requests (``stream=True``) are left to their caller,
+    who bounds them (:meth:`DicomWeb.instance`).
+
+    Raises:
+        ValueError: a limit is not positive.
+    """
+    import requests
+
+    if not (max_mb > 0 and timeout_s > 0):  # `not >` so that NaN is refused too
+        raise ValueError(f"the answer limits must be positive: max_mb {max_mb}, timeout_s {timeout_s}")
+    max_bytes = int(max_mb * (1 << 20))
+
+    def read_within_limits(answer: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
+        if stream:
+            return answer
+        try:
+            body = _read(answer, max_bytes, time.monotonic() + timeout_s, timeout_s)
+        except BaseException:
+            answer.close()  # the connection is dropped, not returned to the pool half read
+            raise
+        answer._content, answer._content_consumed = body, True  # as requests' own `content` leaves them
+        return answer
+
+    session = requests.Session()
+    session.hooks["response"].append(read_within_limits)
+    return session
 
 
 def refused_by_stow(answer: Any) -> list[int]:
@@ -79,16 +129,17 @@ class DicomWeb:
     """One DICOMweb server (``url``: its root, e.g. ``http://pacs:8042/dicom-web``).
 
     ``client`` is dicomweb-client's, for searches and stores, sharing this object's HTTP session (and so its
-    connections); :meth:`instance` fetches files within ``max_mb`` and ``timeout_s``. Close it (or use it in
-    a ``with`` block) to release the connections.
+    connections), which reads their answers within ``answer_mb`` and ``answer_timeout_s``; :meth:`instance`
+    fetches files within ``max_mb`` and ``timeout_s``. Close it (or use it in a ``with`` block) to release
+    the connections.
 
     Raises:
         ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host, or a limit is not positive.
     """
 
-    def __init__(self, url: str, *, max_mb: float = MAX_INSTANCE_MB, timeout_s: float = RETRIEVE_TIMEOUT_S):
+    def __init__(self, url: str, *, max_mb: float = MAX_INSTANCE_MB, timeout_s: float = RETRIEVE_TIMEOUT_S,
+                 answer_mb: float = MAX_ANSWER_MB, answer_timeout_s: float = ANSWER_TIMEOUT_S):  # fmt: skip
         try:
-            import requests
             from dicomweb_client.api import DICOMwebClient
         except ImportError as exc:
             raise ImportError(DICOM_HINT) from exc
@@ -98,7 +149,7 @@ class DicomWeb:
         self.url = url.rstrip("/")
         self.max_bytes = int(max_mb * (1 << 20))
         self.timeout_s = timeout_s
-        self.session = requests.Session()
+        self.session = bounded_session(max_mb=answer_mb, timeout_s=answer_timeout_s)
         self.client = DICOMwebClient(url=self.url, session=self.session)
 
     def instance(self, study: str, series: str, instance: str) -> bytes:
@@ -126,7 +177,7 @@ class DicomWeb:
             raise
         except (requests.RequestException, OSError, ValueError) as exc:
             if time.monotonic() >= deadline:
-                raise RetrievalError(f"the instance did not arrive within {self.timeout_s:g} s") from None
+                raise RetrievalError(f"the answer did not arrive within {self.timeout_s:g} s") from None
             raise RetrievalError(f"DICOMweb retrieval failed ({failure(exc)})") from None
 
     def _body(self, answer: Any, deadline: float) -> bytes:
@@ -135,13 +186,9 @@ class DicomWeb:
         kind, boundary = header.get_content_type(), header.get_param("boundary")
         declared = answer.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            raise RetrievalError(self._too_large())
+            raise RetrievalError(_too_large(self.max_bytes))
         if kind == "application/dicom":  # not the standard's multipart, but some servers answer so
-            body = bytearray()
-            for chunk in answer.iter_content(_CHUNK):
-                body += chunk
-                self._check(len(body), deadline)
-            return bytes(body)
+            return _read(answer, self.max_bytes, deadline, self.timeout_s, watched=False)
         if kind != "multipart/related" or not isinstance(boundary, str):
             raise RetrievalError(f"the server answered {kind}, not DICOM")
         from python_multipart.multipart import MultipartParser
@@ -155,20 +202,11 @@ class DicomWeb:
         })  # fmt: skip
         for chunk in answer.iter_content(_CHUNK):
             received += len(chunk)
-            self._check(received, deadline)  # the whole answer: a preamble or headers count too
+            _check(received, self.max_bytes, deadline, self.timeout_s)  # a preamble or part headers count too
             parser.write(chunk)
             if ended:  # one instance is one part: the rest is not read
                 return bytes(parts[0])
         raise RetrievalError("the answer ended before its first part did")
-
-    def _check(self, size: int, deadline: float) -> None:
-        if size > self.max_bytes:
-            raise RetrievalError(self._too_large())
-        if time.monotonic() >= deadline:
-            raise RetrievalError(f"the instance did not arrive within {self.timeout_s:g} s")
-
-    def _too_large(self) -> str:
-        return f"the answer is larger than {self.max_bytes / (1 << 20):g} MB (the retrieval limit)"
 
     def close(self) -> None:
         self.session.close()
@@ -178,6 +216,42 @@ class DicomWeb:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read(answer: Any, max_bytes: int, deadline: float, timeout_s: float, *, watched: bool = True) -> bytes:
+    """The body of ``answer`` (a streamed response), read no further than ``max_bytes`` and ``deadline``;
+    ``watched``: shut its socket at the deadline (else the caller's watchdog does)."""
+    declared = answer.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise RetrievalError(_too_large(max_bytes))
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(answer.raw,))
+    if watched:
+        watchdog.start()
+    body = bytearray()
+    try:
+        for chunk in answer.iter_content(_CHUNK):
+            body += chunk
+            _check(len(body), max_bytes, deadline, timeout_s)
+    except RetrievalError:
+        raise
+    except Exception as exc:  # the socket shut by the watchdog, or the connection lost
+        if time.monotonic() >= deadline:
+            raise RetrievalError(f"the answer did not arrive within {timeout_s:g} s") from None
+        raise RetrievalError(f"the answer was cut off ({type(exc).__name__})") from None
+    finally:
+        watchdog.cancel()
+    return bytes(body)
+
+
+def _check(size: int, max_bytes: int, deadline: float, timeout_s: float) -> None:
+    if size > max_bytes:
+        raise RetrievalError(_too_large(max_bytes))
+    if time.monotonic() >= deadline:
+        raise RetrievalError(f"the answer did not arrive within {timeout_s:g} s")
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"the answer is larger than {max_bytes / (1 << 20):g} MB (the retrieval limit)"
 
 
 def _shut(raw: Any) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fracdet.dicom.dicomweb import refused_by_stow
+from fracdet.dicom.dicomweb import ANSWER_TIMEOUT_S, bounded_session, failure, refused_by_stow
 from fracdet.utils.atomic import atomic_write_text
 
 __all__ = ["SUCCESS", "DeliveryError", "Outbox", "Sender", "c_store", "stow_rs"]
@@ -205,14 +205,15 @@ def c_store(calling: str, called: str, host: str, port: int) -> Sender:
     return send
 
 
-def stow_rs(url: str) -> Sender:
-    """A sender that stores the datasets by one STOW-RS request to ``url`` (dicomweb-client)."""
+def stow_rs(url: str, *, answer_timeout_s: float = ANSWER_TIMEOUT_S) -> Sender:
+    """A sender that stores the datasets by one STOW-RS request to ``url`` (dicomweb-client), whose answer
+    is read within ``MAX_ANSWER_MB`` and ``answer_timeout_s``: a server that never ends it fails the round."""
 
     def send(datasets: list[Any]) -> None:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        with requests.Session() as session:
+        with bounded_session(timeout_s=answer_timeout_s) as session:
             try:
                 client = DICOMwebClient(url=url, session=session)
                 client.set_http_retry_params(retry=False)  # the outbox's rounds are the one retry policy
@@ -222,7 +223,7 @@ def stow_rs(url: str) -> Sender:
                 raise DeliveryError(f"STOW-RS answered HTTP {status}",
                                     transient=status >= 500 or status in (408, 429)) from None  # fmt: skip
             except (requests.RequestException, OSError) as exc:  # requests' message quotes the URL
-                raise DeliveryError(f"STOW-RS failed ({type(exc).__name__})", transient=True) from None
+                raise DeliveryError(f"STOW-RS failed ({failure(exc)})", transient=True) from None
         reasons = refused_by_stow(answer)
         if reasons:  # 0xA7xx: out of resources; 0x0110: a processing failure, the server's own
             codes = ", ".join(f"0x{reason:04X}" for reason in reasons)
