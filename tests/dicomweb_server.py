@@ -12,6 +12,7 @@ import itertools
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -43,8 +44,10 @@ def endless(pause: float) -> Answer:
 @contextmanager
 def serving(instances: list[str], answer: Callable[[str], Answer],
             stow: Callable[[], tuple[int, object]] = lambda: (200, {}),
-            search: Callable[[str], Answer | None] = lambda level: None) -> Iterator[str]:  # fmt: skip
-    """A server on a free local port for as long as the block runs; yields its DICOMweb root URL."""
+            search: Callable[[str], Answer | None] = lambda level: None,
+            most: int | None = None) -> Iterator[str]:  # fmt: skip
+    """A server on a free local port for as long as the block runs; yields its DICOMweb root URL. Its
+    instance search honours ``offset`` and ``limit`` and lists no more than ``most`` in an answer."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -69,7 +72,10 @@ def serving(instances: list[str], answer: Callable[[str], Answer],
             if last == "series":
                 found = [{"0020000E": {"vr": "UI", "Value": [SERIES]}, "00080060": {"vr": "CS", "Value": ["DX"]}}]
             elif last == "instances":
-                found = [{"00080018": {"vr": "UI", "Value": [name]}} for name in instances]
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                offset, limit = int(query.get("offset", ["0"])[0]), int(query.get("limit", ["1000000"])[0])
+                listed = instances[offset:][: min(limit, most or limit)]
+                found = [{"00080018": {"vr": "UI", "Value": [name]}} for name in listed]
             else:
                 return self.reply(*answer(last))
             self.reply("application/dicom+json", [json.dumps(found).encode()])

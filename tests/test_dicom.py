@@ -1075,6 +1075,26 @@ def test_a_search_answer_is_read_within_its_limits_and_its_study_says_why(grey, 
     assert peak < 16 << 20  # an endless answer was read no further than its megabyte
 
 
+@pytest.mark.parametrize(("most", "offset_ignored", "analysed"), [(None, False, 5), (2, False, 5), (2, True, 2)])
+def test_a_pull_reads_each_search_page_by_page_and_analyses_every_image_listed(grey, tiny_localiser, most,
+                                                                               offset_ignored, analysed):  # fmt: skip
+    """Found 6 Dec (stop 78): the pull asked each search once, so a server that lists no more than its own
+    maximum in an answer (and says so only in a Warning header, which dicomweb-client drops) had the rest of a
+    study, or of the studies since a date, left out without a word. Now it asks page after page until an
+    empty one, and stops at a page that brings nothing new (a server that ignores `offset`)."""
+    from fracdet.dicom.dicomweb import DicomWeb
+    from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import file, serving
+
+    image = file(write_bytes(mono2_8bit(grey)))
+    names = [f"1.2.3.{k}" for k in range(5)]
+    first = [{"00080018": {"vr": "UI", "Value": [name]}} for name in names[:2]]
+    answers = {"instances": ("application/dicom+json", [json.dumps(first).encode()], 0.0)} if offset_ignored else {}
+    with serving(names, lambda name: image, most=most, search=answers.get) as root, DicomWeb(root) as pacs:
+        table = pull(pacs, tiny_localiser, study="1.2.3")
+    assert len(table) == analysed and table["error"].isna().all() and (table["stored"] == 3).all()
+
+
 @pytest.mark.parametrize(("answer", "words"), [
     ((200, endless(0.1)), "STOW-RS failed (the answer did not arrive within 0.5 s)"),
     ((200, endless(0)), "STOW-RS failed (the answer is larger than 32 MB (the retrieval limit))"),

@@ -13,6 +13,7 @@ import datetime
 import functools
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 _STUDY, _SERIES, _INSTANCE = "0020000D", "0020000E", "00080018"
 _MODALITY, _DESCRIPTION = "00080060", "0008103E"
+#: Searches are read a page at a time (QIDO-RS ``limit`` and ``offset``): a server may list no more than its
+#: own maximum in one answer and say so only in a Warning header (PS3.18), which dicomweb-client does not pass
+#: on, so a single search would silently leave the rest of the studies out.
+PAGE = 1000
+#: At most this many matches a search: past it, the search is cut there and the log says so.
+MAX_MATCHES = 100_000
 
 
 class PullError(RuntimeError):
@@ -67,11 +74,29 @@ def _value(item: dict, tag: str) -> str:
     return str(values[0])
 
 
+def _paged(search: Callable[..., list[dict]], key: str) -> list[dict]:
+    """Every match of ``search`` (a dicomweb-client search, given ``limit`` and ``offset``), page after page
+    until one is empty or brings nothing new (a server that ignores ``offset`` answers the first again)."""
+    found: dict[str, dict] = {}
+    offset = 0
+    while True:
+        page = search(limit=PAGE, offset=offset)
+        before = len(found)
+        found.update((_value(item, key), item) for item in page)
+        if not page or len(found) == before:
+            return list(found.values())
+        if len(found) >= MAX_MATCHES:
+            log.warning("a search matched more than %d: the rest is left out (narrow the search)", MAX_MATCHES)
+            return list(found.values())[:MAX_MATCHES]
+        offset += len(page)
+
+
 def _studies(client: Any, *, study: str | None, since: str | None) -> list[str]:
     if study:
         return [study]
     try:
-        found = client.search_for_studies(search_filters={"StudyDate": f"{since.replace('-', '')}-"})
+        dates = {"StudyDate": f"{since.replace('-', '')}-"}
+        found = _paged(functools.partial(client.search_for_studies, search_filters=dates), _STUDY)
         return [_value(item, _STUDY) for item in found]
     except Exception as exc:  # nothing to do without it: the run's end, in one line
         raise PullError(f"the DICOMweb server did not answer the study search ({failure(exc)})") from None
@@ -80,13 +105,14 @@ def _studies(client: Any, *, study: str | None, since: str | None) -> list[str]:
 def _radiographs(client: Any, study: str) -> list[tuple[str, str]]:
     """(series, instance) of every projection radiograph in ``study``, fracdet's own series left out."""
     out = []
-    for series in client.search_for_series(study):
+    for series in _paged(functools.partial(client.search_for_series, study), _SERIES):
         if _value(series, _MODALITY) not in RADIOGRAPH_MODALITIES:
             continue
         if _value(series, _DESCRIPTION).startswith(SERIES_DESCRIPTION.split(" ")[0]):
             continue  # our own results (SR, GSPS, SC): never analysed
         series_uid = _value(series, _SERIES)
-        out += [(series_uid, _value(i, _INSTANCE)) for i in client.search_for_instances(study, series_uid)]
+        instances = _paged(functools.partial(client.search_for_instances, study, series_uid), _INSTANCE)
+        out += [(series_uid, _value(i, _INSTANCE)) for i in instances]
     return out
 
 
