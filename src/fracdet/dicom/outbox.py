@@ -122,8 +122,8 @@ class Outbox:
     def deliver(self) -> float | None:
         """One round: deliver the waiting entries, oldest first, until the destination fails for a reason that
         may pass. Returns the seconds until the next round is due, or ``None`` when nothing waits."""
-        if self.due_in() > 0:
-            return self.due_in()
+        if (wait := self.due_in()) > 0:
+            return wait
         delivered = 0
         for entry in self.pending():
             if time.time() - entry.stat().st_mtime > self.give_up_s:
