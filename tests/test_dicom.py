@@ -782,6 +782,26 @@ def test_results_wait_in_the_outbox_while_the_pacs_is_away_and_are_delivered_whe
             assert eventually(lambda: len(list(received.iterdir())) == 6), "the next image waited for a retry"
 
 
+def test_a_node_keeps_the_summaries_of_its_recent_studies_only(tmp_path, tiny_localiser, grey, monkeypatch):
+    """Found 6 Dec (stop 78), counting a node's objects over 200 images (one study each): the running summary
+    of every study it had seen, kept for its log, was the one thing that grew without end."""
+    from fracdet.dicom import node as node_module
+    from fracdet.dicom.node import Destination, NodeConfig, PacsNode
+
+    monkeypatch.setattr(node_module, "RECENT_STUDIES", 2)
+    port = free_port()
+    config = NodeConfig(spool=tmp_path / "spool", allowed_callers=("PACS",), port=port,
+                        send_to=Destination("PACS", "127.0.0.1", free_port()))  # fmt: skip
+    studies = [f"1.2.826.0.1.3680043.8.498.8{k}" for k in range(3)]
+    with PacsNode(tiny_localiser, config) as node:
+        for k, study in enumerate(studies):
+            ds = radiograph_dataset(grey, f"{study}.1")
+            ds.StudyInstanceUID = study
+            assert store_into(port, ds) == [0]
+            assert node.wait_idle(120) and node.stats.analysed == k + 1
+        assert list(node.stats.studies) == [keyed_hash(study) for study in studies[1:]]
+
+
 def test_results_left_in_the_outbox_go_at_the_next_start_and_are_quarantined_after_their_time(
     tmp_path, tiny_localiser, grey
 ):

@@ -51,6 +51,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ log = logging.getLogger(__name__)
 
 #: C-STORE status: refused for lack of resources (the queue is full), which a PACS retries; not understood.
 OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0xA700, 0xC000
+#: How many studies' running summaries (images, highest level; for the log) the node keeps. Kept for every
+#: study, they grew without end in a node that runs for months (about 0.3 kB a study), where the keys of the
+#: images received are let go with their files at retention.
+RECENT_STUDIES = 1024
 _LEVELS = ("definite", "suspicious")
 #: The longest PDU read from any peer: the node advertises pynetdicom's 16 KiB, this leaves room for peers
 #: that ignore it, and an association request of many presentation contexts is a few kilobytes.
@@ -185,7 +190,8 @@ class NodeStats:
     quarantined: int = 0
     failed: int = 0  # images not handled (a full disk): left where the failure found them
     sent: int = 0  # result objects delivered
-    studies: dict[str, _Study] = field(default_factory=dict)
+    #: the running summary of the last ``RECENT_STUDIES`` studies to send an image, oldest first
+    studies: OrderedDict[str, _Study] = field(default_factory=OrderedDict)
 
 
 def _pynetdicom() -> Any:
@@ -476,6 +482,9 @@ class PacsNode:
     def _summarise(self, study: str, prediction: Any) -> None:
         with self._lock:
             entry = self.stats.studies.setdefault(study, _Study())
+            self.stats.studies.move_to_end(study)
+            if len(self.stats.studies) > RECENT_STUDIES:  # a study's images come within minutes of each other
+                self.stats.studies.popitem(last=False)
             entry.images += 1
             entry.probability = max(entry.probability, prediction.probability)
             levels = [lvl for lvl in _LEVELS if lvl in (entry.level, prediction.level)]
