@@ -47,9 +47,9 @@ MAX_INSTANCE_MB = 256
 #: parsed whole (about 17 times its size in memory), so 32 MB is some 30,000 studies and 0.6 GB at the peak.
 MAX_ANSWER_MB = 32
 #: How long such an answer may take once its headers came: 32 MB at 20 Mbit/s takes 13 s. dicomweb-client
-#: tries a search five times when it fails, so a server that never ends its answers holds a pull 2.5 min.
+#: tries a search five times, waiting 30 s in all, so a server that never ends its answers holds a pull 3 min.
 ANSWER_TIMEOUT_S = 30.0
-#: How long one instance (or any other answer) may take to arrive, whole: 256 MB at 20 Mbit/s would take about 100 s.
+#: How long one instance may take to arrive, whole: 256 MB at 20 Mbit/s would take about 100 s.
 RETRIEVE_TIMEOUT_S = 120.0
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
