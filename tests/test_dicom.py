@@ -677,8 +677,8 @@ def test_connections_that_send_nothing_take_no_association_from_the_modalities(t
             except TimeoutError:
                 return False
 
-        assert [closed(peer) for peer in silent] == [False] * MAX_WAITING_PER_ADDRESS + [True, True]
-        assert node.stats.refused_peers == 2
+        # which two are closed depends on the order their threads ran (a CI run closed the third); how many does not
+        assert [closed(peer) for peer in silent].count(True) == 2 and node.stats.refused_peers == 2
         # the modalities, from their own addresses, still get every association the node allows
         assocs = [ae.associate("127.0.0.1", port, ae_title="FRACDET") for _ in range(config.max_associations)]
         assert all(assoc.is_established and int(assoc.send_c_echo().Status) == 0 for assoc in assocs)
