@@ -24,6 +24,7 @@ import email.message
 import re
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fracdet.data.dicom import DICOM_HINT
@@ -102,8 +103,11 @@ def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_
     def read_within_limits(answer: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
         if stream:
             return answer
+        deadline = time.monotonic() + timeout_s
         try:
-            body = _read(answer, max_bytes, time.monotonic() + timeout_s, timeout_s)
+            _check_declared(answer, max_bytes)
+            with _watchdog(answer.raw, deadline):
+                body = _read(answer, max_bytes, deadline, timeout_s)
         except BaseException:
             answer.close()  # the connection is dropped, not returned to the pool half read
             raise
@@ -168,12 +172,8 @@ class DicomWeb:
             with self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.timeout_s) as answer:
                 answer.raise_for_status()
                 # the deadline counts from the request: headers that came slowly leave the body less time
-                watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(answer.raw,))
-                watchdog.start()
-                try:
+                with _watchdog(answer.raw, deadline):
                     return self._body(answer, deadline)
-                finally:
-                    watchdog.cancel()
         except RetrievalError:
             raise
         except (requests.RequestException, OSError, ValueError) as exc:
@@ -185,11 +185,9 @@ class DicomWeb:
         header = email.message.Message()
         header["content-type"] = answer.headers.get("Content-Type", "")
         kind, boundary = header.get_content_type(), header.get_param("boundary")
-        declared = answer.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            raise RetrievalError(_too_large(self.max_bytes))
+        _check_declared(answer, self.max_bytes)
         if kind == "application/dicom":  # not the standard's multipart, but some servers answer so
-            return _read(answer, self.max_bytes, deadline, self.timeout_s, watched=False)
+            return _read(answer, self.max_bytes, deadline, self.timeout_s)
         if kind != "multipart/related" or not isinstance(boundary, str):
             raise RetrievalError(f"the server answered {kind}, not DICOM")
         from python_multipart.multipart import MultipartParser
@@ -219,15 +217,12 @@ class DicomWeb:
         self.close()
 
 
-def _read(answer: Any, max_bytes: int, deadline: float, timeout_s: float, *, watched: bool = True) -> bytes:
-    """The body of ``answer`` (a streamed response), read no further than ``max_bytes`` and ``deadline``;
-    ``watched``: shut its socket at the deadline (else the caller's watchdog does)."""
-    declared = answer.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise RetrievalError(_too_large(max_bytes))
-    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(answer.raw,))
-    if watched:
-        watchdog.start()
+def _read(answer: Any, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
+    """The body of ``answer`` (a streamed response), read no further than ``max_bytes`` and ``deadline``.
+
+    A chunk that never comes is the caller's to end, by :func:`_watchdog`: a read blocked on the socket
+    checks nothing.
+    """
     body = bytearray()
     try:
         for chunk in answer.iter_content(_CHUNK):
@@ -239,9 +234,26 @@ def _read(answer: Any, max_bytes: int, deadline: float, timeout_s: float, *, wat
         if time.monotonic() >= deadline:
             raise RetrievalError(f"the answer did not arrive within {timeout_s:g} s") from None
         raise RetrievalError(f"the answer was cut off ({type(exc).__name__})") from None
-    finally:
-        watchdog.cancel()
     return bytes(body)
+
+
+@contextlib.contextmanager
+def _watchdog(raw: Any, deadline: float) -> Iterator[None]:
+    """Shut ``raw``'s socket at ``deadline`` unless the block has ended: a server that sends a byte now and
+    then keeps each read within requests' timeout between reads, so only a clock outside the read ends it."""
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(raw,))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _check_declared(answer: Any, max_bytes: int) -> None:
+    """Refuse an answer whose declared ``Content-Length`` is over the limit before a byte of it is read."""
+    declared = answer.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise RetrievalError(_too_large(max_bytes))
 
 
 def _check(size: int, max_bytes: int, deadline: float, timeout_s: float) -> None:
