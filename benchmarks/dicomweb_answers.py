@@ -1,7 +1,7 @@
 """What can a DICOMweb server's answer make ``fracdet pacs pull`` hold, and for how long?
 
     python benchmarks/dicomweb_answers.py [--baseline REV] [--gib 1] [--search-mb 280] [--model fracatlas-default]
-        [--out benchmarks/results-dicomweb-answers.json]
+        [--answers NAME,...] [--out benchmarks/results-dicomweb-answers.json]
 
 Serves one study of one DX instance from a local DICOMweb server (QIDO-RS, WADO-RS, STOW-RS) and runs
 ``fracdet pacs pull --study`` of this tree (and, with ``--baseline``, of an earlier commit checked out beside
@@ -12,17 +12,21 @@ it) against it, once for each answer the server gives for the instance:
   could store in the PACS;
 * ``endless``: a ``multipart/related`` answer of ``--gib`` GiB, sent as fast as it is read;
 * ``drip``: an answer that sends a byte every half second and never ends;
+* ``headers-drip``: an answer whose headers never end, a byte every half second;
 
 and then for the series search (QIDO-RS), which comes before any instance:
 
 * ``search-endless``: a JSON answer of ``--search-mb`` MB, sent as fast as it is read;
-* ``search-drip``: a JSON answer that sends a byte every half second and never ends.
+* ``search-drip``: a JSON answer that sends a byte every half second and never ends;
+* ``search-headers-drip``: headers that never end, a byte every half second;
+* ``search-busy``: HTTP 503 (*Service Unavailable*), every time it is asked.
 
-Each pull is stopped after 240 s.
+``--answers`` runs some of them only. Each pull is stopped after 240 s.
 
 Each pull runs as its own process; the table reports its peak resident memory (``wait4``'s ``ru_maxrss``),
-its time and its row's error. Run it with memory to spare: the baseline's ``deflated`` and ``endless`` each
-held about 5 GB at ``--gib 1``, and its ``search-endless`` as much at ``--search-mb 280``.
+its time, its row's error and how many times the server was asked for that answer. Run it with memory to
+spare: the baseline's ``deflated`` and ``endless`` each held about 5 GB at ``--gib 1``, and its
+``search-endless`` as much at ``--search-mb 280``.
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkout import checkout, revisions  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-from tests.dicomweb_server import MULTIPART, SERIES, Answer, file, multipart, serving  # noqa: E402
+from tests.dicomweb_server import MULTIPART, SERIES, Answer, dripped_headers, file, multipart, raw, serving  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.8.498.75"
 DRIP_LIMIT_S = 240
+ANSWERS = ("radiograph", "deflated", "endless", "drip", "headers-drip", "search-endless", "search-drip",
+           "search-headers-drip", "search-busy")  # fmt: skip
 
 
 def _dx(pixels: np.ndarray, **extra) -> tuple[bytes, bytes]:
@@ -127,13 +133,13 @@ def _pull(src: Path, url: str, model: str, out: Path) -> dict:
             "error": row and row["error"], "probability": row and row["probability"]}  # fmt: skip
 
 
-def run(src: Path, url: str, state: dict, model: str, folder: Path) -> dict:
+def run(src: Path, url: str, state: dict, model: str, folder: Path, answers: list[str]) -> dict:
     results = {}
-    for answer in ("radiograph", "deflated", "endless", "drip", "search-endless", "search-drip"):
-        state["answer"] = answer
+    for answer in answers:
+        state["answer"], state["asked"] = answer, 0
         out = folder / f"{answer}.json"
         out.unlink(missing_ok=True)
-        results[answer] = _pull(src, url, model, out)
+        results[answer] = {**_pull(src, url, model, out), "asked": state["asked"]}
         print(f"  {answer:10s} {results[answer]}", flush=True)
     return results
 
@@ -141,9 +147,13 @@ def run(src: Path, url: str, state: dict, model: str, folder: Path) -> dict:
 def _answers(gib: int, search_mb: int) -> tuple[dict, Callable[[str], Answer], Callable[[str], Answer | None]]:
     """The server's state (which answer it gives now), what it sends for the instance and for a search."""
     files = {"radiograph": radiograph(), "deflated": deflated(gib << 30)}
-    state = {"answer": "radiograph", "deflated_file_bytes": len(files["deflated"])}
+    state = {"answer": "radiograph", "asked": 0, "deflated_file_bytes": len(files["deflated"])}
 
     def answer(_: str) -> Answer:
+        if not state["answer"].startswith("search-"):
+            state["asked"] += 1
+        if state["answer"] == "headers-drip":
+            return dripped_headers(0.5)
         if state["answer"] == "endless":
             block = bytes(1 << 20)
             return MULTIPART, multipart(*(block for _ in range(gib << 10))), 0.0
@@ -154,6 +164,11 @@ def _answers(gib: int, search_mb: int) -> tuple[dict, Callable[[str], Answer], C
     def search(level: str) -> Answer | None:
         if level != "series" or not state["answer"].startswith("search-"):
             return None
+        state["asked"] += 1
+        if state["answer"] == "search-headers-drip":
+            return dripped_headers(0.5)
+        if state["answer"] == "search-busy":
+            return raw("503 Service Unavailable")
         if state["answer"] == "search-drip":
             return "application/dicom+json", (b"[" if i == 0 else b" " for i in range(10 * DRIP_LIMIT_S)), 0.5
         item = b'{"0020000E": {"vr": "UI", "Value": ["1.2.3"]}, "00080060": {"vr": "CS", "Value": ["DX"]}}, '
@@ -169,8 +184,12 @@ def main() -> None:
     parser.add_argument("--gib", type=int, default=1, help="what the deflated and endless answers amount to")
     parser.add_argument("--search-mb", type=int, default=280, help="what the endless search answer amounts to")
     parser.add_argument("--model", default="fracatlas-default")
+    parser.add_argument("--answers", default=",".join(ANSWERS), help=f"some of {','.join(ANSWERS)}")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-dicomweb-answers.json"))
     args = parser.parse_args()
+    answers = args.answers.split(",")
+    if unknown := set(answers) - set(ANSWERS):
+        parser.error(f"no such answer: {', '.join(sorted(unknown))}")
     state, answer, search = _answers(args.gib, args.search_mb)
     report = {"gib": args.gib, "search_mb": args.search_mb, "deflated_file_bytes": state["deflated_file_bytes"],
               "model": args.model, "command": " ".join(sys.argv), "trees": {}}  # fmt: skip
@@ -179,11 +198,11 @@ def main() -> None:
             base, here = revisions(args.baseline)
             with checkout(args.baseline) as src:
                 print(f"baseline {base}", flush=True)
-                report["trees"][f"baseline {base}"] = run(src, url, state, args.model, Path(folder))
+                report["trees"][f"baseline {base}"] = run(src, url, state, args.model, Path(folder), answers)
         else:
             here = revisions("HEAD")[1]
         print(f"this tree {here}", flush=True)
-        report["trees"][f"this tree {here}"] = run(REPO / "src", url, state, args.model, Path(folder))
+        report["trees"][f"this tree {here}"] = run(REPO / "src", url, state, args.model, Path(folder), answers)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.out}")
 

@@ -3,7 +3,8 @@ study of one DX series holding the instances it is given. QIDO-RS lists them, WA
 ``answer(instance)`` says (a content type, the pieces of the body, a pause between pieces), or each search
 as ``search(level)`` says where it says anything; STOW-RS takes whatever it is sent and answers as
 ``stow()`` says (an HTTP status and a JSON body, or an :data:`Answer`). HTTP/1.0, so that a
-body without a length ends when the connection closes."""
+body without a length ends when the connection closes. An answer whose content type is ``None`` is sent as
+it is, status line and headers included (:func:`raw`, :func:`dripped_headers`)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ SERIES = "1.2.826.0.1.3680043.8.498.75.1"
 BOUNDARY = "fracdet-test"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
-#: What the server sends for an instance: its content type, the pieces of its body, and a pause after each.
-Answer = tuple[str, Iterable[bytes], float]
+#: What the server sends for an instance: its content type (None: the pieces hold the status line and headers
+#: too), the pieces of its body, and a pause after each.
+Answer = tuple[str | None, Iterable[bytes], float]
 
 
 def multipart(*pieces: bytes) -> list[bytes]:
@@ -41,6 +43,17 @@ def endless(pause: float) -> Answer:
     return "application/dicom+json", itertools.chain([b"["], itertools.repeat(b" " if pause else b" " * 65536)), pause
 
 
+def raw(status: str) -> Answer:
+    """An empty answer with ``status`` (e.g. ``"503 Service Unavailable"``)."""
+    return None, [f"HTTP/1.0 {status}\r\nContent-Length: 0\r\n\r\n".encode()], 0.0
+
+
+def dripped_headers(pause: float) -> Answer:
+    """A status line, then a header that never ends, a byte every ``pause`` seconds: http.client reads a header
+    line up to 64 kB, with requests' timeout between reads."""
+    return None, itertools.chain([b"HTTP/1.0 200 OK\r\nX-Slow: "], itertools.repeat(b"a")), pause
+
+
 @contextmanager
 def serving(instances: list[str], answer: Callable[[str], Answer],
             stow: Callable[[], tuple[int, object]] = lambda: (200, {}),
@@ -53,10 +66,11 @@ def serving(instances: list[str], answer: Callable[[str], Answer],
         def log_message(self, *args) -> None:
             pass
 
-        def reply(self, kind: str, pieces: Iterable[bytes], pause: float = 0.0, status: int = 200) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.end_headers()
+        def reply(self, kind: str | None, pieces: Iterable[bytes], pause: float = 0.0, status: int = 200) -> None:
+            if kind is not None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.end_headers()
             try:
                 for piece in pieces:
                     self.wfile.write(piece)

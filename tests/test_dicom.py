@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ from tests.dicom_files import (
     mono2_16bit_rescale,
     write_bytes,
 )
-from tests.dicomweb_server import endless
+from tests.dicomweb_server import dripped_headers, endless
 
 RADIOGRAPH = "images/Fractured/IMG0000261.jpg"
 OTHER = "images/Non_fractured/IMG0000003.jpg"
@@ -988,6 +989,7 @@ def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_nam
     """Before, each of these ended `fracdet pacs pull` in a traceback from requests whose message quoted the
     URL, and with it a study's UID; `--since yesterday` was sent to the PACS as it was."""
     import http.server
+    import socket
     import threading
     from functools import partial
 
@@ -999,9 +1001,11 @@ def test_a_dicomweb_server_that_cannot_be_searched_ends_the_pull_in_one_line_nam
         threading.Thread(target=server.serve_forever, daemon=True).start()
         root = f"http://127.0.0.1:{server.server_address[1]}"
         try:
-            # (a server that is down fails the same way, as ConnectionError, after dicomweb-client's five tries
-            # with exponential waits: about 30 s, left out here)
+            with socket.socket() as unused:  # a port nothing listens on: a server that is down
+                unused.bind(("127.0.0.1", 0))
+                down = f"http://127.0.0.1:{unused.getsockname()[1]}/dicom-web"
             for url, words in [(f"{root}/dicom-web", "did not answer the study search (JSONDecodeError)"),
+                               (down, "did not answer the study search (ConnectionError)"),  # after 3 s of retries
                                ("pacs.local/dicom-web", "is not a DICOMweb root URL")]:  # fmt: skip
                 with pytest.raises(SystemExit, match=re.escape(words)) as stopped:
                     main(["pacs", "pull", "--dicomweb", url, "--since", "2020-01-01"])
@@ -1038,6 +1042,7 @@ def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracd
         "deflated": file(write_bytes(deflated(grey))),
         "large": (MULTIPART, multipart(*[mebibyte] * 64), 0.0),  # 64 MiB without a length: counted as it comes
         "slow": (MULTIPART, [b"-"] * 150, 0.2),  # a byte every 0.2 s: never idle for a read timeout, never done
+        "slow-headers": dripped_headers(0.2),  # found 7 Dec: the watchdog began only once the headers had come
         "page": ("text/html", [b"<html>a login page</html>"], 0.0),
     }
     with serving(list(answers), answers.__getitem__) as root, DicomWeb(root, max_mb=2, timeout_s=2) as pacs:
@@ -1054,6 +1059,7 @@ def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracd
     assert rows["good"]["probability"] == pytest.approx(rows["deflated"]["probability"], abs=1e-6)
     assert "larger than 2 MB (the retrieval limit)" in rows["large"]["error"]
     assert "did not arrive within 2 s" in rows["slow"]["error"]
+    assert "did not arrive within 2 s" in rows["slow-headers"]["error"]
     assert "answered text/html, not DICOM" in rows["page"]["error"]
     assert peak < 16 << 20  # the 64 MiB answer was not read past the limit
     assert "127.0.0.1" not in table.to_csv() and "1.2.3" not in table.to_csv()
@@ -1062,13 +1068,17 @@ def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracd
 @pytest.mark.parametrize(("searched", "words"), [
     (endless(0), "the answer is larger than 1 MB (the retrieval limit)"),
     (endless(0.1), "the answer did not arrive within 0.5 s"),
+    (dripped_headers(0.1), "the answer did not arrive within 0.5 s"),
     (None, None),  # answers within the limits: as before
 ])  # fmt: skip
-def test_a_search_answer_is_read_within_its_limits_and_its_study_says_why(grey, tiny_localiser, searched, words):
+def test_a_search_answer_is_read_within_its_limits_asked_for_once_and_its_study_says_why(grey, tiny_localiser,
+                                                                                        searched, words):  # fmt: skip
     """Found 6 Dec (stop 78): dicomweb-client reads a search's answer whole, 20 s at most between reads. A
     series search answered with 280 MB of JSON took a pull to 4.8 GB; one that sent a byte every half second
-    held it for as long as it went on. Now every search answer stops at `answer_mb` and `answer_timeout_s`
-    (dicomweb-client still tries five times), and the study's row says which limit it passed."""
+    held it for as long as it went on. Now every search answer stops at `answer_mb` and `answer_timeout_s`,
+    its headers included (found 7 Dec: a header sent a byte at a time held a pull for good), and the study's
+    row says which limit it passed. It is not asked for again: dicomweb-client tried every request five
+    times, 30 s of waits, whatever had failed."""
     import tracemalloc
 
     from fracdet.dicom.dicomweb import DicomWeb, RetrievalError
@@ -1076,11 +1086,17 @@ def test_a_search_answer_is_read_within_its_limits_and_its_study_says_why(grey, 
     from tests.dicomweb_server import file, serving
 
     image = file(write_bytes(mono2_8bit(grey)))
-    answers = {"series": searched}
-    with (serving(["a"], lambda name: image, search=answers.get) as root,
+    asked = []
+
+    def search(level: str):
+        asked.append(level)
+        return searched if level == "series" else None
+
+    with (serving(["a"], lambda name: image, search=search) as root,
           DicomWeb(root, answer_mb=1, answer_timeout_s=0.5) as pacs):  # fmt: skip
-        pacs.client.set_http_retry_params(retry=False)  # its five tries, 30 s of waits, are not what is tested
+        started = time.monotonic()
         row = pull(pacs, tiny_localiser, study="1.2.3").iloc[0]
+        seconds = time.monotonic() - started
         tracemalloc.start()
         try:
             with contextlib.suppress(RetrievalError):
@@ -1092,7 +1108,37 @@ def test_a_search_answer_is_read_within_its_limits_and_its_study_says_why(grey, 
         assert row["stored"] == 3 and row["error"] is None
     else:
         assert row["error"] == f"the series search failed ({words})" and row["probability"] is None
+        assert asked.count("series") == 2 and seconds < 5  # once by the pull, once above; no waits between
     assert peak < 16 << 20  # an endless answer was read no further than its megabyte
+
+
+def test_a_dicomweb_server_that_is_busy_is_asked_again_and_one_that_fails_is_not(grey, tiny_localiser):
+    """One retry policy for every DICOMweb request, the session's: a busy answer (HTTP 503 here) is asked for
+    again, three more times (at once, then after 1 s and 2 s); an error that a second asking would not mend (HTTP 500, a
+    limit passed) is reported at once."""
+    from fracdet.dicom.dicomweb import DicomWeb
+    from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import file, raw, serving
+
+    image = file(write_bytes(mono2_8bit(grey)))
+    for status, busy_for, words in [("503 Service Unavailable", 2, None), ("503 Service Unavailable", 9, "HTTP 503"),
+                                    ("500 Internal Server Error", 9, "HTTP 500")]:  # fmt: skip
+        asked = []
+
+        def search(level: str, status=status, busy_for=busy_for, asked=asked):
+            if level == "series":
+                asked.append("refused" if len(asked) < busy_for else "listed")
+                return raw(status) if asked[-1] == "refused" else None
+            return None
+
+        with serving(["a"], lambda name: image, search=search) as root, DicomWeb(root) as pacs:
+            row = pull(pacs, tiny_localiser, study="1.2.3").iloc[0]
+        if words is None:
+            assert row["error"] is None and row["stored"] == 3
+            assert asked[:3] == ["refused", "refused", "listed"]  # (and a second page, which is empty of news)
+        else:
+            assert row["error"] == f"the series search failed ({words})"
+            assert asked == ["refused"] * (4 if status.startswith("503") else 1)
 
 
 @pytest.mark.parametrize(("most", "offset_ignored", "analysed"), [(None, False, 5), (2, False, 5), (2, True, 2)])

@@ -15,16 +15,26 @@ to 4.9 GB, and so did 1 MB of deflated data inflating to 1 GiB (``benchmarks/dic
 arrives, or a bare ``application/dicom`` from servers that send one), stops at ``max_mb`` and at
 ``timeout_s`` (a watchdog shuts the socket for reading, so a server that sends a byte a minute cannot hold
 it), and returns bytes.
+
+Both time limits cover an answer's status line and headers too, not only its body: http.client reads up to
+100 header lines of 64 kB each with requests' timeout between reads, so a server that sent them a byte at a
+time held a pull for years. And one retry policy, the session's (urllib3's ``Retry``: a connection refused
+or an HTTP 408, 429, 502, 503 or 504 gets three more tries, at once, then 1 s and 2 s later), replaces
+dicomweb-client's, which tried every request five times whatever failed, waiting 30 s in all: an answer
+over a limit was fetched five times, and a server that was down took half a minute to say so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import email.message
+import functools
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fracdet.data.dicom import DICOM_HINT
@@ -48,11 +58,16 @@ MAX_INSTANCE_MB = 256
 #: parsed whole, at about 14 times its size (280 MB took a pull from 0.9 to 4.8 GB, dicomweb_answers.py), so
 #: 32 MB is some 30,000 studies and under 0.5 GB more.
 MAX_ANSWER_MB = 32
-#: How long such an answer may take once its headers came: 32 MB at 20 Mbit/s takes 13 s. dicomweb-client
-#: tries a search five times, waiting 30 s in all, so a server that never ends its answers holds a pull 3 min.
+#: How long such an answer may take, headers and body, once the request was sent: 32 MB at 20 Mbit/s takes
+#: 13 s. A server that never ends its answers holds a search this long: an answer is not asked for again.
 ANSWER_TIMEOUT_S = 30.0
-#: How long one instance may take to arrive, whole: 256 MB at 20 Mbit/s would take about 100 s.
+#: How long one instance may take to arrive, whole, from its request: 256 MB at 20 Mbit/s takes about 100 s.
 RETRIEVE_TIMEOUT_S = 120.0
+#: How often a request is tried again when the server is not there or says it is busy (the HTTP statuses
+#: below): at once, then after 1 s and 2 s (urllib3's backoff, factor 0.5). ``Retry-After`` is not obeyed:
+#: urllib3 would wait up to 6 hours for it.
+RETRIES = 3
+_BUSY = (408, 429, 502, 503, 504)
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
 
@@ -82,31 +97,41 @@ def failure(exc: Exception) -> str:
     return f"HTTP {status}" if status else type(exc).__name__
 
 
-def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_TIMEOUT_S) -> Any:
-    """A ``requests.Session`` that reads no answer beyond ``max_mb`` or ``timeout_s`` after its headers.
+def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_TIMEOUT_S,
+                    retries: int = RETRIES) -> Any:  # fmt: skip
+    """A ``requests.Session`` that reads no answer beyond ``max_mb``, nor for longer than ``timeout_s`` from
+    when its request was sent, and tries a request again only when the server is not there or busy.
 
     For the answers others read whole (dicomweb-client's searches and stores): a response hook reads the body
-    before requests would, within the limits, and a watchdog shuts the socket at the time limit so that a
-    server sending a byte now and then cannot hold the caller. An answer over a limit raises
-    :class:`RetrievalError` from the request. Streamed requests (``stream=True``) are left to their caller,
-    who bounds them (:meth:`DicomWeb.instance`).
+    before requests would, within the limits, and a watchdog shuts the socket at the time limit, while the
+    headers arrive and while the body does, so that a server sending a byte now and then cannot hold the
+    caller. An answer over a limit raises :class:`RetrievalError` from the request, and is not asked for
+    again. Streamed requests (``stream=True``) read their body as their caller does, who bounds it
+    (:meth:`DicomWeb.instance`); their headers are bounded here, by the caller's deadline if it set one
+    (:func:`_answer_clock`). ``retries`` is how many more tries a refused connection or a busy answer
+    (HTTP 408, 429, 502, 503, 504) gets; 0 where the caller has its own policy (the node's outbox).
 
     Raises:
-        ValueError: a limit is not positive.
+        ValueError: a limit is not positive, or ``retries`` is negative.
     """
     import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
 
     if not (max_mb > 0 and timeout_s > 0):  # `not >` so that NaN is refused too
         raise ValueError(f"the answer limits must be positive: max_mb {max_mb}, timeout_s {timeout_s}")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, not {retries}")
     max_bytes = int(max_mb * (1 << 20))
 
     def read_within_limits(answer: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
         if stream:
             return answer
-        deadline = time.monotonic() + timeout_s
+        clock = _CLOCK.get()
+        deadline = clock.start() if clock else time.monotonic() + timeout_s
         try:
             _check_declared(answer, max_bytes)
-            with _watchdog(answer.raw, deadline):
+            with _watchdog(answer.raw.shutdown, deadline):
                 body = _read(answer, max_bytes, deadline, timeout_s)
         except BaseException:
             answer.close()  # the connection is dropped, not returned to the pool half read
@@ -114,7 +139,25 @@ def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_
         answer._content, answer._content_consumed = body, True  # as requests' own `content` leaves them
         return answer
 
-    session = requests.Session()
+    class Session(requests.Session):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            with _answer_clock(timeout_s) as clock:
+                try:
+                    return super().send(request, **kwargs)
+                except requests.RequestException:  # the watchdog shut the socket as the headers came
+                    if clock.passed():
+                        raise RetrievalError(f"the answer did not arrive within {clock.timeout_s:g} s") from None
+                    raise
+
+    # urllib3 counts a refused connection as an "other" error; a read cut off is not tried again (the server
+    # may have acted on the request), nor is a status not listed
+    retry = Retry(total=retries, read=0, status=retries, status_forcelist=_BUSY, backoff_factor=0.5,
+                  allowed_methods=None, raise_on_status=False, respect_retry_after_header=False)  # fmt: skip
+    adapter = HTTPAdapter(max_retries=retry)
+    adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
+    session = Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, adapter)
     session.hooks["response"].append(read_within_limits)
     return session
 
@@ -135,15 +178,18 @@ class DicomWeb:
 
     ``client`` is dicomweb-client's, for searches and stores, sharing this object's HTTP session (and so its
     connections), which reads their answers within ``answer_mb`` and ``answer_timeout_s``; :meth:`instance`
-    fetches files within ``max_mb`` and ``timeout_s``. Close it (or use it in a ``with`` block) to release
-    the connections.
+    fetches files within ``max_mb`` and ``timeout_s``. Every request is tried ``retries`` more times when the
+    server is not there or busy, and no other time (:func:`bounded_session`). Close it (or use it in a
+    ``with`` block) to release the connections.
 
     Raises:
-        ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host, or a limit is not positive.
+        ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host, a limit is not positive, or
+            ``retries`` is negative.
     """
 
     def __init__(self, url: str, *, max_mb: float = MAX_INSTANCE_MB, timeout_s: float = RETRIEVE_TIMEOUT_S,
-                 answer_mb: float = MAX_ANSWER_MB, answer_timeout_s: float = ANSWER_TIMEOUT_S):  # fmt: skip
+                 answer_mb: float = MAX_ANSWER_MB, answer_timeout_s: float = ANSWER_TIMEOUT_S,
+                 retries: int = RETRIES):  # fmt: skip
         try:
             from dicomweb_client.api import DICOMwebClient
         except ImportError as exc:
@@ -154,8 +200,9 @@ class DicomWeb:
         self.url = url.rstrip("/")
         self.max_bytes = int(max_mb * (1 << 20))
         self.timeout_s = timeout_s
-        self.session = bounded_session(max_mb=answer_mb, timeout_s=answer_timeout_s)
+        self.session = bounded_session(max_mb=answer_mb, timeout_s=answer_timeout_s, retries=retries)
         self.client = DICOMwebClient(url=self.url, session=self.session)
+        self.client.set_http_retry_params(retry=False)  # the session's policy is the one (module docstring)
 
     def instance(self, study: str, series: str, instance: str) -> bytes:
         """The DICOM file of one instance (WADO-RS), as bytes, never parsed here.
@@ -167,19 +214,19 @@ class DicomWeb:
         import requests
 
         url = f"{self.url}/studies/{study}/series/{series}/instances/{instance}"
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            with self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.timeout_s) as answer:
-                answer.raise_for_status()
-                # the deadline counts from the request: headers that came slowly leave the body less time
-                with _watchdog(answer.raw, deadline):
-                    return self._body(answer, deadline)
-        except RetrievalError:
-            raise
-        except (requests.RequestException, OSError, ValueError) as exc:
-            if time.monotonic() >= deadline:
-                raise RetrievalError(f"the answer did not arrive within {self.timeout_s:g} s") from None
-            raise RetrievalError(f"DICOMweb retrieval failed ({failure(exc)})") from None
+        # the deadline counts from the request: headers that came slowly leave the body less time
+        with _answer_clock(self.timeout_s, now=True) as clock:
+            try:
+                with self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.timeout_s) as answer:
+                    answer.raise_for_status()
+                    with _watchdog(answer.raw.shutdown, clock.start()):
+                        return self._body(answer, clock.start())
+            except RetrievalError:
+                raise
+            except (requests.RequestException, OSError, ValueError) as exc:
+                if clock.passed():
+                    raise RetrievalError(f"the answer did not arrive within {self.timeout_s:g} s") from None
+                raise RetrievalError(f"DICOMweb retrieval failed ({failure(exc)})") from None
 
     def _body(self, answer: Any, deadline: float) -> bytes:
         header = email.message.Message()
@@ -237,11 +284,84 @@ def _read(answer: Any, max_bytes: int, deadline: float, timeout_s: float) -> byt
     return bytes(body)
 
 
+class _Clock:
+    """When the answer to the request in progress must have come: ``timeout_s`` after it was sent (the first
+    time its connection waits for an answer), or after the caller began, with ``now``."""
+
+    def __init__(self, timeout_s: float, *, now: bool = False):
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s if now else None
+
+    def start(self) -> float:
+        """The deadline, which begins now unless it has begun."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+        return self.deadline
+
+    def passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+_CLOCK: contextvars.ContextVar[_Clock | None] = contextvars.ContextVar("fracdet_dicomweb_clock", default=None)
+
+
 @contextlib.contextmanager
-def _watchdog(raw: Any, deadline: float) -> Iterator[None]:
-    """Shut ``raw``'s socket at ``deadline`` unless the block has ended: a server that sends a byte now and
-    then keeps each read within requests' timeout between reads, so only a clock outside the read ends it."""
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(raw,))
+def _answer_clock(timeout_s: float, *, now: bool = False) -> Iterator[_Clock]:
+    """The clock of the requests made in the block (each thread its own): a new one, or the enclosing
+    block's, so that a caller's deadline (:meth:`DicomWeb.instance`) holds for the session's retries too."""
+    if (clock := _CLOCK.get()) is not None:
+        yield clock
+        return
+    token = _CLOCK.set(clock := _Clock(timeout_s, now=now))
+    try:
+        yield clock
+    finally:
+        _CLOCK.reset(token)
+
+
+class _HeadersOnTime:
+    """Mixed into urllib3's connections: the status line and headers of an answer are read by the deadline
+    of the request's clock, so the watchdog covers them as it covers the body."""
+
+    sock: Any
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        clock = _CLOCK.get()
+        if clock is None or self.sock is None:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        with _watchdog(functools.partial(self.sock.shutdown, socket.SHUT_RDWR), clock.start()):
+            answer = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        if clock.passed():  # http.client ends the headers where the shut socket ended them: cut off, not whole
+            answer.close()
+            raise TimeoutError("the answer's headers did not arrive in time")
+        return answer
+
+
+@functools.cache
+def _watched_pools() -> dict[str, type]:
+    """urllib3's connection pools, for ``PoolManager.pool_classes_by_scheme``, whose connections are
+    :class:`_HeadersOnTime` (defined on first use: urllib3 comes with the ``dicom`` extra)."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Plain(_HeadersOnTime, HTTPConnection):
+        pass
+
+    class Secure(_HeadersOnTime, HTTPSConnection):
+        pass
+
+    return {
+        "http": type("WatchedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": Plain}),
+        "https": type("WatchedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": Secure}),
+    }
+
+
+@contextlib.contextmanager
+def _watchdog(shut: Callable[[], object], deadline: float) -> Iterator[None]:
+    """Call ``shut`` (a socket's or a response's ``shutdown``) at ``deadline`` unless the block has ended: a
+    server that sends a byte now and then keeps each read within requests' timeout between reads, so only a
+    clock outside the read ends it (the blocked read returns or raises)."""
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _quietly, args=(shut,))
     timer.start()
     try:
         yield
@@ -267,7 +387,6 @@ def _too_large(max_bytes: int) -> str:
     return f"the answer is larger than {max_bytes / (1 << 20):g} MB (the retrieval limit)"
 
 
-def _shut(raw: Any) -> None:
-    """Shut a response's socket for reading from the watchdog thread: the blocked read returns or raises."""
+def _quietly(shut: Callable[[], object]) -> None:
     with contextlib.suppress(ValueError, RuntimeError, OSError):  # released or closed: nothing reads it
-        raw.shutdown()
+        shut()

@@ -213,10 +213,10 @@ def stow_rs(url: str, *, answer_timeout_s: float = ANSWER_TIMEOUT_S) -> Sender:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        with bounded_session(timeout_s=answer_timeout_s) as session:
+        with bounded_session(timeout_s=answer_timeout_s, retries=0) as session:  # the outbox's rounds retry
             try:
                 client = DICOMwebClient(url=url, session=session)
-                client.set_http_retry_params(retry=False)  # the outbox's rounds are the one retry policy
+                client.set_http_retry_params(retry=False)
                 answer = client.store_instances(datasets)
             except requests.HTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 500
