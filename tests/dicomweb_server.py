@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import itertools
 import json
+import ssl
 import threading
 import time
 import urllib.parse
@@ -58,9 +59,10 @@ def dripped_headers(pause: float) -> Answer:
 def serving(instances: list[str], answer: Callable[[str], Answer],
             stow: Callable[[], tuple[int, object]] = lambda: (200, {}),
             search: Callable[[str], Answer | None] = lambda level: None,
-            most: int | None = None) -> Iterator[str]:  # fmt: skip
+            most: int | None = None, tls: ssl.SSLContext | None = None) -> Iterator[str]:  # fmt: skip
     """A server on a free local port for as long as the block runs; yields its DICOMweb root URL. Its
-    instance search honours ``offset`` and ``limit`` and lists no more than ``most`` in an answer."""
+    instance search honours ``offset`` and ``limit`` and lists no more than ``most`` in an answer. With
+    ``tls`` (a server context holding its certificate), it speaks HTTPS."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -107,8 +109,10 @@ def serving(instances: list[str], answer: Callable[[str], Answer],
             self.reply("application/dicom+json", [json.dumps(body).encode()], status=status)
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        if tls is not None:  # the handshake is made as a connection is accepted; one that fails is dropped
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+            yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/dicom-web"
         finally:
             server.shutdown()

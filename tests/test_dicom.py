@@ -1065,6 +1065,40 @@ def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracd
     assert "127.0.0.1" not in table.to_csv() and "1.2.3" not in table.to_csv()
 
 
+def test_a_dicomweb_server_over_tls_is_held_to_the_same_limits_and_a_certificate_refused_is_said_at_once(
+    grey, tiny_localiser, monkeypatch
+):
+    """HTTPS goes through connections of their own (urllib3's, with the watchdog mixed in): headers sent a byte
+    at a time stop at the limit there too, and a certificate the client does not trust is reported as what it
+    is, at once, not tried again as if the server were away."""
+    import ssl
+
+    import trustme
+
+    from fracdet.dicom.dicomweb import DicomWeb, RetrievalError
+    from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import dripped_headers, file, serving
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    answers = {"good": file(write_bytes(mono2_8bit(grey))), "slow-headers": dripped_headers(0.2)}
+    with serving(list(answers), answers.__getitem__, tls=context) as root, ca.cert_pem.tempfile() as bundle:
+        assert root.startswith("https://")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)  # requests reads it before a session's own `verify`
+        with DicomWeb(root, timeout_s=2) as pacs:
+            rows = dict(zip(answers, pull(pacs, tiny_localiser, study="1.2.3").to_dict("records"), strict=True))
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        with DicomWeb(root) as pacs:
+            started = time.monotonic()
+            with pytest.raises(RetrievalError, match=re.escape("DICOMweb retrieval failed (SSLError)")):
+                pacs.instance("1.2.3", "1.2.3.1", "good")
+            assert time.monotonic() - started < 1  # not three more tries, 3 s of waits
+    assert rows["good"]["stored"] == 3 and not isinstance(rows["good"]["error"], str)  # searched, fetched, stored
+    assert "did not arrive within 2 s" in rows["slow-headers"]["error"]
+
+
 @pytest.mark.parametrize(("searched", "words"), [
     (endless(0), "the answer is larger than 1 MB (the retrieval limit)"),
     (endless(0.1), "the answer did not arrive within 0.5 s"),

@@ -149,9 +149,10 @@ def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_
                         raise RetrievalError(f"the answer did not arrive within {clock.timeout_s:g} s") from None
                     raise
 
-    # urllib3 counts a refused connection as an "other" error; a read cut off is not tried again (the server
-    # may have acted on the request), nor is a status not listed
-    retry = Retry(total=retries, read=0, status=retries, status_forcelist=_BUSY, backoff_factor=0.5,
+    # a refused connection is a connect error to urllib3 (NewConnectionError is a ConnectTimeoutError); a read
+    # cut off is not tried again (the server may have acted on the request), nor is a certificate refused
+    # ("other") or a status not listed
+    retry = Retry(total=retries, read=0, other=0, status=retries, status_forcelist=_BUSY, backoff_factor=0.5,
                   allowed_methods=None, raise_on_status=False, respect_retry_after_header=False)  # fmt: skip
     adapter = HTTPAdapter(max_retries=retry)
     adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
