@@ -127,8 +127,7 @@ def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_
     def read_within_limits(answer: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
         if stream:
             return answer
-        clock = _CLOCK.get()
-        deadline = clock.start() if clock else time.monotonic() + timeout_s
+        deadline = _CLOCK.get().start()  # the clock of `Session.send`, which dispatches this hook
         try:
             _check_declared(answer, max_bytes)
             with _watchdog(answer.raw.shutdown, deadline):
