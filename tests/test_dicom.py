@@ -1065,6 +1065,24 @@ def test_a_pull_fetches_each_image_within_its_limits_and_leaves_parsing_to_fracd
     assert "127.0.0.1" not in table.to_csv() and "1.2.3" not in table.to_csv()
 
 
+def test_a_dicomweb_server_behind_a_proxy_is_held_to_the_same_limits(grey, tiny_localiser, monkeypatch):
+    """Hospital networks reach a PACS through an HTTP proxy (`HTTP_PROXY`), whose connections urllib3 pools
+    apart: they are watched too, so headers sent a byte at a time stop at the limit there as well."""
+    from fracdet.dicom.dicomweb import DicomWeb
+    from fracdet.dicom.pull import pull
+    from tests.dicomweb_server import dripped_headers, file, serving
+
+    answers = {"good": file(write_bytes(mono2_8bit(grey))), "slow-headers": dripped_headers(0.2)}
+    with serving(list(answers), answers.__getitem__) as proxy:  # it answers what it is asked to forward
+        monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/dicom-web"))
+        for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        with DicomWeb("http://pacs.invalid/dicom-web", timeout_s=2) as pacs:  # .invalid: never resolved here
+            rows = dict(zip(answers, pull(pacs, tiny_localiser, study="1.2.3").to_dict("records"), strict=True))
+    assert rows["good"]["stored"] == 3 and not isinstance(rows["good"]["error"], str)
+    assert "did not arrive within 2 s" in rows["slow-headers"]["error"]
+
+
 def test_a_dicomweb_server_over_tls_is_held_to_the_same_limits_and_a_certificate_refused_is_said_at_once(
     grey, tiny_localiser, monkeypatch
 ):

@@ -153,8 +153,19 @@ def bounded_session(*, max_mb: float = MAX_ANSWER_MB, timeout_s: float = ANSWER_
     # ("other") or a status not listed
     retry = Retry(total=retries, read=0, other=0, status=retries, status_forcelist=_BUSY, backoff_factor=0.5,
                   allowed_methods=None, raise_on_status=False, respect_retry_after_header=False)  # fmt: skip
-    adapter = HTTPAdapter(max_retries=retry)
-    adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
+
+    class Adapter(HTTPAdapter):  # every pool it makes holds watched connections, a proxy's too (not SOCKS)
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = _watched_pools()
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if not proxy.lower().startswith("socks"):  # SOCKS has pools of its own
+                manager.pool_classes_by_scheme = _watched_pools()
+            return manager
+
+    adapter = Adapter(max_retries=retry)
     session = Session()
     for scheme in ("http://", "https://"):
         session.mount(scheme, adapter)
