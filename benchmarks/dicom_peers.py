@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkout import side_by_side  # noqa: E402
+from _serve import free_port, require  # noqa: E402
 
 
 def _dx(path: Path, side: int) -> Path:
@@ -119,9 +119,7 @@ def _echo(port: int) -> bool:
 
 def run_node(src: Path, model: str, folder: Path, files: dict[str, Path]) -> dict:
     """Start the node whose package is under ``src``, try every case on it, stop it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(src), "FRACDET_PHI_KEY": "benchmark"}
     argv = [sys.executable, "-m", "fracdet", "pacs", "listen", "--allow", "PACS", "--port", str(port),
             "--spool", str(folder / "spool"), "--send-to", "DEST@127.0.0.1:9", "--model", model]  # fmt: skip
@@ -169,9 +167,7 @@ def main() -> None:
     parser.add_argument("--model", default="fracatlas-default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-dicom-peers.json")
     args = parser.parse_args()
-    for tool in ("storescu", "echoscu"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (Debian: apt-get install dcmtk)")
+    require("storescu", "echoscu", package="dcmtk")
     with tempfile.TemporaryDirectory(prefix="fracdet-peers-") as tmp:
         folder = Path(tmp)
         files = {"large": _dx(folder / "large.dcm", 16000), "small": _dx(folder / "small.dcm", 1024)}

@@ -21,7 +21,6 @@ monkey.patch_all()
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,17 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from _serve import free_port, wait_healthy
 from locust import HttpUser, constant, task
 from locust.env import Environment
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "fracatlas" / "images" / "Fractured" / "IMG0000261.jpg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -61,12 +55,7 @@ def main() -> None:
     command = [sys.executable, "-m", "fracdet.cli", "serve", "--model", args.model, "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                if requests.get(f"{base}/api/v1/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        wait_healthy(base, server)
         data = Path(args.image).read_bytes()
         requests.post(f"{base}/api/v1/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=60)  # warm-up
         result = run(base, server.pid, data, args.users, args.seconds)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _serve import free_port, require
 
 REPO = Path(__file__).resolve().parents[1]
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 WARM_UP = 50
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _dataset(pixels: np.ndarray):
@@ -69,11 +62,10 @@ def main() -> None:
     parser.add_argument("--model", default="fracatlas-default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-node-memory.json")
     args = parser.parse_args()
-    if shutil.which("storescp") is None:
-        raise SystemExit("storescp is not installed (Debian: apt-get install dcmtk)")
+    require("storescp", package="dcmtk")
     radiographs = sorted((REPO / "samples/fracatlas/images").rglob("*.jpg"))[:10]
     pixels = [np.asarray(Image.open(path).convert("L")) for path in radiographs]
-    port, pacs_port = _free_port(), _free_port()
+    port, pacs_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="fracdet-node-memory-") as tmp:
         folder = Path(tmp)
         received = folder / "pacs"

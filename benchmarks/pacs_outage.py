@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkout import side_by_side  # noqa: E402
+from _serve import free_port, require  # noqa: E402
 
 
 def _radiographs(folder: Path, count: int) -> list[Path]:
@@ -64,12 +63,6 @@ def _radiographs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _store(port: int, path: Path) -> bool:
     run = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "FRACDET", "127.0.0.1", str(port), str(path)],
                          capture_output=True, timeout=120, check=False)  # fmt: skip
@@ -78,7 +71,7 @@ def _store(port: int, path: Path) -> bool:
 
 def run_node(src: Path, model: str, folder: Path, images: list[Path], outage_s: float) -> dict:
     """Start the node whose package is under ``src`` with its PACS away, store, bring the PACS back, count."""
-    port, pacs_port = _free_port(), _free_port()
+    port, pacs_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(src), "FRACDET_PHI_KEY": "benchmark"}
     argv = [sys.executable, "-m", "fracdet", "pacs", "listen", "--allow", "MODALITY", "--port", str(port),
             "--spool", str(folder / "spool"), "--send-to", f"PACS@127.0.0.1:{pacs_port}", "--model", model]  # fmt: skip
@@ -135,9 +128,7 @@ def main() -> None:
     parser.add_argument("--model", default="fracatlas-default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-pacs-outage.json")
     args = parser.parse_args()
-    for tool in ("storescu", "storescp"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (Debian: apt-get install dcmtk)")
+    require("storescu", "storescp", package="dcmtk")
     with tempfile.TemporaryDirectory(prefix="fracdet-outage-") as tmp:
         folder = Path(tmp)
         (folder / "images").mkdir()

@@ -36,7 +36,6 @@ import os
 import platform
 import random
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from _checkout import checkout
+from _serve import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -148,27 +148,18 @@ def _summary(ms: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------- server under load
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(src: Path | None, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
-    import httpx
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fracdet", "serve", "--port", str(port), *extra], env=_env(src),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    try:
+        wait_healthy(base, proc, timeout_s=300)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, base
 
 
 async def _load(base: str, files: list[bytes], *, rate: float | None, clients: int | None, seconds: float) -> dict:

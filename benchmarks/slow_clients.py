@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkout import checkout, revisions  # noqa: E402
+from _serve import free_port, wait_healthy  # noqa: E402
 
 SAMPLE = REPO / "samples" / "fracatlas" / "images" / "Fractured" / "IMG0000261.jpg"
 GAP_S = 3.0
@@ -51,12 +51,6 @@ OPENINGS = {
     "silent": b"",
 }
 TRICKLE = {"headers": b"X-Slow: 1\r\n", "body": b"a", "silent": b""}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _client(kind: str, port: int, seconds: float, closed_after: list[float]) -> None:
@@ -140,12 +134,7 @@ def run(src: Path, model: str, clients: int, seconds: float, nofile: int, folder
     with log.open("wb") as out:
         server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(src)}, stdout=out, stderr=out)
     try:
-        for _ in range(600):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", server)
         limits = Path(f"/proc/{server.pid}/limits").read_text().splitlines()
         soft = next(line.split()[3] for line in limits if line.startswith("Max open files"))
         results: dict = {"open_file_limit_while_serving": int(soft)}
