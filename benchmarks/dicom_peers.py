@@ -41,27 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkout import side_by_side  # noqa: E402
+from _dicom import dx  # noqa: E402
 from _serve import free_port, require  # noqa: E402
 
 
 def _dx(path: Path, side: int) -> Path:
-    """A DX of ``side`` x ``side`` 16-bit pixels (noise: its content does not matter here)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DX"
-    ds.Rows = ds.Columns = side
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = np.random.default_rng(0).integers(0, 4096, (side, side), dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    """A DX of ``side`` x ``side`` 12-bit pixels (noise: its content does not matter here)."""
+    pixels = np.random.default_rng(0).integers(0, 4096, (side, side), dtype=np.uint16)
+    dx(pixels, bits=12).save_as(path, enforce_file_format=True)
     return path
 
 

@@ -23,29 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _dicom import DX, dx
 from _serve import free_port, require
 
 REPO = Path(__file__).resolve().parents[1]
-DX = "1.2.840.10008.5.1.4.1.1.1.1"
 WARM_UP = 50
-
-
-def _dataset(pixels: np.ndarray):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = DX, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DX, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = pixels.tobytes()
-    return ds
 
 
 def _rss_mb(pid: int) -> float:
@@ -62,6 +44,8 @@ def main() -> None:
     parser.add_argument("--model", default="fracatlas-default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-node-memory.json")
     args = parser.parse_args()
+    if args.images <= WARM_UP:
+        parser.error(f"--images must be more than the {WARM_UP} of the warm-up")
     require("storescp", package="dcmtk")
     radiographs = sorted((REPO / "samples/fracatlas/images").rglob("*.jpg"))[:10]
     pixels = [np.asarray(Image.open(path).convert("L")) for path in radiographs]
@@ -90,7 +74,7 @@ def main() -> None:
                 for k in range(args.images):
                     while True:
                         assoc = ae.associate("127.0.0.1", port, ae_title="FRACDET")
-                        status = int(assoc.send_c_store(_dataset(pixels[k % len(pixels)])).Status)
+                        status = int(assoc.send_c_store(dx(pixels[k % len(pixels)])).Status)
                         assoc.release()
                         if status == 0:
                             break

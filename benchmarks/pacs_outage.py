@@ -29,34 +29,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkout import side_by_side  # noqa: E402
+from _dicom import dx  # noqa: E402
 from _serve import free_port, require  # noqa: E402
 
 
 def _radiographs(folder: Path, count: int) -> list[Path]:
     """The sample's fractured radiographs as DX files (8-bit MONOCHROME2, one study, one series)."""
     from PIL import Image
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     sources = sorted((REPO / "samples/fracatlas/images/Fractured").glob("*.jpg"))[:count]
     study, series = generate_uid(), generate_uid()
     paths = []
     for k, source in enumerate(sources):
         pixels = np.asarray(Image.open(source).convert("L"))
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.InstanceNumber = study, series, "DX", k + 1
-        ds.Rows, ds.Columns = pixels.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = pixels.tobytes()
         path = folder / f"{k}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        dx(pixels, study=study, series=series, InstanceNumber=k + 1).save_as(path, enforce_file_format=True)
         paths.append(path)
     if len(paths) < count:
         raise SystemExit(f"the sample has {len(paths)} fractured radiographs, fewer than --images {count}")
