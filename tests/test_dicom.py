@@ -973,6 +973,14 @@ def test_a_stow_answer_that_lists_objects_not_stored_is_not_counted_as_delivered
         assert wait is None and not outbox.pending() and outbox.given_up == 1
 
 
+def test_a_stow_destination_that_is_not_an_http_url_is_refused_when_the_sender_is_made():
+    """Not at its first round, when a node has results waiting and no one at the console."""
+    from fracdet.dicom.outbox import stow_rs
+
+    with pytest.raises(ValueError, match="is not a STOW-RS URL"):
+        stow_rs("pacs:8042/dicom-web")
+
+
 def test_a_pull_counts_only_the_results_the_pacs_kept(tiny_localiser, grey):
     from fracdet.dicom.dicomweb import DicomWeb
     from fracdet.dicom.pull import pull

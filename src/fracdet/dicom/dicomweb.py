@@ -43,6 +43,7 @@ __all__ = [
     "ANSWER_TIMEOUT_S",
     "MAX_ANSWER_MB",
     "MAX_INSTANCE_MB",
+    "RETRIES",
     "RETRIEVE_TIMEOUT_S",
     "DicomWeb",
     "RetrievalError",

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fracdet.dicom.dicomweb import ANSWER_TIMEOUT_S, bounded_session, failure, refused_by_stow
+from fracdet.dicom.dicomweb import ANSWER_TIMEOUT_S, DicomWeb, check_url, failure, refused_by_stow
 from fracdet.utils.atomic import atomic_write_text
 
 __all__ = ["SUCCESS", "DeliveryError", "Outbox", "Sender", "c_store", "stow_rs"]
@@ -207,17 +207,21 @@ def c_store(calling: str, called: str, host: str, port: int) -> Sender:
 
 def stow_rs(url: str, *, answer_timeout_s: float = ANSWER_TIMEOUT_S) -> Sender:
     """A sender that stores the datasets by one STOW-RS request to ``url`` (dicomweb-client), whose answer
-    is read within ``MAX_ANSWER_MB`` and ``answer_timeout_s``: a server that never ends it fails the round."""
+    is read within ``MAX_ANSWER_MB`` and ``answer_timeout_s``: a server that never ends it fails the round.
+
+    Each round opens its own connections and tries once (``retries=0``): the outbox's rounds are the retries.
+
+    Raises:
+        ValueError: ``url`` is not an ``http://`` or ``https://`` URL with a host (here, not at the first round).
+    """
+    check_url(url, "a STOW-RS URL")
 
     def send(datasets: list[Any]) -> None:
         import requests
-        from dicomweb_client.api import DICOMwebClient
 
-        with bounded_session(timeout_s=answer_timeout_s, retries=0) as session:  # the outbox's rounds retry
+        with DicomWeb(url, answer_timeout_s=answer_timeout_s, retries=0) as web:
             try:
-                client = DICOMwebClient(url=url, session=session)
-                client.set_http_retry_params(retry=False)
-                answer = client.store_instances(datasets)
+                answer = web.client.store_instances(datasets)
             except requests.HTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 500
                 raise DeliveryError(f"STOW-RS answered HTTP {status}",
