@@ -2,7 +2,8 @@
 # Prepare .device/ (git-ignored) for training on a lent GPU machine, which has PyTorch and timm but no
 # datasets, no network and no fracdet install, and takes at most 64 MiB of working tree (tracked files,
 # untracked ones git does not ignore, and what a call carries):
-#   .device/fracatlas-384/  train + val of the leakage-free FracAtlas split, shrunk to 384 px (SIZE=...), WebP q90
+#   .device/fracatlas-384/  train + val of the leakage-free FracAtlas split (SPLITS=..., splits/fracatlas_seed0.csv by
+#                           default; the repaired one for new runs, docs/DATA.md), shrunk to 384 px (SIZE=...), WebP q90
 #                           (QUALITY=...; at 320 px 19.2 MiB and a mean error of 0.73 grey levels, measured by
 #                           `fracdet pack`; q80 was 11.5 MiB and ~1.2, and a pilot trained on q80 flipped more:
 #                           docs/STABILITY.md, "Does the pack cause flips?")
@@ -26,8 +27,9 @@ F="${FRACDET:-.venv/bin/fracdet}"
 PY="${PYTHON:-.venv/bin/python}"
 SIZE="${SIZE:-384}"
 QUALITY="${QUALITY:-90}"
+SPLITS="${SPLITS:-splits/fracatlas_seed0.csv}"
 rm -rf ".device/fracatlas-$SIZE" .device/site .device/timm.zip
-"$F" pack "$SHARED/data/fracatlas" --splits splits/fracatlas_seed0.csv --only train val --size "$SIZE" --quality "$QUALITY" \
+"$F" pack "$SHARED/data/fracatlas" --splits "$SPLITS" --only train val --size "$SIZE" --quality "$QUALITY" \
     --out ".device/fracatlas-$SIZE"
 mkdir -p .device/site
 for lite in ${LITE:-2}; do
