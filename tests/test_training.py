@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fracdet.data import load_dataset
-from fracdet.training import ConfigError, RunExistsError, TrainConfig, load_config, train
+from fracdet.training import ConfigError, RunExistsError, TrainConfig, load_config, train, trainer
 from fracdet.training.augment import epoch_indices
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint
 from fracdet.utils.cache import FeatureCache
@@ -322,6 +322,30 @@ def test_a_training_process_killed_within_an_epoch_resumes_there_to_the_same_wei
     assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
     columns = ["epoch", "train_loss", "train_accuracy", "val_loss"]
     pd.testing.assert_frame_equal(straight.history[columns], resumed.history[columns])
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_resumed_from_its_first_epoch(
+    sample_root, cache_dir, tmp_path, monkeypatch, caplog
+):
+    # Killed within its first checkpoint_minutes, a run folder holds its config and splits and nothing learnt:
+    # --resume trains it from the start, to the weights of an uninterrupted run, not "checkpoint not found".
+    manifest, cache, config = sample_manifest(sample_root), FeatureCache(cache_dir), tiny_config(epochs=2)
+
+    def stop_before_saving(path: Path, state: dict) -> None:
+        raise SimulatedCrashError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "save_checkpoint", stop_before_saving)
+        with pytest.raises(SimulatedCrashError):
+            train(config, manifest, tmp_path / "early", cache=cache)
+    assert (tmp_path / "early" / "config.yaml").is_file() and not any((tmp_path / "early" / "checkpoints").iterdir())
+    with caplog.at_level(logging.INFO, logger="fracdet.training.trainer"):
+        resumed = train(None, manifest, tmp_path / "early", resume=True, cache=cache)
+    assert "saved nothing before it stopped: starting it from epoch 1" in caplog.text
+    assert list(resumed.history["epoch"]) == [1, 2]
+    train(config, manifest, tmp_path / "straight", cache=cache)
+    straight, early = _weights(tmp_path / "straight"), _weights(tmp_path / "early")
+    assert all(torch.equal(straight[k], early[k]) for k in straight)
 
 
 # --- the hyper-parameter study -------------------------------------------------------------------

@@ -136,6 +136,15 @@ def _improved(value: float, best: float | None, monitor: str) -> bool:
     return value < best if monitor == "loss" else value > best
 
 
+def _saved_anything(out_dir: Path) -> bool:
+    """Whether the run in ``out_dir`` saved any of what it learnt: a checkpoint, or an epoch's row. A run
+    with none of them stopped before its first save; one with some but not ``last.pt`` lost it, and resuming
+    it is refused rather than trained again from scratch over what is left."""
+    checkpoints = out_dir / "checkpoints"
+    saved = (checkpoints / "last.pt", checkpoints / "partial.pt", checkpoints / "best.pt", out_dir / "metrics.csv")
+    return any(path.exists() for path in saved)
+
+
 def _prepare_run_folder(config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, resume: bool) -> None:
     checkpoints = out_dir / "checkpoints"
     if resume:
@@ -194,7 +203,8 @@ def train(
         manifest: a sample table with a ``split`` column (``train``, ``val``, optionally ``test``) and
             ``attrs["root"]``; rows of other splits are ignored.
         out_dir: the run folder (see the module docstring).
-        resume: continue from ``checkpoints/last.pt``.
+        resume: continue from ``checkpoints/last.pt`` (or ``partial.pt`` within an epoch); a run that
+            stopped before it saved anything starts again from its first epoch.
         cache: pixel cache (default: the feature cache).
         on_epoch_end: ``hook(epoch, row)`` after each epoch's checkpoint is written (tests use it to
             interrupt a run).
@@ -302,7 +312,11 @@ def _train(
     start_epoch, history, best, bad_epochs = 0, [], None, 0
     last_path, partial_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "partial.pt"
     within = None  # the state saved within the epoch a resumed run starts in, if any
-    if resume:
+    if resume and not _saved_anything(out_dir):
+        # stopped within its first checkpoint_minutes: nothing learnt to lose, and every epoch's randomness
+        # comes from the seed, so starting again is the resumption (an uninterrupted run's weights)
+        log.info("%s saved nothing before it stopped: starting it from epoch 1", out_dir)
+    elif resume:
         finished = load_checkpoint(last_path) if last_path.is_file() else None
         within = load_checkpoint(partial_path) if partial_path.is_file() else None
         if within is not None and within["epoch"] != (finished["epoch"] + 1 if finished else 0):
