@@ -348,6 +348,18 @@ def test_a_run_stopped_before_its_first_checkpoint_is_resumed_from_its_first_epo
     assert all(torch.equal(straight[k], early[k]) for k in straight)
 
 
+@pytest.mark.parametrize("saved", ["checkpoints/best.pt", "metrics.csv", "model.json"])
+def test_a_new_run_never_overwrites_a_folder_that_holds_any_saved_work(sample_root, tmp_path, saved):
+    # A run that lost last.pt still holds its best epoch, its rows or its finished model: a fresh start in
+    # the same folder (a mistyped --out, a script run twice) is refused and names what it would overwrite.
+    run = tmp_path / "run"
+    (run / saved).parent.mkdir(parents=True, exist_ok=True)
+    (run / saved).write_bytes(b"learnt")
+    with pytest.raises(RunExistsError, match=Path(saved).name.replace(".", r"\.")):
+        train(tiny_config(), sample_manifest(sample_root), run)
+    assert (run / saved).read_bytes() == b"learnt" and not (run / "config.yaml").exists()
+
+
 # --- the hyper-parameter study -------------------------------------------------------------------
 
 

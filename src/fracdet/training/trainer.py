@@ -136,21 +136,27 @@ def _improved(value: float, best: float | None, monitor: str) -> bool:
     return value < best if monitor == "loss" else value > best
 
 
-def _saved_anything(out_dir: Path) -> bool:
-    """Whether the run in ``out_dir`` saved any of what it learnt: a checkpoint, or an epoch's row. A run
-    with none of them stopped before its first save; one with some but not ``last.pt`` lost it, and resuming
-    it is refused rather than trained again from scratch over what is left."""
+def _saved_work(out_dir: Path) -> list[Path]:
+    """What the run in ``out_dir`` saved of what it learnt: checkpoints, epochs' rows, the finished model.
+
+    One notion for both ways in: a new run refuses a folder holding any of it (never overwritten), and
+    ``--resume`` of a folder holding none of it (stopped within its first ``checkpoint_minutes``) starts
+    from epoch 1; one holding some of it but not ``last.pt`` is refused rather than trained from scratch.
+    """
     checkpoints = out_dir / "checkpoints"
-    saved = (checkpoints / "last.pt", checkpoints / "partial.pt", checkpoints / "best.pt", out_dir / "metrics.csv")
-    return any(path.exists() for path in saved)
+    saved = (checkpoints / "last.pt", checkpoints / "partial.pt", checkpoints / "best.pt",
+             out_dir / "metrics.csv", out_dir / "model.json", out_dir / "model.safetensors")  # fmt: skip
+    return [path for path in saved if path.exists()]
 
 
 def _prepare_run_folder(config: TrainConfig, manifest: pd.DataFrame, out_dir: Path, resume: bool) -> None:
-    checkpoints = out_dir / "checkpoints"
     if resume:
         return
-    if any(path.exists() for path in (checkpoints / "last.pt", checkpoints / "partial.pt", out_dir / "model.json")):
-        raise RunExistsError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if saved := _saved_work(out_dir):
+        raise RunExistsError(
+            f"{out_dir} already holds a run ({', '.join(p.name for p in saved)}): pass --resume to continue it, "
+            "or choose another --out"
+        )
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config.save(out_dir / "config.yaml")
     keep = [c for c in ("path", "label", "group", "split", "region", "view") if c in manifest.columns]
@@ -312,7 +318,7 @@ def _train(
     start_epoch, history, best, bad_epochs = 0, [], None, 0
     last_path, partial_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "partial.pt"
     within = None  # the state saved within the epoch a resumed run starts in, if any
-    if resume and not _saved_anything(out_dir):
+    if resume and not _saved_work(out_dir):
         # stopped within its first checkpoint_minutes: nothing learnt to lose, and every epoch's randomness
         # comes from the seed, so starting again is the resumption (an uninterrupted run's weights)
         log.info("%s saved nothing before it stopped: starting it from epoch 1", out_dir)
