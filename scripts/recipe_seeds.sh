@@ -13,7 +13,10 @@
 # The arguments are `fracdet train`'s for a new run, without --out, --data or seed, which this script adds:
 # seed S trains into $RUNS-seedS and is evaluated into $EVALS-seedS-val. Keep run folders outside the
 # working tree (a sitting may lay the tree anew). SEEDS ("0 1 2"), DATA (../shared/data/fracatlas) and
-# REFERENCE (1.0.0's report on the repaired validation split) may be set. Exits as the judgement does:
+# REFERENCE (1.0.0's report on the repaired validation split) may be set. KEPT, a prefix of reports kept
+# in the repository (docs/evidence/NAME, for docs/evidence/NAME-seedS-val-metrics.json), lets a seed whose
+# run folder went with its machine be judged from its kept report instead of trained again (its weights are
+# needed only if the recipe passes and it is the seed that ships). Exits as the judgement does:
 # 0 when the recipe passes, 1 when it does not, and otherwise with the first failing command's status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +38,12 @@ reports=()
 for seed in $SEEDS; do
     run="$RUNS-seed$seed"
     report="$EVALS-seed$seed-val"
+    kept="${KEPT:+$KEPT-seed$seed-val-metrics.json}"
+    if [ ! -e "$run" ] && [ ! -f "$report/metrics.json" ] && [ -n "$kept" ] && [ -f "$kept" ]; then
+        say "seed $seed: judged from its kept report $kept (no run folder: trained again only if it ships)"
+        reports+=("$kept")
+        continue
+    fi
     if [ -f "$run/model.json" ]; then
         say "seed $seed: trained ($run)"
     elif [ -f "$run/config.yaml" ]; then
