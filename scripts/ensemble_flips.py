@@ -40,7 +40,7 @@ from fracdet.evaluation.metrics import group_bootstrap
 from fracdet.evaluation.stability import flip_figures, resaved
 from fracdet.models import TrainedModel, load
 from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
-from judge_recipe import MEAN_OF, Seed
+from judge_recipe import MEAN_OF, Seed, judge
 
 
 def shared_rows(models: list[TrainedModel], data: str, split: str) -> pd.DataFrame:
@@ -54,9 +54,8 @@ def shared_rows(models: list[TrainedModel], data: str, split: str) -> pd.DataFra
 
 
 def setting_figures(margins: dict[str, np.ndarray], temperature: float, val: tuple[np.ndarray, np.ndarray],
-                    rows: pd.DataFrame, rule: dict[str, float | str]) -> dict:  # fmt: skip
-    """AUC, threshold, small fractures flagged, per-variant flips of one setting's margins, and the rule's
-    verdict on each of its parts (:func:`rule_of`)."""
+                    rows: pd.DataFrame) -> dict:  # fmt: skip
+    """AUC, threshold, small fractures flagged and per-variant flips of one setting's margins."""
     labels, groups = rows["label"].to_numpy(int), rows["group"].astype(str).to_numpy()
     val_labels, val_margins = val
     threshold = choose_thresholds(val_labels, probabilities(val_margins, temperature))["sens90"]
@@ -70,18 +69,15 @@ def setting_figures(margins: dict[str, np.ndarray], temperature: float, val: tup
     figures |= flip_figures(reference, resaves, threshold, groups)
     mean_flips = float(np.mean([figures[v]["flip_rate"] for v in MEAN_OF if v in figures]))
     figures["mean_flips"] = mean_flips
-    worst = max(figures[v]["flip_rate"] for v in resaves)
-    figures["rule"] = {"a": figures["auc"] >= rule["auc"], "b": figures["small_flagged"] >= rule["small_flagged"],
-                       "c": mean_flips <= rule["mean_flips"] and worst <= rule["each_flip"]}  # fmt: skip
     return figures
 
 
-def rule_of(reference: str, *, margin: float, mean_flips: float, each_flip: float) -> dict[str, float | str]:
-    """The rule's bars (judge_recipe's, for one setting): the reference's validation AUC less ``margin`` and
-    its small fractures at *suspicious*; the flips' bars as given."""
-    shipped = Seed.read(reference, stability=False)
-    return {"auc": shipped.auc - margin, "small_flagged": shipped.small_flagged, "mean_flips": mean_flips,
-            "each_flip": each_flip, "reference": f"{shipped.name} {shipped.auc:.4f}"}  # fmt: skip
+def verdict(name: str, figures: dict, reference: Seed, **bars: float) -> list[str]:
+    """judge_recipe's rule applied to one setting, as to a recipe of one seed: its lines, the last pass/fail."""
+    variants = [k for k, v in figures.items() if isinstance(v, dict) and "flip_rate" in v]
+    setting = Seed(name=name, auc=figures["auc"], small_flagged=figures["small_flagged"], small=figures["small"],
+                   flips={v: figures[v]["flip_rate"] for v in variants})  # fmt: skip
+    return judge([setting], reference, **bars)
 
 
 def main() -> None:
@@ -101,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.models) < 2:
         sys.exit("give two or more models: their mean is what is measured")
-    rule = rule_of(args.reference, margin=args.margin, mean_flips=args.mean_flips, each_flip=args.each_flip)
+    reference = Seed.read(args.reference, stability=False)
+    bars = {"margin": args.margin, "mean_flips": args.mean_flips, "each_flip": args.each_flip}
     models = [load(name) for name in args.models]
     sizes = {m.preprocess.input_size for m in models}
     rows = shared_rows(models, args.data, args.split)
@@ -127,13 +124,16 @@ def main() -> None:
     mean = {k: np.mean([m[k] for m in margins], axis=0) for k in margins[0]}
     mean_val = np.mean([m["original"] for m in val_margins], axis=0)
 
-    results: dict = {"command": "python scripts/ensemble_flips.py " + " ".join(sys.argv[1:]), "split": args.split,
-                     "images": len(rows), "rule": rule}  # fmt: skip
-    for model, own, own_val in zip(models, margins, val_margins, strict=True):
-        results[f"{model.name} {model.version}"] = setting_figures(
-            own, model.temperature, (val_labels, own_val["original"]), rows, rule
-        )
-    results["mean"] = setting_figures(mean, fit_temperature(mean_val, val_labels), (val_labels, mean_val), rows, rule)
+    settings = {
+        f"{model.name} {model.version}": setting_figures(own, model.temperature, (val_labels, val["original"]), rows)
+        for model, own, val in zip(models, margins, val_margins, strict=True)
+    }
+    settings["mean"] = setting_figures(mean, fit_temperature(mean_val, val_labels), (val_labels, mean_val), rows)
+    for name, figures in settings.items():
+        figures["rule"] = verdict(name, figures, reference, **bars)
+    rule = {"reference": f"{reference.name} {reference.auc:.4f}", **bars}
+    results = {"command": "python scripts/ensemble_flips.py " + " ".join(sys.argv[1:]), "split": args.split,
+               "images": len(rows), "rule": rule, **settings}  # fmt: skip
     report(results, args.out)
 
 
