@@ -15,8 +15,9 @@ scoring: each model alone, and ``mean`` (the mean of their logit margins, as :cl
 averages, with its temperature fitted on the validation originals). Each setting gets its own *suspicious*
 threshold (sens90), chosen on the validation originals scored the same way; a verdict flips when the original
 and the re-saved file fall on either side of it. Per setting: ROC AUC (95% group-bootstrap interval), the
-threshold, the small fractures flagged there (the rule's (b)), and per variant the flip rate (interval),
-flips, and the median, 90th percentile and largest change of the probability; then the rule's checks, as
+threshold, the small fractures flagged there (the rule's (b)), the files scoring near it, and per variant the
+flip rate (interval), flips (and how many of them were near), and the median, 90th percentile and largest
+change of the probability; then the rule's checks, as
 ``scripts/judge_recipe.py`` makes them of one seed: ``REFERENCE`` is the shipped model's validation report on
 the models' split (``fracdet evaluate MODEL --split val``), whose AUC less ``--margin`` is the bar (the
 bar moves with the split, so it is read, never written here).
@@ -37,7 +38,7 @@ from fracdet.data import load_dataset
 from fracdet.data.split import apply_manifest, split_rows
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation.metrics import group_bootstrap
-from fracdet.evaluation.stability import flip_figures, resaved
+from fracdet.evaluation.stability import flip_figures, near_threshold, resaved
 from fracdet.models import TrainedModel, load
 from fracdet.training.calibrate import choose_thresholds, fit_temperature, probabilities
 from judge_recipe import MEAN_OF, Seed, judge
@@ -64,7 +65,8 @@ def setting_figures(margins: dict[str, np.ndarray], temperature: float, val: tup
     small = (labels == 1) & rows["fracture_size"].astype(str).str.startswith("small").to_numpy()
     figures = {"temperature": temperature, "auc": float(roc_auc_score(labels, reference)),
                "auc_ci95": list(auc["auc"]), "sens90_threshold": threshold,
-               "small_flagged": int((reference[small] >= threshold).sum()), "small": int(small.sum())}  # fmt: skip
+               "small_flagged": int((reference[small] >= threshold).sum()), "small": int(small.sum()),
+               "near_threshold": int(near_threshold(reference, threshold).sum())}  # fmt: skip
     resaves = {k: probabilities(m, temperature) for k, m in margins.items() if k != "original"}
     figures |= flip_figures(reference, resaves, threshold, groups)
     mean_flips = float(np.mean([figures[v]["flip_rate"] for v in MEAN_OF if v in figures]))

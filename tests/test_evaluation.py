@@ -301,8 +301,12 @@ def test_stability_reports_flips_and_probability_changes_per_re_encoding(tiny_ru
         lo, hi = variant["flip_rate_ci95"]
         assert 0 <= lo <= variant["flip_rate"] <= hi <= 1
         assert 0 <= variant["median_abs_change"] <= variant["p90_abs_change"] <= variant["max_abs_change"]
+        assert 0 <= variant["flips_near_threshold"] <= variant["flips"]
+    assert 0 <= stability["near_threshold"] <= stability["images"]
     report = write_report(result, tmp_path)
-    assert (tmp_path / "stability.png").is_file() and "Verdict stability" in report.read_text()
+    text = report.read_text()
+    assert (tmp_path / "stability.png").is_file() and "Verdict stability" in text
+    assert f"{stability['near_threshold']} of {stability['images']} files score within 0.5 logit" in text
     assert json.loads((tmp_path / "metrics.json").read_text())["stability"]["variants"]["jpeg75"]
 
     rows = manifest[manifest["split"] == "test"]
@@ -313,3 +317,16 @@ def test_stability_reports_flips_and_probability_changes_per_re_encoding(tiny_ru
     blank = verdict_stability(model, paths, None, threshold=float(np.median(result.predictions["probability"])),
                               variants={"blank": np.zeros_like}, n_boot=20)  # fmt: skip
     assert blank["variants"]["blank"]["flips"] > 0  # a test that can fail: destroying the image changes verdicts
+    assert blank["near_threshold"] >= 1  # the median file scores at the threshold itself
+
+
+def test_near_threshold_counts_scores_within_half_a_logit_of_it():
+    from scipy.special import expit, logit
+
+    from fracdet.evaluation.stability import near_threshold
+
+    t = 0.1
+    p = expit(logit(t) + np.array([-0.6, -0.4, 0.0, 0.4, 0.6, -12.0, 12.0]))
+    assert near_threshold(p, t).tolist() == [False, True, True, True, False, False, False]
+    assert near_threshold(np.array([0.0, 1.0]), t).tolist() == [False, False]  # certain scores are far from any
+    assert near_threshold(p, t, logits=0.7)[[0, 4]].all()

@@ -279,9 +279,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     roc = ", ".join(f"{r['specificity']:.3f} at {sens}" for sens, r in result.roc_specificity.items())
     print(f"specificity on the {args.split} split's own ROC curve (threshold-free): {roc}")
     if result.stability:
-        from fracdet.evaluation.evaluate import stability_table
+        from fracdet.evaluation.evaluate import near_line, stability_table
 
-        print(f"verdict stability at threshold {result.stability['threshold']:.3f}:")
+        print(f"verdict stability at threshold {result.stability['threshold']:.3f}: {near_line(result.stability)}")
         print(stability_table(result.stability).to_string(index=False))
     if result.lesions:
         from fracdet.evaluation.evaluate import lesion_summary

@@ -478,7 +478,8 @@ def stability_table(stability: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for name, v in stability["variants"].items():
         lo, hi = v["flip_rate_ci95"]
-        rows.append({"variant": name, "verdict flips": f"{v['flip_rate']:.3f} [{lo:.3f}, {hi:.3f}] ({v['flips']})",
+        flips = f"{v['flips']}, {v['flips_near_threshold']} near" if "flips_near_threshold" in v else v["flips"]
+        rows.append({"variant": name, "verdict flips": f"{v['flip_rate']:.3f} [{lo:.3f}, {hi:.3f}] ({flips})",
                      "median |dp|": f"{v['median_abs_change']:.4f}", "p90 |dp|": f"{v['p90_abs_change']:.4f}",
                      "max |dp|": f"{v['max_abs_change']:.3f}"})  # fmt: skip
     return pd.DataFrame(rows)
@@ -487,8 +488,20 @@ def stability_table(stability: dict[str, Any]) -> pd.DataFrame:
 def _stability_html(stability: dict[str, Any] | None) -> str:
     if not stability:
         return ""
+    near = f"<p>{html.escape(line)}</p>" if (line := near_line(stability)) else ""
     return (f"<h2>Verdict stability ({stability['images']} images re-saved; flips at threshold "
-            f"{stability['threshold']:.3f})</h2>" + stability_table(stability).to_html(index=False))  # fmt: skip
+            f"{stability['threshold']:.3f})</h2>{near}" + stability_table(stability).to_html(index=False))  # fmt: skip
+
+
+def near_line(stability: dict[str, Any]) -> str:
+    """How many files score near the threshold: what the flips are made of (reports before it lack the count)."""
+    if "near_threshold" not in stability:
+        return ""
+    return (
+        f"{stability['near_threshold']} of {stability['images']} files score within "
+        f"{stability['near_logits']:g} logit of the threshold; a flip needs a change that crosses it, so "
+        "the flip rate follows their number as well as the size of the changes"
+    )
 
 
 def _html(result: Evaluation) -> str:
