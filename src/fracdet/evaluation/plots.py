@@ -16,7 +16,17 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from fracdet.utils.atomic import save_figure
 
-__all__ = ["plot_box_gallery", "plot_confusion", "plot_froc", "plot_gallery", "plot_pr", "plot_reliability", "plot_roc"]
+__all__ = [
+    "plot_box_gallery",
+    "plot_confusion",
+    "plot_froc",
+    "plot_gallery",
+    "plot_pr",
+    "plot_reliability",
+    "plot_roc",
+    "plot_stability",
+    "plot_stability_compared",
+]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -139,6 +149,36 @@ def plot_stability(result: dict, path: Path, *, title: str, target: float = 0.02
     right.legend(fontsize=8)
     fig.suptitle(f"{title} ({result['images']} images)", fontsize=10)
     return _save(fig, path)
+
+
+def plot_stability_compared(results: dict[str, dict], path: Path, *, title: str, target: float = 0.02) -> Path:
+    """Several models' :func:`plot_stability` side by side: per variant, one bar each (95% intervals).
+
+    Each result is ``verdict_stability``'s (``threshold``, ``images``, ``variants``); models are compared at
+    their own thresholds, as each would answer. Only the variants every result has are drawn.
+    """
+    names = [v for v in next(iter(results.values()))["variants"] if all(v in r["variants"] for r in results.values())]
+    y = np.arange(len(names))
+    height = 0.8 / len(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 0.35 * len(names) * len(results) + 2.4), sharey=True)
+    for k, (label, result) in enumerate(results.items()):
+        rows = [result["variants"][n] for n in names]
+        at = y - 0.4 + height * (k + 0.5)
+        rates = np.array([r["flip_rate"] for r in rows])
+        lo, hi = np.array([r["flip_rate_ci95"] for r in rows]).T
+        bars = left.barh(at, rates, height=height, xerr=[rates - lo, hi - rates], capsize=2,
+                         label=f"{label} (t={result['threshold']:.3f}, {result['images']} images)")  # fmt: skip
+        right.barh(at, [r["median_abs_change"] for r in rows], height=height, color=bars.patches[0].get_facecolor())
+    left.axvline(target, color="black", lw=0.8, ls="--", label=f"target {target:.0%}")
+    left.set(yticks=y, yticklabels=names, xlabel="verdicts flipped at each model's threshold")
+    left.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    left.invert_yaxis()
+    right.set(xlabel="median |change of the probability|")
+    fig.suptitle(title, fontsize=10)
+    legend_inches = 0.2 + 0.2 * np.ceil((len(results) + 1) / 2)  # two columns: the models and the target
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    return save_figure(fig, path)  # not _save: its tight_layout would take back the legend's room
 
 
 def plot_box_gallery(
