@@ -314,10 +314,10 @@ def test_stability_reports_flips_and_probability_changes_per_re_encoding(tiny_ru
     paths = absolute_paths(rows)
     same = verdict_stability(model, paths, None, threshold=0.5, variants={"as read": lambda p: p}, n_boot=20)
     assert same["variants"]["as read"]["max_abs_change"] == 0 and same["variants"]["as read"]["flips"] == 0
-    blank = verdict_stability(model, paths, None, threshold=float(np.median(result.predictions["probability"])),
-                              variants={"blank": np.zeros_like}, n_boot=20)  # fmt: skip
+    middle = float(np.sort(result.predictions["probability"])[len(result.predictions) // 2])  # a file's own score
+    blank = verdict_stability(model, paths, None, threshold=middle, variants={"blank": np.zeros_like}, n_boot=20)
     assert blank["variants"]["blank"]["flips"] > 0  # a test that can fail: destroying the image changes verdicts
-    assert blank["near_threshold"] >= 1  # the median file scores at the threshold itself
+    assert blank["near_threshold"] >= 1  # the middle file scores at the threshold itself
 
 
 def test_near_threshold_counts_scores_within_half_a_logit_of_it():
