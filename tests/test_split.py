@@ -151,6 +151,25 @@ def test_apply_manifest_takes_split_and_copy_groups_and_keeps_metadata(sample_ro
         apply_manifest(table, stranger)
 
 
+def test_files_a_manifest_trains_on_are_left_out_of_every_other_split_and_counted(sample_root, tmp_path):
+    from fracdet.data.split import leave_out_trained_on
+
+    table = load_dataset(sample_root)
+    table["split"] = np.resize(["train", "val", "test"], len(table))
+    manifest = table[["path", "label"]].assign(split=np.resize(["val", "train"], len(table)))
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    out = leave_out_trained_on(table, tmp_path / "m.csv", model="m")
+    trained = set(manifest.loc[manifest["split"] == "train", "path"])
+    assert not (set(out.loc[out["split"] != "train", "path"]) & trained)  # none of its training files is scored
+    assert (out["split"] == "train").sum() == (table["split"] == "train").sum()  # training rows are not scored
+    expected = table[table["path"].isin(trained) & (table["split"] != "train")]["split"].value_counts().to_dict()
+    assert out.attrs["left_out_trained_on"] == expected and sum(expected.values()) > 0
+    assert out.attrs["root"] == table.attrs["root"]
+    again = leave_out_trained_on(out, tmp_path / "m.csv", model="m")  # idempotent: the counts stay
+    assert len(again) == len(out) and again.attrs["left_out_trained_on"] == expected
+    assert leave_out_trained_on(table, None).attrs["left_out_trained_on"] == {}
+
+
 @pytest.mark.parametrize("shares", [("-1", "1", "1"), ("nan", "0.5", "0.5"), ("1", "0", "0"), ("x", "1", "1")])
 def test_shares_that_are_not_positive_numbers_are_refused_before_any_work(grouped_labels, sample_root, tmp_path,
                                                                           capsys, shares):  # fmt: skip

@@ -227,6 +227,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fracdet.data.split import leave_out_trained_on
     from fracdet.evaluation import evaluate, metrics_table, write_report
     from fracdet.evaluation.evaluate import TEST_SELECTION_WARNING
     from fracdet.models import load
@@ -247,6 +248,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attrs = dict(table.attrs)
         table = table[~shared].reset_index(drop=True)
         table.attrs.update(attrs)
+    if args.split == "all":  # every file is scored, whatever its split
+        table = table.assign(split="all")
+    table = leave_out_trained_on(table, model.splits_path, model=model.name)  # the heatmaps' files too
     if note := _fitted_elsewhere(model, data, table, args.split):
         print(f"{note}: fit them here with `fracdet calibrate {args.run} --data {data} --out NEW_FOLDER`")
     try:
@@ -254,7 +258,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           stability=args.stability)  # fmt: skip
     except ValueError as exc:
         hint = ""
-        if args.splits is None and args.split not in set(table["split"].dropna()):
+        left_out = table.attrs["left_out_trained_on"].get(args.split)
+        if args.splits is None and args.split not in set(table["split"].dropna()) and not left_out:
             hint = (f" (the split manifest came with the model and has no {args.split!r} rows, as when it was trained"
                     " on a pack of train and val: pass --splits with the full manifest)")  # fmt: skip
         raise SystemExit(f"error: {exc}{hint}") from None
@@ -371,7 +376,6 @@ def _describe_members(model) -> str:
     if members := model.meta.get("members"):
         return f"ensemble of {len(members)} {model.arch} models"
     return model.arch
-    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

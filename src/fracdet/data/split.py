@@ -12,6 +12,7 @@ on the old training split would meet its own training images in the new test spl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "SplitResult",
     "apply_manifest",
     "assign_splits",
+    "leave_out_trained_on",
     "make_splits",
     "read_split_manifest",
     "repair_splits",
@@ -36,6 +38,8 @@ __all__ = [
 ]
 
 SPLIT_ORDER = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,6 +256,36 @@ def apply_manifest(table: pd.DataFrame, manifest: str | Path | pd.DataFrame) -> 
     if "group" not in out:
         out["group"] = out["path"]
     out.attrs.update(table.attrs)
+    return out
+
+
+def leave_out_trained_on(table: pd.DataFrame, manifest: str | Path | None, *, model: str = "the model") -> pd.DataFrame:
+    """``table`` without the files outside its ``train`` split that ``manifest``, the split ``model`` was
+    trained on, puts in ``train``.
+
+    Why: scored on its own training files a model shows its memory, not what a new patient gets, and
+    thresholds chosen on them sit where no new score does (the shipped model, evaluated on a split drawn from
+    the bundled sample, chose 1.000 at every operating point: the sample's validation files were its training
+    files). Under the model's own manifest nothing is left out. A file is the same when its path relative to
+    the dataset root is, as manifests name files; how many were left out, by split, is added to
+    ``attrs["left_out_trained_on"]`` (also when nothing is), and a warning says so.
+    """
+    out = table.copy()
+    out.attrs.update(table.attrs)
+    counts = dict(table.attrs.get("left_out_trained_on", {}))
+    if manifest is None or "split" not in table:
+        out.attrs["left_out_trained_on"] = counts
+        return out
+    trained = set(read_split_manifest(manifest).query("split == 'train'")["path"])
+    hit = table["path"].isin(trained) & table["split"].notna() & (table["split"] != "train")
+    for split, n in table.loc[hit, "split"].value_counts().items():
+        counts[str(split)] = counts.get(str(split), 0) + int(n)
+    if hit.any():
+        named = ", ".join(f"{n} {split}" for split, n in counts.items())
+        log.warning("left out %s files that %s was trained on (its split manifest puts them in train)", named, model)
+    out = out[~hit.to_numpy()].reset_index(drop=True)
+    out.attrs.update(table.attrs)
+    out.attrs["left_out_trained_on"] = counts
     return out
 
 

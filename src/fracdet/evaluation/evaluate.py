@@ -22,6 +22,7 @@ from sklearn.metrics import classification_report
 
 from fracdet.data.pixels import load_pixels
 from fracdet.data.sources import FRACTURE_SIZES
+from fracdet.data.split import leave_out_trained_on
 from fracdet.data.table import absolute_paths
 from fracdet.evaluation import plots
 from fracdet.evaluation.lesions import LesionData, lesion_metrics, lesion_table, localised_sensitivity
@@ -88,6 +89,7 @@ class Evaluation:
     boxes: list[list[ScoredBox]] | None = field(default=None, repr=False)  # a localiser's boxes per image
     lesion_data: LesionData | None = field(default=None, repr=False)  # the same, matched to the expert boxes
     stability: dict[str, Any] | None = None  # verdict changes under re-encoding (evaluation.stability)
+    left_out_trained_on: dict[str, int] = field(default_factory=dict)  # files per split the model trained on
 
     @property
     def honest(self) -> bool:
@@ -102,6 +104,7 @@ class Evaluation:
             "fractures": int(self.predictions["label"].sum()),
             "checkpoint_selected_on": self.selected_on,
             "warning": None if self.honest else TEST_SELECTION_WARNING,
+            "left_out_trained_on": self.left_out_trained_on,
             "tta": self.tta,
             "temperature": self.temperature,
             "thresholds_from": self.thresholds_from,
@@ -135,7 +138,9 @@ def evaluate(
         model: from :func:`fracdet.models.load`.
         table: sample table with a ``split`` column. Its ``val`` rows re-fit the temperature and
             thresholds (the same fit training stored, unless the split differs). With ``split="all"``
-            (every row, e.g. another dataset) or ``"val"``, the model's stored ones are used.
+            (every row, e.g. another dataset) or ``"val"``, the model's stored ones are used. Files the model
+            was trained on (by its split manifest) are neither scored nor fitted on, and are counted
+            (:func:`fracdet.data.split.leave_out_trained_on`).
         n_boot: bootstrap resamples (of whole groups) for the 95% intervals.
         tta: average each image with its mirror image (``None``: as the model does, ``model.tta``).
         stability: also re-save every file in each :data:`fracdet.evaluation.stability.VARIANTS` and report how
@@ -143,9 +148,14 @@ def evaluate(
     """
     tta = model.tta if tta is None else tta
     size = model.preprocess.input_size
-    target = table.assign(split="all") if split == "all" else table[table["split"] == split]
+    present = sorted(table["split"].dropna().unique())
+    table = leave_out_trained_on(table.assign(split="all") if split == "all" else table, model.splits_path,
+                                 model=model.name)  # fmt: skip
+    left_out = table.attrs["left_out_trained_on"]
+    target = table[table["split"] == split]
     if target.empty:
-        raise ValueError(f"no rows in split {split!r}; splits present: {sorted(table['split'].dropna().unique())}")
+        why = f" ({left_out[split]} left out: {model.name} was trained on them)" if left_out.get(split) else ""
+        raise ValueError(f"no rows in split {split!r}{why}; splits present: {present}")
     target.attrs.update(table.attrs)
     pixels = load_pixels(target, size, cache=cache, desc=f"decoding {split}")
     margins, maps = model.outputs(pixels.images, tta=tta, progress_desc=f"scoring {split}")
@@ -220,6 +230,7 @@ def evaluate(
         classification_report=report,
         tta=tta,
         images=pixels.images,
+        left_out_trained_on=left_out,
     )
     if stability:  # the files scored above (unreadable ones are not in pixels.table), against their probabilities
         result.stability = verdict_stability(model, absolute_paths(pixels.table), groups, threshold=thresholds[default],

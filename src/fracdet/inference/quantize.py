@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from fracdet.data.pixels import PixelSet, load_pixels
-from fracdet.data.split import split_rows
+from fracdet.data.split import leave_out_trained_on, split_rows
 from fracdet.models.compiled import seal_graph
 from fracdet.models.release import GRAPH_SCHEMA_VERSION, TrainedModel, load
 from fracdet.utils.cache import FeatureCache
@@ -139,6 +139,7 @@ def quantize_model(
     from fracdet.utils.hashing import sha256_file
 
     model.network("be quantised again")
+    table = leave_out_trained_on(table, model.splits_path, model=model.name)  # checked on new files only
     out = Path(out)
     size = model.preprocess.input_size
     train, val = (split_rows(table, split, needed_for="to calibrate int8 on (train) and check it on (val)")

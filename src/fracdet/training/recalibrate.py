@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from fracdet.data.pixels import PixelSet, load_pixels
+from fracdet.data.split import leave_out_trained_on
 from fracdet.models import TrainedModel, save_model
 from fracdet.training.calibrate import calibrate
 from fracdet.training.checkpoint import RunExistsError, write_json
@@ -32,11 +33,14 @@ def fit_on_val(model: TrainedModel, table: pd.DataFrame, *, cache: FeatureCache 
     ``table``, in place; returns the validation pixels it read (unreadable files are listed, never fatal).
 
     Raises:
-        ValueError: ``table`` has no validation rows, or none of them could be read.
+        ValueError: ``table`` has no validation rows (but those ``model`` was trained on, which are left out),
+            or none of them could be read.
     """
+    table = leave_out_trained_on(table, model.splits_path, model=model.name)  # thresholds fitted on new files only
     val = table[table["split"] == "val"]
     if val.empty:
-        raise ValueError("the table has no 'val' rows to calibrate on")
+        why = " that the model was not trained on" if table.attrs["left_out_trained_on"].get("val") else ""
+        raise ValueError(f"the table has no 'val' rows{why} to calibrate on")
     val.attrs.update(table.attrs)
     pixels = load_pixels(val, model.preprocess.input_size, cache=cache, desc="decoding val")
     if not len(pixels.table):
