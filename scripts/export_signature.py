@@ -37,7 +37,7 @@ from scipy.special import logit
 from _split_scripts import model_and_rows, report, split_parser
 from fracdet.data import load_dataset
 from fracdet.data.table import absolute_paths
-from fracdet.evaluation.stability import VARIANTS, reencode, resaved
+from fracdet.evaluation.stability import NEAR_LOGITS, VARIANTS, reencode, resaved
 
 
 @functools.cache
@@ -67,7 +67,7 @@ def export_name(quality: int | None, mode: str) -> str:
 def main() -> None:
     parser = split_parser(__doc__, model_optional=True)
     parser.add_argument("--census", action="store_true", help="only count files and fractured per export")
-    parser.add_argument("--near", type=float, default=0.5, help="logits either side of the threshold")
+    parser.add_argument("--near", type=float, default=NEAR_LOGITS, help="logits either side of the threshold")
     parser.add_argument("--min-files", type=int, default=10, help="files an export needs for its quality")
     args = parser.parse_args()
     if args.census:

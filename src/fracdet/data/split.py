@@ -270,20 +270,20 @@ def leave_out_trained_on(table: pd.DataFrame, manifest: str | Path | None, *, mo
     the dataset root is, as manifests name files; how many were left out, by split, is added to
     ``attrs["left_out_trained_on"]`` (also when nothing is), and a warning says so.
     """
-    out = table.copy()
-    out.attrs.update(table.attrs)
     counts = dict(table.attrs.get("left_out_trained_on", {}))
-    if manifest is None or "split" not in table:
-        out.attrs["left_out_trained_on"] = counts
-        return out
-    trained = set(read_split_manifest(manifest).query("split == 'train'")["path"])
-    hit = table["path"].isin(trained) & table["split"].notna() & (table["split"] != "train")
-    for split, n in table.loc[hit, "split"].value_counts().items():
-        counts[str(split)] = counts.get(str(split), 0) + int(n)
-    if hit.any():
-        named = ", ".join(f"{n} {split}" for split, n in counts.items())
-        log.warning("left out %s files that %s was trained on (its split manifest puts them in train)", named, model)
-    out = out[~hit.to_numpy()].reset_index(drop=True)
+    hit = np.zeros(len(table), dtype=bool)
+    if manifest is not None and "split" in table:
+        trained = set(read_split_manifest(manifest).query("split == 'train'")["path"])
+        hit = (table["path"].isin(trained) & table["split"].notna() & (table["split"] != "train")).to_numpy()
+        here = table.loc[hit, "split"].value_counts()
+        for split, n in here.items():
+            counts[str(split)] = counts.get(str(split), 0) + int(n)
+        if hit.any():
+            named = ", ".join(f"{n} {split}" for split, n in here.items())
+            log.warning(
+                "left out %s files that %s was trained on (its split manifest puts them in train)", named, model
+            )
+    out = table[~hit].reset_index(drop=True)
     out.attrs.update(table.attrs)
     out.attrs["left_out_trained_on"] = counts
     return out
