@@ -16,6 +16,13 @@ judge recipes (docs/RESULTS.md):
 
 It prints a table of every seed and the verdict on each part, and exits 0 when the recipe passes, 1 when it
 does not: no test split is read, and none is read for a recipe that fails.
+
+    python scripts/judge_recipe.py REPORT --screen MIN_AUC MAX_FLIP
+
+screens one seed before the others are trained, by bounds written down before it ran (docs/STABILITY.md,
+*Measurement 11*): it exits 1, and the arm stops there, when the seed ranks below ``MIN_AUC`` or flips more
+than ``MAX_FLIP`` under any re-save. Seeds take hours on a CPU; a first seed that misses the recipe's purpose
+by more than one validation split can tell apart is not worth two more.
 """
 
 from __future__ import annotations
@@ -92,14 +99,25 @@ def judge(seeds: list[Seed], reference: Seed, *, margin: float, mean_flips: floa
     return [*lines, "PASS: the recipe may go on to int8 and the test split" if passed else "FAIL: nothing ships"]
 
 
-def table(seeds: list[Seed], reference: Seed) -> str:
+def screen(seed: Seed, *, min_auc: float, max_flip: float) -> list[str]:
+    """Whether one seed warrants training the others, line by line; the last says go on or stop."""
+    worst = max(seed.flips, key=seed.flips.get)
+    ranked, steady = seed.auc >= min_auc, seed.flips[worst] <= max_flip
+    return [
+        f"validation AUC {seed.auc:.4f}; asked >= {min_auc:g}: {'met' if ranked else 'NOT met'}",
+        f"most flips {worst} {seed.flips[worst]:.3f}; asked <= {max_flip:g}: {'met' if steady else 'NOT met'}",
+        "GO ON: train the other seeds" if ranked and steady else f"STOP: {seed.name} ends the arm",
+    ]
+
+
+def table(seeds: list[Seed], reference: Seed | None) -> str:
     variants = list(seeds[0].flips)
     head = ["model", "AUC", "small at suspicious", *(f"flips {v}" for v in variants), "mean of three"]
     rows = [
         [s.name, f"{s.auc:.4f}", f"{s.small_flagged}/{s.small}",
          *(f"{s.flips[v]:.3f}" if v in s.flips else "-" for v in variants),
          f"{s.mean_flips:.3f}" if s.flips else "-"]
-        for s in [reference, *seeds]
+        for s in [*([reference] if reference else []), *seeds]
     ]  # fmt: skip
     return "\n".join("| " + " | ".join(row) + " |" for row in [head, ["---"] * len(head), *rows])
 
@@ -108,20 +126,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
     parser.add_argument("reports", nargs="+", help="each seed's validation metrics.json")
-    parser.add_argument("--reference", required=True, help="the shipped model's validation metrics.json")
+    parser.add_argument("--reference", help="the shipped model's validation metrics.json (not with --screen)")
     parser.add_argument("--margin", type=float, default=0.005)
     parser.add_argument("--mean-flips", type=float, default=0.030)
     parser.add_argument("--each-flip", type=float, default=0.02)
+    parser.add_argument("--screen", nargs=2, type=float, metavar=("MIN_AUC", "MAX_FLIP"),
+                        help="screen one seed before the others are trained (exit 1: the arm stops)")  # fmt: skip
     parser.add_argument("--out", help="also write the table and the verdict here (markdown)")
     args = parser.parse_args()
+    if args.screen and len(args.reports) != 1:
+        parser.error("--screen reads one seed's report")
+    if not args.screen and not args.reference:
+        parser.error("--reference is needed to judge a recipe")
     seeds = [Seed.read(path) for path in args.reports]
-    reference = Seed.read(args.reference, stability=False)
-    verdict = judge(seeds, reference, margin=args.margin, mean_flips=args.mean_flips, each_flip=args.each_flip)
-    text = table(seeds, reference) + "\n\n" + "\n".join(f"- {line}" for line in verdict) + "\n"
+    if args.screen:
+        verdict = screen(seeds[0], min_auc=args.screen[0], max_flip=args.screen[1])
+        text = table(seeds, None)
+    else:
+        reference = Seed.read(args.reference, stability=False)
+        verdict = judge(seeds, reference, margin=args.margin, mean_flips=args.mean_flips, each_flip=args.each_flip)
+        text = table(seeds, reference)
+    text += "\n\n" + "\n".join(f"- {line}" for line in verdict) + "\n"
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
-    raise SystemExit(0 if verdict[-1].startswith("PASS") else 1)
+    raise SystemExit(0 if verdict[-1].startswith(("PASS", "GO ON")) else 1)
 
 
 if __name__ == "__main__":

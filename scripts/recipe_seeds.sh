@@ -16,8 +16,11 @@
 # REFERENCE (1.0.0's report on the repaired validation split) may be set. KEPT, a prefix of reports kept
 # in the repository (docs/evidence/NAME, for docs/evidence/NAME-seedS-val-metrics.json), lets a seed whose
 # run folder went with its machine be judged from its kept report instead of trained again (its weights are
-# needed only if the recipe passes and it is the seed that ships). Exits as the judgement does:
-# 0 when the recipe passes, 1 when it does not, and otherwise with the first failing command's status.
+# needed only if the recipe passes and it is the seed that ships). SCREEN, two numbers "MIN_AUC MAX_FLIP",
+# screens the first seed before the others are trained (scripts/judge_recipe.py --screen): the arm stops
+# there, exiting 1, when it ranks below MIN_AUC or flips more than MAX_FLIP under any re-save. Exits as the
+# judgement does: 0 when the recipe passes, 1 when it does not, and otherwise with the first failing
+# command's status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${RUNS:?set RUNS, the prefix of the run folders (seed S trains into \$RUNS-seedS)}"
@@ -36,6 +39,12 @@ done
 
 reports=()
 for seed in $SEEDS; do
+    if [ -n "${SCREEN:-}" ] && [ "${#reports[@]}" -eq 1 ]; then
+        say "screening the first seed before seed $seed is trained (SCREEN: $SCREEN)"
+        read -r min_auc max_flip <<< "$SCREEN"
+        "$PY" scripts/judge_recipe.py "${reports[0]}" --screen "$min_auc" "$max_flip" \
+            || { say "the arm stops after its first seed, as written before it ran"; exit 1; }
+    fi
     run="$RUNS-seed$seed"
     report="$EVALS-seed$seed-val"
     kept="${KEPT:+$KEPT-seed$seed-val-metrics.json}"
