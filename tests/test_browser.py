@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 
 CHROMIUM = Path(os.environ.get("FRACDET_CHROMIUM", "/usr/bin/chromium"))
+#: A radiograph the borderline server flags at its own score, and one it scores far from it.
+BORDERLINE_FILES = ("images/Fractured/IMG0000261.jpg", "images/Non_fractured/IMG0000003.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,19 @@ def localiser_url(sample_root_module):
     model.thresholds = {"sens90": second - 1e-4, "spec95": (strongest + second) / 2}
     model.threshold = model.thresholds["sens90"]
     yield from _serve(model)
+
+
+@pytest.fixture(scope="module")
+def borderline_url(sample_root_module):
+    """A classifier that scores the first of :data:`BORDERLINE_FILES` at its flag and the second far from it."""
+    from fracdet.models import create_model
+    from fracdet.models._registry import PreprocessCfg
+    from fracdet.models.release import TrainedModel
+    from tests.borderline import at_the_flag
+
+    model = TrainedModel(module=create_model("paper_cnn", input_size=64).eval(), name="browser-borderline",
+                         arch="paper_cnn", preprocess=PreprocessCfg(64))  # fmt: skip
+    yield from _serve(at_the_flag(model, [(sample_root_module / name).read_bytes() for name in BORDERLINE_FILES]))
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +147,22 @@ def test_upload_shows_verdict_and_heatmap(browser, server_url, sample_root, tmp_
     assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
     page.screenshot(path=str(_shots(tmp_path) / f"web-{name}.png"), full_page=True)
     assert not external, f"the page fetched outside resources: {external}"
+    page.close()
+
+
+def test_a_borderline_verdict_is_shown_as_uncertain_and_a_clear_one_is_not(browser, borderline_url, sample_root,
+                                                                            tmp_path):  # fmt: skip
+    page = browser.new_page(viewport={"width": 375, "height": 740})
+    page.goto(borderline_url)
+    near, far = (sample_root / name for name in BORDERLINE_FILES)
+    page.set_input_files("#file", str(near))
+    page.wait_for_selector("#result", state="visible", timeout=30_000)
+    page.wait_for_selector("#borderline", state="visible", timeout=10_000)
+    assert "Borderline" in page.inner_text("#borderline") and "uncertain" in page.inner_text("#borderline")
+    page.screenshot(path=str(_shots(tmp_path) / "web-borderline.png"), full_page=True)
+    page.set_input_files("#file", str(far))
+    page.wait_for_selector("#borderline", state="hidden", timeout=30_000)
+    assert "%" in page.inner_text("#verdict")
     page.close()
 
 

@@ -503,6 +503,24 @@ def test_results_are_valid_dicom_linked_to_the_study_and_leave_the_original_alon
     assert capture.pixel_array[:10].max() > 200  # the banner across the top
 
 
+def test_a_borderline_verdict_is_marked_so_on_the_presentation_state_and_nowhere_else_when_it_is_not(
+    grey, tiny_localiser
+):
+    from fracdet.dicom import results_for
+
+    data = write_bytes(READABLE[0].build(grey))
+    prediction = Predictor(tiny_localiser, gate=False).predict_bytes(data, "image.dcm")
+
+    def summary(borderline: bool) -> str:
+        gsps = results_for(data, dataclasses.replace(prediction, borderline=borderline), tiny_localiser).gsps
+        texts = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence if a.GraphicLayer == "SUMMARY"
+                 for t in a.TextObjectSequence]  # fmt: skip
+        assert len(texts) == 1
+        return texts[0]
+
+    assert "borderline" in summary(True) and "borderline" not in summary(False)
+
+
 def test_the_predict_command_writes_results_for_dicom_inputs_only(grey, sample_root, tmp_path, tiny_localiser):
     from fracdet.models import save_model
 

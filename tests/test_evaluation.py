@@ -305,6 +305,9 @@ def test_stability_reports_flips_and_probability_changes_per_re_encoding(tiny_ru
         assert 0 <= lo <= variant["flip_rate"] <= hi <= 1
         assert 0 <= variant["median_abs_change"] <= variant["p90_abs_change"] <= variant["max_abs_change"]
         assert 0 <= variant["flips_near_threshold"] <= variant["flips"]
+        clear = stability["images"] - stability["near_threshold"]  # the verdicts not called borderline
+        expected = (variant["flips"] - variant["flips_near_threshold"]) / clear if clear else None
+        assert variant["flip_rate_not_borderline"] == (pytest.approx(expected) if clear else None)
     assert 0 <= stability["near_threshold"] <= stability["images"]
     report = write_report(result, tmp_path)
     text = report.read_text()

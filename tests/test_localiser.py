@@ -20,6 +20,7 @@ from fracdet.models import create_model, load, save_model
 from fracdet.models.predict import mirror_dense
 from fracdet.models.scoring import (
     ScoredBox,
+    borderline,
     boxes_from_map,
     decode_cell_boxes,
     level_of,
@@ -221,6 +222,16 @@ def test_levels_follow_the_validation_thresholds_and_definite_is_never_below_sus
     assert level_thresholds({"sens90": 0.3}) == {"suspicious": 0.3}  # releases before schema 2
     levels = {"suspicious": 0.3, "definite": 0.7}
     assert [level_of(p, levels) for p in (0.1, 0.3, 0.9)] == [None, "suspicious", "definite"]
+
+
+def test_a_verdict_is_borderline_within_half_a_logit_of_its_threshold_on_either_side():
+    """The band evaluation counts flips in (``near_threshold``) is the one the reader is told of."""
+    from scipy.special import expit, logit
+
+    assert [bool(borderline(expit(logit(0.08) + d), 0.08)) for d in (-0.6, -0.4, 0.4, 0.6)] == [
+        False, True, True, False
+    ]  # fmt: skip
+    assert not borderline(0.14, 0.08) and borderline(0.52, 0.45)  # a band of logits: narrower in p near 0
 
 
 def test_spec95_is_the_lowest_threshold_keeping_95_percent_specificity():

@@ -18,6 +18,7 @@ from fracdet.models import create_model
 from fracdet.models._registry import PreprocessCfg
 from fracdet.models.release import TrainedModel
 from fracdet.serve import ServeConfig, create_app
+from tests.borderline import at_the_flag
 from tests.images import truncate
 
 FRACTURED = "images/Fractured/IMG0000261.jpg"
@@ -164,7 +165,7 @@ def test_predict_files_gives_one_row_per_file_and_error_rows(model, sample_root,
     assert {p.name for p in paths} == {"good.jpg", "broken.png"}
     table = Predictor(model).predict_files(paths, heatmap_dir=tmp_path / "heat")
     assert list(table.columns) == ["path", "probability", "label", "threshold", "heatmap", "error", "level", "boxes",
-                                   "warning", "study"]  # fmt: skip
+                                   "warning", "study", "borderline"]  # fmt: skip
     row = table.set_index(table["path"].map(lambda p: p.rsplit("/", 1)[-1]))
     assert row.loc["broken.png", "error"] and pd.isna(row.loc["broken.png", "probability"])
     assert pd.isna(row.loc["good.jpg", "error"]) and Image.open(row.loc["good.jpg", "heatmap"]).mode == "RGB"
@@ -177,7 +178,7 @@ def test_collect_inputs_takes_globs_and_refuses_nothing(sample_root, tmp_path):
         collect_inputs([tmp_path / "nothing*.png"])
 
 
-def test_predict_command_writes_csv_json_and_exit_codes(tmp_path, sample_root, monkeypatch, model):
+def test_predict_command_writes_csv_json_and_exit_codes(tmp_path, sample_root, monkeypatch, model, capsys):
     from fracdet import cli
 
     monkeypatch.setattr("fracdet.models.load", lambda name: model)
@@ -185,7 +186,8 @@ def test_predict_command_writes_csv_json_and_exit_codes(tmp_path, sample_root, m
     (tmp_path / "bad.jpg").write_bytes(b"junk")
     assert cli.main(["predict", str(good), "--out", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert len(rows) == 1 and rows[0]["error"] is None
+    assert len(rows) == 1 and rows[0]["error"] is None and isinstance(rows[0]["borderline"], bool)
+    assert f"({int(rows[0]['borderline'])} borderline)" in capsys.readouterr().out
     assert cli.main(["predict", str(good), str(tmp_path / "bad.jpg"), "--out", str(tmp_path / "r.csv")]) == 1
     assert cli.main(["predict", str(tmp_path / "bad.jpg")]) == 4
     assert cli.main(["predict", str(tmp_path / "missing.jpg")]) == 2
@@ -212,3 +214,14 @@ def test_the_heatmap_keeps_the_aspect_and_at_least_a_pixel_per_map_cell_across_i
     from fracdet.serve.app import _heatmap_size
 
     assert _heatmap_size(size) == expected
+
+
+def test_a_verdict_near_the_flag_is_called_borderline_and_one_far_from_it_is_not(model, sample_root):
+    """Within half a logit of the threshold a re-saved copy of the radiograph may get the other verdict, so the
+    answer says so, and so does the batch table."""
+    paths = [sample_root / FRACTURED, sample_root / "images/Non_fractured/IMG0000003.jpg"]
+    flagged = at_the_flag(model, [p.read_bytes() for p in paths])
+    near, far = (post(TestClient(create_app(flagged)), p.read_bytes()).json() for p in paths)
+    assert near["probability"] == pytest.approx(0.5, abs=0.05) and abs(far["probability"] - 0.5) > 0.49
+    assert near["borderline"] is True and far["borderline"] is False
+    assert Predictor(flagged).predict_files(paths)["borderline"].tolist() == [True, False]

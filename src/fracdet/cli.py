@@ -514,7 +514,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{len(studies)} DICOM studies: {int((studies['label'] == 'fracture').sum())} flagged")
     failed = int(table["error"].notna().sum())
     flagged = int((table["label"] == "fracture").sum())
-    print(f"{len(table)} images: {flagged} flagged as fracture at threshold {model.threshold:.3f}, {failed} unreadable")
+    borderline = int(table["borderline"].eq(True).sum())  # near the threshold: a re-save may flip them
+    print(f"{len(table)} images: {flagged} flagged as fracture at threshold {model.threshold:.3f} "
+          f"({borderline} borderline), {failed} unreadable")  # fmt: skip
     return 4 if failed == len(table) else 1 if failed else 0
 
 

@@ -58,6 +58,11 @@ _SCHEME = "99FRACDET"
 _LEVEL_TEXT = {"definite": "Fracture definite", "suspicious": "Fracture suspicious", None: "Fracture not detected"}
 
 
+def _verdict_text(prediction: Prediction) -> str:
+    """The verdict a viewer shows, marked when it is borderline (a re-saved copy may get the other one)."""
+    return _LEVEL_TEXT[prediction.level] + (", borderline" if prediction.borderline else "")
+
+
 @dataclass
 class DicomResults:
     """The three objects made for one radiograph."""
@@ -311,7 +316,7 @@ def _presentation_state(source: Any, prediction: Prediction, model: TrainedModel
         annotations.append(GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=objects,
                                              text_objects=texts))  # fmt: skip
     summary = TextObject(  # across the top of the image, where a viewer fits it into the box
-        text_value=f"{BANNER}: {_LEVEL_TEXT[prediction.level]} (p={prediction.probability:.2f}, "
+        text_value=f"{BANNER}: {_verdict_text(prediction)} (p={prediction.probability:.2f}, "
         f"{model.name} {model.version})",
         units=AnnotationUnitsValues.PIXEL,
         bounding_box=(4.0, 4.0, float(columns - 4), float(max(24, rows // 20))),
@@ -376,7 +381,7 @@ def burned_in(display: np.ndarray, prediction: Prediction, model: TrainedModel) 
     rgb = draw_boxes(rgb, prediction.boxes, width=max(2, rgb.shape[0] // 250))
     picture = Image.fromarray(rgb)
     draw = ImageDraw.Draw(picture)
-    text = f"{BANNER} | {_LEVEL_TEXT[prediction.level]} | p={prediction.probability:.2f} | {model.name} {model.version}"
+    text = f"{BANNER} | {_verdict_text(prediction)} | p={prediction.probability:.2f} | {model.name} {model.version}"
     size = max(8, rgb.shape[0] // 30)
     font = ImageFont.load_default(size=size)
     while size > 8 and draw.textlength(text, font=font) > rgb.shape[1] - 12:  # the whole warning fits the width

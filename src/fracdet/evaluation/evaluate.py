@@ -490,7 +490,9 @@ def stability_table(stability: dict[str, Any]) -> pd.DataFrame:
     for name, v in stability["variants"].items():
         lo, hi = v["flip_rate_ci95"]
         flips = f"{v['flips']}, {v['flips_near_threshold']} near" if "flips_near_threshold" in v else v["flips"]
+        clear = v.get("flip_rate_not_borderline")
         rows.append({"variant": name, "verdict flips": f"{v['flip_rate']:.3f} [{lo:.3f}, {hi:.3f}] ({flips})",
+                     "flips, not borderline": "-" if clear is None else f"{clear:.3f}",
                      "median |dp|": f"{v['median_abs_change']:.4f}", "p90 |dp|": f"{v['p90_abs_change']:.4f}",
                      "max |dp|": f"{v['max_abs_change']:.3f}"})  # fmt: skip
     return pd.DataFrame(rows)
@@ -511,7 +513,8 @@ def near_line(stability: dict[str, Any]) -> str:
     return (
         f"{stability['near_threshold']} of {stability['images']} files score within "
         f"{stability['near_logits']:g} logit of the threshold; a flip needs a change that crosses it, so "
-        "the flip rate follows their number as well as the size of the changes"
+        "the flip rate follows their number as well as the size of the changes. Their verdicts are the ones "
+        "the reader is told are borderline"
     )
 
 

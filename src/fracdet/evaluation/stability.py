@@ -19,12 +19,13 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
-from scipy.special import expit, logit
+from scipy.special import expit
 
 from fracdet.data.decode import ImageReadError, read_image
 from fracdet.data.pixels import resize_square
 from fracdet.evaluation.metrics import group_bootstrap
 from fracdet.models.release import TrainedModel
+from fracdet.models.scoring import BORDERLINE_LOGITS, borderline
 from fracdet.utils.progress import progress
 
 __all__ = ["NEAR_LOGITS", "VARIANTS", "flip_figures", "near_threshold", "reencode", "resaved", "verdict_stability"]
@@ -58,17 +59,16 @@ VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-#: How close to the threshold, in logits, a score counts as near it: half a logit takes a probability of 0.10
-#: to 0.06 or 0.15. The reach docs/STABILITY.md has counted with since *Is it how the files were exported?*,
-#: where 27 of 28 flips under JPEG q75 lay among the 19% of files this near.
-NEAR_LOGITS = 0.5
+#: How close to the threshold, in logits, a score counts as near it: the band in which a verdict is
+#: *borderline* (:data:`fracdet.models.scoring.BORDERLINE_LOGITS`). docs/STABILITY.md has counted with it since
+#: *Is it how the files were exported?*, where 27 of 28 flips under JPEG q75 lay among the 19% of files this near.
+NEAR_LOGITS = BORDERLINE_LOGITS
 
 
 def near_threshold(probabilities: np.ndarray, threshold: float, *, logits: float = NEAR_LOGITS) -> np.ndarray:
-    """Which ``probabilities`` lie within ``logits`` of ``threshold`` on the logit scale (a boolean mask)."""
-    eps = 1e-12
-    p = np.clip(np.asarray(probabilities, np.float64), eps, 1 - eps)
-    return np.abs(logit(p) - logit(np.clip(threshold, eps, 1 - eps))) < logits
+    """Which ``probabilities`` lie within ``logits`` of ``threshold`` on the logit scale (a boolean mask): the
+    files whose verdict the reader is told is borderline."""
+    return np.atleast_1d(borderline(probabilities, threshold, logits=logits))
 
 
 def resaved(
@@ -153,8 +153,9 @@ def flip_figures(
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Per variant: how far its probabilities moved from ``reference`` (median, 90th percentile, largest) and how
-    many verdicts at ``threshold`` flipped (rate, 95% group-bootstrap interval, count, and how many of those
-    files scored near it as read: :func:`near_threshold`).
+    many verdicts at ``threshold`` flipped (rate, 95% group-bootstrap interval, count, how many of those
+    files scored near it as read (:func:`near_threshold`), and the rate among the files that did not, whose
+    verdicts the reader is not told are borderline).
 
     Apart from :func:`verdict_stability` so that scores a model does not make alone (the mean of several,
     ``scripts/ensemble_flips.py``) are read by the same yardstick.
@@ -174,5 +175,7 @@ def flip_figures(
             "flip_rate_ci95": [float(v) for v in ci],
             "flips": int(flipped.sum()),
             "flips_near_threshold": int((flipped & near).sum()),
+            # what a reader who is told which verdicts are borderline can rely on: the flips among the rest
+            "flip_rate_not_borderline": float(flipped[~near].mean()) if (~near).any() else None,
         }
     return out

@@ -32,7 +32,7 @@ from fracdet.inference.gate import GateVerdict, InputGate, NotARadiographError
 from fracdet.inference.readers import read_input_image
 from fracdet.models.graph import GraphOutputs, has_cams
 from fracdet.models.release import TrainedModel
-from fracdet.models.scoring import MAX_SHOWN_BOXES, ScoredBox, Scores, level_of, shown_boxes
+from fracdet.models.scoring import MAX_SHOWN_BOXES, ScoredBox, Scores, borderline, level_of, shown_boxes
 from fracdet.utils.atomic import atomic_write_bytes
 from fracdet.utils.progress import progress
 from fracdet.utils.workers import worker_count
@@ -43,7 +43,7 @@ __all__ = ["ROW_COLUMNS", "Cancelled", "Prediction", "Predictor", "study_summary
 #: Parquet files keep whether a column is empty or not.
 ROW_COLUMNS = {"path": "string", "probability": "float64", "label": "string", "threshold": "float64",
                "heatmap": "string", "error": "string", "level": "string", "boxes": "string", "warning": "string",
-               "study": "string"}  # fmt: skip
+               "study": "string", "borderline": "boolean"}  # fmt: skip
 
 LABELS = {0: "no fracture", 1: "fracture"}
 #: What ``predict_files``' ``reader`` fetches (``http://``, ``https://``, ...); every other entry is a file.
@@ -73,6 +73,8 @@ class Prediction:
         heatmap_kind: ``map`` or ``gradcam``.
         box: ``(x0, y0, x1, y1)`` in [0, 1] around the hottest region (the strongest box of a localiser).
         level: the highest confidence level the probability reaches (``definite``, ``suspicious``) or ``None``.
+        borderline: the probability lies so near ``threshold`` that the same radiograph re-saved or resized
+            may get the other verdict (:func:`fracdet.models.scoring.borderline`).
         levels: the probability threshold of each level (chosen on validation).
         boxes: a localiser's suspected fractures that reach a level, strongest first, at most 3.
         pixels: the grey image for display (uint8), in its own aspect ratio (longest side ``display_size``).
@@ -101,6 +103,7 @@ class Prediction:
     study: str | None = None
     image_size: tuple[int, int] | None = None
     source_format: str | None = None
+    borderline: bool = False
 
     def overlay_png(self, *, opacity: float = 0.4) -> bytes:
         """The image with the heatmap blended over it and the boxes drawn by level, as PNG bytes."""
@@ -242,6 +245,7 @@ class Predictor:
                 box=box,
                 level=level_of(probability, self.model.levels),
                 levels=self.model.levels,
+                borderline=bool(borderline(probability, self.model.threshold)),
                 boxes=boxes,
                 heatmap_kind=kind,
                 pixels=resize_display(images[k], self.display_size) if heatmap is not None else None,
@@ -316,8 +320,8 @@ class Predictor:
         scorers: int = 1,
         reader: Callable[[str], bytes] | None = None,
     ) -> pd.DataFrame:
-        """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study``
-        (errors never raise).
+        """One row per file: ``path, probability, label, threshold, heatmap, error, level, boxes, warning, study,
+        borderline`` (:data:`ROW_COLUMNS`; errors never raise).
 
         Files are decoded ahead in a pool of ``decoders`` threads (default: one per core; the decoders release
         the GIL) and scored ``batch_size`` at a time, ``scorers`` batches at once (the back end is thread-safe;
@@ -384,7 +388,7 @@ class Predictor:
         """One file's row of :meth:`predict_files` (``prediction`` is ``None`` when the file was not read)."""
         row: dict[str, Any] = {"path": str(path), "probability": None, "label": None, "level": None,
                                "threshold": self.model.threshold, "boxes": None, "heatmap": None,
-                               "error": None, "warning": None, "study": read.study}  # fmt: skip
+                               "error": None, "warning": None, "study": read.study, "borderline": None}  # fmt: skip
         if read.error is not None or isinstance(prediction, Exception) or prediction is None:
             row["error"] = str(read.error if read.error is not None else prediction)
             return row
@@ -395,7 +399,8 @@ class Predictor:
             except Exception as exc:  # a callback's failure is that file's error, never the batch's end
                 row["error"] = f"{path}: {type(exc).__name__} after the prediction"
         row.update(probability=round(prediction.probability, 6), label=prediction.label, level=prediction.level,
-                   boxes=json.dumps([b.to_dict() for b in prediction.boxes]), warning=prediction.warning)  # fmt: skip
+                   boxes=json.dumps([b.to_dict() for b in prediction.boxes]), warning=prediction.warning,
+                   borderline=prediction.borderline)  # fmt: skip
         if heatmap_dir is not None and prediction.heatmap is not None:
             target = heatmap_dir / f"{k:05d}_{Path(path).stem}.png"
             atomic_write_bytes(target, prediction.overlay_png())

@@ -5,6 +5,10 @@ Two operating points, both chosen on validation, grade every finding:
 * **suspicious**: the threshold at which validation sensitivity reaches 0.90 (``sens90``): worth a look;
 * **definite**: the threshold at which validation specificity reaches 0.95 (``spec95``): rarely a false alarm.
 
+A verdict whose probability lies within :data:`BORDERLINE_LOGITS` of the threshold it is read at (the
+model's operating threshold: *suspicious* as released) is **borderline** (:func:`borderline`): the same
+radiograph re-saved or resized may get the other verdict, and the reader is told so.
+
 An image's level is the highest its calibrated probability reaches; a box's level is the highest its own
 calibrated probability reaches under the same two thresholds. A localiser's box logit is its image logit
 with the map's peak replaced by the box's own peak (:mod:`fracdet.models.localiser`), so the top box always
@@ -34,15 +38,17 @@ import cv2
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.special import expit
+from scipy.special import expit, logit
 
 __all__ = [
+    "BORDERLINE_LOGITS",
     "BOX_CHANNELS",
     "LEVELS",
     "LEVEL_STYLE",
     "MAX_SHOWN_BOXES",
     "ScoredBox",
     "Scores",
+    "borderline",
     "box_iou",
     "boxes_from_map",
     "decode_cell_boxes",
@@ -56,6 +62,12 @@ __all__ = [
 LEVELS = (("definite", "spec95"), ("suspicious", "sens90"))
 #: Boxes a reader is shown at most per image (those that reach a level).
 MAX_SHOWN_BOXES = 3
+#: How near its threshold, in logits of the calibrated probability, a verdict is borderline: half a
+#: logit takes a threshold of 0.08 to 0.05-0.13. The shipped default's verdicts that changed when validation
+#: radiographs were re-saved (JPEG q95/q75, WebP q80, half size) lay this near in 93 of 100 cases, among 115
+#: of 604 files (``docs/evidence/export-signature-1.1.1-val.json``; docs/STABILITY.md, *Is it how the files
+#: were exported?*).
+BORDERLINE_LOGITS = 0.5
 #: Channels of a box head per map cell: centre offset ``(dx, dy)`` and log size ``(log w, log h)``, in cells.
 BOX_CHANNELS = 4
 #: Regressed boxes overlapping a stronger one by more than this IoU are the same finding.
@@ -130,6 +142,18 @@ def level_of(probability: float, levels: dict[str, float]) -> str | None:
         if name in levels and probability >= levels[name]:
             return name
     return None
+
+
+def borderline(probability: float | np.ndarray, threshold: float, *, logits: float = BORDERLINE_LOGITS) -> np.ndarray:
+    """Whether calibrated probabilities lie within ``logits`` of ``threshold`` on the logit scale (a boolean
+    array, or a 0-d one for a single probability): verdicts a re-saved copy of the radiograph may not keep.
+
+    Why on the logit scale: a re-save moves a score by about as many logits wherever it lies, so the band is
+    as wide in risk at a threshold of 0.08 as at 0.5, where a band of probability would not be.
+    """
+    eps = 1e-12
+    p = np.clip(np.asarray(probability, np.float64), eps, 1 - eps)
+    return np.abs(logit(p) - logit(np.clip(threshold, eps, 1 - eps))) < logits
 
 
 def decode_cell_boxes(raw: torch.Tensor) -> torch.Tensor:

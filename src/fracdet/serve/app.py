@@ -203,6 +203,7 @@ def _response(
         "heatmap_kind": prediction.heatmap_kind,
         "input_check": prediction.input_check,
         "warning": prediction.warning,
+        "borderline": prediction.borderline,
         "model": {"name": model.name, "version": model.version, "arch": model.arch},
         "latency_ms": round(latency_ms, 1),
         "timings_ms": {k.removesuffix("_ms"): round(v, 1) for k, v in prediction.timings.items()},
