@@ -16,7 +16,8 @@ from fracdet.models.release import TrainedModel
 def at_the_flag(model: TrainedModel, files: Sequence[bytes], *, spread: float = 6.0) -> TrainedModel:
     """A copy of ``model`` (a ``paper_cnn``) whose last layer is scaled and shifted so that the first of two
     files scores at its threshold of 0.5 and the second ``spread`` logits from it."""
-    near, far = (float(logit(Predictor(model).predict_bytes(data).probability)) * model.temperature for data in files)
+    predictor = Predictor(model)
+    near, far = (float(logit(predictor.predict_bytes(data).probability)) * model.temperature for data in files)
     assert abs(far - near) > 1e-5, "the two files must score apart"
     module = copy.deepcopy(model.module)
     last = module.classifier[-1]  # two outputs: the margin is the second less the first

@@ -221,7 +221,8 @@ def test_a_verdict_near_the_flag_is_called_borderline_and_one_far_from_it_is_not
     answer says so, and so does the batch table."""
     paths = [sample_root / FRACTURED, sample_root / "images/Non_fractured/IMG0000003.jpg"]
     flagged = at_the_flag(model, [p.read_bytes() for p in paths])
-    near, far = (post(TestClient(create_app(flagged)), p.read_bytes()).json() for p in paths)
+    client = TestClient(create_app(flagged))
+    near, far = (post(client, p.read_bytes()).json() for p in paths)
     assert near["probability"] == pytest.approx(0.5, abs=0.05) and abs(far["probability"] - 0.5) > 0.49
     assert near["borderline"] is True and far["borderline"] is False
     assert Predictor(flagged).predict_files(paths)["borderline"].tolist() == [True, False]
