@@ -469,6 +469,51 @@ def test_each_training_image_comes_with_a_resaved_copy_when_stability_training_i
     assert isinstance(pair, torch.Tensor) and not isinstance(pair, tv_tensors.Image)
 
 
+def test_the_stability_copy_can_be_only_shrunk_with_no_codec_and_by_default_is_resaved_as_before():
+    from PIL import Image
+    from torchvision import tv_tensors
+
+    from fracdet.training.augment import Reencode, build_twin
+    from fracdet.training.config import ConfigError, StabilityConfig, TrainConfig
+
+    image = tv_tensors.Image(torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 48, 40), dtype=np.uint8)))
+
+    def shrunk_back(factor: float) -> np.ndarray:  # what losing resolution alone does, written out with Pillow
+        grey = Image.fromarray(image[0].numpy())
+        small = grey.resize((max(8, round(40 * factor)), max(8, round(48 * factor))), Image.Resampling.BILINEAR)
+        return np.asarray(small.resize((40, 48), Image.Resampling.BILINEAR))
+
+    only = build_twin(TrainConfig().with_overrides(["stability.weight=1", "stability.codecs=[]"]).stability)
+    assert isinstance(only, Reencode) and only.codecs == ()
+    for _ in range(5):
+        params = only.make_params([image])
+        assert params["format"] is None
+        assert np.array_equal(only.transform(image, params)[0].numpy(), shrunk_back(params["factor"]))
+    # with no shrinking either the copy would be the image itself: refused rather than trained on
+    with pytest.raises(ConfigError, match="the copy is the image itself"):
+        TrainConfig().with_overrides(["stability.weight=1", "stability.codecs=[]", "stability.rescale=0"])
+    with pytest.raises(ConfigError, match=r"stability\.codecs"):
+        StabilityConfig(weight=1.0, codecs=["png"]).check()
+    with pytest.raises(ConfigError, match="twice"):
+        StabilityConfig(weight=1.0, codecs=["jpeg", "jpeg"]).check()
+
+    # the default copy is a JPEG or WebP round trip, drawn with the random numbers it always drew, so a run
+    # resumed under this code goes on with the copies it started with
+    default = build_twin(StabilityConfig(weight=1.0))
+    assert default.codecs == ("JPEG", "WEBP")
+    torch.manual_seed(7)
+    drawn = [default.make_params([image]) for _ in range(40)]
+    torch.manual_seed(7)
+    for params in drawn:  # the draws as written before codecs could be chosen
+        assert params["apply"] == bool(torch.rand(()) < 1.0)
+        assert params["format"] == ("JPEG" if torch.rand(()) < 0.5 else "WEBP")
+        assert params["quality"] == int(torch.randint(30, 96, ()))
+        assert params["factor"] == 1.0 - 0.5 * float(torch.rand(()))
+    assert {p["format"] for p in drawn} == {"JPEG", "WEBP"}
+    webp = next(p for p in drawn if p["format"] == "WEBP")
+    assert not np.array_equal(default.transform(image, webp)[0].numpy(), shrunk_back(webp["factor"]))
+
+
 def test_the_stability_copy_can_also_be_moved_by_a_few_whole_pixels():
     from torchvision import tv_tensors
     from torchvision.transforms import v2

@@ -42,6 +42,9 @@ __all__ = [
     "epoch_indices",
 ]
 
+CODECS = ("JPEG", "WEBP")
+"""The formats a re-encoding round trip saves in (Pillow's names)."""
+
 
 class Draw(NamedTuple):
     """Image ``index`` as drawn at ``position`` of ``epoch``: what a batch is made of.
@@ -65,21 +68,31 @@ class Reencode(v2.Transform):
 
     Args:
         p: probability of a round trip.
-        quality: quality range, drawn uniformly, for both codecs.
+        quality: quality range, drawn uniformly, for every codec.
         rescale: shrink the side by a factor drawn from ``[1 - rescale, 1]`` first (0: never).
+        codecs: the formats a round trip may save in, one drawn per image with equal chances (``JPEG``,
+            ``WEBP``); none: the image is only shrunk and enlarged back, no codec runs.
     """
 
     _transformed_types = (tv_tensors.Image,)
 
-    def __init__(self, p: float = 0.5, quality: tuple[int, int] = (30, 95), rescale: float = 0.0) -> None:
+    def __init__(
+        self,
+        p: float = 0.5,
+        quality: tuple[int, int] = (30, 95),
+        rescale: float = 0.0,
+        codecs: Sequence[str] = CODECS,
+    ) -> None:
         super().__init__()
-        self.p, self.quality, self.rescale = p, quality, rescale
+        self.p, self.quality, self.rescale, self.codecs = p, quality, rescale, tuple(codecs)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        # the same four draws whatever the codecs, so the default draws what it always has
         apply = bool(torch.rand(()) < self.p)
+        pick = float(torch.rand(()))
         return {
             "apply": apply,
-            "format": "JPEG" if torch.rand(()) < 0.5 else "WEBP",
+            "format": self.codecs[min(int(pick * len(self.codecs)), len(self.codecs) - 1)] if self.codecs else None,
             "quality": int(torch.randint(self.quality[0], self.quality[1] + 1, ())),
             "factor": 1.0 - self.rescale * float(torch.rand(())),
         }
@@ -92,10 +105,12 @@ class Reencode(v2.Transform):
         if params["factor"] < 1.0:
             small = (max(8, round(side[0] * params["factor"])), max(8, round(side[1] * params["factor"])))
             grey = grey.resize(small, Image.Resampling.BILINEAR)
-        buffer = io.BytesIO()
-        grey.save(buffer, format=params["format"], quality=params["quality"])
-        decoded = Image.open(io.BytesIO(buffer.getvalue())).convert("L").resize(side, Image.Resampling.BILINEAR)
-        return tv_tensors.wrap(torch.from_numpy(np.asarray(decoded).copy()).unsqueeze(0).to(inpt.device), like=inpt)
+        if params["format"] is not None:
+            buffer = io.BytesIO()
+            grey.save(buffer, format=params["format"], quality=params["quality"])
+            grey = Image.open(io.BytesIO(buffer.getvalue())).convert("L")
+        back = grey.resize(side, Image.Resampling.BILINEAR) if grey.size != side else grey
+        return tv_tensors.wrap(torch.from_numpy(np.asarray(back).copy()).unsqueeze(0).to(inpt.device), like=inpt)
 
 
 class Shift(v2.Transform):
@@ -154,11 +169,12 @@ def build_augmentation(config: AugmentConfig) -> v2.Transform | None:
 
 
 def build_twin(config: StabilityConfig) -> v2.Transform | None:
-    """The copy of stability training: always a round trip, moved first by up to ``shift`` pixels when asked;
-    ``None`` when stability training is off."""
+    """The copy of stability training: always shrunk by up to ``rescale`` and round-tripped through one of
+    ``codecs`` (only shrunk and enlarged back when there are none), moved first by up to ``shift`` pixels
+    when asked; ``None`` when stability training is off."""
     if config.weight <= 0:
         return None
-    resave = Reencode(p=1.0, rescale=config.rescale)
+    resave = Reencode(p=1.0, rescale=config.rescale, codecs=[c.upper() for c in config.codecs])
     return v2.Compose([Shift(config.shift), resave]) if config.shift > 0 else resave
 
 

@@ -132,12 +132,16 @@ class StabilityConfig:
         shift: also move the copy by up to this many whole pixels along each axis (0: never), so that the
             score must hold at every phase of the network's sampling grids: the released model's verdict
             flipped as often for a radiograph moved by one pixel as for one re-saved (docs/STABILITY.md).
+        codecs: the formats the copy's round trip saves in, one drawn per image (``jpeg``, ``webp``); ``[]``:
+            none, the copy is only shrunk and enlarged back, so the loss asks for steadiness against the
+            smaller copy alone (where leaving the loss out cost most: docs/STABILITY.md, measurement 12).
     """
 
     weight: float = 0.0
     rescale: float = 0.5
     relative: bool = False
     shift: int = 0
+    codecs: list[str] = field(default_factory=lambda: ["jpeg", "webp"])
 
     def check(self) -> None:
         if self.weight < 0:
@@ -146,6 +150,13 @@ class StabilityConfig:
             raise ConfigError(f"stability.rescale must be in [0, 1), not {self.rescale!r}")
         if self.shift < 0:
             raise ConfigError(f"stability.shift must not be negative, not {self.shift!r}")
+        for codec in self.codecs:
+            _one_of("stability.codecs", codec, ("jpeg", "webp"))
+        if len(set(self.codecs)) < len(self.codecs):
+            raise ConfigError(f"stability.codecs names a codec twice: {self.codecs!r}")
+        if self.weight > 0 and not (self.codecs or self.rescale or self.shift):
+            raise ConfigError("stability: with no codecs, no rescale and no shift the copy is the image itself; "
+                              "give stability.rescale or stability.shift, or a codec")  # fmt: skip
 
 
 @dataclass
