@@ -333,19 +333,28 @@ def test_no_identifier_reaches_tables_messages_or_logs(grey, sample_root, tmp_pa
     assert first["images"] == 6 + len(named)  # a refused file's header still names its study
     assert first["unreadable"] == len(named)
     assert table["study"].isna().sum() == len(unnamed)  # the others have none to name
-    assert first["probability"] == pytest.approx(table[table["study"] == first["study"]]["probability"].max())
+    in_first = table[table["study"] == first["study"]]
+    assert first["probability"] == pytest.approx(in_first["probability"].max())
+    assert first["borderline"] == bool(in_first.loc[in_first["probability"].idxmax(), "borderline"])
 
 
-def test_a_study_is_read_at_the_highest_level_of_its_images():
+def test_a_study_is_read_at_the_highest_level_of_its_images_and_is_borderline_when_its_deciding_image_is():
     import pandas as pd
 
-    table = pd.DataFrame({"study": ["s1", "s1", "s2", None], "error": [None, None, None, None],
-                          "probability": [0.2, 0.7, 0.05, 0.9], "label": ["fracture", "fracture", "no fracture",
-                          "fracture"], "level": ["suspicious", "definite", None, "definite"]})  # fmt: skip
+    table = pd.DataFrame({"study": ["s1", "s1", "s2", "s2", "s3", None], "error": [None] * 5 + [None],
+                          "probability": [0.09, 0.7, 0.05, 0.07, 0.3, 0.9],
+                          "label": ["fracture", "fracture", "no fracture", "no fracture", None, "fracture"],
+                          "level": ["suspicious", "definite", None, None, None, "definite"],
+                          "borderline": [True, False, False, True, None, False]})  # fmt: skip
+    table.loc[4, "error"] = "unreadable"
     summary = study_summary(table).set_index("study")
-    assert list(summary.index) == ["s1", "s2"]  # a file that is not DICOM has no study
+    assert list(summary.index) == ["s1", "s2", "s3"]  # a file that is not DICOM has no study
     assert summary.loc["s1", "level"] == "definite" and summary.loc["s1", "probability"] == 0.7
     assert summary.loc["s2", "label"] == "no fracture" and summary.loc["s2", "flagged"] == 0
+    # s1 is flagged firmly by its second image, whatever its borderline first one does under a re-save;
+    # s2's verdict rests on its highest score, which is borderline, so the study's verdict is too
+    assert not summary.loc["s1", "borderline"] and summary.loc["s2", "borderline"]
+    assert summary.loc["s3", "analysed"] == 0 and pd.isna(summary.loc["s3", "borderline"])  # nothing read: no verdict
 
 
 def test_the_site_key_is_made_once_readable_by_its_owner_only(monkeypatch, tmp_path):
@@ -503,22 +512,34 @@ def test_results_are_valid_dicom_linked_to_the_study_and_leave_the_original_alon
     assert capture.pixel_array[:10].max() > 200  # the banner across the top
 
 
-def test_a_borderline_verdict_is_marked_so_on_the_presentation_state_and_nowhere_else_when_it_is_not(
-    grey, tiny_localiser
+def test_a_borderline_verdict_is_marked_so_on_the_presentation_state_and_answered_in_the_report(
+    grey, tiny_localiser, tmp_path
 ):
     from fracdet.dicom import results_for
+    from fracdet.dicom.results import dataset_bytes
 
     data = write_bytes(READABLE[0].build(grey))
     prediction = Predictor(tiny_localiser, gate=False).predict_bytes(data, "image.dcm")
 
-    def summary(borderline: bool) -> str:
-        gsps = results_for(data, dataclasses.replace(prediction, borderline=borderline), tiny_localiser).gsps
-        texts = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence if a.GraphicLayer == "SUMMARY"
-                 for t in a.TextObjectSequence]  # fmt: skip
+    def made(borderline: bool) -> tuple[str, list[str]]:
+        """The verdict the presentation state shows, and what the report answers to "Verdict borderline"."""
+        results = results_for(data, dataclasses.replace(prediction, borderline=borderline), tiny_localiser)
+        texts = [t.UnformattedTextValue for a in results.gsps.GraphicAnnotationSequence
+                 if a.GraphicLayer == "SUMMARY" for t in a.TextObjectSequence]  # fmt: skip
         assert len(texts) == 1
-        return texts[0]
+        answers = [i.ConceptCodeSequence[0] for i in content_items(results.sr)
+                   if i.ConceptNameCodeSequence[0].CodeMeaning == "Verdict borderline"]  # fmt: skip
+        assert len(answers) == 1  # the image's finding only, not each box's
+        assert answers[0].CodingSchemeDesignator == "SCT"
+        report = tmp_path / f"report-{borderline}.dcm"
+        report.write_bytes(dataset_bytes(results.sr))
+        assert dciodvfy_errors(report) == []
+        return texts[0], answers[0].CodeMeaning
 
-    assert "borderline" in summary(True) and "borderline" not in summary(False)
+    shown, answer = made(True)
+    assert "borderline" in shown and answer == "Yes"
+    shown, answer = made(False)
+    assert "borderline" not in shown and answer == "No"
 
 
 def test_the_predict_command_writes_results_for_dicom_inputs_only(grey, sample_root, tmp_path, tiny_localiser):

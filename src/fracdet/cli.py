@@ -511,7 +511,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         studies = study_summary(table)
         _write_table(studies, Path(args.studies))
-        print(f"{len(studies)} DICOM studies: {int((studies['label'] == 'fracture').sum())} flagged")
+        print(f"{len(studies)} DICOM studies: {int((studies['label'] == 'fracture').sum())} flagged "
+              f"({int(studies['borderline'].eq(True).sum())} borderline)")  # fmt: skip
     failed = int(table["error"].notna().sum())
     flagged = int((table["label"] == "fracture").sum())
     borderline = int(table["borderline"].eq(True).sum())  # near the threshold: a re-save may flip them

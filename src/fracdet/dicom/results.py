@@ -230,6 +230,10 @@ def _structured_report(hd: Any, source: Any, prediction: Prediction, model: Trai
     def level_of(level: str | None) -> Any:
         return sr.QualitativeEvaluation(name=finding, value=_code(f"L-{(level or 'none').upper()}", _LEVEL_TEXT[level]))
 
+    # borderline: within half a logit of the threshold the verdict is read at, where a re-saved copy of the
+    # image may get the other verdict (fracdet.models.scoring.borderline); answered Yes or No in SNOMED's codes
+    borderline = sr.QualitativeEvaluation(name=_code("B-VERDICT", "Verdict borderline"),
+                                          value=codes.SCT.Yes if prediction.borderline else codes.SCT.No)  # fmt: skip
     measurements = [number("P-FRACTURE", "Calibrated probability of fracture", prediction.probability)]
     for level, threshold in sorted(prediction.levels.items()):
         measurements.append(number(f"T-{level.upper()}", f"Probability threshold, {level}", threshold))
@@ -239,7 +243,7 @@ def _structured_report(hd: Any, source: Any, prediction: Prediction, model: Trai
             finding_type=fracture,
             algorithm_id=algorithm,
             measurements=measurements,
-            qualitative_evaluations=[level_of(prediction.level)],
+            qualitative_evaluations=[level_of(prediction.level), borderline],
             source_images=[sr.SourceImageForMeasurementGroup.from_source_image(source)],
         )
     ]

@@ -467,16 +467,20 @@ def study_summary(table: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``study`` (hashed), ``images``, ``analysed``, ``unreadable``, ``flagged`` (images at or above
     the threshold), ``probability`` (the highest), ``label`` (``fracture`` when any image is flagged), ``level``
-    (the highest any image reaches). Files that are not DICOM have no study and are left out.
+    (the highest any image reaches), ``borderline`` (the study's verdict is: the image that decides it, the one
+    scoring highest, is borderline, so a re-saved copy of it may turn the study's verdict; another image can
+    be borderline without it). Files that are not DICOM have no study and are left out.
     """
-    columns = ["study", "images", "analysed", "unreadable", "flagged", "probability", "label", "level"]
+    columns = ["study", "images", "analysed", "unreadable", "flagged", "probability", "label", "level", "borderline"]
     rows = []
     for study, group in table[table["study"].notna()].groupby("study", sort=True):
         read = group[group["error"].isna()]
         levels = [lvl for lvl in _LEVEL_ORDER if (read["level"] == lvl).any()]
         flagged = int((read["label"] == LABELS[1]).sum())
+        deciding = read.loc[read["probability"].idxmax()] if len(read) else None
         rows.append({"study": study, "images": len(group), "analysed": len(read), "unreadable": len(group) - len(read),
-                     "flagged": flagged, "probability": read["probability"].max() if len(read) else None,
+                     "flagged": flagged, "probability": None if deciding is None else deciding["probability"],
                      "label": LABELS[int(flagged > 0)] if len(read) else None,
-                     "level": levels[0] if levels else None})  # fmt: skip
+                     "level": levels[0] if levels else None,
+                     "borderline": None if deciding is None else bool(deciding["borderline"])})  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
