@@ -324,6 +324,71 @@ def test_a_training_process_killed_within_an_epoch_resumes_there_to_the_same_wei
     pd.testing.assert_frame_equal(straight.history[columns], resumed.history[columns])
 
 
+SIGNALLED = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from fracdet.cli import main
+from fracdet.training import trainer
+
+calls, step = [], trainer._batch_gradients
+
+def signalled_during_the_third_batch(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        for _ in range({signals}):  # the signal comes from outside the loop's code, as a scheduler's would
+            os.kill(os.getpid(), signal.SIGTERM)
+    return step(*args, **kwargs)
+
+trainer._batch_gradients = signalled_during_the_third_batch
+sys.exit(main({args!r}))
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_training_run_sent_sigterm_stops_after_its_batch_saved_there_and_a_second_one_stops_it_at_once(
+    sample_root, cache_dir, tmp_path, caplog, signals
+):
+    # A sitting's end, or room made for the tests, sends SIGTERM; an hour's epoch must not lose what it did
+    # since its last checkpoint (checkpoints within epochs come every 10 minutes, so none comes here).
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    manifest[["path", "label", "group", "split"]].to_csv(tmp_path / "splits.csv", index=False)
+    run, overrides = tmp_path / "run", [*TINY, "epochs=2", "dropout=0.5", "augment.hflip=0.5"]
+    args = ["train", "--config", str(REPO / "configs" / "paper.yaml"), "--data", str(sample_root), "--splits",
+            str(tmp_path / "splits.csv"), "--out", str(run), *[f"--set={o}" for o in overrides]]  # fmt: skip
+    script = SIGNALLED.format(tests=str(REPO / "tests"), signals=signals, args=args)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "FRACDET_PROGRESS": "0", "FRACDET_CACHE": str(cache_dir)})  # fmt: skip
+    checkpoints = run / "checkpoints"
+    if signals == 2:  # the second is not waited for: the process ends as SIGTERM ends it, saving nothing
+        assert done.returncode == -signal.SIGTERM and not any(checkpoints.iterdir())
+        return
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert f"stopped by SIGTERM, saved where it stopped: continue with --resume --out {run}" in done.stderr
+    assert not (checkpoints / "last.pt").exists() and load_checkpoint(checkpoints / "partial.pt")["step"] == 3
+    with caplog.at_level(logging.INFO, logger="fracdet.training.trainer"):
+        resumed = train(None, manifest, run, resume=True, cache=cache)
+    assert "in epoch 1, after 3 of its batches" in caplog.text
+    straight = train(tiny_config(epochs=2, dropout=0.5, **{"augment.hflip": 0.5}), manifest, tmp_path / "straight",
+                     cache=cache)  # fmt: skip
+    weights, resumed_weights = _weights(tmp_path / "straight"), _weights(run)
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss"]
+    pd.testing.assert_frame_equal(straight.history[columns], resumed.history[columns])
+
+
+def test_a_stop_request_is_set_by_the_first_signal_and_the_handlers_before_it_come_back():
+    from fracdet.training.stopping import stop_on_signals
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with stop_on_signals(signal.SIGUSR1) as stop:
+        assert not stop.is_set() and signal.getsignal(signal.SIGUSR1) is not before
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.is_set() and stop.name == "SIGUSR1"
+        assert signal.getsignal(signal.SIGUSR1) is before  # the next one acts as it did before the block
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_resumed_from_its_first_epoch(
     sample_root, cache_dir, tmp_path, monkeypatch, caplog
 ):

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 __all__ = ["main"]
@@ -171,6 +172,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from fracdet.training import load_config, train
     from fracdet.training.distributed import launch, launched, process_group
+    from fracdet.training.stopping import stop_on_signals
 
     processes = args.devices * args.nodes
     if args.nodes > 1 and not args.rendezvous:
@@ -201,10 +203,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     with process_group() as ranks:
         if not ranks.main:
             logging.getLogger("fracdet").setLevel(logging.WARNING)  # rank 0 reports
-        result = train(config, table, out, resume=args.resume, stop_after=args.stop_after, ranks=ranks)
+        # one process stops between batches when asked, saved there; several keep the signals' defaults
+        with nullcontext() if ranks.distributed else stop_on_signals() as stop:
+            result = train(config, table, out, resume=args.resume, stop_after=args.stop_after, ranks=ranks,
+                           stop=stop)  # fmt: skip
     if not ranks.main:
         return 0
     print(f"run folder: {result.out_dir}")
+    if result.stopped_as_asked:
+        print(f"stopped by {stop.name}, saved where it stopped: continue with --resume --out {result.out_dir}",
+              file=sys.stderr)  # fmt: skip
+        return 128 + (stop.signum or 0)  # as the shell reports a process a signal ended
     if result.best_epoch == 0:
         print(f"stopped after epoch {len(result.history)} as asked: continue with --resume --out {result.out_dir}")
         return 0

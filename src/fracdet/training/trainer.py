@@ -17,7 +17,8 @@ A run folder holds everything needed to trace a result::
 Randomness is re-seeded from ``(seed, epoch)`` at the start of every epoch, every augmentation from its
 image's draw, and a checkpoint within an epoch keeps the random state it reached, so a run interrupted at
 any point and resumed with ``--resume`` reaches the same weights as an uninterrupted one, losing at most
-``checkpoint_minutes`` of work.
+``checkpoint_minutes`` of work when killed, and none when asked to stop (SIGTERM or Ctrl-C to ``fracdet
+train``: :mod:`fracdet.training.stopping`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from fracdet.training.checkpoint import RunExistsError, load_checkpoint, save_ch
 from fracdet.training.config import ConfigError, TrainConfig
 from fracdet.training.distributed import Ranks, current_ranks
 from fracdet.training.losses import split_views, stability_loss, task_loss
+from fracdet.training.stopping import StopRequest
 from fracdet.utils.atomic import atomic_file, save_figure
 from fracdet.utils.cache import FeatureCache
 from fracdet.utils.lock import exclusive
@@ -77,8 +79,9 @@ class TrainResult:
 
     out_dir: Path
     history: pd.DataFrame
-    best_epoch: int  #: 0 when the sitting ended (``stop_after``) before the run did: no model yet
+    best_epoch: int  #: 0 when the sitting ended (``stop_after``, ``stop``) before the run did: no model yet
     stopped_early: bool
+    stopped_as_asked: bool = False  #: ``stop`` was set: the run is saved where it stopped, for ``resume``
 
 
 def _preprocess(config: TrainConfig) -> PreprocessCfg:
@@ -200,6 +203,7 @@ def train(
     on_epoch_end: EpochHook | None = None,
     stop_after: int | None = None,
     ranks: Ranks | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on the ``train`` rows of ``manifest``, selecting on ``val``.
 
@@ -218,6 +222,8 @@ def train(
             run folder to ``resume`` later (a sitting on a shared machine); no model is written yet.
         ranks: this process's place among training processes (:mod:`fracdet.training.distributed`);
             default: the process group this process is in, or one process.
+        stop: once set (:func:`fracdet.training.stopping.stop_on_signals` sets it on SIGTERM or Ctrl-C), the
+            run ends after the batch in hand, saved there (``partial.pt``) for ``resume``; one process only.
 
     Raises:
         FolderInUseError: another process trains in ``out_dir`` (a second ``--resume`` of a run still
@@ -229,7 +235,7 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir, "a training run") if ranks.main else nullcontext():
         return _train(config, manifest, out_dir, resume=resume, cache=cache, on_epoch_end=on_epoch_end,
-                      stop_after=stop_after, ranks=ranks)  # fmt: skip
+                      stop_after=stop_after, ranks=ranks, stop=stop)  # fmt: skip
 
 
 def _train(
@@ -242,7 +248,10 @@ def _train(
     on_epoch_end: EpochHook | None,
     stop_after: int | None,
     ranks: Ranks,
+    stop: StopRequest | None,
 ) -> TrainResult:
+    if ranks.distributed and stop is not None:
+        raise ValueError("stop: a run on several processes cannot stop on one process's request")
     if resume:
         saved = TrainConfig.from_dict(_read_yaml(out_dir / "config.yaml"))
         try:
@@ -337,7 +346,7 @@ def _train(
             log.info("resuming %s in epoch %d, after %d of its batches", out_dir, start_epoch + 1, within["step"])
         else:  # epochs count from 1 where people read them
             log.info("resuming %s after epoch %d", out_dir, start_epoch)
-    every_s = config.checkpoint_minutes * 60 if config.checkpoint_minutes and not ranks.distributed else None
+    every_s = config.checkpoint_minutes * 60 if config.checkpoint_minutes and not ranks.distributed else 0.0
 
     stopped_early = False
     # the loading processes start with the first epoch and stop when the loop ends, however it ends
@@ -349,6 +358,9 @@ def _train(
             if stop_after is not None and epoch >= stop_after:
                 log.info("stopping after epoch %d as asked; continue with --resume", epoch)
                 return TrainResult(out_dir, pd.DataFrame(history), 0, False)
+            if stop is not None and stop.is_set():  # asked while the last epoch ended (it is in last.pt) or before
+                log.info("stopped (%s) before epoch %d began; continue with --resume", stop.name, epoch + 1)
+                return TrainResult(out_dir, pd.DataFrame(history), 0, False, stopped_as_asked=True)
             started = time.perf_counter() - (within["seconds"] if within else 0.0)
             torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
             if within:  # where the interrupted sitting left the dropout's random numbers
@@ -358,12 +370,18 @@ def _train(
             done = within["step"] if within else 0
             stateful = {"model": model, "optimizer": optimizer, "schedule": schedule}
             before = {"epoch": epoch, "history": history, "best": best, "bad": bad_epochs}
-            save_within = partial(_save_within, partial_path, stateful, before, started) if every_s else None
-            sums = _train_epoch(network, loader(shards[done:]), batches, shards, dataset=dataset, optimizer=optimizer,
-                                schedule=schedule, config=config, preprocess=preprocess, device=device,
-                                class_weight=loss_weight, desc=f"epoch {epoch + 1}/{config.epochs}",
-                                start=done, sums=within["sums"] if within else None,
-                                save=save_within, every_s=every_s or 0.0)  # fmt: skip
+            save_within = None if ranks.distributed else partial(_save_within, partial_path, stateful, before,
+                                                                 started)  # fmt: skip
+            sums, stopped = _train_epoch(network, loader(shards[done:]), batches, shards, dataset=dataset,
+                                         optimizer=optimizer, schedule=schedule, config=config, preprocess=preprocess,
+                                         device=device, class_weight=loss_weight,
+                                         desc=f"epoch {epoch + 1}/{config.epochs}", start=done,
+                                         sums=within["sums"] if within else None, save=save_within, every_s=every_s,
+                                         stop=stop)  # fmt: skip
+            if stopped is not None:
+                log.info("stopped (%s) in epoch %d after %d of its %d batches, saved; continue with --resume",
+                         getattr(stop, "name", "asked"), epoch + 1, stopped, len(batches))  # fmt: skip
+                return TrainResult(out_dir, pd.DataFrame(history), 0, False, stopped_as_asked=True)
             within = None
             total_loss, total_change, correct, seen = ranks.sum(*sums)
             row = {
@@ -442,11 +460,14 @@ def _train_epoch(
     sums: list[float] | None = None,
     save: Callable[[int, list[float]], None] | None = None,
     every_s: float = 0.0,
-) -> list[float]:
+    stop: StopRequest | None = None,
+) -> tuple[list[float], int | None]:
     """The training steps of one epoch: ``loaded`` are the collated ``shards`` (this process's part of each of
     ``batches``) from batch ``start`` on, those before it done in an earlier sitting whose ``sums`` go on.
     Returns this process's sums of the loss, the score change, correct verdicts and images. ``save(step,
-    sums)`` is called with the batches done so far every ``every_s`` seconds of training."""
+    sums)`` is called with the batches done so far every ``every_s`` seconds of training (0: never), and
+    when ``stop`` is set, which ends the epoch there: the number of batches done is then returned beside the
+    sums, else ``None`` (asked during the epoch's last batch, the epoch ends, and its checkpoint holds it)."""
     stable = config.stability.weight > 0
     use_amp = config.amp and device.type == "cuda"
     network.train()
@@ -472,10 +493,15 @@ def _train_epoch(
                 loss_sum, change_sum, _, count = sums.tolist()
                 bar.set_postfix(loss=f"{loss_sum / count:.4f}",
                                 **({"change": f"{change_sum / count:.4f}"} if stable else {}))  # fmt: skip
-            if save is not None and step + 1 < len(batches) and time.monotonic() - saved >= every_s:
+            if save is None or step + 1 == len(batches):
+                continue
+            if stop is not None and stop.is_set():
+                save(step + 1, sums.tolist())
+                return sums.tolist(), step + 1
+            if every_s > 0 and time.monotonic() - saved >= every_s:
                 save(step + 1, sums.tolist())
                 saved = time.monotonic()
-    return sums.tolist()
+    return sums.tolist(), None
 
 
 def _micro_batches(size: int, micro_batch: int) -> list[slice]:
