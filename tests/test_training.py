@@ -325,7 +325,7 @@ def test_a_training_process_killed_within_an_epoch_resumes_there_to_the_same_wei
 
 
 SIGNALLED = """
-import os, signal, sys
+import multiprocessing, os, subprocess, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from fracdet.cli import main
@@ -336,8 +336,13 @@ calls, step = [], trainer._batch_gradients
 def signalled_during_the_third_batch(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:
-        for _ in range({signals}):  # the signal comes from outside the loop's code, as a scheduler's would
-            os.kill(os.getpid(), signal.SIGTERM)
+        # from another process, to this one and its loading processes, as `pkill -f "fracdet train"` or a
+        # scheduler stopping a process group sends it
+        loading = [str(child.pid) for child in multiprocessing.active_children()]
+        for _ in range({signals}):
+            subprocess.run(["kill", "-s", "TERM", *loading], check=True)
+            time.sleep(1)  # the loading processes' first: had one died of it, this process would hear so now
+            subprocess.run(["kill", "-s", "TERM", str(os.getpid())], check=True)
     return step(*args, **kwargs)
 
 trainer._batch_gradients = signalled_during_the_third_batch
@@ -353,7 +358,7 @@ def test_a_training_run_sent_sigterm_stops_after_its_batch_saved_there_and_a_sec
     # since its last checkpoint (checkpoints within epochs come every 10 minutes, so none comes here).
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     manifest[["path", "label", "group", "split"]].to_csv(tmp_path / "splits.csv", index=False)
-    run, overrides = tmp_path / "run", [*TINY, "epochs=2", "dropout=0.5", "augment.hflip=0.5"]
+    run, overrides = tmp_path / "run", [*TINY, "epochs=2", "dropout=0.5", "augment.hflip=0.5", "workers=2"]
     args = ["train", "--config", str(REPO / "configs" / "paper.yaml"), "--data", str(sample_root), "--splits",
             str(tmp_path / "splits.csv"), "--out", str(run), *[f"--set={o}" for o in overrides]]  # fmt: skip
     script = SIGNALLED.format(tests=str(REPO / "tests"), signals=signals, args=args)

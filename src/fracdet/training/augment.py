@@ -16,6 +16,7 @@ intensities (contrast, re-encoding).
 from __future__ import annotations
 
 import io
+import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Self
@@ -300,8 +301,8 @@ class EpochLoader:
         # Its own generator: each pass draws a seed from it, which would otherwise move the global random
         # state that dropout uses.
         self._loader = DataLoader(dataset, batch_sampler=self._batches, num_workers=workers,
-                                  persistent_workers=workers > 0, pin_memory=pin_memory,
-                                  generator=torch.Generator())  # fmt: skip
+                                  persistent_workers=workers > 0, pin_memory=pin_memory, generator=torch.Generator(),
+                                  worker_init_fn=_leave_stopping_to_the_trainer)  # fmt: skip
 
     def __call__(self, batches: Sequence[Sequence[Draw]]) -> Iterator[Any]:
         """The collated ``batches``, in order."""
@@ -320,6 +321,17 @@ class EpochLoader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _leave_stopping_to_the_trainer(worker_id: int) -> None:
+    """A loading process ignores SIGTERM and Ctrl-C, which reach it with the training process when its process
+    group or its command line is signalled (``pkill -f "fracdet train"``, a terminal's Ctrl-C): the training
+    process decides (:mod:`fracdet.training.stopping`: the batch in hand, saved) and ends its loading
+    processes itself. Left to PyTorch's handlers, one died at once, and the training process with it, its
+    work since its last checkpoint lost. Should the training process die, they end by themselves (PyTorch's
+    workers watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Batches:

@@ -8,6 +8,9 @@ epoch; between epochs ``last.pt`` already holds it) and returns; ``--resume`` go
 weights of a run never stopped. A second signal acts as it would have without this module (Ctrl-C raises
 ``KeyboardInterrupt``, SIGTERM ends the process), for when waiting for the batch is not wanted.
 
+The loading processes (:class:`fracdet.training.augment.EpochLoader`) ignore both signals, which reach them
+too when a process group or a command line is signalled: the training process ends them itself.
+
 Training on several processes keeps the signals' defaults: one process stopping alone would leave the others
 waiting for it in their next gradient exchange.
 """
