@@ -99,7 +99,7 @@ done
 # unpacked into runs/gpu and runs/gpu320. Only their evaluation on the original files runs here (skipped
 # while those folders are absent).
 for group in gpu gpu320; do
-    for run in runs/$group/*/; do
+    for run in runs/"$group"/*/; do
         [ -f "$run/model.json" ] || continue
         name="$group-$(basename "$run")"
         "$F" evaluate "$run" --data "$FA" --splits splits/fracatlas_seed0.csv --split test --no-heatmaps --out "runs/eval/$name-test"
