@@ -3,8 +3,9 @@
 # the recipe by the rule written before they were trained (scripts/judge_recipe.py; docs/STABILITY.md,
 # *What follows the control*). Stopped at any point (a sitting's end, CI wanting the cores; SIGTERM to its
 # `fracdet train`, `pkill -TERM -f "fracdet train"`, lets the batch in hand finish and saves there, and the
-# script then ends with that command's 143), run again with the same arguments it picks up where it was: a run folder with a model.json is trained, one with a
-# config.yaml is resumed (from its last epoch or its partial.pt), an evaluation with a metrics.json is done.
+# script then ends with that command's 143), run again with the same arguments it picks up where it was:
+# a run folder with a model.json is trained, one with a config.yaml is resumed (from its last epoch or its
+# partial.pt), an evaluation with a metrics.json is done.
 #
 #   RUNS=~/fracdet-runs/exp/fused-aa-320-cpu-b32-noloss EVALS=~/fracdet-runs/eval/noloss \
 #       bash scripts/recipe_seeds.sh --config configs/fused-gpu.yaml \

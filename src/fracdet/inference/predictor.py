@@ -477,7 +477,7 @@ def study_summary(table: pd.DataFrame) -> pd.DataFrame:
         read = group[group["error"].isna()]
         levels = [lvl for lvl in _LEVEL_ORDER if (read["level"] == lvl).any()]
         flagged = int((read["label"] == LABELS[1]).sum())
-        deciding = read.loc[read["probability"].idxmax()] if len(read) else None
+        deciding = read.iloc[int(np.argmax(read["probability"].to_numpy()))] if len(read) else None
         rows.append({"study": study, "images": len(group), "analysed": len(read), "unreadable": len(group) - len(read),
                      "flagged": flagged, "probability": None if deciding is None else deciding["probability"],
                      "label": LABELS[int(flagged > 0)] if len(read) else None,

@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from fracdet.data.masks import fracture_mask
-from fracdet.training.config import AugmentConfig, StabilityConfig
+from fracdet.training.config import RESAVE_CODECS, AugmentConfig, StabilityConfig
 
 __all__ = [
     "AugmentedImages",
@@ -43,8 +43,7 @@ __all__ = [
     "epoch_indices",
 ]
 
-CODECS = ("JPEG", "WEBP")
-"""The formats a re-encoding round trip saves in (Pillow's names)."""
+CODECS = tuple(codec.upper() for codec in RESAVE_CODECS)  # as Pillow names them
 
 
 class Draw(NamedTuple):
@@ -93,7 +92,7 @@ class Reencode(v2.Transform):
         pick = float(torch.rand(()))
         return {
             "apply": apply,
-            "format": self.codecs[min(int(pick * len(self.codecs)), len(self.codecs) - 1)] if self.codecs else None,
+            "format": self.codecs[int(pick * len(self.codecs))] if self.codecs else None,  # pick < 1
             "quality": int(torch.randint(self.quality[0], self.quality[1] + 1, ())),
             "factor": 1.0 - self.rescale * float(torch.rand(())),
         }

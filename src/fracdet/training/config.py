@@ -112,6 +112,10 @@ class LocaliseConfig:
                 raise ConfigError(f"localise.{name} must not be negative, not {getattr(self, name)!r}")
 
 
+#: The formats a re-encoding round trip may save in (``fracdet.training.augment.Reencode``).
+RESAVE_CODECS = ("jpeg", "webp")
+
+
 @dataclass
 class StabilityConfig:
     """Stability training (Zheng et al. 2016): the same verdict for a radiograph and a re-saved copy of it.
@@ -141,7 +145,7 @@ class StabilityConfig:
     rescale: float = 0.5
     relative: bool = False
     shift: int = 0
-    codecs: list[str] = field(default_factory=lambda: ["jpeg", "webp"])
+    codecs: list[str] = field(default_factory=lambda: list(RESAVE_CODECS))
 
     def check(self) -> None:
         if self.weight < 0:
@@ -151,7 +155,7 @@ class StabilityConfig:
         if self.shift < 0:
             raise ConfigError(f"stability.shift must not be negative, not {self.shift!r}")
         for codec in self.codecs:
-            _one_of("stability.codecs", codec, ("jpeg", "webp"))
+            _one_of("stability.codecs", codec, RESAVE_CODECS)
         if len(set(self.codecs)) < len(self.codecs):
             raise ConfigError(f"stability.codecs names a codec twice: {self.codecs!r}")
         if self.weight > 0 and not (self.codecs or self.rescale or self.shift):
