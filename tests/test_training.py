@@ -394,6 +394,51 @@ def test_a_stop_request_is_set_by_the_first_signal_and_the_handlers_before_it_co
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_a_stop_asked_after_the_last_batch_leaves_the_model_to_resume_and_one_asked_while_it_is_written_ends_there(
+    sample_root, cache_dir, tmp_path, monkeypatch, capsys
+):
+    # At full size the last epoch's validation and the fit on validation take minutes: a stop asked then is
+    # neither lost (a script that asked would go on to evaluate, or to its next seed) nor a half-written model.
+    from fracdet.cli import main
+
+    monkeypatch.setenv("FRACDET_CACHE", str(cache_dir))
+    sample_manifest(sample_root)[["path", "label", "group", "split"]].to_csv(tmp_path / "splits.csv", index=False)
+
+    def command(run: Path) -> list[str]:
+        overrides = [f"--set={o}" for o in [*TINY, "epochs=2"]]
+        return ["train", "--config", str(REPO / "configs" / "paper.yaml"), "--data", str(sample_root), "--splits",
+                str(tmp_path / "splits.csv"), "--out", str(run), *overrides]  # fmt: skip
+
+    def signalled_on_call(function, call: int):
+        calls = []
+
+        def signalled(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return function(*args, **kwargs)
+
+        return signalled
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped, written = tmp_path / "stopped", tmp_path / "written"
+    with monkeypatch.context() as patch:  # during the second (last) epoch's validation
+        patch.setattr(trainer, "_score", signalled_on_call(trainer._score, call=2))
+        assert main(command(stopped)) == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM, saved where it stopped: continue with --resume --out {stopped}" in (
+        capsys.readouterr().err
+    )
+    assert (stopped / "checkpoints" / "last.pt").is_file() and not (stopped / "model.json").exists()
+    with monkeypatch.context() as patch:  # while the model is written
+        patch.setattr(trainer, "_export", signalled_on_call(trainer._export, call=1))
+        assert main(command(written)) == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM once the model was written: {written} is complete" in capsys.readouterr().err
+    assert (written / "model.json").is_file() and signal.getsignal(signal.SIGTERM) is before
+    assert main(["train", "--resume", "--out", str(stopped)]) == 0  # writes the model it stopped before
+    assert (stopped / "model.json").read_text() == (written / "model.json").read_text().replace("written", "stopped")
+    assert (stopped / "model.safetensors").read_bytes() == (written / "model.safetensors").read_bytes()
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_resumed_from_its_first_epoch(
     sample_root, cache_dir, tmp_path, monkeypatch, caplog
 ):

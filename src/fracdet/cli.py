@@ -219,6 +219,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     best = result.history.iloc[result.best_epoch - 1]
     print(f"best epoch {result.best_epoch}: val AUC {best['val_auc']:.4f}, val accuracy {best['val_accuracy']:.4f}")
+    if stop is not None and stop.is_set():  # asked while the model was written, which was finished first
+        print(f"stopped by {stop.name} once the model was written: {result.out_dir} is complete", file=sys.stderr)
+        return 128 + (stop.signum or 0)  # a caller that asked for a stop goes no further (evaluation, next seed)
     return 0
 
 

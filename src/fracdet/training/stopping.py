@@ -5,8 +5,12 @@ room for the tests) or with Ctrl-C. Killed at once, a run loses what it trained 
 to ``checkpoint_minutes``, and an epoch of the fused recipe on two CPU cores takes an hour. Asked instead,
 :func:`fracdet.training.train` finishes the batch in hand, saves where it is (``partial.pt`` within an
 epoch; between epochs ``last.pt`` already holds it) and returns; ``--resume`` goes on from there to the
-weights of a run never stopped. A second signal acts as it would have without this module (Ctrl-C raises
-``KeyboardInterrupt``, SIGTERM ends the process), for when waiting for the batch is not wanted.
+weights of a run never stopped. Asked after the last epoch's batches (during its validation), it stops
+before the model is written, which ``--resume`` then writes; asked while the model is being written (the
+fit on validation, minutes at most), it finishes the model and then reports the stop (``fracdet train``
+exits 128 + the signal either way, so a script that asked goes no further). A second signal acts as it
+would have without this module (Ctrl-C raises ``KeyboardInterrupt``, SIGTERM ends the process), for when
+waiting is not wanted; the model is written atomically, so that costs the step under way only.
 
 The loading processes (:class:`fracdet.training.augment.EpochLoader`) ignore both signals, which reach them
 too when a process group or a command line is signalled: the training process ends them itself.

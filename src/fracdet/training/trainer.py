@@ -223,7 +223,8 @@ def train(
         ranks: this process's place among training processes (:mod:`fracdet.training.distributed`);
             default: the process group this process is in, or one process.
         stop: once set (:func:`fracdet.training.stopping.stop_on_signals` sets it on SIGTERM or Ctrl-C), the
-            run ends after the batch in hand, saved there (``partial.pt``) for ``resume``; one process only.
+            run ends after the batch in hand, saved there (``partial.pt``) for ``resume``, or, set after the
+            last batch, before the model is written (set while it is written, it is finished); one process only.
 
     Raises:
         FolderInUseError: another process trains in ``out_dir`` (a second ``--resume`` of a run still
@@ -432,6 +433,10 @@ def _train(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
 
+    if stop is not None and stop.is_set():  # asked during the last epoch's validation: --resume writes the model
+        log.info("stopped (%s) after the last epoch, before the model was written; continue with --resume",
+                 stop.name)  # fmt: skip
+        return TrainResult(out_dir, pd.DataFrame(history), 0, stopped_early, stopped_as_asked=True)
     history_frame = pd.DataFrame(history)
     best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
     if ranks.main:  # calibration and thresholds on validation, once
