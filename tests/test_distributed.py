@@ -70,10 +70,10 @@ def manifest(sample_root: Path) -> pd.DataFrame:
     return out
 
 
-def plain_config(epochs: int = 2, micro_batch: int = 0):
+def plain_config(epochs: int = 2, micro_batch: int = 0, ema: float = 0.0):
     overrides = [f"model={PLAIN}", "image_size=32", "batch_size=8", "optimizer.lr=0.003", "dropout=0",
                  f"epochs={epochs}", "augment.hflip=0.5", "augment.rotation=10", "augment.contrast=0.2",
-                 f"micro_batch={micro_batch}"]  # fmt: skip
+                 f"micro_batch={micro_batch}", f"ema={ema}"]  # fmt: skip
     return load_config(REPO / "configs" / "paper.yaml", overrides)
 
 
@@ -92,18 +92,25 @@ item = AugmentedImages.__getitem__
 AugmentedImages.__getitem__ = lambda self, key: fetched.append(key) or item(self, key)
 register_plain()
 with process_group() as ranks:
-    train(plain_config(micro_batch={micro_batch!r}), manifest(Path({sample!r})), Path({run!r}),
+    train(plain_config(micro_batch={micro_batch!r}, ema={ema!r}), manifest(Path({sample!r})), Path({run!r}),
           cache=FeatureCache({cache!r}), stop_after={stop_after!r}, ranks=ranks)
     Path({run!r}, f"fetched-{{ranks.rank}}.txt").write_text(str(len(fetched)))
 """
 
 
 def torchrun(
-    tmp_path: Path, run: Path, sample_root: Path, cache_dir: Path, stop_after: int | None = None, micro_batch: int = 0
+    tmp_path: Path,
+    run: Path,
+    sample_root: Path,
+    cache_dir: Path,
+    stop_after: int | None = None,
+    micro_batch: int = 0,
+    ema: float = 0.0,
 ) -> None:
     script = tmp_path / f"train_{run.name}.py"
     script.write_text(SCRIPT.format(tests=str(REPO / "tests"), sample=str(sample_root), run=str(run),
-                                    cache=str(cache_dir), stop_after=stop_after, micro_batch=micro_batch))  # fmt: skip
+                                    cache=str(cache_dir), stop_after=stop_after, micro_batch=micro_batch,
+                                    ema=ema))  # fmt: skip
     env = {**os.environ, "FRACDET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     str(script)], check=True, env=env, timeout=300)  # fmt: skip
@@ -137,12 +144,13 @@ def test_an_image_is_augmented_the_same_whoever_scores_it():
     assert not torch.equal(dataset[Draw(3, 5, 1)][0], first)  # another epoch, another augmentation
 
 
-def test_two_processes_train_the_same_weights_as_one(sample_root, cache_dir, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.5], ids=["last-step", "moving-average"])
+def test_two_processes_train_the_same_weights_as_one(sample_root, cache_dir, tmp_path, ema):
     register_plain()
     cache = FeatureCache(cache_dir)
-    one = train(plain_config(), manifest(sample_root), tmp_path / "one", cache=cache)
+    one = train(plain_config(ema=ema), manifest(sample_root), tmp_path / "one", cache=cache)
     # each process's 4 images of a batch in micro-batches of 2: gradients averaged across them once a batch
-    torchrun(tmp_path, tmp_path / "two", sample_root, cache_dir, micro_batch=2)
+    torchrun(tmp_path, tmp_path / "two", sample_root, cache_dir, micro_batch=2, ema=ema)
     two = pd.read_csv(tmp_path / "two" / "metrics.csv")
     assert np.isfinite(two["val_auc"]).all()
     for column in ("train_loss", "train_accuracy", "val_loss", "val_auc"):

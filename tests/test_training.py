@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from fracdet.data import load_dataset
+from fracdet.models import load
 from fracdet.training import ConfigError, RunExistsError, TrainConfig, load_config, train, trainer
 from fracdet.training.augment import epoch_indices
 from fracdet.training.checkpoint import load_checkpoint, save_checkpoint
+from fracdet.training.stopping import StopRequest
 from fracdet.utils.cache import FeatureCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +214,61 @@ def test_resume_after_interruption_reaches_the_same_weights(sample_root, cache_d
     with pytest.raises(ValueError, match=r"config differs from the run's in epochs, optimizer\.lr"):
         train(config.with_overrides(["epochs=5", "optimizer.lr=0.5"]), manifest, tmp_path / "broken", resume=True,
               cache=cache)  # fmt: skip
+
+
+def test_a_moving_average_of_the_weights_is_what_a_run_validates_selects_exports_and_resumes_to(
+    sample_root, cache_dir, tmp_path, monkeypatch
+):
+    # With `ema` the run's model is the average of its recent steps, not its last step's weights: every epoch
+    # scores it, the best epoch keeps it, the export ships it, and a run stopped anywhere resumes to it.
+    manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
+    config = tiny_config(ema=0.9, dropout=0.5, **{"augment.hflip": 0.5})
+    averages, scored = [], []
+
+    def keep_the_average(epoch: int, row: dict) -> None:
+        averages.append(load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["ema"])
+
+    margins, step, steps = trainer.predict_margins, trainer._batch_gradients, []
+
+    def note_what_is_scored(model, *args, **kwargs):
+        scored.append({k: v.clone() for k, v in model.state_dict().items()})
+        return margins(model, *args, **kwargs)
+
+    def count_the_steps(*args, **kwargs):
+        steps.append(1)
+        return step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "predict_margins", note_what_is_scored)
+        patch.setattr(trainer, "_batch_gradients", count_the_steps)
+        result = train(config, manifest, tmp_path / "straight", cache=cache, on_epoch_end=keep_the_average)
+    last = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])  # not the last step
+    assert all(torch.equal(scored[-1][k], averages[-1][k]) for k in last["ema"])  # validated
+    best = load_checkpoint(tmp_path / "straight" / "checkpoints" / "best.pt")["model"]
+    assert all(torch.equal(best[k], averages[result.best_epoch - 1][k]) for k in best)  # selected
+    exported = load(tmp_path / "straight").module.state_dict()
+    assert all(torch.equal(exported[k], best[k]) for k in best)  # exported
+
+    # stopped within its second epoch, then resumed: the same average as the run never stopped
+    stop, calls, per_epoch = StopRequest(), [], len(steps) // config.epochs
+
+    def asked_to_stop_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == per_epoch + 2:
+            stop.set(signal.SIGTERM)
+        return step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_batch_gradients", asked_to_stop_in_the_second_epoch)
+        assert train(config, manifest, tmp_path / "stopped", cache=cache, stop=stop).stopped_as_asked
+    within = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "partial.pt")
+    assert (within["epoch"], within["step"]) == (1, 2)
+    train(None, manifest, tmp_path / "stopped", resume=True, cache=cache)
+    resumed = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    assert all(torch.equal(resumed["ema"][k], last["ema"][k]) for k in last["ema"])
+    with pytest.raises(ConfigError, match="ema must be 0"):
+        tiny_config(ema=1.0)
 
 
 def test_loading_processes_start_once_a_run_and_are_gone_when_it_ends(sample_root, cache_dir, tmp_path):

@@ -248,6 +248,13 @@ class TrainConfig:
             is the whole batch's except for batch-norm statistics, taken per part, and for losses
             normalised over the batch rather than per image (class-weighted means, the map loss's fracture
             cells), which become the parts' means weighted by their sizes.
+        ema: decay of a moving average of the weights (and batch-norm statistics), folded in after every
+            optimiser step (timm's ``ModelEmaV3``); the decay is warmed up, ``1 - n ** -0.75`` after the
+            run's ``n``-th step until it reaches ``ema``, so the first epochs are not held to the initial
+            weights. Above 0 the average, not the last step's weights, is what every epoch validates and
+            what the run selects and exports: an ensemble of the run's own recent steps at no extra
+            training step, which tends to rank better and to vary less between seeds (docs/STABILITY.md,
+            measurement 13). 0: off.
         monitor: validation metric that picks the best checkpoint and drives early stopping and the
             plateau schedule: ``auc`` (default), ``accuracy`` or ``loss``.
         early_stopping: stop after this many epochs without improvement (0: never).
@@ -288,6 +295,7 @@ class TrainConfig:
     epochs: int = 49
     batch_size: int = 32
     micro_batch: int = 0
+    ema: float = 0.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -326,6 +334,8 @@ class TrainConfig:
         if not 0 <= self.micro_batch <= self.batch_size:
             raise ConfigError(f"micro_batch must be 0 (the whole batch) to batch_size ({self.batch_size}), "
                               f"not {self.micro_batch}")  # fmt: skip
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be 0 (off) or a decay below 1, such as 0.998, not {self.ema!r}")
         for name in ("checkpoint_minutes", "early_stopping", "workers"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be 0 (off) or more, not {getattr(self, name)!r}")

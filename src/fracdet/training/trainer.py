@@ -10,7 +10,8 @@ A run folder holds everything needed to trace a result::
     checkpoints/last.pt   full state after the last finished epoch (model, optimiser, schedule, history)
     checkpoints/partial.pt  the same within the epoch under way, every ``checkpoint_minutes``, with the
                        batches done, their running sums and the random state (gone when the epoch ends)
-    checkpoints/best.pt   weights of the best epoch by the monitored validation metric
+    checkpoints/best.pt   weights of the best epoch by the monitored validation metric (with ``ema``, the
+                       moving average of the weights: what every epoch validates, and what is exported)
     model.safetensors + model.json   the best weights, with preprocessing, the temperature and the
                        operating thresholds fitted on validation: what evaluation and serving load
 
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from fracdet.data.pixels import PixelSet, load_pixels
@@ -307,6 +309,8 @@ def _train(
 
     model = model.to(device).to(memory_format=torch.channels_last)
     network = _wrap(model, ranks, device)  # what the training steps run; `model` is the plain module
+    averaged = ModelEmaV3(model, decay=config.ema, use_warmup=True, warmup_power=3 / 4) if config.ema else None
+    scored = model if averaged is None else averaged.module  # what is validated, selected and exported
     if config.compile:
         network = torch.compile(network)
     optimizer = _make_optimizer(config, model)
@@ -339,6 +343,8 @@ def _train(
             within = None  # its epoch ended (and is in last.pt) before the run stopped
         state = within or finished or load_checkpoint(last_path)  # neither: "checkpoint not found"
         model.load_state_dict(state["model"])
+        if averaged is not None:
+            averaged.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history, best, bad_epochs = state["history"], state["best"], state["bad"]
@@ -370,6 +376,9 @@ def _train(
             shards = [ranks.shard(batch) for batch in batches]
             done = within["step"] if within else 0
             stateful = {"model": model, "optimizer": optimizer, "schedule": schedule}
+            if averaged is not None:
+                stateful["ema"] = averaged.module
+            average = None if averaged is None else partial(_average, averaged, model, epoch * len(batches))
             before = {"epoch": epoch, "history": history, "best": best, "bad": bad_epochs}
             save_within = None if ranks.distributed else partial(_save_within, partial_path, stateful, before,
                                                                  started)  # fmt: skip
@@ -378,7 +387,7 @@ def _train(
                                          device=device, class_weight=loss_weight,
                                          desc=f"epoch {epoch + 1}/{config.epochs}", start=done,
                                          sums=within["sums"] if within else None, save=save_within, every_s=every_s,
-                                         stop=stop)  # fmt: skip
+                                         stop=stop, average=average)  # fmt: skip
             if stopped is not None:
                 log.info("stopped (%s) in epoch %d after %d of its %d batches, saved; continue with --resume",
                          getattr(stop, "name", "asked"), epoch + 1, stopped, len(batches))  # fmt: skip
@@ -394,9 +403,11 @@ def _train(
             if stable:  # mean stability loss (Huber of the score change) between images and their re-saved copies
                 row["train_score_change"] = total_change / seen
             ranks.broadcast_buffers(model)  # every rank scores with rank 0's batch-norm statistics
+            if scored is not model:
+                ranks.broadcast_buffers(scored)
             for split in wanted[1:]:
                 images, labels = parts[split]
-                margins = predict_margins(model, images[ranks.rank :: ranks.world], preprocess,
+                margins = predict_margins(scored, images[ranks.rank :: ranks.world], preprocess,
                                           batch_size=2 * config.batch_size, device=device)  # fmt: skip
                 margins = ranks.gather(margins, len(images))
                 row.update({f"{split}_{k}": v for k, v in _score(margins, labels).items()})
@@ -408,7 +419,7 @@ def _train(
             if improved:
                 best, bad_epochs = value, 0
                 if ranks.main:
-                    save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": model.state_dict(), **row})
+                    save_checkpoint(out_dir / "checkpoints" / "best.pt", {"model": scored.state_dict(), **row})
             else:
                 bad_epochs += 1
             if config.schedule.name == "plateau":
@@ -466,13 +477,15 @@ def _train_epoch(
     save: Callable[[int, list[float]], None] | None = None,
     every_s: float = 0.0,
     stop: StopRequest | None = None,
+    average: Callable[[int], None] | None = None,
 ) -> tuple[list[float], int | None]:
     """The training steps of one epoch: ``loaded`` are the collated ``shards`` (this process's part of each of
     ``batches``) from batch ``start`` on, those before it done in an earlier sitting whose ``sums`` go on.
     Returns this process's sums of the loss, the score change, correct verdicts and images. ``save(step,
     sums)`` is called with the batches done so far every ``every_s`` seconds of training (0: never), and
     when ``stop`` is set, which ends the epoch there: the number of batches done is then returned beside the
-    sums, else ``None`` (asked during the epoch's last batch, the epoch ends, and its checkpoint holds it)."""
+    sums, else ``None`` (asked during the epoch's last batch, the epoch ends, and its checkpoint holds it).
+    ``average(n)``, when given, folds the weights into their moving average after the epoch's ``n``-th step."""
     stable = config.stability.weight > 0
     use_amp = config.amp and device.type == "cuda"
     network.train()
@@ -491,6 +504,8 @@ def _train_epoch(
             sums += _batch_gradients(network, x, y, mask, config=config, preprocess=preprocess, use_amp=use_amp,
                                      class_weight=class_weight)  # fmt: skip
             optimizer.step()
+            if average is not None:
+                average(step + 1)
             if config.schedule.name == "onecycle":
                 schedule.step()
             bar.update(len(batch))
@@ -507,6 +522,12 @@ def _train_epoch(
                 save(step + 1, sums.tolist())
                 saved = time.monotonic()
     return sums.tolist(), None
+
+
+def _average(averaged: ModelEmaV3, model: nn.Module, steps_before: int, step: int) -> None:
+    """Fold ``model``'s weights into ``averaged`` after its epoch's ``step``-th optimiser step (from 1): the
+    decay's warm-up counts the run's steps, ``steps_before`` of them in earlier epochs."""
+    averaged.update(model, step=steps_before + step)
 
 
 def _micro_batches(size: int, micro_batch: int) -> list[slice]:
