@@ -223,10 +223,11 @@ def test_a_moving_average_of_the_weights_is_what_a_run_validates_selects_exports
     # scores it, the best epoch keeps it, the export ships it, and a run stopped anywhere resumes to it.
     manifest, cache = sample_manifest(sample_root), FeatureCache(cache_dir)
     config = tiny_config(ema=0.9, dropout=0.5, **{"augment.hflip": 0.5})
-    averages, scored = [], []
+    averages, scored, validated = [], [], []
 
-    def keep_the_average(epoch: int, row: dict) -> None:
+    def keep_the_average(epoch: int, row: dict) -> None:  # after the epoch's validation and checkpoint
         averages.append(load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["ema"])
+        validated.append(scored[-1])
 
     margins, step, steps = trainer.predict_margins, trainer._batch_gradients, []
 
@@ -244,7 +245,8 @@ def test_a_moving_average_of_the_weights_is_what_a_run_validates_selects_exports
         result = train(config, manifest, tmp_path / "straight", cache=cache, on_epoch_end=keep_the_average)
     last = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])  # not the last step
-    assert all(torch.equal(scored[-1][k], averages[-1][k]) for k in last["ema"])  # validated
+    for weights, average in zip(validated, averages, strict=True):  # validated, every epoch
+        assert all(torch.equal(weights[k], average[k]) for k in average)
     best = load_checkpoint(tmp_path / "straight" / "checkpoints" / "best.pt")["model"]
     assert all(torch.equal(best[k], averages[result.best_epoch - 1][k]) for k in best)  # selected
     exported = load(tmp_path / "straight").module.state_dict()
