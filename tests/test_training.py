@@ -494,7 +494,7 @@ def test_a_stop_asked_after_the_last_batch_leaves_the_model_to_resume_and_one_as
     assert f"stopped by SIGTERM once the model was written: {written} is complete" in capsys.readouterr().err
     assert (written / "model.json").is_file() and signal.getsignal(signal.SIGTERM) is before
     assert main(["train", "--resume", "--out", str(stopped)]) == 0  # writes the model it stopped before
-    assert (stopped / "model.json").read_text() == (written / "model.json").read_text().replace("written", "stopped")
+    assert (stopped / "model.json").read_text() == (written / "model.json").read_text()
     assert (stopped / "model.safetensors").read_bytes() == (written / "model.safetensors").read_bytes()
 
 
