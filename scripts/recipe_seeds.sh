@@ -19,10 +19,11 @@
 # in the repository (docs/evidence/NAME, for docs/evidence/NAME-seedS-val-metrics.json), lets a seed whose
 # run folder went with its machine be judged from its kept report instead of trained again (its weights are
 # needed only if the recipe passes and it is the seed that ships). SCREEN, two numbers "MIN_AUC MAX_FLIP",
-# screens the first seed before the others are trained (scripts/judge_recipe.py --screen): the arm stops
-# there, exiting 1, when it ranks below MIN_AUC or flips more than MAX_FLIP under any re-save. Exits as the
-# judgement does: 0 when the recipe passes, 1 when it does not, and otherwise with the first failing
-# command's status.
+# screens the first seed as soon as it is evaluated, before any other is trained (scripts/judge_recipe.py
+# --screen): the arm stops there, exiting 1, when it ranks below MIN_AUC or flips more than MAX_FLIP under
+# any re-save. Exits as the judgement does: 0 when the recipe passes, 1 when it does not, and otherwise with
+# the first failing command's status; with fewer than three SEEDS (SEEDS=0: the first seed alone, screened)
+# it exits 0 once they are done, without a judgement, since the rule reads three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${RUNS:?set RUNS, the prefix of the run folders (seed S trains into \$RUNS-seedS)}"
@@ -40,19 +41,20 @@ for lib in /usr/lib/*/libtcmalloc_minimal.so.4; do
 done
 
 reports=()
+screen_first() {
+    say "screening the first seed (SCREEN: $SCREEN)"
+    read -r min_auc max_flip <<< "$SCREEN"
+    "$PY" scripts/judge_recipe.py "${reports[0]}" --screen "$min_auc" "$max_flip" \
+        || { say "the arm stops after its first seed, as written before it ran"; exit 1; }
+}
 for seed in $SEEDS; do
-    if [ -n "${SCREEN:-}" ] && [ "${#reports[@]}" -eq 1 ]; then
-        say "screening the first seed before seed $seed is trained (SCREEN: $SCREEN)"
-        read -r min_auc max_flip <<< "$SCREEN"
-        "$PY" scripts/judge_recipe.py "${reports[0]}" --screen "$min_auc" "$max_flip" \
-            || { say "the arm stops after its first seed, as written before it ran"; exit 1; }
-    fi
     run="$RUNS-seed$seed"
     report="$EVALS-seed$seed-val"
     kept="${KEPT:+$KEPT-seed$seed-val-metrics.json}"
     if [ ! -e "$run" ] && [ ! -f "$report/metrics.json" ] && [ -n "$kept" ] && [ -f "$kept" ]; then
         say "seed $seed: judged from its kept report $kept (no run folder: trained again only if it ships)"
         reports+=("$kept")
+        if [ -n "${SCREEN:-}" ] && [ "${#reports[@]}" -eq 1 ]; then screen_first; fi
         continue
     fi
     if [ -f "$run/model.json" ]; then
@@ -69,6 +71,11 @@ for seed in $SEEDS; do
         "$F" evaluate "$run" --data "$DATA" --split val --stability --no-heatmaps --out "$report"
     fi
     reports+=("$report/metrics.json")
+    if [ -n "${SCREEN:-}" ] && [ "${#reports[@]}" -eq 1 ]; then screen_first; fi
 done
+if [ "${#reports[@]}" -lt 3 ]; then
+    say "${#reports[@]} seed(s) done, not judged: the rule reads three (SEEDS=\"0 1 2\" goes on from here)"
+    exit 0
+fi
 say "judging the recipe on ${#reports[@]} seeds against $REFERENCE"
 "$PY" scripts/judge_recipe.py "${reports[@]}" --reference "$REFERENCE"

@@ -83,14 +83,14 @@ def test_the_screen_stops_an_arm_whose_first_seed_ranks_too_low_or_flips_too_oft
     assert verdict[-1].startswith("GO ON" if goes_on else "STOP")
 
 
-def _chain(tmp_path: Path, first_flips: dict[str, float]) -> subprocess.CompletedProcess:
-    """The chain over three seeds judged from kept reports (no run folders), screened after the first;
-    seed 2 has no report, so going on to it would call ``fracdet train``, here a command that is not there."""
+def _chain(tmp_path: Path, first_flips: dict[str, float], seeds: str = "0 1 2") -> subprocess.CompletedProcess:
+    """The chain over ``seeds`` judged from kept reports (no run folders), screened after the first; seed 2
+    has no report, so going on to it would call ``fracdet train``, here a command that is not there."""
     kept = tmp_path / "kept" / "arm"
     _report(Path(f"{kept}-seed0-val-metrics.json"), "seed0", 0.94, flips=first_flips)
     _report(Path(f"{kept}-seed1-val-metrics.json"), "seed1", 0.945, flips=STEADY)
     env = {**os.environ, "RUNS": str(tmp_path / "runs" / "arm"), "EVALS": str(tmp_path / "evals" / "arm"),
-           "KEPT": str(kept), "SEEDS": "0 1 2", "SCREEN": "0.925 0.03", "PYTHON": sys.executable,
+           "KEPT": str(kept), "SEEDS": seeds, "SCREEN": "0.925 0.03", "PYTHON": sys.executable,
            "FRACDET": str(tmp_path / "no-fracdet"),
            "REFERENCE": str(_report(tmp_path / "ref.json", "1.0.0", 0.939, small=19))}  # fmt: skip
     return subprocess.run(["bash", str(REPO / "scripts" / "recipe_seeds.sh"), "--config", "unused.yaml"],
@@ -108,3 +108,11 @@ def test_the_chain_goes_on_past_a_first_seed_that_meets_the_screen(tmp_path):
     done = _chain(tmp_path, STEADY)
     assert "GO ON" in done.stdout and "seed 1: judged from its kept report" in done.stdout
     assert done.returncode == 127 and "no-fracdet" in done.stderr  # it went on to train seed 2
+
+
+def test_the_chain_asked_for_its_first_seed_alone_screens_it_and_judges_no_recipe_on_it(tmp_path):
+    done = _chain(tmp_path, STEADY, seeds="0")
+    assert done.returncode == 0, done.stderr
+    assert "GO ON" in done.stdout and "1 seed(s) done, not judged: the rule reads three" in done.stdout
+    assert "judging the recipe" not in done.stdout
+    assert _chain(tmp_path, {**STEADY, "half": 0.04}, seeds="0").returncode == 1  # a first seed that misses it
