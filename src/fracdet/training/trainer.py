@@ -356,6 +356,11 @@ def _train(
     every_s = config.checkpoint_minutes * 60 if config.checkpoint_minutes and not ranks.distributed else 0.0
 
     stopped_early = False
+
+    def stopped_as_asked(where: str) -> TrainResult:  # saved where it stopped: --resume goes on from there
+        log.info("stopped (%s) %s; continue with --resume", stop.name, where)
+        return TrainResult(out_dir, pd.DataFrame(history), 0, stopped_early, stopped_as_asked=True)
+
     # the loading processes start with the first epoch and stop when the loop ends, however it ends
     with EpochLoader(dataset, config.workers, pin_memory=device.type == "cuda") as loader:
         for epoch in range(start_epoch, config.epochs):
@@ -366,8 +371,7 @@ def _train(
                 log.info("stopping after epoch %d as asked; continue with --resume", epoch)
                 return TrainResult(out_dir, pd.DataFrame(history), 0, False)
             if stop is not None and stop.is_set():  # asked while the last epoch ended (it is in last.pt) or before
-                log.info("stopped (%s) before epoch %d began; continue with --resume", stop.name, epoch + 1)
-                return TrainResult(out_dir, pd.DataFrame(history), 0, False, stopped_as_asked=True)
+                return stopped_as_asked(f"before epoch {epoch + 1} began")
             started = time.perf_counter() - (within["seconds"] if within else 0.0)
             torch.manual_seed(config.seed * 100_003 + epoch + 7_919 * ranks.rank)  # dropout of this epoch
             if within:  # where the interrupted sitting left the dropout's random numbers
@@ -389,9 +393,7 @@ def _train(
                                          sums=within["sums"] if within else None, save=save_within, every_s=every_s,
                                          stop=stop, average=average)  # fmt: skip
             if stopped is not None:
-                log.info("stopped (%s) in epoch %d after %d of its %d batches, saved; continue with --resume",
-                         getattr(stop, "name", "asked"), epoch + 1, stopped, len(batches))  # fmt: skip
-                return TrainResult(out_dir, pd.DataFrame(history), 0, False, stopped_as_asked=True)
+                return stopped_as_asked(f"in epoch {epoch + 1} after {stopped} of its {len(batches)} batches, saved")
             within = None
             total_loss, total_change, correct, seen = ranks.sum(*sums)
             row = {
@@ -445,9 +447,7 @@ def _train(
                 on_epoch_end(epoch, row)
 
     if stop is not None and stop.is_set():  # asked during the last epoch's validation: --resume writes the model
-        log.info("stopped (%s) after the last epoch, before the model was written; continue with --resume",
-                 stop.name)  # fmt: skip
-        return TrainResult(out_dir, pd.DataFrame(history), 0, stopped_early, stopped_as_asked=True)
+        return stopped_as_asked("after the last epoch, before the model was written")
     history_frame = pd.DataFrame(history)
     best_state = load_checkpoint(out_dir / "checkpoints" / "best.pt")
     if ranks.main:  # calibration and thresholds on validation, once
